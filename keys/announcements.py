@@ -1,0 +1,149 @@
+"""Signed statements a party makes about its own keys: its public bundle and its key announcements.
+
+Both are protobuf messages carried as canonical bytes and signed with a domain-separated Ed25519 signature:
+
+* bundle:        Ed25519(signing key, "hedui.v1.key-bundle" || 0x00 || KeyBundle bytes)
+* announcement:  Ed25519(signing key, "hedui.v1.key-announcement" || 0x00 || KeyAnnouncement bytes)
+
+A rotation of a signing key is signed twice, by the current key and by the new one (proof of possession).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import textwrap
+from dataclasses import dataclass
+
+from hedui.v1 import keys_pb2
+
+from keys import _canonical
+from keys.errors import TrustError
+from keys.fingerprint import bundle_fingerprint
+from keys.handles import SigningKey
+from keys.keyring import KeyRecord
+from keys.party import is_party_id
+
+BUNDLE_DOMAIN = b"hedui.v1.key-bundle\x00"
+ANNOUNCEMENT_DOMAIN = b"hedui.v1.key-announcement\x00"
+MAX_BUNDLE_BYTES = 64 * 1024
+MAX_BUNDLE_KEYS = 64
+
+_ARMOR_BEGIN = "-----BEGIN HEDUI PUBLIC KEY BUNDLE-----"
+_ARMOR_END = "-----END HEDUI PUBLIC KEY BUNDLE-----"
+_ARMOR_RE = re.compile(re.escape(_ARMOR_BEGIN) + r"(.*?)" + re.escape(_ARMOR_END), re.S)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified public bundle: whose keys, which keys, and the fingerprint a person compares."""
+
+    party_id: str
+    keys: tuple[KeyRecord, ...]
+    issued_at_ms: int
+
+    @property
+    def fingerprint(self) -> str:
+        return bundle_fingerprint(self.party_id, [(k.algorithm, k.public.raw) for k in self.keys])
+
+
+def sign_bundle(party_id: str, records: list[KeyRecord], signer: SigningKey, now_ms: int) -> bytes:
+    """Canonical SignedKeyBundle bytes for ``records``, signed by ``signer``."""
+    body = _canonical.encode(
+        keys_pb2.KeyBundle(party_id=party_id, keys=[r.to_proto() for r in records], issued_at_ms=now_ms)
+    )
+    return _canonical.encode(
+        keys_pb2.SignedKeyBundle(bundle=body, signer_key_id=signer.key_id, signature=signer.sign(BUNDLE_DOMAIN + body))
+    )
+
+
+def read_bundle(data: bytes) -> Bundle:
+    """Parse and check a SignedKeyBundle: structure, every key, and the signature by a signing key inside it.
+
+    Raises TrustError saying what is wrong. A bundle that passes is internally consistent; whether it belongs to
+    who it claims is what the fingerprint comparison decides.
+    """
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise TrustError("key bundle is larger than any legitimate bundle")
+    try:
+        signed = _canonical.parse_canonical(keys_pb2.SignedKeyBundle, data)
+        body = _canonical.parse_canonical(keys_pb2.KeyBundle, signed.bundle)
+        records = tuple(KeyRecord.from_proto(k) for k in body.keys)
+    except ValueError as exc:
+        raise TrustError(f"not a valid key bundle: {exc}") from exc
+    if not is_party_id(body.party_id):
+        raise TrustError("key bundle names an invalid party id")
+    if not records or len(records) > MAX_BUNDLE_KEYS or len({r.key_id for r in records}) != len(records):
+        raise TrustError("key bundle must list between 1 and 64 distinct keys")
+    signer = next((r for r in records if r.key_id == signed.signer_key_id), None)
+    if signer is None or not signer.public.verify(signed.signature, BUNDLE_DOMAIN + signed.bundle):
+        raise TrustError("key bundle signature does not verify with a signing key in the bundle")
+    return Bundle(party_id=body.party_id, keys=records, issued_at_ms=body.issued_at_ms)
+
+
+def armor(data: bytes) -> str:
+    """Text form of a signed bundle for files, e-mail and printouts."""
+    body = "\n".join(textwrap.wrap(base64.b64encode(data).decode(), 64))
+    return f"{_ARMOR_BEGIN}\n{body}\n{_ARMOR_END}\n"
+
+
+def dearmor(text: str) -> bytes:
+    """Inverse of :func:`armor`; raises TrustError for anything else."""
+    match = _ARMOR_RE.search(text)
+    if match is None:
+        raise TrustError("not a Hedui public key bundle (no BEGIN/END lines)")
+    try:
+        return base64.b64decode("".join(match.group(1).split()), validate=True)
+    except binascii.Error as exc:
+        raise TrustError("key bundle text is damaged (invalid base64)") from exc
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """A parsed (not yet trusted) key announcement and the signatures over it."""
+
+    message: keys_pb2.KeyAnnouncement
+    body: bytes
+    signer_key_id: bytes
+    signature: bytes
+    new_key_signature: bytes
+
+    @property
+    def new_key(self) -> KeyRecord | None:
+        return KeyRecord.from_proto(self.message.new_key) if self.message.HasField("new_key") else None
+
+
+def sign_announcement(
+    message: keys_pb2.KeyAnnouncement, signer: SigningKey, new_signing_key: SigningKey | None = None
+) -> bytes:
+    """Canonical SignedKeyAnnouncement bytes."""
+    body = _canonical.encode(message)
+    return _canonical.encode(
+        keys_pb2.SignedKeyAnnouncement(
+            announcement=body,
+            signer_key_id=signer.key_id,
+            signature=signer.sign(ANNOUNCEMENT_DOMAIN + body),
+            new_key_signature=new_signing_key.sign(ANNOUNCEMENT_DOMAIN + body) if new_signing_key else b"",
+        )
+    )
+
+
+def read_announcement(data: bytes) -> Announcement:
+    """Parse a SignedKeyAnnouncement (structure only; the trust store checks signatures against what it knows)."""
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise TrustError("key announcement is too large")
+    try:
+        signed = _canonical.parse_canonical(keys_pb2.SignedKeyAnnouncement, data)
+        message = _canonical.parse_canonical(keys_pb2.KeyAnnouncement, signed.announcement)
+        announcement = Announcement(
+            message=message,
+            body=signed.announcement,
+            signer_key_id=signed.signer_key_id,
+            signature=signed.signature,
+            new_key_signature=signed.new_key_signature,
+        )
+        _ = announcement.new_key  # validates the embedded key
+    except ValueError as exc:
+        raise TrustError(f"not a valid key announcement: {exc}") from exc
+    return announcement

@@ -1,0 +1,226 @@
+"""Keystore file: a party's private keys and its trust store, encrypted at rest with a passphrase.
+
+Format (JSON, UTF-8), documented in docs/keys.md::
+
+    {"format": "hedui-keystore", "version": 1, "party_id": "...",
+     "kdf": {"name": "argon2id", "salt": b64, "memory_kib": n, "iterations": n, "lanes": n},
+     "aead": "xchacha20poly1305", "nonce": b64, "ciphertext": b64}
+
+The key is Argon2id(passphrase, salt, params). The associated data is every field except "ciphertext", encoded as
+JSON with sorted keys and no spaces, so changing the party id or weakening the KDF parameters is detected like a
+change of the ciphertext. Files are written atomically (temporary file, fsync, rename) with mode 0600, and a file
+readable by group or others is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import stat
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
+from keys import _primitives as prim
+from keys.errors import KeystoreError, WrongPassphraseOrCorrupt
+from keys.fingerprint import Algorithm
+from keys.handles import PrivateKey, PublicKey, RandomSource, _load_private
+from keys.identity import PartyKeys
+from keys.keyring import KeyRecord, Keyring, KeyState
+from keys.truststore import TrustStore
+
+FORMAT = "hedui-keystore"
+VERSION = 1
+MAX_KEYSTORE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class KdfParams:
+    """Argon2id cost. The defaults follow RFC 9106's second recommended option (64 MiB, t=3, p=4)."""
+
+    memory_kib: int = 64 * 1024
+    iterations: int = 3
+    lanes: int = 4
+
+    def __post_init__(self) -> None:
+        # Refuse parameters so weak that the passphrase could be brute-forced cheaply; tests use FAST_FOR_TESTS.
+        if not (8 * self.lanes <= self.memory_kib <= 4 * 1024 * 1024 and 1 <= self.iterations <= 64):
+            raise KeystoreError("argon2id parameters out of range")
+        if not 1 <= self.lanes <= 16:
+            raise KeystoreError("argon2id lanes out of range")
+
+    def derive(self, passphrase: bytes, salt: bytes) -> bytes:
+        kdf = Argon2id(
+            salt=salt,
+            length=prim.AEAD_KEY_BYTES,
+            iterations=self.iterations,
+            lanes=self.lanes,
+            memory_cost=self.memory_kib,
+        )
+        return kdf.derive(passphrase)
+
+
+#: Cheap parameters for the test suite only; never for a real keystore.
+FAST_FOR_TESTS = KdfParams(memory_kib=64, iterations=1, lanes=1)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: object) -> bytes:
+    if not isinstance(text, str):
+        raise ValueError("expected base64 text")
+    return base64.b64decode(text, validate=True)
+
+
+def _aad(doc: dict[str, Any]) -> bytes:
+    return json.dumps(
+        {k: v for k, v in doc.items() if k != "ciphertext"}, sort_keys=True, separators=(",", ":")
+    ).encode()
+
+
+def _record_to_json(record: KeyRecord, secret: PrivateKey | None) -> dict[str, Any]:
+    return {
+        "algorithm": record.algorithm.name,
+        "public": record.public.raw.hex(),
+        "state": record.state.name,
+        "not_before_ms": record.not_before_ms,
+        "not_after_ms": record.not_after_ms,
+        "revoked_at_ms": record.revoked_at_ms,
+        "secret": secret.expose_secret_for_export().hex() if secret is not None else None,
+    }
+
+
+def _record_from_json(item: dict[str, Any]) -> tuple[KeyRecord, PrivateKey | None]:
+    algorithm = Algorithm[item["algorithm"]]
+    public = PublicKey(algorithm, bytes.fromhex(item["public"]))
+    record = KeyRecord(
+        public=public,
+        state=KeyState[item["state"]],
+        not_before_ms=int(item["not_before_ms"]),
+        not_after_ms=None if item["not_after_ms"] is None else int(item["not_after_ms"]),
+        revoked_at_ms=None if item["revoked_at_ms"] is None else int(item["revoked_at_ms"]),
+    )
+    secret = None
+    if item.get("secret") is not None:
+        secret = _load_private(algorithm, bytes.fromhex(item["secret"]))
+        if secret.public != public:
+            raise ValueError("a private key does not match its public key")
+    return record, secret
+
+
+def save(
+    path: Path,
+    party: PartyKeys,
+    trust: TrustStore,
+    passphrase: str,
+    *,
+    kdf: KdfParams | None = None,
+    rng: RandomSource = os.urandom,
+) -> None:
+    """Encrypt ``party`` and ``trust`` with ``passphrase`` and write them atomically to ``path`` (mode 0600)."""
+    params = kdf or KdfParams()
+    salt, nonce = rng(16), rng(prim.XNONCE_BYTES)
+    plaintext = json.dumps(
+        {
+            "keys": [_record_to_json(r, party.secret(r.key_id)) for r in party.records()],
+            "peers": {pid: [_record_to_json(r, None) for r in ring] for pid, ring in trust},
+        },
+        sort_keys=True,
+    ).encode()
+    doc: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "party_id": party.party_id,
+        "kdf": {"name": "argon2id", "salt": _b64(salt), **asdict(params)},
+        "aead": "xchacha20poly1305",
+        "nonce": _b64(nonce),
+    }
+    key = params.derive(passphrase.encode(), salt)
+    doc["ciphertext"] = _b64(prim.xchacha_encrypt(key, nonce, plaintext, _aad(doc)))
+    write_private_file(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically with mode 0600: temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: Path, passphrase: str) -> tuple[PartyKeys, TrustStore]:
+    """Read and decrypt a keystore. Raises KeystoreError (or WrongPassphraseOrCorrupt) and nothing else."""
+    path = Path(path)
+    try:
+        info = path.stat()
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            raise KeystoreError(
+                f"{path} is readable or writable by other users (mode {stat.S_IMODE(info.st_mode):o}); "
+                f"run chmod 600 {path} after checking who could have read it"
+            )
+        if info.st_size > MAX_KEYSTORE_BYTES:
+            raise KeystoreError(f"{path} is too large to be a keystore")
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise KeystoreError(f"no keystore at {path}: create one with 'hedui-keys init'") from exc
+    except OSError as exc:
+        raise KeystoreError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ValueError("not a keystore")
+        if doc.get("version") != VERSION or doc.get("aead") != "xchacha20poly1305":
+            raise KeystoreError(f"{path} is a keystore of an unsupported version")
+        kdf_doc = doc["kdf"]
+        if kdf_doc.get("name") != "argon2id":
+            raise ValueError("unknown kdf")
+        params = KdfParams(
+            memory_kib=int(kdf_doc["memory_kib"]), iterations=int(kdf_doc["iterations"]), lanes=int(kdf_doc["lanes"])
+        )
+        salt, nonce, ciphertext = _unb64(kdf_doc["salt"]), _unb64(doc["nonce"]), _unb64(doc["ciphertext"])
+        if len(nonce) != prim.XNONCE_BYTES or len(salt) < 16:
+            raise ValueError("bad nonce or salt")
+    except KeystoreError:
+        raise
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise WrongPassphraseOrCorrupt(f"{path} is not a readable Hedui keystore") from exc
+    try:
+        plaintext = prim.xchacha_decrypt(params.derive(passphrase.encode(), salt), nonce, ciphertext, _aad(doc))
+    except prim.PrimitiveFailure as exc:
+        raise WrongPassphraseOrCorrupt(f"cannot open {path}: wrong passphrase or damaged file") from exc
+    try:
+        body = json.loads(plaintext)
+        records, secrets = [], {}
+        for item in body["keys"]:
+            record, secret = _record_from_json(item)
+            records.append(record)
+            if secret is not None:
+                secrets[record.key_id] = secret
+        party = PartyKeys(str(doc["party_id"]), Keyring(records), secrets)
+        trust = TrustStore()
+        for party_id, items in body["peers"].items():
+            trust.set_keyring(party_id, Keyring(_record_from_json(item)[0] for item in items))
+    except (ValueError, KeyError, TypeError) as exc:
+        # Authenticated but inconsistent: written by a broken or foreign program.
+        raise KeystoreError(f"{path} decrypted but its content is inconsistent") from exc
+    return party, trust

@@ -1,0 +1,141 @@
+"""The trust store: peers' public keys by party id, and the rules for changing them.
+
+Keys enter only two ways: a bundle imported after a person compared its fingerprint out of band (first
+enrolment), or an announcement signed by a key the store already trusts (rotation, revocation). Nothing else
+changes what the store trusts; every refusal leaves the store as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from hedui.v1 import keys_pb2
+
+from keys.announcements import ANNOUNCEMENT_DOMAIN, Announcement, Bundle, read_announcement, read_bundle
+from keys.errors import KeyStateError, TrustError
+from keys.fingerprint import Algorithm, fingerprints_equal, normalize_fingerprint
+from keys.identity import MAX_OVERLAP_MS
+from keys.keyring import KeyRecord, Keyring, KeyState
+
+#: How far in the future an announcement's issued-at may lie (clock differences between parties).
+ANNOUNCEMENT_SKEW_MS = 5 * 60 * 1000
+
+
+class TrustStore:
+    """Public keys of every peer this party exchanges with."""
+
+    def __init__(self) -> None:
+        self._peers: dict[str, Keyring] = {}
+
+    def parties(self) -> list[str]:
+        return sorted(self._peers)
+
+    def keyring(self, party_id: str) -> Keyring | None:
+        return self._peers.get(party_id)
+
+    def __iter__(self) -> Iterator[tuple[str, Keyring]]:
+        return iter(sorted(self._peers.items()))
+
+    def set_keyring(self, party_id: str, keyring: Keyring) -> None:
+        """Install a peer's keyring as loaded from our own keystore (already trusted)."""
+        self._peers[party_id] = keyring
+
+    def signing_record(self, party_id: str, key_id: bytes) -> KeyRecord | None:
+        """The record of ``party_id``'s signing key ``key_id``, or None if the store does not know it."""
+        keyring = self._peers.get(party_id)
+        record = keyring.get(key_id) if keyring else None
+        return record if record is not None and record.algorithm is Algorithm.ED25519 else None
+
+    def agreement_key_for(self, party_id: str, now_ms: int) -> KeyRecord:
+        """The key-agreement key to seal for ``party_id`` now."""
+        keyring = self._peers.get(party_id)
+        if keyring is None:
+            raise TrustError(f"party {party_id} is not in the trust store: import its bundle first")
+        record = keyring.current(Algorithm.X25519, now_ms)
+        if record is None:
+            raise TrustError(f"party {party_id} has no usable key-agreement key in the trust store")
+        return record
+
+    def advance(self, now_ms: int) -> None:
+        for keyring in self._peers.values():
+            keyring.advance(now_ms)
+
+    def import_bundle(self, data: bytes, *, expected_fingerprint: str, own_party_id: str | None = None) -> Bundle:
+        """Trust the keys in a signed bundle, only if its fingerprint equals the one read out of band.
+
+        Replaces what the store held for that party. Raises TrustError (and changes nothing) on any mismatch.
+        """
+        try:
+            expected = normalize_fingerprint(expected_fingerprint)
+        except ValueError as exc:
+            raise TrustError(str(exc)) from exc
+        bundle = read_bundle(data)
+        if not fingerprints_equal(bundle.fingerprint, expected):
+            raise TrustError(
+                f"fingerprint mismatch for party {bundle.party_id}: the bundle has {bundle.fingerprint}, "
+                f"you expected {expected}. Nothing was imported; confirm the fingerprint with the other side "
+                "by phone or key letter."
+            )
+        if bundle.party_id == own_party_id:
+            raise TrustError("this bundle is our own party's; a party does not import itself")
+        self._peers[bundle.party_id] = Keyring(bundle.keys)
+        return bundle
+
+    def apply_announcement(self, data: bytes, *, now_ms: int) -> KeyRecord:
+        """Apply a peer's signed rotation or revocation. Idempotent; returns the record it changed or added."""
+        ann = read_announcement(data)
+        msg = ann.message
+        keyring = self._peers.get(msg.party_id)
+        if keyring is None:
+            raise TrustError(f"announcement from party {msg.party_id}, which is not in the trust store")
+        if msg.issued_at_ms > now_ms + ANNOUNCEMENT_SKEW_MS:
+            raise TrustError("announcement is dated in the future")
+        target = keyring.get(msg.old_key_id)
+        if target is None:
+            raise TrustError("announcement names a key the trust store does not hold")
+        signer = keyring.get(ann.signer_key_id)
+        if signer is None or signer.algorithm is not Algorithm.ED25519:
+            raise TrustError("announcement is not signed by a known signing key of that party")
+        if not signer.public.verify(ann.signature, ANNOUNCEMENT_DOMAIN + ann.body):
+            raise TrustError("announcement signature does not verify")
+        if msg.kind == keys_pb2.ANNOUNCEMENT_KIND_REVOCATION:
+            return self._revoke(keyring, target, signer, msg)
+        if msg.kind == keys_pb2.ANNOUNCEMENT_KIND_ROTATION:
+            return self._rotate(keyring, target, signer, ann)
+        raise TrustError("announcement kind is not known")
+
+    @staticmethod
+    def _revoke(keyring: Keyring, target: KeyRecord, signer: KeyRecord, msg: keys_pb2.KeyAnnouncement) -> KeyRecord:
+        # A key may always disown itself; otherwise the signer must be a key valid when the revocation was made.
+        if signer.key_id != target.key_id and not signer.valid_at(msg.issued_at_ms):
+            raise TrustError("revocation is signed by a key that was not valid when it was issued")
+        if target.state is KeyState.REVOKED:
+            return target
+        return keyring.transition(target.key_id, KeyState.REVOKED, revoked_at_ms=msg.issued_at_ms)
+
+    @staticmethod
+    def _rotate(keyring: Keyring, old: KeyRecord, signer: KeyRecord, ann: Announcement) -> KeyRecord:
+        msg, new_key = ann.message, ann.new_key
+        if new_key is None or new_key.algorithm is not old.algorithm:
+            raise TrustError("rotation must carry a new key of the same algorithm as the old one")
+        if not signer.valid_at(msg.issued_at_ms):
+            raise TrustError("rotation is signed by a key that was not valid when it was issued")
+        if old.algorithm is Algorithm.ED25519:
+            if signer.key_id != old.key_id:
+                raise TrustError("a signing-key rotation must be signed by the key it replaces")
+            if not new_key.public.verify(ann.new_key_signature, ANNOUNCEMENT_DOMAIN + ann.body):
+                raise TrustError("rotation lacks a valid proof of possession by the new key")
+        if not 0 < msg.overlap_until_ms - msg.issued_at_ms <= MAX_OVERLAP_MS:
+            raise TrustError("rotation overlap must be longer than zero and at most 90 days")
+        known = keyring.get(new_key.key_id)
+        if known is not None:
+            return known  # already applied
+        if old.state is KeyState.REVOKED:
+            raise TrustError("rotation of a revoked key; enrol the party again with a new bundle")
+        try:
+            keyring.transition(old.key_id, KeyState.RETIRING, not_after_ms=msg.overlap_until_ms)
+        except KeyStateError as exc:
+            raise TrustError(str(exc)) from exc
+        record = KeyRecord(new_key.public, KeyState.ACTIVE, msg.issued_at_ms)
+        keyring.put(record)
+        return record

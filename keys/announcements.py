@@ -30,9 +30,8 @@ ANNOUNCEMENT_DOMAIN = b"hedui.v1.key-announcement\x00"
 MAX_BUNDLE_BYTES = 64 * 1024
 MAX_BUNDLE_KEYS = 64
 
-_ARMOR_BEGIN = "-----BEGIN HEDUI PUBLIC KEY BUNDLE-----"
-_ARMOR_END = "-----END HEDUI PUBLIC KEY BUNDLE-----"
-_ARMOR_RE = re.compile(re.escape(_ARMOR_BEGIN) + r"(.*?)" + re.escape(_ARMOR_END), re.S)
+BUNDLE_LABEL = "HEDUI PUBLIC KEY BUNDLE"
+ANNOUNCEMENT_LABEL = "HEDUI KEY ANNOUNCEMENT"
 
 
 @dataclass(frozen=True)
@@ -82,17 +81,17 @@ def read_bundle(data: bytes) -> Bundle:
     return Bundle(party_id=body.party_id, keys=records, issued_at_ms=body.issued_at_ms)
 
 
-def armor(data: bytes) -> str:
-    """Text form of a signed bundle for files, e-mail and printouts."""
+def armor(data: bytes, label: str = BUNDLE_LABEL) -> str:
+    """Text form of a signed bundle or announcement for files, e-mail and printouts."""
     body = "\n".join(textwrap.wrap(base64.b64encode(data).decode(), 64))
-    return f"{_ARMOR_BEGIN}\n{body}\n{_ARMOR_END}\n"
+    return f"-----BEGIN {label}-----\n{body}\n-----END {label}-----\n"
 
 
-def dearmor(text: str) -> bytes:
+def dearmor(text: str, label: str = BUNDLE_LABEL) -> bytes:
     """Inverse of :func:`armor`; raises TrustError for anything else."""
-    match = _ARMOR_RE.search(text)
+    match = re.search(f"-----BEGIN {re.escape(label)}-----(.*?)-----END {re.escape(label)}-----", text, re.S)
     if match is None:
-        raise TrustError("not a Hedui public key bundle (no BEGIN/END lines)")
+        raise TrustError(f"not a {label.lower().replace('hedui', 'Hedui')} (no BEGIN/END lines)")
     try:
         return base64.b64decode("".join(match.group(1).split()), validate=True)
     except binascii.Error as exc:

@@ -1,0 +1,330 @@
+"""hedui-keys: a party's keystore, its peers' keys, key letters, rotation, revocation and sealed files.
+
+Run ``hedui-keys --help`` or ``hedui-keys COMMAND --help``. The keystore path comes from ``--keystore`` or
+HEDUI_KEYSTORE, the passphrase from ``--passphrase-file``, HEDUI_KEYS_PASSPHRASE or a prompt. Errors print one
+line (and a hint) to stderr and exit with status 1; nothing is changed by a command that fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from hedui.v1 import media_pb2
+
+from keys import keystore
+from keys.announcements import ANNOUNCEMENT_LABEL, armor, dearmor, read_bundle
+from keys.clock import DAY_MS, SystemClock, iso
+from keys.envelope import Courier
+from keys.errors import EnvelopeError, KeysError
+from keys.fingerprint import Algorithm
+from keys.identity import PartyKeys
+from keys.keyring import KeyRecord
+from keys.party import check_party_id
+from keys.replay import MemoryReplayCache
+from keys.truststore import TrustStore
+
+MIN_PASSPHRASE_LENGTH = 12
+MAX_SEAL_FILE_BYTES = 30 * 1024 * 1024
+_SEALED_FILE = media_pb2.SealedFile.DESCRIPTOR.full_name
+_ALGORITHMS = {"signing": Algorithm.ED25519, "agreement": Algorithm.X25519}
+
+
+class CliError(KeysError):
+    """A command cannot run as asked (bad argument, missing file, refusal to overwrite)."""
+
+    code = "cli"
+
+
+class _Session:
+    """What one command works on: the keystore path, passphrase, clock, and (once loaded) keys and peers."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self._path: str | None = args.keystore or os.environ.get("HEDUI_KEYSTORE")
+        self.passphrase_file: str | None = args.passphrase_file
+        self.clock = SystemClock()
+
+    @property
+    def path(self) -> Path:
+        if not self._path:
+            raise CliError("no keystore given: use --keystore PATH or set HEDUI_KEYSTORE")
+        return Path(self._path)
+
+    def passphrase(self, *, confirm: bool = False) -> str:
+        if self.passphrase_file:
+            try:
+                text = Path(self.passphrase_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise CliError(f"cannot read passphrase file {self.passphrase_file}: {exc.strerror}") from exc
+            return text.rstrip("\r\n")
+        env = os.environ.get("HEDUI_KEYS_PASSPHRASE")
+        if env:
+            return env
+        if not sys.stdin.isatty():
+            raise CliError("no passphrase: use --passphrase-file, HEDUI_KEYS_PASSPHRASE or run in a terminal")
+        first = getpass.getpass(f"Passphrase for {self.path}: ")
+        if confirm and getpass.getpass("Repeat passphrase: ") != first:
+            raise CliError("the two passphrases differ")
+        return first
+
+    def load(self) -> tuple[PartyKeys, TrustStore]:
+        party, trust = keystore.load(self.path, self.passphrase())
+        now = self.clock.now_ms()
+        if party.advance(now):
+            self.save(party, trust)
+        trust.advance(now)
+        return party, trust
+
+    def save(self, party: PartyKeys, trust: TrustStore, passphrase: str | None = None) -> None:
+        keystore.save(self.path, party, trust, passphrase or self.passphrase())
+
+
+def _write_new(path: Path, data: bytes | str, *, force: bool = False, private: bool = False) -> None:
+    """Write a file that must not exist yet (unless ``force``); ``private`` files get mode 0600."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600 if private else 0o644)
+    except FileExistsError as exc:
+        raise CliError(f"{path} exists; choose another name or remove it first") from exc
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror}") from exc
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def _read(path: str, limit: int = MAX_SEAL_FILE_BYTES + 8192) -> bytes:
+    try:
+        size = Path(path).stat().st_size
+        if size > limit:
+            raise CliError(f"{path} is larger than {limit} bytes")
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _describe(record: KeyRecord) -> str:
+    use = "signing  " if record.algorithm is Algorithm.ED25519 else "agreement"
+    window = f"{iso(record.not_before_ms)} .. {iso(record.not_after_ms)}"
+    state = record.state.name.lower()
+    return f"  {use} {record.key_id.hex()}  {state:8}  {window}\n      fingerprint {record.public.fingerprint}"
+
+
+def cmd_init(session: _Session, args: argparse.Namespace) -> None:
+    """Create a new keystore for a party."""
+    party_id = check_party_id(args.party_id)
+    if session.path.exists():
+        raise CliError(f"{session.path} exists; a keystore is never overwritten")
+    passphrase = session.passphrase(confirm=True)
+    if len(passphrase) < MIN_PASSPHRASE_LENGTH:
+        raise CliError(f"passphrase must be at least {MIN_PASSPHRASE_LENGTH} characters")
+    party = PartyKeys.create(party_id, now_ms=session.clock.now_ms())
+    session.save(party, TrustStore(), passphrase)
+    bundle = read_bundle(party.bundle(session.clock.now_ms()))
+    print(f"created keystore {session.path} for {party_id}")
+    print(f"bundle fingerprint: {bundle.fingerprint}")
+
+
+def cmd_list(session: _Session, args: argparse.Namespace) -> None:
+    """List own keys and peers' keys with states, windows and fingerprints."""
+    party, trust = session.load()
+    print(f"party {party.party_id}")
+    for record in party.records():
+        print(_describe(record))
+    for peer, keyring in trust:
+        print(f"peer {peer}")
+        for record in keyring:
+            print(_describe(record))
+
+
+def cmd_letter(session: _Session, args: argparse.Namespace) -> None:
+    """Print a key letter: what the other side compares before importing our bundle."""
+    party, _ = session.load()
+    now = session.clock.now_ms()
+    bundle = read_bundle(party.bundle(now))
+    lines = [
+        "核对系统 数据交换 公钥确认函 / Hedui key letter",
+        "=" * 60,
+        f"参与方 Party:            {party.party_id}",
+        f"日期 Date (UTC):         {iso(now)}",
+        "公钥包指纹 Bundle fingerprint:",
+        f"    {bundle.fingerprint}",
+        "",
+        "密钥 Keys:",
+        *(_describe(r) for r in bundle.keys),
+        "",
+        "接收方导入前须通过电话或当面逐组核对指纹，一致后方可导入：",
+        "Before importing, read the bundle fingerprint aloud with the sender, group by group:",
+        f"    hedui-keys import BUNDLE --fingerprint '{bundle.fingerprint}'",
+        "",
+        "经办人 Prepared by: ____________    复核人 Checked by: ____________    (盖章 seal)",
+    ]
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        _write_new(Path(args.out), text)
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
+
+
+def cmd_export(session: _Session, args: argparse.Namespace) -> None:
+    """Write our public bundle (armored text) for peers."""
+    party, _ = session.load()
+    data = party.bundle(session.clock.now_ms())
+    _write_new(Path(args.out), armor(data), force=args.force)
+    print(f"wrote {args.out}; fingerprint {read_bundle(data).fingerprint}")
+
+
+def cmd_inspect(session: _Session, args: argparse.Namespace) -> None:
+    """Show a bundle's party, keys and fingerprint without importing it (no keystore needed)."""
+    bundle = read_bundle(dearmor(_read(args.bundle).decode("utf-8", "replace")))
+    print(f"party {bundle.party_id}, issued {iso(bundle.issued_at_ms)}")
+    for record in bundle.keys:
+        print(_describe(record))
+    print(f"bundle fingerprint: {bundle.fingerprint}")
+
+
+def cmd_import(session: _Session, args: argparse.Namespace) -> None:
+    """Trust a peer's bundle, only when --fingerprint matches it."""
+    party, trust = session.load()
+    data = dearmor(_read(args.bundle).decode("utf-8", "replace"))
+    bundle = trust.import_bundle(data, expected_fingerprint=args.fingerprint, own_party_id=party.party_id)
+    session.save(party, trust)
+    print(f"imported {len(bundle.keys)} keys of {bundle.party_id}")
+
+
+def cmd_rotate(session: _Session, args: argparse.Namespace) -> None:
+    """Replace our current signing or agreement key; writes the announcement for peers."""
+    party, trust = session.load()
+    out = Path(args.out)
+    if out.exists():
+        raise CliError(f"{out} exists; choose another name for the announcement")
+    algorithm = _ALGORITHMS[args.which]
+    announcement = party.rotate(algorithm, now_ms=session.clock.now_ms(), overlap_ms=int(args.overlap_days * DAY_MS))
+    session.save(party, trust)
+    _write_new(out, armor(announcement, ANNOUNCEMENT_LABEL))
+    print(f"rotated the {args.which} key; old key retires in {args.overlap_days:g} days")
+    print(f"send {out} to every peer: they run 'hedui-keys apply {out.name}'")
+
+
+def cmd_revoke(session: _Session, args: argparse.Namespace) -> None:
+    """Revoke one of our keys now; writes the announcement for peers."""
+    party, trust = session.load()
+    out = Path(args.out)
+    if out.exists():
+        raise CliError(f"{out} exists; choose another name for the announcement")
+    try:
+        key_id = bytes.fromhex(args.key_id)
+    except ValueError as exc:
+        raise CliError("key id must be 32 hexadecimal characters (see 'hedui-keys list')") from exc
+    announcement = party.revoke(key_id, now_ms=session.clock.now_ms(), reason=args.reason)
+    session.save(party, trust)
+    _write_new(out, armor(announcement, ANNOUNCEMENT_LABEL))
+    print(f"revoked {args.key_id}; send {out} to every peer at once")
+
+
+def cmd_apply(session: _Session, args: argparse.Namespace) -> None:
+    """Apply a peer's signed rotation or revocation announcement."""
+    party, trust = session.load()
+    data = dearmor(_read(args.announcement).decode("utf-8", "replace"), ANNOUNCEMENT_LABEL)
+    record = trust.apply_announcement(data, now_ms=session.clock.now_ms())
+    session.save(party, trust)
+    print(f"applied: key {record.key_id.hex()} is now {record.state.name.lower()}")
+
+
+def cmd_seal(session: _Session, args: argparse.Namespace) -> None:
+    """Seal a file for a peer (signed by us, readable only by the peer)."""
+    party, trust = session.load()
+    source = Path(args.file)
+    content = _read(args.file, MAX_SEAL_FILE_BYTES)
+    courier = Courier(party, trust, replay=MemoryReplayCache(), clock=session.clock)
+    message = media_pb2.SealedFile(file_name=source.name, content=content, media_type=args.media_type or "")
+    envelope = courier.seal(message, args.to, ttl_ms=int(args.ttl_days * DAY_MS))
+    out = Path(args.out or f"{source.name}.{args.to}.hsf")
+    _write_new(out, envelope, private=True)
+    print(f"sealed {source.name} ({len(content)} bytes) for {args.to} -> {out}")
+
+
+def cmd_open(session: _Session, args: argparse.Namespace) -> None:
+    """Open a sealed file sent to us; writes the original file into --out-dir."""
+    party, trust = session.load()
+    courier = Courier(party, trust, replay=MemoryReplayCache(), clock=session.clock, on_reject=lambda e: None)
+    try:
+        opened = courier.open(_read(args.file), expect={_SEALED_FILE: media_pb2.SealedFile})
+    except EnvelopeError as exc:
+        # Our own operator may see the precise reason; a remote party would only get "invalid envelope".
+        raise CliError(f"refused {args.file}: {exc.public_message} ({exc.code}: {exc})") from exc
+    assert isinstance(opened.message, media_pb2.SealedFile)
+    name = Path(opened.message.file_name).name
+    if not name or name in {".", ".."} or name != opened.message.file_name:
+        raise CliError("the sealed file carries an unsafe file name; refusing to write it")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_new(out_dir / name, opened.message.content, private=True)
+    header = opened.header
+    print(f"opened {args.file}: from {header.sender} (key {header.sender_key_id.hex()})")
+    print(f"created {iso(header.created_at_ms)}, expires {iso(header.expires_at_ms)}")
+    print(f"wrote {out_dir / name} ({len(opened.message.content)} bytes)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hedui-keys", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--keystore", help="keystore file (default: $HEDUI_KEYSTORE)")
+    parser.add_argument("--passphrase-file", help="read the passphrase from this file (first line)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[_Session, argparse.Namespace], None]) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
+        command.set_defaults(func=func)
+        return command
+
+    add("init", cmd_init).add_argument("party_id", help="e.g. agency.220000 or unit.220100.tax")
+    add("list", cmd_list)
+    add("letter", cmd_letter).add_argument("--out", help="write the letter to this file instead of printing it")
+    export = add("export", cmd_export)
+    export.add_argument("--out", required=True, help="bundle file to write")
+    export.add_argument("--force", action="store_true", help="overwrite an existing bundle file")
+    add("inspect", cmd_inspect).add_argument("bundle", help="bundle file")
+    imp = add("import", cmd_import)
+    imp.add_argument("bundle", help="the peer's bundle file")
+    imp.add_argument("--fingerprint", required=True, help="the fingerprint read from the peer's key letter")
+    rotate = add("rotate", cmd_rotate)
+    rotate.add_argument("which", choices=sorted(_ALGORITHMS))
+    rotate.add_argument("--overlap-days", type=float, default=14.0, help="how long the old key stays valid")
+    rotate.add_argument("--out", required=True, help="announcement file to write")
+    revoke = add("revoke", cmd_revoke)
+    revoke.add_argument("key_id", help="key id (hex) as shown by 'list'")
+    revoke.add_argument("--reason", required=True, help="short code, e.g. compromised or superseded")
+    revoke.add_argument("--out", required=True, help="announcement file to write")
+    add("apply", cmd_apply).add_argument("announcement", help="a peer's announcement file")
+    seal = add("seal", cmd_seal)
+    seal.add_argument("file")
+    seal.add_argument("--to", required=True, help="recipient party id (must be in the trust store)")
+    seal.add_argument("--out", help="output file (default FILE.PARTY.hsf)")
+    seal.add_argument("--ttl-days", type=float, default=30.0, help="how long the sealed file may be opened")
+    seal.add_argument("--media-type", help="e.g. text/csv")
+    opn = add("open", cmd_open)
+    opn.add_argument("file")
+    opn.add_argument("--out-dir", default=".", help="folder to write the opened file into")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the hedui-keys console script."""
+    args = _parser().parse_args(argv)
+    try:
+        args.func(_Session(args), args)
+    except (KeysError, ValueError) as exc:
+        message = exc.diagnostics() if isinstance(exc, KeysError) else str(exc)
+        print(f"hedui-keys: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,5 +14,5 @@ class HeduiError(Exception):
     code: str = "error"
 
     def diagnostics(self) -> str:
-        """A human-readable explanation with the likely cause and what to do about it."""
-        return f"{type(self).__name__}: {self}"
+        """A human-readable explanation with the likely cause and what to do about it (subclasses add hints)."""
+        return str(self)

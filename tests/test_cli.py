@@ -1,0 +1,192 @@
+"""hedui-keys as a new user runs it from the README: two parties, fingerprint-checked enrolment, sealed files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hedui.v1 import media_pb2
+
+from keys import keystore
+from keys.cli import main
+from keys.envelope import Courier
+from keys.replay import MemoryReplayCache
+
+PASSPHRASE = "correct horse battery staple"
+
+
+class Party:
+    def __init__(self, root: Path, party_id: str) -> None:
+        self.party_id = party_id
+        self.dir = root / party_id
+        self.dir.mkdir()
+        self.keystore = self.dir / "keystore.json"
+        self.passfile = self.dir / "passphrase"
+        self.passfile.write_text(PASSPHRASE + "\n")
+
+    def run(self, *args: str) -> int:
+        return main(["--keystore", str(self.keystore), "--passphrase-file", str(self.passfile), *args])
+
+
+def _fingerprint(capsys: pytest.CaptureFixture[str], bundle: Path) -> str:
+    capsys.readouterr()
+    assert main(["inspect", str(bundle)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("bundle fingerprint: "))
+    return line.removeprefix("bundle fingerprint: ")
+
+
+@pytest.fixture
+def enrolled(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Party, Party]:
+    agency, unit = Party(tmp_path, "agency.220100"), Party(tmp_path, "unit.220100.tax")
+    for party in (agency, unit):
+        assert party.run("init", party.party_id) == 0
+        assert party.run("export", "--out", str(tmp_path / f"{party.party_id}.bundle")) == 0
+    assert agency.run("import", str(tmp_path / "unit.220100.tax.bundle"), "--fingerprint",
+                      _fingerprint(capsys, tmp_path / "unit.220100.tax.bundle")) == 0  # fmt: skip
+    assert unit.run("import", str(tmp_path / "agency.220100.bundle"), "--fingerprint",
+                    _fingerprint(capsys, tmp_path / "agency.220100.bundle")) == 0  # fmt: skip
+    return agency, unit
+
+
+def test_readme_round_trip_seal_for_peer_and_open(enrolled: tuple[Party, Party], tmp_path: Path) -> None:
+    agency, unit = enrolled
+    source = tmp_path / "list.csv"
+    source.write_bytes(b"subject_ref,category\nS1,tax\n")
+    sealed = tmp_path / "list.hsf"
+    assert agency.run("seal", str(source), "--to", unit.party_id, "--out", str(sealed)) == 0
+    assert b"S1,tax" not in sealed.read_bytes()
+    assert unit.run("open", str(sealed), "--out-dir", str(tmp_path / "inbox")) == 0
+    opened = tmp_path / "inbox" / "list.csv"
+    assert opened.read_bytes() == source.read_bytes()
+    assert opened.stat().st_mode & 0o777 == 0o600
+
+
+def test_import_with_wrong_fingerprint_is_refused_and_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agency, unit = Party(tmp_path, "agency.220100"), Party(tmp_path, "unit.220100.tax")
+    assert agency.run("init", agency.party_id) == 0
+    assert unit.run("init", unit.party_id) == 0
+    bundle = tmp_path / "unit.bundle"
+    assert unit.run("export", "--out", str(bundle)) == 0
+    before = agency.keystore.read_bytes()
+    capsys.readouterr()
+    assert agency.run("import", str(bundle), "--fingerprint", "12345 " * 8) == 1
+    err = capsys.readouterr().err
+    assert "fingerprint mismatch" in err and "Nothing was imported" in err
+    assert agency.keystore.read_bytes() == before
+    assert agency.run("import", str(bundle), "--fingerprint", "123") == 1
+    assert "40 digits" in capsys.readouterr().err
+
+
+def test_only_the_recipient_can_open_and_tampering_is_refused(
+    enrolled: tuple[Party, Party], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agency, unit = enrolled
+    (tmp_path / "a.txt").write_text("x")
+    sealed = tmp_path / "a.hsf"
+    assert agency.run("seal", str(tmp_path / "a.txt"), "--to", unit.party_id, "--out", str(sealed)) == 0
+    capsys.readouterr()
+    assert agency.run("open", str(sealed), "--out-dir", str(tmp_path / "wrong")) == 1
+    assert "wrong_recipient" in capsys.readouterr().err
+    data = bytearray(sealed.read_bytes())
+    data[-5] ^= 0x80
+    sealed.write_bytes(bytes(data))
+    assert unit.run("open", str(sealed), "--out-dir", str(tmp_path / "inbox")) == 1
+    assert "invalid envelope" in capsys.readouterr().err
+    assert not (tmp_path / "inbox" / "a.txt").exists()
+
+
+def test_rotation_announcement_applied_by_peer_keeps_exchange_working(
+    enrolled: tuple[Party, Party], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agency, unit = enrolled
+    assert agency.run("rotate", "signing", "--out", str(tmp_path / "rot.txt")) == 0
+    assert agency.run("rotate", "agreement", "--out", str(tmp_path / "rot2.txt")) == 0
+    (tmp_path / "b.txt").write_text("y")
+    # Before applying the signing rotation, the unit does not know the agency's new key.
+    assert agency.run("seal", str(tmp_path / "b.txt"), "--to", unit.party_id, "--out", str(tmp_path / "b.hsf")) == 0
+    capsys.readouterr()
+    assert unit.run("open", str(tmp_path / "b.hsf"), "--out-dir", str(tmp_path / "in")) == 1
+    assert "unknown_key" in capsys.readouterr().err
+    assert unit.run("apply", str(tmp_path / "rot.txt")) == 0
+    assert unit.run("apply", str(tmp_path / "rot2.txt")) == 0
+    assert unit.run("apply", str(tmp_path / "rot.txt")) == 0  # idempotent
+    assert unit.run("open", str(tmp_path / "b.hsf"), "--out-dir", str(tmp_path / "in")) == 0
+    # The unit now seals for the agency's new agreement key, which the agency holds.
+    (tmp_path / "c.txt").write_text("z")
+    assert unit.run("seal", str(tmp_path / "c.txt"), "--to", agency.party_id, "--out", str(tmp_path / "c.hsf")) == 0
+    assert agency.run("open", str(tmp_path / "c.hsf"), "--out-dir", str(tmp_path / "in2")) == 0
+    capsys.readouterr()
+    assert unit.run("list") == 0
+    listing = capsys.readouterr().out
+    assert listing.count("retiring") == 2
+
+
+def test_revocation_stops_the_peer_accepting_the_key(
+    enrolled: tuple[Party, Party], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agency, unit = enrolled
+    assert agency.run("rotate", "signing", "--out", str(tmp_path / "rot.txt")) == 0
+    assert unit.run("apply", str(tmp_path / "rot.txt")) == 0
+    party, _ = keystore.load(agency.keystore, PASSPHRASE)
+    old = next(r for r in party.records() if r.state.name == "RETIRING")
+    assert agency.run("revoke", old.key_id.hex(), "--reason", "compromised", "--out", str(tmp_path / "rev.txt")) == 0
+    assert unit.run("apply", str(tmp_path / "rev.txt")) == 0
+    capsys.readouterr()
+    assert unit.run("list") == 0
+    assert "revoked" in capsys.readouterr().out
+    assert agency.run("revoke", "zz", "--reason", "x", "--out", str(tmp_path / "rev2.txt")) == 1
+
+
+def test_wrong_passphrase_fails_cleanly(enrolled: tuple[Party, Party], capsys: pytest.CaptureFixture[str]) -> None:
+    agency, _ = enrolled
+    agency.passfile.write_text("not the passphrase at all\n")
+    capsys.readouterr()
+    assert agency.run("list") == 1
+    err = capsys.readouterr().err
+    assert "wrong passphrase or damaged file" in err
+    assert "Traceback" not in err
+
+
+def test_init_refuses_existing_keystore_and_short_passphrase(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    party = Party(tmp_path, "agency.220100")
+    assert party.run("init", party.party_id) == 0
+    before = party.keystore.read_bytes()
+    assert party.run("init", party.party_id) == 1
+    assert party.keystore.read_bytes() == before
+    other = Party(tmp_path, "unit.220100.tax")
+    other.passfile.write_text("short\n")
+    assert other.run("init", other.party_id) == 1
+    assert not other.keystore.exists()
+    assert other.run("init", "Not A Party") == 1
+    assert "party id" in capsys.readouterr().err
+
+
+def test_open_refuses_a_sealed_file_with_a_path_in_its_name(
+    enrolled: tuple[Party, Party], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agency, unit = enrolled
+    party, trust = keystore.load(agency.keystore, PASSPHRASE)
+    courier = Courier(party, trust, replay=MemoryReplayCache())
+    evil = courier.seal(media_pb2.SealedFile(file_name="../../etc/cron.d/x", content=b"x"), unit.party_id)
+    (tmp_path / "evil.hsf").write_bytes(evil)
+    capsys.readouterr()
+    assert unit.run("open", str(tmp_path / "evil.hsf"), "--out-dir", str(tmp_path / "in")) == 1
+    assert "unsafe file name" in capsys.readouterr().err
+    assert not (tmp_path / "etc").exists()
+
+
+def test_console_script_is_installed() -> None:
+    exe = shutil.which("hedui-keys", path=os.path.dirname(sys.executable))
+    assert exe is not None, "hedui-keys is not installed next to the test interpreter"
+    result = subprocess.run([exe, "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0
+    for command in ("init", "import", "seal", "open", "rotate", "revoke", "letter"):
+        assert command in result.stdout

@@ -1,0 +1,94 @@
+"""Turning an adapter's findings into answers: statuses, name matching and threshold flags.
+
+Done once here for every adapter: a subject is looked up only if its ID number is valid (GB 11643) and it carries
+an authorisation reference; a finding counts only when the unit's name for that ID number is the queried name —
+an ID number on file under another name is NAME_MISMATCH, never a silent hit.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Mapping, Sequence
+from datetime import date
+
+from hedui.v1 import exchange_pb2, records_pb2
+
+from common.idnumber import is_valid_id_number
+from connectors.adapters.base import Adapter, Finding, LookupContext
+
+#: Variants of the middle dot in names of ethnic minorities and transliterated names, all compared as one.
+_DOTS = str.maketrans({"•": "·", "・": "·", "．": "·", ".": "·", "‧": "·", "∙": "·"})
+LOOKUP_CHUNK = 1000
+SCAN_DIGEST_BYTES = 32
+
+
+def normalize_name(name: str) -> str:
+    """Compare names after NFKC folding (full-width forms), unifying middle dots and dropping white space."""
+    return "".join(unicodedata.normalize("NFKC", name).translate(_DOTS).split())
+
+
+def is_authorised(subject: exchange_pb2.QuerySubject) -> bool:
+    """The subject carries an authorisation reference: its number and the SHA-256 of the signed scan."""
+    auth = subject.authorisation
+    return bool(auth.number.strip()) and len(auth.scan_sha256) == SCAN_DIGEST_BYTES
+
+
+def _threshold(records: list[records_pb2.Record], limit_fen: int, as_of: date, at_ms: int) -> records_pb2.Record:
+    total = sum(r.deposit.balance_fen for r in records if r.WhichOneof("body") == "deposit")
+    return records_pb2.Record(
+        category=records_pb2.DATA_CATEGORY_DEPOSITS,
+        produced_at_ms=at_ms,
+        deposit_threshold=records_pb2.DepositThreshold(
+            limit_fen=limit_fen,
+            above_limit=total > limit_fen,
+            as_of=records_pb2.Date(year=as_of.year, month=as_of.month, day=as_of.day),
+        ),
+    )
+
+
+def answer_subjects(
+    subjects: Sequence[exchange_pb2.QuerySubject],
+    adapter: Adapter,
+    context: LookupContext,
+    thresholds: Mapping[int, int],
+    *,
+    today: date,
+) -> list[exchange_pb2.SubjectAnswer]:
+    """Answers in query order. ``thresholds`` maps the categories answered as flags to their limits."""
+    askable = [s for s in subjects if is_valid_id_number(s.id_number, today=today) and is_authorised(s)]
+    ids = sorted({s.id_number.strip().upper() for s in askable})
+    findings: dict[str, list[Finding]] = {}
+    for start in range(0, len(ids), LOOKUP_CHUNK):
+        findings.update(adapter.fetch(ids[start : start + LOOKUP_CHUNK], context))
+    answers = []
+    for subject in subjects:
+        answer = exchange_pb2.SubjectAnswer(subject_ref=subject.subject_ref)
+        if not is_valid_id_number(subject.id_number, today=today):
+            answer.status = exchange_pb2.SUBJECT_STATUS_INVALID_ID
+        elif not is_authorised(subject):
+            answer.status = exchange_pb2.SUBJECT_STATUS_NOT_AUTHORISED
+        else:
+            held = findings.get(subject.id_number.strip().upper(), [])
+            wanted = normalize_name(subject.name)
+            matching = [f.record for f in held if normalize_name(f.name) == wanted]
+            if not held:
+                answer.status = exchange_pb2.SUBJECT_STATUS_NO_RECORD
+            elif not matching:
+                answer.status = exchange_pb2.SUBJECT_STATUS_NAME_MISMATCH
+            else:
+                answer.status = exchange_pb2.SUBJECT_STATUS_FOUND
+                answer.records.extend(_minimised(matching, thresholds, context))
+        answers.append(answer)
+    return answers
+
+
+def _minimised(
+    records: list[records_pb2.Record], thresholds: Mapping[int, int], context: LookupContext
+) -> list[records_pb2.Record]:
+    out = [r for r in records if r.category not in thresholds]
+    for category, limit in sorted(thresholds.items()):
+        # Only deposits support flags (common.categories.THRESHOLD_CAPABLE); amounts never leave the unit.
+        if category == records_pb2.DATA_CATEGORY_DEPOSITS and category in context.categories:
+            out.append(_threshold([r for r in records if r.category == category], limit, context.assets_as_of,
+                                  context.produced_at_ms))  # fmt: skip
+    return out

@@ -1,0 +1,150 @@
+"""Connector configuration (TOML), documented key by key; see deploy/connector.example.toml."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from hedui.v1 import records_pb2
+
+from common.categories import UNIT_DATA
+from common.config import ConfigError, doc, load_file
+from keys.party import check_party_id
+
+
+def unit_category_by_name(name: str) -> int:
+    """'tax' -> UNIT_CATEGORY_TAX."""
+    try:
+        return int(records_pb2.UnitCategory.Value("UNIT_CATEGORY_" + name.upper()))
+    except ValueError as exc:
+        names = ", ".join(n.removeprefix("UNIT_CATEGORY_").lower() for n in records_pb2.UnitCategory.keys()[1:])
+        raise ConfigError(f"unknown unit category {name!r}; one of: {names}") from exc
+
+
+def data_category_by_name(name: str) -> int:
+    """'deposits' -> DATA_CATEGORY_DEPOSITS."""
+    try:
+        return int(records_pb2.DataCategory.Value("DATA_CATEGORY_" + name.upper()))
+    except ValueError as exc:
+        raise ConfigError(f"unknown data category {name!r}") from exc
+
+
+def data_category_name(category: int) -> str:
+    return records_pb2.DataCategory.Name(category).removeprefix("DATA_CATEGORY_").lower()  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class UnitSection:
+    party_id: str = doc("This connector's party id, e.g. unit.220100.tax; must match the keystore.")
+    category: str = doc("Unit category (clause 7): tax, land, housing, financial_institution, ...")
+    name: str = doc("Human-readable name of the unit, e.g. 长春市税务局.", default="")
+
+    def __post_init__(self) -> None:
+        check_party_id(self.party_id)
+        unit_category_by_name(self.category)
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    listen: str = doc("host:port of the gRPC exchange server.", default="127.0.0.1:50061")
+    tls_cert: Path | None = doc("PEM server certificate (issued by 'hedui-keys ca issue --server').", default=None)
+    tls_key: Path | None = doc("PEM private key of the server certificate (mode 0600).", default=None)
+    tls_ca: Path | None = doc("PEM CA certificate that client (gateway) certificates must chain to.", default=None)
+    insecure_plaintext: bool = doc(
+        "Serve without TLS. Only for a loopback-only test setup; refused unless listen is on 127.0.0.1.",
+        default=False,
+    )
+    max_workers: int = doc("gRPC worker threads.", default=8)
+
+
+@dataclass(frozen=True)
+class KeysSection:
+    keystore: Path = doc("Keystore file made by 'hedui-keys init' (holds our keys and trusted gateways).")
+    passphrase_file: Path = doc("File holding the keystore passphrase (mode 0600).")
+
+
+@dataclass(frozen=True)
+class DatabaseSection:
+    url: str = doc("SQLAlchemy URL of the connector's own store (batches, answers, audit).")
+
+
+@dataclass(frozen=True)
+class AdapterSection:
+    kind: str = doc("Where the unit's data comes from: sql, csv or synthetic.")
+    url: str = doc("sql: SQLAlchemy URL of the unit's database (read-only account recommended).", default="")
+    queries: dict[str, str] = doc(
+        "sql: data category -> parameterised SELECT using :id_numbers (and :income_from, :income_to, :as_of).",
+        default_factory=dict,
+    )
+    directory: Path | None = doc("csv: folder holding the exported files.", default=None)
+    files: dict[str, str] = doc("csv: data category -> file name in directory.", default_factory=dict)
+    seed: int = doc("synthetic: seed of the synthetic population (tests, demo, benchmarks).", default=1)
+
+    def __post_init__(self) -> None:
+        if self.kind not in {"sql", "csv", "synthetic"}:
+            raise ValueError("adapter.kind must be sql, csv or synthetic")
+        for name in (*self.queries, *self.files):
+            data_category_by_name(name)
+
+
+@dataclass(frozen=True)
+class ExchangeSection:
+    max_subjects_per_batch: int = doc("Largest query batch accepted; larger ones are refused.", default=5000)
+    threshold_categories: tuple[str, ...] = doc(
+        "Data categories answered as threshold flags (above the limit sent in the query: yes/no) instead of "
+        "amounts — data minimisation. Only deposits support it today.",
+        default=(),
+    )
+    answer_interval_seconds: float = doc("How often the answer worker looks for pending batches.", default=2.0)
+    retention_days: int = doc(
+        "Days an acknowledged batch's content and answer are kept before they are purged.", default=30
+    )
+    envelope_ttl_minutes: int = doc("Lifetime of the envelopes the connector sends.", default=60)
+    holiday_file: Path | None = doc(
+        "TOML with official holiday schedules of years the built-in calendar lacks (common/workdays.py).",
+        default=None,
+    )
+
+
+@dataclass(frozen=True)
+class StaffEntry:
+    gateway: str = doc("Party id of the gateway whose staff member this is.")
+    staff_id: str = doc("The staff member's id as the agency registered it (Procedure V.(三)).")
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """Everything ``hedui-connector serve`` needs."""
+
+    ENV_OVERRIDES: ClassVar[dict[str, str]] = {
+        "HEDUI_CONNECTOR_DATABASE_URL": "database.url",
+        "HEDUI_CONNECTOR_LISTEN": "server.listen",
+    }
+
+    unit: UnitSection
+    keys: KeysSection
+    database: DatabaseSection
+    adapter: AdapterSection
+    server: ServerSection = field(default_factory=ServerSection)
+    exchange: ExchangeSection = field(default_factory=ExchangeSection)
+    staff: tuple[StaffEntry, ...] = doc(
+        "Exchange staff registered in advance by each gateway; queries naming others are refused.", default=()
+    )
+
+    def __post_init__(self) -> None:
+        served = UNIT_DATA[self.unit_category]
+        for name in self.exchange.threshold_categories:
+            if data_category_by_name(name) not in served:
+                raise ValueError(f"threshold category {name} is not served by a {self.unit.category} unit")
+        for name in (*self.adapter.queries, *self.adapter.files):
+            if data_category_by_name(name) not in served:
+                raise ValueError(f"adapter category {name} is not served by a {self.unit.category} unit")
+
+    @property
+    def unit_category(self) -> int:
+        return unit_category_by_name(self.unit.category)
+
+    @classmethod
+    def load(cls, path: Path) -> ConnectorConfig:
+        return load_file(cls, path)

@@ -1,0 +1,361 @@
+"""The sharing unit's exchange desk: accepts query batches, answers them, reports delays, forgets when allowed.
+
+Transport-independent: the gRPC servicer (connectors/server.py) hands it envelope bytes and the TLS peer's party
+id and sends back what it returns. Every refusal is a :class:`Refusal` with an audit entry; a refused request
+changes nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Mapping
+from datetime import date, datetime
+
+import grpc
+from google.protobuf.message import Message
+from hedui.v1 import exchange_pb2
+
+from common.categories import UNIT_DATA
+from common.dates import from_pb, to_pb, year_month
+from common.workdays import CHINA_TZ, CalendarError, WorkdayCalendar
+from connectors.adapters.base import Adapter, AdapterError, LookupContext
+from connectors.answering import answer_subjects, is_authorised
+from connectors.errors import DelayRefused, Refusal, envelope_refusal
+from connectors.store import BatchExists, ConnectorStore, StoredBatch
+from keys.clock import DAY_MS, MINUTE_MS, from_ms
+from keys.envelope import Courier, Opened
+from keys.errors import EnvelopeError, ReplayedEnvelope
+
+log = logging.getLogger("hedui.connector")
+
+_BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+MAX_REF_LENGTH = 64
+MAX_NAME_LENGTH = 64
+MAX_IDS_PER_REQUEST = 100
+#: Answers are returned until the response would pass this size; the gateway asks again for the rest.
+MAX_ANSWER_BYTES = 24 * 1024 * 1024
+MIN_EXCHANGE_STAFF = 2  # Procedure V.(二): an exchange needs at least two staff members
+
+_QUERY = {exchange_pb2.QueryBatch.DESCRIPTOR.full_name: exchange_pb2.QueryBatch}
+_FETCH = {exchange_pb2.FetchAnswers.DESCRIPTOR.full_name: exchange_pb2.FetchAnswers}
+_ACK = {exchange_pb2.AcknowledgeAnswers.DESCRIPTOR.full_name: exchange_pb2.AcknowledgeAnswers}
+
+
+def _invalid(message: str, reason: str) -> Refusal:
+    return Refusal(grpc.StatusCode.INVALID_ARGUMENT, message, reason)
+
+
+class Connector:
+    """One sharing unit's side of the exchange."""
+
+    def __init__(
+        self,
+        *,
+        courier: Courier,
+        store: ConnectorStore,
+        adapter: Adapter,
+        unit_category: int,
+        calendar: WorkdayCalendar,
+        staff: Mapping[str, frozenset[str]],
+        threshold_categories: frozenset[int] = frozenset(),
+        max_subjects: int = 5000,
+        envelope_ttl_ms: int = 60 * MINUTE_MS,
+    ) -> None:
+        self.courier = courier
+        self.store = store
+        self.adapter = adapter
+        self.served = frozenset(UNIT_DATA[unit_category])
+        self.calendar = calendar
+        self.staff = staff
+        self.threshold_categories = threshold_categories
+        self.max_subjects = max_subjects
+        self.envelope_ttl_ms = envelope_ttl_ms
+
+    @property
+    def party_id(self) -> str:
+        return self.courier.me.party_id
+
+    def _now(self) -> int:
+        return self.courier.clock.now_ms()
+
+    def _today(self) -> date:
+        return from_ms(self._now()).astimezone(CHINA_TZ).date()
+
+    # -- receiving ---------------------------------------------------------------------------------------------
+
+    def _open(self, data: bytes, expect: Mapping[str, type[Message]], tls_party: str | None) -> Opened:
+        try:
+            opened = self.courier.open(data, expect=expect)
+        except EnvelopeError as error:
+            raise envelope_refusal(error) from error
+        if tls_party is not None and opened.header.sender != tls_party:
+            raise Refusal(
+                grpc.StatusCode.PERMISSION_DENIED, "TLS identity does not match the envelope sender", "tls_mismatch"
+            )
+        return opened
+
+    def _reply(self, message: Message, opened: Opened) -> bytes:
+        return self.courier.seal(
+            message, opened.header.sender, ttl_ms=self.envelope_ttl_ms, correlation_id=opened.header.message_id
+        )
+
+    def _refuse(self, refusal: Refusal, gateway: str | None, batch_id: str | None = None) -> Refusal:
+        self.store.record(self._now(), "refused", gateway=gateway, batch_id=batch_id, reason=refusal.reason)
+        log.warning("request refused", extra={"reason": refusal.reason, "gateway": gateway or "-"})
+        return refusal
+
+    def submit(self, data: bytes, tls_party: str | None) -> bytes:
+        """A sealed QueryBatch in, a sealed BatchReceipt out (the same receipt for the same batch, always)."""
+        try:
+            try:
+                opened = self._open(data, _QUERY, tls_party)
+            except Refusal as refusal:
+                if isinstance(refusal.__cause__, ReplayedEnvelope):
+                    # The identical bytes came again (a retry after a lost reply): they were authenticated on
+                    # first receipt and the signature was checked again before the replay check fired.
+                    stored = self.store.by_envelope(tls_party, hashlib.sha256(data).digest())
+                    if stored is not None:
+                        return self.courier.seal(
+                            self._receipt(stored),
+                            stored.gateway,
+                            ttl_ms=self.envelope_ttl_ms,
+                            correlation_id=stored.message_id,
+                        )
+                raise
+        except Refusal as refusal:
+            raise self._refuse(refusal, tls_party) from None
+        batch = opened.message
+        assert isinstance(batch, exchange_pb2.QueryBatch)
+        gateway = opened.header.sender
+        try:
+            content = batch.SerializeToString(deterministic=True)
+            digest = hashlib.sha256(content).digest()
+            existing = self.store.get(batch.batch_id) if _BATCH_ID_RE.match(batch.batch_id) else None
+            if existing is not None:
+                return self._same_batch_receipt(existing, gateway, digest, opened)
+            self._validate(batch, gateway)
+            received_at = self._now()
+            due = self._due(received_at)
+            stored = StoredBatch(
+                batch_id=batch.batch_id,
+                gateway=gateway,
+                message_id=opened.header.message_id,
+                envelope_sha256=hashlib.sha256(data).digest(),
+                digest=digest,
+                subject_count=len(batch.subjects),
+                received_at_ms=received_at,
+                original_due=due,
+                due=due,
+                state="pending",
+                answered_at_ms=None,
+                delay_reason=None,
+                delay_issued_at_ms=None,
+            )
+            try:
+                self.store.insert(stored, content)
+            except BatchExists:
+                # Lost a race with a concurrent submission of the same batch id.
+                existing = self.store.get(batch.batch_id)
+                assert existing is not None
+                return self._same_batch_receipt(existing, gateway, digest, opened)
+        except Refusal as refusal:
+            raise self._refuse(refusal, gateway, batch.batch_id or None) from None
+        log.info("batch accepted", extra={"gateway": gateway, "batch_id": stored.batch_id})
+        return self._reply(self._receipt(stored), opened)
+
+    def _same_batch_receipt(self, existing: StoredBatch, gateway: str, digest: bytes, opened: Opened) -> bytes:
+        if existing.gateway != gateway or existing.digest != digest:
+            raise Refusal(
+                grpc.StatusCode.ALREADY_EXISTS, "batch id already used for different content", "batch_id_reused"
+            )
+        return self._reply(self._receipt(existing), opened)
+
+    @staticmethod
+    def _receipt(stored: StoredBatch) -> exchange_pb2.BatchReceipt:
+        return exchange_pb2.BatchReceipt(
+            batch_id=stored.batch_id,
+            batch_digest=stored.digest,
+            received_at_ms=stored.received_at_ms,
+            due_date=to_pb(stored.original_due),
+            subject_count=stored.subject_count,
+        )
+
+    def _due(self, received_at_ms: int) -> date:
+        try:
+            return self.calendar.due_date(datetime.fromtimestamp(received_at_ms / 1000, tz=CHINA_TZ))
+        except CalendarError as exc:
+            # Clause 12 deadlines cannot be computed across a year without its official schedule.
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, str(exc), "calendar_year_unknown") from exc
+
+    def _validate(self, batch: exchange_pb2.QueryBatch, gateway: str) -> None:
+        """Whole-batch checks; any failure refuses the batch. Per-subject problems are answered, not refused."""
+        if not _BATCH_ID_RE.match(batch.batch_id):
+            raise _invalid("batch_id must be 1-64 characters of A-Z a-z 0-9 . _ : -", "bad_batch_id")
+        if not 0 < len(batch.commission_ref) <= MAX_REF_LENGTH:
+            raise _invalid("commission_ref must be 1-64 characters", "bad_commission_ref")
+        if batch.purpose not in exchange_pb2.Programme.values() or batch.purpose == 0:
+            raise _invalid("purpose (assistance programme) is missing", "no_purpose")
+        if not batch.subjects:
+            raise _invalid("batch has no subjects", "empty_batch")
+        if len(batch.subjects) > self.max_subjects:
+            raise Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"batch has {len(batch.subjects)} subjects; this unit accepts at most {self.max_subjects}",
+                "batch_too_large",
+            )
+        categories = list(batch.categories)
+        if not categories or len(set(categories)) != len(categories):
+            raise _invalid("categories must be listed once each, at least one", "bad_categories")
+        not_served = [c for c in categories if c not in self.served]
+        if not_served:
+            raise _invalid(f"this unit does not hold data categories {sorted(not_served)}", "category_not_served")
+        limits = {int(t.category): t.limit_fen for t in batch.thresholds}
+        for category in self.threshold_categories & set(categories):
+            if limits.get(category, 0) <= 0:
+                raise _invalid(
+                    f"this unit answers data category {category} as a threshold flag; send a positive limit",
+                    "threshold_missing",
+                )
+        try:
+            start, end = year_month(batch.income_from), year_month(batch.income_to)
+            from_pb(batch.assets_as_of)
+        except ValueError as exc:
+            raise _invalid(f"income period or asset date: {exc}", "bad_period") from exc
+        if start > end:
+            raise _invalid("income period ends before it starts", "bad_period")
+        staff = set(batch.staff_ids)
+        registered = self.staff.get(gateway, frozenset())
+        if len(staff) < MIN_EXCHANGE_STAFF or not staff <= registered:
+            # Procedure V.(二) and V.(三): two or more staff members, registered with us in advance.
+            raise Refusal(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "an exchange needs at least two staff members registered with this unit in advance",
+                "staff_not_registered",
+            )
+        refs = [s.subject_ref for s in batch.subjects]
+        if any(not 0 < len(r) <= MAX_REF_LENGTH for r in refs) or len(set(refs)) != len(refs):
+            raise _invalid("every subject needs a unique subject_ref of 1-64 characters", "bad_subject_ref")
+        if any(len(s.name) > MAX_NAME_LENGTH or len(s.id_number) > MAX_REF_LENGTH for s in batch.subjects):
+            raise _invalid("a subject's name or ID number field is too long", "field_too_long")
+        if not any(is_authorised(s) for s in batch.subjects):
+            raise Refusal(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "no subject carries an authorisation reference; nobody may be queried without one",
+                "no_authorisation",
+            )
+
+    # -- answering ---------------------------------------------------------------------------------------------
+
+    def answer_pending(self, limit: int = 16) -> int:
+        """Answer up to ``limit`` pending batches; returns how many were answered. Adapter failures leave a batch
+        pending (and issue the clause-12 delay notice when its due date arrives)."""
+        answered = 0
+        for stored, content in self.store.pending(limit):
+            batch = exchange_pb2.QueryBatch.FromString(content)
+            try:
+                answer = self._answer(batch, stored)
+            except AdapterError as exc:
+                self.store.count_attempt(stored.batch_id)
+                log.error(
+                    "adapter failed; batch stays pending", extra={"batch_id": stored.batch_id, "reason": exc.code}
+                )
+                self._delay_if_due(stored)
+                continue
+            if self.store.store_answer(stored.batch_id, answer.SerializeToString(deterministic=True), self._now()):
+                answered += 1
+        return answered
+
+    def _answer(self, batch: exchange_pb2.QueryBatch, stored: StoredBatch) -> exchange_pb2.BatchAnswer:
+        now = self._now()
+        context = LookupContext(
+            categories=tuple(batch.categories),
+            income_from=year_month(batch.income_from),
+            income_to=year_month(batch.income_to),
+            assets_as_of=from_pb(batch.assets_as_of),
+            produced_at_ms=now,
+        )
+        limits = {int(t.category): t.limit_fen for t in batch.thresholds if t.category in self.threshold_categories}
+        subjects = answer_subjects(batch.subjects, self.adapter, context, limits, today=self._today())
+        return exchange_pb2.BatchAnswer(
+            batch_id=batch.batch_id, batch_digest=stored.digest, answered_at_ms=now, subjects=subjects
+        )
+
+    def _delay_if_due(self, stored: StoredBatch) -> None:
+        if stored.delay_reason is None and self._today() >= stored.due:
+            self.issue_delay(stored.batch_id, self.calendar.latest_extension(stored.original_due), "technical")
+
+    def issue_delay(self, batch_id: str, new_due: date, reason: str) -> None:
+        """Clause 12: notify that a pending batch will be answered by ``new_due`` (at most 5 working days past
+        the original due date). The notice travels, signed, with the batch's status on the next fetch."""
+        stored = self.store.get(batch_id)
+        if stored is None or stored.state != "pending":
+            raise DelayRefused("only a pending batch can be delayed")
+        if not re.fullmatch(r"[a-z_]{1,32}", reason):
+            raise DelayRefused("reason must be a short code such as technical or volume")
+        latest = self.calendar.latest_extension(stored.original_due)
+        if new_due > latest:
+            raise DelayRefused(f"clause 12 allows at most 5 working days of delay: {new_due} is after {latest}")
+        if new_due <= stored.due:
+            raise DelayRefused("a delay must move the due date later")
+        self.store.set_delay(batch_id, new_due, reason, self._now())
+
+    # -- fetching and acknowledging ----------------------------------------------------------------------------
+
+    def fetch(self, data: bytes, tls_party: str | None) -> bytes:
+        """A sealed FetchAnswers in, a sealed AnswerSet out."""
+        try:
+            opened = self._open(data, _FETCH, tls_party)
+            request = opened.message
+            assert isinstance(request, exchange_pb2.FetchAnswers)
+            if not 0 < len(request.batch_ids) <= MAX_IDS_PER_REQUEST:
+                raise _invalid(f"ask for 1 to {MAX_IDS_PER_REQUEST} batch ids at a time", "bad_fetch")
+        except Refusal as refusal:
+            raise self._refuse(refusal, tls_party) from None
+        found = self.store.answers_for(opened.header.sender, list(dict.fromkeys(request.batch_ids)))
+        result, size = exchange_pb2.AnswerSet(), 0
+        for batch_id in dict.fromkeys(request.batch_ids):
+            status = exchange_pb2.BatchStatus(batch_id=batch_id, state=exchange_pb2.BATCH_STATE_UNKNOWN)
+            if batch_id in found:
+                stored, answer = found[batch_id]
+                status.due_date.CopyFrom(to_pb(stored.due))
+                if stored.delay_reason is not None and stored.delay_issued_at_ms is not None:
+                    status.delay.CopyFrom(
+                        exchange_pb2.DelayNotice(
+                            batch_id=batch_id,
+                            original_due_date=to_pb(stored.original_due),
+                            new_due_date=to_pb(stored.due),
+                            reason=stored.delay_reason,
+                            issued_at_ms=stored.delay_issued_at_ms,
+                        )
+                    )
+                if stored.state == "pending":
+                    status.state = exchange_pb2.BATCH_STATE_PENDING
+                elif answer is not None:
+                    if size + len(answer) > MAX_ANSWER_BYTES and size:
+                        break  # the rest on the next fetch
+                    size += len(answer)
+                    status.state = exchange_pb2.BATCH_STATE_ANSWERED
+                    status.answer.ParseFromString(answer)
+            result.batches.append(status)
+        return self._reply(result, opened)
+
+    def acknowledge(self, data: bytes, tls_party: str | None) -> bytes:
+        """A sealed AcknowledgeAnswers in, a sealed AcknowledgeReceipt out."""
+        try:
+            opened = self._open(data, _ACK, tls_party)
+            request = opened.message
+            assert isinstance(request, exchange_pb2.AcknowledgeAnswers)
+            if not 0 < len(request.batch_ids) <= MAX_IDS_PER_REQUEST:
+                raise _invalid(f"acknowledge 1 to {MAX_IDS_PER_REQUEST} batch ids at a time", "bad_ack")
+        except Refusal as refusal:
+            raise self._refuse(refusal, tls_party) from None
+        now = self._now()
+        done = self.store.acknowledge(opened.header.sender, list(dict.fromkeys(request.batch_ids)), now)
+        return self._reply(exchange_pb2.AcknowledgeReceipt(batch_ids=done, acknowledged_at_ms=now), opened)
+
+    def purge(self, retention_days: int) -> int:
+        """Forget content and answers acknowledged more than ``retention_days`` ago."""
+        now = self._now()
+        return self.store.purge(now - retention_days * DAY_MS, now)

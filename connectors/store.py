@@ -1,0 +1,239 @@
+"""The connector's own store: batches received, answers, delay notices, acknowledgements and its audit trail.
+
+A restart loses nothing: a batch is stored in the same transaction that decides its receipt, answers are stored
+before anyone can fetch them, and fetching reads the stored bytes, so answers fetched twice are identical.
+Personal data (the batch content and the answers) lives only in ``content`` and ``answer`` columns, which are
+emptied when the retention period after acknowledgement ends; the audit table never holds any.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import date
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Date,
+    Engine,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+from common.replaystore import SqlReplayCache, replay_table
+
+metadata = MetaData()
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("batch_id", String(64), primary_key=True),
+    Column("gateway", String(64), nullable=False, index=True),
+    Column("message_id", LargeBinary(16), nullable=False),
+    Column("envelope_sha256", LargeBinary(32), nullable=False, index=True),
+    Column("digest", LargeBinary(32), nullable=False),
+    Column("subject_count", Integer, nullable=False),
+    Column("received_at_ms", BigInteger, nullable=False),
+    Column("original_due", Date, nullable=False),
+    Column("due", Date, nullable=False),
+    # pending -> answered -> acknowledged -> purged
+    Column("state", String(16), nullable=False, index=True),
+    Column("content", LargeBinary, nullable=True),
+    Column("answer", LargeBinary, nullable=True),
+    Column("answered_at_ms", BigInteger, nullable=True),
+    Column("acknowledged_at_ms", BigInteger, nullable=True),
+    Column("delay_reason", String(32), nullable=True),
+    Column("delay_issued_at_ms", BigInteger, nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at_ms", BigInteger, nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("gateway", String(64), nullable=True),
+    Column("batch_id", String(64), nullable=True),
+    Column("reason", String(64), nullable=True),
+)
+
+seen_messages = replay_table(metadata)
+
+
+@dataclass(frozen=True)
+class StoredBatch:
+    """A batch row without its personal-data columns unless asked for."""
+
+    batch_id: str
+    gateway: str
+    message_id: bytes
+    envelope_sha256: bytes
+    digest: bytes
+    subject_count: int
+    received_at_ms: int
+    original_due: date
+    due: date
+    state: str
+    answered_at_ms: int | None
+    delay_reason: str | None
+    delay_issued_at_ms: int | None
+
+
+_SUMMARY = [c for c in batches.c if c.name not in {"content", "answer", "acknowledged_at_ms", "attempts"}]
+
+
+class BatchExists(Exception):
+    """Insert lost a race against the same batch id; the caller re-reads."""
+
+
+class ConnectorStore:
+    """Typed access to the connector's tables."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        metadata.create_all(engine)
+        self.replay = SqlReplayCache(engine, seen_messages)
+
+    def get(self, batch_id: str) -> StoredBatch | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(*_SUMMARY).where(batches.c.batch_id == batch_id)).first()
+        return StoredBatch(**row._mapping) if row else None
+
+    def by_envelope(self, gateway: str | None, envelope_sha256: bytes) -> StoredBatch | None:
+        """The batch first received in exactly these envelope bytes (from ``gateway`` when TLS names one)."""
+        query = select(*_SUMMARY).where(batches.c.envelope_sha256 == envelope_sha256)
+        if gateway is not None:
+            query = query.where(batches.c.gateway == gateway)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return StoredBatch(**row._mapping) if row else None
+
+    def insert(self, batch: StoredBatch, content: bytes) -> None:
+        """Store a newly accepted batch and its audit entry in one transaction."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(batches).values(**batch.__dict__, content=content, attempts=0))
+                conn.execute(
+                    insert(audit).values(
+                        at_ms=batch.received_at_ms, event="accepted", gateway=batch.gateway, batch_id=batch.batch_id
+                    )
+                )
+        except IntegrityError as exc:
+            raise BatchExists(batch.batch_id) from exc
+
+    def record(
+        self, at_ms: int, event: str, *, gateway: str | None, batch_id: str | None = None, reason: str = ""
+    ) -> None:
+        """Append an audit entry (codes and party ids only: never personal data)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(audit).values(
+                    at_ms=at_ms, event=event, gateway=gateway, batch_id=batch_id, reason=reason or None
+                )
+            )
+
+    def pending(self, limit: int) -> list[tuple[StoredBatch, bytes]]:
+        """Oldest pending batches with their content."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(*_SUMMARY, batches.c.content)
+                .where(batches.c.state == "pending")
+                .order_by(batches.c.received_at_ms)
+                .limit(limit)
+            ).all()
+        return [(StoredBatch(**{k: v for k, v in r._mapping.items() if k != "content"}), r.content) for r in rows]
+
+    def store_answer(self, batch_id: str, answer: bytes, at_ms: int) -> bool:
+        """Pending -> answered; False if the batch was not pending (already answered by another worker)."""
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(batches)
+                .where(batches.c.batch_id == batch_id, batches.c.state == "pending")
+                .values(state="answered", answer=answer, answered_at_ms=at_ms)
+            ).rowcount
+            if done:
+                conn.execute(insert(audit).values(at_ms=at_ms, event="answered", batch_id=batch_id))
+        return bool(done)
+
+    def count_attempt(self, batch_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(batches).where(batches.c.batch_id == batch_id).values(attempts=batches.c.attempts + 1))
+
+    def set_delay(self, batch_id: str, new_due: date, reason: str, at_ms: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(batches)
+                .where(batches.c.batch_id == batch_id)
+                .values(due=new_due, delay_reason=reason, delay_issued_at_ms=at_ms)
+            )
+            conn.execute(insert(audit).values(at_ms=at_ms, event="delay_notice", batch_id=batch_id, reason=reason))
+
+    def answers_for(self, gateway: str, batch_ids: Sequence[str]) -> dict[str, tuple[StoredBatch, bytes | None]]:
+        """The gateway's own batches among ``batch_ids``, with the stored answer bytes where answered."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(*_SUMMARY, batches.c.answer).where(
+                    batches.c.gateway == gateway, batches.c.batch_id.in_(list(batch_ids))
+                )
+            ).all()
+        return {
+            r.batch_id: (StoredBatch(**{k: v for k, v in r._mapping.items() if k != "answer"}), r.answer) for r in rows
+        }
+
+    def acknowledge(self, gateway: str, batch_ids: Sequence[str], at_ms: int) -> list[str]:
+        """Answered (or already acknowledged) batches of this gateway become acknowledged; returns those ids."""
+        acknowledged: list[str] = []
+        with self.engine.begin() as conn:
+            for batch_id in batch_ids:
+                row = conn.execute(
+                    select(batches.c.state).where(batches.c.batch_id == batch_id, batches.c.gateway == gateway)
+                ).first()
+                if row is None or row.state not in {"answered", "acknowledged", "purged"}:
+                    continue
+                if row.state == "answered":
+                    conn.execute(
+                        update(batches)
+                        .where(batches.c.batch_id == batch_id)
+                        .values(state="acknowledged", acknowledged_at_ms=at_ms)
+                    )
+                    conn.execute(
+                        insert(audit).values(at_ms=at_ms, event="acknowledged", gateway=gateway, batch_id=batch_id)
+                    )
+                acknowledged.append(batch_id)
+        return acknowledged
+
+    def purge(self, before_ms: int, at_ms: int) -> int:
+        """Empty content and answer of batches acknowledged before ``before_ms``; returns how many."""
+        with self.engine.begin() as conn:
+            ids = [
+                r.batch_id
+                for r in conn.execute(
+                    select(batches.c.batch_id).where(
+                        batches.c.state == "acknowledged", batches.c.acknowledged_at_ms < before_ms
+                    )
+                )
+            ]
+            if ids:
+                conn.execute(
+                    update(batches).where(batches.c.batch_id.in_(ids)).values(state="purged", content=None, answer=None)
+                )
+                conn.execute(insert(audit), [{"at_ms": at_ms, "event": "purged", "batch_id": i} for i in ids])
+        return len(ids)
+
+    def audit_entries(self) -> Iterator[dict[str, object]]:
+        with self.engine.connect() as conn:
+            for row in conn.execute(select(audit).order_by(audit.c.id)):
+                yield dict(row._mapping)
+
+    def batch_count(self) -> int:
+        with self.engine.connect() as conn:
+            return len(conn.execute(select(batches.c.batch_id)).all())

@@ -9,6 +9,7 @@ Errors never repeat the number itself: an ID number is personal data and must no
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import date
 
@@ -16,7 +17,7 @@ from common.errors import HeduiError
 
 _WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 _CHECK_CHARS = "10X98765432"
-_SHAPE = re.compile(r"^\d{17}[\dX]$")
+_SHAPE = re.compile(r"[0-9]{17}[0-9X]")
 #: First two digits of GB/T 2260 codes: provinces, autonomous regions, municipalities, and 71/81/82 (Taiwan,
 #: Hong Kong, Macao), plus 83 used on residence permits for residents of Taiwan.
 _PROVINCES = frozenset(
@@ -54,8 +55,9 @@ def check_digit(first17: str) -> str:
 
 def parse_id_number(text: str, *, today: date | None = None) -> IdNumber:
     """Check ``text`` against GB 11643 (shape, region, birth date, check digit); lower-case x is accepted."""
-    value = text.strip().upper()
-    if not _SHAPE.match(value):
+    # Full-width digits (common with Chinese input methods) fold to ASCII, so one person has one value.
+    value = unicodedata.normalize("NFKC", text).strip().upper()
+    if not _SHAPE.fullmatch(value):
         raise InvalidIdNumber("ID number must be 17 digits followed by a digit or X")
     if int(value[:2]) not in _PROVINCES:
         raise InvalidIdNumber("ID number region code does not name a province")

@@ -1,8 +1,9 @@
-"""hedui-keys: a party's keystore, its peers' keys, key letters, rotation, revocation and sealed files.
+"""hedui-keys: a party's keystore, peers' keys, key letters, rotation, revocation, sealed files and TLS certificates.
 
 Run ``hedui-keys --help`` or ``hedui-keys COMMAND --help``. The keystore path comes from ``--keystore`` or
 HEDUI_KEYSTORE, the passphrase from ``--passphrase-file``, HEDUI_KEYS_PASSPHRASE or a prompt. Errors print one
-line (and a hint) to stderr and exit with status 1; nothing is changed by a command that fails.
+line (and a hint) to stderr and exit with status 1; nothing is changed by a command that fails. The ``ca`` commands
+(the private CA for mutual TLS, keys/tls.py) need no keystore; their passphrase protects the CA key.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from hedui.v1 import media_pb2
 
-from keys import keystore
+from keys import keystore, tls
 from keys.announcements import ANNOUNCEMENT_LABEL, armor, dearmor, read_bundle
 from keys.clock import DAY_MS, SystemClock, iso
 from keys.envelope import Courier
@@ -32,6 +33,9 @@ MIN_PASSPHRASE_LENGTH = 12
 MAX_SEAL_FILE_BYTES = 30 * 1024 * 1024
 _SEALED_FILE = media_pb2.SealedFile.DESCRIPTOR.full_name
 _ALGORITHMS = {"signing": Algorithm.ED25519, "agreement": Algorithm.X25519}
+CA_CERT_FILE = "ca.crt"
+CA_KEY_FILE = "ca.key"
+MAX_PEM_BYTES = 1024 * 1024
 
 
 class CliError(KeysError):
@@ -54,7 +58,8 @@ class _Session:
             raise CliError("no keystore given: use --keystore PATH or set HEDUI_KEYSTORE")
         return Path(self._path)
 
-    def passphrase(self, *, confirm: bool = False) -> str:
+    def passphrase(self, *, confirm: bool = False, what: str | None = None) -> str:
+        """The passphrase from the file, the environment or a prompt naming ``what`` (default: the keystore)."""
         if self.passphrase_file:
             try:
                 text = Path(self.passphrase_file).read_text(encoding="utf-8")
@@ -66,7 +71,7 @@ class _Session:
             return env
         if not sys.stdin.isatty():
             raise CliError("no passphrase: use --passphrase-file, HEDUI_KEYS_PASSPHRASE or run in a terminal")
-        first = getpass.getpass(f"Passphrase for {self.path}: ")
+        first = getpass.getpass(f"Passphrase for {what or self.path}: ")
         if confirm and getpass.getpass("Repeat passphrase: ") != first:
             raise CliError("the two passphrases differ")
         return first
@@ -96,6 +101,23 @@ def _write_new(path: Path, data: bytes | str, *, force: bool = False, private: b
         raise CliError(f"cannot write {path}: {exc.strerror}") from exc
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
+
+
+def _write_new_private(path: Path, data: bytes) -> None:
+    """Write a private file that must not exist yet, atomically with mode 0600."""
+    if path.exists() or path.is_symlink():
+        raise CliError(f"{path} exists; choose another name or remove it first")
+    try:
+        keystore.write_private_file(path, data)
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def _mkdir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"cannot create the folder {path}: {exc.strerror}") from exc
 
 
 def _read(path: str, limit: int = MAX_SEAL_FILE_BYTES + 8192) -> bytes:
@@ -272,6 +294,120 @@ def cmd_open(session: _Session, args: argparse.Namespace) -> None:
     print(f"wrote {out_dir / name} ({len(opened.message.content)} bytes)")
 
 
+def cmd_ca_init(session: _Session, args: argparse.Namespace) -> None:
+    """Create a private CA for mutual TLS: DIR/ca.crt and DIR/ca.key, the key encrypted with the passphrase."""
+    ca_dir = Path(args.dir)
+    cert_path, key_path = ca_dir / CA_CERT_FILE, ca_dir / CA_KEY_FILE
+    for path in (cert_path, key_path):
+        if path.exists() or path.is_symlink():
+            raise CliError(f"{path} exists; a CA is never overwritten")
+    passphrase = session.passphrase(confirm=True, what=str(key_path))
+    if len(passphrase) < MIN_PASSPHRASE_LENGTH:
+        raise CliError(f"passphrase must be at least {MIN_PASSPHRASE_LENGTH} characters")
+    cert_pem, key_pem = tls.create_ca(args.name, valid_days=args.valid_days, passphrase=passphrase)
+    _mkdir(ca_dir)
+    _write_new_private(key_path, key_pem)
+    try:
+        _write_new(cert_path, cert_pem)
+    except CliError:
+        key_path.unlink(missing_ok=True)
+        raise
+    print(f"created CA {args.name!r}: {cert_path} (certificate for every party) and {key_path} (keep it offline)")
+    print(tls.certificate_summary(cert_pem), end="")
+
+
+def cmd_ca_issue(session: _Session, args: argparse.Namespace) -> None:
+    """Issue a TLS certificate for a party, signed by the CA in --dir; writes PARTY.crt, PARTY.key and ca.crt."""
+    party_id = check_party_id(args.party)
+    if not (args.client or args.server):
+        raise CliError("say what the certificate is for: --client (a gateway), --server (a connector) or both")
+    ca_dir, out_dir = Path(args.dir), Path(args.out_dir)
+    key_path = ca_dir / CA_KEY_FILE
+    ca_cert = _read(str(ca_dir / CA_CERT_FILE), MAX_PEM_BYTES)
+    try:
+        mode = key_path.stat().st_mode & 0o777
+    except OSError as exc:
+        raise CliError(f"cannot read {key_path}: {exc.strerror}") from exc
+    if mode & 0o077:
+        raise CliError(
+            f"{key_path} is readable or writable by other users (mode {mode:o}); "
+            f"run chmod 600 {key_path} after checking who could have read it"
+        )
+    ca_key = _read(str(key_path), MAX_PEM_BYTES)
+    cert_path, leaf_key_path, ca_copy = out_dir / f"{party_id}.crt", out_dir / f"{party_id}.key", out_dir / CA_CERT_FILE
+    for path in (cert_path, leaf_key_path):
+        if path.exists() or path.is_symlink():
+            raise CliError(f"{path} exists; remove it first to issue a new certificate for {party_id}")
+    copy_ca = not ca_copy.exists()
+    if not copy_ca and _read(str(ca_copy), MAX_PEM_BYTES) != ca_cert:
+        raise CliError(f"{ca_copy} holds another CA certificate; use another --out-dir")
+    passphrase = session.passphrase(what=str(key_path))
+    cert_pem, key_pem = tls.issue_certificate(
+        ca_cert,
+        ca_key,
+        party_id,
+        server_names=args.server_name or [],
+        client=args.client,
+        server=args.server,
+        valid_days=args.valid_days,
+        ca_key_passphrase=passphrase,
+    )
+    _mkdir(out_dir)
+    written: list[Path] = []
+    try:
+        _write_new_private(leaf_key_path, key_pem)
+        written.append(leaf_key_path)
+        _write_new(cert_path, cert_pem)
+        written.append(cert_path)
+        if copy_ca:
+            _write_new(ca_copy, ca_cert)
+    except CliError:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    print(f"issued {cert_path} and {leaf_key_path} (mode 0600) for {party_id}; trust anchor {ca_copy}")
+    print(tls.certificate_summary(cert_pem), end="")
+
+
+def cmd_ca_show(session: _Session, args: argparse.Namespace) -> None:
+    """Show a certificate: subject, party id, names, usages, validity and SHA-256 fingerprint (no keystore needed)."""
+    print(tls.certificate_summary(_read(args.file, MAX_PEM_BYTES)), end="")
+
+
+_Commands = argparse._SubParsersAction  # the type of what add_subparsers returns
+
+
+def _command(
+    group: _Commands[argparse.ArgumentParser], name: str, func: Callable[[_Session, argparse.Namespace], None]
+) -> argparse.ArgumentParser:
+    command = group.add_parser(name, help=func.__doc__, description=func.__doc__)
+    command.set_defaults(func=func)
+    return command
+
+
+def _add_ca_commands(sub: _Commands[argparse.ArgumentParser]) -> None:
+    ca_help = "private CA for mutual TLS between gateway and connectors (no keystore needed)"
+    ca = sub.add_parser("ca", help=ca_help, description=ca_help)
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="CA_COMMAND")
+    ca_init = _command(ca_sub, "init", cmd_ca_init)
+    ca_init.add_argument("--dir", required=True, help="folder for ca.crt and ca.key (created if missing)")
+    ca_init.add_argument("--name", default=tls.DEFAULT_CA_NAME, help="the CA's common name")
+    ca_init.add_argument("--valid-days", type=int, default=tls.CA_VALID_DAYS, help="lifetime of the CA certificate")
+    issue = _command(ca_sub, "issue", cmd_ca_issue)
+    issue.add_argument("--dir", required=True, help="folder holding the CA's ca.crt and ca.key")
+    issue.add_argument("--party", required=True, help="the party id, e.g. agency.220100 or unit.220100.tax")
+    issue.add_argument(
+        "--server-name",
+        action="append",
+        help="DNS name or IP address clients dial (repeat; at least one with --server)",
+    )
+    issue.add_argument("--client", action="store_true", help="the certificate may authenticate a client (gateway)")
+    issue.add_argument("--server", action="store_true", help="the certificate may authenticate a server (connector)")
+    issue.add_argument("--valid-days", type=int, default=tls.LEAF_VALID_DAYS, help="lifetime of the certificate")
+    issue.add_argument("--out-dir", required=True, help="folder for PARTY.crt, PARTY.key and a copy of ca.crt")
+    _command(ca_sub, "show", cmd_ca_show).add_argument("file", help="certificate file (PEM or DER)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hedui-keys", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--keystore", help="keystore file (default: $HEDUI_KEYSTORE)")
@@ -279,9 +415,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[_Session, argparse.Namespace], None]) -> argparse.ArgumentParser:
-        command = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
-        command.set_defaults(func=func)
-        return command
+        return _command(sub, name, func)
 
     add("init", cmd_init).add_argument("party_id", help="e.g. agency.220000 or unit.220100.tax")
     add("list", cmd_list)
@@ -311,6 +445,7 @@ def _parser() -> argparse.ArgumentParser:
     opn = add("open", cmd_open)
     opn.add_argument("file")
     opn.add_argument("--out-dir", default=".", help="folder to write the opened file into")
+    _add_ca_commands(sub)
     return parser
 
 

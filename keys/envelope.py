@@ -71,7 +71,7 @@ HKDF_SALT = b"hedui.v1.envelope-hkdf-salt"
 HKDF_INFO_PREFIX = b"hedui.v1.envelope-payload-key\x00"
 TYPE_URL_PREFIX = "type.googleapis.com/"
 
-_MESSAGE_TYPE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+$")
+_MESSAGE_TYPE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,8 @@ def seal_with(
     """
     if not (is_party_id(sender) and is_party_id(recipient)):
         raise ValueError("sender and recipient must be party ids")
+    if created_at_ms <= 0:
+        raise ValueError("created_at must be after the epoch")
     if not 0 < ttl_ms <= MAX_TTL_MS:
         raise ValueError("ttl must be positive and at most 31 days")
     if correlation_id and len(correlation_id) != CORRELATION_ID_BYTES:
@@ -197,8 +199,6 @@ def _parse(data: bytes) -> tuple[envelope_pb2.Envelope, envelope_pb2.EnvelopeHea
         raise MalformedEnvelope("envelope is not canonically encoded") from exc
     if not 0 < len(outer.header) <= MAX_HEADER_BYTES:
         raise MalformedEnvelope("header is missing or over the size limit")
-    if len(outer.signature) != prim.SIGNATURE_BYTES or len(outer.ciphertext) < prim.AEAD_TAG_BYTES:
-        raise MalformedEnvelope("signature or ciphertext has the wrong length")
     try:
         header = _canonical.parse(envelope_pb2.EnvelopeHeader, outer.header)
     except _canonical.NotCanonical as exc:
@@ -207,6 +207,10 @@ def _parse(data: bytes) -> tuple[envelope_pb2.Envelope, envelope_pb2.EnvelopeHea
         raise UnsupportedEnvelope(f"format version {header.version} is not supported")
     if header.suite != SUITE:
         raise UnsupportedEnvelope(f"cipher suite {header.suite} is not supported")
+    if len(outer.signature) != prim.SIGNATURE_BYTES:
+        raise MalformedEnvelope("signature has the wrong length")
+    if not prim.AEAD_TAG_BYTES <= len(outer.ciphertext) <= MAX_PAYLOAD_BYTES + prim.AEAD_TAG_BYTES:
+        raise MalformedEnvelope("ciphertext is shorter than a tag or over the size limit")
     try:
         _canonical.require_canonical(header, outer.header)
     except _canonical.NotCanonical as exc:
@@ -223,7 +227,7 @@ def _parse(data: bytes) -> tuple[envelope_pb2.Envelope, envelope_pb2.EnvelopeHea
         raise MalformedEnvelope("a header field has the wrong length")
     if not (is_party_id(header.sender) and is_party_id(header.recipient)):
         raise MalformedEnvelope("sender or recipient is not a valid party id")
-    if len(header.message_type) > MAX_MESSAGE_TYPE_LENGTH or not _MESSAGE_TYPE_RE.match(header.message_type):
+    if len(header.message_type) > MAX_MESSAGE_TYPE_LENGTH or not _MESSAGE_TYPE_RE.fullmatch(header.message_type):
         raise MalformedEnvelope("message type is not a protobuf message name")
     if not 0 < header.created_at_ms < header.expires_at_ms <= header.created_at_ms + MAX_TTL_MS:
         raise MalformedEnvelope("created/expires times are out of order or the lifetime is over 31 days")
@@ -360,7 +364,7 @@ class Courier:
             recipient=recipient,
             recipient_key=self.trust.agreement_key_for(recipient, now),
             created_at_ms=now,
-            ttl_ms=ttl_ms or self.policy.default_ttl_ms,
+            ttl_ms=self.policy.default_ttl_ms if ttl_ms is None else ttl_ms,
             correlation_id=correlation_id,
             rng=self.rng,
         )

@@ -97,7 +97,7 @@ class TypeMismatch(EnvelopeError):
     code = "type_mismatch"
 
 
-#: Every envelope failure class, in the order the checks run on open.
+#: Every envelope failure class, roughly in the order the checks run on open (docs/envelope.md has the exact order).
 ENVELOPE_ERRORS: tuple[type[EnvelopeError], ...] = (
     MalformedEnvelope,
     UnsupportedEnvelope,

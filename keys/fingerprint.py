@@ -10,13 +10,14 @@ from __future__ import annotations
 import enum
 import hmac
 import re
+import unicodedata
 
 from keys import _primitives as prim
 
 KEY_ID_BYTES = 16
 _GROUPS = 8
 _GROUP_DIGITS = 5
-_FINGERPRINT_RE = re.compile(r"^\d{40}$")
+_FINGERPRINT_RE = re.compile(r"[0-9]{40}")
 
 
 class Algorithm(enum.IntEnum):
@@ -59,8 +60,8 @@ def normalize_fingerprint(text: str) -> str:
 
     Raises ValueError for anything that is not exactly 40 digits.
     """
-    digits = re.sub(r"[\s\-]", "", text)
-    if not _FINGERPRINT_RE.match(digits):
+    digits = re.sub(r"[\s\-]", "", unicodedata.normalize("NFKC", text))
+    if not _FINGERPRINT_RE.fullmatch(digits):
         raise ValueError("a fingerprint is 40 digits, in groups of five")
     return " ".join(digits[i : i + _GROUP_DIGITS] for i in range(0, len(digits), _GROUP_DIGITS))
 

@@ -124,6 +124,7 @@ class PartyKeys:
             signer = self.signing_key(now_ms)
         except KeyStateError:
             if not isinstance(self_signer, SigningKey):
+                self._keyring.put(target)  # nothing was revoked: no key could sign the announcement
                 raise
             signer = self_signer
         message = keys_pb2.KeyAnnouncement(

@@ -20,7 +20,7 @@ import json
 import os
 import stat
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,9 @@ from keys.truststore import TrustStore
 FORMAT = "hedui-keystore"
 VERSION = 1
 MAX_KEYSTORE_BYTES = 4 * 1024 * 1024
+#: Floor for new keystores (OWASP's minimum Argon2id setting is 19 MiB with 2 iterations).
+MIN_MEMORY_KIB = 19 * 1024
+MIN_ITERATIONS = 2
 
 
 @dataclass(frozen=True)
@@ -46,13 +49,24 @@ class KdfParams:
     memory_kib: int = 64 * 1024
     iterations: int = 3
     lanes: int = 4
+    #: Allow parameters below MIN_MEMORY_KIB / MIN_ITERATIONS. Only the test suite sets it, through
+    #: FAST_FOR_TESTS; never written to a file.
+    unsafe_allow_weak: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        # Refuse parameters so weak that the passphrase could be brute-forced cheaply; tests use FAST_FOR_TESTS.
         if not (8 * self.lanes <= self.memory_kib <= 4 * 1024 * 1024 and 1 <= self.iterations <= 64):
             raise KeystoreError("argon2id parameters out of range")
         if not 1 <= self.lanes <= 16:
             raise KeystoreError("argon2id lanes out of range")
+        weak = self.memory_kib < MIN_MEMORY_KIB or self.iterations < MIN_ITERATIONS
+        if weak and not self.unsafe_allow_weak:
+            # A passphrase behind cheap parameters can be brute-forced; refuse to create such a keystore.
+            raise KeystoreError(
+                f"argon2id parameters too weak: at least {MIN_MEMORY_KIB} KiB and {MIN_ITERATIONS} iterations"
+            )
+
+    def as_json(self) -> dict[str, int]:
+        return {"memory_kib": self.memory_kib, "iterations": self.iterations, "lanes": self.lanes}
 
     def derive(self, passphrase: bytes, salt: bytes) -> bytes:
         kdf = Argon2id(
@@ -66,7 +80,7 @@ class KdfParams:
 
 
 #: Cheap parameters for the test suite only; never for a real keystore.
-FAST_FOR_TESTS = KdfParams(memory_kib=64, iterations=1, lanes=1)
+FAST_FOR_TESTS = KdfParams(memory_kib=64, iterations=1, lanes=1, unsafe_allow_weak=True)
 
 
 def _b64(data: bytes) -> str:
@@ -76,7 +90,10 @@ def _b64(data: bytes) -> str:
 def _unb64(text: object) -> bytes:
     if not isinstance(text, str):
         raise ValueError("expected base64 text")
-    return base64.b64decode(text, validate=True)
+    data = base64.b64decode(text, validate=True)
+    if base64.b64encode(data).decode() != text:
+        raise ValueError("base64 text is not in canonical form")
+    return data
 
 
 def _aad(doc: dict[str, Any]) -> bytes:
@@ -138,7 +155,7 @@ def save(
         "format": FORMAT,
         "version": VERSION,
         "party_id": party.party_id,
-        "kdf": {"name": "argon2id", "salt": _b64(salt), **asdict(params)},
+        "kdf": {"name": "argon2id", "salt": _b64(salt), **params.as_json()},
         "aead": "xchacha20poly1305",
         "nonce": _b64(nonce),
     }
@@ -192,17 +209,21 @@ def load(path: Path, passphrase: str) -> tuple[PartyKeys, TrustStore]:
         if doc.get("version") != VERSION or doc.get("aead") != "xchacha20poly1305":
             raise KeystoreError(f"{path} is a keystore of an unsupported version")
         kdf_doc = doc["kdf"]
-        if kdf_doc.get("name") != "argon2id":
+        if not isinstance(kdf_doc, dict) or kdf_doc.get("name") != "argon2id":
             raise ValueError("unknown kdf")
+        # Whatever the file says is authenticated as associated data: weakening it breaks decryption.
         params = KdfParams(
-            memory_kib=int(kdf_doc["memory_kib"]), iterations=int(kdf_doc["iterations"]), lanes=int(kdf_doc["lanes"])
+            memory_kib=int(kdf_doc["memory_kib"]),
+            iterations=int(kdf_doc["iterations"]),
+            lanes=int(kdf_doc["lanes"]),
+            unsafe_allow_weak=True,
         )
         salt, nonce, ciphertext = _unb64(kdf_doc["salt"]), _unb64(doc["nonce"]), _unb64(doc["ciphertext"])
         if len(nonce) != prim.XNONCE_BYTES or len(salt) < 16:
             raise ValueError("bad nonce or salt")
     except KeystoreError:
         raise
-    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, binascii.Error) as exc:
         raise WrongPassphraseOrCorrupt(f"{path} is not a readable Hedui keystore") from exc
     try:
         plaintext = prim.xchacha_decrypt(params.derive(passphrase.encode(), salt), nonce, ciphertext, _aad(doc))
@@ -220,7 +241,7 @@ def load(path: Path, passphrase: str) -> tuple[PartyKeys, TrustStore]:
         trust = TrustStore()
         for party_id, items in body["peers"].items():
             trust.set_keyring(party_id, Keyring(_record_from_json(item)[0] for item in items))
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
         # Authenticated but inconsistent: written by a broken or foreign program.
         raise KeystoreError(f"{path} decrypted but its content is inconsistent") from exc
     return party, trust

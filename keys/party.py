@@ -10,12 +10,12 @@ from __future__ import annotations
 import re
 
 MAX_PARTY_ID_LENGTH = 64
-_PARTY_ID_RE = re.compile(r"^[a-z][a-z0-9]*(?:[.\-_][a-z0-9]+)*$")
+_PARTY_ID_RE = re.compile(r"[a-z][a-z0-9]*(?:[.\-_][a-z0-9]+)*")
 
 
 def is_party_id(value: str) -> bool:
     """True if ``value`` is a well-formed party id."""
-    return 0 < len(value) <= MAX_PARTY_ID_LENGTH and _PARTY_ID_RE.match(value) is not None
+    return 0 < len(value) <= MAX_PARTY_ID_LENGTH and _PARTY_ID_RE.fullmatch(value) is not None
 
 
 def check_party_id(value: str) -> str:

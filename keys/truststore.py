@@ -99,27 +99,42 @@ class TrustStore:
         if not signer.public.verify(ann.signature, ANNOUNCEMENT_DOMAIN + ann.body):
             raise TrustError("announcement signature does not verify")
         if msg.kind == keys_pb2.ANNOUNCEMENT_KIND_REVOCATION:
-            return self._revoke(keyring, target, signer, msg)
+            return self._revoke(keyring, target, signer, msg, now_ms)
         if msg.kind == keys_pb2.ANNOUNCEMENT_KIND_ROTATION:
-            return self._rotate(keyring, target, signer, ann)
+            return self._rotate(keyring, target, signer, ann, now_ms)
         raise TrustError("announcement kind is not known")
 
     @staticmethod
-    def _revoke(keyring: Keyring, target: KeyRecord, signer: KeyRecord, msg: keys_pb2.KeyAnnouncement) -> KeyRecord:
-        # A key may always disown itself; otherwise the signer must be a key valid when the revocation was made.
-        if signer.key_id != target.key_id and not signer.valid_at(msg.issued_at_ms):
-            raise TrustError("revocation is signed by a key that was not valid when it was issued")
+    def _trusted_signer(signer: KeyRecord, issued_at_ms: int, now_ms: int) -> bool:
+        # Valid when the announcement says it was made AND still usable now: issued_at is chosen by the signer, so
+        # checking it alone lets a retired (erased, possibly leaked) key sign backdated announcements.
+        return (
+            signer.state in (KeyState.ACTIVE, KeyState.RETIRING)
+            and signer.valid_at(issued_at_ms)
+            and signer.valid_at(now_ms)
+        )
+
+    @classmethod
+    def _revoke(
+        cls, keyring: Keyring, target: KeyRecord, signer: KeyRecord, msg: keys_pb2.KeyAnnouncement, now_ms: int
+    ) -> KeyRecord:
         if target.state is KeyState.REVOKED:
             return target
+        # A key may always disown itself; otherwise the signer must be a key trusted then and now.
+        if signer.key_id != target.key_id and not cls._trusted_signer(signer, msg.issued_at_ms, now_ms):
+            raise TrustError("revocation is not signed by a key that is valid now and was valid when it was issued")
         return keyring.transition(target.key_id, KeyState.REVOKED, revoked_at_ms=msg.issued_at_ms)
 
-    @staticmethod
-    def _rotate(keyring: Keyring, old: KeyRecord, signer: KeyRecord, ann: Announcement) -> KeyRecord:
+    @classmethod
+    def _rotate(cls, keyring: Keyring, old: KeyRecord, signer: KeyRecord, ann: Announcement, now_ms: int) -> KeyRecord:
         msg, new_key = ann.message, ann.new_key
         if new_key is None or new_key.algorithm is not old.algorithm:
             raise TrustError("rotation must carry a new key of the same algorithm as the old one")
-        if not signer.valid_at(msg.issued_at_ms):
-            raise TrustError("rotation is signed by a key that was not valid when it was issued")
+        known = keyring.get(new_key.key_id)
+        if known is not None:
+            return known  # already applied
+        if not cls._trusted_signer(signer, msg.issued_at_ms, now_ms):
+            raise TrustError("rotation is not signed by a key that is valid now and was valid when it was issued")
         if old.algorithm is Algorithm.ED25519:
             if signer.key_id != old.key_id:
                 raise TrustError("a signing-key rotation must be signed by the key it replaces")
@@ -127,11 +142,10 @@ class TrustStore:
                 raise TrustError("rotation lacks a valid proof of possession by the new key")
         if not 0 < msg.overlap_until_ms - msg.issued_at_ms <= MAX_OVERLAP_MS:
             raise TrustError("rotation overlap must be longer than zero and at most 90 days")
-        known = keyring.get(new_key.key_id)
-        if known is not None:
-            return known  # already applied
         if old.state is KeyState.REVOKED:
             raise TrustError("rotation of a revoked key; enrol the party again with a new bundle")
+        if old.state is not KeyState.ACTIVE:
+            raise TrustError(f"only an active key can be rotated; this one is {old.state.name.lower()}")
         try:
             keyring.transition(old.key_id, KeyState.RETIRING, not_after_ms=msg.overlap_until_ms)
         except KeyStateError as exc:

@@ -1,0 +1,409 @@
+"""A small private certificate authority for mutual TLS between an agency's gateway and the sharing units' connectors.
+
+The private network has no public CA, so each deployment runs its own: ``create_ca`` makes a self-signed CA
+certificate, ``issue_certificate`` signs one leaf certificate per party, and both ends of a gRPC channel trust only
+that CA (``root_certificates``) and require the other's certificate (``require_client_auth=True``).
+
+Design:
+
+- Keys are ECDSA P-256 with SHA-256 signatures. Ed25519 certificates do not work: grpcio 1.85 (BoringSSL) fails the
+  handshake with NO_COMMON_SIGNATURE_ALGORITHMS because it does not offer Ed25519 signatures. P-256 is what every TLS
+  1.2 and 1.3 stack (BoringSSL, OpenSSL, Java, Go) accepts for both client and server certificates, so a sharing unit
+  may write its connector in any language.
+- The CA certificate has BasicConstraints(ca=True, path_length=0) and KeyUsage(keyCertSign, cRLSign), both critical,
+  and a SubjectKeyIdentifier: it signs leaf certificates and nothing else, never an intermediate CA.
+- A leaf certificate names its party twice: the subject common name is the party id (``unit.220100.tax``) and a
+  subjectAltName URI ``hedui://party/<party id>`` carries it again. The URI is the authoritative one: gRPC hands the
+  peer's PEM certificate to the servicer (``auth_context()["x509_pem_cert"]``) and ``party_from_auth_context`` reads
+  the URI from it, so the gateway and the connectors can require that the TLS peer is the party that signed the
+  envelope. The common name is only a fallback for a peer whose certificate carries no such URI.
+  The other subjectAltNames are the DNS names and IP addresses a client dials (hostname verification). The extended
+  key usage is serverAuth and/or clientAuth as asked, BasicConstraints(ca=False), KeyUsage(digitalSignature), with a
+  random 159-bit serial number and an AuthorityKeyIdentifier pointing at the CA key.
+- Validity: the CA ten years, a leaf 397 days (the longest the public web still accepts), never beyond the CA's own
+  end. ``not_before`` lies five minutes before the issuing time so that a peer whose clock runs slightly behind
+  accepts a certificate issued a moment ago.
+- At rest the CA key is PKCS#8 PEM encrypted with a passphrase (``BestAvailableEncryption``: PBES2 with
+  PBKDF2-HMAC-SHA256 and AES-256-CBC in cryptography 50). It is needed only to issue certificates and should live on
+  the offline machine that keeps the keystores. A leaf key is unencrypted PKCS#8 PEM: grpcio takes the private key
+  as bytes in memory and has no way to ask for a passphrase, so the service reading it at start could only keep the
+  passphrase next to the key. Its protection is the file mode (0600, written by ``keys.keystore.write_private_file``)
+  and the short lifetime of the certificate.
+
+Every failure raises :class:`TlsError` with a message fit for an operator; none carries key material.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from keys.errors import KeysError
+from keys.party import check_party_id, is_party_id
+
+#: The subjectAltName URI that carries a party id: ``hedui://party/unit.220100.tax``.
+PARTY_URI_PREFIX = "hedui://party/"
+CA_VALID_DAYS = 3650
+LEAF_VALID_DAYS = 397
+#: How far ``not_before`` lies before the issuing time, for peers whose clocks run a little behind.
+CLOCK_SKEW = dt.timedelta(minutes=5)
+#: X.520 upper bound of a common name.
+MAX_COMMON_NAME_LENGTH = 64
+DEFAULT_CA_NAME = "Hedui private CA"
+
+_CURVE = ec.SECP256R1
+_HASH = hashes.SHA256
+_DNS_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_MAX_DNS_NAME_LENGTH = 253
+_USAGE_NAMES = {ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth", ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth"}
+
+
+class TlsError(KeysError):
+    """A TLS certificate or key cannot be created, read or used as asked."""
+
+    code = "tls"
+
+
+def _now(now: dt.datetime | None) -> dt.datetime:
+    if now is None:
+        return dt.datetime.now(dt.UTC)
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise TlsError("'now' must be a timezone-aware datetime (e.g. datetime.now(UTC))")
+    return now.astimezone(dt.UTC)
+
+
+def _check_days(valid_days: int) -> dt.timedelta:
+    if isinstance(valid_days, bool) or not isinstance(valid_days, int) or valid_days < 1:
+        raise TlsError(f"validity must be a whole number of days, at least 1 (got {valid_days!r})")
+    return dt.timedelta(days=valid_days)
+
+
+def _encryption(passphrase: str | None) -> serialization.KeySerializationEncryption:
+    if passphrase is None:
+        return serialization.NoEncryption()
+    if not passphrase:
+        raise TlsError("the passphrase for the CA key is empty")
+    return serialization.BestAvailableEncryption(passphrase.encode("utf-8"))
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey, passphrase: str | None = None) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, _encryption(passphrase))
+
+
+def _ski(key: ec.EllipticCurvePrivateKey) -> x509.SubjectKeyIdentifier:
+    return x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+
+
+def create_ca(
+    name: str = DEFAULT_CA_NAME,
+    *,
+    valid_days: int = CA_VALID_DAYS,
+    now: dt.datetime | None = None,
+    passphrase: str | None = None,
+) -> tuple[bytes, bytes]:
+    """Make a self-signed CA; return (certificate PEM, private key PEM).
+
+    The key PEM is encrypted with ``passphrase`` when one is given (as ``hedui-keys ca init`` always does).
+    """
+    if not name or not name.strip() or len(name) > MAX_COMMON_NAME_LENGTH or not name.isprintable():
+        raise TlsError(f"the CA name must be 1-{MAX_COMMON_NAME_LENGTH} printable characters")
+    start = _now(now)
+    lifetime = _check_days(valid_days)
+    key = ec.generate_private_key(_CURVE())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    key_usage = x509.KeyUsage(
+        digital_signature=False,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start - CLOCK_SKEW)
+        .not_valid_after(start + lifetime)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(key_usage, critical=True)
+        .add_extension(_ski(key), critical=False)
+        .sign(key, _HASH())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key, passphrase)
+
+
+def load_certificate(data: bytes) -> x509.Certificate:
+    """Parse one certificate, PEM (the first one in the text) or DER; raise TlsError if it is neither."""
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError as exc:
+        raise TlsError("not an X.509 certificate (expected PEM '-----BEGIN CERTIFICATE-----' or DER)") from exc
+
+
+def _load_ca_key(ca_key_pem: bytes, passphrase: str | None) -> ec.EllipticCurvePrivateKey:
+    encrypted = b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in ca_key_pem or b"Proc-Type: 4,ENCRYPTED" in ca_key_pem
+    if encrypted and not passphrase:
+        raise TlsError("the CA key is encrypted: a passphrase is needed")
+    # An unencrypted CA key is read as it is, though 'hedui-keys ca init' never writes one.
+    password = passphrase.encode("utf-8") if encrypted and passphrase else None
+    try:
+        key = serialization.load_pem_private_key(ca_key_pem, password)
+    except (ValueError, TypeError) as exc:
+        raise TlsError("cannot read the CA key: wrong passphrase, or not a PEM private key") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise TlsError("the CA key is not an ECDSA key; create the CA with 'hedui-keys ca init'")
+    return key
+
+
+def _server_name(name: str) -> x509.GeneralName:
+    """A DNS name or an IP address for the subjectAltName; raise TlsError for anything else."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    host = name.lower()
+    labels = host.split(".")
+    if not host or len(host) > _MAX_DNS_NAME_LENGTH or not all(_DNS_LABEL.match(label) for label in labels):
+        raise TlsError(
+            f"server name {name!r} is neither an IP address nor a DNS name (letters, digits, '-' and '.'; "
+            "no wildcards, no trailing dot)"
+        )
+    return x509.DNSName(host)
+
+
+def issue_certificate(
+    ca_cert_pem: bytes,
+    ca_key_pem: bytes,
+    party_id: str,
+    *,
+    server_names: Iterable[str] = (),
+    client: bool,
+    server: bool,
+    valid_days: int = LEAF_VALID_DAYS,
+    now: dt.datetime | None = None,
+    ca_key_passphrase: str | None = None,
+) -> tuple[bytes, bytes]:
+    """Sign a leaf certificate for ``party_id``; return (certificate PEM, unencrypted private key PEM).
+
+    ``server_names`` are the DNS names and IP addresses clients dial ("localhost", "127.0.0.1"); a server
+    certificate needs at least one. ``client`` and ``server`` choose the extended key usages (at least one).
+    """
+    try:
+        check_party_id(party_id)
+    except ValueError as exc:
+        raise TlsError(str(exc)) from exc
+    if not (client or server):
+        raise TlsError("a certificate must be for a client, a server or both")
+    if isinstance(server_names, str):
+        raise TlsError("server_names must be a list of names, not one string")
+    names: list[x509.GeneralName] = []
+    for name in server_names:
+        general = _server_name(name)
+        if general not in names:
+            names.append(general)
+    if server and not names:
+        raise TlsError("a server certificate needs at least one server name (DNS name or IP address clients dial)")
+    start = _now(now)
+    lifetime = _check_days(valid_days)
+    ca_cert = load_certificate(ca_cert_pem)
+    ca_key = _load_ca_key(ca_key_pem, ca_key_passphrase)
+    if ca_key.public_key().public_numbers() != _public_numbers(ca_cert):
+        raise TlsError("the CA key does not belong to the CA certificate")
+    try:
+        constraints = ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.ca:
+        raise TlsError("the CA certificate is not a CA (BasicConstraints ca=True missing)")
+    if not ca_cert.not_valid_before_utc <= start <= ca_cert.not_valid_after_utc:
+        raise TlsError(
+            f"the CA certificate is not valid at {start:%Y-%m-%dT%H:%M:%SZ} (valid "
+            f"{ca_cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} .. {ca_cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})"
+        )
+    try:
+        ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+    except x509.ExtensionNotFound:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    key = ec.generate_private_key(_CURVE())
+    usages = [
+        oid
+        for oid, wanted in ((ExtendedKeyUsageOID.SERVER_AUTH, server), (ExtendedKeyUsageOID.CLIENT_AUTH, client))
+        if wanted
+    ]
+    key_usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(PARTY_URI_PREFIX + party_id), *names])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, party_id)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start - CLOCK_SKEW)
+        .not_valid_after(min(start + lifetime, ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(key_usage, critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(san, critical=False)
+        .add_extension(_ski(key), critical=False)
+        .add_extension(aki, critical=False)
+        .sign(ca_key, _HASH())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def _public_numbers(cert: x509.Certificate) -> ec.EllipticCurvePublicNumbers | None:
+    public = cert.public_key()
+    return public.public_numbers() if isinstance(public, ec.EllipticCurvePublicKey) else None
+
+
+def _party_uris(cert: x509.Certificate) -> set[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return {
+        uri.removeprefix(PARTY_URI_PREFIX)
+        for uri in san.get_values_for_type(x509.UniformResourceIdentifier)
+        if uri.startswith(PARTY_URI_PREFIX)
+    }
+
+
+def _common_names(cert: x509.Certificate) -> list[str]:
+    return [str(attr.value) for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+
+
+def party_from_certificate(cert_pem_or_der: bytes) -> str | None:
+    """The party id a certificate names, or None when it names none or is ambiguous.
+
+    The ``hedui://party/`` subjectAltName URI decides; without one, a common name that is a well-formed party id.
+    Two different party URIs, a malformed one, or a common name that contradicts the URI give None (fail closed).
+    Raises TlsError only when the bytes are not a certificate.
+    """
+    cert = load_certificate(cert_pem_or_der)
+    uris = _party_uris(cert)
+    names = _common_names(cert)
+    if uris:
+        if len(uris) != 1:
+            return None
+        (party,) = uris
+        if not is_party_id(party) or any(name != party for name in names):
+            return None
+        return party
+    if len(names) == 1 and is_party_id(names[0]):
+        return names[0]
+    return None
+
+
+def _values(auth_context: Mapping[str, Iterable[bytes] | bytes], key: str) -> list[bytes]:
+    value = auth_context.get(key)
+    if value is None:
+        return []
+    if isinstance(value, bytes | bytearray):
+        return [bytes(value)]
+    return [bytes(item) for item in value]
+
+
+def party_from_auth_context(auth_context: Mapping[str, Iterable[bytes] | bytes]) -> str | None:
+    """The party id of a gRPC peer, from ``ServicerContext.auth_context()``; None if it cannot be told.
+
+    grpcio maps property names to lists of bytes; on a mutual-TLS channel "x509_pem_cert" holds the peer's leaf
+    certificate, which decides (see ``party_from_certificate``). Only when it is absent does a single
+    "x509_common_name" that is a well-formed party id count. A bare ``bytes`` value (as grpc-stubs types it) is read
+    as one value. Without TLS client authentication the context holds neither, and the answer is None.
+    """
+    pems = _values(auth_context, "x509_pem_cert")
+    if pems:
+        if len(pems) != 1:
+            return None
+        try:
+            return party_from_certificate(pems[0])
+        except TlsError:
+            return None
+    names = _values(auth_context, "x509_common_name")
+    if len(names) == 1:
+        name = names[0].decode("utf-8", "replace")
+        return name if is_party_id(name) else None
+    return None
+
+
+def _general_name(name: x509.GeneralName) -> str:
+    if isinstance(name, x509.DNSName):
+        return f"DNS:{name.value}"
+    if isinstance(name, x509.IPAddress):
+        return f"IP:{name.value}"
+    if isinstance(name, x509.UniformResourceIdentifier):
+        return f"URI:{name.value}"
+    return str(name)
+
+
+def _utc(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def certificate_summary(pem: bytes, *, now: dt.datetime | None = None) -> str:
+    """Several lines for a human: subject, issuer, party, SANs, usages, validity and SHA-256 fingerprint of the DER."""
+    cert = load_certificate(pem)
+    moment = _now(now)
+    extensions = cert.extensions
+    try:
+        sans = ", ".join(
+            _general_name(n) for n in extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        )
+    except x509.ExtensionNotFound:
+        sans = "none"
+    try:
+        constraints = extensions.get_extension_for_class(x509.BasicConstraints).value
+        kind = f"CA (path length {constraints.path_length})" if constraints.ca else "leaf"
+    except x509.ExtensionNotFound:
+        kind = "leaf (no basic constraints)"
+    try:
+        eku = extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        usage = ", ".join(_USAGE_NAMES.get(oid, oid.dotted_string) for oid in eku)
+    except x509.ExtensionNotFound:
+        usage = "not restricted"
+    if moment < cert.not_valid_before_utc:
+        state = "NOT YET VALID"
+    elif moment > cert.not_valid_after_utc:
+        state = "EXPIRED"
+    else:
+        state = f"valid, {(cert.not_valid_after_utc - moment).days} days left"
+    digest = cert.fingerprint(hashes.SHA256()).hex().upper()
+    lines = [
+        f"subject     {cert.subject.rfc4514_string()}",
+        f"issuer      {cert.issuer.rfc4514_string()}",
+        f"party       {party_from_certificate(pem) or 'none'}",
+        f"kind        {kind}",
+        f"usage       {usage}",
+        f"names       {sans}",
+        f"not before  {_utc(cert.not_valid_before_utc)}",
+        f"not after   {_utc(cert.not_valid_after_utc)}  ({state})",
+        f"serial      {cert.serial_number:x}",
+        f"SHA-256     {':'.join(digest[i : i + 2] for i in range(0, len(digest), 2))}",
+    ]
+    return "\n".join(lines) + "\n"

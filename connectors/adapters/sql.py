@@ -1,0 +1,182 @@
+"""Answering from the unit's own SQL database: one parameterised SELECT per data category.
+
+Each query selects ``id_number``, ``name`` and columns named like the fields of the category's record
+(connectors/adapters/rows.py), for the people in ``:id_numbers``. It may also use ``:income_from`` and
+``:income_to`` (the first days of the income period's first and last months) and ``:as_of`` (the date assets are
+reported for). For example, for deposits::
+
+    SELECT cert_no AS id_number, holder AS name, bank AS institution, substr(acct, -4) AS account_suffix,
+           kind AS product, balance_fen, :as_of AS as_of
+      FROM deposit_accounts WHERE cert_no IN :id_numbers
+
+Values only ever travel as bound parameters, never as SQL text. Every query is run once at construction with an
+empty ID list, so a query that does not parse, misses a column or names an unknown one fails at startup, not at the
+first batch. A read-only database account is recommended; the adapter never commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import date
+from typing import Any
+
+from sqlalchemy import Date, Engine, String, TextClause, bindparam, create_engine, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.types import TypeEngine
+
+from connectors.adapters.base import AdapterError, Finding, LookupContext
+from connectors.adapters.rows import category_label, check_columns, finding_from_row
+
+#: The parameters a query may use, with their SQL types. ``id_numbers`` is required and expands to a list.
+PARAMETERS: Mapping[str, TypeEngine[Any]] = {
+    "id_numbers": String(),
+    "income_from": Date(),
+    "income_to": Date(),
+    "as_of": Date(),
+}
+#: ID numbers per statement: far below any driver's parameter limit (SQLite's was 999 before 3.32).
+DEFAULT_CHUNK_SIZE = 500
+#: Any valid dates for the startup check; the empty ID list means no row is read.
+_CHECK_PARAMETERS = {
+    "id_numbers": [],
+    "income_from": date(2000, 1, 1),
+    "income_to": date(2000, 1, 1),
+    "as_of": date(2000, 1, 1),
+}
+_MAX_REASON = 300
+
+
+def _statement(category: int, sql: str) -> TextClause:
+    """The query as a statement with typed parameters; refuses unknown parameters and a missing :id_numbers."""
+    label = category_label(category)
+    clause = text(sql)
+    used = set(clause.compile().params)
+    if "id_numbers" not in used:
+        raise AdapterError(f"query for {label} must select the people by ':id_numbers' (e.g. id IN :id_numbers)")
+    unknown = sorted(used - PARAMETERS.keys())
+    if unknown:
+        raise AdapterError(
+            f"query for {label} uses unknown parameter(s) {', '.join(':' + p for p in unknown)}; "
+            f"available: {', '.join(':' + p for p in PARAMETERS)} (a literal colon is written \\:)"
+        )
+    return clause.bindparams(
+        *(
+            bindparam(name, type_=kind, expanding=name == "id_numbers")
+            for name, kind in PARAMETERS.items()
+            if name in used
+        )
+    )
+
+
+def _config_reason(exc: SQLAlchemyError) -> str:
+    """The database's own explanation, for errors at startup only: no subject is bound and no row is read then,
+    so the message holds configuration facts (a missing table, a refused connection), not personal data."""
+    reason = str(exc.orig) if isinstance(exc, DBAPIError) else type(exc).__name__
+    first = reason.strip().splitlines()[0] if reason.strip() else type(exc).__name__
+    return first[:_MAX_REASON]
+
+
+class SqlAdapter:
+    """Findings from a SQL database through SQLAlchemy (SQLite, PostgreSQL, or any dialect with its driver)."""
+
+    def __init__(self, url: str, queries: Mapping[int, str], *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        """``queries`` maps data categories to their SELECT. Raises AdapterError when the URL cannot be used, the
+        database cannot be reached, or a query fails the startup check."""
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+        if not queries:
+            raise AdapterError("the sql adapter needs at least one query")
+        self._chunk_size = chunk_size
+        self._statements = {category: _statement(category, sql) for category, sql in queries.items()}
+        try:
+            self._engine: Engine = create_engine(url, pool_pre_ping=True)
+        except ImportError as exc:
+            raise AdapterError(
+                f"the database driver is not installed ({exc.name}); install it in this environment"
+            ) from None
+        except SQLAlchemyError as exc:
+            # The message of a bad URL repeats the URL, password included: say only what kind of error it is.
+            raise AdapterError(f"the database URL cannot be used ({type(exc).__name__})") from None
+        try:
+            self._check_queries()
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    @property
+    def categories(self) -> tuple[int, ...]:
+        """The data categories this adapter has a query for."""
+        return tuple(self._statements)
+
+    def _check_queries(self) -> None:
+        try:
+            connection = self._engine.connect()
+        except SQLAlchemyError as exc:
+            backend = self._engine.dialect.name
+            raise AdapterError(f"cannot connect to the unit's {backend} database: {_config_reason(exc)}") from None
+        with connection:
+            for category, statement in self._statements.items():
+                self._check_query(connection, category, statement)
+
+    @staticmethod
+    def _check_query(connection: Connection, category: int, statement: TextClause) -> None:
+        where = f"query for {category_label(category)}"
+        try:
+            result = connection.execute(statement, _CHECK_PARAMETERS)
+        except SQLAlchemyError as exc:
+            raise AdapterError(f"{where} fails on the database: {_config_reason(exc)}") from None
+        with result:
+            if not result.returns_rows:
+                raise AdapterError(f"{where} returns no rows: it must be a SELECT")
+            check_columns(category, list(result.keys()), where=where)
+
+    def fetch(self, id_numbers: Sequence[str], context: LookupContext) -> dict[str, list[Finding]]:
+        """Findings per ID number, in the order of the context's categories and the rows the queries return.
+
+        ID numbers are compared without surrounding spaces and with an upper-case X; results are keyed by the ID
+        numbers as given. A row for an ID number that was not asked for means a query ignores ``:id_numbers``:
+        that is an error, and its data goes nowhere."""
+        missing = [c for c in context.categories if c not in self._statements]
+        if missing:
+            raise AdapterError(f"no query is configured for {', '.join(category_label(c) for c in missing)}")
+        given = {n.strip().upper(): n for n in id_numbers}
+        if not given or not context.categories:
+            return {}
+        wanted = list(given)
+        try:
+            parameters: dict[str, object] = {
+                "income_from": date(*context.income_from, 1),
+                "income_to": date(*context.income_to, 1),
+                "as_of": context.assets_as_of,
+            }
+        except ValueError:
+            raise AdapterError("the income period is not a valid pair of months") from None
+        found: dict[str, list[Finding]] = {}
+        category = context.categories[0]
+        try:
+            with self._engine.connect() as connection:
+                for category in context.categories:
+                    for start in range(0, len(wanted), self._chunk_size):
+                        parameters["id_numbers"] = wanted[start : start + self._chunk_size]
+                        for row in connection.execute(self._statements[category], parameters).mappings():
+                            id_number, finding = finding_from_row(category, row, context)
+                            if id_number not in given:
+                                raise AdapterError(
+                                    f"query for {category_label(category)} returned a row for an ID number that was "
+                                    "not asked for: it must filter by :id_numbers"
+                                )
+                            found.setdefault(given[id_number], []).append(finding)
+        except SQLAlchemyError as exc:
+            # The driver's message may quote values (ID numbers, names): name the error kinds only, and drop the
+            # chain so that no traceback carries the statement's parameters into a log.
+            kind = type(exc.orig).__name__ if isinstance(exc, DBAPIError) else "no driver error"
+            raise AdapterError(
+                f"the unit's database failed answering {category_label(category)} "
+                f"({type(exc).__name__}: {kind}); check that it is reachable and the query still fits its schema"
+            ) from None
+        return found
+
+    def close(self) -> None:
+        """Close the database connections."""
+        self._engine.dispose()

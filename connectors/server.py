@@ -1,0 +1,228 @@
+"""The connector's gRPC exchange server: mutual TLS, the ExchangeService, health checking, reflection, and the
+worker that answers pending batches."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from hedui.v1 import exchange_pb2, exchange_pb2_grpc
+
+from common.config import ConfigError
+from common.db import make_engine
+from common.workdays import WorkdayCalendar
+from connectors.adapters.base import Adapter
+from connectors.adapters.csv_files import CsvAdapter
+from connectors.adapters.sql import SqlAdapter
+from connectors.config import ConnectorConfig, data_category_by_name
+from connectors.connector import Connector
+from connectors.errors import Refusal
+from connectors.store import ConnectorStore
+from connectors.synthetic import Population, SyntheticAdapter
+from keys import keystore
+from keys.envelope import Courier, Policy
+from keys.tls import party_from_auth_context
+
+log = logging.getLogger("hedui.connector")
+
+SERVICE_NAME = exchange_pb2.DESCRIPTOR.services_by_name["ExchangeService"].full_name
+#: Envelopes are at most 32 MiB plus framing (docs/envelope.md).
+MAX_MESSAGE_BYTES = 33 * 1024 * 1024
+
+
+class ExchangeServicer(exchange_pb2_grpc.ExchangeServiceServicer):
+    """Unwraps the SealedMessage, names the TLS peer, and maps refusals to gRPC statuses."""
+
+    def __init__(self, connector: Connector, *, require_tls_identity: bool) -> None:
+        self.connector = connector
+        self.require_tls_identity = require_tls_identity
+
+    def _call(
+        self,
+        handler: Callable[[bytes, str | None], bytes],
+        request: exchange_pb2.SealedMessage,
+        context: grpc.ServicerContext,
+    ) -> exchange_pb2.SealedMessage:
+        party = party_from_auth_context(context.auth_context())
+        if self.require_tls_identity and party is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "client certificate names no party")
+        try:
+            return exchange_pb2.SealedMessage(envelope=handler(request.envelope, party))
+        except Refusal as refusal:
+            context.abort(refusal.status, str(refusal))
+        raise AssertionError("unreachable")  # context.abort raises
+
+    def SubmitBatch(  # noqa: N802 - gRPC method names
+        self, request: exchange_pb2.SealedMessage, context: grpc.ServicerContext
+    ) -> exchange_pb2.SealedMessage:
+        return self._call(self.connector.submit, request, context)
+
+    def FetchAnswers(  # noqa: N802
+        self, request: exchange_pb2.SealedMessage, context: grpc.ServicerContext
+    ) -> exchange_pb2.SealedMessage:
+        return self._call(self.connector.fetch, request, context)
+
+    def AcknowledgeAnswers(  # noqa: N802
+        self, request: exchange_pb2.SealedMessage, context: grpc.ServicerContext
+    ) -> exchange_pb2.SealedMessage:
+        return self._call(self.connector.acknowledge, request, context)
+
+
+def server_credentials(cert: Path, key: Path, ca: Path) -> grpc.ServerCredentials:
+    """Mutual TLS: our certificate, and client certificates required to chain to ``ca``."""
+    return grpc.ssl_server_credentials(
+        [(key.read_bytes(), cert.read_bytes())], root_certificates=ca.read_bytes(), require_client_auth=True
+    )
+
+
+class AnswerWorker(threading.Thread):
+    """Answers pending batches every ``interval`` seconds and purges what retention allows, until stopped."""
+
+    def __init__(self, connector: Connector, interval: float, retention_days: int) -> None:
+        super().__init__(name="hedui-answer-worker", daemon=True)
+        self.connector = connector
+        self.interval = interval
+        self.retention_days = retention_days
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                while self.connector.answer_pending() and not self.stopping.is_set():
+                    pass
+                self.connector.purge(self.retention_days)
+            except Exception:  # keep answering after an unexpected failure; it is logged with its type only
+                log.exception("answer worker iteration failed")
+            self.stopping.wait(self.interval)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=10)
+
+
+@dataclass
+class RunningConnector:
+    """A started server with its worker; ``stop()`` ends both."""
+
+    server: grpc.Server
+    port: int
+    connector: Connector
+    worker: AnswerWorker | None
+    health: health.HealthServicer
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self.health.enter_graceful_shutdown()
+        if self.worker is not None:
+            self.worker.stop()
+        self.server.stop(grace).wait()
+        self.connector.adapter.close()
+        self.connector.store.engine.dispose()
+
+
+def build_adapter(config: ConnectorConfig) -> Adapter:
+    """The adapter the config names."""
+    section = config.adapter
+    if section.kind == "sql":
+        queries = {data_category_by_name(k): v for k, v in section.queries.items()}
+        return SqlAdapter(section.url, queries)
+    if section.kind == "csv":
+        if section.directory is None:
+            raise ConfigError("adapter.directory is required for the csv adapter")
+        files = {data_category_by_name(k): v for k, v in section.files.items()}
+        return CsvAdapter(section.directory, files)
+    return SyntheticAdapter(Population(section.seed), config.unit_category)
+
+
+def build_connector(config: ConnectorConfig, *, courier: Courier | None = None) -> Connector:
+    """Wire a Connector from its config: keystore, store, adapter, calendar, staff register."""
+    if courier is None:
+        passphrase = config.keys.passphrase_file.read_text(encoding="utf-8").rstrip("\r\n")
+        party, trust = keystore.load(config.keys.keystore, passphrase)
+        if party.party_id != config.unit.party_id:
+            raise ConfigError(f"keystore belongs to {party.party_id}, config says {config.unit.party_id}")
+        engine = make_engine(config.database.url)
+        store = ConnectorStore(engine)
+        courier = Courier(party, trust, replay=store.replay, policy=Policy())
+    else:
+        store = ConnectorStore(make_engine(config.database.url))
+    staff: dict[str, set[str]] = {}
+    for entry in config.staff:
+        staff.setdefault(entry.gateway, set()).add(entry.staff_id)
+    return Connector(
+        courier=courier,
+        store=store,
+        adapter=build_adapter(config),
+        unit_category=config.unit_category,
+        calendar=WorkdayCalendar.with_file(config.exchange.holiday_file),
+        staff={gateway: frozenset(ids) for gateway, ids in staff.items()},
+        threshold_categories=frozenset(data_category_by_name(n) for n in config.exchange.threshold_categories),
+        max_subjects=config.exchange.max_subjects_per_batch,
+        envelope_ttl_ms=config.exchange.envelope_ttl_minutes * 60_000,
+    )
+
+
+def start(
+    connector: Connector,
+    *,
+    listen: str,
+    credentials: grpc.ServerCredentials | None,
+    max_workers: int = 8,
+    worker_interval: float | None = 2.0,
+    retention_days: int = 30,
+) -> RunningConnector:
+    """Start serving on ``listen`` (port 0 picks a free one). ``credentials=None`` serves plaintext and is only
+    allowed on loopback; ``worker_interval=None`` starts no worker (tests drive ``answer_pending`` themselves)."""
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+    exchange_pb2_grpc.add_ExchangeServiceServicer_to_server(
+        ExchangeServicer(connector, require_tls_identity=credentials is not None), server
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    if credentials is None:
+        host = listen.rsplit(":", 1)[0].strip("[]")
+        if host not in {"127.0.0.1", "localhost", "::1"}:
+            raise ConfigError("plaintext is only allowed on loopback; configure server.tls_cert/tls_key/tls_ca")
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, credentials)
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    worker = None
+    if worker_interval is not None:
+        worker = AnswerWorker(connector, worker_interval, retention_days)
+        worker.start()
+    log.info("connector serving", extra={"port": port, "party": connector.party_id})
+    return RunningConnector(server=server, port=port, connector=connector, worker=worker, health=health_servicer)
+
+
+def serve(config: ConnectorConfig) -> RunningConnector:
+    """Start the connector the config describes."""
+    server = config.server
+    credentials = None
+    if not server.insecure_plaintext:
+        if not (server.tls_cert and server.tls_key and server.tls_ca):
+            raise ConfigError("server.tls_cert, server.tls_key and server.tls_ca are required (or insecure_plaintext)")
+        credentials = server_credentials(server.tls_cert, server.tls_key, server.tls_ca)
+    return start(
+        build_connector(config),
+        listen=server.listen,
+        credentials=credentials,
+        max_workers=server.max_workers,
+        worker_interval=config.exchange.answer_interval_seconds,
+        retention_days=config.exchange.retention_days,
+    )

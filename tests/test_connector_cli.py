@@ -1,0 +1,177 @@
+"""hedui-connector as an operator runs it: a config file, a keystore, certificates, `serve`, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hedui.v1 import exchange_pb2, exchange_pb2_grpc, records_pb2
+
+from connectors.cli import main
+from connectors.synthetic import Population
+from keys import keystore
+from keys.envelope import Courier
+from keys.identity import PartyKeys
+from keys.replay import MemoryReplayCache
+from keys.truststore import TrustStore
+from tests.exchange_world import GATEWAY, UNIT, Pki, enrol
+
+PASSPHRASE = "connector test passphrase"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _setup(tmp_path: Path, port: int) -> tuple[Path, Pki, Courier]:
+    now = int(time.time() * 1000)
+    pki = Pki(tmp_path)
+    pki.issue(UNIT, server=True)
+    pki.issue(GATEWAY)
+    gateway, unit = (
+        (PartyKeys.create(GATEWAY, now_ms=now - 1000), TrustStore()),
+        (
+            PartyKeys.create(UNIT, now_ms=now - 1000),
+            TrustStore(),
+        ),
+    )
+    enrol(gateway, unit, now)
+    keystore.save(tmp_path / "keystore.json", unit[0], unit[1], PASSPHRASE, kdf=keystore.FAST_FOR_TESTS)
+    passfile = tmp_path / "passphrase"
+    passfile.write_text(PASSPHRASE + "\n")
+    passfile.chmod(0o600)
+    config = tmp_path / "connector.toml"
+    config.write_text(
+        f"""
+[unit]
+party_id = "{UNIT}"
+category = "tax"
+
+[server]
+listen = "127.0.0.1:{port}"
+tls_cert = "{UNIT}.crt"
+tls_key = "{UNIT}.key"
+tls_ca = "ca.crt"
+
+[keys]
+keystore = "keystore.json"
+passphrase_file = "passphrase"
+
+[database]
+url = "sqlite:///{tmp_path}/connector.db"
+
+[adapter]
+kind = "synthetic"
+seed = 7
+
+[exchange]
+answer_interval_seconds = 0.2
+
+[[staff]]
+gateway = "{GATEWAY}"
+staff_id = "S-1"
+
+[[staff]]
+gateway = "{GATEWAY}"
+staff_id = "S-2"
+""",
+        encoding="utf-8",
+    )
+    return config, pki, Courier(gateway[0], gateway[1], replay=MemoryReplayCache())
+
+
+def test_check_config_and_config_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config, _, _ = _setup(tmp_path, _free_port())
+    assert main(["check-config", "--config", str(config)]) == 0
+    assert "config OK" in capsys.readouterr().out
+    assert main(["config-keys"]) == 0
+    assert "exchange.threshold_categories" in capsys.readouterr().out
+
+
+def test_bad_config_is_refused_with_the_key_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config, _, _ = _setup(tmp_path, _free_port())
+    config.write_text(config.read_text().replace("[exchange]", "[exchange]\nanswer_speed = 3"))
+    assert main(["check-config", "--config", str(config)]) == 1
+    assert "unknown key(s) in exchange: answer_speed" in capsys.readouterr().err
+    config.write_text(config.read_text().replace('category = "tax"', 'category = "taxes"'))
+    assert main(["check-config", "--config", str(config)]) == 1
+    assert "unknown unit category" in capsys.readouterr().err
+
+
+def _submit_and_collect(stub: exchange_pb2_grpc.ExchangeServiceStub, courier: Courier) -> None:
+    """A valid batch is receipted at once and answered by the worker within seconds."""
+    people = [m for h in Population(7).households(5) for m in h.members]
+    batch = exchange_pb2.QueryBatch(
+        batch_id="CLI-2",
+        commission_ref="WT-1",
+        purpose=exchange_pb2.PROGRAMME_MEDICAL_AID,
+        categories=[records_pb2.DATA_CATEGORY_TAX],
+        income_from=records_pb2.YearMonth(year=2026, month=1),
+        income_to=records_pb2.YearMonth(year=2026, month=6),
+        assets_as_of=records_pb2.Date(year=2026, month=6, day=30),
+        staff_ids=["S-1", "S-2"],
+        subjects=[
+            exchange_pb2.QuerySubject(
+                subject_ref=f"R{i}",
+                id_number=m.id_number,
+                name=m.name,
+                authorisation=exchange_pb2.Authorisation(number=f"A{i}", scan_sha256=bytes(32)),
+            )
+            for i, m in enumerate(people)
+        ],
+    )
+    reply = stub.SubmitBatch(exchange_pb2.SealedMessage(envelope=courier.seal(batch, UNIT)))
+    receipt = courier.open(reply.envelope, expect={"hedui.v1.BatchReceipt": exchange_pb2.BatchReceipt}).message
+    assert isinstance(receipt, exchange_pb2.BatchReceipt) and receipt.subject_count == len(people)
+    expect = {"hedui.v1.AnswerSet": exchange_pb2.AnswerSet}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        request = courier.seal(exchange_pb2.FetchAnswers(batch_ids=["CLI-2"]), UNIT)
+        answers = courier.open(stub.FetchAnswers(exchange_pb2.SealedMessage(envelope=request)).envelope, expect=expect)
+        assert isinstance(answers.message, exchange_pb2.AnswerSet)
+        status = answers.message.batches[0]
+        if status.state == exchange_pb2.BATCH_STATE_ANSWERED:
+            assert len(status.answer.subjects) == len(people)
+            return
+        time.sleep(0.2)
+    raise AssertionError("the connector did not answer within 20 s")
+
+
+def test_serve_answers_over_mutual_tls_and_stops_on_sigterm(tmp_path: Path) -> None:
+    port = _free_port()
+    config, pki, courier = _setup(tmp_path, port)
+    exe = shutil.which("hedui-connector", path=os.path.dirname(sys.executable))
+    assert exe is not None
+    process = subprocess.Popen(
+        [exe, "serve", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert "serving" in line, line
+        channel = pki.channel(GATEWAY, port)
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+        stub = exchange_pb2_grpc.ExchangeServiceStub(channel)
+        world_batch = exchange_pb2.QueryBatch(batch_id="CLI-1", commission_ref="WT-1")
+        # A refused batch proves the whole path (TLS, envelope, validation) without needing data.
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.SubmitBatch(exchange_pb2.SealedMessage(envelope=courier.seal(world_batch, UNIT)))
+        assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        _submit_and_collect(stub, courier)
+        channel.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output

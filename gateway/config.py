@@ -1,0 +1,149 @@
+"""Gateway configuration (TOML), documented key by key; see deploy/gateway.example.toml."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from common.config import doc, load_file
+from connectors.config import unit_category_by_name
+from keys.party import check_party_id
+
+LEVELS = ("province", "city", "county")
+EXCHANGE_MODES = ("system", "media", "both")
+POLICIES = ("monthly", "continuous")
+
+
+@dataclass(frozen=True)
+class AgencySection:
+    party_id: str = doc("This gateway's party id, e.g. agency.220100; must match the keystore.")
+    region_code: str = doc("GB/T 2260 code of the agency's region (6 digits), e.g. 220100.")
+    level: str = doc("Agency level: province, city or county.")
+    name: str = doc("Human-readable name, e.g. 长春市社会救助家庭经济状况核对中心.", default="")
+
+    def __post_init__(self) -> None:
+        check_party_id(self.party_id)
+        if not (len(self.region_code) == 6 and self.region_code.isdigit()):
+            raise ValueError("agency.region_code must be 6 digits (GB/T 2260)")
+        if self.level not in LEVELS:
+            raise ValueError(f"agency.level must be one of {', '.join(LEVELS)}")
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    listen: str = doc("host:port of the gateway's gRPC API.", default="127.0.0.1:50051")
+    tls_cert: Path | None = doc("PEM server certificate for the API (mutual TLS).", default=None)
+    tls_key: Path | None = doc("PEM private key of the server certificate (mode 0600).", default=None)
+    tls_ca: Path | None = doc("PEM CA that client certificates (agency back offices) must chain to.", default=None)
+    insecure_plaintext: bool = doc("Serve the API without TLS; refused unless listen is on loopback.", default=False)
+    max_workers: int = doc("gRPC worker threads.", default=8)
+
+
+@dataclass(frozen=True)
+class ClientTlsSection:
+    cert: Path | None = doc("PEM client certificate the gateway presents to connectors.", default=None)
+    key: Path | None = doc("PEM private key of the client certificate (mode 0600).", default=None)
+    ca: Path | None = doc("PEM CA that connectors' server certificates must chain to.", default=None)
+    insecure_plaintext: bool = doc("Talk to connectors without TLS (loopback test setups only).", default=False)
+
+
+@dataclass(frozen=True)
+class KeysSection:
+    keystore: Path = doc("Keystore file made by 'hedui-keys init' (our keys, the units' keys).")
+    passphrase_file: Path = doc("File holding the keystore passphrase (mode 0600).")
+
+
+@dataclass(frozen=True)
+class DatabaseSection:
+    url: str = doc("SQLAlchemy URL: sqlite:///path (embedded, WAL) or postgresql+psycopg://... (replicas).")
+    migrate_on_start: bool = doc(
+        "Apply pending migrations when serve starts (otherwise serve refuses an outdated schema).", default=False
+    )
+
+
+@dataclass(frozen=True)
+class ExchangeSection:
+    batch_size: int = doc("Subjects per query batch sent to a unit.", default=2000)
+    request_timeout_seconds: float = doc("Deadline of one call to a connector.", default=30.0)
+    base_backoff_seconds: float = doc("First retry delay after a unit failed; doubles per failure.", default=5.0)
+    max_backoff_seconds: float = doc("Longest retry delay for an unreachable unit.", default=1800.0)
+    poll_interval_seconds: float = doc("How often receipted batches are asked for answers.", default=60.0)
+    fetch_group: int = doc("Batch ids per FetchAnswers call (at most 100).", default=20)
+    envelope_ttl_minutes: int = doc("Lifetime of the envelopes the gateway sends.", default=60)
+    holiday_file: Path | None = doc("Official holiday schedules of years the built-in calendar lacks.", default=None)
+    replica_id: str = doc("Name of this gateway process among replicas sharing one database.", default="gateway-1")
+    lease_seconds: float = doc("How long a replica's claim on a batch or job lasts without renewal.", default=120.0)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.fetch_group <= 100:
+            raise ValueError("exchange.fetch_group must be 1-100")
+        if not 1 <= self.batch_size <= 100_000:
+            raise ValueError("exchange.batch_size must be 1-100000")
+
+
+@dataclass(frozen=True)
+class ScheduleSection:
+    policy: str = doc(
+        "monthly (Procedure IV: dispatch only in the exchange window) or continuous (clause 8, real time).",
+        default="monthly",
+    )
+    exchange_window: tuple[int, ...] = doc(
+        "First and last day of the month on which batches are sent.", default=(11, 20)
+    )
+    report_day: int = doc("Day of the month by which results go back to commissioners.", default=27)
+    dispatch_interval_seconds: float = doc("How often the dispatch job runs.", default=30.0)
+    sweep_interval_seconds: float = doc("How often overdue items are looked for.", default=300.0)
+    key_check_interval_seconds: float = doc("How often key expiry is checked.", default=3600.0)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"schedule.policy must be one of {', '.join(POLICIES)}")
+        if len(self.exchange_window) != 2 or not 1 <= self.exchange_window[0] <= self.exchange_window[1] <= 31:
+            raise ValueError("schedule.exchange_window must be [first_day, last_day] within 1-31")
+        if not 1 <= self.report_day <= 31:
+            raise ValueError("schedule.report_day must be 1-31")
+
+
+@dataclass(frozen=True)
+class UnitEntry:
+    party_id: str = doc("The unit's party id (its keys must be in the keystore's trust store).")
+    category: str = doc("Unit category (clause 7): tax, land, housing, financial_institution, ...")
+    endpoint: str = doc("host:port of the unit's connector.")
+    exchange_mode: str = doc("system, media, or both (Procedure III.3).", default="system")
+    enabled: bool = doc("Whether batches are sent to this unit.", default=True)
+
+    def __post_init__(self) -> None:
+        check_party_id(self.party_id)
+        unit_category_by_name(self.category)
+        if self.exchange_mode not in EXCHANGE_MODES:
+            raise ValueError(f"units.exchange_mode must be one of {', '.join(EXCHANGE_MODES)}")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything ``hedui-gateway serve`` needs."""
+
+    ENV_OVERRIDES: ClassVar[dict[str, str]] = {
+        "HEDUI_GATEWAY_DATABASE_URL": "database.url",
+        "HEDUI_GATEWAY_LISTEN": "server.listen",
+        "HEDUI_GATEWAY_REPLICA_ID": "exchange.replica_id",
+    }
+
+    agency: AgencySection
+    keys: KeysSection
+    database: DatabaseSection
+    server: ServerSection = field(default_factory=ServerSection)
+    client_tls: ClientTlsSection = field(default_factory=ClientTlsSection)
+    exchange: ExchangeSection = field(default_factory=ExchangeSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    units: tuple[UnitEntry, ...] = doc("The sharing units this gateway exchanges with.", default=())
+
+    def __post_init__(self) -> None:
+        ids = [u.party_id for u in self.units]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a unit is listed twice in [[units]]")
+
+    @classmethod
+    def load(cls, path: Path) -> GatewayConfig:
+        return load_file(cls, path)

@@ -1,0 +1,164 @@
+"""The gateway's tables (SQLAlchemy Core). Alembic migrations in gateway/migrations create and change them; a test
+fails when this module and the migrations disagree.
+
+Personal data (ID numbers, names, findings) lives only in ``subjects`` and in the ``body`` of ``answers``, and in
+the batch ``content`` that travels to the unit. Everything else holds ids, codes, times and counts.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Date,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+)
+
+from common.replaystore import replay_table
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+#: Sharing units the gateway exchanges with (synchronised from the config's [[units]] at start).
+units = Table(
+    "units",
+    metadata,
+    Column("unit_id", String(64), primary_key=True),
+    Column("category", Integer, nullable=False),
+    Column("endpoint", String(255), nullable=False),
+    # system / media / both (Procedure III.3: both may run side by side during migration)
+    Column("exchange_mode", String(16), nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    # Transport health for per-unit backoff: one unit being down never slows the others.
+    Column("consecutive_failures", Integer, nullable=False, default=0),
+    Column("next_attempt_ms", BigInteger, nullable=False, default=0),
+    Column("last_success_ms", BigInteger, nullable=True),
+    Column("last_error", String(64), nullable=True),
+)
+
+#: A request for verification as far as the exchange needs it (the workflow issue extends it).
+commissions = Table(
+    "commissions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ref", String(64), nullable=False, unique=True),
+    Column("purpose", Integer, nullable=False),
+    Column("income_from", String(7), nullable=False),  # YYYY-MM
+    Column("income_to", String(7), nullable=False),
+    Column("assets_as_of", Date, nullable=False),
+    Column("staff_ids", String(255), nullable=False),  # comma-separated exchange staff ids
+    Column("categories", String(255), nullable=False),  # comma-separated data category numbers
+    Column("thresholds", String(255), nullable=False, default=""),  # category:limit_fen,...
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("cancelled_at_ms", BigInteger, nullable=True),
+)
+
+subjects = Table(
+    "subjects",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("commission_id", Integer, ForeignKey("commissions.id"), nullable=False, index=True),
+    Column("subject_ref", String(64), nullable=False),
+    Column("id_number", String(18), nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("auth_number", String(64), nullable=False),
+    Column("auth_digest", LargeBinary(32), nullable=False),
+)
+
+#: One subject asked of one unit for one commission. Its progress is its batch's; its answer is in ``answers``.
+items = Table(
+    "items",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("commission_id", Integer, ForeignKey("commissions.id"), nullable=False),
+    Column("subject_id", Integer, ForeignKey("subjects.id"), nullable=False),
+    Column("unit_id", String(64), ForeignKey("units.unit_id"), nullable=False),
+    Column("batch_id", String(40), ForeignKey("batches.batch_id"), nullable=True),
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("cancelled_at_ms", BigInteger, nullable=True),
+    Index("ix_items_queue", "unit_id", "batch_id", "commission_id", "id"),
+    Index("ix_items_batch", "batch_id"),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("batch_id", String(40), primary_key=True),
+    Column("unit_id", String(64), ForeignKey("units.unit_id"), nullable=False),
+    Column("commission_id", Integer, ForeignKey("commissions.id"), nullable=False),
+    # Canonical QueryBatch bytes: fixed at creation so every retry sends the same batch.
+    Column("content", LargeBinary, nullable=False),
+    Column("digest", LargeBinary(32), nullable=False),
+    Column("subject_count", Integer, nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+    # ready -> receipted -> answered -> acknowledged; failed (refused by the unit: needs an operator)
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_ms", BigInteger, nullable=False, default=0),
+    Column("last_error", String(64), nullable=True),
+    Column("claimed_by", String(64), nullable=True),
+    Column("claim_until_ms", BigInteger, nullable=True),
+    Column("received_at_ms", BigInteger, nullable=True),
+    Column("original_due", Date, nullable=True),
+    Column("due", Date, nullable=True),
+    Column("delay_reason", String(32), nullable=True),
+    Column("overdue", Boolean, nullable=False, default=False),
+    Column("receipt_envelope", LargeBinary, nullable=True),
+    Column("answer_message_id", LargeBinary(16), ForeignKey("archive.message_id"), nullable=True),
+    Column("answered_at_ms", BigInteger, nullable=True),
+    Column("acknowledged_at_ms", BigInteger, nullable=True),
+    Column("next_poll_ms", BigInteger, nullable=False, default=0),
+    Index("ix_batches_work", "unit_id", "state", "next_attempt_ms"),
+)
+
+#: Every envelope received from a unit, as received: the same bytes prove later who sent what (clause 17).
+archive = Table(
+    "archive",
+    metadata,
+    Column("message_id", LargeBinary(16), primary_key=True),
+    Column("sender", String(64), nullable=False),
+    Column("message_type", String(128), nullable=False),
+    Column("received_at_ms", BigInteger, nullable=False, index=True),
+    Column("envelope", LargeBinary, nullable=False),
+)
+
+#: Exactly one answer per item: the primary key is the item.
+answers = Table(
+    "answers",
+    metadata,
+    Column("item_id", Integer, ForeignKey("items.id"), primary_key=True),
+    Column("batch_id", String(40), ForeignKey("batches.batch_id"), nullable=False, index=True),
+    Column("status", Integer, nullable=False),
+    # SubjectAnswer bytes as the unit signed them (inside the batch's answer envelope).
+    Column("body", LargeBinary, nullable=False),
+    Column("stored_at_ms", BigInteger, nullable=False),
+)
+
+#: Scheduler jobs: leases so that replicas never run the same job at once, and run history.
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_until_ms", BigInteger, nullable=False, default=0),
+    Column("last_started_ms", BigInteger, nullable=True),
+    Column("last_finished_ms", BigInteger, nullable=True),
+    Column("last_status", String(16), nullable=True),
+    Column("runs", Integer, nullable=False, default=0),
+    Column("failures", Integer, nullable=False, default=0),
+)
+
+seen_messages = replay_table(metadata)

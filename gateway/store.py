@@ -1,0 +1,602 @@
+"""Typed operations on the gateway database: the outbox of query items, batches and their lifecycle, answers,
+unit health and job leases.
+
+Every step is a single transaction and idempotent, so a crash between any two steps is repaired by running the
+step again. Claims (on batches and jobs) are leases with an expiry, so several replicas can share one database:
+a batch is worked by one replica at a time, and a replica that dies releases its claims by letting them expire.
+On PostgreSQL the selection of work also uses ``FOR UPDATE SKIP LOCKED`` so replicas do not queue on each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+from hedui.v1 import exchange_pb2, records_pb2
+from sqlalchemy import Engine, Executable, Table, and_, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Row
+
+from common.dates import to_pb
+from common.replaystore import SqlReplayCache
+from gateway import schema as s
+
+#: Rows per executemany chunk and ids per IN list (well below SQLite's variable limit).
+CHUNK = 5000
+
+
+@dataclass(frozen=True)
+class UnitRow:
+    unit_id: str
+    category: int
+    endpoint: str
+    exchange_mode: str
+    enabled: bool
+    consecutive_failures: int
+    next_attempt_ms: int
+
+
+@dataclass(frozen=True)
+class SubjectInput:
+    """One person to verify, as the agency API hands it over (already validated)."""
+
+    subject_ref: str
+    id_number: str
+    name: str
+    auth_number: str
+    auth_digest: bytes
+
+
+@dataclass(frozen=True)
+class CommissionInput:
+    """What the exchange needs of a commission."""
+
+    ref: str
+    purpose: int
+    income_from: tuple[int, int]
+    income_to: tuple[int, int]
+    assets_as_of: date
+    staff_ids: tuple[str, ...]
+    categories: tuple[int, ...]
+    thresholds: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class BatchWork:
+    """A claimed batch with what sending or polling it needs."""
+
+    batch_id: str
+    unit_id: str
+    content: bytes
+    digest: bytes
+    state: str
+    attempts: int
+    original_due: date | None
+
+
+def _ym(value: tuple[int, int]) -> str:
+    return f"{value[0]:04d}-{value[1]:02d}"
+
+
+def _parse_ym(text: str) -> records_pb2.YearMonth:
+    year, month = text.split("-")
+    return records_pb2.YearMonth(year=int(year), month=int(month))
+
+
+def new_batch_id() -> str:
+    """Random, so that ids never collide across replicas or restarts; stable once stored."""
+    return "B" + os.urandom(16).hex()
+
+
+class GatewayStore:
+    """The gateway's persistent state."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.replay = SqlReplayCache(engine, s.seen_messages)
+        self.is_postgres = engine.dialect.name == "postgresql"
+
+    def _insert_ignore(self, table: Table) -> Executable:
+        if self.is_postgres:
+            return postgresql.insert(table).on_conflict_do_nothing()
+        return sqlite.insert(table).on_conflict_do_nothing()
+
+    # -- units ---------------------------------------------------------------------------------------------------
+
+    def sync_units(self, entries: Iterable[tuple[str, int, str, str, bool]]) -> None:
+        """Make the units table say what the config says (unit id, category, endpoint, mode, enabled); health
+        columns of known units are kept."""
+        with self.engine.begin() as conn:
+            known = {r.unit_id for r in conn.execute(select(s.units.c.unit_id))}
+            for unit_id, category, endpoint, mode, enabled in entries:
+                values = {"category": category, "endpoint": endpoint, "exchange_mode": mode, "enabled": enabled}
+                if unit_id in known:
+                    conn.execute(update(s.units).where(s.units.c.unit_id == unit_id).values(**values))
+                else:
+                    conn.execute(
+                        insert(s.units).values(unit_id=unit_id, consecutive_failures=0, next_attempt_ms=0, **values)
+                    )
+
+    def units(self) -> list[UnitRow]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    s.units.c.unit_id,
+                    s.units.c.category,
+                    s.units.c.endpoint,
+                    s.units.c.exchange_mode,
+                    s.units.c.enabled,
+                    s.units.c.consecutive_failures,
+                    s.units.c.next_attempt_ms,
+                ).order_by(s.units.c.unit_id)
+            ).all()
+        return [UnitRow(**r._mapping) for r in rows]
+
+    def unit_failed(self, unit_id: str, error: str, retry_at_ms: int) -> None:
+        """Record a transport failure and when to try the unit again."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(s.units)
+                .where(s.units.c.unit_id == unit_id)
+                .values(
+                    consecutive_failures=s.units.c.consecutive_failures + 1,
+                    next_attempt_ms=retry_at_ms,
+                    last_error=error,
+                )
+            )
+
+    def unit_succeeded(self, unit_id: str, now_ms: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(s.units)
+                .where(s.units.c.unit_id == unit_id, s.units.c.consecutive_failures != 0)
+                .values(consecutive_failures=0, next_attempt_ms=0, last_error=None)
+            )
+            conn.execute(update(s.units).where(s.units.c.unit_id == unit_id).values(last_success_ms=now_ms))
+
+    # -- enqueueing ----------------------------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        commission: CommissionInput,
+        subjects: Iterable[SubjectInput],
+        unit_ids: Sequence[str],
+        now_ms: int,
+    ) -> int:
+        """Store a commission's subjects and one query item per subject and unit; returns the commission id.
+
+        Idempotent per commission ref: enqueueing the same ref again changes nothing and returns the same id.
+        """
+        with self.engine.begin() as conn:
+            existing = conn.execute(select(s.commissions.c.id).where(s.commissions.c.ref == commission.ref)).first()
+            if existing is not None:
+                return int(existing.id)
+            key = conn.execute(
+                insert(s.commissions).values(
+                    ref=commission.ref,
+                    purpose=commission.purpose,
+                    income_from=_ym(commission.income_from),
+                    income_to=_ym(commission.income_to),
+                    assets_as_of=commission.assets_as_of,
+                    staff_ids=",".join(commission.staff_ids),
+                    categories=",".join(str(c) for c in commission.categories),
+                    thresholds=",".join(f"{c}:{limit}" for c, limit in commission.thresholds),
+                    created_at_ms=now_ms,
+                )
+            ).inserted_primary_key
+            assert key is not None
+            commission_id = int(key[0])
+            chunk: list[SubjectInput] = []
+            for subject in subjects:
+                chunk.append(subject)
+                if len(chunk) >= CHUNK:
+                    self._enqueue_chunk(conn, commission_id, chunk, unit_ids, now_ms)
+                    chunk = []
+            if chunk:
+                self._enqueue_chunk(conn, commission_id, chunk, unit_ids, now_ms)
+        return int(commission_id)
+
+    @staticmethod
+    def _enqueue_chunk(
+        conn: Connection, commission_id: int, chunk: list[SubjectInput], unit_ids: Sequence[str], now_ms: int
+    ) -> None:
+        first = conn.execute(select(func.coalesce(func.max(s.subjects.c.id), 0))).scalar_one() + 1
+        conn.execute(
+            insert(s.subjects),
+            [
+                {
+                    "id": first + i,
+                    "commission_id": commission_id,
+                    "subject_ref": x.subject_ref,
+                    "id_number": x.id_number,
+                    "name": x.name,
+                    "auth_number": x.auth_number,
+                    "auth_digest": x.auth_digest,
+                }
+                for i, x in enumerate(chunk)
+            ],
+        )
+        conn.execute(
+            insert(s.items),
+            [
+                {"commission_id": commission_id, "subject_id": first + i, "unit_id": unit, "created_at_ms": now_ms}
+                for unit in unit_ids
+                for i in range(len(chunk))
+            ],
+        )
+
+    # -- forming batches -----------------------------------------------------------------------------------------
+
+    def form_batches(self, unit_id: str, unit_category_data: frozenset[int], batch_size: int, now_ms: int) -> int:
+        """Group this unit's queued items into batches of at most ``batch_size``; returns how many were formed.
+
+        The content of each batch (the QueryBatch bytes) is fixed here, so every later attempt sends exactly the
+        same batch and the connector's deduplication by batch id holds.
+        """
+        formed = 0
+        while True:
+            with self.engine.begin() as conn:
+                queued = select(s.items.c.commission_id).where(
+                    s.items.c.unit_id == unit_id, s.items.c.batch_id.is_(None), s.items.c.cancelled_at_ms.is_(None)
+                )
+                commission_id = conn.execute(queued.limit(1)).scalar()
+                if commission_id is None:
+                    return formed
+                pick = (
+                    select(s.items.c.id, s.items.c.subject_id)
+                    .where(
+                        s.items.c.unit_id == unit_id,
+                        s.items.c.commission_id == commission_id,
+                        s.items.c.batch_id.is_(None),
+                        s.items.c.cancelled_at_ms.is_(None),
+                    )
+                    .order_by(s.items.c.id)
+                    .limit(batch_size)
+                )
+                if self.is_postgres:
+                    pick = pick.with_for_update(skip_locked=True)
+                rows = conn.execute(pick).all()
+                if not rows:
+                    return formed
+                batch_id = new_batch_id()
+                content = self._batch_content(conn, batch_id, commission_id, rows, unit_category_data)
+                conn.execute(
+                    insert(s.batches).values(
+                        batch_id=batch_id,
+                        unit_id=unit_id,
+                        commission_id=commission_id,
+                        content=content,
+                        digest=hashlib.sha256(content).digest(),
+                        subject_count=len(rows),
+                        created_at_ms=now_ms,
+                        state="ready",
+                        attempts=0,
+                        next_attempt_ms=0,
+                        overdue=False,
+                        next_poll_ms=0,
+                    )
+                )
+                ids = [r.id for r in rows]
+                for start in range(0, len(ids), CHUNK):
+                    conn.execute(
+                        update(s.items).where(s.items.c.id.in_(ids[start : start + CHUNK])).values(batch_id=batch_id)
+                    )
+                formed += 1
+
+    @staticmethod
+    def _batch_content(
+        conn: Connection, batch_id: str, commission_id: int, rows: Sequence[Row[Any, Any]], served: frozenset[int]
+    ) -> bytes:
+        c = conn.execute(select(s.commissions).where(s.commissions.c.id == commission_id)).one()
+        subject_ids = [r.subject_id for r in rows]
+        people: dict[int, Row[Any, Any]] = {}
+        for start in range(0, len(subject_ids), CHUNK):
+            for p in conn.execute(select(s.subjects).where(s.subjects.c.id.in_(subject_ids[start : start + CHUNK]))):
+                people[p.id] = p
+        categories = [int(x) for x in c.categories.split(",") if int(x) in served]
+        thresholds = [tuple(int(v) for v in t.split(":")) for t in c.thresholds.split(",") if t]
+        batch = exchange_pb2.QueryBatch(
+            batch_id=batch_id,
+            commission_ref=c.ref,
+            purpose=c.purpose,
+            categories=categories,  # type: ignore[arg-type]
+            income_from=_parse_ym(c.income_from),
+            income_to=_parse_ym(c.income_to),
+            assets_as_of=to_pb(c.assets_as_of),
+            staff_ids=c.staff_ids.split(","),
+            thresholds=[
+                exchange_pb2.ThresholdRequest(category=cat, limit_fen=limit)  # type: ignore[arg-type]
+                for cat, limit in thresholds
+                if cat in categories
+            ],
+        )
+        for r in rows:
+            p = people[r.subject_id]
+            batch.subjects.add(
+                subject_ref=str(r.id),
+                id_number=p.id_number,
+                name=p.name,
+                authorisation=exchange_pb2.Authorisation(number=p.auth_number, scan_sha256=p.auth_digest),
+            )
+        return batch.SerializeToString(deterministic=True)
+
+    # -- claiming work ---------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _claim(conn: Connection, candidates: list[str], replica: str, now_ms: int, lease_ms: int) -> list[str]:
+        claimed = []
+        for batch_id in candidates:
+            done = conn.execute(
+                update(s.batches)
+                .where(
+                    s.batches.c.batch_id == batch_id,
+                    or_(
+                        s.batches.c.claim_until_ms.is_(None),
+                        s.batches.c.claim_until_ms < now_ms,
+                        s.batches.c.claimed_by == replica,
+                    ),
+                )
+                .values(claimed_by=replica, claim_until_ms=now_ms + lease_ms)
+            ).rowcount
+            if done:
+                claimed.append(batch_id)
+        return claimed
+
+    def claim(
+        self, unit_id: str, state: str, *, replica: str, now_ms: int, lease_ms: int, limit: int
+    ) -> list[BatchWork]:
+        """Claim up to ``limit`` batches of this unit in ``state`` that are due for work now."""
+        due = s.batches.c.next_attempt_ms if state == "ready" else s.batches.c.next_poll_ms
+        with self.engine.begin() as conn:
+            query = (
+                select(s.batches.c.batch_id)
+                .where(
+                    s.batches.c.unit_id == unit_id,
+                    s.batches.c.state == state,
+                    due <= now_ms,
+                    or_(s.batches.c.claim_until_ms.is_(None), s.batches.c.claim_until_ms < now_ms),
+                )
+                .order_by(s.batches.c.created_at_ms, s.batches.c.batch_id)
+                .limit(limit)
+            )
+            if self.is_postgres:
+                query = query.with_for_update(skip_locked=True)
+            candidates = [r.batch_id for r in conn.execute(query)]
+            claimed = self._claim(conn, candidates, replica, now_ms, lease_ms)
+            if not claimed:
+                return []
+            rows = conn.execute(
+                select(
+                    s.batches.c.batch_id,
+                    s.batches.c.unit_id,
+                    s.batches.c.content,
+                    s.batches.c.digest,
+                    s.batches.c.state,
+                    s.batches.c.attempts,
+                    s.batches.c.original_due,
+                ).where(s.batches.c.batch_id.in_(claimed))
+            ).all()
+        return [BatchWork(**r._mapping) for r in sorted(rows, key=lambda r: claimed.index(r.batch_id))]
+
+    def release(self, batch_id: str, replica: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(s.batches)
+                .where(s.batches.c.batch_id == batch_id, s.batches.c.claimed_by == replica)
+                .values(claimed_by=None, claim_until_ms=None)
+            )
+
+    # -- batch lifecycle -------------------------------------------------------------------------------------------
+
+    def _finish(self, conn: Connection, batch_id: str, **values: object) -> None:
+        conn.execute(
+            update(s.batches)
+            .where(s.batches.c.batch_id == batch_id)
+            .values(claimed_by=None, claim_until_ms=None, **values)
+        )
+
+    def receipted(self, batch_id: str, *, received_at_ms: int, due: date, envelope: bytes, next_poll_ms: int) -> None:
+        """The unit's signed receipt is stored; the clause-12 clock runs from its received time."""
+        with self.engine.begin() as conn:
+            self._finish(
+                conn,
+                batch_id,
+                state="receipted",
+                attempts=s.batches.c.attempts + 1,
+                received_at_ms=received_at_ms,
+                original_due=due,
+                due=due,
+                receipt_envelope=envelope,
+                last_error=None,
+                next_poll_ms=next_poll_ms,
+            )
+
+    def send_failed(self, batch_id: str, error: str, retry_at_ms: int) -> None:
+        with self.engine.begin() as conn:
+            self._finish(
+                conn, batch_id, attempts=s.batches.c.attempts + 1, last_error=error, next_attempt_ms=retry_at_ms
+            )
+
+    def refused(self, batch_id: str, reason: str) -> None:
+        """The unit refused the batch for a reason a retry cannot cure: an operator must look at it."""
+        with self.engine.begin() as conn:
+            self._finish(conn, batch_id, state="failed", attempts=s.batches.c.attempts + 1, last_error=reason)
+
+    def still_pending(self, batch_id: str, due: date, delay_reason: str | None, next_poll_ms: int) -> None:
+        with self.engine.begin() as conn:
+            self._finish(conn, batch_id, due=due, delay_reason=delay_reason, next_poll_ms=next_poll_ms)
+
+    def still_pending_later(self, batch_id: str, next_poll_ms: int) -> None:
+        """Leave the batch as it is and poll it again later."""
+        with self.engine.begin() as conn:
+            self._finish(conn, batch_id, next_poll_ms=next_poll_ms)
+
+    def unacknowledged(self, unit_id: str, limit: int) -> list[str]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(s.batches.c.batch_id)
+                .where(s.batches.c.unit_id == unit_id, s.batches.c.state == "answered")
+                .order_by(s.batches.c.answered_at_ms)
+                .limit(limit)
+            )
+            return [r.batch_id for r in rows]
+
+    def resend(self, batch_id: str) -> None:
+        """The unit says it does not know a receipted batch: send it again (same id, same content)."""
+        with self.engine.begin() as conn:
+            self._finish(conn, batch_id, state="ready", next_attempt_ms=0, last_error="unknown_at_unit")
+
+    def item_ids(self, batch_id: str) -> set[int]:
+        with self.engine.connect() as conn:
+            return {r.id for r in conn.execute(select(s.items.c.id).where(s.items.c.batch_id == batch_id))}
+
+    def archive(self, message_id: bytes, sender: str, message_type: str, envelope: bytes, now_ms: int) -> None:
+        """Keep an envelope received from a unit exactly as received (idempotent by message id)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                self._insert_ignore(s.archive),
+                {
+                    "message_id": message_id,
+                    "sender": sender,
+                    "message_type": message_type,
+                    "received_at_ms": now_ms,
+                    "envelope": envelope,
+                },
+            )
+
+    def store_answers(
+        self, batch_id: str, subjects: Sequence[exchange_pb2.SubjectAnswer], message_id: bytes, now_ms: int
+    ) -> int:
+        """Store one answer per item (again: ignored, so exactly one answer per item) and mark the batch
+        answered, in one transaction; returns the number of answers newly stored."""
+        rows = [
+            {
+                "item_id": int(a.subject_ref),
+                "batch_id": batch_id,
+                "status": a.status,
+                "body": a.SerializeToString(deterministic=True),
+                "stored_at_ms": now_ms,
+            }
+            for a in subjects
+        ]
+        with self.engine.begin() as conn:
+            before = conn.execute(
+                select(func.count()).select_from(s.answers).where(s.answers.c.batch_id == batch_id)
+            ).scalar_one()
+            for start in range(0, len(rows), CHUNK):
+                conn.execute(self._insert_ignore(s.answers), rows[start : start + CHUNK])
+            after = conn.execute(
+                select(func.count()).select_from(s.answers).where(s.answers.c.batch_id == batch_id)
+            ).scalar_one()
+            self._finish(
+                conn, batch_id, state="answered", answered_at_ms=now_ms, answer_message_id=message_id, overdue=False
+            )
+        return int(after - before)
+
+    def acknowledged(self, batch_ids: Sequence[str], now_ms: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(s.batches)
+                .where(s.batches.c.batch_id.in_(list(batch_ids)), s.batches.c.state == "answered")
+                .values(state="acknowledged", acknowledged_at_ms=now_ms, claimed_by=None, claim_until_ms=None)
+            )
+
+    # -- deadlines -------------------------------------------------------------------------------------------------
+
+    def mark_overdue(self, today: date) -> dict[str, int]:
+        """Receipted batches past their due date become overdue (and stay visible); returns items per unit."""
+        with self.engine.begin() as conn:
+            late = and_(s.batches.c.state == "receipted", s.batches.c.due < today)
+            conn.execute(update(s.batches).where(late, s.batches.c.overdue.is_(False)).values(overdue=True))
+            rows = conn.execute(
+                select(s.batches.c.unit_id, func.sum(s.batches.c.subject_count))
+                .where(late)
+                .group_by(s.batches.c.unit_id)
+            ).all()
+        return {r[0]: int(r[1]) for r in rows}
+
+    # -- jobs --------------------------------------------------------------------------------------------------------
+
+    def acquire_job(self, name: str, replica: str, now_ms: int, lease_ms: int) -> bool:
+        """Take the lease of job ``name``; False while another replica holds it."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                self._insert_ignore(s.jobs),
+                {"name": name, "lease_until_ms": 0, "runs": 0, "failures": 0},
+            )
+            return bool(
+                conn.execute(
+                    update(s.jobs)
+                    .where(
+                        s.jobs.c.name == name, or_(s.jobs.c.lease_until_ms < now_ms, s.jobs.c.lease_owner == replica)
+                    )
+                    .values(
+                        lease_owner=replica,
+                        lease_until_ms=now_ms + lease_ms,
+                        last_started_ms=now_ms,
+                        runs=s.jobs.c.runs + 1,
+                    )
+                ).rowcount
+            )
+
+    def release_job(self, name: str, replica: str, now_ms: int, ok: bool) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(s.jobs)
+                .where(s.jobs.c.name == name, s.jobs.c.lease_owner == replica)
+                .values(
+                    lease_owner=None,
+                    lease_until_ms=0,
+                    last_finished_ms=now_ms,
+                    last_status="ok" if ok else "failed",
+                    failures=s.jobs.c.failures + (0 if ok else 1),
+                )
+            )
+
+    # -- progress --------------------------------------------------------------------------------------------------
+
+    def progress(self, commission_id: int) -> dict[str, dict[str, int]]:
+        """Items per unit and stage: queued, sent, receipted, answered, overdue, delayed, failed."""
+        result: dict[str, dict[str, int]] = {}
+        with self.engine.connect() as conn:
+            queued = conn.execute(
+                select(s.items.c.unit_id, func.count())
+                .where(s.items.c.commission_id == commission_id, s.items.c.batch_id.is_(None))
+                .group_by(s.items.c.unit_id)
+            ).all()
+            for unit_id, count in queued:
+                result.setdefault(unit_id, {})["queued"] = int(count)
+            batches = conn.execute(
+                select(
+                    s.batches.c.unit_id,
+                    s.batches.c.state,
+                    s.batches.c.overdue,
+                    s.batches.c.delay_reason.is_not(None),
+                    func.sum(s.batches.c.subject_count),
+                )
+                .where(s.batches.c.commission_id == commission_id)
+                .group_by(
+                    s.batches.c.unit_id, s.batches.c.state, s.batches.c.overdue, s.batches.c.delay_reason.is_not(None)
+                )
+            ).all()
+        for unit_id, state, overdue, delayed, count in batches:
+            stage = {"ready": "sent", "acknowledged": "answered"}.get(state, state)
+            if state == "receipted" and overdue:
+                stage = "overdue"
+            elif state == "receipted" and delayed:
+                stage = "delayed"
+            counts = result.setdefault(unit_id, {})
+            counts[stage] = counts.get(stage, 0) + int(count)
+        return result
+
+    def answer_count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(s.answers)).scalar_one())
+
+    def item_count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(s.items)).scalar_one())

@@ -1,0 +1,113 @@
+"""Calls to a sharing unit's connector: one channel per unit, deadlines, and what a failure means.
+
+A failure is either *transient* (the unit is unreachable, slow, or cannot take the batch just now: retry later with
+backoff) or a *refusal* (the unit looked at the batch and will never accept it as it is: an operator must act).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from hedui.v1 import exchange_pb2, exchange_pb2_grpc
+
+from common.errors import HeduiError
+
+MAX_MESSAGE_BYTES = 33 * 1024 * 1024
+
+#: Status codes after which the same batch may succeed later.
+_TRANSIENT = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
+    # Expired or not-yet-valid envelope (clock skew), unknown calendar year at the unit: fixable at their end
+    # or by a fresh envelope, so retried with backoff.
+    grpc.StatusCode.FAILED_PRECONDITION,
+    # Our key not (yet) known at the unit, e.g. a rotation announcement not applied there yet.
+    grpc.StatusCode.UNAUTHENTICATED,
+}
+
+
+class TransportFailure(HeduiError):
+    """The call did not produce an answer; try again later."""
+
+    code = "transport"
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class UnitRefusal(HeduiError):
+    """The unit refused the request for good (bad batch, staff not registered, batch id reused ...)."""
+
+    code = "refused"
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """The gateway's client certificate and the CA of the connectors' server certificates."""
+
+    cert: bytes
+    key: bytes
+    ca: bytes
+
+    @classmethod
+    def from_files(cls, cert: Path, key: Path, ca: Path) -> ClientTls:
+        return cls(cert.read_bytes(), key.read_bytes(), ca.read_bytes())
+
+
+class UnitClient:
+    """The ExchangeService of one unit."""
+
+    def __init__(self, endpoint: str, tls: ClientTls | None, timeout_seconds: float) -> None:
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if tls is None:
+            self.channel = grpc.insecure_channel(endpoint, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert
+            )
+            self.channel = grpc.secure_channel(endpoint, credentials, options=options)
+        self.stub = exchange_pb2_grpc.ExchangeServiceStub(self.channel)
+        self.timeout = timeout_seconds
+
+    def _call(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[exchange_pb2.SealedMessage, exchange_pb2.SealedMessage],
+        envelope: bytes,
+    ) -> bytes:
+        try:
+            reply = method(exchange_pb2.SealedMessage(envelope=envelope), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+            details = (exc.details() if hasattr(exc, "details") else "") or ""
+            name = code.name.lower() if code is not None else "unknown"
+            if code in _TRANSIENT:
+                raise TransportFailure(name, details[:200]) from None
+            raise UnitRefusal(name, details[:200]) from None
+        return bytes(reply.envelope)
+
+    def submit(self, envelope: bytes) -> bytes:
+        return self._call(self.stub.SubmitBatch, envelope)
+
+    def fetch(self, envelope: bytes) -> bytes:
+        return self._call(self.stub.FetchAnswers, envelope)
+
+    def acknowledge(self, envelope: bytes) -> bytes:
+        return self._call(self.stub.AcknowledgeAnswers, envelope)
+
+    def close(self) -> None:
+        self.channel.close()

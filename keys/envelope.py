@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import Message
 from hedui.v1 import envelope_pb2
 
-from keys import _canonical
+from keys import _canonical, _framing
 from keys import _primitives as prim
 from keys.clock import MINUTE_MS, Clock, SystemClock
 from keys.errors import (
@@ -156,14 +156,13 @@ def seal_with(
         raise ValueError("envelopes are sealed for a key-agreement (X25519) key")
     message_type = message_type_of(message)
     value = _canonical.encode(message)
-    inner = _canonical.encode(envelope_pb2.InnerPayload(type_url=TYPE_URL_PREFIX + message_type, value=value))
+    inner = _framing.encode((TYPE_URL_PREFIX + message_type).encode(), value)
     if len(inner) > MAX_PAYLOAD_BYTES:
         raise ValueError(f"message is larger than the envelope limit of {MAX_PAYLOAD_BYTES} bytes")
     message_id = rng(MESSAGE_ID_BYTES)
     ephemeral_seed = rng(prim.SEED_BYTES)
     nonce = rng(prim.XNONCE_BYTES)
-    ephemeral = prim.x25519_private(ephemeral_seed)
-    ephemeral_public = ephemeral.public_key().public_bytes_raw()
+    ephemeral_public = prim.x25519_public(ephemeral_seed)
     header = _canonical.encode(
         envelope_pb2.EnvelopeHeader(
             version=VERSION,
@@ -181,21 +180,27 @@ def seal_with(
             correlation_id=correlation_id,
         )
     )
-    key = payload_key(
-        prim.x25519_shared(ephemeral, recipient_key.public.raw), ephemeral_public, recipient_key.public.raw
-    )
+    shared = prim.x25519_shared(ephemeral_seed, recipient_key.public.raw)
+    key = payload_key(shared, ephemeral_public, recipient_key.public.raw)
     ciphertext = prim.xchacha_encrypt(key, nonce, inner, header)
     signature = signing_key.sign(signature_input(header, ciphertext))
-    return _canonical.encode(envelope_pb2.Envelope(header=header, ciphertext=ciphertext, signature=signature))
+    return _framing.encode(header, ciphertext, signature)
 
 
-def _parse(data: bytes) -> tuple[envelope_pb2.Envelope, envelope_pb2.EnvelopeHeader]:
+@dataclass(frozen=True)
+class _Outer:
+    header: bytes
+    ciphertext: bytes
+    signature: bytes
+
+
+def _parse(data: bytes) -> tuple[_Outer, envelope_pb2.EnvelopeHeader]:
     """Steps 1-3: size, outer structure, version and suite, canonical header with valid field sizes."""
     if len(data) > MAX_ENVELOPE_BYTES:
         raise MalformedEnvelope("envelope is over the size limit")
     try:
-        outer = _canonical.parse_canonical(envelope_pb2.Envelope, data)
-    except _canonical.NotCanonical as exc:
+        outer = _Outer(*_framing.decode(data, 3))
+    except _framing.FramingError as exc:
         raise MalformedEnvelope("envelope is not canonically encoded") from exc
     if not 0 < len(outer.header) <= MAX_HEADER_BYTES:
         raise MalformedEnvelope("header is missing or over the size limit")
@@ -293,10 +298,10 @@ def open_at(
         raise UndecryptableEnvelope("payload does not decrypt") from exc
     # Step 10: the inner type is the one the signed header announced (and one the caller accepts).
     try:
-        inner = _canonical.parse_canonical(envelope_pb2.InnerPayload, inner_bytes)
-    except _canonical.NotCanonical as exc:
+        type_url, value = _framing.decode(inner_bytes, 2)
+    except _framing.FramingError as exc:
         raise TypeMismatch("inner payload is not a typed message") from exc
-    if inner.type_url != TYPE_URL_PREFIX + header.message_type:
+    if type_url != (TYPE_URL_PREFIX + header.message_type).encode():
         raise TypeMismatch("inner message type differs from the header's")
     message: Message | None = None
     if expect is not None:
@@ -304,7 +309,7 @@ def open_at(
         if cls is None:
             raise TypeMismatch("message type is not one this endpoint accepts")
         try:
-            message = cls.FromString(inner.value)
+            message = cls.FromString(value)
         except Exception as exc:  # protobuf raises DecodeError, or RuntimeError from upb
             raise TypeMismatch("inner message does not parse as its announced type") from exc
     return Opened(
@@ -320,7 +325,7 @@ def open_at(
             correlation_id=header.correlation_id,
         ),
         message=message,
-        payload=inner.value,
+        payload=value,
         raw=data,
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn
 
 from keys import _primitives as prim
@@ -29,15 +29,17 @@ class PublicKey:
 
     algorithm: Algorithm
     raw: bytes
+    _key_id: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.raw) != prim.PUBLIC_KEY_BYTES:
             raise ValueError(f"a {self.algorithm.name} public key is {prim.PUBLIC_KEY_BYTES} bytes")
+        object.__setattr__(self, "_key_id", key_id(self.algorithm, self.raw))  # derived once: used on every open
 
     @property
     def key_id(self) -> bytes:
         """16-byte key id derived from the key (see docs/keys.md)."""
-        return key_id(self.algorithm, self.raw)
+        return self._key_id
 
     @property
     def fingerprint(self) -> str:
@@ -113,16 +115,16 @@ class PrivateKey:
 class SigningKey(PrivateKey):
     """An Ed25519 signing key."""
 
-    __slots__ = ("_signer",)
+    __slots__ = ("_secret",)
     algorithm = Algorithm.ED25519
 
     def __init__(self, token: object, seed: bytes) -> None:
         super().__init__(token, seed)
-        self._signer = prim.ed25519_signer(self._seed)
+        self._secret = prim.ed25519_keypair(self._seed)[1]
 
     @staticmethod
     def _derive_public(seed: bytes) -> bytes:
-        return prim.ed25519_public(seed)
+        return prim.ed25519_keypair(seed)[0]
 
     @classmethod
     def generate(cls, rng: RandomSource = os.urandom) -> SigningKey:
@@ -130,18 +132,14 @@ class SigningKey(PrivateKey):
 
     def sign(self, data: bytes) -> bytes:
         """Ed25519 signature (64 bytes) over ``data``."""
-        return self._signer.sign(data)
+        return prim.ed25519_sign(self._secret, data)
 
 
 class AgreementKey(PrivateKey):
     """An X25519 key-agreement key (static; envelopes use a fresh ephemeral key on the sender side)."""
 
-    __slots__ = ("_private",)
+    __slots__ = ()
     algorithm = Algorithm.X25519
-
-    def __init__(self, token: object, seed: bytes) -> None:
-        super().__init__(token, seed)
-        self._private = prim.x25519_private(self._seed)
 
     @staticmethod
     def _derive_public(seed: bytes) -> bytes:
@@ -153,7 +151,7 @@ class AgreementKey(PrivateKey):
 
     def _shared_secret(self, peer_public: bytes) -> bytes:
         """Raw X25519 output with a peer. Package-internal: callers use the envelope recipe instead."""
-        return prim.x25519_shared(self._private, peer_public)
+        return prim.x25519_shared(self._seed, peer_public)
 
 
 def _load_private(algorithm: Algorithm, seed: bytes) -> PrivateKey:

@@ -285,7 +285,7 @@ def _positive(case: Positive) -> Json:
     inner = _canonical.encode(
         envelope_pb2.InnerPayload(type_url=envelope.TYPE_URL_PREFIX + MESSAGE_TYPE, value=message_bytes)
     )
-    shared = prim.x25519_shared(prim.x25519_private(draws.ephemeral_seed), recipient.public.raw)
+    shared = prim.x25519_shared(draws.ephemeral_seed, recipient.public.raw)
     info = envelope.HKDF_INFO_PREFIX + struct.pack(">I", envelope.SUITE) + draws.ephemeral_public + recipient.public.raw
     key = envelope.payload_key(shared, draws.ephemeral_public, recipient.public.raw)
     # The intermediate values below must be the ones the sealer used; check before writing them down.
@@ -395,7 +395,7 @@ def _header(draws: Draws) -> envelope_pb2.EnvelopeHeader:
 def _encrypt(draws: Draws, header: bytes, plaintext: bytes, *, for_public: bytes | None = None) -> bytes:
     """XChaCha20-Poly1305 of ``plaintext`` under the suite-1 key for ``for_public`` (default: the recipient's)."""
     public = agreement_key(RECIPIENT_AGREEMENT_SEED).public.raw if for_public is None else for_public
-    shared = prim.x25519_shared(prim.x25519_private(draws.ephemeral_seed), public)
+    shared = prim.x25519_shared(draws.ephemeral_seed, public)
     key = envelope.payload_key(shared, draws.ephemeral_public, public)
     return prim.xchacha_encrypt(key, draws.nonce, plaintext, header)
 

@@ -1,0 +1,264 @@
+"""A complete exchange network on one machine's loopback, written to a folder: a private CA, keystores that trust
+each other, certificates, connector configs with synthetic data, and a gateway config.
+
+Used by the demo, the crash-safety test and the benchmarks; an operator can read the generated files as a worked
+example of a real installation (the same files, with real addresses, are what deploy/ documents).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from keys import keystore
+from keys.announcements import read_bundle
+from keys.clock import SystemClock
+from keys.identity import PartyKeys
+from keys.tls import create_ca, issue_certificate
+from keys.truststore import TrustStore
+
+STAFF = ("S-0001", "S-0002")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.write_text(text, encoding="utf-8")
+    path.chmod(mode)
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclass
+class Network:
+    """The files of a loopback network and the processes started from them."""
+
+    root: Path
+    gateway_party: str
+    gateway_config: Path
+    connector_configs: dict[str, Path]
+    connector_ports: dict[str, int]
+    gateway_port: int
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def _spawn(
+        self, args: Sequence[str], log_name: str, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        log = (self.root / "logs" / log_name).open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+            env={**_child_env(), **(env or {})},
+        )
+        log.close()
+        self.processes.append(process)
+        return process
+
+    def start_connectors(self, only: Sequence[str] | None = None) -> dict[str, subprocess.Popen[bytes]]:
+        started = {}
+        for unit_id, config in self.connector_configs.items():
+            if only is None or unit_id in only:
+                started[unit_id] = self._spawn(["connectors.cli", "serve", "--config", str(config)], f"{unit_id}.log")
+        for unit_id in started:
+            wait_for_port(self.connector_ports[unit_id])
+        return started
+
+    def start_gateway(
+        self, log_name: str = "gateway.log", env: Mapping[str, str] | None = None, *, wait: bool = True
+    ) -> subprocess.Popen[bytes]:
+        """Start ``hedui-gateway serve``; with ``wait``, return once its API port answers (schema migrated)."""
+        process = self._spawn(["gateway.cli", "serve", "--config", str(self.gateway_config)], log_name, env)
+        if wait:
+            wait_for_port(self.gateway_port)
+        return process
+
+    def stop_all(self, timeout: float = 20.0) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        deadline = time.monotonic() + timeout
+        for process in self.processes:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            # A connection to itself (same source and destination port: TCP simultaneous open on loopback) does
+            # not mean that anything listens.
+            if sock.connect_ex(("127.0.0.1", port)) == 0 and sock.getsockname() != sock.getpeername():
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+def build_network(
+    root: Path,
+    units: Mapping[str, str],
+    *,
+    gateway_party: str = "agency.220100",
+    database_url: str | None = None,
+    policy: str = "continuous",
+    seed: int = 20261127,
+    batch_size: int = 500,
+    dispatch_interval: float = 0.5,
+    poll_interval: float = 0.5,
+    answer_interval: float = 0.2,
+    base_backoff: float = 0.5,
+    max_backoff: float = 5.0,
+    kdf: keystore.KdfParams | None = None,
+) -> Network:
+    """Write a network for ``units`` (party id -> unit category name) into ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in ("tls", "keys", "logs", "data"):
+        (root / sub).mkdir(exist_ok=True)
+    now = SystemClock().now_ms()
+    ca_cert, ca_key = create_ca("Hedui loopback network CA")
+    _write(root / "tls" / "ca.crt", ca_cert.decode())
+
+    def issue(party: str, *, server: bool) -> tuple[Path, Path]:
+        cert, key = issue_certificate(
+            ca_cert, ca_key, party, server_names=["localhost", "127.0.0.1"], client=not server, server=server
+        )
+        suffix = "server" if server else "client"
+        cert_path, key_path = root / "tls" / f"{party}.{suffix}.crt", root / "tls" / f"{party}.{suffix}.key"
+        _write(cert_path, cert.decode())
+        _write(key_path, key.decode(), 0o600)
+        return cert_path, key_path
+
+    gateway = (PartyKeys.create(gateway_party, now_ms=now), TrustStore())
+    sides = {unit: (PartyKeys.create(unit, now_ms=now), TrustStore()) for unit in units}
+    gateway_bundle = gateway[0].bundle(now)
+    for unit_keys, unit_trust in sides.values():
+        bundle = unit_keys.bundle(now)
+        gateway[1].import_bundle(bundle, expected_fingerprint=read_bundle(bundle).fingerprint)
+        unit_trust.import_bundle(gateway_bundle, expected_fingerprint=read_bundle(gateway_bundle).fingerprint)
+
+    def save(party: PartyKeys, trust: TrustStore) -> tuple[Path, Path]:
+        passphrase = secrets.token_urlsafe(24)
+        pass_path = root / "keys" / f"{party.party_id}.passphrase"
+        _write(pass_path, passphrase + "\n", 0o600)
+        store_path = root / "keys" / f"{party.party_id}.keystore.json"
+        keystore.save(store_path, party, trust, passphrase, kdf=kdf)
+        return store_path, pass_path
+
+    connector_configs, ports = {}, {}
+    staff = "".join(f'\n[[staff]]\ngateway = "{gateway_party}"\nstaff_id = "{s}"\n' for s in STAFF)
+    for unit, category in units.items():
+        port = free_port()
+        ports[unit] = port
+        cert, key = issue(unit, server=True)
+        store_path, pass_path = save(*sides[unit])
+        config = root / f"{unit}.toml"
+        _write(
+            config,
+            f"""# connector of {unit} (synthetic data)
+[unit]
+party_id = "{unit}"
+category = "{category}"
+
+[server]
+listen = "127.0.0.1:{port}"
+tls_cert = {_toml_str(str(cert))}
+tls_key = {_toml_str(str(key))}
+tls_ca = {_toml_str(str(root / "tls" / "ca.crt"))}
+
+[keys]
+keystore = {_toml_str(str(store_path))}
+passphrase_file = {_toml_str(str(pass_path))}
+
+[database]
+url = {_toml_str("sqlite:///" + str(root / "data" / f"{unit}.db"))}
+
+[adapter]
+kind = "synthetic"
+seed = {seed}
+
+[exchange]
+answer_interval_seconds = {answer_interval}
+max_subjects_per_batch = {max(batch_size, 1)}
+{staff}""",
+        )
+        connector_configs[unit] = config
+    client_cert, client_key = issue(gateway_party, server=False)
+    server_cert, server_key = issue(gateway_party + ".api", server=True)
+    store_path, pass_path = save(*gateway)
+    unit_lines = "".join(
+        f'\n[[units]]\nparty_id = "{unit}"\ncategory = "{category}"\nendpoint = "localhost:{ports[unit]}"\n'
+        for unit, category in units.items()
+    )
+    gateway_config = root / "gateway.toml"
+    gateway_port = free_port()
+    _write(
+        gateway_config,
+        f"""# gateway {gateway_party} on loopback
+[agency]
+party_id = "{gateway_party}"
+region_code = "{gateway_party.rsplit(".", 1)[-1] if gateway_party[-6:].isdigit() else "220100"}"
+level = "city"
+
+[server]
+listen = "127.0.0.1:{gateway_port}"
+tls_cert = {_toml_str(str(server_cert))}
+tls_key = {_toml_str(str(server_key))}
+tls_ca = {_toml_str(str(root / "tls" / "ca.crt"))}
+
+[client_tls]
+cert = {_toml_str(str(client_cert))}
+key = {_toml_str(str(client_key))}
+ca = {_toml_str(str(root / "tls" / "ca.crt"))}
+
+[keys]
+keystore = {_toml_str(str(store_path))}
+passphrase_file = {_toml_str(str(pass_path))}
+
+[database]
+url = {_toml_str(database_url or "sqlite:///" + str(root / "data" / "gateway.db"))}
+migrate_on_start = true
+
+[exchange]
+batch_size = {batch_size}
+request_timeout_seconds = 10
+base_backoff_seconds = {base_backoff}
+max_backoff_seconds = {max_backoff}
+poll_interval_seconds = {poll_interval}
+fetch_group = 20
+lease_seconds = 10
+
+[schedule]
+policy = "{policy}"
+dispatch_interval_seconds = {dispatch_interval}
+sweep_interval_seconds = 5
+key_check_interval_seconds = 60
+{unit_lines}""",
+    )
+    return Network(root, gateway_party, gateway_config, connector_configs, ports, gateway_port)

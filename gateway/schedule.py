@@ -1,0 +1,143 @@
+"""When the engine works: the schedule policy of Procedure IV and the jobs that carry it out.
+
+``monthly`` (Procedure IV): commissions are taken in on days 1-10, batches are sent to units on days 11-20 (the
+exchange window), results go back by the 27th. ``continuous`` (clause 8, real-time verification): batches are sent
+whenever there are queued items. Under both, receipted batches are polled and deadlines swept every day.
+
+The jobs are APScheduler 3 interval jobs. Whether a job may run is decided in the database, not in the process:
+each run takes the job's lease in the ``jobs`` table, so replicas sharing a database never run the same job at the
+same time, a crashed replica's lease simply expires, and run history survives restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from common.workdays import CHINA_TZ
+from gateway.engine import ExchangeEngine, UnitWorkers
+from gateway.store import GatewayStore
+from keys.clock import Clock, from_ms
+
+log = logging.getLogger("hedui.gateway.schedule")
+
+
+@dataclass(frozen=True)
+class SchedulePolicy:
+    """Procedure IV's monthly cycle, or continuous exchange."""
+
+    policy: str = "monthly"
+    exchange_window: tuple[int, int] = (11, 20)
+    report_day: int = 27
+
+    def dispatch_allowed(self, today: date) -> bool:
+        """May batches be sent to units today?"""
+        if self.policy == "continuous":
+            return True
+        first, last = self.exchange_window
+        return first <= today.day <= last
+
+    def report_due(self, today: date) -> date:
+        """The day results of this month's cycle are due back to commissioners (Procedure IV: by the 27th)."""
+        return today.replace(day=min(self.report_day, 28 if today.month == 2 else 30))
+
+
+@dataclass(frozen=True)
+class JobIntervals:
+    dispatch_seconds: float = 30.0
+    poll_seconds: float = 60.0
+    sweep_seconds: float = 300.0
+    key_check_seconds: float = 3600.0
+
+
+class GatewayScheduler:
+    """Runs dispatch, poll, deadline-sweep and key-expiry jobs under database leases."""
+
+    def __init__(
+        self,
+        *,
+        store: GatewayStore,
+        engine: ExchangeEngine,
+        workers: UnitWorkers,
+        policy: SchedulePolicy,
+        intervals: JobIntervals,
+        clock: Clock,
+        replica: str,
+        lease_ms: int,
+        key_check: Callable[[], None],
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.workers = workers
+        self.policy = policy
+        self.intervals = intervals
+        self.clock = clock
+        self.replica = replica
+        self.lease_ms = lease_ms
+        self.key_check = key_check
+        self.scheduler = BackgroundScheduler(timezone=CHINA_TZ)
+        self.runs: dict[str, int] = {}
+        self.failures: dict[str, int] = {}
+
+    def _today(self) -> date:
+        return from_ms(self.clock.now_ms()).astimezone(CHINA_TZ).date()
+
+    def run_job(self, name: str, body: Callable[[], None]) -> bool:
+        """Run ``body`` if this replica gets the job's lease; returns whether it ran."""
+        if not self.store.acquire_job(name, self.replica, self.clock.now_ms(), self.lease_ms):
+            return False
+        ok = False
+        try:
+            body()
+            ok = True
+        except Exception:
+            log.exception("job failed", extra={"job": name})
+        finally:
+            self.store.release_job(name, self.replica, self.clock.now_ms(), ok)
+            self.runs[name] = self.runs.get(name, 0) + 1
+            if not ok:
+                self.failures[name] = self.failures.get(name, 0) + 1
+        return True
+
+    def dispatch(self) -> None:
+        """Start unit cycles that send batches (in the exchange window) and poll."""
+        self.workers.tick(dispatch=self.policy.dispatch_allowed(self._today()))
+
+    def poll(self) -> None:
+        """Start unit cycles that only poll and acknowledge (answers arrive any day)."""
+        self.workers.tick(dispatch=False)
+
+    def sweep(self) -> None:
+        self.engine.sweep_deadlines()
+
+    def jobs(self) -> dict[str, tuple[float, Callable[[], None]]]:
+        return {
+            "dispatch": (self.intervals.dispatch_seconds, self.dispatch),
+            "poll": (self.intervals.poll_seconds, self.poll),
+            "deadline-sweep": (self.intervals.sweep_seconds, self.sweep),
+            "key-expiry": (self.intervals.key_check_seconds, self.key_check),
+        }
+
+    def start(self) -> None:
+        for name, (seconds, body) in self.jobs().items():
+            self.scheduler.add_job(
+                self.run_job,
+                IntervalTrigger(seconds=seconds, timezone=CHINA_TZ),
+                args=(name, body),
+                id=name,
+                name=name,
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=max(1, int(seconds)),
+                next_run_time=from_ms(self.clock.now_ms()),
+            )
+        self.scheduler.start()
+
+    def shutdown(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)

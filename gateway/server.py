@@ -1,0 +1,181 @@
+"""The gateway process: the gRPC API (health and reflection now; the agency service joins later), the exchange
+engine with its per-unit workers, and the scheduler, wired from one config file."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common.config import ConfigError
+from common.memory import tune_allocator
+from common.workdays import WorkdayCalendar
+from connectors.config import unit_category_by_name
+from gateway.config import GatewayConfig
+from gateway.database import open_database
+from gateway.engine import EngineSettings, ExchangeEngine, UnitWorkers
+from gateway.schedule import GatewayScheduler, JobIntervals, SchedulePolicy
+from gateway.store import GatewayStore
+from gateway.transport import ClientTls, UnitClient
+from keys import keystore
+from keys.clock import DAY_MS, SystemClock
+from keys.envelope import Courier
+from keys.identity import PartyKeys
+from keys.keyring import KeyState
+from keys.truststore import TrustStore
+
+log = logging.getLogger("hedui.gateway")
+
+#: Warn this long before a retiring key's overlap ends.
+KEY_WARNING_DAYS = 7
+
+
+def _client_tls(config: GatewayConfig) -> ClientTls | None:
+    section = config.client_tls
+    if section.insecure_plaintext:
+        return None
+    if not (section.cert and section.key and section.ca):
+        raise ConfigError("client_tls.cert, client_tls.key and client_tls.ca are required (or insecure_plaintext)")
+    return ClientTls.from_files(section.cert, section.key, section.ca)
+
+
+class KeyWatch:
+    """The key-expiry job: lets time retire keys whose overlap ended, saves the keystore, warns ahead."""
+
+    def __init__(self, config: GatewayConfig, party: PartyKeys, trust: TrustStore, clock: SystemClock) -> None:
+        self.config, self.party, self.trust, self.clock = config, party, trust, clock
+        self.lock = threading.Lock()
+
+    def days_left(self) -> dict[str, float]:
+        """Days until each retiring key (ours and peers') stops being valid."""
+        now = self.clock.now_ms()
+        result = {}
+        records = [(self.party.party_id, r) for r in self.party.records()]
+        records += [(party, r) for party, ring in self.trust for r in ring]
+        for party, record in records:
+            if record.state is KeyState.RETIRING and record.not_after_ms is not None:
+                result[f"{party}/{record.key_id.hex()}"] = (record.not_after_ms - now) / DAY_MS
+        return result
+
+    def __call__(self) -> None:
+        with self.lock:
+            now = self.clock.now_ms()
+            if self.party.advance(now):
+                passphrase = self.config.keys.passphrase_file.read_text(encoding="utf-8").rstrip("\r\n")
+                keystore.save(self.config.keys.keystore, self.party, self.trust, passphrase)
+                log.info("retired keys whose overlap ended; keystore saved")
+            self.trust.advance(now)
+            for key, days in self.days_left().items():
+                if days <= KEY_WARNING_DAYS:
+                    log.warning("key retires soon", extra={"key": key, "days_left": round(days, 1)})
+
+
+@dataclass
+class RunningGateway:
+    server: grpc.Server
+    port: int
+    store: GatewayStore
+    engine: ExchangeEngine
+    workers: UnitWorkers
+    scheduler: GatewayScheduler
+    health: health.HealthServicer
+    clients: dict[str, UnitClient]
+
+    def stop(self, grace: float | None = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.scheduler.shutdown()
+        self.workers.shutdown()
+        self.server.stop(grace).wait()
+        for client in self.clients.values():
+            client.close()
+        self.store.engine.dispose()
+
+
+def build(config: GatewayConfig) -> RunningGateway:
+    """Wire and start everything the config describes."""
+    tune_allocator()
+    passphrase = config.keys.passphrase_file.read_text(encoding="utf-8").rstrip("\r\n")
+    party, trust = keystore.load(config.keys.keystore, passphrase)
+    if party.party_id != config.agency.party_id:
+        raise ConfigError(f"keystore belongs to {party.party_id}, config says {config.agency.party_id}")
+    for unit in config.units:
+        if trust.keyring(unit.party_id) is None:
+            raise ConfigError(
+                f"unit {unit.party_id} is not in the trust store: import its bundle with "
+                "'hedui-keys import BUNDLE --fingerprint ...' first"
+            )
+    engine = open_database(config.database.url, migrate=config.database.migrate_on_start)
+    store = GatewayStore(engine)
+    store.sync_units(
+        (u.party_id, unit_category_by_name(u.category), u.endpoint, u.exchange_mode, u.enabled) for u in config.units
+    )
+    clock = SystemClock()
+    courier = Courier(party, trust, replay=store.replay, clock=clock)
+    tls = _client_tls(config)
+    ex = config.exchange
+    clients = {u.party_id: UnitClient(u.endpoint, tls, ex.request_timeout_seconds) for u in config.units}
+    settings = EngineSettings(
+        replica=ex.replica_id,
+        batch_size=ex.batch_size,
+        base_backoff_ms=int(ex.base_backoff_seconds * 1000),
+        max_backoff_ms=int(ex.max_backoff_seconds * 1000),
+        poll_interval_ms=int(ex.poll_interval_seconds * 1000),
+        fetch_group=ex.fetch_group,
+        envelope_ttl_ms=ex.envelope_ttl_minutes * 60_000,
+        lease_ms=int(ex.lease_seconds * 1000),
+    )
+    exchange = ExchangeEngine(store, courier, clients, WorkdayCalendar.with_file(ex.holiday_file), settings)
+    workers = UnitWorkers(exchange, max_workers=max(4, len(clients)))
+    sched = config.schedule
+    scheduler = GatewayScheduler(
+        store=store,
+        engine=exchange,
+        workers=workers,
+        policy=SchedulePolicy(sched.policy, (sched.exchange_window[0], sched.exchange_window[1]), sched.report_day),
+        intervals=JobIntervals(
+            sched.dispatch_interval_seconds,
+            ex.poll_interval_seconds,
+            sched.sweep_interval_seconds,
+            sched.key_check_interval_seconds,
+        ),
+        clock=clock,
+        replica=ex.replica_id,
+        lease_ms=settings.lease_ms,
+        key_check=KeyWatch(config, party, trust, clock),
+    )
+    scheduler.start()
+    server, port, health_servicer = _grpc_server(config)
+    log.info("gateway running", extra={"port": port, "replica": ex.replica_id, "units": len(clients)})
+    return RunningGateway(server, port, store, exchange, workers, scheduler, health_servicer, clients)
+
+
+def _grpc_server(config: GatewayConfig) -> tuple[grpc.Server, int, health.HealthServicer]:
+    section = config.server
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=section.max_workers))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    if section.insecure_plaintext:
+        host = section.listen.rsplit(":", 1)[0].strip("[]")
+        if host not in {"127.0.0.1", "localhost", "::1"}:
+            raise ConfigError("server.insecure_plaintext is only allowed on loopback")
+        port = server.add_insecure_port(section.listen)
+    else:
+        if not (section.tls_cert and section.tls_key and section.tls_ca):
+            raise ConfigError("server.tls_cert, server.tls_key and server.tls_ca are required (or insecure_plaintext)")
+        credentials = grpc.ssl_server_credentials(
+            [(section.tls_key.read_bytes(), section.tls_cert.read_bytes())],
+            root_certificates=section.tls_ca.read_bytes(),
+            require_client_auth=True,
+        )
+        port = server.add_secure_port(section.listen, credentials)
+    server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer

@@ -1,0 +1,143 @@
+"""A small real exchange network for gateway tests: connectors for several units serving over mutual TLS on
+loopback with synthetic data, and the gateway's store, engine and workers on a real database."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from hedui.v1 import exchange_pb2, records_pb2
+
+from common.db import make_engine
+from common.workdays import WorkdayCalendar
+from connectors.connector import Connector
+from connectors.server import RunningConnector, server_credentials, start
+from connectors.store import ConnectorStore
+from connectors.synthetic import Population, SyntheticAdapter
+from gateway.database import upgrade
+from gateway.engine import EngineSettings, ExchangeEngine, UnitWorkers
+from gateway.routing import route
+from gateway.store import CommissionInput, GatewayStore, SubjectInput
+from gateway.transport import ClientTls, UnitClient
+from keys.clock import FixedClock
+from keys.envelope import Courier
+from keys.identity import PartyKeys
+from keys.truststore import TrustStore
+from tests.exchange_world import GATEWAY, SEED, STAFF, Pki, enrol
+
+#: Three units of different categories, as in a small county.
+UNITS = {
+    "unit.220100.tax": records_pb2.UNIT_CATEGORY_TAX,
+    "unit.220100.land": records_pb2.UNIT_CATEGORY_LAND,
+    "unit.220100.bank": records_pb2.UNIT_CATEGORY_FINANCIAL_INSTITUTION,
+}
+CATEGORIES = (
+    records_pb2.DATA_CATEGORY_TAX,
+    records_pb2.DATA_CATEGORY_REAL_ESTATE,
+    records_pb2.DATA_CATEGORY_DEPOSITS,
+)
+
+
+@dataclass
+class GatewayWorld:
+    clock: FixedClock
+    pki: Pki
+    population: Population
+    store: GatewayStore
+    engine: ExchangeEngine
+    workers: UnitWorkers
+    connectors: dict[str, RunningConnector]
+
+    def commission(self, ref: str, households: int, start: int = 0) -> int:
+        people = [m for h in self.population.households(households, start) for m in h.members]
+        subjects = [
+            SubjectInput(
+                subject_ref=f"{ref}-{i}",
+                id_number=m.id_number,
+                name=m.name,
+                auth_number=f"AUTH-{ref}-{i}",
+                auth_digest=hashlib.sha256(m.id_number.encode()).digest(),
+            )
+            for i, m in enumerate(people)
+        ]
+        commission = CommissionInput(
+            ref=ref,
+            purpose=exchange_pb2.PROGRAMME_MINIMUM_LIVING_ALLOWANCE,
+            income_from=(2025, 9),
+            income_to=(2026, 2),
+            assets_as_of=date(2026, 2, 28),
+            staff_ids=STAFF,
+            categories=CATEGORIES,
+        )
+        return self.store.enqueue(commission, subjects, route(CATEGORIES, self.store.units()), self.clock.now_ms())
+
+
+def gateway_settings(**changes: object) -> EngineSettings:
+    base = {"replica": "test-1", "batch_size": 50, "poll_interval_ms": 0, "base_backoff_ms": 1000}
+    base.update(changes)
+    return EngineSettings(**base)  # type: ignore[arg-type]
+
+
+@contextmanager
+def gateway_world(
+    root: Path,
+    *,
+    now_ms: int,
+    database_url: str | None = None,
+    settings: EngineSettings | None = None,
+    down: frozenset[str] = frozenset(),
+) -> Iterator[GatewayWorld]:
+    """Connectors for UNITS (those in ``down`` are configured but not started) and a migrated gateway store."""
+    root.mkdir(parents=True, exist_ok=True)
+    clock = FixedClock(now_ms)
+    pki = Pki(root)
+    cert, key = pki.issue(GATEWAY)
+    gateway = (PartyKeys.create(GATEWAY, now_ms=now_ms - 1), TrustStore())
+    population = Population(SEED)
+    engine = make_engine(database_url or f"sqlite:///{root / 'gateway.db'}")
+    upgrade(engine)
+    store = GatewayStore(engine)
+    tls = ClientTls(cert.read_bytes(), key.read_bytes(), pki.ca_cert)
+    with ExitStack() as stack:
+        running: dict[str, RunningConnector] = {}
+        clients: dict[str, UnitClient] = {}
+        entries = []
+        for unit_id, category in UNITS.items():
+            unit = (PartyKeys.create(unit_id, now_ms=now_ms - 1), TrustStore())
+            enrol(gateway, unit, now_ms)
+            server_cert, server_key = pki.issue(unit_id, server=True)
+            if unit_id in down:
+                endpoint = "localhost:1"  # nothing listens there
+            else:
+                cstore = ConnectorStore(make_engine(f"sqlite:///{root / (unit_id + '.db')}"))
+                connector = Connector(
+                    courier=Courier(unit[0], unit[1], replay=cstore.replay, clock=clock),
+                    store=cstore,
+                    adapter=SyntheticAdapter(population, category),
+                    unit_category=category,
+                    calendar=WorkdayCalendar(),
+                    staff={GATEWAY: frozenset(STAFF)},
+                )
+                server = start(
+                    connector,
+                    listen="127.0.0.1:0",
+                    credentials=server_credentials(server_cert, server_key, pki.ca_path),
+                    worker_interval=None,
+                )
+                stack.callback(server.stop, None)
+                running[unit_id] = server
+                endpoint = f"localhost:{server.port}"
+            clients[unit_id] = UnitClient(endpoint, tls, timeout_seconds=5)
+            stack.callback(clients[unit_id].close)
+            entries.append((unit_id, category, endpoint, "system", True))
+        store.sync_units(entries)
+        courier = Courier(gateway[0], gateway[1], replay=store.replay, clock=clock)
+        exchange = ExchangeEngine(store, courier, clients, WorkdayCalendar(), settings or gateway_settings())
+        workers = UnitWorkers(exchange)
+        stack.callback(workers.shutdown)
+        stack.callback(engine.dispose)
+        yield GatewayWorld(clock, pki, population, store, exchange, workers, running)

@@ -34,10 +34,18 @@ def encode(*fields: bytes) -> bytes:
 
 
 def decode(data: bytes, count: int) -> list[bytes]:
-    """The ``count`` fields of a canonical encoding (absent ones as b""); FramingError for anything else:
-    unknown, repeated or out-of-order fields, other wire types, non-minimal or overlong lengths, trailing bytes."""
-    fields = [b""] * count
+    """Like :func:`decode_views`, as bytes."""
+    return [bytes(v) for v in decode_views(data, count)]
+
+
+def decode_views(data: bytes | memoryview, count: int) -> list[memoryview]:
+    """The ``count`` fields of a canonical encoding, as views into ``data`` (no copies; absent fields empty).
+
+    FramingError for anything else: unknown, repeated or out-of-order fields, other wire types, non-minimal or
+    overlong lengths, trailing bytes.
+    """
     view = memoryview(data)
+    fields = [view[0:0]] * count
     offset, last = 0, 0
     while offset < len(data):
         tag = data[offset]
@@ -59,7 +67,7 @@ def decode(data: bytes, count: int) -> list[bytes]:
             raise FramingError("length is not minimally encoded")
         if length == 0 or offset + length > len(data):
             raise FramingError("empty field encoded, or field runs past the end")
-        fields[number - 1] = bytes(view[offset : offset + length])
+        fields[number - 1] = view[offset : offset + length]
         offset += length
         last = number
     return fields

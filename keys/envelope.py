@@ -106,13 +106,18 @@ class Opened:
     header: Header
     #: The inner message, parsed into the class the caller expected for its type (None if it named none).
     message: Message | None
-    #: Canonical encoding of the inner message.
-    payload: bytes
     #: The envelope as received, for the archive.
     raw: bytes = field(repr=False)
+    #: The inner message's bytes as the sender encoded them, viewed in the decryption buffer.
+    payload_view: memoryview = field(repr=False, compare=False)
+
+    @property
+    def payload(self) -> bytes:
+        """The inner message's encoding as sent (a copy; large payloads are parsed from ``payload_view``)."""
+        return bytes(self.payload_view)
 
 
-def signature_input(header: bytes, ciphertext: bytes) -> bytes:
+def signature_input(header: bytes, ciphertext: bytes | memoryview) -> bytes:
     """What the sender signs: domain, header length, header, SHA-256 of the ciphertext."""
     return SIGNATURE_DOMAIN + struct.pack(">I", len(header)) + header + prim.sha256(ciphertext)
 
@@ -190,7 +195,8 @@ def seal_with(
 @dataclass(frozen=True)
 class _Outer:
     header: bytes
-    ciphertext: bytes
+    #: A view into the received bytes: the ciphertext is hashed and decrypted in place, never copied.
+    ciphertext: memoryview
     signature: bytes
 
 
@@ -199,7 +205,8 @@ def _parse(data: bytes) -> tuple[_Outer, envelope_pb2.EnvelopeHeader]:
     if len(data) > MAX_ENVELOPE_BYTES:
         raise MalformedEnvelope("envelope is over the size limit")
     try:
-        outer = _Outer(*_framing.decode(data, 3))
+        header_view, ciphertext, signature = _framing.decode_views(data, 3)
+        outer = _Outer(bytes(header_view), ciphertext, bytes(signature))
     except _framing.FramingError as exc:
         raise MalformedEnvelope("envelope is not canonically encoded") from exc
     if not 0 < len(outer.header) <= MAX_HEADER_BYTES:
@@ -293,15 +300,15 @@ def open_at(
     try:
         shared = agreement._shared_secret(header.ephemeral_public_key)
         key = payload_key(shared, header.ephemeral_public_key, agreement.public.raw)
-        inner_bytes = prim.xchacha_decrypt(key, header.nonce, outer.ciphertext, outer.header)
+        inner_bytes = prim.xchacha_decrypt_view(key, header.nonce, outer.ciphertext, outer.header)
     except prim.PrimitiveFailure as exc:
         raise UndecryptableEnvelope("payload does not decrypt") from exc
     # Step 10: the inner type is the one the signed header announced (and one the caller accepts).
     try:
-        type_url, value = _framing.decode(inner_bytes, 2)
+        type_url, value = _framing.decode_views(inner_bytes, 2)
     except _framing.FramingError as exc:
         raise TypeMismatch("inner payload is not a typed message") from exc
-    if type_url != (TYPE_URL_PREFIX + header.message_type).encode():
+    if type_url != (TYPE_URL_PREFIX + header.message_type).encode():  # memoryview == bytes compares contents
         raise TypeMismatch("inner message type differs from the header's")
     message: Message | None = None
     if expect is not None:
@@ -309,7 +316,7 @@ def open_at(
         if cls is None:
             raise TypeMismatch("message type is not one this endpoint accepts")
         try:
-            message = cls.FromString(value)
+            message = cls.FromString(value)  # type: ignore[arg-type]  # upb parses any buffer
         except Exception as exc:  # protobuf raises DecodeError, or RuntimeError from upb
             raise TypeMismatch("inner message does not parse as its announced type") from exc
     return Opened(
@@ -325,8 +332,8 @@ def open_at(
             correlation_id=header.correlation_id,
         ),
         message=message,
-        payload=value,
         raw=data,
+        payload_view=value,
     )
 
 

@@ -144,6 +144,11 @@ def describe(cls: type[Any], prefix: str = "") -> list[tuple[str, str, str]]:
         if dataclasses.is_dataclass(hints[field.name]):
             rows.extend(describe(hints[field.name], key + "."))
             continue
+        item = typing.get_args(hints[field.name])[:1]
+        if typing.get_origin(hints[field.name]) is tuple and item and dataclasses.is_dataclass(item[0]):
+            rows.append((f"[[{key}]]", "none", field.metadata.get("doc", "")))
+            rows.extend(describe(item[0], f"{key}[]."))  # type: ignore[arg-type]
+            continue
         if field.default is not dataclasses.MISSING:
             default = repr(field.default)
         elif field.default_factory is not dataclasses.MISSING:

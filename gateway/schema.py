@@ -19,6 +19,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
 )
 
 from common.replaystore import replay_table
@@ -64,6 +65,19 @@ commissions = Table(
     Column("thresholds", String(255), nullable=False, default=""),  # category:limit_fen,...
     Column("created_at_ms", BigInteger, nullable=False),
     Column("cancelled_at_ms", BigInteger, nullable=True),
+    # The workflow (clause 11, Procedure III and V); commissions made by the engine alone stay "exchanging".
+    Column("letter_number", String(64), nullable=True),
+    Column("letter_date", Date, nullable=True),
+    Column("commissioner", String(64), nullable=True),
+    Column("state", String(24), nullable=False, server_default="exchanging"),
+    Column("reason", String(255), nullable=True),
+    Column("from_lower_agency", Boolean, nullable=False, server_default="0"),
+    Column("intake_staff", String(32), nullable=True),
+    Column("review_staff", String(32), nullable=True),
+    Column("report_staff", String(32), nullable=True),
+    Column("exchange_digest", LargeBinary(32), nullable=True),
+    Column("household_count", Integer, nullable=False, server_default="0"),
+    Column("subject_count", Integer, nullable=False, server_default="0"),
 )
 
 subjects = Table(
@@ -76,6 +90,75 @@ subjects = Table(
     Column("name", String(64), nullable=False),
     Column("auth_number", String(64), nullable=False),
     Column("auth_digest", LargeBinary(32), nullable=False),
+    Column("household_ref", String(64), nullable=True),
+    Column("member_index", Integer, nullable=True),
+    Column("relation", Integer, nullable=True),
+    Column("id_copy_digest", LargeBinary(32), nullable=True),
+)
+
+#: Exchange approvals: a staff signature over the commission's exchange digest (Procedure V.(二): two distinct).
+approvals = Table(
+    "approvals",
+    metadata,
+    Column("commission_id", Integer, ForeignKey("commissions.id"), primary_key=True),
+    Column("staff_id", String(32), ForeignKey("staff.staff_id"), primary_key=True),
+    Column("signature", LargeBinary(64), nullable=False),
+    Column("approved_at_ms", BigInteger, nullable=False),
+)
+
+#: The agency's staff register (Procedure V): who may do which step, and the key their approvals are checked with.
+staff = Table(
+    "staff",
+    metadata,
+    Column("staff_id", String(32), primary_key=True),
+    Column("name", String(64), nullable=False),
+    Column("roles", String(64), nullable=False),  # comma-separated: intake, review, exchange, report, admin
+    Column("public_key", LargeBinary(32), nullable=False),  # Ed25519
+    Column("valid_from_ms", BigInteger, nullable=False),
+    Column("valid_until_ms", BigInteger, nullable=True),
+    Column("registered_by", String(32), nullable=False),
+    Column("registered_at_ms", BigInteger, nullable=False),
+    Column("revoked_at_ms", BigInteger, nullable=True),
+)
+
+#: Append-only, hash-chained log of every API action and state change (clause 17). ``hash`` is SHA-256 over the
+#: previous entry's hash and this entry's canonical fields, so any change, removal or reordering is detected.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("at_ms", BigInteger, nullable=False),
+    Column("actor", String(64), nullable=False),
+    Column("action", String(48), nullable=False),
+    Column("commission_id", Integer, nullable=True, index=True),
+    Column("before", String(32), nullable=True),
+    Column("after", String(32), nullable=True),
+    Column("detail", String(255), nullable=True),  # codes and counts only, never personal data
+    Column("prev_hash", LargeBinary(32), nullable=False),
+    Column("hash", LargeBinary(32), nullable=False),
+)
+
+#: Issued verification reports (核对报告), as signed.
+reports = Table(
+    "reports",
+    metadata,
+    Column("commission_id", Integer, ForeignKey("commissions.id"), primary_key=True),
+    Column("report", LargeBinary, nullable=False),
+    Column("signer_key_id", LargeBinary(16), nullable=False),
+    Column("signature", LargeBinary(64), nullable=False),
+    Column("html", Text, nullable=False),
+    Column("partial", Boolean, nullable=False),
+    Column("issued_at_ms", BigInteger, nullable=False),
+)
+
+#: Approval feedback (Procedure IV): the commissioner's decision per subject.
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("subject_id", Integer, ForeignKey("subjects.id"), primary_key=True),
+    Column("commission_id", Integer, ForeignKey("commissions.id"), nullable=False, index=True),
+    Column("decision", Integer, nullable=False),
+    Column("recorded_at_ms", BigInteger, nullable=False),
 )
 
 #: One subject asked of one unit for one commission. Its progress is its batch's; its answer is in ``answers``.

@@ -120,6 +120,23 @@ class UnitEntry:
             raise ValueError(f"units.exchange_mode must be one of {', '.join(EXCHANGE_MODES)}")
 
 
+CLIENT_ROLES = ("commissioner", "lower_agency", "staff_system")
+
+
+@dataclass(frozen=True)
+class ClientEntry:
+    party_id: str = doc("Party id in the client certificate's hedui://party/ SAN, e.g. commissioner.220102.mzj.")
+    role: str = doc(
+        "commissioner (a same-level department), lower_agency (enters at review, Procedure III.(二)2) or "
+        "staff_system (this agency's own back office, which acts for its registered staff)."
+    )
+
+    def __post_init__(self) -> None:
+        check_party_id(self.party_id)
+        if self.role not in CLIENT_ROLES:
+            raise ValueError(f"clients.role must be one of {', '.join(CLIENT_ROLES)}")
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     """Everything ``hedui-gateway serve`` needs."""
@@ -138,11 +155,15 @@ class GatewayConfig:
     exchange: ExchangeSection = field(default_factory=ExchangeSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     units: tuple[UnitEntry, ...] = doc("The sharing units this gateway exchanges with.", default=())
+    clients: tuple[ClientEntry, ...] = doc("Who may call the agency API, and in which role.", default=())
 
     def __post_init__(self) -> None:
         ids = [u.party_id for u in self.units]
         if len(set(ids)) != len(ids):
             raise ValueError("a unit is listed twice in [[units]]")
+        clients = [c.party_id for c in self.clients]
+        if len(set(clients)) != len(clients):
+            raise ValueError("a client is listed twice in [[clients]]")
 
     @classmethod
     def load(cls, path: Path) -> GatewayConfig:

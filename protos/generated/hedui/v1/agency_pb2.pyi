@@ -399,10 +399,11 @@ class StaffDecision(_message.Message):
 
     COMMISSION_ID_FIELD_NUMBER: _builtins.int
     STAFF_ID_FIELD_NUMBER: _builtins.int
-    PASS_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     commission_id: _builtins.str
     staff_id: _builtins.str
+    passed: _builtins.bool
     reason: _builtins.str
     """required when not passing"""
     def __init__(
@@ -410,11 +411,12 @@ class StaffDecision(_message.Message):
         *,
         commission_id: _builtins.str = ...,
         staff_id: _builtins.str = ...,
+        passed: _builtins.bool = ...,
         reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commission_id", b"commission_id", "pass", b"pass", "reason", b"reason", "staff_id", b"staff_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commission_id", b"commission_id", "passed", b"passed", "reason", b"reason", "staff_id", b"staff_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -59,17 +59,17 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServiceServicer):
             context.abort(refusal.status, str(refusal))
         raise AssertionError("unreachable")  # context.abort raises
 
-    def SubmitBatch(  # noqa: N802 - gRPC method names
+    def SubmitBatch(
         self, request: exchange_pb2.SealedMessage, context: grpc.ServicerContext
     ) -> exchange_pb2.SealedMessage:
         return self._call(self.connector.submit, request, context)
 
-    def FetchAnswers(  # noqa: N802
+    def FetchAnswers(
         self, request: exchange_pb2.SealedMessage, context: grpc.ServicerContext
     ) -> exchange_pb2.SealedMessage:
         return self._call(self.connector.fetch, request, context)
 
-    def AcknowledgeAnswers(  # noqa: N802
+    def AcknowledgeAnswers(
         self, request: exchange_pb2.SealedMessage, context: grpc.ServicerContext
     ) -> exchange_pb2.SealedMessage:
         return self._call(self.connector.acknowledge, request, context)

@@ -35,6 +35,8 @@ _ANSWERS: Mapping[str, type[Message]] = {exchange_pb2.AnswerSet.DESCRIPTOR.full_
 _ACK: Mapping[str, type[Message]] = {
     exchange_pb2.AcknowledgeReceipt.DESCRIPTOR.full_name: exchange_pb2.AcknowledgeReceipt
 }
+#: Batch ids a connector takes in one FetchAnswers or AcknowledgeAnswers (docs/exchange.md); more are refused.
+MAX_IDS_PER_CALL = 100
 
 
 @dataclass(frozen=True)
@@ -281,12 +283,14 @@ class ExchangeEngine:
                 log.warning(
                     "delay notice beyond clause 12 ignored", extra={"unit": batch.unit_id, "batch_id": batch.batch_id}
                 )
-        self.store.still_pending(batch.batch_id, due, reason, self._now() + self.settings.poll_interval_ms)
+        self.store.still_pending(
+            batch.batch_id, due, reason, self._now() + self.settings.poll_interval_ms, today=self._today()
+        )
 
     def _acknowledge(self, unit_id: str, client: UnitClient) -> int:
         done = 0
         while True:
-            ids = self.store.unacknowledged(unit_id, self.settings.fetch_group * 5)
+            ids = self.store.unacknowledged(unit_id, min(MAX_IDS_PER_CALL, self.settings.fetch_group * 5))
             if not ids:
                 return done
             request = exchange_pb2.AcknowledgeAnswers(batch_ids=ids)

@@ -27,6 +27,8 @@ from gateway import schema as s
 
 #: Rows per executemany chunk and ids per IN list (well below SQLite's variable limit).
 CHUNK = 5000
+#: PostgreSQL advisory lock key that serialises enqueueing across replicas.
+ENQUEUE_LOCK = 0x4845_4455_4901
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,10 @@ class GatewayStore:
         Idempotent per commission ref: enqueueing the same ref again changes nothing and returns the same id.
         """
         with self.engine.begin() as conn:
+            if self.is_postgres:
+                # Replicas share the database: subject ids are allocated as max + 1 below, and the ref check must
+                # see a concurrent enqueue of the same ref, so enqueues take turns (on SQLite, BEGIN IMMEDIATE).
+                conn.execute(select(func.pg_advisory_xact_lock(ENQUEUE_LOCK)))
             existing = conn.execute(select(s.commissions.c.id).where(s.commissions.c.ref == commission.ref)).first()
             if existing is not None:
                 return int(existing.id)
@@ -426,9 +432,14 @@ class GatewayStore:
         with self.engine.begin() as conn:
             self._finish(conn, batch_id, state="failed", attempts=s.batches.c.attempts + 1, last_error=reason)
 
-    def still_pending(self, batch_id: str, due: date, delay_reason: str | None, next_poll_ms: int) -> None:
+    def still_pending(
+        self, batch_id: str, due: date, delay_reason: str | None, next_poll_ms: int, *, today: date
+    ) -> None:
+        """The unit has not answered yet. A due date that has not passed (moved by a delay notice that arrived
+        after the sweep) takes the overdue mark off again; a passed one keeps it."""
+        fresh = {} if due < today else {"overdue": False}
         with self.engine.begin() as conn:
-            self._finish(conn, batch_id, due=due, delay_reason=delay_reason, next_poll_ms=next_poll_ms)
+            self._finish(conn, batch_id, due=due, delay_reason=delay_reason, next_poll_ms=next_poll_ms, **fresh)
 
     def still_pending_later(self, batch_id: str, next_poll_ms: int) -> None:
         """Leave the batch as it is and poll it again later."""

@@ -8,7 +8,7 @@ Courier on the shared FixedClock. ``make_side`` builds further parties for the w
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -16,6 +16,7 @@ from hedui.v1 import media_pb2
 
 from keys import Courier, FixedClock, MemoryReplayCache, PartyKeys, TrustStore, bundle_fingerprint
 from keys.keyring import KeyState
+from tests.conftest_pg import postgres_schema
 
 AGENCY_ID = "agency.220000"
 UNIT_ID = "unit.220100.tax"
@@ -108,3 +109,14 @@ def sealed_file() -> media_pb2.SealedFile:
     return media_pb2.SealedFile(
         file_name="低保核对-220100-名单.csv", content=b"id,name\n220104199001011234,ZHANG-SAN\n", media_type="text/csv"
     )
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """The gateway database of a test that runs on both back ends: None (a SQLite file in the test's directory, as
+    ``gateway_world`` makes it) or the URL of a fresh PostgreSQL schema (skipped loudly without a server)."""
+    if request.param == "sqlite":
+        yield None
+        return
+    with postgres_schema() as url:
+        yield url

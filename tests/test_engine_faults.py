@@ -1,0 +1,260 @@
+"""Faults around the exchange engine, on SQLite and PostgreSQL: a unit that is down or hangs, backoff with jitter,
+a unit back after a day, a gateway restart, and a unit that refuses a batch for good."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from concurrent.futures import wait
+from contextlib import ExitStack
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from gateway import schema
+from gateway.transport import UnitClient
+from tests.exchange_world import beijing_ms
+from tests.gateway_drive import (
+    BANK,
+    DAY_MS,
+    LAND,
+    TAX,
+    assert_exactly_one_answer_per_item,
+    audit_batches,
+    batch_rows,
+    bring_up,
+    drain,
+    enqueue,
+    gateway_tls,
+    replace_client,
+    rows,
+    settle,
+    unit_row,
+)
+from tests.gateway_world import UNITS, GatewayWorld, gateway_settings, gateway_world
+
+MONDAY = beijing_ms(2026, 3, 2)
+BASE_MS = 1_000
+MAX_MS = 3_600_000
+
+
+def _delay_bounds(failures: int) -> tuple[int, int]:
+    """Backoff after the n-th consecutive failure: base·2^(n-1) capped at max, times a jitter in [0.5, 1.0]."""
+    full = min(MAX_MS, BASE_MS * 2 ** (failures - 1))
+    return full // 2, full
+
+
+def _attempts(world: GatewayWorld, unit_id: str) -> int:
+    return sum(b.attempts for b in batch_rows(world) if b.unit_id == unit_id)
+
+
+def _answered_per_unit(world: GatewayWorld) -> dict[str, tuple[int, int]]:
+    """unit id -> (items, answers)."""
+    joined = schema.items.outerjoin(schema.answers, schema.answers.c.item_id == schema.items.c.id)
+    query = (
+        select(
+            schema.items.c.unit_id,
+            func.count(schema.items.c.id).label("n_items"),
+            func.count(schema.answers.c.item_id).label("n_answers"),
+        )
+        .select_from(joined)
+        .group_by(schema.items.c.unit_id)
+    )
+    return {r.unit_id: (r.n_items, r.n_answers) for r in rows(world, query)}
+
+
+def _fixed(value: float) -> Callable[[], float]:
+    return lambda: value
+
+
+def test_a_down_unit_backs_off_and_loses_nothing_over_a_day(tmp_path: Path, database_url: str | None) -> None:
+    settings = gateway_settings(base_backoff_ms=BASE_MS, max_backoff_ms=MAX_MS)
+    with ExitStack() as stack:
+        world = stack.enter_context(
+            gateway_world(tmp_path, now_ms=MONDAY, database_url=database_url, settings=settings, down=frozenset({BANK}))
+        )
+        commission_id = world.commission("WT-1", households=40)
+        settle(world)
+        # The other two units are fully answered; the bank's batches wait, formed and ready, one attempt counted.
+        progress = world.store.progress(commission_id)
+        per_unit = {b.unit_id: 0 for b in batch_rows(world)}
+        for b in batch_rows(world):
+            per_unit[b.unit_id] += b.subject_count
+        assert progress[TAX] == {"answered": per_unit[TAX]} and progress[LAND] == {"answered": per_unit[LAND]}
+        assert progress[BANK] == {"sent": per_unit[BANK]}
+        bank = [b for b in batch_rows(world) if b.unit_id == BANK]
+        assert len(bank) > 1 and {b.state for b in bank} == {"ready"}
+        assert _attempts(world, BANK) == 1
+        assert {b.last_error for b in bank if b.attempts} == {"transport"}
+        assert {unit_row(world, u).consecutive_failures for u in (TAX, LAND)} == {0}
+
+        # Exponential backoff with jitter: nothing is tried before next_attempt_ms, exactly one try at it.
+        delays = []
+        for failures in range(1, 9):
+            unit = unit_row(world, BANK)
+            assert unit.consecutive_failures == failures
+            assert unit.last_error == "unavailable"
+            delay = unit.next_attempt_ms - world.clock.now_ms()
+            low, high = _delay_bounds(failures)
+            assert low <= delay <= high, (failures, delay)
+            delays.append(delay)
+            world.clock.set(unit.next_attempt_ms - 1)
+            world.workers.run_once(dispatch=True)
+            assert unit_row(world, BANK).consecutive_failures == failures
+            assert _attempts(world, BANK) == failures
+            world.clock.set(unit.next_attempt_ms)
+            world.workers.run_once(dispatch=True)
+            assert _attempts(world, BANK) == failures + 1
+        assert delays[-1] > delays[0] * 16  # 2^7 = 128 times the base, halved at worst by the jitter
+
+        # A whole day down: retries keep coming, at most MAX_MS apart; the rest of the gateway goes on working.
+        down_since = world.clock.now_ms()
+        second = world.commission("WT-2", households=20, start=40)
+        tries = 0
+        while world.clock.now_ms() < down_since + DAY_MS:
+            unit = unit_row(world, BANK)
+            assert unit.next_attempt_ms - world.clock.now_ms() <= MAX_MS
+            world.clock.set(unit.next_attempt_ms)
+            settle(world)
+            tries += 1
+        assert tries >= DAY_MS // MAX_MS
+        assert unit_row(world, BANK).consecutive_failures == 9 + tries
+        assert world.store.progress(second)[TAX].keys() == {"answered"}
+        assert world.store.answer_count() < world.store.item_count()
+
+        # The unit comes back: nothing is sent before its backoff ends, then everything goes and is answered.
+        running = bring_up(world, BANK, stack)
+        back_at = unit_row(world, BANK).next_attempt_ms
+        world.clock.set(back_at - 1)
+        world.workers.run_once(dispatch=True)
+        assert running.connector.store.batch_count() == 0
+        world.clock.set(back_at)
+        settle(world)
+        assert world.store.answer_count() == world.store.item_count()
+        assert_exactly_one_answer_per_item(world)
+        for commission in (commission_id, second):
+            assert {k for stages in world.store.progress(commission).values() for k in stages} == {"answered"}
+        bank = [b for b in batch_rows(world) if b.unit_id == BANK]
+        assert {b.state for b in bank} == {"acknowledged"}
+        assert {b.received_at_ms for b in bank} == {back_at}  # the clause-12 clock starts when the unit receives
+        assert audit_batches(world, BANK, "accepted") == {b.batch_id: 1 for b in bank}
+        unit = unit_row(world, BANK)
+        assert (unit.consecutive_failures, unit.next_attempt_ms, unit.last_error) == (0, 0, None)
+        assert unit.last_success_ms == back_at
+
+
+def test_jitter_spans_half_to_full_delay(tmp_path: Path, database_url: str | None) -> None:
+    settings = gateway_settings(base_backoff_ms=BASE_MS, max_backoff_ms=4 * BASE_MS)
+    with gateway_world(
+        tmp_path, now_ms=MONDAY, database_url=database_url, settings=settings, down=frozenset({BANK})
+    ) as world:
+        world.commission("WT-1", households=5)
+        seen = []
+        for failures, jitter in enumerate([0.0, 0.999999, 0.0, 0.999999, 0.0, 0.5], start=1):
+            world.engine.jitter = _fixed(jitter)
+            world.clock.set(max(world.clock.now_ms(), unit_row(world, BANK).next_attempt_ms))
+            world.workers.run_once(dispatch=True)
+            unit = unit_row(world, BANK)
+            assert unit.consecutive_failures == failures
+            seen.append(unit.next_attempt_ms - world.clock.now_ms())
+        assert seen == [500, 1999, 2000, 3999, 2000, 3000]  # capped at 4 s from the third failure on
+
+
+def test_a_hanging_unit_does_not_slow_the_others(tmp_path: Path, database_url: str | None) -> None:
+    """While a call to the bank hangs (its listener never accepts: the TLS handshake never finishes), the other
+    units go through whole exchanges, cycle after cycle; the bank's cycle ends when its listener goes away."""
+    timeout = 60.0  # never reached: the test ends the hang itself, however slow the machine is
+    with ExitStack() as stack:
+        world = stack.enter_context(
+            gateway_world(tmp_path, now_ms=MONDAY, database_url=database_url, down=frozenset({BANK}))
+        )
+        hole = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)
+        endpoint = f"localhost:{hole.getsockname()[1]}"
+        replace_client(world, BANK, UnitClient(endpoint, gateway_tls(world), timeout), stack)
+        world.commission("WT-1", households=40)
+        first = dict(zip([u.unit_id for u in world.store.units()], world.workers.tick(dispatch=True), strict=True))
+        stuck = first[BANK]
+        others = [first[TAX], first[LAND]]
+        rounds = 0
+        while any(answers < items for u, (items, answers) in _answered_per_unit(world).items() if u != BANK) or any(
+            b.state != "acknowledged" for b in batch_rows(world) if b.unit_id != BANK
+        ):
+            wait(others, timeout=timeout)
+            drain(world)
+            others = world.workers.tick(dispatch=True)
+            assert len(others) == 2  # the bank is still in its first cycle and is not started again
+            rounds += 1
+            assert rounds < 20
+        wait(others, timeout=timeout)
+        assert rounds >= 2 and not stuck.done(), "the other units had to wait for the hanging one"
+        bank = [b for b in batch_rows(world) if b.unit_id == BANK]
+        assert [b.claimed_by for b in bank].count("test-1") == 1  # the batch in flight
+        hole.close()
+        report = stuck.result(timeout=timeout)
+        assert report.error is not None and report.sent == 0
+        assert unit_row(world, BANK).consecutive_failures == 1
+        assert {(b.state, b.claimed_by) for b in batch_rows(world) if b.unit_id == BANK} == {("ready", None)}
+        counts = _answered_per_unit(world)
+        assert {u: answers for u, (_, answers) in counts.items()} == {
+            BANK: 0,
+            TAX: counts[TAX][0],
+            LAND: counts[LAND][0],
+        }
+
+
+def test_gateway_restart_resumes_where_it_stopped(tmp_path: Path, database_url: str | None) -> None:
+    """The gateway stops with the bank's batches unsent and the others' answers unfetched; a new gateway process
+    (new courier keys, re-enrolled connectors) on the same database and the same connector databases finishes
+    everything without sending anything twice."""
+    url = database_url or f"sqlite:///{tmp_path / 'gateway.db'}"
+    with gateway_world(tmp_path, now_ms=MONDAY, database_url=url, down=frozenset({BANK})) as world:
+        commission_id = world.commission("WT-1", households=40)
+        world.workers.run_once(dispatch=True)  # tax and land receipted; nobody answered yet
+        drain(world)  # the connectors answer, the gateway is gone before it fetches
+        before = {b.batch_id: (b.unit_id, b.state, b.attempts) for b in batch_rows(world)}
+    assert {s for _, s, _ in before.values()} == {"receipted", "ready"}
+    later = MONDAY + 2 * 3_600_000
+    with gateway_world(tmp_path, now_ms=later, database_url=url) as world:
+        assert unit_row(world, BANK).consecutive_failures == 1  # health kept: the bank is tried after backoff
+        assert unit_row(world, BANK).next_attempt_ms < later  # its backoff ended while the gateway was down
+        settle(world)
+        batches = batch_rows(world)
+        assert {b.batch_id for b in batches} == set(before)
+        assert {b.state for b in batches} == {"acknowledged"}
+        for b in batches:
+            unit_id, state, attempts = before[b.batch_id]
+            assert b.attempts == attempts + (1 if state == "ready" else 0)
+        for unit_id in UNITS:
+            assert set(audit_batches(world, unit_id, "accepted").values()) == {1}
+        assert_exactly_one_answer_per_item(world)
+        assert {k for stages in world.store.progress(commission_id).values() for k in stages} == {"answered"}
+
+
+def test_a_refused_batch_fails_visibly_and_alone(tmp_path: Path, database_url: str | None) -> None:
+    """Staff not registered with the units (Procedure V.(三)): every unit refuses that commission's batches for
+    good; they are failed with the reason, shown as failed, never retried, and nothing else is affected."""
+    with gateway_world(tmp_path, now_ms=MONDAY, database_url=database_url) as world:
+        good = enqueue(world, "WT-OK", households=20)
+        bad = enqueue(world, "WT-BAD", households=20, start=20, staff=("S-0001", "S-9999"))
+        settle(world)
+        world.clock.advance(DAY_MS)
+        settle(world)
+        failed = batch_rows(world, bad)
+        assert failed and {(b.state, b.last_error, b.attempts) for b in failed} == {("failed", "permission_denied", 1)}
+        assert all(b.received_at_ms is None and b.claimed_by is None for b in failed)
+        counts: dict[str, int] = {}
+        for b in failed:
+            counts[b.unit_id] = counts.get(b.unit_id, 0) + b.subject_count
+        assert world.store.progress(bad) == {u: {"failed": n} for u, n in counts.items()}
+        assert set(counts) == set(UNITS)
+        assert {k for stages in world.store.progress(good).values() for k in stages} == {"answered"}
+        assert {(b.state, b.attempts) for b in batch_rows(world, good)} == {("acknowledged", 1)}
+        for unit_id in UNITS:
+            assert unit_row(world, unit_id).consecutive_failures == 0
+            refused = [e for e in world.connectors[unit_id].connector.store.audit_entries() if e["event"] == "refused"]
+            assert {(e["batch_id"], e["reason"]) for e in refused} == {
+                (b.batch_id, "staff_not_registered") for b in failed if b.unit_id == unit_id
+            }
+        assert world.store.answer_count() == sum(b.subject_count for b in batch_rows(world, good))

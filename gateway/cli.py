@@ -5,6 +5,8 @@ hedui-gateway migrate --config gateway.toml    apply database migrations (alembi
 hedui-gateway check-config --config FILE       validate a config, the keystore and the database schema
 hedui-gateway config-keys                      every config key with its default and meaning
 hedui-gateway status --config FILE             units, their health, and batches by state
+hedui-gateway staff bootstrap-admin|add|revoke|list --config FILE ...   the staff register (Procedure V)
+hedui-gateway audit verify|head --config FILE   check the hash-chained audit log; print its head to record
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -23,11 +27,20 @@ from common.config import describe
 from common.db import make_engine
 from common.errors import HeduiError
 from gateway import schema
+from gateway.audit import AuditError, AuditHead, AuditLog
 from gateway.config import GatewayConfig
 from gateway.database import current_revision, head_revision, open_database, upgrade
 from gateway.server import build
+from gateway.staff import StaffError, StaffMember, StaffRegister
 from gateway.store import GatewayStore
 from keys import keystore
+from keys.announcements import MAX_BUNDLE_BYTES, dearmor, read_bundle
+from keys.clock import SystemClock
+from keys.fingerprint import Algorithm, fingerprints_equal
+from keys.keyring import Keyring
+
+#: Dates on the command line are Beijing time (UTC+8, no daylight saving): where the agencies are.
+CHINA_TIME = timezone(timedelta(hours=8), "CST")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -87,6 +100,202 @@ def _status(args: argparse.Namespace) -> None:
     store.engine.dispose()
 
 
+def _day_start_ms(text: str, *, days_later: int = 0) -> int:
+    try:
+        day = date.fromisoformat(text)
+    except ValueError as exc:
+        raise StaffError(f"dates are YYYY-MM-DD, not {text[:20]!r}") from exc
+    moment = datetime(day.year, day.month, day.day, tzinfo=CHINA_TIME) + timedelta(days=days_later)
+    return int(moment.timestamp() * 1000)
+
+
+def _day(moment_ms: int | None) -> str:
+    if moment_ms is None:
+        return "open"
+    return datetime.fromtimestamp(moment_ms / 1000, CHINA_TIME).strftime("%Y-%m-%d %H:%M")
+
+
+def _window(args: argparse.Namespace, now_ms: int) -> tuple[int, int | None]:
+    """--valid-from (start of that day, default now) and --valid-until (through the end of that day), Beijing time."""
+    valid_from = _day_start_ms(args.valid_from) if args.valid_from else now_ms
+    valid_until = _day_start_ms(args.valid_until, days_later=1) if args.valid_until else None
+    return valid_from, valid_until
+
+
+def _staff_key(args: argparse.Namespace, now_ms: int) -> bytes:
+    """The current Ed25519 key of the staff member's public bundle (``hedui-keys export``), after showing it."""
+    path = Path(args.public_key_file)
+    if path.stat().st_size > 2 * MAX_BUNDLE_BYTES:
+        raise StaffError(f"{path} is too large to be a public key bundle")
+    bundle = read_bundle(dearmor(path.read_text(encoding="utf-8", errors="replace")))
+    if not bundle.party_id.startswith("staff."):
+        raise StaffError(
+            f"{path} is the bundle of {bundle.party_id}, not of a staff member (their party id starts with 'staff.')"
+        )
+    record = Keyring(bundle.keys).current(Algorithm.ED25519, now_ms)
+    if record is None:
+        raise StaffError(f"the bundle of {bundle.party_id} has no signing key valid now")
+    if args.fingerprint and not fingerprints_equal(args.fingerprint, bundle.fingerprint):
+        raise StaffError(
+            f"the bundle of {bundle.party_id} does not match --fingerprint: it is not the key the staff member "
+            "read out; nothing was registered"
+        )
+    print(f"key of {bundle.party_id}")
+    print(f"  bundle fingerprint:      {bundle.fingerprint}")
+    print(f"  signing key fingerprint: {record.public.fingerprint}")
+    if not args.fingerprint:
+        print("  compare the bundle fingerprint with the staff member's key letter ('hedui-keys letter')")
+    return record.public.raw
+
+
+@contextmanager
+def _audit_log(config_path: str) -> Iterator[AuditLog]:
+    config = GatewayConfig.load(Path(config_path))
+    engine = open_database(config.database.url)
+    try:
+        yield AuditLog(engine)
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def _staff_register(config_path: str) -> Iterator[StaffRegister]:
+    with _audit_log(config_path) as audit:
+        yield StaffRegister(audit.engine, audit)
+
+
+def _staff_line(member: StaffMember, now_ms: int) -> str:
+    if member.revoked_at_ms is not None and member.revoked_at_ms <= now_ms:
+        state = "revoked"
+    elif member.active_at(now_ms):
+        state = "active"
+    else:
+        state = "expired" if member.valid_until_ms is not None and now_ms >= member.valid_until_ms else "pending"
+    window = f"{_day(member.valid_from_ms)} .. {_day(member.valid_until_ms)}"
+    return (
+        f"{member.staff_id:12} {state:8} {member.roles_text:32} {window}\n"
+        f"             {member.name}; key {member.public_key.fingerprint}; registered by {member.registered_by}"
+    )
+
+
+def _staff_bootstrap(args: argparse.Namespace) -> None:
+    now = SystemClock().now_ms()
+    valid_from, valid_until = _window(args, now)
+    public_key = _staff_key(args, now)
+    with _staff_register(args.config) as register:
+        member = register.bootstrap_admin(
+            args.staff_id,
+            name=args.name,
+            public_key=public_key,
+            valid_from_ms=valid_from,
+            valid_until_ms=valid_until,
+            now_ms=now,
+            roles=args.roles,
+        )
+    print(f"registered the first admin {member.staff_id} ({member.roles_text})")
+
+
+def _staff_add(args: argparse.Namespace) -> None:
+    now = SystemClock().now_ms()
+    valid_from, valid_until = _window(args, now)
+    public_key = _staff_key(args, now)
+    with _staff_register(args.config) as register:
+        member = register.register(
+            args.admin,
+            args.staff_id,
+            name=args.name,
+            roles=args.roles,
+            public_key=public_key,
+            valid_from_ms=valid_from,
+            valid_until_ms=valid_until,
+            now_ms=now,
+        )
+    print(f"registered {member.staff_id} ({member.roles_text}) by {member.registered_by}")
+
+
+def _staff_revoke(args: argparse.Namespace) -> None:
+    with _staff_register(args.config) as register:
+        member = register.revoke(args.admin, args.staff_id, now_ms=SystemClock().now_ms(), reason=args.reason)
+    print(f"revoked {member.staff_id} ({args.reason}); their approvals are refused from now on")
+
+
+def _staff_list(args: argparse.Namespace) -> None:
+    now = SystemClock().now_ms()
+    with _staff_register(args.config) as register:
+        members = register.list()
+    for member in members:
+        print(_staff_line(member, now))
+    if not members:
+        print("the staff register is empty: start with 'hedui-gateway staff bootstrap-admin'")
+
+
+def _audit_verify(args: argparse.Namespace) -> None:
+    expected = AuditHead.parse(args.expected_head) if args.expected_head else None
+    with _audit_log(args.config) as audit:
+        problems = audit.verify(expected_head=expected)
+        head = audit.head()
+    for problem in problems:
+        print(f"PROBLEM: {problem}")
+    if problems:
+        raise AuditError(
+            f"the audit log failed verification ({len(problems)} problem(s)): it was changed outside the gateway or "
+            "damaged; keep the database as it is (copy it) for the investigation"
+        )
+    checked = f"; the recorded head {expected} is in it" if expected and expected.seq else ""
+    print(f"audit log intact: {head.seq} entries{checked}; head {head}")
+
+
+def _audit_head(args: argparse.Namespace) -> None:
+    with _audit_log(args.config) as audit:
+        print(audit.head())
+
+
+def _add_staff_and_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    staff = sub.add_parser("staff", help="the staff register (Procedure V): bootstrap-admin, add, revoke, list")
+    staff_sub = staff.add_subparsers(dest="staff_command", required=True, metavar="STAFF_COMMAND")
+
+    def member_arguments(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--staff-id", required=True, help="e.g. S-0001 (1-32 of A-Z, a-z, 0-9, '-')")
+        command.add_argument("--name", required=True, help="the member's name (shown in the register, never logged)")
+        command.add_argument(
+            "--public-key-file", required=True, help="the member's public bundle from 'hedui-keys export'"
+        )
+        command.add_argument("--fingerprint", help="the bundle fingerprint from the member's key letter (checked)")
+        command.add_argument("--valid-from", help="YYYY-MM-DD, Beijing time (default: now)")
+        command.add_argument("--valid-until", help="YYYY-MM-DD, last day of validity, Beijing time (default: open)")
+
+    boot = staff_sub.add_parser("bootstrap-admin", help="register the first admin into an empty register")
+    member_arguments(boot)
+    boot.add_argument("--roles", default="admin", help="comma-separated, must include admin (default: admin)")
+    boot.set_defaults(func=_staff_bootstrap)
+    add = staff_sub.add_parser("add", help="register a staff member (needs an admin)")
+    member_arguments(add)
+    add.add_argument("--roles", required=True, help="comma-separated: intake, review, exchange, report, admin")
+    add.add_argument("--admin", required=True, help="staff id of the admin making the change")
+    add.set_defaults(func=_staff_add)
+    revoke = staff_sub.add_parser("revoke", help="revoke a staff member from now on (needs an admin)")
+    revoke.add_argument("--staff-id", required=True)
+    revoke.add_argument("--admin", required=True, help="staff id of the admin making the change")
+    revoke.add_argument("--reason", required=True, help="short code, e.g. left, moved, key-lost")
+    revoke.set_defaults(func=_staff_revoke)
+    staff_sub.add_parser("list", help="every member with state, roles, window and key fingerprint").set_defaults(
+        func=_staff_list
+    )
+    for command in (boot, add, revoke, staff_sub.choices["list"]):
+        command.add_argument("--config", required=True)
+
+    audit = sub.add_parser("audit", help="the hash-chained audit log: verify, head")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="AUDIT_COMMAND")
+    verify = audit_sub.add_parser("verify", help="check every entry and the chain; exit status 1 on any problem")
+    verify.add_argument("--expected-head", help="SEQ:HEX recorded earlier from 'audit head' (detects cut-off ends)")
+    verify.set_defaults(func=_audit_verify)
+    audit_sub.add_parser("head", help="print SEQ:HEX of the newest entry, to record out of band").set_defaults(
+        func=_audit_head
+    )
+    for command in (verify, audit_sub.choices["head"]):
+        command.add_argument("--config", required=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the hedui-gateway console script."""
     parser = argparse.ArgumentParser(prog="hedui-gateway", description=(__doc__ or "").splitlines()[0])
@@ -102,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.add_argument("--config", required=True)
         command.set_defaults(func=func_)
     sub.add_parser("config-keys", help="list every config key").set_defaults(func=_keys)
+    _add_staff_and_audit(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:

@@ -135,6 +135,7 @@ def build_network(
     answer_interval: float = 0.2,
     base_backoff: float = 0.5,
     max_backoff: float = 5.0,
+    lease_seconds: float = 10.0,
     kdf: keystore.KdfParams | None = None,
 ) -> Network:
     """Write a network for ``units`` (party id -> unit category name) into ``root``."""
@@ -252,7 +253,7 @@ base_backoff_seconds = {base_backoff}
 max_backoff_seconds = {max_backoff}
 poll_interval_seconds = {poll_interval}
 fetch_group = 20
-lease_seconds = 10
+lease_seconds = {lease_seconds}
 
 [schedule]
 policy = "{policy}"

@@ -5,23 +5,30 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from hedui.v1 import agency_pb2_grpc
 
 from common.config import ConfigError
 from common.memory import tune_allocator
 from common.workdays import WorkdayCalendar
 from connectors.config import unit_category_by_name
+from gateway.agency import SERVICE as AGENCY_SERVICE
+from gateway.agency import AgencyServicer, AuthInterceptor
+from gateway.audit import AuditLog
 from gateway.config import GatewayConfig
 from gateway.database import open_database
 from gateway.engine import EngineSettings, ExchangeEngine, UnitWorkers
 from gateway.schedule import GatewayScheduler, JobIntervals, SchedulePolicy
+from gateway.staff import StaffRegister
 from gateway.store import GatewayStore
 from gateway.transport import ClientTls, UnitClient
+from gateway.workflow import Workflow
 from keys import keystore
 from keys.clock import DAY_MS, SystemClock
 from keys.envelope import Courier
@@ -148,26 +155,48 @@ def build(config: GatewayConfig) -> RunningGateway:
         lease_ms=settings.lease_ms,
         key_check=KeyWatch(config, party, trust, clock),
     )
+    audit = AuditLog(engine)
+    workflow = Workflow(store=store, audit=audit, staff=StaffRegister(engine, audit), clock=clock, agency=party)
     scheduler.start()
-    server, port, health_servicer = _grpc_server(config)
+    server, port, health_servicer = _grpc_server(config, workflow)
     log.info("gateway running", extra={"port": port, "replica": ex.replica_id, "units": len(clients)})
     return RunningGateway(server, port, store, exchange, workers, scheduler, health_servicer, clients)
 
 
-def _grpc_server(config: GatewayConfig) -> tuple[grpc.Server, int, health.HealthServicer]:
-    section = config.server
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=section.max_workers))
+def serve_api(
+    workflow: Workflow,
+    clients: Mapping[str, str],
+    *,
+    listen: str,
+    credentials: grpc.ServerCredentials | None,
+    max_workers: int = 8,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Start the agency API (with health checking and reflection) on ``listen``; ``credentials=None`` serves
+    plaintext, which is only allowed on loopback."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=[AuthInterceptor(clients)])
+    agency_pb2_grpc.add_AgencyServiceServicer_to_server(AgencyServicer(workflow, clients), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (AGENCY_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    if section.insecure_plaintext:
-        host = section.listen.rsplit(":", 1)[0].strip("[]")
+    if credentials is None:
+        host = listen.rsplit(":", 1)[0].strip("[]")
         if host not in {"127.0.0.1", "localhost", "::1"}:
             raise ConfigError("server.insecure_plaintext is only allowed on loopback")
-        port = server.add_insecure_port(section.listen)
+        port = server.add_insecure_port(listen)
     else:
+        port = server.add_secure_port(listen, credentials)
+    server.start()
+    for name in ("", AGENCY_SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer
+
+
+def _grpc_server(config: GatewayConfig, workflow: Workflow) -> tuple[grpc.Server, int, health.HealthServicer]:
+    section = config.server
+    credentials = None
+    if not section.insecure_plaintext:
         if not (section.tls_cert and section.tls_key and section.tls_ca):
             raise ConfigError("server.tls_cert, server.tls_key and server.tls_ca are required (or insecure_plaintext)")
         credentials = grpc.ssl_server_credentials(
@@ -175,7 +204,5 @@ def _grpc_server(config: GatewayConfig) -> tuple[grpc.Server, int, health.Health
             root_certificates=section.tls_ca.read_bytes(),
             require_client_auth=True,
         )
-        port = server.add_secure_port(section.listen, credentials)
-    server.start()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    return server, port, health_servicer
+    clients = {c.party_id: c.role for c in config.clients}
+    return serve_api(workflow, clients, listen=section.listen, credentials=credentials, max_workers=section.max_workers)

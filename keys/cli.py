@@ -3,30 +3,42 @@
 Run ``hedui-keys --help`` or ``hedui-keys COMMAND --help``. The keystore path comes from ``--keystore`` or
 HEDUI_KEYSTORE, the passphrase from ``--passphrase-file``, HEDUI_KEYS_PASSPHRASE or a prompt. Errors print one
 line (and a hint) to stderr and exit with status 1; nothing is changed by a command that fails. The ``ca`` commands
-(the private CA for mutual TLS, keys/tls.py) need no keystore; their passphrase protects the CA key.
+(the private CA for mutual TLS, keys/tls.py) need no keystore; their passphrase protects the CA key. A staff
+member's own keystore (party id ``staff.REGION.ID``) signs exchange approvals with ``sign-approval``. Anyone
+holding an agency's keys checks its signed verification reports with ``verify-report``.
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import hashlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import timedelta, timezone
 from pathlib import Path
 
 from hedui.v1 import media_pb2
 
 from keys import keystore, tls
 from keys.announcements import ANNOUNCEMENT_LABEL, armor, dearmor, read_bundle
-from keys.clock import DAY_MS, SystemClock, iso
+from keys.clock import DAY_MS, SystemClock, from_ms, iso
 from keys.envelope import Courier
-from keys.errors import EnvelopeError, KeysError
-from keys.fingerprint import Algorithm
+from keys.errors import EnvelopeError, KeysError, TrustError
+from keys.fingerprint import Algorithm, fingerprints_equal, normalize_fingerprint
 from keys.identity import PartyKeys
-from keys.keyring import KeyRecord
+from keys.keyring import KeyRecord, Keyring
 from keys.party import check_party_id
 from keys.replay import MemoryReplayCache
+from keys.statements import (
+    EXCHANGE_DIGEST_BYTES,
+    MAX_SIGNED_REPORT_BYTES,
+    approval_message,
+    read_signed_report,
+    report_agency,
+    verify_report_by,
+)
 from keys.truststore import TrustStore
 
 MIN_PASSPHRASE_LENGTH = 12
@@ -36,6 +48,7 @@ _ALGORITHMS = {"signing": Algorithm.ED25519, "agreement": Algorithm.X25519}
 CA_CERT_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
 MAX_PEM_BYTES = 1024 * 1024
+_BEIJING = timezone(timedelta(hours=8), "CST")
 
 
 class CliError(KeysError):
@@ -294,6 +307,55 @@ def cmd_open(session: _Session, args: argparse.Namespace) -> None:
     print(f"wrote {out_dir / name} ({len(opened.message.content)} bytes)")
 
 
+def cmd_sign_approval(session: _Session, args: argparse.Namespace) -> None:
+    """Approve an exchange (Procedure V.(二)): sign the commission's exchange digest with our signing key."""
+    try:
+        digest = bytes.fromhex(args.digest)
+    except ValueError:
+        digest = b""
+    if len(digest) != EXCHANGE_DIGEST_BYTES:
+        raise CliError(f"--digest must be the commission's exchange digest: {2 * EXCHANGE_DIGEST_BYTES} hex digits")
+    party, _ = session.load()
+    key = party.signing_key(session.clock.now_ms())
+    # stdout carries the signature alone, so that it can be piped into the agency's back office as it is.
+    print(key.sign(approval_message(digest)).hex())
+    print(f"signed by {party.party_id}, key {key.key_id.hex()}", file=sys.stderr)
+
+
+def cmd_verify_report(session: _Session, args: argparse.Namespace) -> None:
+    """Verify a signed verification report (核对报告) with the issuing agency's keys from the trust store, or
+    with --bundle and --fingerprint (no keystore needed)."""
+    signed = read_signed_report(_read(args.file, MAX_SIGNED_REPORT_BYTES))
+    keyring: Keyring | None
+    if args.bundle:
+        if not args.fingerprint:
+            raise CliError("--bundle needs --fingerprint: the fingerprint from the agency's key letter")
+        bundle = read_bundle(dearmor(_read(args.bundle).decode("utf-8", "replace")))
+        if not fingerprints_equal(bundle.fingerprint, normalize_fingerprint(args.fingerprint)):
+            raise TrustError(
+                f"fingerprint mismatch for party {bundle.party_id}: the bundle has {bundle.fingerprint}, you "
+                "expected another. Confirm the fingerprint with the agency by phone or key letter."
+            )
+        party_id, keyring = bundle.party_id, Keyring(bundle.keys)
+    elif args.fingerprint:
+        raise CliError("--fingerprint goes with --bundle; without them the keystore's trust store is used")
+    else:
+        _, trust = session.load()
+        party_id = report_agency(signed)
+        keyring = trust.keyring(party_id)
+    report = verify_report_by(signed, keyring, party_id)
+    issued = from_ms(report.issued_at_ms).astimezone(_BEIJING).strftime("%Y-%m-%d %H:%M:%S")
+    print(f"OK: the report is signed by {party_id}, key {signed.signer_key_id.hex()}")
+    print(f"  commission:  {report.commission_id} (letter {report.letter_number or '-'})")
+    print(f"  agency:      {report.agency}")
+    print(f"  issued:      {issued} Beijing time ({iso(report.issued_at_ms)}) by {report.issued_by}")
+    if report.partial:
+        print(f"  partial:     yes, units not answered: {', '.join(report.units_not_answered)}")
+    else:
+        print("  partial:     no")
+    print(f"  report sha256: {hashlib.sha256(signed.report).hexdigest()} (compare with the printout)")
+
+
 def cmd_ca_init(session: _Session, args: argparse.Namespace) -> None:
     """Create a private CA for mutual TLS: DIR/ca.crt and DIR/ca.key, the key encrypted with the passphrase."""
     ca_dir = Path(args.dir)
@@ -445,6 +507,13 @@ def _parser() -> argparse.ArgumentParser:
     opn = add("open", cmd_open)
     opn.add_argument("file")
     opn.add_argument("--out-dir", default=".", help="folder to write the opened file into")
+    add("sign-approval", cmd_sign_approval).add_argument(
+        "--digest", required=True, help="the commission's exchange digest (64 hex digits) as the gateway shows it"
+    )
+    verify_report = add("verify-report", cmd_verify_report)
+    verify_report.add_argument("file", help="the signed report file (SignedReport, as the gateway issues it)")
+    verify_report.add_argument("--bundle", help="the agency's public bundle file, instead of the trust store")
+    verify_report.add_argument("--fingerprint", help="with --bundle: the fingerprint from the agency's key letter")
     _add_ca_commands(sub)
     return parser
 

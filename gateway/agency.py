@@ -1,0 +1,161 @@
+"""The AgencyService: the gRPC API agencies' back offices and commissioners use (docs/agency-api.md).
+
+Authorisation is an interceptor that refuses before any handler runs: the client certificate must name a party
+listed in the config's [[clients]], and the party's role must be allowed to call the method. Handlers convert the
+generated messages to the workflow's calls; every refusal maps to one gRPC status and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+from hedui.v1 import agency_pb2, agency_pb2_grpc
+
+from gateway.intake import InvalidPackage
+from gateway.workflow import PB_TO_STATE, Caller, Workflow, WorkflowError
+from keys.tls import party_from_auth_context
+
+log = logging.getLogger("hedui.gateway.agency")
+
+SERVICE = agency_pb2.DESCRIPTOR.services_by_name["AgencyService"].full_name
+_READ = frozenset({"commissioner", "lower_agency", "staff_system"})
+_SUBMIT = frozenset({"commissioner", "lower_agency"})
+_STAFF = frozenset({"staff_system"})
+
+#: Which client roles may call which method.
+METHOD_ROLES: Mapping[str, frozenset[str]] = {
+    "SubmitCommission": _SUBMIT,
+    "GetCommission": _READ,
+    "ListCommissions": _READ,
+    "RecordIntake": _STAFF,
+    "RecordReview": _STAFF,
+    "ApproveExchange": _STAFF,
+    "GetProgress": _READ,
+    "IssueReport": _STAFF,
+    "GetReport": _READ,
+    "SubmitApprovalFeedback": _SUBMIT,
+}
+
+T = TypeVar("T")
+
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.ServerInterceptor[Any, Any]
+else:  # the runtime class is not generic; only its type stubs are
+    _Interceptor = grpc.ServerInterceptor
+
+
+class AuthInterceptor(_Interceptor):
+    """Refuses calls to the AgencyService from unknown parties or roles not allowed for the method."""
+
+    def __init__(self, clients: Mapping[str, str]) -> None:
+        self.clients = dict(clients)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        if service != SERVICE:
+            return continuation(handler_call_details)  # health, reflection
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            party = party_from_auth_context(context.auth_context())
+            role = self.clients.get(party or "")
+            if party is None or role is None:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "client certificate names no registered client")
+            if role not in METHOD_ROLES.get(method, frozenset()):
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"a {role} may not call {method}")
+            return inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            checked,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
+    """Maps API calls onto the workflow."""
+
+    def __init__(self, workflow: Workflow, clients: Mapping[str, str]) -> None:
+        self.workflow = workflow
+        self.clients = dict(clients)
+
+    def _caller(self, context: grpc.ServicerContext) -> Caller:
+        party = party_from_auth_context(context.auth_context()) or ""
+        return Caller(party, self.clients.get(party, ""))
+
+    def _run(self, context: grpc.ServicerContext, call: Callable[[Caller], T]) -> T:
+        caller = self._caller(context)
+        try:
+            return call(caller)
+        except InvalidPackage as exc:
+            log.info("package refused", extra={"caller": caller.party_id, "problems": len(exc.problems)})
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except WorkflowError as exc:
+            log.info("request refused", extra={"caller": caller.party_id, "status": exc.status.name})
+            context.abort(exc.status, str(exc))
+        raise AssertionError("unreachable")  # context.abort raises
+
+    def SubmitCommission(
+        self, request: agency_pb2.SubmitCommissionRequest, context: grpc.ServicerContext
+    ) -> agency_pb2.Commission:
+        return self._run(context, lambda c: self.workflow.submit(request, c))
+
+    def GetCommission(self, request: agency_pb2.CommissionRef, context: grpc.ServicerContext) -> agency_pb2.Commission:
+        return self._run(context, lambda c: self.workflow.view(request.commission_id, c))
+
+    def ListCommissions(
+        self, request: agency_pb2.ListCommissionsRequest, context: grpc.ServicerContext
+    ) -> agency_pb2.ListCommissionsResponse:
+        state = PB_TO_STATE.get(request.state)
+        return self._run(
+            context,
+            lambda c: agency_pb2.ListCommissionsResponse(commissions=self.workflow.list(c, state, request.limit)),
+        )
+
+    def RecordIntake(self, request: agency_pb2.StaffDecision, context: grpc.ServicerContext) -> agency_pb2.Commission:
+        return self._run(
+            context,
+            lambda c: self.workflow.intake(request.commission_id, request.staff_id, request.passed, request.reason, c),
+        )
+
+    def RecordReview(self, request: agency_pb2.StaffDecision, context: grpc.ServicerContext) -> agency_pb2.Commission:
+        return self._run(
+            context,
+            lambda c: self.workflow.review(request.commission_id, request.staff_id, request.passed, request.reason, c),
+        )
+
+    def ApproveExchange(
+        self, request: agency_pb2.ExchangeApproval, context: grpc.ServicerContext
+    ) -> agency_pb2.Commission:
+        return self._run(
+            context, lambda c: self.workflow.approve(request.commission_id, request.staff_id, request.signature, c)
+        )
+
+    def GetProgress(self, request: agency_pb2.CommissionRef, context: grpc.ServicerContext) -> agency_pb2.Progress:
+        return self._run(context, lambda c: self.workflow.progress(request.commission_id, c))
+
+    def IssueReport(
+        self, request: agency_pb2.IssueReportRequest, context: grpc.ServicerContext
+    ) -> agency_pb2.SignedReport:
+        return self._run(
+            context, lambda c: self.workflow.issue_report(request.commission_id, request.staff_id, request.partial, c)
+        )
+
+    def GetReport(self, request: agency_pb2.CommissionRef, context: grpc.ServicerContext) -> agency_pb2.SignedReport:
+        return self._run(context, lambda c: self.workflow.report(request.commission_id, c))
+
+    def SubmitApprovalFeedback(
+        self, request: agency_pb2.ApprovalFeedback, context: grpc.ServicerContext
+    ) -> agency_pb2.FeedbackReceipt:
+        return self._run(context, lambda c: agency_pb2.FeedbackReceipt(recorded=self.workflow.feedback(request, c)))

@@ -1,0 +1,144 @@
+"""Validation of a commission's data package (Procedure II), once, at the edge.
+
+Every problem is reported, each located by household reference, member position and field, and none repeats an ID
+number or a name: the report of an invalid package goes back to the commissioner and into logs. A package with any
+problem creates nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date
+
+from hedui.v1 import agency_pb2, exchange_pb2, records_pb2
+
+from common.dates import from_pb, year_month
+from common.errors import HeduiError
+from common.idnumber import InvalidIdNumber, parse_id_number
+
+MAX_HOUSEHOLDS = 5000
+MAX_MEMBERS = 30
+MAX_SUBJECTS = 50_000
+MAX_PERIOD_MONTHS = 36
+MAX_PROBLEMS_REPORTED = 50
+DIGEST_BYTES = 32
+_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a package: where (household, member, field) and what."""
+
+    where: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}"
+
+
+class InvalidPackage(HeduiError):
+    """The data package has problems; nothing was created."""
+
+    code = "invalid_package"
+
+    def __init__(self, problems: list[Problem]) -> None:
+        shown = "; ".join(str(p) for p in problems[:MAX_PROBLEMS_REPORTED])
+        more = len(problems) - MAX_PROBLEMS_REPORTED
+        super().__init__(f"{len(problems)} problem(s): {shown}" + (f"; and {more} more" if more > 0 else ""))
+        self.problems = problems
+
+
+def _months(start: tuple[int, int], end: tuple[int, int]) -> int:
+    return (end[0] - start[0]) * 12 + end[1] - start[1] + 1
+
+
+def _check_header(request: agency_pb2.SubmitCommissionRequest, today: date, problems: list[Problem]) -> None:
+    letter = request.letter
+    if not _REF_RE.fullmatch(letter.number):
+        problems.append(Problem("letter.number", "1-64 characters of letters, digits and . _ : / -"))
+    try:
+        if from_pb(letter.date) > today:
+            problems.append(Problem("letter.date", "lies in the future"))
+    except ValueError:
+        problems.append(Problem("letter.date", "missing or not a calendar date"))
+    if request.programme not in exchange_pb2.Programme.values() or request.programme == 0:
+        problems.append(Problem("programme", "missing or unknown assistance programme"))
+    try:
+        start, end = year_month(request.income_from), year_month(request.income_to)
+        if not 1 <= _months(start, end) <= MAX_PERIOD_MONTHS:
+            problems.append(Problem("income period", f"must run forward and span at most {MAX_PERIOD_MONTHS} months"))
+    except ValueError:
+        problems.append(Problem("income period", "income_from and income_to must be year and month"))
+    try:
+        if from_pb(request.assets_as_of) > today:
+            problems.append(Problem("assets_as_of", "lies in the future"))
+    except ValueError:
+        problems.append(Problem("assets_as_of", "missing or not a calendar date"))
+    categories = list(request.categories)
+    known = set(records_pb2.DataCategory.values()) - {0}
+    if not categories or len(set(categories)) != len(categories) or not set(categories) <= known:
+        problems.append(Problem("categories", "list each known data category once, at least one"))
+    for i, threshold in enumerate(request.thresholds):
+        if threshold.limit_fen <= 0 or threshold.category not in categories:
+            problems.append(Problem(f"thresholds[{i}]", "a positive limit for one of the requested categories"))
+
+
+def _check_member(where: str, member: agency_pb2.Member, today: date, problems: list[Problem]) -> str | None:
+    number: str | None = None
+    try:
+        number = parse_id_number(member.id_number, today=today).value
+    except InvalidIdNumber as exc:
+        problems.append(Problem(f"{where}.id_number", str(exc)))
+    name = member.name.strip()
+    if not 1 <= len(name) <= 64 or not name.isprintable():
+        problems.append(Problem(f"{where}.name", "1-64 printable characters"))
+    if member.relation not in agency_pb2.Relation.values() or member.relation == 0:
+        problems.append(Problem(f"{where}.relation", "applicant, family member or support obligor"))
+    auth = member.authorisation
+    if not auth.number.strip() or len(auth.number) > 64:
+        problems.append(Problem(f"{where}.authorisation.number", "missing (nobody may be queried without one)"))
+    if not (auth.signed and auth.fingerprinted):
+        problems.append(Problem(f"{where}.authorisation", "must be signed and fingerprinted by the subject"))
+    if len(auth.scan_sha256) != DIGEST_BYTES:
+        problems.append(Problem(f"{where}.authorisation.scan_sha256", "SHA-256 of the scan (32 bytes) missing"))
+    if len(member.id_copy_sha256) != DIGEST_BYTES:
+        problems.append(Problem(f"{where}.id_copy_sha256", "SHA-256 of the ID-card copy (32 bytes) missing"))
+    return number
+
+
+def validate_package(request: agency_pb2.SubmitCommissionRequest, *, today: date) -> None:
+    """Raise InvalidPackage listing every problem; return quietly when the package is complete and consistent."""
+    problems: list[Problem] = []
+    _check_header(request, today, problems)
+    households = list(request.households)
+    if not 1 <= len(households) <= MAX_HOUSEHOLDS:
+        problems.append(Problem("households", f"1 to {MAX_HOUSEHOLDS} households"))
+    if sum(len(h.members) for h in households) > MAX_SUBJECTS:
+        problems.append(Problem("households", f"at most {MAX_SUBJECTS} members in one package"))
+    refs: set[str] = set()
+    seen: dict[str, str] = {}
+    for h_index, household in enumerate(households):
+        ref = household.household_ref
+        where_h = f"household '{ref}'" if _REF_RE.fullmatch(ref) else f"household #{h_index + 1}"
+        if not _REF_RE.fullmatch(ref):
+            problems.append(Problem(where_h, "household_ref must be 1-64 characters of letters, digits and . _ : / -"))
+        elif ref in refs:
+            problems.append(Problem(where_h, "household_ref used twice"))
+        refs.add(ref)
+        members = list(household.members)
+        if not 1 <= len(members) <= MAX_MEMBERS:
+            problems.append(Problem(where_h, f"1 to {MAX_MEMBERS} members"))
+        applicants = sum(m.relation == agency_pb2.RELATION_APPLICANT for m in members)
+        if applicants != 1:
+            problems.append(Problem(where_h, f"exactly one applicant (found {applicants})"))
+        for m_index, member in enumerate(members):
+            where = f"{where_h} member {m_index + 1}"
+            number = _check_member(where, member, today, problems)
+            if number is not None:
+                if number in seen:
+                    problems.append(Problem(where, f"same ID number as {seen[number]}"))
+                else:
+                    seen[number] = where
+    if problems:
+        raise InvalidPackage(problems)

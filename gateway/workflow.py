@@ -1,0 +1,500 @@
+"""The verification procedure as a state machine (clause 11; Procedure III and V).
+
+    received ──intake──▶ intake_passed ──review──▶ review_passed ──2 approvals──▶ exchange_approved ─▶ exchanging
+       │                     │                                                                          │
+       └──▶ returned         └──▶ terminated                                                 report ──▶ report_issued
+
+* Intake review (受理初审), second review (审核复审) and report issue are done by three different staff members
+  (Procedure V.(一)); a return or a termination always carries a reason.
+* A commission from a lower-level agency skips intake and enters at review (Procedure III.(二)2).
+* The exchange needs two distinct staff members (Procedure V.(二)), each signing the commission's exchange digest
+  with their registered key; the second approval queues the query items for the engine.
+
+Every transition and its audit entry are one transaction: a refused request changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+import grpc
+from hedui.v1 import agency_pb2
+from sqlalchemy import Connection, Engine, Row, func, insert, select, update
+
+from common.dates import from_pb, to_pb, year_month
+from common.errors import HeduiError
+from common.workdays import CHINA_TZ
+from gateway import schema as s
+from gateway.audit import AuditLog
+from gateway.intake import validate_package
+from gateway.report import ReportRefused, build_report, sign_report
+from gateway.routing import route
+from gateway.staff import StaffRegister
+from gateway.store import GatewayStore
+from keys.clock import Clock, from_ms
+from keys.identity import PartyKeys
+
+EXCHANGE_DIGEST_DOMAIN = b"hedui.v1.exchange-digest\x00"
+APPROVALS_NEEDED = 2  # Procedure V.(二)
+
+RECEIVED, INTAKE_PASSED, RETURNED = "received", "intake_passed", "returned"
+REVIEW_PASSED, TERMINATED = "review_passed", "terminated"
+EXCHANGE_APPROVED, EXCHANGING, REPORT_ISSUED = "exchange_approved", "exchanging", "report_issued"
+
+STATE_TO_PB = {
+    RECEIVED: agency_pb2.COMMISSION_STATE_RECEIVED,
+    INTAKE_PASSED: agency_pb2.COMMISSION_STATE_INTAKE_PASSED,
+    RETURNED: agency_pb2.COMMISSION_STATE_RETURNED,
+    REVIEW_PASSED: agency_pb2.COMMISSION_STATE_REVIEW_PASSED,
+    TERMINATED: agency_pb2.COMMISSION_STATE_TERMINATED,
+    EXCHANGE_APPROVED: agency_pb2.COMMISSION_STATE_EXCHANGE_APPROVED,
+    EXCHANGING: agency_pb2.COMMISSION_STATE_EXCHANGING,
+    REPORT_ISSUED: agency_pb2.COMMISSION_STATE_REPORT_ISSUED,
+}
+PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
+
+
+class WorkflowError(HeduiError):
+    """A request the procedure does not allow; carries the gRPC status it maps to. Nothing was changed."""
+
+    code = "workflow"
+
+    def __init__(self, status: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _illegal(message: str) -> WorkflowError:
+    return WorkflowError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+def _denied(message: str) -> WorkflowError:
+    return WorkflowError(grpc.StatusCode.PERMISSION_DENIED, message)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, from the client certificate and the configured client list."""
+
+    party_id: str
+    role: str  # commissioner | lower_agency | staff_system
+
+
+def exchange_digest(ref: str, request: agency_pb2.SubmitCommissionRequest) -> bytes:
+    """What exchange approvals sign: the commission id and the complete package as submitted."""
+    return hashlib.sha256(
+        EXCHANGE_DIGEST_DOMAIN + ref.encode() + b"\x00" + request.SerializeToString(deterministic=True)
+    ).digest()
+
+
+class Workflow:
+    """Commissions from submission to report, with staff rules and audit."""
+
+    def __init__(
+        self,
+        *,
+        store: GatewayStore,
+        audit: AuditLog,
+        staff: StaffRegister,
+        clock: Clock,
+        agency: PartyKeys,
+    ) -> None:
+        self.store = store
+        self.engine: Engine = store.engine
+        self.audit = audit
+        self.staff = staff
+        self.clock = clock
+        self.agency = agency
+
+    def _now(self) -> int:
+        return self.clock.now_ms()
+
+    def _today(self) -> date:
+        return from_ms(self._now()).astimezone(CHINA_TZ).date()
+
+    # -- reading -------------------------------------------------------------------------------------------------
+
+    def _row(self, conn: Connection, ref: str, caller: Caller) -> Row[Any]:
+        row = conn.execute(select(s.commissions).where(s.commissions.c.ref == ref)).first()
+        # A commissioner sees only its own commissions; "not found" also for other people's, so ids do not leak.
+        if row is None or (caller.role != "staff_system" and row.commissioner != caller.party_id):
+            raise WorkflowError(grpc.StatusCode.NOT_FOUND, "no such commission")
+        return row
+
+    def view(self, ref: str, caller: Caller) -> agency_pb2.Commission:
+        with self.engine.connect() as conn:
+            row = self._row(conn, ref, caller)
+            approvals = [
+                r.staff_id
+                for r in conn.execute(
+                    select(s.approvals.c.staff_id)
+                    .where(s.approvals.c.commission_id == row.id)
+                    .order_by(s.approvals.c.approved_at_ms)
+                )
+            ]
+        return self._to_pb(row, approvals)
+
+    @staticmethod
+    def _to_pb(row: Row[Any], approvals: Sequence[str]) -> agency_pb2.Commission:
+        r = row
+        return agency_pb2.Commission(
+            commission_id=r.ref,
+            letter_number=r.letter_number or "",
+            commissioner=r.commissioner or "",
+            state=STATE_TO_PB.get(r.state, agency_pb2.COMMISSION_STATE_UNSPECIFIED),
+            reason=r.reason or "",
+            households=r.household_count,
+            subjects=r.subject_count,
+            from_lower_agency=r.from_lower_agency,
+            intake_staff=r.intake_staff or "",
+            review_staff=r.review_staff or "",
+            approving_staff=list(approvals),
+            report_staff=r.report_staff or "",
+            exchange_digest=r.exchange_digest or b"",
+            created_at_ms=r.created_at_ms,
+            programme=r.purpose,
+        )
+
+    def list(self, caller: Caller, state: str | None, limit: int) -> list[agency_pb2.Commission]:
+        query = (
+            select(s.commissions).order_by(s.commissions.c.created_at_ms.desc()).limit(max(1, min(limit or 100, 1000)))
+        )
+        if caller.role != "staff_system":
+            query = query.where(s.commissions.c.commissioner == caller.party_id)
+        if state:
+            query = query.where(s.commissions.c.state == state)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [self._to_pb(r, []) for r in rows]
+
+    # -- submission ----------------------------------------------------------------------------------------------
+
+    def submit(self, request: agency_pb2.SubmitCommissionRequest, caller: Caller) -> agency_pb2.Commission:
+        """Validate and store a data package; a lower-level agency's commission enters at review."""
+        if caller.role not in {"commissioner", "lower_agency"}:
+            raise _denied("only commissioners and lower-level agencies submit commissions")
+        validate_package(request, today=self._today())
+        ref = "C" + os.urandom(8).hex()
+        lower = caller.role == "lower_agency"
+        state = INTAKE_PASSED if lower else RECEIVED  # Procedure III.(二)2: straight to second review
+        now = self._now()
+        subjects = [
+            {
+                "subject_ref": f"{h.household_ref}/{i + 1}",
+                "id_number": m.id_number.strip().upper(),
+                "name": m.name.strip(),
+                "auth_number": m.authorisation.number.strip(),
+                "auth_digest": m.authorisation.scan_sha256,
+                "household_ref": h.household_ref,
+                "member_index": i + 1,
+                "relation": m.relation,
+                "id_copy_digest": m.id_copy_sha256,
+            }
+            for h in request.households
+            for i, m in enumerate(h.members)
+        ]
+        start, end = year_month(request.income_from), year_month(request.income_to)
+        with self.engine.begin() as conn:
+            key = conn.execute(
+                insert(s.commissions).values(
+                    ref=ref,
+                    purpose=request.programme,
+                    income_from=f"{start[0]:04d}-{start[1]:02d}",
+                    income_to=f"{end[0]:04d}-{end[1]:02d}",
+                    assets_as_of=from_pb(request.assets_as_of),
+                    staff_ids="",
+                    categories=",".join(str(c) for c in request.categories),
+                    thresholds=",".join(f"{t.category}:{t.limit_fen}" for t in request.thresholds),
+                    created_at_ms=now,
+                    letter_number=request.letter.number,
+                    letter_date=from_pb(request.letter.date),
+                    commissioner=caller.party_id,
+                    state=state,
+                    from_lower_agency=lower,
+                    exchange_digest=exchange_digest(ref, request),
+                    household_count=len(request.households),
+                    subject_count=len(subjects),
+                )
+            ).inserted_primary_key
+            assert key is not None
+            commission_id = int(key[0])
+            first = conn.execute(select(func.coalesce(func.max(s.subjects.c.id), 0))).scalar_one() + 1
+            conn.execute(
+                insert(s.subjects),
+                [{"id": first + i, "commission_id": commission_id, **row} for i, row in enumerate(subjects)],
+            )
+            self.audit.append(
+                conn,
+                at_ms=now,
+                actor=caller.party_id,
+                action="commission.submit",
+                commission_id=commission_id,
+                after=state,
+                detail=f"households={len(request.households)} subjects={len(subjects)}",
+            )
+        return self.view(ref, caller)
+
+    # -- staff steps ---------------------------------------------------------------------------------------------
+
+    def _staff(self, staff_id: str, role: str) -> None:
+        member = self.staff.active(staff_id, self._now())
+        if member is None or role not in member.roles:
+            raise _denied(f"staff member {staff_id} is not registered for {role} now")
+
+    def _transition(
+        self,
+        conn: Connection,
+        row: Row[Any],
+        *,
+        actor: str,
+        action: str,
+        after: str,
+        values: dict[str, object],
+        detail: str | None = None,
+    ) -> None:
+        before = row.state
+        done = conn.execute(
+            update(s.commissions)
+            .where(s.commissions.c.id == row.id, s.commissions.c.state == before)
+            .values(state=after, **values)
+        ).rowcount
+        if not done:
+            raise _illegal("the commission changed meanwhile; read it again")
+        self.audit.append(
+            conn,
+            at_ms=self._now(),
+            actor=actor,
+            action=action,
+            commission_id=row.id,
+            before=before,
+            after=after,
+            detail=detail,
+        )
+
+    @staticmethod
+    def _reason(passed: bool, reason: str) -> str | None:
+        reason = reason.strip()
+        if not passed and not 1 <= len(reason) <= 255:
+            raise WorkflowError(
+                grpc.StatusCode.INVALID_ARGUMENT, "a return or termination needs a reason (1-255 chars)"
+            )
+        return reason or None
+
+    def intake(self, ref: str, staff_id: str, passed: bool, reason: str, caller: Caller) -> agency_pb2.Commission:
+        """受理初审: received -> intake_passed, or -> returned with a reason."""
+        self._require_staff_system(caller)
+        self._staff(staff_id, "intake")
+        text = self._reason(passed, reason)
+        with self.engine.begin() as conn:
+            row = self._row(conn, ref, caller)
+            if row.state != RECEIVED:
+                raise _illegal(f"intake review needs state received, the commission is {row.state}")
+            self._transition(
+                conn,
+                row,
+                actor=staff_id,
+                action="commission.intake",
+                after=INTAKE_PASSED if passed else RETURNED,
+                values={"intake_staff": staff_id, "reason": None if passed else text},
+                detail=None if passed else "returned",
+            )
+        return self.view(ref, caller)
+
+    def review(self, ref: str, staff_id: str, passed: bool, reason: str, caller: Caller) -> agency_pb2.Commission:
+        """审核复审: intake_passed -> review_passed, or -> terminated with a reason."""
+        self._require_staff_system(caller)
+        self._staff(staff_id, "review")
+        text = self._reason(passed, reason)
+        with self.engine.begin() as conn:
+            row = self._row(conn, ref, caller)
+            if row.state != INTAKE_PASSED:
+                raise _illegal(f"second review needs intake passed, the commission is {row.state}")
+            if staff_id == row.intake_staff:
+                raise _denied("Procedure V.(一): intake and second review need different staff members")
+            self._transition(
+                conn,
+                row,
+                actor=staff_id,
+                action="commission.review",
+                after=REVIEW_PASSED if passed else TERMINATED,
+                values={"review_staff": staff_id, "reason": None if passed else text},
+                detail=None if passed else "terminated",
+            )
+        return self.view(ref, caller)
+
+    def approve(self, ref: str, staff_id: str, signature: bytes, caller: Caller) -> agency_pb2.Commission:
+        """One exchange approval; the second distinct one queues the exchange (Procedure V.(二))."""
+        self._require_staff_system(caller)
+        self._staff(staff_id, "exchange")
+        now = self._now()
+        units = self.store.units()  # read before the transaction: SQLite allows one writer connection at a time
+        with self.engine.begin() as conn:
+            row = self._row(conn, ref, caller)
+            if row.state != REVIEW_PASSED:
+                raise _illegal(f"exchange approval needs review passed, the commission is {row.state}")
+            if not self.staff.verify_approval(staff_id, row.exchange_digest, signature, now, conn=conn):
+                raise WorkflowError(grpc.StatusCode.UNAUTHENTICATED, "approval signature does not verify")
+            existing = [
+                r.staff_id
+                for r in conn.execute(select(s.approvals.c.staff_id).where(s.approvals.c.commission_id == row.id))
+            ]
+            if staff_id in existing:
+                raise _denied("Procedure V.(二): the two approvals must come from two different staff members")
+            conn.execute(
+                insert(s.approvals).values(
+                    commission_id=row.id,
+                    staff_id=staff_id,
+                    signature=signature,
+                    approved_at_ms=now,
+                )
+            )
+            self.audit.append(conn, at_ms=now, actor=staff_id, action="commission.approve", commission_id=row.id)
+            approvers = [*existing, staff_id]
+            if len(approvers) >= APPROVALS_NEEDED:
+                self._transition(
+                    conn, row, actor=staff_id, action="commission.exchange_approved", after=EXCHANGE_APPROVED,
+                    values={"staff_ids": ",".join(approvers)},
+                )  # fmt: skip
+                row = self._row(conn, ref, caller)
+                categories = [int(c) for c in row.categories.split(",")]
+                targets = route(categories, units)
+                items = self._enqueue(conn, row.id, targets, now)
+                self._transition(
+                    conn, row, actor=staff_id, action="commission.exchange_started", after=EXCHANGING, values={},
+                    detail=f"units={len(targets)} items={items}",
+                )  # fmt: skip
+        return self.view(ref, caller)
+
+    @staticmethod
+    def _enqueue(conn: Connection, commission_id: int, unit_ids: Sequence[str], now_ms: int) -> int:
+        subject_ids = [
+            r.id for r in conn.execute(select(s.subjects.c.id).where(s.subjects.c.commission_id == commission_id))
+        ]
+        rows = [
+            {"commission_id": commission_id, "subject_id": sid, "unit_id": unit, "created_at_ms": now_ms}
+            for unit in unit_ids
+            for sid in subject_ids
+        ]
+        for start in range(0, len(rows), 5000):
+            conn.execute(insert(s.items), rows[start : start + 5000])
+        return len(rows)
+
+    def progress(self, ref: str, caller: Caller) -> agency_pb2.Progress:
+        with self.engine.connect() as conn:
+            row = self._row(conn, ref, caller)
+            dues = dict(
+                conn.execute(
+                    select(s.batches.c.unit_id, func.max(s.batches.c.due))
+                    .where(s.batches.c.commission_id == row.id, s.batches.c.state == "receipted")
+                    .group_by(s.batches.c.unit_id)
+                ).all()
+            )
+        counts = self.store.progress(row.id)
+        categories = {u.unit_id: u.category for u in self.store.units()}
+        result = agency_pb2.Progress(
+            commission_id=ref, state=STATE_TO_PB.get(row.state, agency_pb2.COMMISSION_STATE_UNSPECIFIED)
+        )
+        for unit_id, stages in sorted(counts.items()):
+            unit = result.units.add(unit_id=unit_id, category=categories.get(unit_id, 0))
+            for stage, count in stages.items():
+                if hasattr(unit, stage):
+                    setattr(unit, stage, count)
+            due = dues.get(unit_id)
+            if due is not None:
+                unit.due_date.CopyFrom(to_pb(due))
+        return result
+
+    def issue_report(self, ref: str, staff_id: str, partial: bool, caller: Caller) -> agency_pb2.SignedReport:
+        """核对报告: by a third staff member (Procedure V.(一)); refused while items are open unless partial."""
+        self._require_staff_system(caller)
+        self._staff(staff_id, "report")
+        now = self._now()
+        with self.engine.begin() as conn:
+            row = self._row(conn, ref, caller)
+            if row.state != EXCHANGING:
+                raise _illegal(f"a report needs the exchange to have started, the commission is {row.state}")
+            if staff_id in {row.intake_staff, row.review_staff}:
+                raise _denied("Procedure V.(一): intake, review and report need three different staff members")
+            try:
+                report = build_report(
+                    conn, row.id, agency=self.agency.party_id, issued_by=staff_id, partial=partial, now_ms=now
+                )
+            except ReportRefused as exc:
+                raise _illegal(str(exc)) from exc
+            signed = sign_report(report, self.agency, now)
+            conn.execute(
+                insert(s.reports).values(
+                    commission_id=row.id,
+                    report=signed.report,
+                    signer_key_id=signed.signer_key_id,
+                    signature=signed.signature,
+                    html=signed.html,
+                    partial=report.partial,
+                    issued_at_ms=now,
+                )
+            )
+            self._transition(
+                conn, row, actor=staff_id, action="commission.report", after=REPORT_ISSUED,
+                values={"report_staff": staff_id}, detail="partial" if partial else "complete",
+            )  # fmt: skip
+        return signed
+
+    def report(self, ref: str, caller: Caller) -> agency_pb2.SignedReport:
+        with self.engine.connect() as conn:
+            row = self._row(conn, ref, caller)
+            stored = conn.execute(select(s.reports).where(s.reports.c.commission_id == row.id)).first()
+        if stored is None:
+            raise WorkflowError(grpc.StatusCode.NOT_FOUND, "no report has been issued for this commission")
+        return agency_pb2.SignedReport(
+            report=stored.report, signer_key_id=stored.signer_key_id, signature=stored.signature, html=stored.html
+        )
+
+    def feedback(self, request: agency_pb2.ApprovalFeedback, caller: Caller) -> int:
+        """审批情况反馈 (Procedure IV): the commissioner's decision per subject of a reported commission."""
+        if caller.role not in {"commissioner", "lower_agency"}:
+            raise _denied("approval feedback comes from the commissioner")
+        now = self._now()
+        with self.engine.begin() as conn:
+            row = self._row(conn, request.commission_id, caller)
+            if row.state != REPORT_ISSUED:
+                raise _illegal("feedback is for commissions whose report was issued")
+            subjects = {
+                (r.household_ref, r.member_index): r.id
+                for r in conn.execute(
+                    select(s.subjects.c.id, s.subjects.c.household_ref, s.subjects.c.member_index).where(
+                        s.subjects.c.commission_id == row.id
+                    )
+                )
+            }
+            rows = []
+            for i, decision in enumerate(request.decisions):
+                subject_id = subjects.get((decision.household_ref, decision.member_index))
+                if subject_id is None or decision.decision not in {1, 2, 3}:
+                    raise WorkflowError(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"decisions[{i}]: unknown household/member or decision"
+                    )
+                rows.append((subject_id, decision.decision))
+            if len({sid for sid, _ in rows}) != len(rows):
+                raise WorkflowError(grpc.StatusCode.INVALID_ARGUMENT, "a subject appears twice in the feedback")
+            for subject_id, choice in rows:
+                conn.execute(s.feedback.delete().where(s.feedback.c.subject_id == subject_id))
+                conn.execute(
+                    insert(s.feedback).values(
+                        subject_id=subject_id, commission_id=row.id, decision=choice, recorded_at_ms=now
+                    )
+                )
+            self.audit.append(
+                conn, at_ms=now, actor=caller.party_id, action="commission.feedback", commission_id=row.id,
+                detail=f"decisions={len(rows)}",
+            )  # fmt: skip
+        return len(rows)
+
+    @staticmethod
+    def _require_staff_system(caller: Caller) -> None:
+        if caller.role != "staff_system":
+            raise _denied("only the agency's own staff system performs this step")

@@ -1,0 +1,274 @@
+"""The agency API end to end over real mutual TLS: a commissioner submits a package, three different staff members
+take it through intake, review and report, two sign the exchange, real connectors answer. Every refusal returns
+its gRPC status and changes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from hedui.v1 import agency_pb2, agency_pb2_grpc, exchange_pb2, records_pb2
+from sqlalchemy import func, select
+
+from connectors.server import server_credentials
+from connectors.synthetic import Relation
+from gateway import schema
+from gateway.audit import AuditLog
+from gateway.server import serve_api
+from gateway.staff import StaffRegister
+from gateway.workflow import Workflow
+from keys.identity import PartyKeys
+from keys.statements import approval_message, verify_report
+from tests.exchange_world import beijing_ms
+from tests.gateway_drive import settle
+from tests.gateway_world import CATEGORIES, GatewayWorld, gateway_world
+
+NOW = beijing_ms(2026, 3, 2)
+COMMISSIONER = "commissioner.220102.mzj"
+OTHER_COMMISSIONER = "commissioner.220103.mzj"
+LOWER_AGENCY = "agency.220102"
+BACKOFFICE = "agency.220100.backoffice"
+CLIENTS = {
+    COMMISSIONER: "commissioner",
+    OTHER_COMMISSIONER: "commissioner",
+    LOWER_AGENCY: "lower_agency",
+    BACKOFFICE: "staff_system",
+}
+# The exchange staff registered with the units in advance are S-0001 and S-0002 (tests/exchange_world.STAFF).
+STAFF_ROLES = {
+    "S-0001": ("intake", "exchange"),
+    "S-0002": ("review", "exchange"),
+    "S-0003": ("exchange",),
+    "S-0004": ("exchange",),
+    "S-0005": ("report",),
+    "S-0006": ("intake", "review", "report"),
+}
+_RELATIONS = {
+    Relation.APPLICANT: agency_pb2.RELATION_APPLICANT,
+    Relation.SUPPORT_OBLIGOR: agency_pb2.RELATION_SUPPORT_OBLIGOR,
+}
+
+
+@dataclass
+class Agency:
+    world: GatewayWorld
+    workflow: Workflow
+    audit: AuditLog
+    staff_keys: dict[str, PartyKeys]
+    port: int
+
+    def stub(self, party: str) -> agency_pb2_grpc.AgencyServiceStub:
+        return agency_pb2_grpc.AgencyServiceStub(self.world.pki.channel(party, self.port))
+
+    def package(self, households: int, start: int = 0) -> agency_pb2.SubmitCommissionRequest:
+        request = agency_pb2.SubmitCommissionRequest(
+            letter=agency_pb2.CommissionLetter(
+                number=f"WT-2026-{start:04d}", date=records_pb2.Date(year=2026, month=2, day=27)
+            ),
+            programme=exchange_pb2.PROGRAMME_MINIMUM_LIVING_ALLOWANCE,
+            income_from=records_pb2.YearMonth(year=2025, month=9),
+            income_to=records_pb2.YearMonth(year=2026, month=2),
+            assets_as_of=records_pb2.Date(year=2026, month=2, day=28),
+            categories=list(CATEGORIES),
+        )
+        for household in self.world.population.households(households, start):
+            h = request.households.add(household_ref=f"H{household.index:05d}")
+            for member in household.members:
+                h.members.add(
+                    id_number=member.id_number,
+                    name=member.name,
+                    relation=_RELATIONS.get(member.relation, agency_pb2.RELATION_FAMILY_MEMBER),
+                    authorisation=agency_pb2.PackageAuthorisation(
+                        number=f"SQ-{member.id_number[-6:]}", signed=True, fingerprinted=True,
+                        scan_sha256=hashlib.sha256(b"scan" + member.id_number.encode()).digest(),
+                    ),
+                    id_copy_sha256=hashlib.sha256(b"id" + member.id_number.encode()).digest(),
+                )  # fmt: skip
+        return request
+
+    def sign(self, staff_id: str, digest: bytes) -> bytes:
+        return self.staff_keys[staff_id].signing_key(NOW).sign(approval_message(digest))
+
+    def commissions(self) -> int:
+        with self.world.store.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(schema.commissions)).scalar_one())
+
+
+@pytest.fixture
+def agency(tmp_path: Path) -> Iterator[Agency]:
+    with gateway_world(tmp_path, now_ms=NOW) as world:
+        engine = world.store.engine
+        audit = AuditLog(engine)
+        register = StaffRegister(engine, audit)
+        admin = PartyKeys.create("staff.220100.admin", now_ms=NOW - 1)
+        register.bootstrap_admin("A-0001", name="管理员", public_key=admin.signing_key(NOW).public.raw,
+                                 valid_from_ms=NOW - 1, now_ms=NOW - 1)  # fmt: skip
+        staff_keys = {}
+        for staff_id, roles in STAFF_ROLES.items():
+            keys = PartyKeys.create(f"staff.220100.{staff_id.lower()}", now_ms=NOW - 1)
+            staff_keys[staff_id] = keys
+            public = keys.signing_key(NOW).public.raw
+            register.register("A-0001", staff_id, name=f"工作人员{staff_id[-1]}", roles=roles,
+                              public_key=public, valid_from_ms=NOW - 1, now_ms=NOW - 1)  # fmt: skip
+        agency_keys = world.engine.courier.me
+        workflow = Workflow(store=world.store, audit=audit, staff=register, clock=world.clock, agency=agency_keys)
+        server_cert, server_key = world.pki.issue("agency.220100.api", server=True)
+        for party in CLIENTS:
+            world.pki.issue(party)
+        world.pki.issue("agency.999999")  # a valid certificate of a party the gateway does not list
+        credentials = server_credentials(server_cert, server_key, world.pki.ca_path)
+        server, port, _ = serve_api(workflow, CLIENTS, listen="127.0.0.1:0", credentials=credentials)
+        try:
+            yield Agency(world, workflow, audit, staff_keys, port)
+        finally:
+            server.stop(None)
+
+
+def _code(excinfo: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
+    return excinfo.value.code()
+
+
+def _through_review(agency: Agency, households: int = 6) -> agency_pb2.Commission:
+    commissioner, office = agency.stub(COMMISSIONER), agency.stub(BACKOFFICE)
+    commission = commissioner.SubmitCommission(agency.package(households))
+    office.RecordIntake(
+        agency_pb2.StaffDecision(commission_id=commission.commission_id, staff_id="S-0001", passed=True)
+    )
+    return office.RecordReview(
+        agency_pb2.StaffDecision(commission_id=commission.commission_id, staff_id="S-0002", passed=True)
+    )
+
+
+def test_whole_procedure_from_package_to_signed_report(agency: Agency) -> None:
+    commissioner, office = agency.stub(COMMISSIONER), agency.stub(BACKOFFICE)
+    commission = commissioner.SubmitCommission(agency.package(8))
+    assert commission.state == agency_pb2.COMMISSION_STATE_RECEIVED
+    assert commission.households == 8 and commission.subjects >= 8
+    cid = commission.commission_id
+    office.RecordIntake(agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0001", passed=True))
+    reviewed = office.RecordReview(agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0002", passed=True))
+    assert reviewed.state == agency_pb2.COMMISSION_STATE_REVIEW_PASSED
+    digest = reviewed.exchange_digest
+    one = office.ApproveExchange(
+        agency_pb2.ExchangeApproval(commission_id=cid, staff_id="S-0001", signature=agency.sign("S-0001", digest))
+    )
+    assert one.state == agency_pb2.COMMISSION_STATE_REVIEW_PASSED
+    two = office.ApproveExchange(
+        agency_pb2.ExchangeApproval(commission_id=cid, staff_id="S-0002", signature=agency.sign("S-0002", digest))
+    )
+    assert two.state == agency_pb2.COMMISSION_STATE_EXCHANGING
+    assert list(two.approving_staff) == ["S-0001", "S-0002"]
+    progress = commissioner.GetProgress(agency_pb2.CommissionRef(commission_id=cid))
+    assert {u.unit_id for u in progress.units} == set(agency.world.connectors)
+    with pytest.raises(grpc.RpcError) as excinfo:  # items still open: only a partial report
+        office.IssueReport(agency_pb2.IssueReportRequest(commission_id=cid, staff_id="S-0005"))
+    assert _code(excinfo) == grpc.StatusCode.FAILED_PRECONDITION
+    settle(agency.world)
+    progress = commissioner.GetProgress(agency_pb2.CommissionRef(commission_id=cid))
+    assert all(u.answered == commission.subjects and u.queued == 0 for u in progress.units)
+    signed = office.IssueReport(agency_pb2.IssueReportRequest(commission_id=cid, staff_id="S-0005"))
+    report = verify_report(signed, agency.world.engine.courier.me.signing_key(NOW).public)
+    assert report.commission_id == cid and not report.partial and len(report.households) == 8
+    assert "核对报告" in signed.html
+    fetched = commissioner.GetReport(agency_pb2.CommissionRef(commission_id=cid))
+    assert fetched.report == signed.report and fetched.signature == signed.signature
+    decision = agency_pb2.SubjectDecision(household_ref="H00000", member_index=1, decision=agency_pb2.DECISION_APPROVED)
+    receipt = commissioner.SubmitApprovalFeedback(agency_pb2.ApprovalFeedback(commission_id=cid, decisions=[decision]))
+    assert receipt.recorded == 1
+    assert agency.audit.verify() == []
+
+
+def test_lower_level_agency_commission_enters_at_review(agency: Agency) -> None:
+    commission = agency.stub(LOWER_AGENCY).SubmitCommission(agency.package(2, start=40))
+    assert commission.state == agency_pb2.COMMISSION_STATE_INTAKE_PASSED and commission.from_lower_agency
+
+
+def test_invalid_package_lists_every_problem_and_creates_nothing(agency: Agency) -> None:
+    request = agency.package(3)
+    member = request.households[0].members[0]
+    bad_number = member.id_number[:17] + ("0" if member.id_number[17] != "0" else "1")
+    member.id_number = bad_number
+    request.households[1].members[0].authorisation.number = ""
+    request.households[2].household_ref = request.households[1].household_ref
+    with pytest.raises(grpc.RpcError) as excinfo:
+        agency.stub(COMMISSIONER).SubmitCommission(request)
+    assert _code(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    details = excinfo.value.details() or ""
+    assert "member 1.id_number: ID number check digit is wrong" in details
+    assert "authorisation.number" in details and "household_ref used twice" in details
+    assert bad_number not in details and member.name not in details
+    assert agency.commissions() == 0
+
+
+def test_refusals_change_nothing(agency: Agency) -> None:
+    commissioner, office = agency.stub(COMMISSIONER), agency.stub(BACKOFFICE)
+    cid = commissioner.SubmitCommission(agency.package(3)).commission_id
+
+    def refused(call: object, request: object, code: grpc.StatusCode) -> None:
+        before = office.GetCommission(agency_pb2.CommissionRef(commission_id=cid))
+        entries = agency.audit.count()
+        with pytest.raises(grpc.RpcError) as excinfo:
+            call(request)  # type: ignore[operator]
+        assert _code(excinfo) == code, excinfo.value.details()
+        assert office.GetCommission(agency_pb2.CommissionRef(commission_id=cid)) == before
+        assert agency.audit.count() == entries
+
+    # illegal transition: review before intake
+    refused(office.RecordReview, agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0002", passed=True),
+            grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
+    # wrong staff: a reviewer recording intake
+    refused(office.RecordIntake, agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0002", passed=True),
+            grpc.StatusCode.PERMISSION_DENIED)  # fmt: skip
+    # a return without a reason
+    refused(office.RecordIntake, agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0001", passed=False),
+            grpc.StatusCode.INVALID_ARGUMENT)  # fmt: skip
+    office.RecordIntake(agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0006", passed=True))
+    # the same staff member for intake and review (Procedure V.(一))
+    refused(office.RecordReview, agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0006", passed=True),
+            grpc.StatusCode.PERMISSION_DENIED)  # fmt: skip
+    digest = office.RecordReview(
+        agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0002", passed=True)
+    ).exchange_digest
+    # a forged approval signature
+    refused(office.ApproveExchange, agency_pb2.ExchangeApproval(commission_id=cid, staff_id="S-0003",
+            signature=agency.sign("S-0004", digest)), grpc.StatusCode.UNAUTHENTICATED)  # fmt: skip
+    office.ApproveExchange(
+        agency_pb2.ExchangeApproval(commission_id=cid, staff_id="S-0003", signature=agency.sign("S-0003", digest))
+    )
+    # the same staff member approving twice (Procedure V.(二))
+    refused(office.ApproveExchange, agency_pb2.ExchangeApproval(commission_id=cid, staff_id="S-0003",
+            signature=agency.sign("S-0003", digest)), grpc.StatusCode.PERMISSION_DENIED)  # fmt: skip
+    # one approval only: no exchange, no report
+    refused(office.IssueReport, agency_pb2.IssueReportRequest(commission_id=cid, staff_id="S-0005", partial=True),
+            grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
+    with agency.world.store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(schema.items)).scalar_one() == 0
+    # a commissioner may not act for staff, and sees only its own commissions
+    refused(agency.stub(COMMISSIONER).RecordIntake, agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0001",
+            passed=True), grpc.StatusCode.PERMISSION_DENIED)  # fmt: skip
+    refused(agency.stub(OTHER_COMMISSIONER).GetProgress, agency_pb2.CommissionRef(commission_id=cid),
+            grpc.StatusCode.NOT_FOUND)  # fmt: skip
+    # an unknown client
+    refused(agency.stub("agency.999999").GetCommission, agency_pb2.CommissionRef(commission_id=cid),
+            grpc.StatusCode.UNAUTHENTICATED)  # fmt: skip
+
+
+def test_returned_and_terminated_carry_reasons(agency: Agency) -> None:
+    commissioner, office = agency.stub(COMMISSIONER), agency.stub(BACKOFFICE)
+    first = commissioner.SubmitCommission(agency.package(2, start=10)).commission_id
+    returned = office.RecordIntake(agency_pb2.StaffDecision(commission_id=first, staff_id="S-0001", passed=False,
+                                                            reason="纸质材料与电子数据包不一致"))  # fmt: skip
+    assert returned.state == agency_pb2.COMMISSION_STATE_RETURNED and returned.reason
+    second = _through_review(agency, 2)
+    assert second.state == agency_pb2.COMMISSION_STATE_REVIEW_PASSED
+    third = commissioner.SubmitCommission(agency.package(2, start=20)).commission_id
+    office.RecordIntake(agency_pb2.StaffDecision(commission_id=third, staff_id="S-0001", passed=True))
+    terminated = office.RecordReview(agency_pb2.StaffDecision(commission_id=third, staff_id="S-0002", passed=False,
+                                                              reason="授权书不完整"))  # fmt: skip
+    assert terminated.state == agency_pb2.COMMISSION_STATE_TERMINATED
+    listed = commissioner.ListCommissions(agency_pb2.ListCommissionsRequest())
+    assert {c.commission_id for c in listed.commissions} >= {first, third}

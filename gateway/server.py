@@ -121,6 +121,8 @@ def build(config: GatewayConfig) -> RunningGateway:
     store.sync_units(
         (u.party_id, unit_category_by_name(u.category), u.endpoint, u.exchange_mode, u.enabled) for u in config.units
     )
+    # Claims under our replica id are a previous run's, killed mid-step: release them now rather than after the lease.
+    store.release_claims(config.exchange.replica_id)
     clock = SystemClock()
     courier = Courier(party, trust, replay=store.replay, clock=clock)
     tls = _client_tls(config)

@@ -398,12 +398,27 @@ class GatewayStore:
 
     # -- batch lifecycle -------------------------------------------------------------------------------------------
 
-    def _finish(self, conn: Connection, batch_id: str, **values: object) -> None:
-        conn.execute(
-            update(s.batches)
-            .where(s.batches.c.batch_id == batch_id)
-            .values(claimed_by=None, claim_until_ms=None, **values)
+    def _finish(self, conn: Connection, batch_id: str, from_states: tuple[str, ...], **values: object) -> bool:
+        """Record the outcome of a step and release the claim, only if the batch is still in one of
+        ``from_states``: a late writer whose lease ran out can never move a batch backwards."""
+        return bool(
+            conn.execute(
+                update(s.batches)
+                .where(s.batches.c.batch_id == batch_id, s.batches.c.state.in_(from_states))
+                .values(claimed_by=None, claim_until_ms=None, **values)
+            ).rowcount
         )
+
+    def release_claims(self, replica: str) -> int:
+        """At start: claims held under this replica id belong to a previous run that died mid-step."""
+        with self.engine.begin() as conn:
+            return int(
+                conn.execute(
+                    update(s.batches)
+                    .where(s.batches.c.claimed_by == replica)
+                    .values(claimed_by=None, claim_until_ms=None)
+                ).rowcount
+            )
 
     def receipted(self, batch_id: str, *, received_at_ms: int, due: date, envelope: bytes, next_poll_ms: int) -> None:
         """The unit's signed receipt is stored; the clause-12 clock runs from its received time."""
@@ -411,6 +426,7 @@ class GatewayStore:
             self._finish(
                 conn,
                 batch_id,
+                ("ready",),
                 state="receipted",
                 attempts=s.batches.c.attempts + 1,
                 received_at_ms=received_at_ms,
@@ -424,13 +440,20 @@ class GatewayStore:
     def send_failed(self, batch_id: str, error: str, retry_at_ms: int) -> None:
         with self.engine.begin() as conn:
             self._finish(
-                conn, batch_id, attempts=s.batches.c.attempts + 1, last_error=error, next_attempt_ms=retry_at_ms
+                conn,
+                batch_id,
+                ("ready",),
+                attempts=s.batches.c.attempts + 1,
+                last_error=error,
+                next_attempt_ms=retry_at_ms,
             )
 
     def refused(self, batch_id: str, reason: str) -> None:
         """The unit refused the batch for a reason a retry cannot cure: an operator must look at it."""
         with self.engine.begin() as conn:
-            self._finish(conn, batch_id, state="failed", attempts=s.batches.c.attempts + 1, last_error=reason)
+            self._finish(
+                conn, batch_id, ("ready",), state="failed", attempts=s.batches.c.attempts + 1, last_error=reason
+            )
 
     def still_pending(
         self, batch_id: str, due: date, delay_reason: str | None, next_poll_ms: int, *, today: date
@@ -439,12 +462,14 @@ class GatewayStore:
         after the sweep) takes the overdue mark off again; a passed one keeps it."""
         fresh = {} if due < today else {"overdue": False}
         with self.engine.begin() as conn:
-            self._finish(conn, batch_id, due=due, delay_reason=delay_reason, next_poll_ms=next_poll_ms, **fresh)
+            self._finish(
+                conn, batch_id, ("receipted",), due=due, delay_reason=delay_reason, next_poll_ms=next_poll_ms, **fresh
+            )
 
     def still_pending_later(self, batch_id: str, next_poll_ms: int) -> None:
         """Leave the batch as it is and poll it again later."""
         with self.engine.begin() as conn:
-            self._finish(conn, batch_id, next_poll_ms=next_poll_ms)
+            self._finish(conn, batch_id, ("receipted",), next_poll_ms=next_poll_ms)
 
     def unacknowledged(self, unit_id: str, limit: int) -> list[str]:
         with self.engine.connect() as conn:
@@ -459,7 +484,7 @@ class GatewayStore:
     def resend(self, batch_id: str) -> None:
         """The unit says it does not know a receipted batch: send it again (same id, same content)."""
         with self.engine.begin() as conn:
-            self._finish(conn, batch_id, state="ready", next_attempt_ms=0, last_error="unknown_at_unit")
+            self._finish(conn, batch_id, ("receipted",), state="ready", next_attempt_ms=0, last_error="unknown_at_unit")
 
     def item_ids(self, batch_id: str) -> set[int]:
         with self.engine.connect() as conn:
@@ -504,7 +529,13 @@ class GatewayStore:
                 select(func.count()).select_from(s.answers).where(s.answers.c.batch_id == batch_id)
             ).scalar_one()
             self._finish(
-                conn, batch_id, state="answered", answered_at_ms=now_ms, answer_message_id=message_id, overdue=False
+                conn,
+                batch_id,
+                ("ready", "receipted"),
+                state="answered",
+                answered_at_ms=now_ms,
+                answer_message_id=message_id,
+                overdue=False,
             )
         return int(after - before)
 

@@ -94,10 +94,16 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
         party = party_from_auth_context(context.auth_context()) or ""
         return Caller(party, self.clients.get(party, ""))
 
-    def _run(self, context: grpc.ServicerContext, call: Callable[[Caller], T]) -> T:
+    def _run(
+        self, context: grpc.ServicerContext, call: Callable[[Caller], T], read: tuple[str, str | None] | None = None
+    ) -> T:
+        """Run ``call`` as the caller; a successful read is audited as ``read`` = (action, commission id)."""
         caller = self._caller(context)
         try:
-            return call(caller)
+            result = call(caller)
+            if read is not None:
+                self.workflow.audit_read(caller, *read)
+            return result
         except InvalidPackage as exc:
             log.info("package refused", extra={"caller": caller.party_id, "problems": len(exc.problems)})
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -112,7 +118,9 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
         return self._run(context, lambda c: self.workflow.submit(request, c))
 
     def GetCommission(self, request: agency_pb2.CommissionRef, context: grpc.ServicerContext) -> agency_pb2.Commission:
-        return self._run(context, lambda c: self.workflow.view(request.commission_id, c))
+        return self._run(
+            context, lambda c: self.workflow.view(request.commission_id, c), ("commission.view", request.commission_id)
+        )
 
     def ListCommissions(
         self, request: agency_pb2.ListCommissionsRequest, context: grpc.ServicerContext
@@ -121,6 +129,7 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
         return self._run(
             context,
             lambda c: agency_pb2.ListCommissionsResponse(commissions=self.workflow.list(c, state, request.limit)),
+            ("commission.list", None),
         )
 
     def RecordIntake(self, request: agency_pb2.StaffDecision, context: grpc.ServicerContext) -> agency_pb2.Commission:
@@ -143,7 +152,11 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
         )
 
     def GetProgress(self, request: agency_pb2.CommissionRef, context: grpc.ServicerContext) -> agency_pb2.Progress:
-        return self._run(context, lambda c: self.workflow.progress(request.commission_id, c))
+        return self._run(
+            context,
+            lambda c: self.workflow.progress(request.commission_id, c),
+            ("commission.progress", request.commission_id),
+        )
 
     def IssueReport(
         self, request: agency_pb2.IssueReportRequest, context: grpc.ServicerContext
@@ -153,7 +166,9 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
         )
 
     def GetReport(self, request: agency_pb2.CommissionRef, context: grpc.ServicerContext) -> agency_pb2.SignedReport:
-        return self._run(context, lambda c: self.workflow.report(request.commission_id, c))
+        return self._run(
+            context, lambda c: self.workflow.report(request.commission_id, c), ("report.get", request.commission_id)
+        )
 
     def SubmitApprovalFeedback(
         self, request: agency_pb2.ApprovalFeedback, context: grpc.ServicerContext

@@ -160,6 +160,16 @@ class Workflow:
             programme=r.purpose,
         )
 
+    def audit_read(self, caller: Caller, action: str, ref: str | None = None) -> None:
+        """Record who read what (clause 16: data only for those in the verification; clause 17: archives)."""
+        with self.engine.begin() as conn:
+            commission_id = None
+            if ref is not None:
+                commission_id = conn.execute(select(s.commissions.c.id).where(s.commissions.c.ref == ref)).scalar()
+            self.audit.append(
+                conn, at_ms=self._now(), actor=caller.party_id, action=action, commission_id=commission_id
+            )
+
     def list(self, caller: Caller, state: str | None, limit: int) -> list[agency_pb2.Commission]:
         query = (
             select(s.commissions).order_by(s.commissions.c.created_at_ms.desc()).limit(max(1, min(limit or 100, 1000)))

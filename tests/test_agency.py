@@ -180,6 +180,8 @@ def test_whole_procedure_from_package_to_signed_report(agency: Agency) -> None:
     receipt = commissioner.SubmitApprovalFeedback(agency_pb2.ApprovalFeedback(commission_id=cid, decisions=[decision]))
     assert receipt.recorded == 1
     assert agency.audit.verify() == []
+    actions = [e.action for e in agency.audit.entries()]
+    assert {"commission.submit", "commission.progress", "report.get", "commission.report"} <= set(actions)
 
 
 def test_lower_level_agency_commission_enters_at_review(agency: Agency) -> None:
@@ -214,8 +216,8 @@ def test_refusals_change_nothing(agency: Agency) -> None:
         with pytest.raises(grpc.RpcError) as excinfo:
             call(request)  # type: ignore[operator]
         assert _code(excinfo) == code, excinfo.value.details()
-        assert office.GetCommission(agency_pb2.CommissionRef(commission_id=cid)) == before
         assert agency.audit.count() == entries
+        assert office.GetCommission(agency_pb2.CommissionRef(commission_id=cid)) == before
 
     # illegal transition: review before intake
     refused(office.RecordReview, agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0002", passed=True),

@@ -137,6 +137,7 @@ def build_network(
     max_backoff: float = 5.0,
     lease_seconds: float = 10.0,
     kdf: keystore.KdfParams | None = None,
+    clients: Mapping[str, str] | None = None,
 ) -> Network:
     """Write a network for ``units`` (party id -> unit category name) into ``root``."""
     root.mkdir(parents=True, exist_ok=True)
@@ -213,7 +214,12 @@ max_subjects_per_batch = {max(batch_size, 1)}
     client_cert, client_key = issue(gateway_party, server=False)
     server_cert, server_key = issue(gateway_party + ".api", server=True)
     store_path, pass_path = save(*gateway)
+    # Agency API clients (party id -> role), each with a client certificate in tls/<party>.client.crt.
+    for party in clients or {}:
+        issue(party, server=False)
     unit_lines = "".join(
+        f'\n[[clients]]\nparty_id = "{party}"\nrole = "{role}"\n' for party, role in (clients or {}).items()
+    ) + "".join(
         f'\n[[units]]\nparty_id = "{unit}"\ncategory = "{category}"\nendpoint = "localhost:{ports[unit]}"\n'
         for unit, category in units.items()
     )

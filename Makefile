@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint typecheck unit protos bench clean
+.PHONY: demo keys-demo test lint typecheck unit protos bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Hedui needs Python 3.11 or newer")'
@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 demo: $(VENV)/.installed
+	$(PY) -m gateway.demo
+
+keys-demo: $(VENV)/.installed
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/walkthrough.sh
 
 test: $(VENV)/.installed lint typecheck unit

@@ -10,7 +10,6 @@ hedui-connector delay --config FILE BATCH --until YYYY-MM-DD --reason technical
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import threading
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from common.config import describe
 from common.errors import HeduiError
+from common.logs import configure_logging
 from connectors.config import ConnectorConfig
 from connectors.server import build_connector, serve
 
@@ -61,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the hedui-connector console script."""
     parser = argparse.ArgumentParser(prog="hedui-connector", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="json: one JSON object per line (collectors)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve_p = sub.add_parser("serve", help="run the exchange server")
     serve_p.add_argument("--config", required=True)
@@ -76,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     delay.add_argument("--reason", required=True, help="short code: technical, volume")
     delay.set_defaults(func=_delay)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(args.log_level, json_lines=args.log_format == "json")
     try:
         args.func(args)
     except (HeduiError, ValueError, OSError) as exc:

@@ -10,6 +10,7 @@ from hedui.v1 import records_pb2
 
 from common.categories import UNIT_DATA
 from common.config import ConfigError, doc, load_file
+from common.metrics import split_listen
 from keys.party import check_party_id
 
 
@@ -108,6 +109,19 @@ class ExchangeSection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    listen: str = doc(
+        "host:port of the Prometheus endpoint (/metrics), its own port apart from the gRPC API; empty: no endpoint. "
+        "Keep it on loopback or a management network.",
+        default="127.0.0.1:9465",
+    )
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            split_listen(self.listen)
+
+
+@dataclass(frozen=True)
 class StaffEntry:
     gateway: str = doc("Party id of the gateway whose staff member this is.")
     staff_id: str = doc("The staff member's id as the agency registered it (Procedure V.(三)).")
@@ -120,6 +134,7 @@ class ConnectorConfig:
     ENV_OVERRIDES: ClassVar[dict[str, str]] = {
         "HEDUI_CONNECTOR_DATABASE_URL": "database.url",
         "HEDUI_CONNECTOR_LISTEN": "server.listen",
+        "HEDUI_CONNECTOR_METRICS_LISTEN": "metrics.listen",
     }
 
     unit: UnitSection
@@ -128,6 +143,7 @@ class ConnectorConfig:
     adapter: AdapterSection
     server: ServerSection = field(default_factory=ServerSection)
     exchange: ExchangeSection = field(default_factory=ExchangeSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     staff: tuple[StaffEntry, ...] = doc(
         "Exchange staff registered in advance by each gateway; queries naming others are refused.", default=()
     )

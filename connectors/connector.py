@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Mapping
 from datetime import date, datetime
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import Message
@@ -19,6 +20,7 @@ from hedui.v1 import exchange_pb2
 
 from common.categories import UNIT_DATA
 from common.dates import from_pb, to_pb, year_month
+from common.logs import public_commission_ref
 from common.workdays import CHINA_TZ, CalendarError, WorkdayCalendar
 from connectors.adapters.base import Adapter, AdapterError, LookupContext
 from connectors.answering import answer_subjects, is_authorised
@@ -27,6 +29,9 @@ from connectors.store import BatchExists, ConnectorStore, StoredBatch
 from keys.clock import DAY_MS, MINUTE_MS, from_ms
 from keys.envelope import Courier, Opened
 from keys.errors import EnvelopeError, ReplayedEnvelope
+
+if TYPE_CHECKING:
+    from connectors.metrics import ConnectorMetrics
 
 log = logging.getLogger("hedui.connector")
 
@@ -62,6 +67,7 @@ class Connector:
         threshold_categories: frozenset[int] = frozenset(),
         max_subjects: int = 5000,
         envelope_ttl_ms: int = 60 * MINUTE_MS,
+        metrics: ConnectorMetrics | None = None,
     ) -> None:
         self.courier = courier
         self.store = store
@@ -72,6 +78,7 @@ class Connector:
         self.threshold_categories = threshold_categories
         self.max_subjects = max_subjects
         self.envelope_ttl_ms = envelope_ttl_ms
+        self.metrics = metrics
 
     @property
     def party_id(self) -> str:
@@ -103,6 +110,12 @@ class Connector:
 
     def _refuse(self, refusal: Refusal, gateway: str | None, batch_id: str | None = None) -> Refusal:
         self.store.record(self._now(), "refused", gateway=gateway, batch_id=batch_id, reason=refusal.reason)
+        if self.metrics is not None:
+            self.metrics.refusals.labels(refusal.reason).inc()
+            if isinstance(refusal.__cause__, EnvelopeError):
+                # Counted here, not in the courier: a batch sent again after a lost receipt is a replay that is
+                # answered with its stored receipt, not a rejection.
+                self.metrics.service.envelope_rejected(refusal.__cause__)
         log.warning("request refused", extra={"reason": refusal.reason, "gateway": gateway or "-"})
         return refusal
 
@@ -162,7 +175,17 @@ class Connector:
                 return self._same_batch_receipt(existing, gateway, digest, opened)
         except Refusal as refusal:
             raise self._refuse(refusal, gateway, batch.batch_id or None) from None
-        log.info("batch accepted", extra={"gateway": gateway, "batch_id": stored.batch_id})
+        if self.metrics is not None:
+            self.metrics.batches_received.inc()
+        log.info(
+            "batch accepted",
+            extra={
+                "gateway": gateway,
+                "batch_id": stored.batch_id,
+                "commission_id": public_commission_ref(batch.commission_ref),
+                "subjects": stored.subject_count,
+            },
+        )
         return self._reply(self._receipt(stored), opened)
 
     def _same_batch_receipt(self, existing: StoredBatch, gateway: str, digest: bytes, opened: Opened) -> bytes:
@@ -265,6 +288,8 @@ class Connector:
                 continue
             if self.store.store_answer(stored.batch_id, answer.SerializeToString(deterministic=True), self._now()):
                 answered += 1
+                if self.metrics is not None:
+                    self.metrics.answered(s.status for s in answer.subjects)
         return answered
 
     def _answer(self, batch: exchange_pb2.QueryBatch, stored: StoredBatch) -> exchange_pb2.BatchAnswer:
@@ -300,6 +325,9 @@ class Connector:
         if new_due <= stored.due:
             raise DelayRefused("a delay must move the due date later")
         self.store.set_delay(batch_id, new_due, reason, self._now())
+        if self.metrics is not None:
+            self.metrics.delay_notices.inc()
+        log.info("delay notice issued", extra={"batch_id": batch_id, "reason": reason})
 
     # -- fetching and acknowledging ----------------------------------------------------------------------------
 

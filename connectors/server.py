@@ -1,5 +1,5 @@
-"""The connector's gRPC exchange server: mutual TLS, the ExchangeService, health checking, reflection, and the
-worker that answers pending batches."""
+"""The connector's gRPC exchange server: mutual TLS, the ExchangeService, health checking, reflection, the worker
+that answers pending batches, and the Prometheus endpoint."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +18,8 @@ from hedui.v1 import exchange_pb2, exchange_pb2_grpc
 
 from common.config import ConfigError
 from common.db import make_engine
+from common.logs import log_context, new_request_id
+from common.metrics import MetricsServer, process_registry, serve_metrics
 from common.workdays import WorkdayCalendar
 from connectors.adapters.base import Adapter
 from connectors.adapters.csv_files import CsvAdapter
@@ -24,6 +27,7 @@ from connectors.adapters.sql import SqlAdapter
 from connectors.config import ConnectorConfig, data_category_by_name
 from connectors.connector import Connector
 from connectors.errors import Refusal
+from connectors.metrics import ConnectorMetrics
 from connectors.store import ConnectorStore
 from connectors.synthetic import Population, SyntheticAdapter
 from keys import keystore
@@ -50,13 +54,15 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServiceServicer):
         request: exchange_pb2.SealedMessage,
         context: grpc.ServicerContext,
     ) -> exchange_pb2.SealedMessage:
-        party = party_from_auth_context(context.auth_context())
-        if self.require_tls_identity and party is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "client certificate names no party")
-        try:
-            return exchange_pb2.SealedMessage(envelope=handler(request.envelope, party))
-        except Refusal as refusal:
-            context.abort(refusal.status, str(refusal))
+        with log_context(request_id=new_request_id()):  # on every log line written while this call is handled
+            party = party_from_auth_context(context.auth_context())
+            if self.require_tls_identity and party is None:
+                log.warning("request refused", extra={"reason": "no_tls_identity"})
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "client certificate names no party")
+            try:
+                return exchange_pb2.SealedMessage(envelope=handler(request.envelope, party))
+            except Refusal as refusal:
+                context.abort(refusal.status, str(refusal))
         raise AssertionError("unreachable")  # context.abort raises
 
     def SubmitBatch(
@@ -116,12 +122,15 @@ class RunningConnector:
     connector: Connector
     worker: AnswerWorker | None
     health: health.HealthServicer
+    metrics_server: MetricsServer | None = None
 
     def stop(self, grace: float | None = 1.0) -> None:
         self.health.enter_graceful_shutdown()
         if self.worker is not None:
             self.worker.stop()
         self.server.stop(grace).wait()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self.connector.adapter.close()
         self.connector.store.engine.dispose()
 
@@ -140,8 +149,10 @@ def build_adapter(config: ConnectorConfig) -> Adapter:
     return SyntheticAdapter(Population(section.seed), config.unit_category)
 
 
-def build_connector(config: ConnectorConfig, *, courier: Courier | None = None) -> Connector:
-    """Wire a Connector from its config: keystore, store, adapter, calendar, staff register."""
+def build_connector(
+    config: ConnectorConfig, *, courier: Courier | None = None, metrics: ConnectorMetrics | None = None
+) -> Connector:
+    """Wire a Connector from its config: keystore, store, adapter, calendar, staff register (and its metrics)."""
     if courier is None:
         passphrase = config.keys.passphrase_file.read_text(encoding="utf-8").rstrip("\r\n")
         party, trust = keystore.load(config.keys.keystore, passphrase)
@@ -152,6 +163,8 @@ def build_connector(config: ConnectorConfig, *, courier: Courier | None = None) 
         courier = Courier(party, trust, replay=store.replay, policy=Policy())
     else:
         store = ConnectorStore(make_engine(config.database.url))
+    if metrics is not None:
+        metrics.watch_store(store.engine)
     staff: dict[str, set[str]] = {}
     for entry in config.staff:
         staff.setdefault(entry.gateway, set()).add(entry.staff_id)
@@ -165,6 +178,7 @@ def build_connector(config: ConnectorConfig, *, courier: Courier | None = None) 
         threshold_categories=frozenset(data_category_by_name(n) for n in config.exchange.threshold_categories),
         max_subjects=config.exchange.max_subjects_per_batch,
         envelope_ttl_ms=config.exchange.envelope_ttl_minutes * 60_000,
+        metrics=metrics,
     )
 
 
@@ -178,12 +192,18 @@ def start(
     retention_days: int = 30,
 ) -> RunningConnector:
     """Start serving on ``listen`` (port 0 picks a free one). ``credentials=None`` serves plaintext and is only
-    allowed on loopback; ``worker_interval=None`` starts no worker (tests drive ``answer_pending`` themselves)."""
+    allowed on loopback; ``worker_interval=None`` starts no worker (tests drive ``answer_pending`` themselves).
+    When the connector has metrics, every call is counted by method and status."""
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+    interceptors: list[grpc.ServerInterceptor[Any, Any]] = []
+    if connector.metrics is not None:
+        interceptors.append(connector.metrics.service.interceptor())
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers), options=options, interceptors=interceptors
+    )
     exchange_pb2_grpc.add_ExchangeServiceServicer_to_server(
         ExchangeServicer(connector, require_tls_identity=credentials is not None), server
     )
@@ -218,11 +238,14 @@ def serve(config: ConnectorConfig) -> RunningConnector:
         if not (server.tls_cert and server.tls_key and server.tls_ca):
             raise ConfigError("server.tls_cert, server.tls_key and server.tls_ca are required (or insecure_plaintext)")
         credentials = server_credentials(server.tls_cert, server.tls_key, server.tls_ca)
-    return start(
-        build_connector(config),
+    metrics = ConnectorMetrics(process_registry())
+    running = start(
+        build_connector(config, metrics=metrics),
         listen=server.listen,
         credentials=credentials,
         max_workers=server.max_workers,
         worker_interval=config.exchange.answer_interval_seconds,
         retention_days=config.exchange.retention_days,
     )
+    running.metrics_server = serve_metrics(config.metrics.listen, metrics.registry)
+    return running

@@ -3,6 +3,9 @@
 Authorisation is an interceptor that refuses before any handler runs: the client certificate must name a party
 listed in the config's [[clients]], and the party's role must be allowed to call the method. Handlers convert the
 generated messages to the workflow's calls; every refusal maps to one gRPC status and changes nothing.
+
+Each call gets a short random request id, and every log line written while it is handled carries that id and the
+commission id the call is about (see common/logs.py), so one request can be followed through the log.
 """
 
 from __future__ import annotations
@@ -14,9 +17,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from hedui.v1 import agency_pb2, agency_pb2_grpc
 
+from common.logs import log_context, new_request_id, public_commission_ref
 from gateway.intake import InvalidPackage
 from gateway.workflow import PB_TO_STATE, Caller, Workflow, WorkflowError
 from keys.tls import party_from_auth_context
+
+if TYPE_CHECKING:
+    from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("hedui.gateway.agency")
 
@@ -68,13 +75,20 @@ class AuthInterceptor(_Interceptor):
         inner = handler.unary_unary
 
         def checked(request: Any, context: grpc.ServicerContext) -> Any:
-            party = party_from_auth_context(context.auth_context())
-            role = self.clients.get(party or "")
-            if party is None or role is None:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "client certificate names no registered client")
-            if role not in METHOD_ROLES.get(method, frozenset()):
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"a {role} may not call {method}")
-            return inner(request, context)
+            commission = public_commission_ref(getattr(request, "commission_id", None))
+            with log_context(request_id=new_request_id(), commission_id=commission):
+                party = party_from_auth_context(context.auth_context())
+                role = self.clients.get(party or "")
+                if party is None or role is None:
+                    log.warning("caller refused: not a registered client", extra={"method": method})
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, "client certificate names no registered client")
+                if role not in METHOD_ROLES.get(method, frozenset()):
+                    log.warning("caller refused: role may not call", extra={"method": method, "caller": party})
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED, f"a {role} may not call {method}")
+                response = inner(request, context)
+                made = None if commission else public_commission_ref(getattr(response, "commission_id", None))
+                log.info("request done", extra={"method": method, "caller": party, "commission_id": made})
+                return response
 
         return grpc.unary_unary_rpc_method_handler(
             checked,
@@ -86,9 +100,10 @@ class AuthInterceptor(_Interceptor):
 class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
     """Maps API calls onto the workflow."""
 
-    def __init__(self, workflow: Workflow, clients: Mapping[str, str]) -> None:
+    def __init__(self, workflow: Workflow, clients: Mapping[str, str], metrics: GatewayMetrics | None = None) -> None:
         self.workflow = workflow
         self.clients = dict(clients)
+        self.metrics = metrics
 
     def _caller(self, context: grpc.ServicerContext) -> Caller:
         party = party_from_auth_context(context.auth_context()) or ""
@@ -173,4 +188,7 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
     def SubmitApprovalFeedback(
         self, request: agency_pb2.ApprovalFeedback, context: grpc.ServicerContext
     ) -> agency_pb2.FeedbackReceipt:
-        return self._run(context, lambda c: agency_pb2.FeedbackReceipt(recorded=self.workflow.feedback(request, c)))
+        receipt = self._run(context, lambda c: agency_pb2.FeedbackReceipt(recorded=self.workflow.feedback(request, c)))
+        if self.metrics is not None:
+            self.metrics.feedback(d.decision for d in request.decisions)
+        return receipt

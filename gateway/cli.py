@@ -12,7 +12,6 @@ hedui-gateway audit verify|head --config FILE   check the hash-chained audit log
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import threading
@@ -26,6 +25,7 @@ from sqlalchemy import func, select
 from common.config import describe
 from common.db import make_engine
 from common.errors import HeduiError
+from common.logs import configure_logging
 from gateway import schema
 from gateway.audit import AuditError, AuditHead, AuditLog
 from gateway.config import GatewayConfig
@@ -300,6 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the hedui-gateway console script."""
     parser = argparse.ArgumentParser(prog="hedui-gateway", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="json: one JSON object per line (collectors)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, func_, text in (
         ("serve", _serve, "run the gateway"),
@@ -313,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("config-keys", help="list every config key").set_defaults(func=_keys)
     _add_staff_and_audit(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(args.log_level, json_lines=args.log_format == "json")
     try:
         args.func(args)
     except (HeduiError, ValueError, OSError) as exc:

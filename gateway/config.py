@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from common.config import doc, load_file
+from common.metrics import split_listen
 from connectors.config import unit_category_by_name
 from keys.party import check_party_id
 
@@ -120,6 +121,19 @@ class UnitEntry:
             raise ValueError(f"units.exchange_mode must be one of {', '.join(EXCHANGE_MODES)}")
 
 
+@dataclass(frozen=True)
+class MetricsSection:
+    listen: str = doc(
+        "host:port of the Prometheus endpoint (/metrics), its own port apart from the gRPC API; empty: no endpoint. "
+        "Keep it on loopback or a management network.",
+        default="127.0.0.1:9464",
+    )
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            split_listen(self.listen)
+
+
 CLIENT_ROLES = ("commissioner", "lower_agency", "staff_system")
 
 
@@ -145,6 +159,7 @@ class GatewayConfig:
         "HEDUI_GATEWAY_DATABASE_URL": "database.url",
         "HEDUI_GATEWAY_LISTEN": "server.listen",
         "HEDUI_GATEWAY_REPLICA_ID": "exchange.replica_id",
+        "HEDUI_GATEWAY_METRICS_LISTEN": "metrics.listen",
     }
 
     agency: AgencySection
@@ -154,6 +169,7 @@ class GatewayConfig:
     client_tls: ClientTlsSection = field(default_factory=ClientTlsSection)
     exchange: ExchangeSection = field(default_factory=ExchangeSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     units: tuple[UnitEntry, ...] = doc("The sharing units this gateway exchanges with.", default=())
     clients: tuple[ClientEntry, ...] = doc("Who may call the agency API, and in which role.", default=())
 

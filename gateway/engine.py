@@ -11,22 +11,28 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
+from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 from hedui.v1 import exchange_pb2
 
 from common.categories import UNIT_DATA
 from common.dates import from_pb
+from common.logs import public_commission_ref
 from common.workdays import CHINA_TZ, CalendarError, WorkdayCalendar
 from gateway.store import BatchWork, GatewayStore, UnitRow
 from gateway.transport import TransportFailure, UnitClient, UnitRefusal
 from keys.clock import from_ms
 from keys.envelope import Courier, Opened
 from keys.errors import EnvelopeError
+
+if TYPE_CHECKING:
+    from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("hedui.gateway.engine")
 
@@ -84,6 +90,7 @@ class ExchangeEngine:
         settings: EngineSettings | None = None,
         *,
         jitter: Callable[[], float] = random.random,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.store = store
         self.courier = courier
@@ -91,6 +98,9 @@ class ExchangeEngine:
         self.calendar = calendar
         self.settings = settings or EngineSettings()
         self.jitter = jitter
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.add_units(clients)
 
     def _now(self) -> int:
         return self.courier.clock.now_ms()
@@ -127,6 +137,8 @@ class ExchangeEngine:
             failures = unit.consecutive_failures + 1
             self.store.unit_failed(unit.unit_id, failure.status, self._now() + self._backoff_ms(failures))
             report.error = failure.status
+            if self.metrics is not None:
+                self.metrics.unit_failed(unit.unit_id)
             log.warning(
                 "unit unreachable; backing off",
                 extra={"unit": unit.unit_id, "status": failure.status, "failures": failures},
@@ -156,6 +168,7 @@ class ExchangeEngine:
     def _send(self, batch: BatchWork, client: UnitClient) -> None:
         query = exchange_pb2.QueryBatch.FromString(batch.content)
         envelope = self.courier.seal(query, batch.unit_id, ttl_ms=self.settings.envelope_ttl_ms)
+        started = time.monotonic()
         try:
             reply = client.submit(envelope)
         except TransportFailure:
@@ -192,6 +205,17 @@ class ExchangeEngine:
             due=due,
             envelope=reply,
             next_poll_ms=self._now(),
+        )
+        if self.metrics is not None:
+            self.metrics.receipted(batch.unit_id, len(query.subjects), time.monotonic() - started)
+        log.info(
+            "batch receipted",
+            extra={
+                "unit": batch.unit_id,
+                "batch_id": batch.batch_id,
+                "commission_id": public_commission_ref(query.commission_ref),
+                "subjects": len(query.subjects),
+            },
         )
 
     def _poll(self, unit_id: str, client: UnitClient) -> tuple[int, int]:
@@ -265,7 +289,12 @@ class ExchangeEngine:
                 "answer does not match its batch; not stored", extra={"unit": batch.unit_id, "batch_id": batch.batch_id}
             )
             return None
-        return self.store.store_answers(batch.batch_id, answer.subjects, message_id, self._now())
+        stored = self.store.store_answers(batch.batch_id, answer.subjects, message_id, self._now())
+        if self.metrics is not None and stored:
+            received = batch.received_at_ms
+            latency = None if received is None else (self._now() - received) / 1000
+            self.metrics.answered(batch.unit_id, stored, latency)
+        return stored
 
     def _pending(self, batch: BatchWork, status: exchange_pb2.BatchStatus) -> None:
         original = batch.original_due or from_pb(status.due_date)
@@ -276,6 +305,10 @@ class ExchangeEngine:
                 allowed = original < new_due <= self.calendar.latest_extension(original)
             except (ValueError, CalendarError):
                 allowed = False
+            if self.metrics is not None:
+                notice = status.delay.new_due_date
+                new_due_text = f"{notice.year:04d}-{notice.month:02d}-{notice.day:02d}"
+                self.metrics.delay_notice(batch.unit_id, batch.batch_id, new_due_text, accepted=allowed)
             if allowed:
                 due, reason = new_due, status.delay.reason[:32] or "unspecified"
             else:

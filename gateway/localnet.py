@@ -53,14 +53,20 @@ class Network:
     connector_configs: dict[str, Path]
     connector_ports: dict[str, int]
     gateway_port: int
+    #: Prometheus endpoints (http://127.0.0.1:PORT/metrics) of the gateway and of each connector.
+    gateway_metrics_port: int = 0
+    connector_metrics_ports: dict[str, int] = field(default_factory=dict)
+    #: --log-format of the processes started: text, or json (one JSON object per line).
+    log_format: str = "text"
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def _spawn(
         self, args: Sequence[str], log_name: str, env: Mapping[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         log = (self.root / "logs" / log_name).open("ab")
+        module, *rest = args
         process = subprocess.Popen(
-            [sys.executable, "-m", *args],
+            [sys.executable, "-m", module, "--log-format", self.log_format, *rest],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.root,
@@ -173,11 +179,12 @@ def build_network(
         keystore.save(store_path, party, trust, passphrase, kdf=kdf)
         return store_path, pass_path
 
-    connector_configs, ports = {}, {}
+    connector_configs, ports, metrics_ports = {}, {}, {}
     staff = "".join(f'\n[[staff]]\ngateway = "{gateway_party}"\nstaff_id = "{s}"\n' for s in STAFF)
     for unit, category in units.items():
         port = free_port()
         ports[unit] = port
+        metrics_ports[unit] = free_port()
         cert, key = issue(unit, server=True)
         store_path, pass_path = save(*sides[unit])
         config = root / f"{unit}.toml"
@@ -208,6 +215,9 @@ seed = {seed}
 [exchange]
 answer_interval_seconds = {answer_interval}
 max_subjects_per_batch = {max(batch_size, 1)}
+
+[metrics]
+listen = "127.0.0.1:{metrics_ports[unit]}"
 {staff}""",
         )
         connector_configs[unit] = config
@@ -225,6 +235,7 @@ max_subjects_per_batch = {max(batch_size, 1)}
     )
     gateway_config = root / "gateway.toml"
     gateway_port = free_port()
+    gateway_metrics_port = free_port()
     _write(
         gateway_config,
         f"""# gateway {gateway_party} on loopback
@@ -266,6 +277,18 @@ policy = "{policy}"
 dispatch_interval_seconds = {dispatch_interval}
 sweep_interval_seconds = 5
 key_check_interval_seconds = 60
+
+[metrics]
+listen = "127.0.0.1:{gateway_metrics_port}"
 {unit_lines}""",
     )
-    return Network(root, gateway_party, gateway_config, connector_configs, ports, gateway_port)
+    return Network(
+        root,
+        gateway_party,
+        gateway_config,
+        connector_configs,
+        ports,
+        gateway_port,
+        gateway_metrics_port=gateway_metrics_port,
+        connector_metrics_ports=metrics_ports,
+    )

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -23,6 +24,9 @@ from common.workdays import CHINA_TZ
 from gateway.engine import ExchangeEngine, UnitWorkers
 from gateway.store import GatewayStore
 from keys.clock import Clock, from_ms
+
+if TYPE_CHECKING:
+    from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("hedui.gateway.schedule")
 
@@ -70,6 +74,7 @@ class GatewayScheduler:
         replica: str,
         lease_ms: int,
         key_check: Callable[[], None],
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -83,6 +88,9 @@ class GatewayScheduler:
         self.scheduler = BackgroundScheduler(timezone=CHINA_TZ)
         self.runs: dict[str, int] = {}
         self.failures: dict[str, int] = {}
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.add_jobs(self.jobs())
 
     def _today(self) -> date:
         return from_ms(self.clock.now_ms()).astimezone(CHINA_TZ).date()
@@ -90,6 +98,8 @@ class GatewayScheduler:
     def run_job(self, name: str, body: Callable[[], None]) -> bool:
         """Run ``body`` if this replica gets the job's lease; returns whether it ran."""
         if not self.store.acquire_job(name, self.replica, self.clock.now_ms(), self.lease_ms):
+            if self.metrics is not None:
+                self.metrics.job_run(name, "skipped")
             return False
         ok = False
         try:
@@ -102,6 +112,8 @@ class GatewayScheduler:
             self.runs[name] = self.runs.get(name, 0) + 1
             if not ok:
                 self.failures[name] = self.failures.get(name, 0) + 1
+            if self.metrics is not None:
+                self.metrics.job_run(name, "ok" if ok else "failed")
         return True
 
     def dispatch(self) -> None:

@@ -1,5 +1,5 @@
-"""The gateway process: the gRPC API (health and reflection now; the agency service joins later), the exchange
-engine with its per-unit workers, and the scheduler, wired from one config file."""
+"""The gateway process: the gRPC API (agency service, health checking, reflection), the exchange engine with its
+per-unit workers, the scheduler and the Prometheus endpoint, wired from one config file."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import threading
 from collections.abc import Mapping
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,6 +17,7 @@ from hedui.v1 import agency_pb2_grpc
 
 from common.config import ConfigError
 from common.memory import tune_allocator
+from common.metrics import MetricsServer, process_registry, serve_metrics
 from common.workdays import WorkdayCalendar
 from connectors.config import unit_category_by_name
 from gateway.agency import SERVICE as AGENCY_SERVICE
@@ -24,16 +26,17 @@ from gateway.audit import AuditLog
 from gateway.config import GatewayConfig
 from gateway.database import open_database
 from gateway.engine import EngineSettings, ExchangeEngine, UnitWorkers
+from gateway.metrics import GatewayMetrics
 from gateway.schedule import GatewayScheduler, JobIntervals, SchedulePolicy
 from gateway.staff import StaffRegister
 from gateway.store import GatewayStore
 from gateway.transport import ClientTls, UnitClient
 from gateway.workflow import Workflow
 from keys import keystore
-from keys.clock import DAY_MS, SystemClock
+from keys.clock import DAY_MS, Clock, SystemClock
 from keys.envelope import Courier
 from keys.identity import PartyKeys
-from keys.keyring import KeyState
+from keys.keyring import KeyRecord, KeyState
 from keys.truststore import TrustStore
 
 log = logging.getLogger("hedui.gateway")
@@ -54,20 +57,28 @@ def _client_tls(config: GatewayConfig) -> ClientTls | None:
 class KeyWatch:
     """The key-expiry job: lets time retire keys whose overlap ended, saves the keystore, warns ahead."""
 
-    def __init__(self, config: GatewayConfig, party: PartyKeys, trust: TrustStore, clock: SystemClock) -> None:
+    def __init__(self, config: GatewayConfig, party: PartyKeys, trust: TrustStore, clock: Clock) -> None:
         self.config, self.party, self.trust, self.clock = config, party, trust, clock
         self.lock = threading.Lock()
 
-    def days_left(self) -> dict[str, float]:
-        """Days until each retiring key (ours and peers') stops being valid."""
+    def _retiring(self) -> list[tuple[str, KeyRecord, float]]:
         now = self.clock.now_ms()
-        result = {}
         records = [(self.party.party_id, r) for r in self.party.records()]
         records += [(party, r) for party, ring in self.trust for r in ring]
-        for party, record in records:
-            if record.state is KeyState.RETIRING and record.not_after_ms is not None:
-                result[f"{party}/{record.key_id.hex()}"] = (record.not_after_ms - now) / DAY_MS
-        return result
+        return [
+            (party, record, (record.not_after_ms - now) / DAY_MS)
+            for party, record in records
+            if record.state is KeyState.RETIRING and record.not_after_ms is not None
+        ]
+
+    def days_left(self) -> dict[str, float]:
+        """Days until each retiring key (ours and peers') stops being valid."""
+        return {f"{party}/{record.key_id.hex()}": days for party, record, days in self._retiring()}
+
+    def expiries(self) -> list[tuple[str, str, float]]:
+        """(party, algorithm, days left) of each retiring key, for the metrics."""
+        with self.lock:
+            return [(party, record.algorithm.name.lower(), days) for party, record, days in self._retiring()]
 
     def __call__(self) -> None:
         with self.lock:
@@ -92,12 +103,16 @@ class RunningGateway:
     scheduler: GatewayScheduler
     health: health.HealthServicer
     clients: dict[str, UnitClient]
+    metrics: GatewayMetrics | None = None
+    metrics_server: MetricsServer | None = None
 
     def stop(self, grace: float | None = 2.0) -> None:
         self.health.enter_graceful_shutdown()
         self.scheduler.shutdown()
         self.workers.shutdown()
         self.server.stop(grace).wait()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         for client in self.clients.values():
             client.close()
         self.store.engine.dispose()
@@ -124,7 +139,10 @@ def build(config: GatewayConfig) -> RunningGateway:
     # Claims under our replica id are a previous run's, killed mid-step: release them now rather than after the lease.
     store.release_claims(config.exchange.replica_id)
     clock = SystemClock()
+    metrics = GatewayMetrics(process_registry())
     courier = Courier(party, trust, replay=store.replay, clock=clock)
+    courier.on_reject = metrics.service.counting_rejections(courier.on_reject)
+    metrics.watch_store(engine)
     tls = _client_tls(config)
     ex = config.exchange
     clients = {u.party_id: UnitClient(u.endpoint, tls, ex.request_timeout_seconds) for u in config.units}
@@ -138,9 +156,13 @@ def build(config: GatewayConfig) -> RunningGateway:
         envelope_ttl_ms=ex.envelope_ttl_minutes * 60_000,
         lease_ms=int(ex.lease_seconds * 1000),
     )
-    exchange = ExchangeEngine(store, courier, clients, WorkdayCalendar.with_file(ex.holiday_file), settings)
+    exchange = ExchangeEngine(
+        store, courier, clients, WorkdayCalendar.with_file(ex.holiday_file), settings, metrics=metrics
+    )
     workers = UnitWorkers(exchange, max_workers=max(4, len(clients)))
     sched = config.schedule
+    key_watch = KeyWatch(config, party, trust, clock)
+    metrics.watch_keys(key_watch.expiries)
     scheduler = GatewayScheduler(
         store=store,
         engine=exchange,
@@ -155,14 +177,18 @@ def build(config: GatewayConfig) -> RunningGateway:
         clock=clock,
         replica=ex.replica_id,
         lease_ms=settings.lease_ms,
-        key_check=KeyWatch(config, party, trust, clock),
+        key_check=key_watch,
+        metrics=metrics,
     )
     audit = AuditLog(engine)
     workflow = Workflow(store=store, audit=audit, staff=StaffRegister(engine, audit), clock=clock, agency=party)
     scheduler.start()
-    server, port, health_servicer = _grpc_server(config, workflow)
+    server, port, health_servicer = _grpc_server(config, workflow, metrics)
+    metrics_server = serve_metrics(config.metrics.listen, metrics.registry)
     log.info("gateway running", extra={"port": port, "replica": ex.replica_id, "units": len(clients)})
-    return RunningGateway(server, port, store, exchange, workers, scheduler, health_servicer, clients)
+    return RunningGateway(
+        server, port, store, exchange, workers, scheduler, health_servicer, clients, metrics, metrics_server
+    )
 
 
 def serve_api(
@@ -172,11 +198,15 @@ def serve_api(
     listen: str,
     credentials: grpc.ServerCredentials | None,
     max_workers: int = 8,
+    metrics: GatewayMetrics | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Start the agency API (with health checking and reflection) on ``listen``; ``credentials=None`` serves
-    plaintext, which is only allowed on loopback."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=[AuthInterceptor(clients)])
-    agency_pb2_grpc.add_AgencyServiceServicer_to_server(AgencyServicer(workflow, clients), server)
+    plaintext, which is only allowed on loopback. With ``metrics``, every call is counted by method and status."""
+    interceptors: list[grpc.ServerInterceptor[Any, Any]] = [AuthInterceptor(clients)]
+    if metrics is not None:
+        interceptors.insert(0, metrics.service.interceptor())  # outermost: refused calls are counted too
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors)
+    agency_pb2_grpc.add_AgencyServiceServicer_to_server(AgencyServicer(workflow, clients, metrics), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -195,7 +225,9 @@ def serve_api(
     return server, port, health_servicer
 
 
-def _grpc_server(config: GatewayConfig, workflow: Workflow) -> tuple[grpc.Server, int, health.HealthServicer]:
+def _grpc_server(
+    config: GatewayConfig, workflow: Workflow, metrics: GatewayMetrics
+) -> tuple[grpc.Server, int, health.HealthServicer]:
     section = config.server
     credentials = None
     if not section.insecure_plaintext:
@@ -207,4 +239,11 @@ def _grpc_server(config: GatewayConfig, workflow: Workflow) -> tuple[grpc.Server
             require_client_auth=True,
         )
     clients = {c.party_id: c.role for c in config.clients}
-    return serve_api(workflow, clients, listen=section.listen, credentials=credentials, max_workers=section.max_workers)
+    return serve_api(
+        workflow,
+        clients,
+        listen=section.listen,
+        credentials=credentials,
+        max_workers=section.max_workers,
+        metrics=metrics,
+    )

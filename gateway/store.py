@@ -78,6 +78,8 @@ class BatchWork:
     state: str
     attempts: int
     original_due: date | None
+    #: When the unit received the batch (its receipt); None until receipted.
+    received_at_ms: int | None = None
 
 
 def _ym(value: tuple[int, int]) -> str:
@@ -384,6 +386,7 @@ class GatewayStore:
                     s.batches.c.state,
                     s.batches.c.attempts,
                     s.batches.c.original_due,
+                    s.batches.c.received_at_ms,
                 ).where(s.batches.c.batch_id.in_(claimed))
             ).all()
         return [BatchWork(**r._mapping) for r in sorted(rows, key=lambda r: claimed.index(r.batch_id))]

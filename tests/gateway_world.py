@@ -4,7 +4,7 @@ loopback with synthetic data, and the gateway's store, engine and workers on a r
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import date
@@ -15,11 +15,13 @@ from hedui.v1 import exchange_pb2, records_pb2
 from common.db import make_engine
 from common.workdays import WorkdayCalendar
 from connectors.connector import Connector
+from connectors.metrics import ConnectorMetrics
 from connectors.server import RunningConnector, server_credentials, start
 from connectors.store import ConnectorStore
 from connectors.synthetic import Population, SyntheticAdapter
 from gateway.database import upgrade
 from gateway.engine import EngineSettings, ExchangeEngine, UnitWorkers
+from gateway.metrics import GatewayMetrics
 from gateway.routing import route
 from gateway.store import CommissionInput, GatewayStore, SubjectInput
 from gateway.transport import ClientTls, UnitClient
@@ -90,8 +92,11 @@ def gateway_world(
     database_url: str | None = None,
     settings: EngineSettings | None = None,
     down: frozenset[str] = frozenset(),
+    metrics: GatewayMetrics | None = None,
+    unit_metrics: Mapping[str, ConnectorMetrics] | None = None,
 ) -> Iterator[GatewayWorld]:
-    """Connectors for UNITS (those in ``down`` are configured but not started) and a migrated gateway store."""
+    """Connectors for UNITS (those in ``down`` are configured but not started) and a migrated gateway store;
+    with ``metrics`` / ``unit_metrics`` (per unit id) the gateway and connectors report to them."""
     root.mkdir(parents=True, exist_ok=True)
     clock = FixedClock(now_ms)
     pki = Pki(root)
@@ -121,7 +126,10 @@ def gateway_world(
                     unit_category=category,
                     calendar=WorkdayCalendar(),
                     staff={GATEWAY: frozenset(STAFF)},
+                    metrics=(unit_metrics or {}).get(unit_id),
                 )
+                if connector.metrics is not None:
+                    connector.metrics.watch_store(cstore.engine)
                 server = start(
                     connector,
                     listen="127.0.0.1:0",
@@ -136,7 +144,12 @@ def gateway_world(
             entries.append((unit_id, category, endpoint, "system", True))
         store.sync_units(entries)
         courier = Courier(gateway[0], gateway[1], replay=store.replay, clock=clock)
-        exchange = ExchangeEngine(store, courier, clients, WorkdayCalendar(), settings or gateway_settings())
+        if metrics is not None:
+            courier.on_reject = metrics.service.counting_rejections(courier.on_reject)
+            metrics.watch_store(engine)
+        exchange = ExchangeEngine(
+            store, courier, clients, WorkdayCalendar(), settings or gateway_settings(), metrics=metrics
+        )
         workers = UnitWorkers(exchange)
         stack.callback(workers.shutdown)
         stack.callback(engine.dispose)

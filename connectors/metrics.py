@@ -1,0 +1,94 @@
+"""The connector's metrics: batches received and answered, refusals by reason, delay notices and the pending
+backlog, next to the envelope and gRPC metrics every Hedui service has (docs/operations.md).
+
+Labels take values from small fixed sets: answer statuses and refusal reason codes defined in this package.
+Batch ids, gateway-chosen references, ID numbers and names never become label values.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+from hedui.v1 import exchange_pb2
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from common.metrics import ServiceMetrics
+from connectors import store as cstore
+from keys.errors import ENVELOPE_ERRORS
+
+log = logging.getLogger("hedui.connector.metrics")
+
+
+def status_name(status: int) -> str:
+    """SUBJECT_STATUS_NO_RECORD -> "no_record"."""
+    return exchange_pb2.SubjectStatus.Name(status).removeprefix("SUBJECT_STATUS_").lower()  # type: ignore[arg-type]
+
+
+SUBJECT_STATUSES = tuple(status_name(v) for v in exchange_pb2.SubjectStatus.values() if v)
+
+
+class ConnectorMetrics:
+    """Every metric the connector exports, in ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.service = ServiceMetrics(registry, (error.code for error in ENVELOPE_ERRORS))
+        self.batches_received = Counter(
+            "hedui_connector_batches_received_total",
+            "Query batches accepted (a batch submitted again is receipted again but counted once).",
+            registry=registry,
+        )
+        self.subjects_answered = Counter(
+            "hedui_connector_subjects_answered_total",
+            "Subjects answered, by answer status.",
+            ["status"],
+            registry=registry,
+        )
+        for status in SUBJECT_STATUSES:
+            self.subjects_answered.labels(status)
+        self.refusals = Counter(
+            "hedui_connector_refusals_total",
+            "Requests refused, by reason code (envelope_* for envelopes that did not open).",
+            ["reason"],
+            registry=registry,
+        )
+        self.delay_notices = Counter(
+            "hedui_connector_delay_notices_total",
+            "Delay notices (clause 12) issued by this process: automatic ones when an adapter failure reaches the due "
+            "date ('hedui-connector delay' records its notices from a process of its own).",
+            registry=registry,
+        )
+
+    def watch_store(self, engine: Engine) -> None:
+        """Export the number of batches waiting for an answer, read from the store at scrape time."""
+        self.registry.register(_PendingCollector(engine))
+
+    def answered(self, statuses: Iterable[int]) -> None:
+        for status in statuses:
+            self.subjects_answered.labels(status_name(status)).inc()
+
+
+_PENDING = "Query batches received and not yet answered."
+
+
+class _PendingCollector(Collector):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("hedui_connector_pending_batches", _PENDING)
+
+    def collect(self) -> Iterator[Metric]:
+        query = select(func.count()).select_from(cstore.batches).where(cstore.batches.c.state == "pending")
+        try:
+            with self.engine.connect() as conn:
+                pending = int(conn.execute(query).scalar_one())
+        except SQLAlchemyError as exc:
+            log.warning("metrics: store not readable", extra={"reason": type(exc).__name__})
+            return
+        yield GaugeMetricFamily("hedui_connector_pending_batches", _PENDING, value=pending)

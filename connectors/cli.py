@@ -17,9 +17,8 @@ from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
+from common.cli import run, service_parser
 from common.config import describe
-from common.errors import HeduiError
-from common.logs import configure_logging
 from connectors.config import ConnectorConfig
 from connectors.server import build_connector, serve
 
@@ -59,11 +58,7 @@ def _delay(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the hedui-connector console script."""
-    parser = argparse.ArgumentParser(prog="hedui-connector", description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--log-level", default="INFO")
-    parser.add_argument(
-        "--log-format", choices=("text", "json"), default="text", help="json: one JSON object per line (collectors)"
-    )
+    parser = service_parser("hedui-connector", __doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve_p = sub.add_parser("serve", help="run the exchange server")
     serve_p.add_argument("--config", required=True)
@@ -79,14 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     delay.add_argument("--reason", required=True, help="short code: technical, volume")
     delay.set_defaults(func=_delay)
     args = parser.parse_args(argv)
-    configure_logging(args.log_level, json_lines=args.log_format == "json")
-    try:
-        args.func(args)
-    except (HeduiError, ValueError, OSError) as exc:
-        message = exc.diagnostics() if isinstance(exc, HeduiError) else str(exc)
-        print(f"hedui-connector: error: {message}", file=sys.stderr)
-        return 1
-    return 0
+    return run("hedui-connector", args)
 
 
 if __name__ == "__main__":

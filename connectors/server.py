@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 from hedui.v1 import exchange_pb2, exchange_pb2_grpc
 
 from common.config import ConfigError
 from common.db import make_engine
 from common.logs import log_context, new_request_id
 from common.metrics import MetricsServer, process_registry, serve_metrics
+from common.rpc import start_server
 from common.workdays import WorkdayCalendar
 from connectors.adapters.base import Adapter
 from connectors.adapters.csv_files import CsvAdapter
@@ -207,21 +207,7 @@ def start(
     exchange_pb2_grpc.add_ExchangeServiceServicer_to_server(
         ExchangeServicer(connector, require_tls_identity=credentials is not None), server
     )
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
-    if credentials is None:
-        host = listen.rsplit(":", 1)[0].strip("[]")
-        if host not in {"127.0.0.1", "localhost", "::1"}:
-            raise ConfigError("plaintext is only allowed on loopback; configure server.tls_cert/tls_key/tls_ca")
-        port = server.add_insecure_port(listen)
-    else:
-        port = server.add_secure_port(listen, credentials)
-    server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    port, health_servicer = start_server(server, [SERVICE_NAME], listen=listen, credentials=credentials)
     worker = None
     if worker_interval is not None:
         worker = AnswerWorker(connector, worker_interval, retention_days)

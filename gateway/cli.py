@@ -22,10 +22,10 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
+from common.cli import run, service_parser
 from common.config import describe
 from common.db import make_engine
 from common.errors import HeduiError
-from common.logs import configure_logging
 from gateway import schema
 from gateway.audit import AuditError, AuditHead, AuditLog
 from gateway.config import GatewayConfig
@@ -298,11 +298,7 @@ def _add_staff_and_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the hedui-gateway console script."""
-    parser = argparse.ArgumentParser(prog="hedui-gateway", description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--log-level", default="INFO")
-    parser.add_argument(
-        "--log-format", choices=("text", "json"), default="text", help="json: one JSON object per line (collectors)"
-    )
+    parser = service_parser("hedui-gateway", __doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, func_, text in (
         ("serve", _serve, "run the gateway"),
@@ -316,14 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("config-keys", help="list every config key").set_defaults(func=_keys)
     _add_staff_and_audit(sub)
     args = parser.parse_args(argv)
-    configure_logging(args.log_level, json_lines=args.log_format == "json")
-    try:
-        args.func(args)
-    except (HeduiError, ValueError, OSError) as exc:
-        message = exc.diagnostics() if isinstance(exc, HeduiError) else str(exc)
-        print(f"hedui-gateway: error: {message}", file=sys.stderr)
-        return 1
-    return 0
+    return run("hedui-gateway", args)
 
 
 if __name__ == "__main__":

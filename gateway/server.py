@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 from hedui.v1 import agency_pb2_grpc
 
 from common.config import ConfigError
 from common.memory import tune_allocator
 from common.metrics import MetricsServer, process_registry, serve_metrics
+from common.rpc import start_server
 from common.workdays import WorkdayCalendar
 from connectors.config import unit_category_by_name
 from gateway.agency import SERVICE as AGENCY_SERVICE
@@ -207,21 +207,7 @@ def serve_api(
         interceptors.insert(0, metrics.service.interceptor())  # outermost: refused calls are counted too
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors)
     agency_pb2_grpc.add_AgencyServiceServicer_to_server(AgencyServicer(workflow, clients, metrics), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (AGENCY_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
-    if credentials is None:
-        host = listen.rsplit(":", 1)[0].strip("[]")
-        if host not in {"127.0.0.1", "localhost", "::1"}:
-            raise ConfigError("server.insecure_plaintext is only allowed on loopback")
-        port = server.add_insecure_port(listen)
-    else:
-        port = server.add_secure_port(listen, credentials)
-    server.start()
-    for name in ("", AGENCY_SERVICE):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    port, health_servicer = start_server(server, [AGENCY_SERVICE], listen=listen, credentials=credentials)
     return server, port, health_servicer
 
 

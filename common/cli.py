@@ -1,0 +1,31 @@
+"""The shape every service command line shares: logging options, and one error line instead of a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from common.errors import HeduiError
+from common.logs import configure_logging
+
+
+def service_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """An argument parser with the common ``--log-level`` and ``--log-format`` options."""
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").splitlines()[0])
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="json: one JSON object per line (collectors)"
+    )
+    return parser
+
+
+def run(prog: str, args: argparse.Namespace) -> int:
+    """Configure logging and run ``args.func(args)``; expected failures print ``prog: error: …`` and return 1."""
+    configure_logging(args.log_level, json_lines=args.log_format == "json")
+    try:
+        args.func(args)
+    except (HeduiError, ValueError, OSError) as exc:
+        message = exc.diagnostics() if isinstance(exc, HeduiError) else str(exc)
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 1
+    return 0

@@ -3,10 +3,8 @@ with chosen staff, and bring a unit that was down back up on a real connector.""
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from contextlib import ExitStack
-from datetime import date
 from typing import Any
 
 from hedui.v1 import exchange_pb2
@@ -21,14 +19,12 @@ from connectors.store import ConnectorStore
 from connectors.synthetic import SyntheticAdapter
 from gateway import schema
 from gateway.engine import CycleReport
-from gateway.routing import route
-from gateway.store import CommissionInput, SubjectInput
 from gateway.transport import ClientTls, UnitClient
 from keys.envelope import Courier
 from keys.identity import PartyKeys
 from keys.truststore import TrustStore
 from tests.exchange_world import GATEWAY, STAFF, enrol
-from tests.gateway_world import CATEGORIES, UNITS, GatewayWorld
+from tests.gateway_world import UNITS, GatewayWorld
 
 TAX = "unit.220100.tax"
 LAND = "unit.220100.land"
@@ -109,28 +105,8 @@ def audit_batches(world: GatewayWorld, unit_id: str, event: str) -> Counter[str]
 
 
 def enqueue(world: GatewayWorld, ref: str, households: int, *, start: int = 0, staff: tuple[str, ...] = STAFF) -> int:
-    """Like ``GatewayWorld.commission`` with the exchange staff chosen by the caller."""
-    people = [m for h in world.population.households(households, start) for m in h.members]
-    subjects = [
-        SubjectInput(
-            subject_ref=f"{ref}-{i}",
-            id_number=m.id_number,
-            name=m.name,
-            auth_number=f"AUTH-{ref}-{i}",
-            auth_digest=hashlib.sha256(m.id_number.encode()).digest(),
-        )
-        for i, m in enumerate(people)
-    ]
-    commission = CommissionInput(
-        ref=ref,
-        purpose=exchange_pb2.PROGRAMME_MINIMUM_LIVING_ALLOWANCE,
-        income_from=(2025, 9),
-        income_to=(2026, 2),
-        assets_as_of=date(2026, 2, 28),
-        staff_ids=staff,
-        categories=CATEGORIES,
-    )
-    return world.store.enqueue(commission, subjects, route(CATEGORIES, world.store.units()), world.clock.now_ms())
+    """``GatewayWorld.commission`` with the exchange staff chosen by the caller."""
+    return world.commission(ref, households, start, staff=staff)
 
 
 def gateway_tls(world: GatewayWorld) -> ClientTls:

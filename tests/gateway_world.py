@@ -54,28 +54,42 @@ class GatewayWorld:
     workers: UnitWorkers
     connectors: dict[str, RunningConnector]
 
-    def commission(self, ref: str, households: int, start: int = 0) -> int:
-        people = [m for h in self.population.households(households, start) for m in h.members]
-        subjects = [
-            SubjectInput(
-                subject_ref=f"{ref}-{i}",
-                id_number=m.id_number,
-                name=m.name,
-                auth_number=f"AUTH-{ref}-{i}",
-                auth_digest=hashlib.sha256(m.id_number.encode()).digest(),
-            )
-            for i, m in enumerate(people)
-        ]
-        commission = CommissionInput(
-            ref=ref,
-            purpose=exchange_pb2.PROGRAMME_MINIMUM_LIVING_ALLOWANCE,
-            income_from=(2025, 9),
-            income_to=(2026, 2),
-            assets_as_of=date(2026, 2, 28),
-            staff_ids=STAFF,
-            categories=CATEGORIES,
+    def commission(self, ref: str, households: int, start: int = 0, *, staff: tuple[str, ...] = STAFF) -> int:
+        """Enqueue households ``start`` .. ``start + households - 1`` as commission ``ref`` for every unit."""
+        subjects = subjects_of(self.population, ref, households, start)
+        units = route(CATEGORIES, self.store.units())
+        return self.store.enqueue(commission_input(ref, staff=staff), subjects, units, self.clock.now_ms())
+
+
+def subjects_of(population: Population, ref: str, households: int, start: int = 0) -> list[SubjectInput]:
+    """The members of some synthetic households, each with an authorisation reference."""
+    people = [m for h in population.households(households, start) for m in h.members]
+    return [
+        SubjectInput(
+            subject_ref=f"{ref}-{i}",
+            id_number=m.id_number,
+            name=m.name,
+            auth_number=f"AUTH-{ref}-{i}",
+            auth_digest=hashlib.sha256(m.id_number.encode()).digest(),
         )
-        return self.store.enqueue(commission, subjects, route(CATEGORIES, self.store.units()), self.clock.now_ms())
+        for i, m in enumerate(people)
+    ]
+
+
+def commission_input(
+    ref: str, *, staff: tuple[str, ...] = STAFF, thresholds: tuple[tuple[int, int], ...] = ()
+) -> CommissionInput:
+    """The exchange side of a commission over CATEGORIES, for the income period Sept 2025 - Feb 2026."""
+    return CommissionInput(
+        ref=ref,
+        purpose=exchange_pb2.PROGRAMME_MINIMUM_LIVING_ALLOWANCE,
+        income_from=(2025, 9),
+        income_to=(2026, 2),
+        assets_as_of=date(2026, 2, 28),
+        staff_ids=staff,
+        categories=CATEGORIES,
+        thresholds=thresholds,
+    )
 
 
 def gateway_settings(**changes: object) -> EngineSettings:

@@ -4,14 +4,12 @@ batch twice or storing an answer twice."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from datetime import date
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,7 +26,7 @@ from gateway.engine import CycleReport, ExchangeEngine, UnitWorkers
 from gateway.store import CommissionInput, GatewayStore, SubjectInput
 from gateway.transport import UnitClient
 from keys.envelope import Courier
-from tests.exchange_world import SEED, STAFF, beijing_ms
+from tests.exchange_world import SEED, beijing_ms
 from tests.gateway_drive import (
     BANK,
     LAND,
@@ -39,7 +37,14 @@ from tests.gateway_drive import (
     drain,
     gateway_tls,
 )
-from tests.gateway_world import CATEGORIES, UNITS, GatewayWorld, gateway_settings, gateway_world
+from tests.gateway_world import (
+    UNITS,
+    GatewayWorld,
+    commission_input,
+    gateway_settings,
+    gateway_world,
+    subjects_of,
+)
 
 MONDAY = beijing_ms(2026, 3, 2)
 LEASE_MS = 60_000
@@ -124,29 +129,11 @@ def test_one_replica_wins_a_contended_lease(tmp_path: Path, database_url: str | 
 
 
 def _subjects(ref: str, households: int, start: int) -> list[SubjectInput]:
-    people = [m for h in Population(SEED).households(households, start) for m in h.members]
-    return [
-        SubjectInput(
-            subject_ref=f"{ref}-{i}",
-            id_number=m.id_number,
-            name=m.name,
-            auth_number=f"AUTH-{ref}-{i}",
-            auth_digest=hashlib.sha256(m.id_number.encode()).digest(),
-        )
-        for i, m in enumerate(people)
-    ]
+    return subjects_of(Population(SEED), ref, households, start)
 
 
 def _commission(ref: str) -> CommissionInput:
-    return CommissionInput(
-        ref=ref,
-        purpose=exchange_pb2.PROGRAMME_MINIMUM_LIVING_ALLOWANCE,
-        income_from=(2025, 9),
-        income_to=(2026, 2),
-        assets_as_of=date(2026, 2, 28),
-        staff_ids=STAFF,
-        categories=CATEGORIES,
-    )
+    return commission_input(ref)
 
 
 def test_replicas_enqueue_at_the_same_time(tmp_path: Path, database_url: str | None) -> None:

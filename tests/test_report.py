@@ -37,7 +37,7 @@ from gateway.report import (
     verify_signed_report_by,
 )
 from gateway.routing import route
-from gateway.store import CommissionInput, SubjectInput
+from gateway.store import SubjectInput
 from keys.announcements import armor, read_bundle
 from keys.cli import main as keys_main
 from keys.errors import TrustError
@@ -45,9 +45,9 @@ from keys.identity import PartyKeys
 from keys.statements import read_signed_report
 from keys.truststore import TrustStore
 from tests.conftest_pg import postgres_schema
-from tests.exchange_world import GATEWAY, STAFF, beijing_ms
+from tests.exchange_world import GATEWAY, beijing_ms
 from tests.gateway_drive import BANK, LAND, TAX, bring_up, execute, rows, settle
-from tests.gateway_world import CATEGORIES, GatewayWorld, gateway_world
+from tests.gateway_world import CATEGORIES, GatewayWorld, commission_input, gateway_world
 
 MONDAY = beijing_ms(2026, 3, 2)
 ISSUED = beijing_ms(2026, 3, 16, 15)
@@ -80,16 +80,7 @@ def _submit(
         )
         for n, (_, _, m) in enumerate(members)
     ]
-    commission = CommissionInput(
-        ref=ref,
-        purpose=exchange_pb2.PROGRAMME_MINIMUM_LIVING_ALLOWANCE,
-        income_from=(2025, 9),
-        income_to=(2026, 2),
-        assets_as_of=date(2026, 2, 28),
-        staff_ids=STAFF,
-        categories=CATEGORIES,
-        thresholds=thresholds,
-    )
+    commission = commission_input(ref, thresholds=thresholds)
     units = route(CATEGORIES, world.store.units())
     commission_id = world.store.enqueue(commission, subjects, units, world.clock.now_ms())
     execute(

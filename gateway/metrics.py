@@ -102,7 +102,7 @@ class GatewayMetrics:
         self.job_runs = Counter(
             "hedui_scheduler_job_runs_total",
             "Scheduler job runs by outcome; skipped when another replica holds the job's lease.",
-            ["job", "outcome"],
+            ["task", "outcome"],
             registry=registry,
         )
         self.approval_feedback = Counter(
@@ -242,7 +242,7 @@ class _StoreCollector(Collector):
 
 
 _KEY_EXPIRY = (
-    "Days until a retiring key (ours or a unit's) stops being valid, the soonest per party and algorithm. Active "
+    "Seconds until a retiring key (ours or a unit's) stops being valid, the soonest per party and algorithm. Active "
     "keys without an end are not exported; negative until the key-expiry job has retired the key."
 )
 
@@ -252,13 +252,13 @@ class _KeyCollector(Collector):
         self.expiries = expiries
 
     def describe(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("hedui_key_expiry_days", _KEY_EXPIRY, labels=["party", "algorithm"])
+        yield GaugeMetricFamily("hedui_key_expiry_seconds", _KEY_EXPIRY, labels=["party", "algorithm"])
 
     def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily("hedui_key_expiry_days", _KEY_EXPIRY, labels=["party", "algorithm"])
+        family = GaugeMetricFamily("hedui_key_expiry_seconds", _KEY_EXPIRY, labels=["party", "algorithm"])
         soonest: dict[tuple[str, str], float] = {}
         for party, algorithm, days in self.expiries():
             soonest[(party, algorithm)] = min(days, soonest.get((party, algorithm), math.inf))
         for (party, algorithm), days in sorted(soonest.items()):
-            family.add_metric([party, algorithm], days)
+            family.add_metric([party, algorithm], days * 86_400)
         yield family

@@ -265,12 +265,12 @@ def test_scheduler_jobs_count_runs_failures_and_skips(world: GatewayWorld, metri
     assert world.store.acquire_job("dispatch", "gateway-2", world.clock.now_ms(), 60_000)
     assert not scheduler.run_job("dispatch", scheduler.dispatch)  # another replica holds the lease
     jobs = "hedui_scheduler_job_runs_total"
-    assert metrics.value(jobs, job="deadline-sweep", outcome="ok") == 1
-    assert metrics.value(jobs, job="key-expiry", outcome="ok") == 1
-    assert metrics.value(jobs, job="key-expiry", outcome="failed") == 1
-    assert metrics.value(jobs, job="dispatch", outcome="skipped") == 1
-    assert metrics.value(jobs, job="dispatch", outcome="ok") == 0
-    assert metrics.value(jobs, job="poll", outcome="failed") == 0
+    assert metrics.value(jobs, task="deadline-sweep", outcome="ok") == 1
+    assert metrics.value(jobs, task="key-expiry", outcome="ok") == 1
+    assert metrics.value(jobs, task="key-expiry", outcome="failed") == 1
+    assert metrics.value(jobs, task="dispatch", outcome="skipped") == 1
+    assert metrics.value(jobs, task="dispatch", outcome="ok") == 0
+    assert metrics.value(jobs, task="poll", outcome="failed") == 0
 
 
 def test_api_calls_and_approval_feedback_are_counted(tmp_path: Path) -> None:
@@ -314,16 +314,16 @@ def test_days_until_retiring_keys_end(tmp_path: Path) -> None:
     )
     metrics = GatewayMetrics(CollectorRegistry())
     metrics.watch_keys(KeyWatch(config, ours, trust, clock).expiries)
-    assert (
-        metrics.registry.get_sample_value("hedui_key_expiry_days", {"party": GATEWAY, "algorithm": "ed25519"}) is None
-    )
+    expiry = metrics.registry.get_sample_value
+    assert expiry("hedui_key_expiry_seconds", {"party": GATEWAY, "algorithm": "ed25519"}) is None
 
     ours.rotate(Algorithm.ED25519, now_ms=MONDAY, overlap_ms=14 * DAY_MS)
     trust.apply_announcement(unit[0].rotate(Algorithm.X25519, now_ms=MONDAY, overlap_ms=7 * DAY_MS), now_ms=MONDAY)
     clock.advance(DAY_MS // 2)
 
     def days(party: str, algorithm: str) -> float | None:
-        return metrics.registry.get_sample_value("hedui_key_expiry_days", {"party": party, "algorithm": algorithm})
+        seconds = expiry("hedui_key_expiry_seconds", {"party": party, "algorithm": algorithm})
+        return None if seconds is None else seconds / 86_400
 
     assert days(GATEWAY, "ed25519") == 13.5
     assert days(TAX, "x25519") == 6.5
@@ -366,7 +366,7 @@ def test_the_endpoint_serves_every_metric_with_fixed_label_values(tmp_path: Path
     expected = {
         "hedui_queries_sent", "hedui_queries_answered", "hedui_queries_overdue", "hedui_batch_round_trip_seconds",
         "hedui_answer_latency_seconds", "hedui_receipts", "hedui_delay_notices", "hedui_envelope_rejections",
-        "hedui_unit_retries", "hedui_unit_up", "hedui_outbox_depth", "hedui_key_expiry_days",
+        "hedui_unit_retries", "hedui_unit_up", "hedui_outbox_depth", "hedui_key_expiry_seconds",
         "hedui_scheduler_job_runs", "hedui_grpc_server_requests", "hedui_commissions", "hedui_approval_feedback",
     }  # fmt: skip
     assert expected <= set(families)
@@ -395,7 +395,7 @@ def test_promtool_accepts_the_exposition(tmp_path: Path) -> None:
     problems = {line.strip() for line in (result.stdout + result.stderr).splitlines() if line.strip()}
     # Key expiry is counted in days on purpose (operators rotate keys by the day; the alert rules and dashboard
     # use this name); promtool's base-unit lint would want seconds. Nothing else may be reported.
-    assert problems <= {'hedui_key_expiry_days use base unit "seconds" instead of "days"'}, problems
+    assert not problems, problems
     assert result.returncode == 0 or problems
 
 
@@ -463,7 +463,7 @@ def test_serving_gateway_and_connectors_export_metrics_on_their_configured_ports
 
         assert _wait(answered, 20)
         text = _scrape(net.gateway_metrics_port)[1]
-        assert (_sample(text, "hedui_scheduler_job_runs_total", job="dispatch", outcome="ok") or 0) >= 1
+        assert (_sample(text, "hedui_scheduler_job_runs_total", task="dispatch", outcome="ok") or 0) >= 1
         assert _sample(text, "hedui_unit_up", unit=TAX) == 1
         assert _sample(text, "process_cpu_seconds_total") is not None
         for unit_id in units:

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -237,6 +238,22 @@ def _report(net: Network, root: Path, cid: str) -> tuple[Path, Path] | None:
     return html_path, signed_path
 
 
+def _metrics(net: Network) -> None:
+    """Show what the network administrator's Prometheus sees on the gateway's metrics port."""
+    url = f"http://127.0.0.1:{net.gateway_metrics_port}/metrics"
+    _say(f"Metrics, as Prometheus scrapes them from {url}")
+    with urllib.request.urlopen(url, timeout=10) as response:  # loopback, our own endpoint
+        text = response.read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in {"hedui_queries_sent_total", "hedui_queries_answered_total", "hedui_receipts_total",
+                    "hedui_envelope_rejections_total", "hedui_unit_up", "hedui_commissions"}:  # fmt: skip
+            totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    for name, value in totals.items():
+        print(f"   {name:36} {value:>10.0f}   (summed over its labels)")
+
+
 def run(root: Path, households: int, timeout: float) -> int:
     started = time.monotonic()
     shutil.rmtree(root / "net", ignore_errors=True)  # a fresh network every time: new keys, empty databases
@@ -252,6 +269,7 @@ def run(root: Path, households: int, timeout: float) -> int:
         saved = _report(net, root, commission.commission_id)
         if saved is None:
             return 1
+        _metrics(net)
     _say(f"Done in {time.monotonic() - started:.0f} s; everything has stopped")
     print(f"   printable report:  {saved[0]}")
     print(f"   signed report:     {saved[1]}")

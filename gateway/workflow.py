@@ -92,6 +92,22 @@ def exchange_digest(ref: str, request: agency_pb2.SubmitCommissionRequest) -> by
     ).digest()
 
 
+@dataclass(frozen=True)
+class _Review:
+    """One of the two review steps: who may do it, from which state, and where pass and fail lead."""
+
+    role: str
+    name: str
+    before: str
+    passed: str
+    failed: str
+    staff_column: str
+
+
+_INTAKE = _Review("intake", "intake review", RECEIVED, INTAKE_PASSED, RETURNED, "intake_staff")
+_SECOND = _Review("review", "second review", INTAKE_PASSED, REVIEW_PASSED, TERMINATED, "review_staff")
+
+
 class Workflow:
     """Commissions from submission to report, with staff rules and audit."""
 
@@ -297,43 +313,33 @@ class Workflow:
 
     def intake(self, ref: str, staff_id: str, passed: bool, reason: str, caller: Caller) -> agency_pb2.Commission:
         """受理初审: received -> intake_passed, or -> returned with a reason."""
-        self._require_staff_system(caller)
-        self._staff(staff_id, "intake")
-        text = self._reason(passed, reason)
-        with self.engine.begin() as conn:
-            row = self._row(conn, ref, caller)
-            if row.state != RECEIVED:
-                raise _illegal(f"intake review needs state received, the commission is {row.state}")
-            self._transition(
-                conn,
-                row,
-                actor=staff_id,
-                action="commission.intake",
-                after=INTAKE_PASSED if passed else RETURNED,
-                values={"intake_staff": staff_id, "reason": None if passed else text},
-                detail=None if passed else "returned",
-            )
-        return self.view(ref, caller)
+        return self._review(_INTAKE, ref, staff_id, passed=passed, reason=reason, caller=caller)
 
     def review(self, ref: str, staff_id: str, passed: bool, reason: str, caller: Caller) -> agency_pb2.Commission:
         """审核复审: intake_passed -> review_passed, or -> terminated with a reason."""
+        return self._review(_SECOND, ref, staff_id, passed=passed, reason=reason, caller=caller)
+
+    def _review(
+        self, step: _Review, ref: str, staff_id: str, *, passed: bool, reason: str, caller: Caller
+    ) -> agency_pb2.Commission:
         self._require_staff_system(caller)
-        self._staff(staff_id, "review")
+        self._staff(staff_id, step.role)
         text = self._reason(passed, reason)
         with self.engine.begin() as conn:
             row = self._row(conn, ref, caller)
-            if row.state != INTAKE_PASSED:
-                raise _illegal(f"second review needs intake passed, the commission is {row.state}")
-            if staff_id == row.intake_staff:
+            if row.state != step.before:
+                raise _illegal(f"{step.name} needs state {step.before}, the commission is {row.state}")
+            if step is _SECOND and staff_id == row.intake_staff:
                 raise _denied("Procedure V.(一): intake and second review need different staff members")
+            after = step.passed if passed else step.failed
             self._transition(
                 conn,
                 row,
                 actor=staff_id,
-                action="commission.review",
-                after=REVIEW_PASSED if passed else TERMINATED,
-                values={"review_staff": staff_id, "reason": None if passed else text},
-                detail=None if passed else "terminated",
+                action=f"commission.{step.role}",
+                after=after,
+                values={step.staff_column: staff_id, "reason": None if passed else text},
+                detail=None if passed else after,
             )
         return self.view(ref, caller)
 

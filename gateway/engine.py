@@ -43,6 +43,8 @@ _ACK: Mapping[str, type[Message]] = {
 }
 #: Batch ids a connector takes in one FetchAnswers or AcknowledgeAnswers (docs/exchange.md); more are refused.
 MAX_IDS_PER_CALL = 100
+#: Subjects asked for in one FetchAnswers call at most (see ExchangeEngine._fetch_limit).
+FETCH_SUBJECTS = 20_000
 
 
 @dataclass(frozen=True)
@@ -127,11 +129,10 @@ class ExchangeEngine:
         client = self.clients[unit.unit_id]
         try:
             if dispatch:
-                report.formed = self.store.form_batches(
-                    unit.unit_id, frozenset(UNIT_DATA[unit.category]), self.settings.batch_size, self._now()
-                )
-                report.sent = self._send_ready(unit.unit_id, client)
-            report.answered, report.answers_stored = self._poll(unit.unit_id, client)
+                self._dispatch(unit, client, report)
+            answered, stored = self._poll(unit.unit_id, client)
+            report.answered += answered
+            report.answers_stored += stored
             report.acknowledged = self._acknowledge(unit.unit_id, client)
         except TransportFailure as failure:
             failures = unit.consecutive_failures + 1
@@ -148,9 +149,32 @@ class ExchangeEngine:
             self.store.unit_succeeded(unit.unit_id, self._now())
         return report
 
-    def _send_ready(self, unit_id: str, client: UnitClient) -> int:
+    def _dispatch(self, unit: UnitRow, client: UnitClient, report: CycleReport) -> None:
+        """Form, send and collect one batch at a time: the unit answers the first batch while the next ones are
+        formed, and answers come back while later batches go out, so the gateway, the units and the database
+        work side by side instead of in turn (form everything, then send everything, then poll)."""
+        served = frozenset(UNIT_DATA[unit.category])
+        try:
+            while report.sent < self.settings.sends_per_cycle:
+                formed = self.store.form_batches(unit.unit_id, served, self.settings.batch_size, self._now(), limit=1)
+                report.formed += formed
+                if not self._send_ready(unit.unit_id, client, limit=1):
+                    if formed:
+                        continue
+                    return
+                report.sent += 1
+                answered, stored = self._poll(unit.unit_id, client)
+                report.answered += answered
+                report.answers_stored += stored
+        except TransportFailure:
+            # The unit cannot be reached: its queue waits formed and ready for the next attempt, as it would have
+            # had every batch been formed first.
+            report.formed += self.store.form_batches(unit.unit_id, served, self.settings.batch_size, self._now())
+            raise
+
+    def _send_ready(self, unit_id: str, client: UnitClient, limit: int | None = None) -> int:
         sent = 0
-        while sent < self.settings.sends_per_cycle:
+        while sent < (self.settings.sends_per_cycle if limit is None else limit):
             work = self.store.claim(
                 unit_id,
                 "ready",
@@ -227,7 +251,7 @@ class ExchangeEngine:
                 replica=self.settings.replica,
                 now_ms=self._now(),
                 lease_ms=self.settings.lease_ms,
-                limit=self.settings.fetch_group,
+                limit=self._fetch_limit(),
             )
             if not work:
                 return answered, stored
@@ -277,6 +301,12 @@ class ExchangeEngine:
                     progressed = True
             if not progressed:
                 return answered, stored
+
+    def _fetch_limit(self) -> int:
+        """Batches asked for in one FetchAnswers: the configured group, but no more than FETCH_SUBJECTS subjects,
+        so that an answer set (and the copies made of it while it is opened, parsed and stored) stays a few MiB
+        however large batches are; each unit's worker holds one at a time."""
+        return max(1, min(self.settings.fetch_group, FETCH_SUBJECTS // max(1, self.settings.batch_size)))
 
     def _store_answer(self, batch: BatchWork, answer: exchange_pb2.BatchAnswer, message_id: bytes) -> int | None:
         expected = self.store.item_ids(batch.batch_id)

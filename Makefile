@@ -36,6 +36,7 @@ protos: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_envelope.py
+	$(PY) bench/bench_exchange.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

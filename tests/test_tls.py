@@ -330,14 +330,17 @@ def test_party_from_auth_context(pki: Pki) -> None:
 
 
 def test_certificate_summary(pki: Pki) -> None:
-    text = certificate_summary(pki.server.cert, now=NOW)
+    # Regression: NOW is taken at import, which in a long suite can be more than the certificate's 5-minute
+    # back-dating before the fixture issued it; the summary is read at the present moment.
+    now = dt.datetime.now(dt.UTC)
+    text = certificate_summary(pki.server.cert, now=now)
     der = load_certificate(pki.server.cert).public_bytes(serialization.Encoding.DER)
     digest = hashlib.sha256(der).hexdigest().upper()
     assert f"party       {UNIT}" in text
     assert f"URI:{PARTY_URI_PREFIX}{UNIT}, DNS:localhost, IP:127.0.0.1" in text
     assert "serverAuth" in text and "valid, " in text
     assert ":".join(digest[i : i + 2] for i in range(0, 64, 2)) in text
-    assert "EXPIRED" in certificate_summary(pki.server.cert, now=NOW + dt.timedelta(days=400))
+    assert "EXPIRED" in certificate_summary(pki.server.cert, now=now + dt.timedelta(days=400))
 
 
 # --- hedui-keys ca ----------------------------------------------------------------------------------------------------

@@ -314,31 +314,18 @@ class AuditLog:
         lock(conn)
         last = _head(conn)
         seq = last.seq + 1
-        digest = entry_hash(
-            last.hash,
-            seq=seq,
-            at_ms=at_ms,
-            actor=actor,
-            action=action,
-            commission_id=commission_id,
-            before=before,
-            after=after,
-            detail=detail,
-        )
-        conn.execute(
-            schema.audit_log.insert().values(
-                seq=seq,
-                at_ms=at_ms,
-                actor=actor,
-                action=action,
-                commission_id=commission_id,
-                before=before,
-                after=after,
-                detail=detail,
-                prev_hash=last.hash,
-                hash=digest,
-            )
-        )
+        fields = {
+            "seq": seq,
+            "at_ms": at_ms,
+            "actor": actor,
+            "action": action,
+            "commission_id": commission_id,
+            "before": before,
+            "after": after,
+            "detail": detail,
+        }
+        digest = entry_hash(last.hash, **fields)  # type: ignore[arg-type]
+        conn.execute(schema.audit_log.insert().values(**fields, prev_hash=last.hash, hash=digest))
         return seq
 
     def head(self) -> AuditHead:

@@ -4,6 +4,8 @@ rule that plaintext is only ever served on loopback."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent import futures
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,6 +15,25 @@ from common.config import ConfigError
 
 _HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def new_server(
+    *,
+    max_workers: int,
+    interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.Server:
+    """A gRPC server that owns its port alone.
+
+    grpcio binds with SO_REUSEPORT by default, so a second process told to listen on a port that is already
+    served binds without error and the kernel hands it some of the connections: a connector started twice, or
+    any local process, would silently take over part of another server's traffic. Hedui servers refuse that.
+    """
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        interceptors=list(interceptors),
+        options=[("grpc.so_reuseport", 0), *options],
+    )
 
 
 def start_server(
@@ -26,12 +47,13 @@ def start_server(
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*services, _HEALTH, reflection.SERVICE_NAME), server)
-    if credentials is None:
-        if listen.rsplit(":", 1)[0].strip("[]") not in _LOOPBACK:
-            raise ConfigError("plaintext is only allowed on loopback; configure the server's TLS certificate")
-        port = server.add_insecure_port(listen)
-    else:
-        port = server.add_secure_port(listen, credentials)
+    if credentials is None and listen.rsplit(":", 1)[0].strip("[]") not in _LOOPBACK:
+        raise ConfigError("plaintext is only allowed on loopback; configure the server's TLS certificate")
+    try:
+        port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
+    except RuntimeError:
+        # grpcio says only "failed to bind"; in practice another process holds the port or the address is not ours.
+        raise ConfigError(f"cannot listen on {listen}: the port is in use or the address is not on this host") from None
     server.start()
     for name in ("", *services):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -7,7 +7,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from common.config import ConfigError
 from common.db import make_engine
 from common.logs import log_context, new_request_id
 from common.metrics import MetricsServer, process_registry, serve_metrics
-from common.rpc import start_server
+from common.rpc import new_server, start_server
 from common.workdays import WorkdayCalendar
 from connectors.adapters.base import Adapter
 from connectors.adapters.csv_files import CsvAdapter
@@ -211,9 +210,7 @@ def start(
     interceptors: list[grpc.ServerInterceptor[Any, Any]] = []
     if connector.metrics is not None:
         interceptors.append(connector.metrics.service.interceptor())
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers), options=options, interceptors=interceptors
-    )
+    server = new_server(max_workers=max_workers, options=options, interceptors=interceptors)
     exchange_pb2_grpc.add_ExchangeServiceServicer_to_server(
         ExchangeServicer(connector, require_tls_identity=credentials is not None), server
     )

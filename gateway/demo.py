@@ -87,7 +87,7 @@ def _stub(net: Network, party: str) -> agency_pb2_grpc.AgencyServiceStub:
         private_key=(tls / f"{party}.client.key").read_bytes(),
         certificate_chain=(tls / f"{party}.client.crt").read_bytes(),
     )
-    return agency_pb2_grpc.AgencyServiceStub(grpc.secure_channel(f"localhost:{net.gateway_port}", credentials))
+    return agency_pb2_grpc.AgencyServiceStub(grpc.secure_channel(f"127.0.0.1:{net.gateway_port}", credentials))
 
 
 def _package(households: int) -> agency_pb2.SubmitCommissionRequest:
@@ -149,15 +149,14 @@ def _register_staff(net: Network, now_ms: int) -> dict[str, PartyKeys]:
     return keys
 
 
-def _progress_line(progress: agency_pb2.Progress, subjects: int) -> tuple[str, int, int]:
-    answered = sum(u.answered for u in progress.units)
-    total = subjects * len(progress.units)
-    overdue = sum(u.overdue for u in progress.units)
-    return (
-        f"{answered:>6} / {total} subject-queries answered across {len(progress.units)} units",
-        answered,
-        total + overdue * 0,
-    )
+def _unfinished(progress: agency_pb2.Progress, subjects: int) -> list[str]:
+    """One line per unit that has not answered every subject: where its queries stand."""
+    lines = []
+    for unit in progress.units:
+        if unit.answered < subjects:
+            counts = ("queued", "sent", "receipted", "answered", "overdue", "delayed", "failed")
+            lines.append(f"   {unit.unit_id}: " + ", ".join(f"{name} {getattr(unit, name)}" for name in counts))
+    return lines
 
 
 def _show(program: str, command: list[str]) -> bool:
@@ -200,14 +199,17 @@ def _watch(commissioner: agency_pb2_grpc.AgencyServiceStub, commission: agency_p
     """Print progress until every unit has answered every subject, or ``timeout`` seconds pass."""
     _say("Exchange: batches sealed for each unit, receipts (due in 7 working days), answers")
     deadline = time.monotonic() + timeout
+    ref = agency_pb2.CommissionRef(commission_id=commission.commission_id)
     while time.monotonic() < deadline:
-        progress = commissioner.GetProgress(agency_pb2.CommissionRef(commission_id=commission.commission_id))
+        progress = commissioner.GetProgress(ref)
         answered = sum(u.answered for u in progress.units)
         total = commission.subjects * len(progress.units)
         print(f"   {answered:>6} / {total} subject-queries answered across {len(progress.units)} units", flush=True)
         if total and answered >= total:
             return True
         time.sleep(1.0)
+    unfinished = _unfinished(commissioner.GetProgress(ref), commission.subjects)
+    print("units that have not answered every subject:", *unfinished, sep="\n")
     return False
 
 

@@ -27,11 +27,24 @@ from keys.truststore import TrustStore
 STAFF = ("S-0001", "S-0002")
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that nothing listens on right now. They are held bound together
+    while chosen, so the kernel cannot hand out the same port twice (which, choosing one at a time, it may)."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sockets.append(sock)
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
@@ -81,8 +94,8 @@ class Network:
         for unit_id, config in self.connector_configs.items():
             if only is None or unit_id in only:
                 started[unit_id] = self._spawn(["connectors.cli", "serve", "--config", str(config)], f"{unit_id}.log")
-        for unit_id in started:
-            wait_for_port(self.connector_ports[unit_id])
+        for unit_id, process in started.items():
+            wait_for_port(self.connector_ports[unit_id], process=process)
         return started
 
     def start_gateway(
@@ -91,7 +104,7 @@ class Network:
         """Start ``hedui-gateway serve``; with ``wait``, return once its API port answers (schema migrated)."""
         process = self._spawn(["gateway.cli", "serve", "--config", str(self.gateway_config)], log_name, env)
         if wait:
-            wait_for_port(self.gateway_port)
+            wait_for_port(self.gateway_port, process=process)
         return process
 
     def stop_all(self, timeout: float = 20.0) -> None:
@@ -114,9 +127,15 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
+def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Return once something listens on ``port``; with ``process``, fail at once if that process has exited
+    (it could not bind the port, or its configuration was refused: its log says which)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(
+                f"process {process.pid} exited with code {process.returncode} before listening on {port}"
+            )
         with socket.socket() as sock:
             sock.settimeout(0.5)
             # A connection to itself (same source and destination port: TCP simultaneous open on loopback) does
@@ -180,11 +199,11 @@ def build_network(
         return store_path, pass_path
 
     connector_configs, ports, metrics_ports = {}, {}, {}
+    gateway_port, gateway_metrics_port, *unit_ports = free_ports(2 + 2 * len(units))
     staff = "".join(f'\n[[staff]]\ngateway = "{gateway_party}"\nstaff_id = "{s}"\n' for s in STAFF)
     for unit, category in units.items():
-        port = free_port()
-        ports[unit] = port
-        metrics_ports[unit] = free_port()
+        port = ports[unit] = unit_ports.pop()
+        metrics_ports[unit] = unit_ports.pop()
         cert, key = issue(unit, server=True)
         store_path, pass_path = save(*sides[unit])
         config = root / f"{unit}.toml"
@@ -230,12 +249,10 @@ listen = "127.0.0.1:{metrics_ports[unit]}"
     unit_lines = "".join(
         f'\n[[clients]]\nparty_id = "{party}"\nrole = "{role}"\n' for party, role in (clients or {}).items()
     ) + "".join(
-        f'\n[[units]]\nparty_id = "{unit}"\ncategory = "{category}"\nendpoint = "localhost:{ports[unit]}"\n'
+        f'\n[[units]]\nparty_id = "{unit}"\ncategory = "{category}"\nendpoint = "127.0.0.1:{ports[unit]}"\n'
         for unit, category in units.items()
     )
     gateway_config = root / "gateway.toml"
-    gateway_port = free_port()
-    gateway_metrics_port = free_port()
     _write(
         gateway_config,
         f"""# gateway {gateway_party} on loopback

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
-from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,7 @@ from hedui.v1 import agency_pb2_grpc
 from common.config import ConfigError
 from common.memory import tune_allocator
 from common.metrics import MetricsServer, process_registry, serve_metrics
-from common.rpc import start_server
+from common.rpc import new_server, start_server
 from common.workdays import WorkdayCalendar
 from connectors.config import unit_category_by_name
 from gateway.agency import SERVICE as AGENCY_SERVICE
@@ -205,7 +204,7 @@ def serve_api(
     interceptors: list[grpc.ServerInterceptor[Any, Any]] = [AuthInterceptor(clients)]
     if metrics is not None:
         interceptors.insert(0, metrics.service.interceptor())  # outermost: refused calls are counted too
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors)
+    server = new_server(max_workers=max_workers, interceptors=interceptors)
     agency_pb2_grpc.add_AgencyServiceServicer_to_server(AgencyServicer(workflow, clients, metrics), server)
     port, health_servicer = start_server(server, [AGENCY_SERVICE], listen=listen, credentials=credentials)
     return server, port, health_servicer

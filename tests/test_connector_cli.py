@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from hedui.v1 import exchange_pb2, exchange_pb2_grpc, records_pb2
 
 from connectors.cli import main
 from connectors.synthetic import Population
+from gateway.localnet import free_port
 from keys import keystore
 from keys.envelope import Courier
 from keys.identity import PartyKeys
@@ -26,12 +26,6 @@ from keys.truststore import TrustStore
 from tests.exchange_world import GATEWAY, UNIT, Pki, enrol
 
 PASSPHRASE = "connector test passphrase"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _setup(tmp_path: Path, port: int) -> tuple[Path, Pki, Courier]:
@@ -92,7 +86,7 @@ staff_id = "S-2"
 
 
 def test_check_config_and_config_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config, _, _ = _setup(tmp_path, _free_port())
+    config, _, _ = _setup(tmp_path, free_port())
     assert main(["check-config", "--config", str(config)]) == 0
     assert "config OK" in capsys.readouterr().out
     assert main(["config-keys"]) == 0
@@ -100,7 +94,7 @@ def test_check_config_and_config_keys(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_bad_config_is_refused_with_the_key_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config, _, _ = _setup(tmp_path, _free_port())
+    config, _, _ = _setup(tmp_path, free_port())
     config.write_text(config.read_text().replace("[exchange]", "[exchange]\nanswer_speed = 3"))
     assert main(["check-config", "--config", str(config)]) == 1
     assert "unknown key(s) in exchange: answer_speed" in capsys.readouterr().err
@@ -149,7 +143,7 @@ def _submit_and_collect(stub: exchange_pb2_grpc.ExchangeServiceStub, courier: Co
 
 
 def test_serve_answers_over_mutual_tls_and_stops_on_sigterm(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     config, pki, courier = _setup(tmp_path, port)
     exe = shutil.which("hedui-connector", path=os.path.dirname(sys.executable))
     assert exe is not None
@@ -175,3 +169,30 @@ def test_serve_answers_over_mutual_tls_and_stops_on_sigterm(tmp_path: Path) -> N
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
+
+
+def test_a_second_server_on_a_taken_port_is_refused_and_takes_no_traffic(tmp_path: Path) -> None:
+    """grpcio would share the port (SO_REUSEPORT) and hand the newcomer some of the connections; Hedui refuses."""
+    port = free_port()
+    config, pki, courier = _setup(tmp_path, port)
+    exe = shutil.which("hedui-connector", path=os.path.dirname(sys.executable))
+    assert exe is not None
+    first = subprocess.Popen(
+        [exe, "serve", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert first.stdout is not None
+        assert "serving" in first.stdout.readline()
+        second = subprocess.run(
+            [exe, "serve", "--config", str(config)], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert second.returncode == 1
+        assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in second.stderr
+        # Every new connection still reaches the first connector.
+        for _ in range(5):
+            with pki.channel(GATEWAY, port) as channel:
+                _submit_and_collect(exchange_pb2_grpc.ExchangeServiceStub(channel), courier)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        output, _ = first.communicate(timeout=30)
+    assert first.returncode == 0, output

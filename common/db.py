@@ -2,10 +2,58 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+
+#: How long a transaction waits for the database to be free before it fails with "database is locked".
+LOCK_TIMEOUT_S = 60.0
+
+
+class _SqliteConnection(sqlite3.Connection):
+    """A connection that lets the next thread of its engine in as soon as its transaction ends.
+
+    SQLite lets one write transaction run at a time and makes the others wait in its busy handler, which sleeps
+    in steps of up to 100 ms whether or not the lock has been freed meanwhile: with several threads taking turns,
+    most of the waiting is sleeping past the moment the database became free. Within one process the threads of
+    an engine therefore queue on a lock instead (``turns``), handed on the moment a transaction commits or rolls
+    back; the busy handler still arbitrates between processes.
+    """
+
+    turns: threading.Lock | None = None
+    holding = False
+
+    def enter(self) -> None:
+        if self.turns is not None and not self.holding:
+            if not self.turns.acquire(timeout=LOCK_TIMEOUT_S):
+                raise sqlite3.OperationalError("database is locked (waited for this process's other transactions)")
+            self.holding = True
+
+    def leave(self) -> None:
+        if self.holding and self.turns is not None:
+            self.holding = False
+            self.turns.release()
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            self.leave()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self.leave()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.leave()
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -14,11 +62,18 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         # isolation_level=None hands transaction control to SQLAlchemy's "begin" event below.
-        connect_args = {"timeout": 60, "check_same_thread": False, "isolation_level": None}
+        connect_args = {
+            "timeout": LOCK_TIMEOUT_S,
+            "check_same_thread": False,
+            "isolation_level": None,
+            "factory": _SqliteConnection,
+        }
         engine = create_engine(url, connect_args=connect_args, **kwargs)
+        turns = threading.Lock()
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.turns = turns
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
@@ -29,7 +84,13 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         def _begin_immediate(connection: Any) -> None:
             # Take the write lock at BEGIN: two deferred transactions that both read and then write would
             # otherwise deadlock, and SQLite would fail one of them at once instead of letting it wait.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            dbapi_connection = connection.connection.dbapi_connection
+            dbapi_connection.enter()
+            try:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            except BaseException:
+                dbapi_connection.leave()
+                raise
 
         return engine
     return create_engine(url, pool_pre_ping=True, **kwargs)

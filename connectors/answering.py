@@ -53,32 +53,35 @@ def answer_subjects(
     thresholds: Mapping[int, int],
     *,
     today: date,
-) -> list[exchange_pb2.SubjectAnswer]:
-    """Answers in query order. ``thresholds`` maps the categories answered as flags to their limits."""
+) -> exchange_pb2.BatchAnswer:
+    """A BatchAnswer holding the subjects' answers in query order (the caller fills in the batch fields).
+    ``thresholds`` maps the categories answered as flags to their limits."""
     # Each subject is checked once: after the adapter's look-up the GB 11643 check is the costliest step.
     refused = [_refusal(s, today) for s in subjects]
     ids = sorted({s.id_number.strip().upper() for s, r in zip(subjects, refused, strict=True) if r is None})
     findings: dict[str, list[Finding]] = {}
     for start in range(0, len(ids), LOOKUP_CHUNK):
         findings.update(adapter.fetch(ids[start : start + LOOKUP_CHUNK], context))
-    answers = []
+    batch = exchange_pb2.BatchAnswer()
+    # Answers are added in place: building them apart and then putting them in the batch would copy each again.
+    add = batch.subjects.add
     for subject, refusal in zip(subjects, refused, strict=True):
-        records: list[records_pb2.Record] = []
         if refusal is not None:
-            status = refusal
+            add(subject_ref=subject.subject_ref, status=refusal)
         elif not (held := findings.get(subject.id_number.strip().upper())):
-            status = exchange_pb2.SUBJECT_STATUS_NO_RECORD
+            add(subject_ref=subject.subject_ref, status=exchange_pb2.SUBJECT_STATUS_NO_RECORD)
         else:
             wanted = normalize_name(subject.name)
             records = [f.record for f in held if normalize_name(f.name) == wanted]
             if records:
-                status = exchange_pb2.SUBJECT_STATUS_FOUND
-                records = _minimised(records, thresholds, context)
+                add(
+                    subject_ref=subject.subject_ref,
+                    status=exchange_pb2.SUBJECT_STATUS_FOUND,
+                    records=_minimised(records, thresholds, context),
+                )
             else:
-                status = exchange_pb2.SUBJECT_STATUS_NAME_MISMATCH
-        # One constructor call per answer: cheaper than setting fields one by one on the message.
-        answers.append(exchange_pb2.SubjectAnswer(subject_ref=subject.subject_ref, status=status, records=records))
-    return answers
+                add(subject_ref=subject.subject_ref, status=exchange_pb2.SUBJECT_STATUS_NAME_MISMATCH)
+    return batch
 
 
 def _refusal(subject: exchange_pb2.QuerySubject, today: date) -> exchange_pb2.SubjectStatus.ValueType | None:

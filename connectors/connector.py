@@ -302,10 +302,9 @@ class Connector:
             produced_at_ms=now,
         )
         limits = {int(t.category): t.limit_fen for t in batch.thresholds if t.category in self.threshold_categories}
-        subjects = answer_subjects(batch.subjects, self.adapter, context, limits, today=self._today())
-        return exchange_pb2.BatchAnswer(
-            batch_id=batch.batch_id, batch_digest=stored.digest, answered_at_ms=now, subjects=subjects
-        )
+        answer = answer_subjects(batch.subjects, self.adapter, context, limits, today=self._today())
+        answer.batch_id, answer.batch_digest, answer.answered_at_ms = batch.batch_id, stored.digest, now
+        return answer
 
     def _delay_if_due(self, stored: StoredBatch) -> None:
         if stored.delay_reason is None and self._today() >= stored.due:

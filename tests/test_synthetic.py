@@ -184,7 +184,8 @@ def test_name_mismatch_through_the_connector(population: Population) -> None:
     def subject(name: str) -> exchange_pb2.QuerySubject:
         return exchange_pb2.QuerySubject(subject_ref=name, id_number=member.id_number, name=name, authorisation=auth)
 
-    answers = answer_subjects([subject(member.name), subject(member.name + "某")], adapter, ctx, {}, today=AS_OF)
+    queried = [subject(member.name), subject(member.name + "某")]
+    answers = answer_subjects(queried, adapter, ctx, {}, today=AS_OF).subjects
     assert [a.status for a in answers] == [exchange_pb2.SUBJECT_STATUS_FOUND, exchange_pb2.SUBJECT_STATUS_NAME_MISMATCH]
     assert answers[0].records[0].WhichOneof("body") == "household_register"
 

@@ -309,7 +309,7 @@ class ExchangeEngine:
         return max(1, min(self.settings.fetch_group, FETCH_SUBJECTS // max(1, self.settings.batch_size)))
 
     def _store_answer(self, batch: BatchWork, answer: exchange_pb2.BatchAnswer, message_id: bytes) -> int | None:
-        expected = self.store.item_ids(batch.batch_id)
+        expected = self.store.item_ids(batch.unit_id, batch.batch_id)
         refs = [a.subject_ref for a in answer.subjects]
         valid = answer.batch_digest == batch.digest and len(refs) == len(expected)
         valid = valid and all(r.isdigit() and int(r) in expected for r in refs) and len(set(refs)) == len(refs)

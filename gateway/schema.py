@@ -172,8 +172,8 @@ items = Table(
     Column("batch_id", String(40), ForeignKey("batches.batch_id"), nullable=True),
     Column("created_at_ms", BigInteger, nullable=False),
     Column("cancelled_at_ms", BigInteger, nullable=True),
+    # Also the index of a batch's items (unit_id, batch_id): migration 0003.
     Index("ix_items_queue", "unit_id", "batch_id", "commission_id", "id"),
-    Index("ix_items_batch", "batch_id"),
 )
 
 batches = Table(

@@ -533,9 +533,10 @@ class GatewayStore:
         with self.engine.begin() as conn:
             self._finish(conn, batch_id, ("receipted",), state="ready", next_attempt_ms=0, last_error="unknown_at_unit")
 
-    def item_ids(self, batch_id: str) -> set[int]:
+    def item_ids(self, unit_id: str, batch_id: str) -> set[int]:
         with self.engine.connect() as conn:
-            return {r.id for r in conn.execute(select(s.items.c.id).where(s.items.c.batch_id == batch_id))}
+            query = select(s.items.c.id).where(s.items.c.unit_id == unit_id, s.items.c.batch_id == batch_id)
+            return {r.id for r in conn.execute(query)}
 
     def archive(self, message_id: bytes, sender: str, message_type: str, envelope: bytes, now_ms: int) -> None:
         """Keep an envelope received from a unit exactly as received (idempotent by message id)."""

@@ -121,7 +121,12 @@ class GatewayScheduler:
         self.workers.tick(dispatch=self.policy.dispatch_allowed(self._today()))
 
     def poll(self) -> None:
-        """Start unit cycles that only poll and acknowledge (answers arrive any day)."""
+        """Start unit cycles that only poll and acknowledge (answers arrive any day). While batches may be sent
+        and the dispatch job runs at least as often, its cycles poll as well, and this one has nothing to add."""
+        if self.intervals.dispatch_seconds <= self.intervals.poll_seconds and self.policy.dispatch_allowed(
+            self._today()
+        ):
+            return
         self.workers.tick(dispatch=False)
 
     def sweep(self) -> None:

@@ -3,6 +3,7 @@ answer per item, answers fetched twice, clause-12 due dates, delay notices and o
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from sqlalchemy.exc import IntegrityError
 
 from connectors import store as cstore
 from gateway import schema
+from gateway.engine import CycleReport, UnitWorkers
+from gateway.schedule import GatewayScheduler, JobIntervals, SchedulePolicy
 from gateway.store import GatewayStore
 from tests.exchange_world import beijing_ms
 from tests.gateway_drive import (
@@ -269,3 +272,44 @@ def test_notice_fetched_after_the_due_date_clears_overdue(tmp_path: Path, databa
                 select(func.count()).select_from(schema.batches).where(schema.batches.c.overdue.is_(True))
             ).scalar_one()
         assert overdue == 2
+
+
+class _Ticks(UnitWorkers):
+    """The gateway's unit workers, remembering which kinds of cycle were started."""
+
+    def __init__(self, workers: UnitWorkers) -> None:
+        super().__init__(workers.engine, max_workers=2)
+        self.started: list[bool] = []
+
+    def tick(self, *, dispatch: bool) -> list[Future[CycleReport]]:
+        self.started.append(dispatch)
+        return super().tick(dispatch=dispatch)
+
+
+@pytest.mark.parametrize(
+    ("policy", "intervals", "polls"),
+    [
+        ("continuous", JobIntervals(dispatch_seconds=30, poll_seconds=60), False),  # dispatch cycles poll too
+        ("continuous", JobIntervals(dispatch_seconds=120, poll_seconds=60), True),  # polls more often than that
+        ("monthly", JobIntervals(dispatch_seconds=30, poll_seconds=60), True),  # 2 March: outside the window
+    ],
+)
+def test_the_poll_job_starts_cycles_only_when_the_dispatch_job_does_not_poll_as_often(
+    tmp_path: Path, policy: str, intervals: JobIntervals, polls: bool
+) -> None:
+    with gateway_world(tmp_path, now_ms=MONDAY) as world:
+        ticks = _Ticks(world.workers)
+        scheduler = GatewayScheduler(
+            store=world.store,
+            engine=world.engine,
+            workers=ticks,
+            policy=SchedulePolicy(policy),
+            intervals=intervals,
+            clock=world.clock,
+            replica="test-1",
+            lease_ms=60_000,
+            key_check=lambda: None,
+        )
+        scheduler.poll()
+        ticks.shutdown()
+        assert ticks.started == ([False] if polls else [])

@@ -11,7 +11,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
 from common.config import ConfigError
-from common.db import make_engine
+from common.db import is_sqlite, make_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -25,11 +25,27 @@ def alembic_config(engine: Engine) -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Apply migrations up to ``revision`` (``alembic upgrade head``)."""
+    """Apply migrations up to ``revision`` (``alembic upgrade head``), all in one transaction.
+
+    On SQLite a migration that changes a table rebuilds it (copy, drop, rename), and dropping a table that other
+    tables' rows refer to fails while foreign keys are enforced. They are therefore switched off for the
+    migration, as SQLite's documented procedure for altering tables prescribes, and checked as a whole before
+    the transaction commits: a migration that would leave a dangling reference is rolled back.
+    """
     config = alembic_config(engine)
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
+    with engine.connect() as connection:
+        raw = connection.connection.dbapi_connection if is_sqlite(engine) else None
+        if raw is not None:
+            raw.execute("PRAGMA foreign_keys=OFF")  # outside any transaction, where SQLite honours it
+        try:
+            with connection.begin():
+                config.attributes["connection"] = connection
+                command.upgrade(config, revision)
+                if raw is not None and connection.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                    raise ConfigError("the migration would leave rows referring to missing rows; nothing was changed")
+        finally:
+            if raw is not None:
+                raw.execute("PRAGMA foreign_keys=ON")
 
 
 def head_revision() -> str | None:

@@ -2,7 +2,7 @@
 fails when this module and the migrations disagree.
 
 Personal data (ID numbers, names, findings) lives only in ``subjects`` and in the ``body`` of ``answers``, and in
-the batch ``content`` that travels to the unit. Everything else holds ids, codes, times and counts.
+the batch content (``batch_contents``) that travels to the unit. Everything else holds ids, codes, times and counts.
 """
 
 from __future__ import annotations
@@ -182,8 +182,7 @@ batches = Table(
     Column("batch_id", String(40), primary_key=True),
     Column("unit_id", String(64), ForeignKey("units.unit_id"), nullable=False),
     Column("commission_id", Integer, ForeignKey("commissions.id"), nullable=False),
-    # Canonical QueryBatch bytes: fixed at creation so every retry sends the same batch.
-    Column("content", LargeBinary, nullable=False),
+    # SHA-256 of the batch's content (batch_contents), which the unit's receipt and answer must name.
     Column("digest", LargeBinary(32), nullable=False),
     Column("subject_count", Integer, nullable=False),
     Column("created_at_ms", BigInteger, nullable=False),
@@ -205,6 +204,16 @@ batches = Table(
     Column("acknowledged_at_ms", BigInteger, nullable=True),
     Column("next_poll_ms", BigInteger, nullable=False, default=0),
     Index("ix_batches_work", "unit_id", "state", "next_attempt_ms"),
+)
+
+#: The canonical QueryBatch bytes of each batch, fixed at creation so that every retry sends the same batch. Kept
+#: apart from ``batches`` (migration 0004): SQLite rewrites a whole row, blob included, on every update that changes
+#: its size, and a batch's row changes state half a dozen times.
+batch_contents = Table(
+    "batch_contents",
+    metadata,
+    Column("batch_id", String(40), ForeignKey("batches.batch_id"), primary_key=True),
+    Column("content", LargeBinary, nullable=False),
 )
 
 #: Every envelope received from a unit, as received: the same bytes prove later who sent what (clause 17).

@@ -314,7 +314,6 @@ class GatewayStore:
                         batch_id=batch_id,
                         unit_id=unit_id,
                         commission_id=commission_id,
-                        content=content,
                         digest=hashlib.sha256(content).digest(),
                         subject_count=len(rows),
                         created_at_ms=now_ms,
@@ -325,6 +324,7 @@ class GatewayStore:
                         next_poll_ms=0,
                     )
                 )
+                conn.execute(insert(s.batch_contents).values(batch_id=batch_id, content=content))
                 self._assign(conn, batch_id, [r[0] for r in rows])
                 formed += 1
         return formed
@@ -420,19 +420,21 @@ class GatewayStore:
             claimed = self._claim(conn, candidates, replica, now_ms, lease_ms)
             if not claimed:
                 return []
-            rows = conn.execute(
-                select(
-                    s.batches.c.batch_id,
-                    s.batches.c.unit_id,
-                    # Only sending needs the content (the whole QueryBatch); polling would read it for nothing.
-                    s.batches.c.content if state == "ready" else literal(b"").label("content"),
-                    s.batches.c.digest,
-                    s.batches.c.state,
-                    s.batches.c.attempts,
-                    s.batches.c.original_due,
-                    s.batches.c.received_at_ms,
-                ).where(s.batches.c.batch_id.in_(claimed))
-            ).all()
+            # Only sending needs the content (the whole QueryBatch); polling would read it for nothing.
+            sending = state == "ready"
+            work = select(
+                s.batches.c.batch_id,
+                s.batches.c.unit_id,
+                s.batch_contents.c.content if sending else literal(b"").label("content"),
+                s.batches.c.digest,
+                s.batches.c.state,
+                s.batches.c.attempts,
+                s.batches.c.original_due,
+                s.batches.c.received_at_ms,
+            ).where(s.batches.c.batch_id.in_(claimed))
+            if sending:
+                work = work.join_from(s.batches, s.batch_contents)
+            rows = conn.execute(work).all()
         return [BatchWork(**r._mapping) for r in sorted(rows, key=lambda r: claimed.index(r.batch_id))]
 
     def release(self, batch_id: str, replica: str) -> None:

@@ -220,7 +220,8 @@ def test_refused_envelopes_are_counted_by_reason(world: GatewayWorld, metrics: M
 
     # At the unit: a forged batch is refused and counted; the same valid batch sent twice (a retry after a lost
     # receipt) is answered with its stored receipt and is no rejection.
-    (content,) = rows(world, select(schema.batches.c.content).where(schema.batches.c.unit_id == TAX).limit(1))
+    of_tax = select(schema.batch_contents.c.content).join(schema.batches).where(schema.batches.c.unit_id == TAX)
+    (content,) = rows(world, of_tax.limit(1))
     batch = exchange_pb2.QueryBatch.FromString(content.content)
     batch.batch_id = "B-metrics-1"
     stub = exchange_pb2_grpc.ExchangeServiceStub(world.pki.channel(GATEWAY, world.connectors[TAX].port))

@@ -2,12 +2,18 @@
 
 A restart loses nothing: a batch is stored in the same transaction that decides its receipt, answers are stored
 before anyone can fetch them, and fetching reads the stored bytes, so answers fetched twice are identical.
-Personal data (the batch content and the answers) lives only in ``content`` and ``answer`` columns, which are
-emptied when the retention period after acknowledgement ends; the audit table never holds any.
+Personal data (the batch content and the answers) lives only in the ``batch_contents`` and ``batch_answers`` tables,
+whose rows are deleted when the retention period after acknowledgement ends; the audit table never holds any.
+
+The two blobs (about 100 bytes a subject for a batch's content, up to several hundred for its answer) are kept out of
+the ``batches`` row on purpose: SQLite rewrites a whole record, overflow pages included, whenever an UPDATE changes
+its size, so with the blobs inline every state change of a batch (answered, acknowledged, an attempt counted, a
+delay notice) rewrote megabytes. Written once and deleted once in their own tables, they are never rewritten.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -17,18 +23,27 @@ from sqlalchemy import (
     Column,
     Date,
     Engine,
+    ForeignKey,
     Integer,
     LargeBinary,
     MetaData,
     String,
     Table,
+    column,
+    delete,
+    exists,
     insert,
+    inspect,
+    or_,
     select,
+    table,
     update,
 )
 from sqlalchemy.exc import IntegrityError
 
 from common.replaystore import SqlReplayCache, replay_table
+
+log = logging.getLogger("hedui.connector.store")
 
 metadata = MetaData()
 
@@ -46,8 +61,6 @@ batches = Table(
     Column("due", Date, nullable=False),
     # pending -> answered -> acknowledged -> purged
     Column("state", String(16), nullable=False, index=True),
-    Column("content", LargeBinary, nullable=True),
-    Column("answer", LargeBinary, nullable=True),
     Column("answered_at_ms", BigInteger, nullable=True),
     Column("acknowledged_at_ms", BigInteger, nullable=True),
     Column("delay_reason", String(32), nullable=True),
@@ -66,12 +79,34 @@ audit = Table(
     Column("reason", String(64), nullable=True),
 )
 
+#: A batch's QueryBatch bytes, from its receipt until it is purged (see the module docstring for why not inline).
+batch_contents = Table(
+    "batch_contents",
+    metadata,
+    Column("batch_id", String(64), ForeignKey("batches.batch_id"), primary_key=True),
+    Column("content", LargeBinary, nullable=False),
+)
+
+#: A batch's BatchAnswer bytes, from the moment it is answered until it is purged.
+batch_answers = Table(
+    "batch_answers",
+    metadata,
+    Column("batch_id", String(64), ForeignKey("batches.batch_id"), primary_key=True),
+    Column("answer", LargeBinary, nullable=False),
+)
+
 seen_messages = replay_table(metadata)
+
+#: The blob columns databases made by earlier versions have in ``batches`` (nullable; emptied by the upgrade step,
+#: left in place because older SQLite versions cannot drop a column). Not on ``metadata``: nothing creates them.
+_old_batches = table(
+    "batches", column("batch_id", String(64)), column("content", LargeBinary), column("answer", LargeBinary)
+)
 
 
 @dataclass(frozen=True)
 class StoredBatch:
-    """A batch row without its personal-data columns unless asked for."""
+    """A batch row: never its personal data, which lives in ``batch_contents`` and ``batch_answers``."""
 
     batch_id: str
     gateway: str
@@ -88,7 +123,7 @@ class StoredBatch:
     delay_issued_at_ms: int | None
 
 
-_SUMMARY = [c for c in batches.c if c.name not in {"content", "answer", "acknowledged_at_ms", "attempts"}]
+_SUMMARY = [c for c in batches.c if c.name not in {"acknowledged_at_ms", "attempts"}]
 
 
 class BatchExists(Exception):
@@ -101,6 +136,7 @@ class ConnectorStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         metadata.create_all(engine)
+        _move_blobs_out_of_batches(engine)
         self.replay = SqlReplayCache(engine, seen_messages)
 
     def get(self, batch_id: str) -> StoredBatch | None:
@@ -121,7 +157,9 @@ class ConnectorStore:
         """Store a newly accepted batch and its audit entry in one transaction."""
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(batches).values(**batch.__dict__, content=content, attempts=0))
+                # The batches row first: the content row's foreign key refers to it.
+                conn.execute(insert(batches).values(**batch.__dict__, attempts=0))
+                conn.execute(insert(batch_contents).values(batch_id=batch.batch_id, content=content))
                 conn.execute(
                     insert(audit).values(
                         at_ms=batch.received_at_ms, event="accepted", gateway=batch.gateway, batch_id=batch.batch_id
@@ -145,7 +183,8 @@ class ConnectorStore:
         """Oldest pending batches with their content."""
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(*_SUMMARY, batches.c.content)
+                select(*_SUMMARY, batch_contents.c.content)
+                .join_from(batches, batch_contents, batch_contents.c.batch_id == batches.c.batch_id)
                 .where(batches.c.state == "pending")
                 .order_by(batches.c.received_at_ms)
                 .limit(limit)
@@ -158,9 +197,10 @@ class ConnectorStore:
             done = conn.execute(
                 update(batches)
                 .where(batches.c.batch_id == batch_id, batches.c.state == "pending")
-                .values(state="answered", answer=answer, answered_at_ms=at_ms)
+                .values(state="answered", answered_at_ms=at_ms)
             ).rowcount
             if done:
+                conn.execute(insert(batch_answers).values(batch_id=batch_id, answer=answer))
                 conn.execute(insert(audit).values(at_ms=at_ms, event="answered", batch_id=batch_id))
         return bool(done)
 
@@ -181,9 +221,9 @@ class ConnectorStore:
         """The gateway's own batches among ``batch_ids``, with the stored answer bytes where answered."""
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(*_SUMMARY, batches.c.answer).where(
-                    batches.c.gateway == gateway, batches.c.batch_id.in_(list(batch_ids))
-                )
+                select(*_SUMMARY, batch_answers.c.answer)
+                .outerjoin_from(batches, batch_answers, batch_answers.c.batch_id == batches.c.batch_id)
+                .where(batches.c.gateway == gateway, batches.c.batch_id.in_(list(batch_ids)))
             ).all()
         return {
             r.batch_id: (StoredBatch(**{k: v for k, v in r._mapping.items() if k != "answer"}), r.answer) for r in rows
@@ -212,7 +252,8 @@ class ConnectorStore:
         return acknowledged
 
     def purge(self, before_ms: int, at_ms: int) -> int:
-        """Empty content and answer of batches acknowledged before ``before_ms``; returns how many."""
+        """Delete content and answer of batches acknowledged before ``before_ms`` (they become purged); returns how
+        many."""
         with self.engine.begin() as conn:
             ids = [
                 r.batch_id
@@ -223,9 +264,9 @@ class ConnectorStore:
                 )
             ]
             if ids:
-                conn.execute(
-                    update(batches).where(batches.c.batch_id.in_(ids)).values(state="purged", content=None, answer=None)
-                )
+                conn.execute(update(batches).where(batches.c.batch_id.in_(ids)).values(state="purged"))
+                conn.execute(delete(batch_contents).where(batch_contents.c.batch_id.in_(ids)))
+                conn.execute(delete(batch_answers).where(batch_answers.c.batch_id.in_(ids)))
                 conn.execute(insert(audit), [{"at_ms": at_ms, "event": "purged", "batch_id": i} for i in ids])
         return len(ids)
 
@@ -237,3 +278,31 @@ class ConnectorStore:
     def batch_count(self) -> int:
         with self.engine.connect() as conn:
             return len(conn.execute(select(batches.c.batch_id)).all())
+
+
+def _move_blobs_out_of_batches(engine: Engine) -> None:
+    """Upgrade a database made by an earlier version, whose ``batches`` rows held ``content`` and ``answer``.
+
+    Copies every stored content and answer into its own table (skipping batches already there) and empties the old
+    columns, in one transaction, so that each blob lives in one place. Idempotent: once the old columns are empty
+    (or on a database that never had them) it changes nothing. Logs counts only.
+    """
+    old_columns = {c["name"] for c in inspect(engine).get_columns("batches")}
+    moves = [
+        (side, name) for side, name in ((batch_contents, "content"), (batch_answers, "answer")) if name in old_columns
+    ]
+    if not moves:
+        return
+    still_inline = or_(*(_old_batches.c[name].is_not(None) for _, name in moves))
+    moved: dict[str, int] = {}
+    with engine.begin() as conn:
+        for side, name in moves:
+            blob = _old_batches.c[name]
+            rows = select(_old_batches.c.batch_id, blob).where(
+                blob.is_not(None), ~exists().where(side.c.batch_id == _old_batches.c.batch_id)
+            )
+            moved[f"{name}s_moved"] = conn.execute(insert(side).from_select(["batch_id", name], rows)).rowcount
+        # Matches no row once upgraded, so a later start rewrites nothing.
+        emptied = conn.execute(update(_old_batches).where(still_inline).values({n: None for _, n in moves})).rowcount
+    if emptied:
+        log.info("connector store upgraded: batch contents and answers moved to their own tables", extra=moved)

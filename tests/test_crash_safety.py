@@ -455,8 +455,12 @@ def assert_exactly_once(dbs: Databases, items: int) -> None:
     for unit in UNITS:
         mine = {r.batch_id for r in gateway_batches if r.unit_id == unit}
         with dbs.engine(unit).connect() as conn:
-            c = cstore.batches.c
-            rows = conn.execute(select(c.batch_id, c.state, c.answer, c.received_at_ms, c.original_due)).all()
+            c, ans = cstore.batches.c, cstore.batch_answers
+            rows = conn.execute(
+                select(c.batch_id, c.state, ans.c.answer, c.received_at_ms, c.original_due).outerjoin_from(
+                    cstore.batches, ans, ans.c.batch_id == c.batch_id
+                )
+            ).all()
             audit = conn.execute(select(cstore.audit.c.event, cstore.audit.c.batch_id, cstore.audit.c.reason)).all()
         assert len(rows) == len({r.batch_id for r in rows}) == len(mine)
         assert {r.batch_id for r in rows} == mine, f"{unit} holds other batches than the gateway sent it"

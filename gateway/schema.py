@@ -232,7 +232,8 @@ answers = Table(
     "answers",
     metadata,
     Column("item_id", Integer, ForeignKey("items.id"), primary_key=True),
-    Column("batch_id", String(40), ForeignKey("batches.batch_id"), nullable=False, index=True),
+    # Not indexed (migration 0005): answers are read by item, never by batch.
+    Column("batch_id", String(40), ForeignKey("batches.batch_id"), nullable=False),
     Column("status", Integer, nullable=False),
     # SubjectAnswer bytes as the unit signed them (inside the batch's answer envelope).
     Column("body", LargeBinary, nullable=False),

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -142,18 +144,32 @@ def _submit_and_collect(stub: exchange_pb2_grpc.ExchangeServiceStub, courier: Co
     raise AssertionError("the connector did not answer within 20 s")
 
 
-def test_serve_answers_over_mutual_tls_and_stops_on_sigterm(tmp_path: Path) -> None:
-    port = free_port()
-    config, pki, courier = _setup(tmp_path, port)
+def _connector_exe() -> str:
     exe = shutil.which("hedui-connector", path=os.path.dirname(sys.executable))
     assert exe is not None
-    process = subprocess.Popen(
-        [exe, "serve", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    return exe
+
+
+@contextmanager
+def _serving(config: Path) -> Iterator[subprocess.Popen[str]]:
+    """``hedui-connector serve`` running until the block ends; then SIGTERM, which must stop it cleanly."""
+    command = [_connector_exe(), "serve", "--config", str(config)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
         assert "serving" in line, line
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+
+
+def test_serve_answers_over_mutual_tls_and_stops_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    config, pki, courier = _setup(tmp_path, port)
+    with _serving(config):
         channel = pki.channel(GATEWAY, port)
         health = health_pb2_grpc.HealthStub(channel)
         assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
@@ -165,26 +181,19 @@ def test_serve_answers_over_mutual_tls_and_stops_on_sigterm(tmp_path: Path) -> N
         assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         _submit_and_collect(stub, courier)
         channel.close()
-    finally:
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=30)
-    assert process.returncode == 0, output
 
 
 def test_a_second_server_on_a_taken_port_is_refused_and_takes_no_traffic(tmp_path: Path) -> None:
     """grpcio would share the port (SO_REUSEPORT) and hand the newcomer some of the connections; Hedui refuses."""
     port = free_port()
     config, pki, courier = _setup(tmp_path, port)
-    exe = shutil.which("hedui-connector", path=os.path.dirname(sys.executable))
-    assert exe is not None
-    first = subprocess.Popen(
-        [exe, "serve", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        assert first.stdout is not None
-        assert "serving" in first.stdout.readline()
+    with _serving(config):
         second = subprocess.run(
-            [exe, "serve", "--config", str(config)], capture_output=True, text=True, timeout=60, check=False
+            [_connector_exe(), "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert second.returncode == 1
         assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in second.stderr
@@ -192,7 +201,3 @@ def test_a_second_server_on_a_taken_port_is_refused_and_takes_no_traffic(tmp_pat
         for _ in range(5):
             with pki.channel(GATEWAY, port) as channel:
                 _submit_and_collect(exchange_pb2_grpc.ExchangeServiceStub(channel), courier)
-    finally:
-        first.send_signal(signal.SIGTERM)
-        output, _ = first.communicate(timeout=30)
-    assert first.returncode == 0, output

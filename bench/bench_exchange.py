@@ -378,7 +378,7 @@ def count_log_levels(logs: Path) -> dict[str, int]:
 
 
 class Profiler:
-    """py-spy sampling the network's processes (on-CPU stacks only) while a run goes on."""
+    """py-spy sampling the network's processes (threads it does not find idle) while a run goes on."""
 
     def __init__(self, pids: Mapping[str, int], folder: Path, rate: int = 49) -> None:
         self.outputs = {name: folder / f"pyspy-{name}.txt" for name in pids}
@@ -799,8 +799,10 @@ def profile_lines(run: Run, top: int = 14) -> list[str]:
     assert run.profile is not None
     lines = [
         f"Profile of a separate run ({run.db}, {run.answered:,} subject-queries, {run.rate:,.0f}/s under the "
-        "profiler): py-spy sampled on-CPU Python stacks of every process (--nonblocking, 49 Hz, all threads). "
-        "Shares are of each process's own samples; inclusive counts a function with everything it calls.",
+        "profiler): py-spy sampled the Python stacks of every process (--nonblocking, 49 Hz, all threads) that it "
+        "did not find idle; a thread waiting for a lock with a timeout still counts (in the gateway: "
+        "`_SqliteConnection.enter`, waiting for the database). Shares are of each process's own samples; "
+        "inclusive counts a function with everything it calls.",
     ]
     for name in ("gateway", *(n for n in run.profile if n != "gateway")):
         stacks = run.profile.get(name)

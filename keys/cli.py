@@ -240,11 +240,22 @@ def cmd_rotate(session: _Session, args: argparse.Namespace) -> None:
     if out.exists():
         raise CliError(f"{out} exists; choose another name for the announcement")
     algorithm = _ALGORITHMS[args.which]
-    announcement = party.rotate(algorithm, now_ms=session.clock.now_ms(), overlap_ms=int(args.overlap_days * DAY_MS))
+    now = session.clock.now_ms()
+    takeover = now + int(args.activate_in_days * DAY_MS)
+    announcement = party.rotate(
+        algorithm, now_ms=now, overlap_ms=int(args.overlap_days * DAY_MS), activate_at_ms=takeover
+    )
     session.save(party, trust)
     _write_new(out, armor(announcement, ANNOUNCEMENT_LABEL))
-    print(f"rotated the {args.which} key; old key retires in {args.overlap_days:g} days")
-    print(f"send {out} to every peer: they run 'hedui-keys apply {out.name}'")
+    if takeover > now:
+        print(
+            f"rotated the {args.which} key: the new key takes over at {iso(takeover)}, the old one is used until "
+            f"then and retires {args.overlap_days:g} days later"
+        )
+        print(f"send {out} to every peer before then: they run 'hedui-keys apply {out.name}'")
+    else:
+        print(f"rotated the {args.which} key; old key retires in {args.overlap_days:g} days")
+        print(f"send {out} to every peer: they run 'hedui-keys apply {out.name}'")
 
 
 def cmd_revoke(session: _Session, args: argparse.Namespace) -> None:
@@ -491,7 +502,15 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--fingerprint", required=True, help="the fingerprint read from the peer's key letter")
     rotate = add("rotate", cmd_rotate)
     rotate.add_argument("which", choices=sorted(_ALGORITHMS))
-    rotate.add_argument("--overlap-days", type=float, default=14.0, help="how long the old key stays valid")
+    rotate.add_argument(
+        "--overlap-days", type=float, default=14.0, help="how long the old key stays valid after the new one takes over"
+    )
+    rotate.add_argument(
+        "--activate-in-days",
+        type=float,
+        default=0.0,
+        help="when the new key takes over (0: at once; up to 30): time for peers to apply the announcement first",
+    )
     rotate.add_argument("--out", required=True, help="announcement file to write")
     revoke = add("revoke", cmd_revoke)
     revoke.add_argument("key_id", help="key id (hex) as shown by 'list'")

@@ -16,6 +16,8 @@ from keys.party import check_party_id
 
 #: Longest overlap a rotation may ask for; peers refuse longer ones (a forgotten old key is a liability).
 MAX_OVERLAP_MS = 90 * 24 * 3600 * 1000
+#: How far ahead a rotation may schedule the new key's takeover (time for peers to apply the announcement).
+MAX_LEAD_MS = 30 * 24 * 3600 * 1000
 
 
 class PartyKeys:
@@ -81,30 +83,44 @@ class PartyKeys:
         for kid in [kid for kid in self._secrets if not self._holds_secret(self._keyring.get(kid))]:
             del self._secrets[kid]
 
-    def rotate(self, algorithm: Algorithm, *, now_ms: int, overlap_ms: int, rng: RandomSource = os.urandom) -> bytes:
+    def rotate(
+        self,
+        algorithm: Algorithm,
+        *,
+        now_ms: int,
+        overlap_ms: int,
+        activate_at_ms: int | None = None,
+        rng: RandomSource = os.urandom,
+    ) -> bytes:
         """Replace the current key of ``algorithm`` with a new one; returns the SignedKeyAnnouncement for peers.
 
-        The new key is active at once; the old one is retiring until ``now + overlap`` and retired after it. The
-        announcement is signed by the current signing key and, for a signing-key rotation, also by the new key.
+        The new key takes over at ``activate_at_ms`` (now when None): until then it is pending and the old key goes
+        on being used, so peers have that long to apply the announcement before anything is signed with, or sealed
+        for, the new key. The old key is retiring from now and retired ``overlap_ms`` after the new key took
+        over. The announcement is signed by the current signing key and, for a signing-key rotation, also by the
+        new key (proof of possession).
         """
+        activate = now_ms if activate_at_ms is None else activate_at_ms
         if not 0 < overlap_ms <= MAX_OVERLAP_MS:
             raise KeyStateError("overlap must be longer than zero and at most 90 days")
+        if not now_ms <= activate <= now_ms + MAX_LEAD_MS:
+            raise KeyStateError("the new key must take over between now and 30 days from now")
         old = self._keyring.current(algorithm, now_ms)
         if old is None or old.state is not KeyState.ACTIVE:
             raise KeyStateError(f"no active {algorithm.name} key to rotate")
         signer = self.signing_key(now_ms)
         new: PrivateKey = SigningKey.generate(rng) if algorithm is Algorithm.ED25519 else AgreementKey.generate(rng)
-        new_record = KeyRecord(new.public, KeyState.ACTIVE, now_ms)
+        new_record = KeyRecord(new.public, KeyState.PENDING if activate > now_ms else KeyState.ACTIVE, activate)
         message = keys_pb2.KeyAnnouncement(
             party_id=self.party_id,
             kind=keys_pb2.ANNOUNCEMENT_KIND_ROTATION,
             old_key_id=old.key_id,
             new_key=new_record.to_proto(),
-            overlap_until_ms=now_ms + overlap_ms,
+            overlap_until_ms=activate + overlap_ms,
             issued_at_ms=now_ms,
         )
         signed = sign_announcement(message, signer, new if isinstance(new, SigningKey) else None)
-        self._keyring.transition(old.key_id, KeyState.RETIRING, not_after_ms=now_ms + overlap_ms)
+        self._keyring.transition(old.key_id, KeyState.RETIRING, not_after_ms=activate + overlap_ms)
         self._keyring.put(new_record)
         self._secrets[new.key_id] = new
         return signed

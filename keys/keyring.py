@@ -139,10 +139,15 @@ class Keyring:
         return record
 
     def current(self, algorithm: Algorithm, now_ms: int) -> KeyRecord | None:
-        """The key to use now: the newest active key valid now, else the newest retiring one."""
+        """The key to use now: the newest active key valid now, else the newest retiring one.
+
+        A pending key whose window has begun counts as active already: time, not a later call of :meth:`advance`,
+        decides when a staged rotation takes over, so a process that has not advanced its keyring yet still
+        switches at the announced moment.
+        """
         usable = [r for r in self._records.values() if r.algorithm is algorithm and r.valid_at(now_ms)]
-        for state in (KeyState.ACTIVE, KeyState.RETIRING):
-            candidates = [r for r in usable if r.state is state]
+        for states in ((KeyState.ACTIVE, KeyState.PENDING), (KeyState.RETIRING,)):
+            candidates = [r for r in usable if r.state in states]
             if candidates:
                 return max(candidates, key=lambda r: (r.not_before_ms, r.key_id))
         return None

@@ -14,7 +14,7 @@ from hedui.v1 import keys_pb2
 from keys.announcements import ANNOUNCEMENT_DOMAIN, Announcement, Bundle, read_announcement, read_bundle
 from keys.errors import KeyStateError, TrustError
 from keys.fingerprint import Algorithm, fingerprints_equal, normalize_fingerprint
-from keys.identity import MAX_OVERLAP_MS
+from keys.identity import MAX_LEAD_MS, MAX_OVERLAP_MS
 from keys.keyring import KeyRecord, Keyring, KeyState
 
 #: How far in the future an announcement's issued-at may lie (clock differences between parties).
@@ -140,7 +140,11 @@ class TrustStore:
                 raise TrustError("a signing-key rotation must be signed by the key it replaces")
             if not new_key.public.verify(ann.new_key_signature, ANNOUNCEMENT_DOMAIN + ann.body):
                 raise TrustError("rotation lacks a valid proof of possession by the new key")
-        if not 0 < msg.overlap_until_ms - msg.issued_at_ms <= MAX_OVERLAP_MS:
+        # The new key takes over at its not_before (a staged rotation) or when the announcement was issued.
+        takes_over = max(msg.issued_at_ms, new_key.not_before_ms)
+        if takes_over - msg.issued_at_ms > MAX_LEAD_MS:
+            raise TrustError("rotation schedules the new key more than 30 days ahead")
+        if not 0 < msg.overlap_until_ms - takes_over <= MAX_OVERLAP_MS:
             raise TrustError("rotation overlap must be longer than zero and at most 90 days")
         if old.state is KeyState.REVOKED:
             raise TrustError("rotation of a revoked key; enrol the party again with a new bundle")
@@ -150,6 +154,6 @@ class TrustStore:
             keyring.transition(old.key_id, KeyState.RETIRING, not_after_ms=msg.overlap_until_ms)
         except KeyStateError as exc:
             raise TrustError(str(exc)) from exc
-        record = KeyRecord(new_key.public, KeyState.ACTIVE, msg.issued_at_ms)
+        record = KeyRecord(new_key.public, KeyState.PENDING if takes_over > now_ms else KeyState.ACTIVE, takes_over)
         keyring.put(record)
         return record

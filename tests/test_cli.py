@@ -127,6 +127,27 @@ def test_rotation_announcement_applied_by_peer_keeps_exchange_working(
     assert listing.count("retiring") == 2
 
 
+def test_staged_rotation_leaves_peers_time_to_apply_it(
+    enrolled: tuple[Party, Party], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --activate-in-days the old key goes on signing until the takeover, so a peer that has not applied the
+    announcement yet still accepts what it receives; --activate-in-days beyond 30 is refused and changes nothing."""
+    agency, unit = enrolled
+    assert agency.run("rotate", "signing", "--activate-in-days", "31", "--out", str(tmp_path / "no.txt")) == 1
+    assert "between now and 30 days" in capsys.readouterr().err
+    assert not (tmp_path / "no.txt").exists()
+    assert agency.run("rotate", "signing", "--activate-in-days", "3", "--out", str(tmp_path / "rot.txt")) == 0
+    assert "takes over at" in capsys.readouterr().out
+    (tmp_path / "b.txt").write_text("y")
+    assert agency.run("seal", str(tmp_path / "b.txt"), "--to", unit.party_id, "--out", str(tmp_path / "b.hsf")) == 0
+    assert unit.run("open", str(tmp_path / "b.hsf"), "--out-dir", str(tmp_path / "in")) == 0  # not applied yet
+    assert unit.run("apply", str(tmp_path / "rot.txt")) == 0
+    capsys.readouterr()
+    assert unit.run("list") == 0
+    listing = capsys.readouterr().out
+    assert listing.count("pending") == 1 and listing.count("retiring") == 1
+
+
 def test_revocation_stops_the_peer_accepting_the_key(
     enrolled: tuple[Party, Party], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -14,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from hedui.v1 import envelope_pb2, media_pb2
+from hedui.v1 import envelope_pb2, keys_pb2, media_pb2
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -40,9 +41,12 @@ from keys import (
     open_at,
     seal_with,
 )
+from keys.announcements import sign_announcement
 from keys.clock import DAY_MS, HOUR_MS, MINUTE_MS
 from keys.envelope import MAX_ENVELOPE_BYTES, MAX_HEADER_BYTES, MAX_TTL_MS, Policy, signature_input
+from keys.errors import KeyStateError, TrustError
 from keys.handles import AgreementKey
+from keys.identity import PartyKeys
 from keys.keyring import KeyRecord, KeyState
 from tests.conftest import UNIT_ID, Pair, Side, real_fingerprint
 
@@ -560,6 +564,104 @@ def test_sender_rotation_not_yet_applied_by_recipient_is_unknown_key(pair: Pair)
     pair.agency.keys.rotate(Algorithm.ED25519, now_ms=now, overlap_ms=DAY_MS)
     data = pair.agency.courier.seal(media_pb2.SealedFile(), UNIT_ID)
     refused_with(UnknownKey, lambda: pair.unit.courier.open(data))
+
+
+def test_staged_signing_rotation_keeps_the_old_key_in_use_until_the_announced_moment(pair: Pair) -> None:
+    """Rotated with a lead time: peers that apply the announcement any time before the takeover never see a
+    message signed by a key they do not know yet, and the new key takes over at that moment by the clock alone."""
+    agency, unit, clock = pair.agency, pair.unit, pair.clock
+    old_signer = agency.keys.signing_key(clock.now_ms())
+    rotated_at = clock.now_ms()
+    takeover = rotated_at + 3 * DAY_MS
+    announcement = agency.keys.rotate(Algorithm.ED25519, now_ms=rotated_at, overlap_ms=DAY_MS, activate_at_ms=takeover)
+
+    # Before the unit applies the announcement, the agency still signs with the old key: nothing is refused.
+    clock.set(rotated_at + DAY_MS)
+    early = agency.courier.seal(media_pb2.SealedFile(file_name="a"), UNIT_ID)
+    assert unit.courier.open(early).header.sender_key_id == old_signer.key_id
+    new_signer = unit.trust.apply_announcement(announcement, now_ms=clock.now_ms())
+    assert (new_signer.state, new_signer.not_before_ms) == (KeyState.PENDING, takeover)
+
+    # The new key may not sign anything dated before the takeover.
+    too_soon = seal_with(
+        media_pb2.SealedFile(file_name="b"),
+        sender=agency.party_id,
+        signing_key=agency.keys.signing_key(takeover),
+        recipient=UNIT_ID,
+        recipient_key=agency.trust.agreement_key_for(UNIT_ID, clock.now_ms()),
+        created_at_ms=clock.now_ms(),
+        ttl_ms=HOUR_MS,
+    )
+    refused_with(KeyNotValidThen, lambda: open_fresh(too_soon, unit, clock.now_ms()))
+
+    # At the takeover both sides switch without advancing their keyrings; the old key stays valid for the overlap.
+    clock.set(takeover - 1)
+    assert agency.keys.signing_key(clock.now_ms()).key_id == old_signer.key_id
+    clock.set(takeover)
+    assert agency.keys.signing_key(clock.now_ms()).key_id == new_signer.key_id
+    fresh = agency.courier.seal(media_pb2.SealedFile(file_name="c"), UNIT_ID)
+    assert unit.courier.open(fresh).header.sender_key_id == new_signer.key_id
+    late_old = seal_with(
+        media_pb2.SealedFile(file_name="d"),
+        sender=agency.party_id,
+        signing_key=old_signer,
+        recipient=UNIT_ID,
+        recipient_key=agency.trust.agreement_key_for(UNIT_ID, clock.now_ms()),
+        created_at_ms=takeover + DAY_MS - 1,
+        ttl_ms=HOUR_MS,
+    )
+    clock.set(takeover + DAY_MS - 1)
+    assert unit.courier.open(late_old).header.sender_key_id == old_signer.key_id
+    clock.set(takeover + DAY_MS)
+    moved = {r.key_id: r.state for r in agency.keys.advance(clock.now_ms())}
+    assert moved == {new_signer.key_id: KeyState.ACTIVE, old_signer.key_id: KeyState.RETIRED}
+    assert agency.keys.secret(old_signer.key_id) is None
+
+
+def test_staged_agreement_rotation_is_sealed_for_from_the_announced_moment(pair: Pair) -> None:
+    agency, unit, clock = pair.agency, pair.unit, pair.clock
+    old_key = unit.keys.agreement_public(clock.now_ms()).key_id
+    rotated_at = clock.now_ms()
+    takeover = rotated_at + 2 * DAY_MS
+    announcement = unit.keys.rotate(Algorithm.X25519, now_ms=rotated_at, overlap_ms=DAY_MS, activate_at_ms=takeover)
+    new_key = agency.trust.apply_announcement(announcement, now_ms=rotated_at + HOUR_MS)
+    clock.set(takeover - 1)
+    before = agency.courier.seal(media_pb2.SealedFile(file_name="a"), UNIT_ID, ttl_ms=3 * DAY_MS)
+    assert unit.courier.open(before).header.recipient_key_id == old_key
+    clock.set(takeover)
+    after = agency.courier.seal(media_pb2.SealedFile(file_name="b"), UNIT_ID)
+    assert unit.courier.open(after).header.recipient_key_id == new_key.key_id
+
+
+@pytest.mark.parametrize("lead_days", [-1, 31])
+def test_rotation_scheduled_in_the_past_or_beyond_30_days_is_refused(pair: Pair, lead_days: int) -> None:
+    now = pair.clock.now_ms()
+    before = list(pair.agency.keys.records())
+    with pytest.raises(KeyStateError, match="between now and 30 days"):
+        pair.agency.keys.rotate(
+            Algorithm.ED25519, now_ms=now, overlap_ms=DAY_MS, activate_at_ms=now + lead_days * DAY_MS
+        )
+    assert list(pair.agency.keys.records()) == before
+
+
+def test_announcement_scheduling_a_key_beyond_30_days_is_refused_by_the_peer(pair: Pair) -> None:
+    """A sender with the lead-time check removed: the receiving trust store checks again and changes nothing."""
+    agency, unit, clock = pair.agency, pair.unit, pair.clock
+    now = clock.now_ms()
+    old = agency.keys.agreement_public(now)
+    far = PartyKeys.create("agency.220100", now_ms=now).agreement_public(now)
+    message = keys_pb2.KeyAnnouncement(
+        party_id=agency.party_id,
+        kind=keys_pb2.ANNOUNCEMENT_KIND_ROTATION,
+        old_key_id=old.key_id,
+        new_key=dataclasses.replace(far, state=KeyState.PENDING, not_before_ms=now + 31 * DAY_MS).to_proto(),
+        overlap_until_ms=now + 32 * DAY_MS,
+        issued_at_ms=now,
+    )
+    announcement = sign_announcement(message, agency.keys.signing_key(now))
+    with pytest.raises(TrustError, match="more than 30 days ahead"):
+        unit.trust.apply_announcement(announcement, now_ms=now)
+    assert unit.trust.agreement_key_for(agency.party_id, now + 40 * DAY_MS).key_id == old.key_id
 
 
 # --- envelopes built from the documented recipe, without keys.envelope.seal_with --------------------------------

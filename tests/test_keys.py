@@ -354,7 +354,12 @@ def test_current_prefers_newest_active_then_retiring() -> None:
     assert ring.current(Algorithm.X25519, 2500) is None
     assert Keyring([retiring, record_in(RV)]).current(Algorithm.ED25519, 2500) == retiring
     assert Keyring([retiring]).current(Algorithm.ED25519, 5000) is None
-    assert Keyring([record_in(P), record_in(RD)]).current(Algorithm.ED25519, 2500) is None
+    assert Keyring([record_in(RD)]).current(Algorithm.ED25519, 2500) is None
+    # A pending key is used from the moment its window begins (a staged rotation), whether or not the keyring
+    # has been advanced since; before that moment the retiring key it replaces goes on being used.
+    staged = record_in(P, not_before_ms=3000)
+    assert Keyring([retiring, staged]).current(Algorithm.ED25519, 2999) == retiring
+    assert Keyring([retiring, staged]).current(Algorithm.ED25519, 3000) == staged
 
 
 def test_advance_activates_pending_and_retires_retiring_keys_on_time() -> None:

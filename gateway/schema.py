@@ -174,6 +174,8 @@ items = Table(
     Column("cancelled_at_ms", BigInteger, nullable=True),
     # Also the index of a batch's items (unit_id, batch_id): migration 0003.
     Index("ix_items_queue", "unit_id", "batch_id", "commission_id", "id"),
+    # A commission's items, for progress and reports (migration 0006); untouched when batches form.
+    Index("ix_items_commission", "commission_id", "unit_id"),
 )
 
 batches = Table(

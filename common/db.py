@@ -6,11 +6,12 @@ import sqlite3
 import threading
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 #: How long a transaction waits for the database to be free before it fails with "database is locked".
 LOCK_TIMEOUT_S = 60.0
+_READ_ONLY = "hedui_read_only"
 
 
 class _SqliteConnection(sqlite3.Connection):
@@ -82,6 +83,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin_immediate(connection: Any) -> None:
+            if connection.get_execution_options().get(_READ_ONLY):
+                # A reader (see reading()): in WAL mode it reads a snapshot beside the writer, taking no lock.
+                connection.exec_driver_sql("BEGIN")
+                return
             # Take the write lock at BEGIN: two deferred transactions that both read and then write would
             # otherwise deadlock, and SQLite would fail one of them at once instead of letting it wait.
             dbapi_connection = connection.connection.dbapi_connection
@@ -94,6 +99,13 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+def reading(engine: Engine) -> Connection:
+    """A connection for reading only. On SQLite its transactions begin deferred: they read a consistent snapshot
+    while the writer goes on, instead of queueing for the write lock like every other transaction (which must
+    take it at BEGIN). Writing through it is a programming error (SQLite refuses it when the snapshot is stale)."""
+    return engine.connect().execution_options(**{_READ_ONLY: True})
 
 
 def is_sqlite(engine: Engine) -> bool:

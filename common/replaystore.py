@@ -5,6 +5,8 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Column, Engine, LargeBinary, MetaData, String, Table, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from common.db import reading
+
 #: Remove expired entries at most this often (milliseconds), piggy-backed on inserts.
 _PRUNE_EVERY_MS = 60_000
 
@@ -44,7 +46,7 @@ class SqlReplayCache:
 
     def seen(self, sender: str, message_id: bytes) -> bool:
         """True if the pair is remembered (for idempotent handling of an identical resend)."""
-        with self._engine.connect() as conn:
+        with reading(self._engine) as conn:
             row = conn.execute(
                 select(self._table.c.keep_until_ms).where(
                     self._table.c.sender == sender, self._table.c.message_id == message_id

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from common.db import reading
 from common.metrics import ServiceMetrics
 from connectors import store as cstore
 from keys.errors import ENVELOPE_ERRORS
@@ -91,7 +92,7 @@ class _PendingCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         query = select(func.count()).select_from(cstore.batches).where(cstore.batches.c.state == "pending")
         try:
-            with self.engine.connect() as conn:
+            with reading(self.engine) as conn:
                 pending = int(conn.execute(query).scalar_one())
         except SQLAlchemyError as exc:
             log.warning("metrics: store not readable", extra={"reason": type(exc).__name__})

@@ -41,6 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
+from common.db import reading
 from common.replaystore import SqlReplayCache, replay_table
 
 log = logging.getLogger("hedui.connector.store")
@@ -140,7 +141,7 @@ class ConnectorStore:
         self.replay = SqlReplayCache(engine, seen_messages)
 
     def get(self, batch_id: str) -> StoredBatch | None:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             row = conn.execute(select(*_SUMMARY).where(batches.c.batch_id == batch_id)).first()
         return StoredBatch(**row._mapping) if row else None
 
@@ -149,7 +150,7 @@ class ConnectorStore:
         query = select(*_SUMMARY).where(batches.c.envelope_sha256 == envelope_sha256)
         if gateway is not None:
             query = query.where(batches.c.gateway == gateway)
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             row = conn.execute(query).first()
         return StoredBatch(**row._mapping) if row else None
 
@@ -181,7 +182,7 @@ class ConnectorStore:
 
     def pending(self, limit: int) -> list[tuple[StoredBatch, bytes]]:
         """Oldest pending batches with their content."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(
                 select(*_SUMMARY, batch_contents.c.content)
                 .join_from(batches, batch_contents, batch_contents.c.batch_id == batches.c.batch_id)
@@ -219,7 +220,7 @@ class ConnectorStore:
 
     def answers_for(self, gateway: str, batch_ids: Sequence[str]) -> dict[str, tuple[StoredBatch, bytes | None]]:
         """The gateway's own batches among ``batch_ids``, with the stored answer bytes where answered."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(
                 select(*_SUMMARY, batch_answers.c.answer)
                 .outerjoin_from(batches, batch_answers, batch_answers.c.batch_id == batches.c.batch_id)
@@ -271,12 +272,12 @@ class ConnectorStore:
         return len(ids)
 
     def audit_entries(self) -> Iterator[dict[str, object]]:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             for row in conn.execute(select(audit).order_by(audit.c.id)):
                 yield dict(row._mapping)
 
     def batch_count(self) -> int:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return len(conn.execute(select(batches.c.batch_id)).all())
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Row, func, select, text
 
+from common.db import reading
 from common.errors import HeduiError
 from gateway import schema
 
@@ -217,7 +218,7 @@ def lock(conn: Connection) -> None:
 
 def head(engine: Engine) -> AuditHead:
     """The newest entry's number and hash; ``0:000…0`` for an empty log."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return _head(conn)
 
 
@@ -237,7 +238,7 @@ def verify(engine: Engine, *, expected_head: AuditHead | None = None) -> list[st
     problems: list[str] = []
     prev_seq, prev_hash = 0, GENESIS_HASH
     anchor_hash: bytes | None = None
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         result = conn.execution_options(yield_per=1000).execute(
             select(schema.audit_log).order_by(schema.audit_log.c.seq)
         )
@@ -338,7 +339,7 @@ class AuditLog:
 
     def count(self) -> int:
         """Number of entries."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return int(conn.execute(select(func.count()).select_from(schema.audit_log)).scalar_one())
 
     def entries(self, *, commission_id: int | None = None, after_seq: int = 0, limit: int = 1000) -> list[AuditEntry]:
@@ -347,5 +348,5 @@ class AuditLog:
         query = select(schema.audit_log).where(t.seq > after_seq)
         if commission_id is not None:
             query = query.where(t.commission_id == commission_id)
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return [_entry(row) for row in conn.execute(query.order_by(t.seq).limit(limit))]

@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 
 from common.cli import run, service_parser
 from common.config import describe
-from common.db import make_engine
+from common.db import make_engine, reading
 from common.errors import HeduiError
 from gateway import schema
 from gateway.audit import AuditError, AuditHead, AuditLog
@@ -83,7 +83,7 @@ def _keys(args: argparse.Namespace) -> None:
 def _status(args: argparse.Namespace) -> None:
     config = GatewayConfig.load(Path(args.config))
     store = GatewayStore(open_database(config.database.url))
-    with store.engine.connect() as conn:
+    with reading(store.engine) as conn:
         rows = conn.execute(
             select(
                 schema.batches.c.unit_id, schema.batches.c.state, func.count(), func.sum(schema.batches.c.subject_count)

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from common.db import reading
 from common.metrics import ServiceMetrics
 from gateway import schema as s
 from gateway.workflow import STATE_TO_PB
@@ -201,7 +202,7 @@ class _StoreCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         up, outbox, overdue, commissions = self._families()
         try:
-            with self.engine.connect() as conn:
+            with reading(self.engine) as conn:
                 units = conn.execute(
                     select(s.units.c.unit_id, s.units.c.consecutive_failures).where(
                         s.units.c.enabled.is_(True), s.units.c.exchange_mode != "media"

@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Row, select, update
 
+from common.db import reading
 from common.errors import HeduiError
 from gateway import schema
 from gateway.audit import AuditError, AuditLog
@@ -162,12 +163,12 @@ class StaffRegister:
         """
         if conn is not None:
             return self._get(conn, staff_id)
-        with self.engine.connect() as own:
+        with reading(self.engine) as own:
             return self._get(own, staff_id)
 
     def list(self) -> builtins.list[StaffMember]:
         """Every member ever registered, by staff id."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(select(schema.staff).order_by(schema.staff.c.staff_id)).all()
         return [_member(row) for row in rows]
 

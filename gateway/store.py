@@ -22,6 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from common.dates import to_pb
+from common.db import reading
 from common.replaystore import SqlReplayCache
 from gateway import schema as s
 
@@ -155,7 +156,7 @@ class GatewayStore:
                     )
 
     def units(self) -> list[UnitRow]:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(
                 select(
                     s.units.c.unit_id,
@@ -521,7 +522,7 @@ class GatewayStore:
             self._finish(conn, batch_id, ("receipted",), next_poll_ms=next_poll_ms)
 
     def unacknowledged(self, unit_id: str, limit: int) -> list[str]:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(
                 select(s.batches.c.batch_id)
                 .where(s.batches.c.unit_id == unit_id, s.batches.c.state == "answered")
@@ -536,7 +537,7 @@ class GatewayStore:
             self._finish(conn, batch_id, ("receipted",), state="ready", next_attempt_ms=0, last_error="unknown_at_unit")
 
     def item_ids(self, unit_id: str, batch_id: str) -> set[int]:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             query = select(s.items.c.id).where(s.items.c.unit_id == unit_id, s.items.c.batch_id == batch_id)
             return {r.id for r in conn.execute(query)}
 
@@ -643,7 +644,7 @@ class GatewayStore:
     def progress(self, commission_id: int) -> dict[str, dict[str, int]]:
         """Items per unit and stage: queued, sent, receipted, answered, overdue, delayed, failed."""
         result: dict[str, dict[str, int]] = {}
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             queued = conn.execute(
                 select(s.items.c.unit_id, func.count())
                 .where(s.items.c.commission_id == commission_id, s.items.c.batch_id.is_(None))
@@ -675,9 +676,9 @@ class GatewayStore:
         return result
 
     def answer_count(self) -> int:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return int(conn.execute(select(func.count()).select_from(s.answers)).scalar_one())
 
     def item_count(self) -> int:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return int(conn.execute(select(func.count()).select_from(s.items)).scalar_one())

@@ -27,6 +27,7 @@ from hedui.v1 import agency_pb2
 from sqlalchemy import Connection, Engine, Row, func, insert, select, update
 
 from common.dates import from_pb, to_pb, year_month
+from common.db import reading
 from common.errors import HeduiError
 from common.workdays import CHINA_TZ
 from gateway import schema as s
@@ -143,7 +144,7 @@ class Workflow:
         return row
 
     def view(self, ref: str, caller: Caller) -> agency_pb2.Commission:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             row = self._row(conn, ref, caller)
             approvals = [
                 r.staff_id
@@ -194,7 +195,7 @@ class Workflow:
             query = query.where(s.commissions.c.commissioner == caller.party_id)
         if state:
             query = query.where(s.commissions.c.state == state)
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(query).all()
         return [self._to_pb(r, []) for r in rows]
 
@@ -401,7 +402,7 @@ class Workflow:
         return len(rows)
 
     def progress(self, ref: str, caller: Caller) -> agency_pb2.Progress:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             row = self._row(conn, ref, caller)
             dues = dict(
                 conn.execute(
@@ -461,7 +462,7 @@ class Workflow:
         return signed
 
     def report(self, ref: str, caller: Caller) -> agency_pb2.SignedReport:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             row = self._row(conn, ref, caller)
             stored = conn.execute(select(s.reports).where(s.reports.c.commission_id == row.id)).first()
         if stored is None:

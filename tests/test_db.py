@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, text
 
-from common.db import make_engine
+from common.db import make_engine, reading
 
 
 @pytest.fixture
@@ -80,3 +80,30 @@ def test_transactions_of_many_threads_all_commit(engine: Engine) -> None:
         thread.join(60)
     with engine.connect() as check:
         assert check.execute(text("SELECT count(DISTINCT who) FROM log")).scalar() == 300
+
+
+def test_a_reader_reads_a_snapshot_while_a_writer_holds_the_database(engine: Engine) -> None:
+    """Readers (common.db.reading) do not queue for the write lock: the API's progress queries and the metrics
+    go on while the exchange writes, and see what was committed before."""
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO log VALUES ('committed')"))
+    writer = engine.connect()
+    transaction = writer.begin()
+    writer.execute(text("INSERT INTO log VALUES ('not yet')"))
+    try:
+        result: list[str] = []
+
+        def read() -> None:
+            with reading(engine) as conn:
+                result.extend(r.who for r in conn.execute(text("SELECT who FROM log")))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        reader.join(5)
+        assert not reader.is_alive(), "the reader waited for the writer"
+        assert result == ["committed"]
+    finally:
+        transaction.commit()
+        writer.close()
+    with reading(engine) as conn:
+        assert [r.who for r in conn.execute(text("SELECT who FROM log ORDER BY rowid"))] == ["committed", "not yet"]

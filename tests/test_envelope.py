@@ -486,6 +486,19 @@ def test_default_rejection_log_has_only_the_reason_code(
 # --- rotation --------------------------------------------------------------------------------------------------
 
 
+def signed_by(pair: Pair, signer: SigningKey, created_at_ms: int, name: str) -> bytes:
+    """A file the agency seals for the unit at ``created_at_ms`` with ``signer``, whichever key it would pick then."""
+    return seal_with(
+        media_pb2.SealedFile(file_name=name),
+        sender=pair.agency.party_id,
+        signing_key=signer,
+        recipient=UNIT_ID,
+        recipient_key=pair.agency.trust.agreement_key_for(UNIT_ID, created_at_ms),
+        created_at_ms=created_at_ms,
+        ttl_ms=HOUR_MS,
+    )
+
+
 def test_envelope_for_recipients_old_agreement_key_opens_in_overlap_and_not_after_retirement(pair: Pair) -> None:
     agency, unit, clock = pair.agency, pair.unit, pair.clock
     old_key = unit.keys.agreement_public(clock.now_ms()).key_id
@@ -524,29 +537,13 @@ def test_envelope_signed_by_senders_old_key_opens_in_overlap_and_old_key_is_refu
     assert new_signer.key_id != old_signer.key_id
 
     # Made with the old key during the overlap (a sender that had not switched yet): still accepted.
-    late_old = seal_with(
-        media_pb2.SealedFile(file_name="b"),
-        sender=agency.party_id,
-        signing_key=old_signer,
-        recipient=UNIT_ID,
-        recipient_key=agency.trust.agreement_key_for(UNIT_ID, rotated_at),
-        created_at_ms=rotated_at + DAY_MS - 1,
-        ttl_ms=HOUR_MS,
-    )
+    late_old = signed_by(pair, old_signer, rotated_at + DAY_MS - 1, "b")
     clock.set(rotated_at + DAY_MS - 1)
     assert unit.courier.open(before_rotation).header.sender_key_id == old_signer.key_id
     assert unit.courier.open(late_old).header.sender_key_id == old_signer.key_id
 
     # Made with the old key from the end of the overlap on: refused, whether or not the unit advanced its store.
-    after_overlap = seal_with(
-        media_pb2.SealedFile(file_name="c"),
-        sender=agency.party_id,
-        signing_key=old_signer,
-        recipient=UNIT_ID,
-        recipient_key=agency.trust.agreement_key_for(UNIT_ID, rotated_at),
-        created_at_ms=rotated_at + DAY_MS,
-        ttl_ms=HOUR_MS,
-    )
+    after_overlap = signed_by(pair, old_signer, rotated_at + DAY_MS, "c")
     clock.set(rotated_at + DAY_MS)
     refused_with(KeyNotValidThen, lambda: open_fresh(after_overlap, unit, clock.now_ms()))
     unit.trust.advance(clock.now_ms())
@@ -583,15 +580,7 @@ def test_staged_signing_rotation_keeps_the_old_key_in_use_until_the_announced_mo
     assert (new_signer.state, new_signer.not_before_ms) == (KeyState.PENDING, takeover)
 
     # The new key may not sign anything dated before the takeover.
-    too_soon = seal_with(
-        media_pb2.SealedFile(file_name="b"),
-        sender=agency.party_id,
-        signing_key=agency.keys.signing_key(takeover),
-        recipient=UNIT_ID,
-        recipient_key=agency.trust.agreement_key_for(UNIT_ID, clock.now_ms()),
-        created_at_ms=clock.now_ms(),
-        ttl_ms=HOUR_MS,
-    )
+    too_soon = signed_by(pair, agency.keys.signing_key(takeover), clock.now_ms(), "b")
     refused_with(KeyNotValidThen, lambda: open_fresh(too_soon, unit, clock.now_ms()))
 
     # At the takeover both sides switch without advancing their keyrings; the old key stays valid for the overlap.
@@ -601,15 +590,7 @@ def test_staged_signing_rotation_keeps_the_old_key_in_use_until_the_announced_mo
     assert agency.keys.signing_key(clock.now_ms()).key_id == new_signer.key_id
     fresh = agency.courier.seal(media_pb2.SealedFile(file_name="c"), UNIT_ID)
     assert unit.courier.open(fresh).header.sender_key_id == new_signer.key_id
-    late_old = seal_with(
-        media_pb2.SealedFile(file_name="d"),
-        sender=agency.party_id,
-        signing_key=old_signer,
-        recipient=UNIT_ID,
-        recipient_key=agency.trust.agreement_key_for(UNIT_ID, clock.now_ms()),
-        created_at_ms=takeover + DAY_MS - 1,
-        ttl_ms=HOUR_MS,
-    )
+    late_old = signed_by(pair, old_signer, takeover + DAY_MS - 1, "d")
     clock.set(takeover + DAY_MS - 1)
     assert unit.courier.open(late_old).header.sender_key_id == old_signer.key_id
     clock.set(takeover + DAY_MS)

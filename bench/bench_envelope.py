@@ -41,7 +41,6 @@ import resource
 import shlex
 import statistics
 import struct
-import subprocess
 import sys
 import time
 import tracemalloc
@@ -63,8 +62,7 @@ from nacl import bindings as sodium
 from common.memory import MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES, tune_allocator
 from keys import Courier, MemoryReplayCache, PartyKeys, SystemClock, TrustStore, read_bundle
 from keys import envelope as hedui_envelope
-
-REPO = Path(__file__).resolve().parent.parent
+from results import ResultsBlock, revision  # bench/results.py, beside this script
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -80,8 +78,7 @@ AEAD_TARGET = 0.5  # envelope throughput / AEAD-alone throughput, at 1 MiB
 JWS_HEADER = json.dumps({"alg": "EdDSA"})
 JWE_HEADER = json.dumps({"alg": "ECDH-ES", "enc": "A256GCM", "cty": "JOSE"})
 
-MARK_BEGIN = "<!-- bench_envelope: begin (written by bench/bench_envelope.py --write) -->"
-MARK_END = "<!-- bench_envelope: end -->"
+RESULTS = ResultsBlock("bench_envelope")
 
 # The code whose speed this measures: uncommitted changes there are noted with the results.
 MEASURED_CODE = ("keys", "protos", "bench")
@@ -518,18 +515,6 @@ def cpu_info() -> tuple[str, str]:
     return model, " ".join(f for f in wanted if f in flags) or "unknown"
 
 
-def revision() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        head = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *MEASURED_CODE)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"`{head}`" + (f" with uncommitted changes in {', '.join(MEASURED_CODE)}" if dirty else "")
-
-
 def allocator_tuning() -> list[str]:
     return [f"{name}={value}" for name, value in sorted(os.environ.items()) if name.startswith(ALLOCATOR_ENV)]
 
@@ -568,7 +553,7 @@ def report(
     by = {(c.size, c.method): c for c in cells}
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB  # Linux reports KiB
     lines = [
-        f"Produced by `{command}` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, revision {revision()}"
+        f"Produced by `{command}` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, revision {revision(MEASURED_CODE)}"
         + (" — **quick run, numbers indicative only**." if quick else "."),
         "",
         *machine_lines(),
@@ -640,24 +625,6 @@ def report(
     return "\n".join(lines), all(jose_ok.values()) and aead_ok
 
 
-def find_markers(path: Path) -> tuple[str, int, int]:
-    """The text of ``path`` and where its results block lies; exits with a message if it has none."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SystemExit(f"cannot read {path}: {exc}") from exc
-    begin, end = text.find(MARK_BEGIN), text.find(MARK_END)
-    if begin < 0 or end < begin:
-        raise SystemExit(f"{path} lacks the lines {MARK_BEGIN!r} and {MARK_END!r}; paste the block by hand")
-    return text, begin + len(MARK_BEGIN), end
-
-
-def write_block(path: Path, block: str) -> None:
-    """Replace what lies between the two markers in ``path``; the prose around them is left alone."""
-    text, begin, end = find_markers(path)
-    path.write_text(f"{text[:begin]}\n{block}\n{text[end:]}", encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="smoke run of a few seconds; numbers indicative only")
@@ -669,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if args.write is not None:
-        find_markers(args.write)  # fail now rather than after a minute of measuring
+        RESULTS.find(args.write)  # fail now rather than after a minute of measuring
     # The services apply the same allocator thresholds at start (common/memory.py); measure what they run.
     tune_allocator()
     check_raw_matches_envelope()
@@ -685,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     block, passed = report(cells, blocks, command, settings, args.quick, background.summary())
     print(block)
     if args.write is not None:
-        write_block(args.write, block)
+        RESULTS.write(args.write, block)
         print(f"\nwrote the results block of {args.write}", file=sys.stderr)
     return 0 if passed or args.quick else 1
 

@@ -72,13 +72,12 @@ from gateway.localnet import STAFF, Network, build_network
 from gateway.routing import route
 from gateway.store import CommissionInput, GatewayStore, SubjectInput
 from keys import keystore
+from results import ResultsBlock, revision  # bench/results.py, beside this script
 
-REPO = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
 KIB = 1024
 
-MARK_BEGIN = "<!-- bench_exchange: begin (written by bench/bench_exchange.py --write) -->"
-MARK_END = "<!-- bench_exchange: end -->"
+RESULTS = ResultsBlock("bench_exchange")
 # The code whose speed this measures: uncommitted changes there are noted with the results.
 MEASURED_CODE = ("gateway", "connectors", "common", "keys", "bench")
 
@@ -604,18 +603,6 @@ def size_label(n: int) -> str:
     return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else f"{n:,}"
 
 
-def revision() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        head = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *MEASURED_CODE)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"`{head}`" + (f" with uncommitted changes in {', '.join(MEASURED_CODE)}" if dirty else "")
-
-
 def machine_lines(pg_base: str, used_pg: bool) -> list[str]:
     model = "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
@@ -674,7 +661,7 @@ def report(
     """The markdown block for docs/performance.md, and whether every target was met."""
     k, batch = runs[0].units, runs[0].batch_size
     lines = [
-        f"Produced by `{command}` on {started_at:%Y-%m-%d %H:%M} UTC, revision {revision()}"
+        f"Produced by `{command}` on {started_at:%Y-%m-%d %H:%M} UTC, revision {revision(MEASURED_CODE)}"
         + (" — **quick run, numbers indicative only**." if quick else ".")
         + f" The whole benchmark took {elapsed_s / 60:.1f} minutes.",
         "",
@@ -829,24 +816,6 @@ def profile_lines(run: Run, top: int = 14) -> list[str]:
     return lines
 
 
-def find_markers(path: Path) -> tuple[str, int, int]:
-    """The text of ``path`` and where its results block lies; exits with a message if it has none."""
-    try:
-        content = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SystemExit(f"cannot read {path}: {exc}") from exc
-    begin, end = content.find(MARK_BEGIN), content.find(MARK_END)
-    if begin < 0 or end < begin:
-        raise SystemExit(f"{path} lacks the lines {MARK_BEGIN!r} and {MARK_END!r}; paste the block by hand")
-    return content, begin + len(MARK_BEGIN), end
-
-
-def write_block(path: Path, block: str) -> None:
-    """Replace what lies between the two markers in ``path``; the prose around them is left alone."""
-    content, begin, end = find_markers(path)
-    path.write_text(f"{content[:begin]}\n{block}\n{content[end:]}", encoding="utf-8")
-
-
 # --- main --------------------------------------------------------------------------------------------------------
 
 
@@ -885,7 +854,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = shlex.join(["python", "bench/bench_exchange.py", *(sys.argv[1:] if argv is None else argv)])
     if args.write is not None:
-        find_markers(args.write)  # fail now rather than after minutes of measuring
+        RESULTS.find(args.write)  # fail now rather than after minutes of measuring
     sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else QUICK_SIZES if args.quick else DEFAULT_SIZES
     dbs = ("sqlite", "postgresql") if args.db == "both" else (args.db,)
     units = units_for(args.units)
@@ -942,7 +911,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(block)
     if args.write is not None:
-        write_block(args.write, block)
+        RESULTS.write(args.write, block)
         print(f"\nwrote the results block of {args.write}", file=sys.stderr)
     return 0 if passed or args.quick else 1
 

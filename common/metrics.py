@@ -24,6 +24,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from common.config import doc
+
 log = logging.getLogger("hedui.metrics")
 
 
@@ -33,6 +35,12 @@ class HasCode(Protocol):
     code: str
 
 
+METRICS_LISTEN_DOC = (
+    "host:port of the Prometheus endpoint (/metrics), its own port apart from the gRPC API; empty: no endpoint. "
+    "Keep it on loopback or a management network."
+)
+
+
 def split_listen(listen: str) -> tuple[str, int]:
     """``host:port`` (``[::1]:9464`` for IPv6) -> (host, port); raises ValueError when it is not one."""
     host, sep, port = listen.rpartition(":")
@@ -40,6 +48,17 @@ def split_listen(listen: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{listen!r} is not host:port (or empty to disable the endpoint)")
     return host, int(port)
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    """The ``[metrics]`` section of a service's config (gateway and connector alike; each sets its default port)."""
+
+    listen: str = doc(METRICS_LISTEN_DOC, default="127.0.0.1:9464")
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            split_listen(self.listen)
 
 
 def process_registry() -> CollectorRegistry:

@@ -10,7 +10,7 @@ from hedui.v1 import records_pb2
 
 from common.categories import UNIT_DATA
 from common.config import ConfigError, doc, load_file
-from common.metrics import split_listen
+from common.metrics import METRICS_LISTEN_DOC, MetricsSection
 from keys.party import check_party_id
 
 
@@ -109,16 +109,8 @@ class ExchangeSection:
 
 
 @dataclass(frozen=True)
-class MetricsSection:
-    listen: str = doc(
-        "host:port of the Prometheus endpoint (/metrics), its own port apart from the gRPC API; empty: no endpoint. "
-        "Keep it on loopback or a management network.",
-        default="127.0.0.1:9465",
-    )
-
-    def __post_init__(self) -> None:
-        if self.listen:
-            split_listen(self.listen)
+class ConnectorMetricsSection(MetricsSection):
+    listen: str = doc(METRICS_LISTEN_DOC, default="127.0.0.1:9465")  # beside a gateway on the same host
 
 
 @dataclass(frozen=True)
@@ -143,7 +135,7 @@ class ConnectorConfig:
     adapter: AdapterSection
     server: ServerSection = field(default_factory=ServerSection)
     exchange: ExchangeSection = field(default_factory=ExchangeSection)
-    metrics: MetricsSection = field(default_factory=MetricsSection)
+    metrics: ConnectorMetricsSection = field(default_factory=ConnectorMetricsSection)
     staff: tuple[StaffEntry, ...] = doc(
         "Exchange staff registered in advance by each gateway; queries naming others are refused.", default=()
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from common.config import doc, load_file
-from common.metrics import split_listen
+from common.metrics import MetricsSection
 from connectors.config import unit_category_by_name
 from keys.party import check_party_id
 
@@ -119,19 +119,6 @@ class UnitEntry:
         unit_category_by_name(self.category)
         if self.exchange_mode not in EXCHANGE_MODES:
             raise ValueError(f"units.exchange_mode must be one of {', '.join(EXCHANGE_MODES)}")
-
-
-@dataclass(frozen=True)
-class MetricsSection:
-    listen: str = doc(
-        "host:port of the Prometheus endpoint (/metrics), its own port apart from the gRPC API; empty: no endpoint. "
-        "Keep it on loopback or a management network.",
-        default="127.0.0.1:9464",
-    )
-
-    def __post_init__(self) -> None:
-        if self.listen:
-            split_listen(self.listen)
 
 
 CLIENT_ROLES = ("commissioner", "lower_agency", "staff_system")

@@ -24,14 +24,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, update
 
 from common.db import make_engine
-from common.metrics import MetricsServer, serve_metrics, split_listen
+from common.metrics import MetricsSection, MetricsServer, serve_metrics, split_listen
 from connectors import store as cstore
-from connectors.config import ConnectorConfig
+from connectors.config import ConnectorConfig, ConnectorMetricsSection
 from connectors.metrics import ConnectorMetrics
 from connectors.server import serve
 from connectors.synthetic import Population
 from gateway import schema
-from gateway.config import AgencySection, DatabaseSection, GatewayConfig, KeysSection, MetricsSection
+from gateway.config import AgencySection, DatabaseSection, GatewayConfig, KeysSection
 from gateway.localnet import STAFF as NET_STAFF
 from gateway.localnet import build_network, free_port
 from gateway.metrics import GatewayMetrics
@@ -407,6 +407,10 @@ def test_metrics_listen_is_checked() -> None:
     for wrong in ("9464", "localhost", "127.0.0.1:99999", ":9464"):
         with pytest.raises(ValueError):
             MetricsSection(listen=wrong)
+        with pytest.raises(ValueError):
+            ConnectorMetricsSection(listen=wrong)
+    # The two services' defaults differ, so both fit on one host.
+    assert (MetricsSection().listen, ConnectorMetricsSection().listen) == ("127.0.0.1:9464", "127.0.0.1:9465")
 
 
 def _wait(predicate: Callable[[], bool], timeout: float) -> bool:

@@ -17,7 +17,7 @@ from datetime import date
 from typing import Any
 
 from hedui.v1 import exchange_pb2, records_pb2
-from sqlalchemy import Engine, Executable, Table, and_, func, insert, literal, or_, select, update
+from sqlalchemy import Engine, Executable, Table, and_, func, insert, literal, literal_column, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -644,6 +644,8 @@ class GatewayStore:
     def progress(self, commission_id: int) -> dict[str, dict[str, int]]:
         """Items per unit and stage: queued, sent, receipted, answered, overdue, delayed, failed."""
         result: dict[str, dict[str, int]] = {}
+        # Rendered without a bound parameter, so that PostgreSQL sees the same expression in SELECT and GROUP BY.
+        tried = s.batches.c.attempts > literal_column("0")
         with reading(self.engine) as conn:
             queued = conn.execute(
                 select(s.items.c.unit_id, func.count())
@@ -656,17 +658,24 @@ class GatewayStore:
                 select(
                     s.batches.c.unit_id,
                     s.batches.c.state,
+                    tried,
                     s.batches.c.overdue,
                     s.batches.c.delay_reason.is_not(None),
                     func.sum(s.batches.c.subject_count),
                 )
                 .where(s.batches.c.commission_id == commission_id)
                 .group_by(
-                    s.batches.c.unit_id, s.batches.c.state, s.batches.c.overdue, s.batches.c.delay_reason.is_not(None)
+                    s.batches.c.unit_id,
+                    s.batches.c.state,
+                    tried,
+                    s.batches.c.overdue,
+                    s.batches.c.delay_reason.is_not(None),
                 )
             ).all()
-        for unit_id, state, overdue, delayed, count in batches:
-            stage = {"ready": "sent", "acknowledged": "answered"}.get(state, state)
+        for unit_id, state, attempted, overdue, delayed, count in batches:
+            # A formed batch not tried yet is still queued; once tried, it is sent until the unit's receipt (in
+            # flight, or tried again later while the unit cannot be reached).
+            stage = {"ready": "sent" if attempted else "queued", "acknowledged": "answered"}.get(state, state)
             if state == "receipted" and overdue:
                 stage = "overdue"
             elif state == "receipted" and delayed:

@@ -14,6 +14,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
+from common.categories import UNIT_DATA
 from connectors import store as cstore
 from gateway import schema
 from gateway.engine import CycleReport, UnitWorkers
@@ -313,3 +314,14 @@ def test_the_poll_job_starts_cycles_only_when_the_dispatch_job_does_not_poll_as_
         scheduler.poll()
         ticks.shutdown()
         assert ticks.started == ([False] if polls else [])
+
+
+def test_progress_counts_formed_batches_not_tried_yet_as_queued(tmp_path: Path) -> None:
+    """A caseworker reads "sent" as "the unit has it": a batch formed but not yet tried is still queued."""
+    with gateway_world(tmp_path, now_ms=MONDAY) as world:
+        commission_id = world.commission("WT-1", households=10)
+        before = world.store.progress(commission_id)
+        tax = world.store.units()[[u.unit_id for u in world.store.units()].index(TAX)]
+        assert world.store.form_batches(TAX, frozenset(UNIT_DATA[tax.category]), 5, MONDAY) > 1
+        after = world.store.progress(commission_id)
+        assert after == before and set(after[TAX]) == {"queued"}

@@ -465,7 +465,9 @@ class UnitProgress(_message.Message):
     unit_id: _builtins.str
     category: _records_pb2.UnitCategory.ValueType
     queued: _builtins.int
+    """waiting to be sent (in no batch yet, or in a batch not tried yet)"""
     sent: _builtins.int
+    """sent, no receipt yet: in flight, or tried again while the unit is unreachable"""
     receipted: _builtins.int
     answered: _builtins.int
     overdue: _builtins.int

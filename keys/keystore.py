@@ -142,8 +142,6 @@ def save(
     rng: RandomSource = os.urandom,
 ) -> None:
     """Encrypt ``party`` and ``trust`` with ``passphrase`` and write them atomically to ``path`` (mode 0600)."""
-    params = kdf or KdfParams()
-    salt, nonce = rng(16), rng(prim.XNONCE_BYTES)
     plaintext = json.dumps(
         {
             "keys": [_record_to_json(r, party.secret(r.key_id)) for r in party.records()],
@@ -151,17 +149,68 @@ def save(
         },
         sort_keys=True,
     ).encode()
+    sealed = seal_document(FORMAT, {"party_id": party.party_id}, plaintext, passphrase, kdf=kdf, rng=rng)
+    write_private_file(path, sealed)
+
+
+def seal_document(
+    fmt: str,
+    fields: dict[str, Any],
+    plaintext: bytes,
+    passphrase: str,
+    *,
+    kdf: KdfParams | None = None,
+    rng: RandomSource = os.urandom,
+) -> bytes:
+    """The JSON container of this module's format (see its docstring) holding ``plaintext``, with ``fmt`` as its
+    "format" and ``fields`` beside it, all of them authenticated. Keystores and the private CA's key use it."""
+    params = kdf or KdfParams()
+    salt, nonce = rng(16), rng(prim.XNONCE_BYTES)
     doc: dict[str, Any] = {
-        "format": FORMAT,
+        "format": fmt,
         "version": VERSION,
-        "party_id": party.party_id,
+        **fields,
         "kdf": {"name": "argon2id", "salt": _b64(salt), **params.as_json()},
         "aead": "xchacha20poly1305",
         "nonce": _b64(nonce),
     }
     key = params.derive(passphrase.encode(), salt)
     doc["ciphertext"] = _b64(prim.xchacha_encrypt(key, nonce, plaintext, _aad(doc)))
-    write_private_file(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def open_document(raw: bytes, fmt: str, passphrase: str, *, name: str) -> tuple[dict[str, Any], bytes]:
+    """The fields and the plaintext of a container written by :func:`seal_document` with format ``fmt``; ``name``
+    says what it is in errors (a path). Raises WrongPassphraseOrCorrupt or KeystoreError and nothing else."""
+    what = "keystore" if fmt == FORMAT else fmt.removeprefix("hedui-").replace("-", " ")
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict) or doc.get("format") != fmt:
+            raise ValueError(f"not a {what}")
+        if doc.get("version") != VERSION or doc.get("aead") != "xchacha20poly1305":
+            raise KeystoreError(f"{name} is a {what} of an unsupported version")
+        kdf_doc = doc["kdf"]
+        if not isinstance(kdf_doc, dict) or kdf_doc.get("name") != "argon2id":
+            raise ValueError("unknown kdf")
+        # Whatever the file says is authenticated as associated data: weakening it breaks decryption.
+        params = KdfParams(
+            memory_kib=int(kdf_doc["memory_kib"]),
+            iterations=int(kdf_doc["iterations"]),
+            lanes=int(kdf_doc["lanes"]),
+            unsafe_allow_weak=True,
+        )
+        salt, nonce, ciphertext = _unb64(kdf_doc["salt"]), _unb64(doc["nonce"]), _unb64(doc["ciphertext"])
+        if len(nonce) != prim.XNONCE_BYTES or len(salt) < 16:
+            raise ValueError("bad nonce or salt")
+    except KeystoreError:
+        raise
+    except (ValueError, KeyError, TypeError, OverflowError, binascii.Error) as exc:
+        raise WrongPassphraseOrCorrupt(f"{name} is not a readable Hedui {what}") from exc
+    try:
+        plaintext = prim.xchacha_decrypt(params.derive(passphrase.encode(), salt), nonce, ciphertext, _aad(doc))
+    except prim.PrimitiveFailure as exc:
+        raise WrongPassphraseOrCorrupt(f"cannot open {name}: wrong passphrase or damaged file") from exc
+    return doc, plaintext
 
 
 def write_private_file(path: Path, data: bytes) -> None:
@@ -202,33 +251,7 @@ def load(path: Path, passphrase: str) -> tuple[PartyKeys, TrustStore]:
         raise KeystoreError(f"no keystore at {path}: create one with 'hedui-keys init'") from exc
     except OSError as exc:
         raise KeystoreError(f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        doc = json.loads(raw)
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise ValueError("not a keystore")
-        if doc.get("version") != VERSION or doc.get("aead") != "xchacha20poly1305":
-            raise KeystoreError(f"{path} is a keystore of an unsupported version")
-        kdf_doc = doc["kdf"]
-        if not isinstance(kdf_doc, dict) or kdf_doc.get("name") != "argon2id":
-            raise ValueError("unknown kdf")
-        # Whatever the file says is authenticated as associated data: weakening it breaks decryption.
-        params = KdfParams(
-            memory_kib=int(kdf_doc["memory_kib"]),
-            iterations=int(kdf_doc["iterations"]),
-            lanes=int(kdf_doc["lanes"]),
-            unsafe_allow_weak=True,
-        )
-        salt, nonce, ciphertext = _unb64(kdf_doc["salt"]), _unb64(doc["nonce"]), _unb64(doc["ciphertext"])
-        if len(nonce) != prim.XNONCE_BYTES or len(salt) < 16:
-            raise ValueError("bad nonce or salt")
-    except KeystoreError:
-        raise
-    except (ValueError, KeyError, TypeError, OverflowError, binascii.Error) as exc:
-        raise WrongPassphraseOrCorrupt(f"{path} is not a readable Hedui keystore") from exc
-    try:
-        plaintext = prim.xchacha_decrypt(params.derive(passphrase.encode(), salt), nonce, ciphertext, _aad(doc))
-    except prim.PrimitiveFailure as exc:
-        raise WrongPassphraseOrCorrupt(f"cannot open {path}: wrong passphrase or damaged file") from exc
+    doc, plaintext = open_document(raw, FORMAT, passphrase, name=str(path))
     try:
         body = json.loads(plaintext)
         records, secrets = [], {}

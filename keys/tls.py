@@ -23,12 +23,14 @@ Design:
 - Validity: the CA ten years, a leaf 397 days (the longest the public web still accepts), never beyond the CA's own
   end. ``not_before`` lies five minutes before the issuing time so that a peer whose clock runs slightly behind
   accepts a certificate issued a moment ago.
-- At rest the CA key is PKCS#8 PEM encrypted with a passphrase (``BestAvailableEncryption``: PBES2 with
-  PBKDF2-HMAC-SHA256 and AES-256-CBC in cryptography 50). It is needed only to issue certificates and should live on
-  the offline machine that keeps the keystores. A leaf key is unencrypted PKCS#8 PEM: grpcio takes the private key
-  as bytes in memory and has no way to ask for a passphrase, so the service reading it at start could only keep the
-  passphrase next to the key. Its protection is the file mode (0600, written by ``keys.keystore.write_private_file``)
-  and the short lifetime of the certificate.
+- At rest the CA key is sealed like a keystore (keys/keystore.py: Argon2id from the passphrase, XChaCha20-Poly1305;
+  format "hedui-ca-key", the PKCS#8 PEM inside). PKCS#8's own encryption was not strong enough: cryptography
+  writes it with PBKDF2-HMAC-SHA256 at 2,048 iterations, which a graphics card tries millions of passphrases against
+  per second; a CA key written that way by an earlier version is still read. The key is needed only to issue
+  certificates and should live on the offline machine that keeps the keystores. A leaf key is unencrypted PKCS#8
+  PEM: grpcio takes the private key as bytes in memory and has no way to ask for a passphrase, so the service
+  reading it at start could only keep the passphrase next to the key. Its protection is the file mode (0600,
+  written by ``keys.keystore.write_private_file``) and the short lifetime of the certificate.
 
 Every failure raises :class:`TlsError` with a message fit for an operator; none carries key material.
 """
@@ -45,7 +47,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from keys.errors import KeysError
+from keys.errors import KeysError, KeystoreError
+from keys.keystore import KdfParams, open_document, seal_document
 from keys.party import check_party_id, is_party_id
 
 #: The subjectAltName URI that carries a party id: ``hedui://party/unit.220100.tax``.
@@ -57,6 +60,8 @@ CLOCK_SKEW = dt.timedelta(minutes=5)
 #: X.520 upper bound of a common name.
 MAX_COMMON_NAME_LENGTH = 64
 DEFAULT_CA_NAME = "Hedui private CA"
+#: The "format" of the sealed CA key file (keys/keystore.py container).
+CA_KEY_FORMAT = "hedui-ca-key"
 
 _CURVE = ec.SECP256R1
 _HASH = hashes.SHA256
@@ -85,16 +90,19 @@ def _check_days(valid_days: int) -> dt.timedelta:
     return dt.timedelta(days=valid_days)
 
 
-def _encryption(passphrase: str | None) -> serialization.KeySerializationEncryption:
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    pem: bytes = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return pem
+
+
+def _sealed_ca_key(key: ec.EllipticCurvePrivateKey, passphrase: str | None, kdf: KdfParams | None) -> bytes:
     if passphrase is None:
-        return serialization.NoEncryption()
+        return _key_pem(key)
     if not passphrase:
         raise TlsError("the passphrase for the CA key is empty")
-    return serialization.BestAvailableEncryption(passphrase.encode("utf-8"))
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey, passphrase: str | None = None) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, _encryption(passphrase))
+    return seal_document(CA_KEY_FORMAT, {}, _key_pem(key), passphrase, kdf=kdf)
 
 
 def _ski(key: ec.EllipticCurvePrivateKey) -> x509.SubjectKeyIdentifier:
@@ -107,10 +115,12 @@ def create_ca(
     valid_days: int = CA_VALID_DAYS,
     now: dt.datetime | None = None,
     passphrase: str | None = None,
+    kdf: KdfParams | None = None,
 ) -> tuple[bytes, bytes]:
-    """Make a self-signed CA; return (certificate PEM, private key PEM).
+    """Make a self-signed CA; return (certificate PEM, private key file).
 
-    The key PEM is encrypted with ``passphrase`` when one is given (as ``hedui-keys ca init`` always does).
+    With ``passphrase`` (as ``hedui-keys ca init`` always gives) the key file is sealed with it (``kdf``: the
+    Argon2id cost, the keystore default when None); without, it is a plain PKCS#8 PEM (loopback test networks).
     """
     if not name or not name.strip() or len(name) > MAX_COMMON_NAME_LENGTH or not name.isprintable():
         raise TlsError(f"the CA name must be 1-{MAX_COMMON_NAME_LENGTH} printable characters")
@@ -142,7 +152,7 @@ def create_ca(
         .add_extension(_ski(key), critical=False)
         .sign(key, _HASH())
     )
-    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key, passphrase)
+    return cert.public_bytes(serialization.Encoding.PEM), _sealed_ca_key(key, passphrase, kdf)
 
 
 def load_certificate(data: bytes) -> x509.Certificate:
@@ -156,6 +166,13 @@ def load_certificate(data: bytes) -> x509.Certificate:
 
 
 def _load_ca_key(ca_key_pem: bytes, passphrase: str | None) -> ec.EllipticCurvePrivateKey:
+    if ca_key_pem.lstrip().startswith(b"{"):
+        if not passphrase:
+            raise TlsError("the CA key is encrypted: a passphrase is needed")
+        try:
+            _, ca_key_pem = open_document(ca_key_pem, CA_KEY_FORMAT, passphrase, name="the CA key file")
+        except KeystoreError as exc:
+            raise TlsError(str(exc)) from None
     encrypted = b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in ca_key_pem or b"Proc-Type: 4,ENCRYPTED" in ca_key_pem
     if encrypted and not passphrase:
         raise TlsError("the CA key is encrypted: a passphrase is needed")

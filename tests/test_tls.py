@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from keys.cli import main
+from keys.keystore import FAST_FOR_TESTS, open_document
 from keys.tls import (
     PARTY_URI_PREFIX,
     TlsError,
@@ -85,7 +87,7 @@ class Pki:
 
 
 def _make_pki(name: str, *, now: dt.datetime | None = None) -> Pki:
-    ca, ca_key = create_ca(name, now=now, passphrase=PASSPHRASE)
+    ca, ca_key = create_ca(name, now=now, passphrase=PASSPHRASE, kdf=FAST_FOR_TESTS)
     server = issue_certificate(
         ca, ca_key, UNIT, server_names=SERVER_NAMES, client=False, server=True, ca_key_passphrase=PASSPHRASE
     )
@@ -253,11 +255,31 @@ def test_leaf_never_outlives_its_ca() -> None:
     assert load_certificate(cert).not_valid_after_utc == load_certificate(ca).not_valid_after_utc
 
 
-def test_ca_key_is_encrypted_and_leaf_key_is_not(pki: Pki) -> None:
-    assert pki.ca_key.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
-    with pytest.raises(TypeError):
-        serialization.load_pem_private_key(pki.ca_key, None)
+def test_ca_key_is_sealed_like_a_keystore_and_leaf_key_is_not(pki: Pki) -> None:
+    """Argon2id and XChaCha20-Poly1305 (keys/keystore.py), not PKCS#8's 2,048 PBKDF2 rounds; no PEM inside shows."""
+    sealed = json.loads(pki.ca_key)
+    assert sealed["format"] == "hedui-ca-key"
+    assert (sealed["kdf"]["name"], sealed["aead"]) == ("argon2id", "xchacha20poly1305")
+    assert b"PRIVATE KEY" not in pki.ca_key
+    with pytest.raises(TlsError, match="wrong passphrase or damaged file"):
+        issue_certificate(pki.ca, pki.ca_key, AGENCY, client=True, server=False, ca_key_passphrase="wrong")
+    with pytest.raises(TlsError, match="a passphrase is needed"):
+        issue_certificate(pki.ca, pki.ca_key, AGENCY, client=True, server=False)
     assert isinstance(serialization.load_pem_private_key(pki.client.key, None), ec.EllipticCurvePrivateKey)
+
+
+def test_a_ca_key_in_encrypted_pkcs8_from_an_earlier_version_still_issues(pki: Pki) -> None:
+    sealed = json.loads(pki.ca_key)
+    key = serialization.load_pem_private_key(
+        open_document(pki.ca_key, sealed["format"], PASSPHRASE, name="ca.key")[1], None
+    )
+    legacy = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(PASSPHRASE.encode()),
+    )
+    cert, _ = issue_certificate(pki.ca, legacy, AGENCY, client=True, server=False, ca_key_passphrase=PASSPHRASE)
+    assert party_from_certificate(cert) == AGENCY
 
 
 @pytest.mark.parametrize(
@@ -364,7 +386,7 @@ def test_cli_round_trip_and_real_handshake(cli: Path, tmp_path: Path, capsys: py
     ca_dir, unit_dir, agency_dir = tmp_path / "ca", tmp_path / "unit", tmp_path / "agency"
     assert _ca(cli, "init", "--dir", str(ca_dir), "--name", "Jilin Hedui CA") == 0
     assert (ca_dir / "ca.key").stat().st_mode & 0o777 == 0o600
-    assert (ca_dir / "ca.key").read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert json.loads((ca_dir / "ca.key").read_bytes())["format"] == "hedui-ca-key"
     server_args = ["--server-name", "localhost", "--server-name", "127.0.0.1", "--server"]
     assert _ca(cli, "issue", "--dir", str(ca_dir), "--party", UNIT, *server_args, "--out-dir", str(unit_dir)) == 0
     assert _ca(cli, "issue", "--dir", str(ca_dir), "--party", AGENCY, "--client", "--out-dir", str(agency_dir)) == 0

@@ -179,10 +179,11 @@ def seal_document(
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
-def open_document(raw: bytes, fmt: str, passphrase: str, *, name: str) -> tuple[dict[str, Any], bytes]:
-    """The fields and the plaintext of a container written by :func:`seal_document` with format ``fmt``; ``name``
-    says what it is in errors (a path). Raises WrongPassphraseOrCorrupt or KeystoreError and nothing else."""
-    what = "keystore" if fmt == FORMAT else fmt.removeprefix("hedui-").replace("-", " ")
+def open_document(
+    raw: bytes, fmt: str, passphrase: str, *, name: str, what: str = "keystore"
+) -> tuple[dict[str, Any], bytes]:
+    """The fields and the plaintext of a container written by :func:`seal_document` with format ``fmt``; errors name
+    the file (``name``, a path) and say ``what`` it should be. Raises WrongPassphraseOrCorrupt or KeystoreError."""
     try:
         doc = json.loads(raw)
         if not isinstance(doc, dict) or doc.get("format") != fmt:

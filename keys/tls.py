@@ -170,7 +170,7 @@ def _load_ca_key(ca_key_pem: bytes, passphrase: str | None) -> ec.EllipticCurveP
         if not passphrase:
             raise TlsError("the CA key is encrypted: a passphrase is needed")
         try:
-            _, ca_key_pem = open_document(ca_key_pem, CA_KEY_FORMAT, passphrase, name="the CA key file")
+            _, ca_key_pem = open_document(ca_key_pem, CA_KEY_FORMAT, passphrase, name="the CA key file", what="CA key")
         except KeystoreError as exc:
             raise TlsError(str(exc)) from None
     encrypted = b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in ca_key_pem or b"Proc-Type: 4,ENCRYPTED" in ca_key_pem

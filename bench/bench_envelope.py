@@ -650,10 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  measured in {time.perf_counter() - started:.0f} s; {background.summary()}", file=sys.stderr)
 
     block, passed = report(cells, blocks, command, settings, args.quick, background.summary())
-    print(block)
-    if args.write is not None:
-        RESULTS.write(args.write, block)
-        print(f"\nwrote the results block of {args.write}", file=sys.stderr)
+    RESULTS.publish(block, args.write)
     return 0 if passed or args.quick else 1
 
 

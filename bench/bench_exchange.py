@@ -909,10 +909,7 @@ def main(argv: list[str] | None = None) -> int:
     block, passed = report(
         runs, skipped, command, args.quick, args.pg_url, profiled, started_at, time.perf_counter() - started
     )
-    print(block)
-    if args.write is not None:
-        RESULTS.write(args.write, block)
-        print(f"\nwrote the results block of {args.write}", file=sys.stderr)
+    RESULTS.publish(block, args.write)
     return 0 if passed or args.quick else 1
 
 

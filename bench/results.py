@@ -7,6 +7,7 @@ what lies between them and leaves the prose around them alone.
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,3 +50,10 @@ class ResultsBlock:
         """Replace what lies between the two markers in ``path``."""
         text, begin, end = self.find(path)
         path.write_text(f"{text[:begin]}\n{block}\n{text[end:]}", encoding="utf-8")
+
+    def publish(self, block: str, write_to: Path | None) -> None:
+        """Print the block, and put it into ``write_to`` (``--write``) when given."""
+        print(block)
+        if write_to is not None:
+            self.write(write_to, block)
+            print(f"\nwrote the results block of {write_to}", file=sys.stderr)

@@ -24,25 +24,23 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 
 import pytest
-from hedui.v1 import exchange_pb2, records_pb2
+from hedui.v1 import exchange_pb2
 from sqlalchemy import Engine, func, select
 
 from common.db import make_engine
 from connectors import store as cstore
 from connectors.synthetic import Population
 from gateway import schema
-from gateway.localnet import STAFF, Network, build_network
-from gateway.routing import route
-from gateway.store import CommissionInput, GatewayStore, SubjectInput
+from gateway.localnet import Network, build_network
+from gateway.store import GatewayStore, SubjectInput
 from keys.keystore import FAST_FOR_TESTS
+from tests.test_gateway_process import UNITS, enqueue_subjects
 
 TAX, LAND, BANK = "unit.220100.tax", "unit.220100.land", "unit.220100.bank"
-UNITS = {TAX: "tax", LAND: "land", BANK: "financial_institution"}
-CATEGORIES = (records_pb2.DATA_CATEGORY_TAX, records_pb2.DATA_CATEGORY_REAL_ESTATE, records_pb2.DATA_CATEGORY_LOANS)
+assert set(UNITS) == {TAX, LAND, BANK}
 SEED = 20261127
 
 #: The first commission, enqueued before the first kill of a running gateway.
@@ -96,20 +94,6 @@ def people(count: int, start: int) -> list[SubjectInput]:
         if len(found) >= count:
             return found
     raise AssertionError("population too small")
-
-
-def enqueue(store: GatewayStore, ref: str, subjects: Sequence[SubjectInput]) -> int:
-    commission = CommissionInput(
-        ref=ref,
-        purpose=exchange_pb2.PROGRAMME_MINIMUM_LIVING_ALLOWANCE,
-        income_from=(2026, 1),
-        income_to=(2026, 10),
-        assets_as_of=date(2026, 10, 31),
-        staff_ids=STAFF,
-        categories=CATEGORIES,
-    )
-    store.enqueue(commission, subjects, route(CATEGORIES, store.units()), int(time.time() * 1000))
-    return len(subjects)
 
 
 # -- processes -------------------------------------------------------------------------------------------------
@@ -365,10 +349,10 @@ def test_gateway_killed_at_many_points_stores_every_answer_exactly_once(tmp_path
             if store is None:
                 wait_serving(process, net.gateway_port, logs / f"{name}.log")
                 store = GatewayStore(dbs.gateway())
-                subjects += enqueue(store, "CS-0", people(FIRST_SUBJECTS, start=0))
+                subjects += enqueue_subjects(store, "CS-0", people(FIRST_SUBJECTS, start=0))
                 notes.append(f"enqueued {subjects} subjects")
             elif run == LATE_COMMISSION_RUN or not kills[-1].snapshot.working():
-                added = enqueue(store, f"CS-{run}", people(LATE_SUBJECTS, start=1000 * run))
+                added = enqueue_subjects(store, f"CS-{run}", people(LATE_SUBJECTS, start=1000 * run))
                 subjects += added
                 notes.append(f"enqueued {added} subjects")
             seconds = delay(run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
@@ -21,11 +22,18 @@ CATEGORIES = (records_pb2.DATA_CATEGORY_TAX, records_pb2.DATA_CATEGORY_REAL_ESTA
 
 
 def enqueue(store: GatewayStore, ref: str, households: int, seed: int) -> int:
+    """Enqueue the members of ``households`` synthetic households; returns the number of items."""
     people = [m for h in Population(seed).households(households) for m in h.members]
     subjects = [
         SubjectInput(f"{ref}-{i}", m.id_number, m.name, f"A-{i}", hashlib.sha256(m.id_number.encode()).digest())
         for i, m in enumerate(people)
     ]
+    return enqueue_subjects(store, ref, subjects) * len(UNITS)
+
+
+def enqueue_subjects(store: GatewayStore, ref: str, subjects: Sequence[SubjectInput]) -> int:
+    """Enqueue ``subjects`` as commission ``ref`` over CATEGORIES, dated by the wall clock the processes run on;
+    returns the number of subjects."""
     commission = CommissionInput(
         ref=ref,
         purpose=exchange_pb2.PROGRAMME_MINIMUM_LIVING_ALLOWANCE,
@@ -36,7 +44,7 @@ def enqueue(store: GatewayStore, ref: str, households: int, seed: int) -> int:
         categories=CATEGORIES,
     )
     store.enqueue(commission, subjects, route(CATEGORIES, store.units()), int(time.time() * 1000))
-    return len(subjects) * len(UNITS)
+    return len(subjects)
 
 
 def wait_until(predicate: object, timeout: float) -> bool:

@@ -63,7 +63,12 @@ class TrustStore:
     def import_bundle(self, data: bytes, *, expected_fingerprint: str, own_party_id: str | None = None) -> Bundle:
         """Trust the keys in a signed bundle, only if its fingerprint equals the one read out of band.
 
-        Replaces what the store held for that party. Raises TrustError (and changes nothing) on any mismatch.
+        A bundle for a party the store already holds replaces its key set, but never moves a key backwards in its
+        lifecycle: the bundle's signer chooses the states it writes, and the fingerprint covers only the public
+        keys, so an old bundle, or one re-signed with a leaked key, would otherwise bring a revoked key back.
+        Keys the store has revoked stay revoked (and are kept even when the bundle leaves them out); a key the
+        store has seen further along (retiring, retired) keeps the store's record. Raises TrustError (and changes
+        nothing) on any mismatch.
         """
         try:
             expected = normalize_fingerprint(expected_fingerprint)
@@ -78,7 +83,7 @@ class TrustStore:
             )
         if bundle.party_id == own_party_id:
             raise TrustError("this bundle is our own party's; a party does not import itself")
-        self._peers[bundle.party_id] = Keyring(bundle.keys)
+        self._peers[bundle.party_id] = _merged(self._peers.get(bundle.party_id), bundle.keys)
         return bundle
 
     def apply_announcement(self, data: bytes, *, now_ms: int) -> KeyRecord:
@@ -105,14 +110,21 @@ class TrustStore:
         raise TrustError("announcement kind is not known")
 
     @staticmethod
-    def _trusted_signer(signer: KeyRecord, issued_at_ms: int, now_ms: int) -> bool:
-        # Valid when the announcement says it was made AND still usable now: issued_at is chosen by the signer, so
-        # checking it alone lets a retired (erased, possibly leaked) key sign backdated announcements.
-        return (
-            signer.state in (KeyState.ACTIVE, KeyState.RETIRING)
-            and signer.valid_at(issued_at_ms)
-            and signer.valid_at(now_ms)
-        )
+    def _trusted_signer(keyring: Keyring, signer: KeyRecord, issued_at_ms: int, now_ms: int) -> bool:
+        """May ``signer`` speak for its party about other keys (rotate a key, revoke another one)?
+
+        It must have been valid when the announcement says it was made AND be valid now: issued_at is chosen by
+        the signer, so checking it alone lets a retired (erased, possibly leaked) key sign backdated announcements.
+        And it must be the party's signing key now: an active key, or a retiring one only while no successor has
+        taken over (a staged rotation's lead time). Once the successor is in charge, the old key may still verify
+        what it signed before and revoke itself, but not revoke its successor or install keys of its own choosing.
+        """
+        if not (signer.valid_at(issued_at_ms) and signer.valid_at(now_ms)):
+            return False
+        if signer.state in (KeyState.ACTIVE, KeyState.PENDING):
+            return True
+        current = keyring.current(Algorithm.ED25519, now_ms)
+        return signer.state is KeyState.RETIRING and current is not None and current.key_id == signer.key_id
 
     @classmethod
     def _revoke(
@@ -121,8 +133,11 @@ class TrustStore:
         if target.state is KeyState.REVOKED:
             return target
         # A key may always disown itself; otherwise the signer must be a key trusted then and now.
-        if signer.key_id != target.key_id and not cls._trusted_signer(signer, msg.issued_at_ms, now_ms):
-            raise TrustError("revocation is not signed by a key that is valid now and was valid when it was issued")
+        if signer.key_id != target.key_id and not cls._trusted_signer(keyring, signer, msg.issued_at_ms, now_ms):
+            raise TrustError(
+                "revocation of another key is not signed by the party's current signing key, valid now and "
+                "when it was issued"
+            )
         return keyring.transition(target.key_id, KeyState.REVOKED, revoked_at_ms=msg.issued_at_ms)
 
     @classmethod
@@ -133,8 +148,10 @@ class TrustStore:
         known = keyring.get(new_key.key_id)
         if known is not None:
             return known  # already applied
-        if not cls._trusted_signer(signer, msg.issued_at_ms, now_ms):
-            raise TrustError("rotation is not signed by a key that is valid now and was valid when it was issued")
+        if not cls._trusted_signer(keyring, signer, msg.issued_at_ms, now_ms):
+            raise TrustError(
+                "rotation is not signed by the party's current signing key, valid now and when it was issued"
+            )
         if old.algorithm is Algorithm.ED25519:
             if signer.key_id != old.key_id:
                 raise TrustError("a signing-key rotation must be signed by the key it replaces")
@@ -157,3 +174,14 @@ class TrustStore:
         record = KeyRecord(new_key.public, KeyState.PENDING if takes_over > now_ms else KeyState.ACTIVE, takes_over)
         keyring.put(record)
         return record
+
+
+def _merged(held: Keyring | None, incoming: list[KeyRecord]) -> Keyring:
+    """The keyring a re-imported bundle leaves: its keys, none of them earlier in the lifecycle than we knew it."""
+    if held is None:
+        return Keyring(incoming)
+    merged = Keyring(record for record in held if record.state is KeyState.REVOKED)
+    for record in incoming:
+        known = held.get(record.key_id)
+        merged.put(known if known is not None and known.state > record.state else record)
+    return merged

@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 
 import pytest
-from hedui.v1 import keys_pb2
+from hedui.v1 import keys_pb2, media_pb2
 
 from keys import (
     AgreementKey,
@@ -20,6 +20,7 @@ from keys import (
     Keyring,
     KeyState,
     KeyStateError,
+    RevokedKey,
     PublicKey,
     SigningKey,
     TrustError,
@@ -33,6 +34,7 @@ from keys import (
 )
 from keys.announcements import ANNOUNCEMENT_DOMAIN, read_announcement, sign_announcement, sign_bundle
 from keys.clock import DAY_MS, HOUR_MS
+from keys.envelope import seal_with
 from keys.fingerprint import fingerprints_equal, normalize_fingerprint
 from keys.handles import PrivateKey, _load_private
 from keys.identity import MAX_OVERLAP_MS
@@ -500,10 +502,10 @@ def test_signing_key_rotation_signed_by_another_signing_key_is_refused(pair: Pai
     old = agency.keys.signing_key(now)
     unit.trust.apply_announcement(agency.keys.rotate(Algorithm.ED25519, now_ms=now, overlap_ms=DAY_MS), now_ms=now)
     current = agency.keys.signing_key(now)
-    current_record = agency.keys.record(current.key_id)
-    assert current_record is not None
+    old_record = unit.trust.signing_record(AGENCY_ID, old.key_id)
+    assert old_record is not None
     newest = SigningKey.generate()
-    data = sign_announcement(rotation(AGENCY_ID, current_record, newest.public, issued_at_ms=now), old, newest)
+    data = sign_announcement(rotation(AGENCY_ID, old_record, newest.public, issued_at_ms=now), current, newest)
     with pytest.raises(TrustError, match="signed by the key it replaces"):
         unit.trust.apply_announcement(data, now_ms=now)
 
@@ -672,6 +674,51 @@ def test_retiring_signing_key_cannot_be_rotated_a_second_time(pair: Pair) -> Non
     assert pair.unit.trust.signing_record(AGENCY_ID, attacker.key_id) is None
 
 
+def test_retiring_signing_key_cannot_revoke_its_successor_or_rotate_the_agreement_key(pair: Pair) -> None:
+    # After a rotation the old signing key still verifies what it signed during the overlap, but authority over
+    # the party's keys has passed to the new one: a leaked old key must not revoke it or swap the agreement key.
+    now = pair.clock.now_ms()
+    old = pair.agency.keys.signing_key(now)
+    pair.unit.trust.apply_announcement(
+        pair.agency.keys.rotate(Algorithm.ED25519, now_ms=now, overlap_ms=DAY_MS), now_ms=now
+    )
+    successor = pair.agency.keys.signing_key(now).key_id
+    agreement = pair.unit.trust.agreement_key_for(AGENCY_ID, now)
+    later = now + HOUR_MS
+    attacker = AgreementKey.generate()
+    forgeries = {
+        "revoke the successor": sign_announcement(revocation(AGENCY_ID, successor, issued_at_ms=later), old),
+        "rotate the agreement key": sign_announcement(
+            rotation(AGENCY_ID, agreement, attacker.public, issued_at_ms=later), old
+        ),
+    }
+    for what, forged in forgeries.items():
+        problem = refusals_that_changed_or_escaped(
+            pair.unit.trust, lambda forged=forged: pair.unit.trust.apply_announcement(forged, now_ms=later)
+        )
+        assert problem is None, f"retiring key could {what}: {problem}"
+    assert pair.unit.trust.agreement_key_for(AGENCY_ID, later).key_id == agreement.key_id
+
+    # It may still disown itself.
+    record = pair.unit.trust.apply_announcement(
+        sign_announcement(revocation(AGENCY_ID, old.key_id, issued_at_ms=later), old), now_ms=later
+    )
+    assert record.state is KeyState.REVOKED
+
+
+def test_retiring_signing_key_keeps_authority_during_a_staged_rotations_lead_time(pair: Pair) -> None:
+    # Until the successor takes over, the old key is the one the party signs with, so it may still revoke keys.
+    now = pair.clock.now_ms()
+    pair.unit.trust.apply_announcement(
+        pair.agency.keys.rotate(Algorithm.ED25519, now_ms=now, overlap_ms=DAY_MS, activate_at_ms=now + DAY_MS),
+        now_ms=now,
+    )
+    agreement = pair.unit.trust.agreement_key_for(AGENCY_ID, now)
+    later = now + HOUR_MS
+    revoked = pair.unit.trust.apply_announcement(pair.agency.keys.revoke(agreement.key_id, now_ms=later, reason="compromised"), now_ms=later)
+    assert revoked.state is KeyState.REVOKED
+
+
 # --- bundles and fingerprints on import --------------------------------------------------------------------------
 
 
@@ -706,6 +753,64 @@ def test_import_bundle_with_wrong_fingerprint_names_both_and_changes_nothing(
     with pytest.raises(TrustError, match="fingerprint mismatch"):
         trust.import_bundle(pair.agency.keys.bundle(clock.now_ms()), expected_fingerprint=real)
     assert snapshot(trust) == before
+
+
+def test_reimported_bundle_never_brings_a_revoked_key_back(pair: Pair, sealed_file: media_pb2.SealedFile) -> None:
+    # The fingerprint covers the public keys, not their states: the same key letter matches the bundle from the
+    # day of enrolment, and one re-signed with the leaked key that claims it is active.
+    enrolled_at = pair.clock.now_ms()
+    old_bundle = pair.agency.keys.bundle(enrolled_at)
+    letter = real_fingerprint(pair.agency.keys)
+    leaked = pair.agency.keys.signing_key(enrolled_at)
+    later = enrolled_at + HOUR_MS
+    pair.unit.trust.apply_announcement(pair.agency.keys.revoke(leaked.key_id, now_ms=later, reason="compromised"), now_ms=later)
+    active_again = [
+        KeyRecord(r.public, KeyState.ACTIVE, r.not_before_ms) if r.key_id == leaked.key_id else r
+        for r in pair.agency.keys.records()
+    ]
+    forged_bundle = sign_bundle(AGENCY_ID, active_again, leaked, later)
+    assert read_bundle(forged_bundle).fingerprint == read_bundle(old_bundle).fingerprint == letter
+
+    for bundle in (old_bundle, forged_bundle):
+        pair.unit.trust.import_bundle(bundle, expected_fingerprint=letter)
+        record = pair.unit.trust.signing_record(AGENCY_ID, leaked.key_id)
+        assert record is not None and record.state is KeyState.REVOKED
+        sealed = seal_with(
+            sealed_file,
+            sender=AGENCY_ID,
+            signing_key=leaked,
+            recipient=UNIT_ID,
+            recipient_key=pair.agency.trust.agreement_key_for(UNIT_ID, later),
+            created_at_ms=enrolled_at,
+            ttl_ms=DAY_MS,
+        )
+        with pytest.raises(RevokedKey):
+            pair.unit.courier.open(sealed)
+
+
+def test_reimported_bundle_keeps_what_the_store_knows_of_later_states_and_revocations(pair: Pair) -> None:
+    now = pair.clock.now_ms()
+    old_agreement = pair.unit.trust.agreement_key_for(AGENCY_ID, now)
+    old_bundle = pair.agency.keys.bundle(now)
+    letter = real_fingerprint(pair.agency.keys)
+    pair.unit.trust.apply_announcement(
+        pair.agency.keys.rotate(Algorithm.X25519, now_ms=now, overlap_ms=HOUR_MS), now_ms=now
+    )
+    successor = pair.unit.trust.agreement_key_for(AGENCY_ID, now)
+    later = now + 2 * HOUR_MS
+    pair.unit.trust.advance(later)
+    pair.unit.trust.apply_announcement(pair.agency.keys.revoke(successor.key_id, now_ms=later, reason="compromised"), now_ms=later)
+
+    pair.unit.trust.import_bundle(old_bundle, expected_fingerprint=letter)
+    ring = pair.unit.trust.keyring(AGENCY_ID)
+    assert ring is not None
+    states = {r.key_id: r.state for r in ring}
+    # The old agreement key stays retired, and the revoked successor, absent from the old bundle, stays on record
+    # as revoked, so that no later import of a bundle that lists it can make it usable.
+    assert states[old_agreement.key_id] is KeyState.RETIRED
+    assert states[successor.key_id] is KeyState.REVOKED
+    with pytest.raises(TrustError, match="no usable key-agreement key"):
+        pair.unit.trust.agreement_key_for(AGENCY_ID, later)
 
 
 def test_import_bundle_accepts_the_fingerprint_as_typed(clock: FixedClock, make_side: Callable[[str], Side]) -> None:

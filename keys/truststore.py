@@ -7,7 +7,7 @@ changes what the store trusts; every refusal leaves the store as it was.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from hedui.v1 import keys_pb2
 
@@ -176,7 +176,7 @@ class TrustStore:
         return record
 
 
-def _merged(held: Keyring | None, incoming: list[KeyRecord]) -> Keyring:
+def _merged(held: Keyring | None, incoming: Iterable[KeyRecord]) -> Keyring:
     """The keyring a re-imported bundle leaves: its keys, none of them earlier in the lifecycle than we knew it."""
     if held is None:
         return Keyring(incoming)

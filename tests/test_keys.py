@@ -20,8 +20,8 @@ from keys import (
     Keyring,
     KeyState,
     KeyStateError,
-    RevokedKey,
     PublicKey,
+    RevokedKey,
     SigningKey,
     TrustError,
     TrustStore,
@@ -693,9 +693,8 @@ def test_retiring_signing_key_cannot_revoke_its_successor_or_rotate_the_agreemen
         ),
     }
     for what, forged in forgeries.items():
-        problem = refusals_that_changed_or_escaped(
-            pair.unit.trust, lambda forged=forged: pair.unit.trust.apply_announcement(forged, now_ms=later)
-        )
+        attempt = functools.partial(pair.unit.trust.apply_announcement, forged, now_ms=later)
+        problem = refusals_that_changed_or_escaped(pair.unit.trust, attempt)
         assert problem is None, f"retiring key could {what}: {problem}"
     assert pair.unit.trust.agreement_key_for(AGENCY_ID, later).key_id == agreement.key_id
 
@@ -715,7 +714,9 @@ def test_retiring_signing_key_keeps_authority_during_a_staged_rotations_lead_tim
     )
     agreement = pair.unit.trust.agreement_key_for(AGENCY_ID, now)
     later = now + HOUR_MS
-    revoked = pair.unit.trust.apply_announcement(pair.agency.keys.revoke(agreement.key_id, now_ms=later, reason="compromised"), now_ms=later)
+    revoked = pair.unit.trust.apply_announcement(
+        pair.agency.keys.revoke(agreement.key_id, now_ms=later, reason="compromised"), now_ms=later
+    )
     assert revoked.state is KeyState.REVOKED
 
 
@@ -763,7 +764,9 @@ def test_reimported_bundle_never_brings_a_revoked_key_back(pair: Pair, sealed_fi
     letter = real_fingerprint(pair.agency.keys)
     leaked = pair.agency.keys.signing_key(enrolled_at)
     later = enrolled_at + HOUR_MS
-    pair.unit.trust.apply_announcement(pair.agency.keys.revoke(leaked.key_id, now_ms=later, reason="compromised"), now_ms=later)
+    pair.unit.trust.apply_announcement(
+        pair.agency.keys.revoke(leaked.key_id, now_ms=later, reason="compromised"), now_ms=later
+    )
     active_again = [
         KeyRecord(r.public, KeyState.ACTIVE, r.not_before_ms) if r.key_id == leaked.key_id else r
         for r in pair.agency.keys.records()
@@ -799,7 +802,9 @@ def test_reimported_bundle_keeps_what_the_store_knows_of_later_states_and_revoca
     successor = pair.unit.trust.agreement_key_for(AGENCY_ID, now)
     later = now + 2 * HOUR_MS
     pair.unit.trust.advance(later)
-    pair.unit.trust.apply_announcement(pair.agency.keys.revoke(successor.key_id, now_ms=later, reason="compromised"), now_ms=later)
+    pair.unit.trust.apply_announcement(
+        pair.agency.keys.revoke(successor.key_id, now_ms=later, reason="compromised"), now_ms=later
+    )
 
     pair.unit.trust.import_bundle(old_bundle, expected_fingerprint=letter)
     ring = pair.unit.trust.keyring(AGENCY_ID)

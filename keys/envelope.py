@@ -201,7 +201,8 @@ class _Outer:
 
 
 def _parse(data: bytes) -> tuple[_Outer, envelope_pb2.EnvelopeHeader]:
-    """Steps 1-3: size, outer structure, version and suite, canonical header with valid field sizes."""
+    """Steps 1-3 of docs/envelope.md section 10, in its order: size, outer structure and part sizes, version and
+    suite, canonical header with valid field sizes."""
     if len(data) > MAX_ENVELOPE_BYTES:
         raise MalformedEnvelope("envelope is over the size limit")
     try:
@@ -211,6 +212,10 @@ def _parse(data: bytes) -> tuple[_Outer, envelope_pb2.EnvelopeHeader]:
         raise MalformedEnvelope("envelope is not canonically encoded") from exc
     if not 0 < len(outer.header) <= MAX_HEADER_BYTES:
         raise MalformedEnvelope("header is missing or over the size limit")
+    if len(outer.signature) != prim.SIGNATURE_BYTES:
+        raise MalformedEnvelope("signature has the wrong length")
+    if not prim.AEAD_TAG_BYTES <= len(outer.ciphertext) <= MAX_PAYLOAD_BYTES + prim.AEAD_TAG_BYTES:
+        raise MalformedEnvelope("ciphertext is shorter than a tag or over the size limit")
     try:
         header = _canonical.parse(envelope_pb2.EnvelopeHeader, outer.header)
     except _canonical.NotCanonical as exc:
@@ -219,10 +224,6 @@ def _parse(data: bytes) -> tuple[_Outer, envelope_pb2.EnvelopeHeader]:
         raise UnsupportedEnvelope(f"format version {header.version} is not supported")
     if header.suite != SUITE:
         raise UnsupportedEnvelope(f"cipher suite {header.suite} is not supported")
-    if len(outer.signature) != prim.SIGNATURE_BYTES:
-        raise MalformedEnvelope("signature has the wrong length")
-    if not prim.AEAD_TAG_BYTES <= len(outer.ciphertext) <= MAX_PAYLOAD_BYTES + prim.AEAD_TAG_BYTES:
-        raise MalformedEnvelope("ciphertext is shorter than a tag or over the size limit")
     try:
         _canonical.require_canonical(header, outer.header)
     except _canonical.NotCanonical as exc:

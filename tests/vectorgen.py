@@ -485,6 +485,16 @@ def _negatives() -> list[Negative]:
         _mutate(base, lambda e: setattr(e, "signature", e.signature[:-1])),
     )
     add(
+        "malformed-short-signature-before-version",
+        MalformedEnvelope,
+        "Header version 2, and the signature's last byte removed (63 bytes): the part sizes (step 2c) are checked "
+        "before the version (step 3b), so this is malformed, not unsupported.",
+        _mutate(
+            _forge("malformed-short-signature-before-version", lambda h: setattr(h, "version", 2)),
+            lambda e: setattr(e, "signature", e.signature[:-1]),
+        ),
+    )
+    add(
         "malformed-header-explicit-default",
         MalformedEnvelope,
         "Header ends with an explicitly encoded empty correlation_id (6a 00); encrypted and signed correctly.",

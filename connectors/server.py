@@ -32,7 +32,7 @@ from connectors.store import ConnectorStore
 from connectors.synthetic import Population, SyntheticAdapter
 from keys import keystore
 from keys.envelope import Courier, Policy
-from keys.tls import party_from_auth_context
+from keys.tls import party_from_auth_context, read_private_key
 
 log = logging.getLogger("hedui.connector")
 
@@ -84,7 +84,7 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServiceServicer):
 def server_credentials(cert: Path, key: Path, ca: Path) -> grpc.ServerCredentials:
     """Mutual TLS: our certificate, and client certificates required to chain to ``ca``."""
     return grpc.ssl_server_credentials(
-        [(key.read_bytes(), cert.read_bytes())], root_certificates=ca.read_bytes(), require_client_auth=True
+        [(read_private_key(key), cert.read_bytes())], root_certificates=ca.read_bytes(), require_client_auth=True
     )
 
 
@@ -163,7 +163,7 @@ def build_connector(
 ) -> Connector:
     """Wire a Connector from its config: keystore, store, adapter, calendar, staff register (and its metrics)."""
     if courier is None:
-        passphrase = config.keys.passphrase_file.read_text(encoding="utf-8").rstrip("\r\n")
+        passphrase = keystore.read_passphrase_file(config.keys.passphrase_file)
         party, trust = keystore.load(config.keys.keystore, passphrase)
         if party.party_id != config.unit.party_id:
             raise ConfigError(f"keystore belongs to {party.party_id}, config says {config.unit.party_id}")

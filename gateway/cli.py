@@ -65,7 +65,7 @@ def _migrate(args: argparse.Namespace) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     config = GatewayConfig.load(Path(args.config))
-    passphrase = config.keys.passphrase_file.read_text(encoding="utf-8").rstrip("\r\n")
+    passphrase = keystore.read_passphrase_file(config.keys.passphrase_file)
     party, trust = keystore.load(config.keys.keystore, passphrase)
     missing = [u.party_id for u in config.units if trust.keyring(u.party_id) is None]
     if missing:

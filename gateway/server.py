@@ -36,6 +36,7 @@ from keys.clock import DAY_MS, Clock, SystemClock
 from keys.envelope import Courier
 from keys.identity import PartyKeys
 from keys.keyring import KeyRecord, KeyState
+from keys.tls import read_private_key
 from keys.truststore import TrustStore
 
 log = logging.getLogger("hedui.gateway")
@@ -83,7 +84,7 @@ class KeyWatch:
         with self.lock:
             now = self.clock.now_ms()
             if self.party.advance(now):
-                passphrase = self.config.keys.passphrase_file.read_text(encoding="utf-8").rstrip("\r\n")
+                passphrase = keystore.read_passphrase_file(self.config.keys.passphrase_file)
                 keystore.save(self.config.keys.keystore, self.party, self.trust, passphrase)
                 log.info("retired keys whose overlap ended; keystore saved")
             self.trust.advance(now)
@@ -120,7 +121,7 @@ class RunningGateway:
 def build(config: GatewayConfig) -> RunningGateway:
     """Wire and start everything the config describes."""
     tune_allocator()
-    passphrase = config.keys.passphrase_file.read_text(encoding="utf-8").rstrip("\r\n")
+    passphrase = keystore.read_passphrase_file(config.keys.passphrase_file)
     party, trust = keystore.load(config.keys.keystore, passphrase)
     if party.party_id != config.agency.party_id:
         raise ConfigError(f"keystore belongs to {party.party_id}, config says {config.agency.party_id}")
@@ -219,7 +220,7 @@ def _grpc_server(
         if not (section.tls_cert and section.tls_key and section.tls_ca):
             raise ConfigError("server.tls_cert, server.tls_key and server.tls_ca are required (or insecure_plaintext)")
         credentials = grpc.ssl_server_credentials(
-            [(section.tls_key.read_bytes(), section.tls_cert.read_bytes())],
+            [(read_private_key(section.tls_key), section.tls_cert.read_bytes())],
             root_certificates=section.tls_ca.read_bytes(),
             require_client_auth=True,
         )

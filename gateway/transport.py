@@ -13,6 +13,7 @@ import grpc
 from hedui.v1 import exchange_pb2, exchange_pb2_grpc
 
 from common.errors import HeduiError
+from keys.tls import read_private_key
 
 MAX_MESSAGE_BYTES = 33 * 1024 * 1024
 
@@ -63,7 +64,7 @@ class ClientTls:
 
     @classmethod
     def from_files(cls, cert: Path, key: Path, ca: Path) -> ClientTls:
-        return cls(cert.read_bytes(), key.read_bytes(), ca.read_bytes())
+        return cls(cert.read_bytes(), read_private_key(key), ca.read_bytes())
 
 
 class UnitClient:

@@ -74,11 +74,7 @@ class _Session:
     def passphrase(self, *, confirm: bool = False, what: str | None = None) -> str:
         """The passphrase from the file, the environment or a prompt naming ``what`` (default: the keystore)."""
         if self.passphrase_file:
-            try:
-                text = Path(self.passphrase_file).read_text(encoding="utf-8")
-            except OSError as exc:
-                raise CliError(f"cannot read passphrase file {self.passphrase_file}: {exc.strerror}") from exc
-            return text.rstrip("\r\n")
+            return keystore.read_passphrase_file(Path(self.passphrase_file))
         env = os.environ.get("HEDUI_KEYS_PASSPHRASE")
         if env:
             return env
@@ -484,7 +480,7 @@ def _add_ca_commands(sub: _Commands[argparse.ArgumentParser]) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hedui-keys", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--keystore", help="keystore file (default: $HEDUI_KEYSTORE)")
-    parser.add_argument("--passphrase-file", help="read the passphrase from this file (first line)")
+    parser.add_argument("--passphrase-file", help="read the passphrase from this file (one line, mode 0600)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[_Session, argparse.Namespace], None]) -> argparse.ArgumentParser:

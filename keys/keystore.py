@@ -235,16 +235,59 @@ def write_private_file(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+#: A passphrase file holds one line; anything this long is not one.
+MAX_PASSPHRASE_FILE_BYTES = 4096
+
+
+def _private_file(path: Path) -> os.stat_result:
+    """stat() of a file that holds a secret; KeystoreError if group or others may read or write it."""
+    info = path.stat()
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise KeystoreError(
+            f"{path} is readable or writable by other users (mode {stat.S_IMODE(info.st_mode):o}); "
+            f"run chmod 600 {path} after checking who could have read it"
+        )
+    return info
+
+
+def read_secret_file(path: Path, *, what: str, limit: int) -> bytes:
+    """The bytes of a file holding a secret (a passphrase, a TLS private key), refused unless only its owner can
+    read and write it. KeystoreError names the file and ``what`` it should be, never its content."""
+    path = Path(path)
+    try:
+        if _private_file(path).st_size > limit:
+            raise KeystoreError(f"{path} is too large to be a {what}")
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise KeystoreError(f"no {what} at {path}") from exc
+    except OSError as exc:
+        raise KeystoreError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def read_passphrase_file(path: Path) -> str:
+    """The passphrase in ``path``: one line (a final line break is allowed), in a file only its owner can read.
+
+    Raises KeystoreError, naming the file but never its content, for a missing, unreadable, shared, empty or
+    multi-line file: a second line would otherwise silently become part of the passphrase, or be dropped.
+    """
+    raw = read_secret_file(path, what="passphrase file", limit=MAX_PASSPHRASE_FILE_BYTES)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise KeystoreError(f"passphrase file {path} is not UTF-8 text") from exc
+    passphrase = text.removesuffix("\n").removesuffix("\r")
+    if not passphrase:
+        raise KeystoreError(f"passphrase file {path} is empty")
+    if "\n" in passphrase or "\r" in passphrase:
+        raise KeystoreError(f"passphrase file {path} has more than one line; it must hold the passphrase alone")
+    return passphrase
+
+
 def load(path: Path, passphrase: str) -> tuple[PartyKeys, TrustStore]:
     """Read and decrypt a keystore. Raises KeystoreError (or WrongPassphraseOrCorrupt) and nothing else."""
     path = Path(path)
     try:
-        info = path.stat()
-        if stat.S_IMODE(info.st_mode) & 0o077:
-            raise KeystoreError(
-                f"{path} is readable or writable by other users (mode {stat.S_IMODE(info.st_mode):o}); "
-                f"run chmod 600 {path} after checking who could have read it"
-            )
+        info = _private_file(path)
         if info.st_size > MAX_KEYSTORE_BYTES:
             raise KeystoreError(f"{path} is too large to be a keystore")
         raw = path.read_bytes()

@@ -41,6 +41,7 @@ import datetime as dt
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -48,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keys.errors import KeysError, KeystoreError
-from keys.keystore import KdfParams, open_document, seal_document
+from keys.keystore import KdfParams, open_document, read_secret_file, seal_document
 from keys.party import check_party_id, is_party_id
 
 #: The subjectAltName URI that carries a party id: ``hedui://party/unit.220100.tax``.
@@ -67,6 +68,9 @@ _CURVE = ec.SECP256R1
 _HASH = hashes.SHA256
 _DNS_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _MAX_DNS_NAME_LENGTH = 253
+#: A PEM private key of a leaf certificate is a few hundred bytes.
+MAX_PRIVATE_KEY_FILE_BYTES = 64 * 1024
+
 _USAGE_NAMES = {ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth", ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth"}
 
 
@@ -424,3 +428,8 @@ def certificate_summary(pem: bytes, *, now: dt.datetime | None = None) -> str:
         f"SHA-256     {':'.join(digest[i : i + 2] for i in range(0, len(digest), 2))}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def read_private_key(path: Path) -> bytes:
+    """The PEM private key of a TLS certificate, refused (KeystoreError) unless only its owner can read it."""
+    return read_secret_file(path, what="TLS private key", limit=MAX_PRIVATE_KEY_FILE_BYTES)

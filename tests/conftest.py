@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hedui.v1 import media_pb2
@@ -45,6 +46,13 @@ class Pair:
     clock: FixedClock
     agency: Side
     unit: Side
+
+
+def write_passphrase(path: Path, passphrase: str) -> Path:
+    """A passphrase file as an operator makes it: one line, readable by its owner only (the programs refuse others)."""
+    path.write_text(passphrase + "\n", encoding="utf-8")
+    path.chmod(0o600)
+    return path
 
 
 def real_fingerprint(owner: PartyKeys) -> str:

@@ -63,6 +63,7 @@ class Pki:
         paths = (self.root / f"{party}.crt", self.root / f"{party}.key")
         paths[0].write_bytes(cert)
         paths[1].write_bytes(key)
+        paths[1].chmod(0o600)  # the programs refuse a private key others can read
         self.files[party] = paths
         return paths
 

@@ -15,6 +15,7 @@ from keys import keystore
 from keys.cli import main
 from keys.envelope import Courier
 from keys.replay import MemoryReplayCache
+from tests.conftest import write_passphrase
 
 PASSPHRASE = "correct horse battery staple"
 
@@ -26,7 +27,7 @@ class Party:
         self.dir.mkdir()
         self.keystore = self.dir / "keystore.json"
         self.passfile = self.dir / "passphrase"
-        self.passfile.write_text(PASSPHRASE + "\n")
+        write_passphrase(self.passfile, PASSPHRASE)
 
     def run(self, *args: str) -> int:
         return main(["--keystore", str(self.keystore), "--passphrase-file", str(self.passfile), *args])
@@ -166,7 +167,7 @@ def test_revocation_stops_the_peer_accepting_the_key(
 
 def test_wrong_passphrase_fails_cleanly(enrolled: tuple[Party, Party], capsys: pytest.CaptureFixture[str]) -> None:
     agency, _ = enrolled
-    agency.passfile.write_text("not the passphrase at all\n")
+    write_passphrase(agency.passfile, "not the passphrase at all")
     capsys.readouterr()
     assert agency.run("list") == 1
     err = capsys.readouterr().err
@@ -183,7 +184,7 @@ def test_init_refuses_existing_keystore_and_short_passphrase(
     assert party.run("init", party.party_id) == 1
     assert party.keystore.read_bytes() == before
     other = Party(tmp_path, "unit.220100.tax")
-    other.passfile.write_text("short\n")
+    write_passphrase(other.passfile, "short")
     assert other.run("init", other.party_id) == 1
     assert not other.keystore.exists()
     assert other.run("init", "Not A Party") == 1

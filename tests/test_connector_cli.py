@@ -25,6 +25,7 @@ from keys.envelope import Courier
 from keys.identity import PartyKeys
 from keys.replay import MemoryReplayCache
 from keys.truststore import TrustStore
+from tests.conftest import write_passphrase
 from tests.exchange_world import GATEWAY, UNIT, Pki, enrol
 
 PASSPHRASE = "connector test passphrase"
@@ -44,9 +45,7 @@ def _setup(tmp_path: Path, port: int) -> tuple[Path, Pki, Courier]:
     )
     enrol(gateway, unit, now)
     keystore.save(tmp_path / "keystore.json", unit[0], unit[1], PASSPHRASE, kdf=keystore.FAST_FOR_TESTS)
-    passfile = tmp_path / "passphrase"
-    passfile.write_text(PASSPHRASE + "\n")
-    passfile.chmod(0o600)
+    write_passphrase(tmp_path / "passphrase", PASSPHRASE)
     config = tmp_path / "connector.toml"
     config.write_text(
         f"""

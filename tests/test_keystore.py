@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from keys import Algorithm, KdfParams, KeyState, KeystoreError, TrustStore, WrongPassphraseOrCorrupt
 from keys.clock import DAY_MS, HOUR_MS
-from keys.keystore import FAST_FOR_TESTS, load, save
+from keys.keystore import FAST_FOR_TESTS, load, read_passphrase_file, save
 from tests.conftest import Pair, Side
 
 PASSPHRASE = "correct horse battery staple 核对"
@@ -438,3 +438,46 @@ def test_all_seasoned_states_survive(stored: Path) -> None:
     assert keys.secret(by_state[KeyState.REVOKED].key_id) is None
     assert keys.secret(by_state[KeyState.RETIRING].key_id) is not None
     assert by_state[KeyState.REVOKED].revoked_at_ms is not None
+
+
+# --- passphrase files ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [PASSPHRASE, PASSPHRASE + "\n", PASSPHRASE + "\r\n"], ids=["bare", "lf", "crlf"])
+def test_passphrase_file_gives_its_one_line(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "passphrase"
+    path.write_bytes(content.encode())
+    path.chmod(0o600)
+    assert read_passphrase_file(path) == PASSPHRASE
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "reason"),
+    [
+        (PASSPHRASE + "\n", 0o644, "readable or writable by other users"),
+        (PASSPHRASE + "\n", 0o620, "readable or writable by other users"),
+        (PASSPHRASE + "\nsecond line\n", 0o600, "more than one line"),
+        (PASSPHRASE + "\n\n", 0o600, "more than one line"),
+        ("\n", 0o600, "empty"),
+        ("", 0o400, "empty"),
+    ],
+)
+def test_passphrase_file_that_is_shared_empty_or_several_lines_is_refused_without_its_content(
+    tmp_path: Path, content: str, mode: int, reason: str
+) -> None:
+    path = tmp_path / "passphrase"
+    path.write_text(content, encoding="utf-8")
+    path.chmod(mode)
+    with pytest.raises(KeystoreError, match=reason) as caught:
+        read_passphrase_file(path)
+    assert "correct horse" not in str(caught.value) and "second line" not in str(caught.value)
+
+
+def test_missing_or_binary_passphrase_file_is_a_keystore_error(tmp_path: Path) -> None:
+    with pytest.raises(KeystoreError, match="no passphrase file"):
+        read_passphrase_file(tmp_path / "absent")
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe\x00")
+    binary.chmod(0o600)
+    with pytest.raises(KeystoreError, match="not UTF-8"):
+        read_passphrase_file(binary)

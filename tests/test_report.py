@@ -44,6 +44,7 @@ from keys.errors import TrustError
 from keys.identity import PartyKeys
 from keys.statements import read_signed_report
 from keys.truststore import TrustStore
+from tests.conftest import write_passphrase
 from tests.conftest_pg import postgres_schema
 from tests.exchange_world import GATEWAY, beijing_ms
 from tests.gateway_drive import BANK, LAND, TAX, bring_up, execute, rows, settle
@@ -544,8 +545,7 @@ def test_money_and_record_labels() -> None:
 
 def _keystore(root: Path, party_id: str) -> list[str]:
     root.mkdir()
-    passfile = root / "passphrase"
-    passfile.write_text(PASSPHRASE + "\n")
+    passfile = write_passphrase(root / "passphrase", PASSPHRASE)
     args = ["--keystore", str(root / "keystore.json"), "--passphrase-file", str(passfile)]
     assert keys_main([*args, "init", party_id]) == 0
     return args

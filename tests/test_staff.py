@@ -27,6 +27,7 @@ from gateway.staff import (
 from keys.cli import main as keys_main
 from keys.handles import SigningKey
 from keys.statements import staff_public_key
+from tests.conftest import write_passphrase
 from tests.test_audit import write_config
 
 DAY_MS = 86_400_000
@@ -303,8 +304,7 @@ class Keystore:
     def __init__(self, root: Path, party_id: str) -> None:
         self.party_id = party_id
         self.path = root / f"{party_id}.keystore.json"
-        self.passfile = root / f"{party_id}.passphrase"
-        self.passfile.write_text("correct horse battery staple\n", encoding="utf-8")
+        self.passfile = write_passphrase(root / f"{party_id}.passphrase", "correct horse battery staple")
         self.bundle = root / f"{party_id}.bundle"
         assert self.run("init", party_id) == 0
         assert self.run("export", "--out", str(self.bundle)) == 0

@@ -26,6 +26,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from keys.cli import main
+from keys.errors import KeystoreError
 from keys.keystore import FAST_FOR_TESTS, open_document
 from keys.tls import (
     PARTY_URI_PREFIX,
@@ -36,7 +37,9 @@ from keys.tls import (
     load_certificate,
     party_from_auth_context,
     party_from_certificate,
+    read_private_key,
 )
+from tests.conftest import write_passphrase
 
 PASSPHRASE = "correct horse battery staple"
 AGENCY = "agency.220100"
@@ -373,9 +376,7 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A passphrase file; no keystore anywhere (the ca commands must not need one)."""
     monkeypatch.delenv("HEDUI_KEYSTORE", raising=False)
     monkeypatch.delenv("HEDUI_KEYS_PASSPHRASE", raising=False)
-    passfile = tmp_path / "passphrase"
-    passfile.write_text(PASSPHRASE + "\n")
-    return passfile
+    return write_passphrase(tmp_path / "passphrase", PASSPHRASE)
 
 
 def _ca(passfile: Path, *args: str) -> int:
@@ -420,8 +421,7 @@ def test_cli_refuses_to_overwrite_a_ca(cli: Path, tmp_path: Path, capsys: pytest
 def test_cli_issue_failures_change_nothing(cli: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ca_dir, out = tmp_path / "ca", tmp_path / "out"
     assert _ca(cli, "init", "--dir", str(ca_dir)) == 0
-    wrong = tmp_path / "wrong"
-    wrong.write_text("not the passphrase\n")
+    wrong = write_passphrase(tmp_path / "wrong", "not the passphrase")
     issue = ["issue", "--dir", str(ca_dir), "--party", AGENCY, "--client", "--out-dir", str(out)]
     capsys.readouterr()
     assert _ca(wrong, *issue) == 1
@@ -452,3 +452,17 @@ def test_cli_show_refuses_a_non_certificate(cli: Path, tmp_path: Path, capsys: p
     junk.write_bytes(b"hello")
     assert main(["ca", "show", str(junk)]) == 1
     assert "not an X.509 certificate" in capsys.readouterr().err
+
+
+def test_tls_private_key_file_others_can_read_is_refused_before_use(pki: Pki, tmp_path: Path) -> None:
+    _, key = issue_certificate(pki.ca, pki.ca_key, AGENCY, client=True, server=False, ca_key_passphrase=PASSPHRASE)
+    path = tmp_path / "agency.key"
+    path.write_bytes(key)
+    path.chmod(0o600)
+    assert read_private_key(path) == key
+    path.chmod(0o640)
+    with pytest.raises(KeystoreError, match="chmod 600") as caught:
+        read_private_key(path)
+    assert "PRIVATE KEY" not in str(caught.value)
+    with pytest.raises(KeystoreError, match="no TLS private key"):
+        read_private_key(tmp_path / "absent.key")

@@ -50,7 +50,9 @@ class UnitSection:
 class ServerSection:
     listen: str = doc("host:port of the gRPC exchange server.", default="127.0.0.1:50061")
     tls_cert: Path | None = doc("PEM server certificate (issued by 'hedui-keys ca issue --server').", default=None)
-    tls_key: Path | None = doc("PEM private key of the server certificate; refused unless mode 0600 (owner only).", default=None)
+    tls_key: Path | None = doc(
+        "PEM private key of the server certificate; refused unless mode 0600 (owner only).", default=None
+    )
     tls_ca: Path | None = doc("PEM CA certificate that client (gateway) certificates must chain to.", default=None)
     insecure_plaintext: bool = doc(
         "Serve without TLS. Only for a loopback-only test setup; refused unless listen is on 127.0.0.1.",
@@ -62,7 +64,9 @@ class ServerSection:
 @dataclass(frozen=True)
 class KeysSection:
     keystore: Path = doc("Keystore file made by 'hedui-keys init' (holds our keys and trusted gateways).")
-    passphrase_file: Path = doc("File holding the keystore passphrase on one line; refused unless mode 0600 (owner only).")
+    passphrase_file: Path = doc(
+        "File holding the keystore passphrase on one line; refused unless mode 0600 (owner only)."
+    )
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,9 @@ class AgencySection:
 class ServerSection:
     listen: str = doc("host:port of the gateway's gRPC API.", default="127.0.0.1:50051")
     tls_cert: Path | None = doc("PEM server certificate for the API (mutual TLS).", default=None)
-    tls_key: Path | None = doc("PEM private key of the server certificate; refused unless mode 0600 (owner only).", default=None)
+    tls_key: Path | None = doc(
+        "PEM private key of the server certificate; refused unless mode 0600 (owner only).", default=None
+    )
     tls_ca: Path | None = doc("PEM CA that client certificates (agency back offices) must chain to.", default=None)
     insecure_plaintext: bool = doc("Serve the API without TLS; refused unless listen is on loopback.", default=False)
     max_workers: int = doc("gRPC worker threads.", default=8)
@@ -44,7 +46,9 @@ class ServerSection:
 @dataclass(frozen=True)
 class ClientTlsSection:
     cert: Path | None = doc("PEM client certificate the gateway presents to connectors.", default=None)
-    key: Path | None = doc("PEM private key of the client certificate; refused unless mode 0600 (owner only).", default=None)
+    key: Path | None = doc(
+        "PEM private key of the client certificate; refused unless mode 0600 (owner only).", default=None
+    )
     ca: Path | None = doc("PEM CA that connectors' server certificates must chain to.", default=None)
     insecure_plaintext: bool = doc("Talk to connectors without TLS (loopback test setups only).", default=False)
 
@@ -52,7 +56,9 @@ class ClientTlsSection:
 @dataclass(frozen=True)
 class KeysSection:
     keystore: Path = doc("Keystore file made by 'hedui-keys init' (our keys, the units' keys).")
-    passphrase_file: Path = doc("File holding the keystore passphrase on one line; refused unless mode 0600 (owner only).")
+    passphrase_file: Path = doc(
+        "File holding the keystore passphrase on one line; refused unless mode 0600 (owner only)."
+    )
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from common.workdays import CHINA_TZ, CalendarError, WorkdayCalendar
 from gateway.store import BatchWork, GatewayStore, UnitRow
 from gateway.transport import TransportFailure, UnitClient, UnitRefusal
 from keys.clock import from_ms
-from keys.envelope import Courier, Opened
+from keys.envelope import Courier, Opened, message_id_of
 from keys.errors import EnvelopeError
 
 if TYPE_CHECKING:
@@ -110,8 +110,16 @@ class ExchangeEngine:
     def _today(self) -> date:
         return from_ms(self._now()).astimezone(CHINA_TZ).date()
 
-    def _open(self, data: bytes, expect: Mapping[str, type[Message]]) -> Opened:
-        return self.courier.open(data, expect=expect)
+    def _open(self, reply: bytes, expect: Mapping[str, type[Message]], *, unit_id: str, request: bytes) -> Opened:
+        """Open a unit's reply to ``request``: it must come from that unit and answer that very envelope.
+
+        TLS already ties the connection to the unit, but the envelope is what is archived and must prove it by
+        itself (docs/envelope.md): the sender is the unit we called, the correlation id our request's message id.
+        """
+        opened = self.courier.open(reply, expect=expect)
+        if opened.header.sender != unit_id or opened.header.correlation_id != message_id_of(request):
+            raise AnswerMismatch("reply is not from the unit called, or does not answer the request sent")
+        return opened
 
     def _backoff_ms(self, failures: int) -> int:
         delay = min(self.settings.max_backoff_ms, self.settings.base_backoff_ms * 2 ** max(0, failures - 1))
@@ -206,7 +214,7 @@ class ExchangeEngine:
             )
             return
         try:
-            opened = self._open(reply, _RECEIPT)
+            opened = self._open(reply, _RECEIPT, unit_id=batch.unit_id, request=envelope)
             receipt = opened.message
             assert isinstance(receipt, exchange_pb2.BatchReceipt)
             if receipt.batch_id != batch.batch_id or receipt.batch_digest != batch.digest:
@@ -255,19 +263,23 @@ class ExchangeEngine:
             )
             if not work:
                 return answered, stored
-            request = exchange_pb2.FetchAnswers(batch_ids=[b.batch_id for b in work])
+            request = self.courier.seal(
+                exchange_pb2.FetchAnswers(batch_ids=[b.batch_id for b in work]),
+                unit_id,
+                ttl_ms=self.settings.envelope_ttl_ms,
+            )
             try:
-                reply = client.fetch(self.courier.seal(request, unit_id, ttl_ms=self.settings.envelope_ttl_ms))
+                reply = client.fetch(request)
             except (TransportFailure, UnitRefusal):
                 for batch in work:
                     self.store.release(batch.batch_id, self.settings.replica)
                 raise
             try:
-                opened = self._open(reply, _ANSWERS)
-            except EnvelopeError:
+                opened = self._open(reply, _ANSWERS, unit_id=unit_id, request=request)
+            except (EnvelopeError, AnswerMismatch) as exc:
                 for batch in work:
                     self.store.still_pending_later(batch.batch_id, self._now() + self.settings.poll_interval_ms)
-                log.error("answer set rejected", extra={"unit": unit_id})
+                log.error("answer set rejected", extra={"unit": unit_id, "reason": type(exc).__name__})
                 return answered, stored
             self.store.archive(
                 opened.header.message_id, opened.header.sender, opened.header.message_type, reply, self._now()
@@ -356,12 +368,14 @@ class ExchangeEngine:
             ids = self.store.unacknowledged(unit_id, min(MAX_IDS_PER_CALL, self.settings.fetch_group * 5))
             if not ids:
                 return done
-            request = exchange_pb2.AcknowledgeAnswers(batch_ids=ids)
-            reply = client.acknowledge(self.courier.seal(request, unit_id, ttl_ms=self.settings.envelope_ttl_ms))
+            request = self.courier.seal(
+                exchange_pb2.AcknowledgeAnswers(batch_ids=ids), unit_id, ttl_ms=self.settings.envelope_ttl_ms
+            )
+            reply = client.acknowledge(request)
             try:
-                opened = self._open(reply, _ACK)
-            except EnvelopeError:
-                log.error("acknowledgement receipt rejected", extra={"unit": unit_id})
+                opened = self._open(reply, _ACK, unit_id=unit_id, request=request)
+            except (EnvelopeError, AnswerMismatch) as exc:
+                log.error("acknowledgement receipt rejected", extra={"unit": unit_id, "reason": type(exc).__name__})
                 return done
             assert isinstance(opened.message, exchange_pb2.AcknowledgeReceipt)
             confirmed = [i for i in opened.message.batch_ids if i in set(ids)]

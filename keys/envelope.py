@@ -247,6 +247,12 @@ def _parse(data: bytes) -> tuple[_Outer, envelope_pb2.EnvelopeHeader]:
     return outer, header
 
 
+def message_id_of(data: bytes) -> bytes:
+    """The message id of a well-formed envelope, unauthenticated: for one we sealed ourselves, to match replies
+    (their correlation id) against it. Raises MalformedEnvelope or UnsupportedEnvelope."""
+    return _parse(data)[1].message_id
+
+
 def _sender_key(trust: TrustStore, header: envelope_pb2.EnvelopeHeader) -> KeyRecord:
     record = trust.signing_record(header.sender, header.sender_key_id)
     if record is None:

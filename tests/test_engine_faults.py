@@ -3,16 +3,20 @@ a unit back after a day, a gateway restart, and a unit that refuses a batch for 
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Callable
 from concurrent.futures import wait
 from contextlib import ExitStack
 from pathlib import Path
 
+import pytest
+from hedui.v1 import exchange_pb2
 from sqlalchemy import func, select
 
 from gateway import schema
-from gateway.transport import UnitClient
+from gateway.transport import ClientTls, UnitClient
+from keys.envelope import message_id_of
 from tests.exchange_world import beijing_ms
 from tests.gateway_drive import (
     BANK,
@@ -260,3 +264,58 @@ def test_a_refused_batch_fails_visibly_and_alone(tmp_path: Path, database_url: s
                 (b.batch_id, "staff_not_registered") for b in failed if b.unit_id == unit_id
             }
         assert world.store.answer_count() == sum(b.subject_count for b in batch_rows(world, good))
+
+
+class ForeignReplies(UnitClient):
+    """A misrouting relay in front of a unit: submits pass, but every fetch is answered with a genuine, correctly
+    signed answer set of ``source``'s to a request the relay sealed itself, not to the gateway's own request."""
+
+    def __init__(self, endpoint: str, tls: ClientTls, *, source: UnitClient, seal: Callable[[], bytes]) -> None:
+        super().__init__(endpoint, tls, timeout_seconds=5)
+        self.source, self.seal = source, seal
+        self.replies: list[bytes] = []
+
+    def fetch(self, envelope: bytes) -> bytes:
+        reply = self.source.fetch(self.seal())
+        self.replies.append(reply)
+        return reply
+
+
+@pytest.mark.parametrize("source", ["another unit", "the same unit"])
+def test_a_reply_to_another_request_is_not_believed(
+    tmp_path: Path, database_url: str | None, caplog: pytest.LogCaptureFixture, source: str
+) -> None:
+    """The envelope must prove by itself what it answers (TLS is not trusted for that, docs/envelope.md): an answer
+    set from another unit, or from the bank but to another request, is refused, not archived, and the bank's
+    batches are simply fetched again once the relay is gone."""
+    with gateway_world(tmp_path, now_ms=MONDAY, database_url=database_url) as world, ExitStack() as stack:
+        enqueue(world, "WT-RELAY", households=20)
+        courier, tls = world.engine.courier, gateway_tls(world)
+        signer = TAX if source == "another unit" else BANK
+
+        def batch_ids(unit_id: str) -> list[str]:
+            return [b.batch_id for b in batch_rows(world) if b.unit_id == unit_id][:100]
+
+        endpoint = f"localhost:{world.connectors[BANK].port}"
+        relay = ForeignReplies(
+            endpoint,
+            tls,
+            source=UnitClient(f"localhost:{world.connectors[signer].port}", tls, timeout_seconds=5),
+            seal=lambda: courier.seal(exchange_pb2.FetchAnswers(batch_ids=batch_ids(signer)), signer),
+        )
+        stack.callback(relay.source.close)
+        replace_client(world, BANK, relay, stack)
+        with caplog.at_level(logging.ERROR, logger="hedui"):
+            settle(world)
+        assert relay.replies
+        rejected = [r for r in caplog.records if r.getMessage() == "answer set rejected"]
+        assert rejected and {(r.__dict__["unit"], r.__dict__["reason"]) for r in rejected} == {(BANK, "AnswerMismatch")}
+        archived = {bytes(r.message_id) for r in rows(world, select(schema.archive.c.message_id))}
+        assert not archived & {message_id_of(reply) for reply in relay.replies}
+        assert {b.state for b in batch_rows(world) if b.unit_id == BANK} == {"receipted"}
+
+        replace_client(world, BANK, UnitClient(endpoint, tls, timeout_seconds=5), stack)
+        world.clock.advance(3_600_000)
+        settle(world)
+        assert {b.state for b in batch_rows(world)} == {"acknowledged"}
+        assert_exactly_one_answer_per_item(world)

@@ -36,7 +36,7 @@ from gateway.store import GatewayStore
 from keys import keystore
 from keys.announcements import MAX_BUNDLE_BYTES, dearmor, read_bundle
 from keys.clock import SystemClock
-from keys.fingerprint import Algorithm, fingerprints_equal
+from keys.fingerprint import Algorithm
 from keys.keyring import Keyring
 
 #: Dates on the command line are Beijing time (UTC+8, no daylight saving): where the agencies are.
@@ -135,11 +135,8 @@ def _staff_key(args: argparse.Namespace, now_ms: int) -> bytes:
     record = Keyring(bundle.keys).current(Algorithm.ED25519, now_ms)
     if record is None:
         raise StaffError(f"the bundle of {bundle.party_id} has no signing key valid now")
-    if args.fingerprint and not fingerprints_equal(args.fingerprint, bundle.fingerprint):
-        raise StaffError(
-            f"the bundle of {bundle.party_id} does not match --fingerprint: it is not the key the staff member "
-            "read out; nothing was registered"
-        )
+    if args.fingerprint:
+        bundle.require_fingerprint(args.fingerprint)
     print(f"key of {bundle.party_id}")
     print(f"  bundle fingerprint:      {bundle.fingerprint}")
     print(f"  signing key fingerprint: {record.public.fingerprint}")

@@ -20,7 +20,7 @@ from hedui.v1 import keys_pb2
 
 from keys import _canonical
 from keys.errors import TrustError
-from keys.fingerprint import bundle_fingerprint
+from keys.fingerprint import bundle_fingerprint, fingerprints_equal, normalize_fingerprint
 from keys.handles import SigningKey
 from keys.keyring import KeyRecord
 from keys.party import is_party_id
@@ -45,6 +45,23 @@ class Bundle:
     @property
     def fingerprint(self) -> str:
         return bundle_fingerprint(self.party_id, [(k.algorithm, k.public.raw) for k in self.keys])
+
+    def require_fingerprint(self, expected: str) -> None:
+        """TrustError unless ``expected`` (as typed, from the key letter or the phone) is this bundle's fingerprint.
+
+        The message repeats what was typed, so that a typing slip can be seen, but never the bundle's own
+        fingerprint: an operator in a hurry would copy it back, and the check would prove nothing.
+        """
+        try:
+            typed = normalize_fingerprint(expected)
+        except ValueError as exc:
+            raise TrustError(str(exc)) from exc
+        if not fingerprints_equal(self.fingerprint, typed):
+            raise TrustError(
+                f"fingerprint mismatch for party {self.party_id}: the bundle's fingerprint is not {typed}. Nothing "
+                "was done. Read the fingerprint again from the key letter, or by phone with its owner; do not "
+                "take it from the bundle file, which may not be theirs."
+            )
 
 
 def sign_bundle(party_id: str, records: list[KeyRecord], signer: SigningKey, now_ms: int) -> bytes:

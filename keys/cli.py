@@ -25,8 +25,8 @@ from keys import keystore, tls
 from keys.announcements import ANNOUNCEMENT_LABEL, armor, dearmor, read_bundle
 from keys.clock import DAY_MS, SystemClock, from_ms, iso
 from keys.envelope import Courier
-from keys.errors import EnvelopeError, KeysError, TrustError
-from keys.fingerprint import Algorithm, fingerprints_equal, normalize_fingerprint
+from keys.errors import EnvelopeError, KeysError
+from keys.fingerprint import Algorithm
 from keys.identity import PartyKeys
 from keys.keyring import KeyRecord, Keyring
 from keys.party import check_party_id
@@ -338,11 +338,7 @@ def cmd_verify_report(session: _Session, args: argparse.Namespace) -> None:
         if not args.fingerprint:
             raise CliError("--bundle needs --fingerprint: the fingerprint from the agency's key letter")
         bundle = read_bundle(dearmor(_read(args.bundle).decode("utf-8", "replace")))
-        if not fingerprints_equal(bundle.fingerprint, normalize_fingerprint(args.fingerprint)):
-            raise TrustError(
-                f"fingerprint mismatch for party {bundle.party_id}: the bundle has {bundle.fingerprint}, you "
-                "expected another. Confirm the fingerprint with the agency by phone or key letter."
-            )
+        bundle.require_fingerprint(args.fingerprint)
         party_id, keyring = bundle.party_id, Keyring(bundle.keys)
     elif args.fingerprint:
         raise CliError("--fingerprint goes with --bundle; without them the keystore's trust store is used")

@@ -13,7 +13,7 @@ from hedui.v1 import keys_pb2
 
 from keys.announcements import ANNOUNCEMENT_DOMAIN, Announcement, Bundle, read_announcement, read_bundle
 from keys.errors import KeyStateError, TrustError
-from keys.fingerprint import Algorithm, fingerprints_equal, normalize_fingerprint
+from keys.fingerprint import Algorithm
 from keys.identity import MAX_LEAD_MS, MAX_OVERLAP_MS
 from keys.keyring import KeyRecord, Keyring, KeyState
 
@@ -70,17 +70,8 @@ class TrustStore:
         store has seen further along (retiring, retired) keeps the store's record. Raises TrustError (and changes
         nothing) on any mismatch.
         """
-        try:
-            expected = normalize_fingerprint(expected_fingerprint)
-        except ValueError as exc:
-            raise TrustError(str(exc)) from exc
         bundle = read_bundle(data)
-        if not fingerprints_equal(bundle.fingerprint, expected):
-            raise TrustError(
-                f"fingerprint mismatch for party {bundle.party_id}: the bundle has {bundle.fingerprint}, "
-                f"you expected {expected}. Nothing was imported; confirm the fingerprint with the other side "
-                "by phone or key letter."
-            )
+        bundle.require_fingerprint(expected_fingerprint)
         if bundle.party_id == own_party_id:
             raise TrustError("this bundle is our own party's; a party does not import itself")
         self._peers[bundle.party_id] = _merged(self._peers.get(bundle.party_id), bundle.keys)

@@ -12,6 +12,7 @@ import pytest
 from hedui.v1 import media_pb2
 
 from keys import keystore
+from keys.announcements import dearmor, read_bundle
 from keys.cli import main
 from keys.envelope import Courier
 from keys.replay import MemoryReplayCache
@@ -78,7 +79,9 @@ def test_import_with_wrong_fingerprint_is_refused_and_changes_nothing(
     capsys.readouterr()
     assert agency.run("import", str(bundle), "--fingerprint", "12345 " * 8) == 1
     err = capsys.readouterr().err
-    assert "fingerprint mismatch" in err and "Nothing was imported" in err
+    assert "fingerprint mismatch" in err and "Nothing was done" in err
+    assert "12345 12345 12345" in err  # what was typed, to spot a slip ...
+    assert read_bundle(dearmor(bundle.read_text())).fingerprint not in err  # ... but never the bundle's own
     assert agency.keystore.read_bytes() == before
     assert agency.run("import", str(bundle), "--fingerprint", "123") == 1
     assert "40 digits" in capsys.readouterr().err

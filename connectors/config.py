@@ -82,6 +82,10 @@ class AdapterSection:
         "sql: data category -> parameterised SELECT using :id_numbers (and :income_from, :income_to, :as_of).",
         default_factory=dict,
     )
+    statement_timeout_seconds: int = doc(
+        "sql: longest a query may run on the unit's database before it is cancelled (sessions are also read-only).",
+        default=30,
+    )
     directory: Path | None = doc("csv: folder holding the exported files.", default=None)
     files: dict[str, str] = doc("csv: data category -> file name in directory.", default_factory=dict)
     seed: int = doc("synthetic: seed of the synthetic population (tests, demo, benchmarks).", default=1)
@@ -89,6 +93,8 @@ class AdapterSection:
     def __post_init__(self) -> None:
         if self.kind not in {"sql", "csv", "synthetic"}:
             raise ValueError("adapter.kind must be sql, csv or synthetic")
+        if not 1 <= self.statement_timeout_seconds <= 3600:
+            raise ValueError("adapter.statement_timeout_seconds must be between 1 and 3600")
         for name in (*self.queries, *self.files):
             data_category_by_name(name)
 

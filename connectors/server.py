@@ -149,7 +149,7 @@ def build_adapter(config: ConnectorConfig) -> Adapter:
     section = config.adapter
     if section.kind == "sql":
         queries = {data_category_by_name(k): v for k, v in section.queries.items()}
-        return SqlAdapter(section.url, queries)
+        return SqlAdapter(section.url, queries, statement_timeout_seconds=section.statement_timeout_seconds)
     if section.kind == "csv":
         if section.directory is None:
             raise ConfigError("adapter.directory is required for the csv adapter")

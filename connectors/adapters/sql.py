@@ -11,7 +11,14 @@ reported for). For example, for deposits::
 
 Values only ever travel as bound parameters, never as SQL text. Every query is run once at construction with an
 empty ID list, so a query that does not parse, misses a column or names an unknown one fails at startup, not at the
-first batch. A read-only database account is recommended; the adapter never commits.
+first batch.
+
+The adapter protects the unit's database as far as the dialect allows, on every connection it opens: the session is
+read-only (PostgreSQL ``default_transaction_read_only``, MySQL/MariaDB ``SESSION TRANSACTION READ ONLY``, SQLite
+``PRAGMA query_only``), so a query that would change data fails instead of running; statements are cut off after
+``statement_timeout_seconds`` (PostgreSQL ``statement_timeout``, MySQL ``max_execution_time``, MariaDB
+``max_statement_time``); and PostgreSQL sees the connections as ``application_name = hedui-connector``. It never
+commits. A read-only database account remains the first line: these settings are the second.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from datetime import date
 from typing import Any
 
-from sqlalchemy import Date, Engine, String, TextClause, bindparam, create_engine, text
+from sqlalchemy import Date, Engine, String, TextClause, bindparam, create_engine, event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.types import TypeEngine
@@ -45,6 +52,48 @@ _CHECK_PARAMETERS = {
     "as_of": date(2000, 1, 1),
 }
 _MAX_REASON = 300
+#: How long one statement may run on the unit's database before it is cancelled.
+DEFAULT_STATEMENT_TIMEOUT_SECONDS = 30
+#: How the connector's sessions are named where the database shows them (pg_stat_activity).
+APPLICATION_NAME = "hedui-connector"
+
+
+def _session_settings(dialect: str, timeout_seconds: int) -> list[str]:
+    """Statements that make a new session read-only and bound its statements' time, for ``dialect``."""
+    if dialect == "postgresql":
+        return [
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+            f"SET statement_timeout = {int(timeout_seconds) * 1000}",
+        ]
+    if dialect == "mysql":
+        return ["SET SESSION TRANSACTION READ ONLY", f"SET SESSION max_execution_time = {int(timeout_seconds) * 1000}"]
+    if dialect == "mariadb":
+        return ["SET SESSION TRANSACTION READ ONLY", f"SET SESSION max_statement_time = {int(timeout_seconds)}"]
+    if dialect == "sqlite":
+        return ["PRAGMA query_only = ON"]
+    return []
+
+
+def _guard(engine: Engine, timeout_seconds: int) -> None:
+    """Apply :func:`_session_settings` to every connection the engine opens, before any query runs on it."""
+    settings = _session_settings(engine.dialect.name, timeout_seconds)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            for statement in settings:
+                cursor.execute(statement)
+        finally:
+            cursor.close()
+        if engine.dialect.name != "sqlite":
+            dbapi_connection.commit()  # the settings are session-wide; end the transaction some drivers opened
+
+
+def _connect_args(url: str) -> dict[str, Any]:
+    if url.startswith(("postgresql", "postgres")):
+        return {"application_name": APPLICATION_NAME}
+    return {}
 
 
 def _statement(category: int, sql: str) -> TextClause:
@@ -80,17 +129,26 @@ def _config_reason(exc: SQLAlchemyError) -> str:
 class SqlAdapter:
     """Findings from a SQL database through SQLAlchemy (SQLite, PostgreSQL, or any dialect with its driver)."""
 
-    def __init__(self, url: str, queries: Mapping[int, str], *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    def __init__(
+        self,
+        url: str,
+        queries: Mapping[int, str],
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        statement_timeout_seconds: int = DEFAULT_STATEMENT_TIMEOUT_SECONDS,
+    ) -> None:
         """``queries`` maps data categories to their SELECT. Raises AdapterError when the URL cannot be used, the
         database cannot be reached, or a query fails the startup check."""
         if chunk_size < 1:
             raise ValueError("chunk_size must be positive")
+        if statement_timeout_seconds < 1:
+            raise ValueError("statement_timeout_seconds must be positive")
         if not queries:
             raise AdapterError("the sql adapter needs at least one query")
         self._chunk_size = chunk_size
         self._statements = {category: _statement(category, sql) for category, sql in queries.items()}
         try:
-            self._engine: Engine = create_engine(url, pool_pre_ping=True)
+            self._engine: Engine = create_engine(url, pool_pre_ping=True, connect_args=_connect_args(url))
         except ImportError as exc:
             raise AdapterError(
                 f"the database driver is not installed ({exc.name}); install it in this environment"
@@ -98,6 +156,7 @@ class SqlAdapter:
         except SQLAlchemyError as exc:
             # The message of a bad URL repeats the URL, password included: say only what kind of error it is.
             raise AdapterError(f"the database URL cannot be used ({type(exc).__name__})") from None
+        _guard(self._engine, statement_timeout_seconds)
         try:
             self._check_queries()
         except BaseException:
@@ -109,13 +168,17 @@ class SqlAdapter:
         """The data categories this adapter has a query for."""
         return tuple(self._statements)
 
-    def _check_queries(self) -> None:
+    def _connect(self) -> Connection:
+        """A connection, or AdapterError with the database's own reason: nothing is bound yet, so it holds
+        configuration facts (a refused login, an unreachable host), not personal data."""
         try:
-            connection = self._engine.connect()
+            return self._engine.connect()
         except SQLAlchemyError as exc:
             backend = self._engine.dialect.name
             raise AdapterError(f"cannot connect to the unit's {backend} database: {_config_reason(exc)}") from None
-        with connection:
+
+    def _check_queries(self) -> None:
+        with self._connect() as connection:
             for category, statement in self._statements.items():
                 self._check_query(connection, category, statement)
 
@@ -154,8 +217,9 @@ class SqlAdapter:
             raise AdapterError("the income period is not a valid pair of months") from None
         found: dict[str, list[Finding]] = {}
         category = context.categories[0]
+        connection = self._connect()
         try:
-            with self._engine.connect() as connection:
+            with connection:
                 for category in context.categories:
                     for start in range(0, len(wanted), self._chunk_size):
                         parameters["id_numbers"] = wanted[start : start + self._chunk_size]

@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hedui.connector")
 
+#: First pause before an unanswerable batch is tried again, and the longest pause.
+ANSWER_RETRY_BASE_MS = 5_000
+ANSWER_RETRY_MAX_MS = 5 * 60_000
+
 _BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 MAX_REF_LENGTH = 64
 MAX_NAME_LENGTH = 64
@@ -79,6 +83,9 @@ class Connector:
         self.max_subjects = max_subjects
         self.envelope_ttl_ms = envelope_ttl_ms
         self.metrics = metrics
+        #: Batches whose answering failed: batch id -> (consecutive failures, earliest next try). In memory only:
+        #: a restart tries everything at once, which is what an operator who just fixed the database wants.
+        self._retry: dict[str, tuple[int, int]] = {}
 
     @property
     def party_id(self) -> str:
@@ -273,19 +280,37 @@ class Connector:
 
     def answer_pending(self, limit: int = 16) -> int:
         """Answer up to ``limit`` pending batches; returns how many were answered. Adapter failures leave a batch
-        pending (and issue the clause-12 delay notice when its due date arrives)."""
+        pending, tried again after a growing pause (ANSWER_RETRY_BASE_MS doubling up to ANSWER_RETRY_MAX_MS, so a
+        database that is down is not hammered), and issue the clause-12 delay notice when its due date arrives."""
         answered = 0
-        for stored, content in self.store.pending(limit):
+        now = self._now()
+        waiting = {batch_id for batch_id, (_, next_ms) in self._retry.items() if next_ms > now}
+        for stored, content in self.store.pending(limit, exclude=waiting):
             batch = exchange_pb2.QueryBatch.FromString(content)
             try:
                 answer = self._answer(batch, stored)
             except AdapterError as exc:
                 self.store.count_attempt(stored.batch_id)
+                failures = self._retry.get(stored.batch_id, (0, 0))[0] + 1
+                pause = min(ANSWER_RETRY_MAX_MS, ANSWER_RETRY_BASE_MS * 2 ** (failures - 1))
+                self._retry[stored.batch_id] = (failures, self._now() + pause)
+                # AdapterError messages never carry personal data (connectors/adapters/base.py): the DBA gets the
+                # reason (a refused login, a column that does not fit) without a debugger.
                 log.error(
-                    "adapter failed; batch stays pending", extra={"batch_id": stored.batch_id, "reason": exc.code}
+                    "adapter failed; batch stays pending",
+                    extra={
+                        "batch_id": stored.batch_id,
+                        "reason": exc.code,
+                        "detail": str(exc),
+                        "failures": failures,
+                        "retry_in_s": pause // 1000,
+                    },
                 )
+                if self.metrics is not None:
+                    self.metrics.adapter_failures.inc()
                 self._delay_if_due(stored)
                 continue
+            self._retry.pop(stored.batch_id, None)
             if self.store.store_answer(stored.batch_id, answer.SerializeToString(deterministic=True), self._now()):
                 answered += 1
                 if self.metrics is not None:

@@ -65,6 +65,13 @@ class ConnectorMetrics:
             registry=registry,
         )
 
+        self.adapter_failures = Counter(
+            "hedui_connector_adapter_failures_total",
+            "Attempts to answer a batch from the unit's data that failed (database down, a query that no longer fits "
+            "its schema); the batch stays pending and is tried again after a growing pause.",
+            registry=registry,
+        )
+
     def watch_store(self, engine: Engine) -> None:
         """Export the number of batches waiting for an answer, read from the store at scrape time."""
         self.registry.register(_PendingCollector(engine))

@@ -14,7 +14,7 @@ delay notice) rewrote megabytes. Written once and deleted once in their own tabl
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date
 
@@ -180,16 +180,19 @@ class ConnectorStore:
                 )
             )
 
-    def pending(self, limit: int) -> list[tuple[StoredBatch, bytes]]:
-        """Oldest pending batches with their content."""
+    def pending(self, limit: int, *, exclude: Collection[str] = ()) -> list[tuple[StoredBatch, bytes]]:
+        """Oldest pending batches with their content, leaving out the batch ids in ``exclude``."""
+        query = (
+            select(*_SUMMARY, batch_contents.c.content)
+            .join_from(batches, batch_contents, batch_contents.c.batch_id == batches.c.batch_id)
+            .where(batches.c.state == "pending")
+            .order_by(batches.c.received_at_ms)
+            .limit(limit)
+        )
+        if exclude:
+            query = query.where(batches.c.batch_id.not_in(list(exclude)))
         with reading(self.engine) as conn:
-            rows = conn.execute(
-                select(*_SUMMARY, batch_contents.c.content)
-                .join_from(batches, batch_contents, batch_contents.c.batch_id == batches.c.batch_id)
-                .where(batches.c.state == "pending")
-                .order_by(batches.c.received_at_ms)
-                .limit(limit)
-            ).all()
+            rows = conn.execute(query).all()
         return [(StoredBatch(**{k: v for k, v in r._mapping.items() if k != "content"}), r.content) for r in rows]
 
     def store_answer(self, batch_id: str, answer: bytes, at_ms: int) -> bool:

@@ -12,7 +12,8 @@ import grpc
 import pytest
 from hedui.v1 import exchange_pb2, exchange_pb2_grpc, records_pb2
 
-from connectors.adapters.base import Finding, LookupContext
+from connectors.adapters.base import AdapterError, Finding, LookupContext
+from connectors.connector import ANSWER_RETRY_BASE_MS
 from connectors.errors import DelayRefused
 from connectors.synthetic import Population, SyntheticAdapter
 from keys.announcements import read_bundle
@@ -84,6 +85,48 @@ class CountingAdapter(SyntheticAdapter):
     def fetch(self, id_numbers: Sequence[str], context: LookupContext) -> dict[str, list[Finding]]:
         self.calls += 1
         return super().fetch(id_numbers, context)
+
+
+class OutageAdapter(CountingAdapter):
+    """The synthetic unit behind a database that is down until ``up`` is set."""
+
+    def __init__(self, population: Population, unit_category: int) -> None:
+        super().__init__(population, unit_category)
+        self.up = False
+
+    def fetch(self, id_numbers: Sequence[str], context: LookupContext) -> dict[str, list[Finding]]:
+        self.calls += 1
+        if not self.up:
+            raise AdapterError("cannot connect to the unit's postgresql database: the server is not accepting logins")
+        return SyntheticAdapter.fetch(self, id_numbers, context)
+
+
+def test_a_database_outage_is_retried_with_growing_pauses_and_logged_with_its_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    adapter = OutageAdapter(Population(SEED), records_pb2.UNIT_CATEGORY_TAX)
+    with exchange_world(tmp_path, now_ms=MONDAY, adapter=adapter) as world:
+        world.submit(world.batch("B-OUT", world.subjects(3)))
+        with caplog.at_level(logging.ERROR, logger="hedui.connector"):
+            assert world.connector.answer_pending() == 0
+        (record,) = [r for r in caplog.records if r.getMessage() == "adapter failed; batch stays pending"]
+        assert record.__dict__["detail"].endswith("not accepting logins")
+        assert (record.__dict__["failures"], record.__dict__["retry_in_s"]) == (1, ANSWER_RETRY_BASE_MS // 1000)
+        tries = [adapter.calls]
+        for pause_ms in (0, ANSWER_RETRY_BASE_MS - 1, 1, 2 * ANSWER_RETRY_BASE_MS):
+            world.clock.advance(pause_ms)
+            world.connector.answer_pending()
+            tries.append(adapter.calls)
+        # Not again at once, nor a millisecond early; at the end of the first pause; the second pause is twice as long.
+        assert tries == [1, 1, 1, 2, 3]
+        # A batch that arrives meanwhile is not held up behind the one that is waiting, and the outage ends.
+        adapter.up = True
+        world.submit(world.batch("B-NEW", world.subjects(2)))
+        assert world.connector.answer_pending() == 1
+        assert world.fetch("B-OUT").batches[0].state == exchange_pb2.BATCH_STATE_PENDING
+        world.clock.advance(4 * ANSWER_RETRY_BASE_MS)
+        assert world.connector.answer_pending() == 1
+        assert world.fetch("B-OUT").batches[0].state == exchange_pb2.BATCH_STATE_ANSWERED
 
 
 def test_resubmission_returns_the_same_receipt_and_never_looks_up_twice(tmp_path: Path) -> None:

@@ -66,6 +66,7 @@ CONNECTOR_METRICS = frozenset(
         "hedui_connector_refusals_total",
         "hedui_connector_pending_batches",
         "hedui_connector_delay_notices_total",
+        "hedui_connector_adapter_failures_total",
         "hedui_envelope_rejections_total",
         "hedui_grpc_server_requests_total",
     }

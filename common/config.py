@@ -2,7 +2,8 @@
 
 Every config section is a frozen dataclass whose fields carry a docstring-like ``metadata["doc"]``; the loader
 refuses unknown keys, wrong types and missing required values, naming the exact key (``server.listen``). Relative
-paths are resolved against the config file's folder. Environment overrides are explicit: each config class lists
+paths are resolved against the config file's folder, and so is the file of a relative ``sqlite:///`` URL
+(:data:`DatabaseUrl`). Environment overrides are explicit: each config class lists
 the variables it honours in ``ENV_OVERRIDES`` (variable -> dotted key); nothing else is read from the environment.
 """
 
@@ -15,11 +16,25 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NewType, TypeVar
 
 from common.errors import HeduiError
 
 T = TypeVar("T")
+
+#: A SQLAlchemy URL in a config file. A relative SQLite file (``sqlite:///data/x.db``) is resolved against the config
+#: file's folder like any other path, not against the directory the program happens to be started from.
+DatabaseUrl = NewType("DatabaseUrl", str)
+_SQLITE_PREFIX = "sqlite:///"
+
+
+def _database_url(value: str, base: Path) -> str:
+    if not value.startswith(_SQLITE_PREFIX):
+        return value
+    file, sep, query = value[len(_SQLITE_PREFIX) :].partition("?")
+    if not file or file == ":memory:" or file.startswith("/") or file.startswith("file:"):
+        return value
+    return f"{_SQLITE_PREFIX}{(base / file).resolve()}{sep}{query}"
 
 
 class ConfigError(HeduiError):
@@ -108,6 +123,10 @@ def _convert(hint: Any, value: Any, *, base: Path, where: str) -> Any:
             raise ConfigError(f"{where} must be a path")
         path = Path(value)
         return path if path.is_absolute() else (base / path).resolve()
+    if hint is DatabaseUrl:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a database URL (text)")
+        return _database_url(value, base)
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -9,7 +9,7 @@ from typing import ClassVar
 from hedui.v1 import records_pb2
 
 from common.categories import UNIT_DATA
-from common.config import ConfigError, doc, load_file
+from common.config import ConfigError, DatabaseUrl, doc, load_file
 from common.metrics import METRICS_LISTEN_DOC, MetricsSection
 from keys.party import check_party_id
 
@@ -71,13 +71,13 @@ class KeysSection:
 
 @dataclass(frozen=True)
 class DatabaseSection:
-    url: str = doc("SQLAlchemy URL of the connector's own store (batches, answers, audit).")
+    url: DatabaseUrl = doc("SQLAlchemy URL of the connector's own store (batches, answers, audit).")
 
 
 @dataclass(frozen=True)
 class AdapterSection:
     kind: str = doc("Where the unit's data comes from: sql, csv or synthetic.")
-    url: str = doc("sql: SQLAlchemy URL of the unit's database (read-only account recommended).", default="")
+    url: DatabaseUrl = doc("sql: SQLAlchemy URL of the unit's database (read-only account recommended).", default="")
     queries: dict[str, str] = doc(
         "sql: data category -> parameterised SELECT using :id_numbers (and :income_from, :income_to, :as_of).",
         default_factory=dict,

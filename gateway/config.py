@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from common.config import doc, load_file
+from common.config import DatabaseUrl, doc, load_file
 from common.metrics import MetricsSection
 from connectors.config import unit_category_by_name
 from keys.party import check_party_id
@@ -63,7 +63,7 @@ class KeysSection:
 
 @dataclass(frozen=True)
 class DatabaseSection:
-    url: str = doc("SQLAlchemy URL: sqlite:///path (embedded, WAL) or postgresql+psycopg://... (replicas).")
+    url: DatabaseUrl = doc("SQLAlchemy URL: sqlite:///path (embedded, WAL) or postgresql+psycopg://... (replicas).")
     migrate_on_start: bool = doc(
         "Apply pending migrations when serve starts (otherwise serve refuses an outdated schema).", default=False
     )

@@ -28,7 +28,12 @@ def data_category_by_name(name: str) -> int:
     try:
         return int(records_pb2.DataCategory.Value("DATA_CATEGORY_" + name.upper()))
     except ValueError as exc:
-        raise ConfigError(f"unknown data category {name!r}") from exc
+        known = ", ".join(
+            n.removeprefix("DATA_CATEGORY_").lower()
+            for n, _ in records_pb2.DataCategory.items()
+            if not n.endswith("UNSPECIFIED")
+        )
+        raise ConfigError(f"unknown data category {name!r}; the categories are {known}") from exc
 
 
 def data_category_name(category: int) -> str:

@@ -44,6 +44,7 @@ from connectors.adapters.rows import (
     category_columns,
     category_label,
     check_columns,
+    field_columns,
     finding_from_row,
     record_to_row,
     required_columns,
@@ -658,6 +659,20 @@ def test_csv_happy_path(tmp_path: Path, encoding: str) -> None:
     assert found[BOB][1].record.vehicle.plate == "吉B54321"
     assert found[BOB][1].name == "李四"
     assert adapter.categories == (DEPOSITS, VEHICLES)
+    adapter.close()
+
+
+def test_csv_file_without_a_field_loads_with_a_warning_naming_it(tmp_path: Path) -> None:
+    write_csv(
+        tmp_path / "vehicles.csv",
+        [["id_number", "name", "plate", "first_registration"], [BOB, "李四", "吉B54321", "2018-04-01"]],
+    )
+    adapter = CsvAdapter(tmp_path, {VEHICLES: "vehicles.csv"})
+    missing = [c for c in field_columns(VEHICLES) if c not in {"plate", "first_registration"}]
+    assert missing
+    (warning,) = adapter.warnings
+    assert warning.startswith(f"'vehicles.csv' header does not return {', '.join(missing)}:")
+    assert BOB not in warning and "李四" not in warning
     adapter.close()
 
 

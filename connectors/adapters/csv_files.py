@@ -16,13 +16,14 @@ from pathlib import Path
 from hedui.v1 import records_pb2
 
 from connectors.adapters.base import AdapterError, Finding, LookupContext
-from connectors.adapters.rows import category_label, check_columns, person_of, row_to_record
+from connectors.adapters.rows import category_label, check_columns, fields_warning, person_of, row_to_record
 
 #: For one category: ID number -> (name, record without its production time) per row, in file order.
 _Index = dict[str, list[tuple[str, records_pb2.Record]]]
 
 
-def _load(directory: Path, category: int, file_name: str) -> _Index:
+def _load(directory: Path, category: int, file_name: str) -> tuple[_Index, list[str]]:
+    """The file's rows by ID number, and its header."""
     label = category_label(category)
     relative = Path(file_name)
     if relative.is_absolute() or ".." in relative.parts or not relative.parts:
@@ -60,7 +61,7 @@ def _load(directory: Path, category: int, file_name: str) -> _Index:
             raise AdapterError(f"{shown} is not UTF-8 text (after line {reader.line_num})") from None
         except csv.Error:
             raise AdapterError(f"{shown} line {reader.line_num} is not well-formed CSV") from None
-    return index
+    return index, header
 
 
 class CsvAdapter:
@@ -72,7 +73,14 @@ class CsvAdapter:
         if not files:
             raise AdapterError("the csv adapter needs at least one file")
         base = Path(directory)
-        self._index = {category: _load(base, category, name) for category, name in files.items()}
+        loaded = {category: _load(base, category, name) for category, name in files.items()}
+        self._index = {category: index for category, (index, _) in loaded.items()}
+        #: What loading found doubtful but not wrong; check-config prints it.
+        self.warnings = [
+            warning
+            for category, (_, header) in loaded.items()
+            if (warning := fields_warning(category, header, where=f"{files[category]!r} header"))
+        ]
 
     @property
     def categories(self) -> tuple[int, ...]:

@@ -254,6 +254,24 @@ def category_columns(category: int) -> tuple[str, ...]:
     return ("id_number", "name", *field_columns(category))
 
 
+def unused_fields(category: int, columns: Iterable[object]) -> list[str]:
+    """Fields of ``category``'s record that ``columns`` leave out: answered as their empty value (0, false, no
+    date) for every person, which a reader of the report cannot tell from a real 0 or "no"."""
+    present = set(columns)
+    return [column for column in field_columns(category) if column not in present]
+
+
+def fields_warning(category: int, columns: Iterable[object], *, where: str) -> str | None:
+    """The warning check-config prints for :func:`unused_fields`, or None when every field is there."""
+    missing = unused_fields(category, columns)
+    if not missing:
+        return None
+    return (
+        f"{where} does not return {', '.join(missing)}: for every person these fields will be answered empty "
+        "(0, false or no date); return them if the unit holds them"
+    )
+
+
 def check_columns(category: int, columns: Iterable[object], *, where: str) -> None:
     """Refuse a header or result set that lacks id_number or name, repeats a column or has a column the category
     does not have. ``where`` says which query or file this is, for the message."""

@@ -33,7 +33,13 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.types import TypeEngine
 
 from connectors.adapters.base import AdapterError, Finding, LookupContext
-from connectors.adapters.rows import category_label, check_columns, finding_from_row
+from connectors.adapters.rows import (
+    category_label,
+    check_columns,
+    field_columns,
+    fields_warning,
+    finding_from_row,
+)
 
 #: The parameters a query may use, with their SQL types. ``id_numbers`` is required and expands to a list.
 PARAMETERS: Mapping[str, TypeEngine[Any]] = {
@@ -96,11 +102,15 @@ def _connect_args(url: str) -> dict[str, Any]:
     return {}
 
 
+def _parameters(clause: TextClause) -> set[str]:
+    return set(clause.compile().params)
+
+
 def _statement(category: int, sql: str) -> TextClause:
     """The query as a statement with typed parameters; refuses unknown parameters and a missing :id_numbers."""
     label = category_label(category)
     clause = text(sql)
-    used = set(clause.compile().params)
+    used = _parameters(clause)
     if "id_numbers" not in used:
         raise AdapterError(f"query for {label} must select the people by ':id_numbers' (e.g. id IN :id_numbers)")
     unknown = sorted(used - PARAMETERS.keys())
@@ -147,6 +157,13 @@ class SqlAdapter:
             raise AdapterError("the sql adapter needs at least one query")
         self._chunk_size = chunk_size
         self._statements = {category: _statement(category, sql) for category, sql in queries.items()}
+        #: What the startup check found doubtful but not wrong; check-config prints it.
+        self.warnings: list[str] = [
+            f"query for {category_label(category)} does not use :income_from and :income_to: it will disclose "
+            "every period on record, not only the income period asked for"
+            for category, statement in self._statements.items()
+            if "period_from" in field_columns(category) and not {"income_from", "income_to"} <= _parameters(statement)
+        ]
         try:
             self._engine: Engine = create_engine(url, pool_pre_ping=True, connect_args=_connect_args(url))
         except ImportError as exc:
@@ -182,8 +199,7 @@ class SqlAdapter:
             for category, statement in self._statements.items():
                 self._check_query(connection, category, statement)
 
-    @staticmethod
-    def _check_query(connection: Connection, category: int, statement: TextClause) -> None:
+    def _check_query(self, connection: Connection, category: int, statement: TextClause) -> None:
         where = f"query for {category_label(category)}"
         try:
             result = connection.execute(statement, _CHECK_PARAMETERS)
@@ -192,7 +208,11 @@ class SqlAdapter:
         with result:
             if not result.returns_rows:
                 raise AdapterError(f"{where} returns no rows: it must be a SELECT")
-            check_columns(category, list(result.keys()), where=where)
+            columns = list(result.keys())
+            check_columns(category, columns, where=where)
+            warning = fields_warning(category, columns, where=where)
+            if warning:
+                self.warnings.append(warning)
 
     def fetch(self, id_numbers: Sequence[str], context: LookupContext) -> dict[str, list[Finding]]:
         """Findings per ID number, in the order of the context's categories and the rows the queries return.

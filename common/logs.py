@@ -148,3 +148,6 @@ def configure_logging(level: str | int = "INFO", json_lines: bool = False, strea
     root.setLevel(level.upper() if isinstance(level, str) else level)
     # APScheduler logs every job run at INFO (several a minute); runs and failures are in the metrics instead.
     logging.getLogger("apscheduler").setLevel(max(root.level, logging.WARNING))
+    # Alembic announces its SQLite/PostgreSQL context on every revision check ("Context impl SQLiteImpl."): noise in
+    # every `status` and `audit head`, mailed daily by cron. `migrate` prints the revisions it moved between itself.
+    logging.getLogger("alembic").setLevel(max(root.level, logging.WARNING))

@@ -93,6 +93,14 @@ def test_id_numbers_are_redacted_even_when_passed_by_mistake(json_log: Captured)
     assert public_commission_ref(number) is None and public_commission_ref("C0123") is None
 
 
+def test_library_chatter_is_kept_out_of_the_log_but_not_their_warnings(text_log: Captured) -> None:
+    for name in ("alembic.runtime.migration", "apscheduler.scheduler"):
+        logging.getLogger(name).info("Context impl SQLiteImpl.")
+        logging.getLogger(name).warning("something the operator must see")
+    assert "Context impl" not in text_log.text()
+    assert text_log.text().count("something the operator must see") == 2
+
+
 def test_text_lines_show_the_fields(text_log: Captured) -> None:
     with log_context(request_id="0a1b2c3d"):
         logging.getLogger("hedui.test").info("batch accepted", extra={"batch_id": "B01", "subjects": 5})

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 from common.errors import HeduiError
 from common.logs import configure_logging
+
+#: The distribution the programs are installed from (pyproject.toml).
+DISTRIBUTION = "hedui"
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """``--version``: the installed release, what an operator quotes when reporting a problem."""
+    try:
+        release = version(DISTRIBUTION)
+    except PackageNotFoundError:
+        release = "unknown (not installed)"
+    parser.add_argument("--version", action="version", version=f"%(prog)s {release}")
 
 
 def service_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     """An argument parser with the common ``--log-level`` and ``--log-format`` options."""
     parser = argparse.ArgumentParser(prog=prog, description=(doc or "").splitlines()[0])
+    add_version(parser)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="json: one JSON object per line (collectors)"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from hedui.v1 import media_pb2
 
+from common.cli import add_version
 from keys import keystore, tls
 from keys.announcements import ANNOUNCEMENT_LABEL, armor, dearmor, read_bundle
 from keys.clock import DAY_MS, SystemClock, from_ms, iso
@@ -475,6 +476,7 @@ def _add_ca_commands(sub: _Commands[argparse.ArgumentParser]) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hedui-keys", description=__doc__.splitlines()[0] if __doc__ else None)
+    add_version(parser)
     parser.add_argument("--keystore", help="keystore file (default: $HEDUI_KEYSTORE)")
     parser.add_argument("--passphrase-file", help="read the passphrase from this file (one line, mode 0600)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,12 @@ def test_console_script_is_installed() -> None:
     assert result.returncode == 0
     for command in ("init", "import", "seal", "open", "rotate", "revoke", "letter"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize("program", ["hedui-keys", "hedui-gateway", "hedui-connector"])
+def test_every_program_tells_its_release(program: str) -> None:
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / program), "--version"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{program} {version('hedui')}"

@@ -144,12 +144,24 @@ class RunningConnector:
         self.connector.store.engine.dispose()
 
 
-def build_adapter(config: ConnectorConfig) -> Adapter:
-    """The adapter the config names."""
+def build_adapter(config: ConnectorConfig, *, require_database: bool = True) -> Adapter:
+    """The adapter the config names. ``require_database=False`` (serve): a SQL database that is down at start is
+    logged and waited for instead of stopping the connector, which can receipt batches without it."""
     section = config.adapter
     if section.kind == "sql":
         queries = {data_category_by_name(k): v for k, v in section.queries.items()}
-        return SqlAdapter(section.url, queries, statement_timeout_seconds=section.statement_timeout_seconds)
+        sql = SqlAdapter(
+            section.url,
+            queries,
+            statement_timeout_seconds=section.statement_timeout_seconds,
+            require_database=require_database,
+        )
+        if sql.unreachable is not None:
+            log.warning(
+                "the unit's database is unreachable at start; batches are receipted and answered once it is back",
+                extra={"detail": sql.unreachable},
+            )
+        return sql
     if section.kind == "csv":
         if section.directory is None:
             raise ConfigError("adapter.directory is required for the csv adapter")
@@ -159,7 +171,11 @@ def build_adapter(config: ConnectorConfig) -> Adapter:
 
 
 def build_connector(
-    config: ConnectorConfig, *, courier: Courier | None = None, metrics: ConnectorMetrics | None = None
+    config: ConnectorConfig,
+    *,
+    courier: Courier | None = None,
+    metrics: ConnectorMetrics | None = None,
+    require_database: bool = True,
 ) -> Connector:
     """Wire a Connector from its config: keystore, store, adapter, calendar, staff register (and its metrics)."""
     if courier is None:
@@ -180,7 +196,7 @@ def build_connector(
     return Connector(
         courier=courier,
         store=store,
-        adapter=build_adapter(config),
+        adapter=build_adapter(config, require_database=require_database),
         unit_category=config.unit_category,
         calendar=WorkdayCalendar.with_file(config.exchange.holiday_file),
         staff={gateway: frozenset(ids) for gateway, ids in staff.items()},
@@ -233,7 +249,7 @@ def serve(config: ConnectorConfig) -> RunningConnector:
         credentials = server_credentials(server.tls_cert, server.tls_key, server.tls_ca)
     metrics = ConnectorMetrics(process_registry())
     running = start(
-        build_connector(config, metrics=metrics),
+        build_connector(config, metrics=metrics, require_database=False),
         listen=server.listen,
         credentials=credentials,
         max_workers=server.max_workers,

@@ -598,6 +598,35 @@ def test_sql_unreachable_database_fails_at_construction(tmp_path: Path) -> None:
         SqlAdapter(f"sqlite:///{tmp_path / 'missing' / 'unit.db'}", {DEPOSITS: QUERIES[DEPOSITS]})
 
 
+def test_sql_database_down_at_start_is_waited_for_by_a_service(tmp_path: Path) -> None:
+    """A service starts while the unit's database is down: it is told why, every answer fails with the reason
+    until the database is back, then the deferred startup check runs and answers flow."""
+    url = f"sqlite:///{tmp_path / 'later' / 'unit.db'}"
+    sql = SqlAdapter(url, {VEHICLES: QUERIES[VEHICLES]}, require_database=False)
+    try:
+        assert sql.unreachable is not None and "cannot connect" in sql.unreachable
+        with pytest.raises(AdapterError, match="cannot connect"):
+            sql.fetch([BOB], ctx(VEHICLES))
+        (tmp_path / "later").mkdir()
+        engine = create_engine(url)
+        fill(engine)
+        engine.dispose()
+        assert [f.record.vehicle.plate for f in sql.fetch([BOB], ctx(VEHICLES))[BOB]] == ["吉A12345"]
+        assert sql.unreachable is None
+    finally:
+        sql.close()
+
+
+def test_sql_database_that_answers_but_refuses_a_query_is_an_error_even_for_a_service(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'unit.db'}"
+    engine = create_engine(url)
+    fill(engine)
+    engine.dispose()
+    broken = QUERIES[VEHICLES].replace("FROM vehicles", "FROM no_such_table")
+    with pytest.raises(AdapterError, match="fails on the database"):
+        SqlAdapter(url, {VEHICLES: broken}, require_database=False)
+
+
 def test_sql_refused_postgresql_connection_fails_at_construction() -> None:
     # Port 9 (discard) has no PostgreSQL on any test machine; without the driver this is the driver error.
     with pytest.raises(AdapterError, match=r"cannot connect|driver is not installed"):

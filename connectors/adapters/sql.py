@@ -136,6 +136,10 @@ def _config_reason(exc: SQLAlchemyError) -> str:
     return first[:_MAX_REASON]
 
 
+class _Unreachable(AdapterError):
+    """The database did not accept a connection (down, unreachable, login refused)."""
+
+
 class SqlAdapter:
     """Findings from a SQL database through SQLAlchemy (SQLite, PostgreSQL, or any dialect with its driver)."""
 
@@ -146,9 +150,15 @@ class SqlAdapter:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         statement_timeout_seconds: int = DEFAULT_STATEMENT_TIMEOUT_SECONDS,
+        require_database: bool = True,
     ) -> None:
         """``queries`` maps data categories to their SELECT. Raises AdapterError when the URL cannot be used, the
-        database cannot be reached, or a query fails the startup check."""
+        database cannot be reached, or a query fails the startup check.
+
+        With ``require_database=False`` (a service starting) an unreachable database is not an error: the check
+        runs again before the first answer, and until it passes every fetch fails with its reason, so the
+        connector receipts batches and answers them once the database is back. A query the reachable database
+        refuses is still an error at once."""
         if chunk_size < 1:
             raise ValueError("chunk_size must be positive")
         if statement_timeout_seconds < 1:
@@ -174,8 +184,15 @@ class SqlAdapter:
             # The message of a bad URL repeats the URL, password included: say only what kind of error it is.
             raise AdapterError(f"the database URL cannot be used ({type(exc).__name__})") from None
         _guard(self._engine, statement_timeout_seconds)
+        #: Why the database could not be reached at construction; None once the startup check has passed.
+        self.unreachable: str | None = None
         try:
             self._check_queries()
+        except _Unreachable as exc:
+            if require_database:
+                self._engine.dispose()
+                raise AdapterError(str(exc)) from None
+            self.unreachable = str(exc)
         except BaseException:
             self._engine.dispose()
             raise
@@ -186,13 +203,13 @@ class SqlAdapter:
         return tuple(self._statements)
 
     def _connect(self) -> Connection:
-        """A connection, or AdapterError with the database's own reason: nothing is bound yet, so it holds
-        configuration facts (a refused login, an unreachable host), not personal data."""
+        """A connection, or AdapterError (_Unreachable) with the database's own reason: nothing is bound yet, so it
+        holds configuration facts (a refused login, an unreachable host), not personal data."""
         try:
             return self._engine.connect()
         except SQLAlchemyError as exc:
             backend = self._engine.dialect.name
-            raise AdapterError(f"cannot connect to the unit's {backend} database: {_config_reason(exc)}") from None
+            raise _Unreachable(f"cannot connect to the unit's {backend} database: {_config_reason(exc)}") from None
 
     def _check_queries(self) -> None:
         with self._connect() as connection:
@@ -220,6 +237,9 @@ class SqlAdapter:
         ID numbers are compared without surrounding spaces and with an upper-case X; results are keyed by the ID
         numbers as given. A row for an ID number that was not asked for means a query ignores ``:id_numbers``:
         that is an error, and its data goes nowhere."""
+        if self.unreachable is not None:
+            self._check_queries()  # AdapterError until the database answers and every query passes
+            self.unreachable = None
         missing = [c for c in context.categories if c not in self._statements]
         if missing:
             raise AdapterError(f"no query is configured for {', '.join(category_label(c) for c in missing)}")

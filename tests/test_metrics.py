@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, update
 
+from common.config import DatabaseUrl
 from common.db import make_engine
 from common.metrics import MetricsSection, MetricsServer, serve_metrics, split_listen
 from connectors import store as cstore
@@ -311,7 +312,7 @@ def test_days_until_retiring_keys_end(tmp_path: Path) -> None:
     config = GatewayConfig(
         agency=AgencySection(party_id=GATEWAY, region_code="220100", level="city"),
         keys=KeysSection(keystore=tmp_path / "keystore.json", passphrase_file=tmp_path / "passphrase"),
-        database=DatabaseSection(url=f"sqlite:///{tmp_path / 'gateway.db'}"),
+        database=DatabaseSection(url=DatabaseUrl(f"sqlite:///{tmp_path / 'gateway.db'}")),
     )
     metrics = GatewayMetrics(CollectorRegistry())
     metrics.watch_keys(KeyWatch(config, ours, trust, clock).expiries)

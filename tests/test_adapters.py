@@ -358,16 +358,21 @@ def fill(engine: Engine) -> None:
         )  # fmt: skip
 
 
+def sqlite_unit(path: Path) -> str:
+    """Create and fill a SQLite unit database at ``path``; returns its URL."""
+    url = f"sqlite:///{path}"
+    engine = create_engine(url)
+    fill(engine)
+    engine.dispose()
+    return url
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The URL of a unit database holding deposits, real estate, vehicles and tax: a SQLite file or a PostgreSQL
     schema of its own."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'unit.db'}"
-        engine = create_engine(url)
-        fill(engine)
-        engine.dispose()
-        yield url
+        yield sqlite_unit(tmp_path / "unit.db")
         return
     with postgres_schema() as url:
         engine = create_engine(url)
@@ -525,77 +530,74 @@ def test_sql_sessions_are_read_only(database: str) -> None:
         sql.close()
 
 
-@pytest.mark.postgres
-def test_sql_a_query_that_writes_is_refused_and_writes_nothing() -> None:
+@pytest.fixture
+def postgres_unit() -> Iterator[tuple[str, Engine]]:
+    """A filled unit database on PostgreSQL alone: its URL, and an engine of the schema's owner."""
     with postgres_schema() as url:
         engine = create_engine(url)
         fill(engine)
-        writing = QUERIES[VEHICLES].replace("SELECT", "WITH gone AS (DELETE FROM vehicles RETURNING 1) SELECT", 1)
         try:
-            with pytest.raises(AdapterError, match="read-only transaction"):
-                SqlAdapter(url, {VEHICLES: writing})
-            with engine.connect() as connection:
-                assert connection.execute(select(func.count()).select_from(vehicles)).scalar_one() == 1
+            yield url, engine
         finally:
             engine.dispose()
 
 
 @pytest.mark.postgres
-def test_sql_statements_are_cut_off_and_sessions_are_named() -> None:
-    with postgres_schema() as url:
-        engine = create_engine(url)
-        fill(engine)
-        slow = QUERIES[VEHICLES].replace("FROM vehicles", "FROM vehicles, (SELECT pg_sleep(3)) AS pause", 1)
-        sql = SqlAdapter(url, {VEHICLES: slow}, statement_timeout_seconds=1)
-        try:
-            with pytest.raises(AdapterError, match="QueryCanceled"):
-                sql.fetch([BOB], ctx(VEHICLES))
-            with sql._engine.connect() as connection:
-                names = connection.execute(
-                    text("SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()")
-                ).scalar_one()
-            assert names == "hedui-connector"
-        finally:
-            sql.close()
-            engine.dispose()
+def test_sql_a_query_that_writes_is_refused_and_writes_nothing(postgres_unit: tuple[str, Engine]) -> None:
+    url, engine = postgres_unit
+    writing = QUERIES[VEHICLES].replace("SELECT", "WITH gone AS (DELETE FROM vehicles RETURNING 1) SELECT", 1)
+    with pytest.raises(AdapterError, match="read-only transaction"):
+        SqlAdapter(url, {VEHICLES: writing})
+    with engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(vehicles)).scalar_one() == 1
 
 
 @pytest.mark.postgres
-def test_sql_lost_login_while_answering_says_why() -> None:
+def test_sql_statements_are_cut_off_and_sessions_are_named(postgres_unit: tuple[str, Engine]) -> None:
+    url, _ = postgres_unit
+    slow = QUERIES[VEHICLES].replace("FROM vehicles", "FROM vehicles, (SELECT pg_sleep(3)) AS pause", 1)
+    sql = SqlAdapter(url, {VEHICLES: slow}, statement_timeout_seconds=1)
+    try:
+        with pytest.raises(AdapterError, match="QueryCanceled"):
+            sql.fetch([BOB], ctx(VEHICLES))
+        with sql._engine.connect() as connection:
+            names = connection.execute(
+                text("SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+            ).scalar_one()
+        assert names == "hedui-connector"
+    finally:
+        sql.close()
+
+
+@pytest.mark.postgres
+def test_sql_lost_login_while_answering_says_why(postgres_unit: tuple[str, Engine]) -> None:
     """The account is locked after start-up (a password change, a disabled login): the error names the
     database's reason, as at start-up, because no subject is bound when connecting fails."""
+    url, admin = postgres_unit
     role = f"hedui_test_ro_{uuid.uuid4().hex[:8]}"
-    with postgres_schema() as url:
-        admin = create_engine(url)
-        fill(admin)
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+        schema = str(make_url(url).query["options"]).removeprefix("-csearch_path=")
+        connection.execute(text(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"'))
+        connection.execute(text(f'GRANT SELECT ON vehicles TO "{role}"'))
+    sql = SqlAdapter(
+        make_url(url).set(username=role).render_as_string(hide_password=False), {VEHICLES: QUERIES[VEHICLES]}
+    )
+    try:
+        assert sql.fetch([BOB], ctx(VEHICLES))[BOB]
         with admin.begin() as connection:
-            connection.execute(text(f'CREATE ROLE "{role}" LOGIN'))
-            schema = str(make_url(url).query["options"]).removeprefix("-csearch_path=")
-            connection.execute(text(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"'))
-            connection.execute(text(f'GRANT SELECT ON vehicles TO "{role}"'))
-        as_role = make_url(url).set(username=role).render_as_string(hide_password=False)
-        sql = SqlAdapter(as_role, {VEHICLES: QUERIES[VEHICLES]})
-        try:
-            assert sql.fetch([BOB], ctx(VEHICLES))[BOB]
-            with admin.begin() as connection:
-                connection.execute(text(f'ALTER ROLE "{role}" NOLOGIN'))
-                connection.execute(
-                    text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = :role"), {"role": role}
-                )
-            with pytest.raises(AdapterError, match="not permitted to log in") as caught:
-                sql.fetch([BOB], ctx(VEHICLES))
-            assert BOB not in str(caught.value)
-        finally:
-            sql.close()
-            with admin.begin() as connection:
-                connection.execute(text(f'DROP OWNED BY "{role}"'))
-                connection.execute(text(f'DROP ROLE "{role}"'))
-            admin.dispose()
-
-
-def test_sql_unreachable_database_fails_at_construction(tmp_path: Path) -> None:
-    with pytest.raises(AdapterError, match="cannot connect"):
-        SqlAdapter(f"sqlite:///{tmp_path / 'missing' / 'unit.db'}", {DEPOSITS: QUERIES[DEPOSITS]})
+            connection.execute(text(f'ALTER ROLE "{role}" NOLOGIN'))
+            connection.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = :role"), {"role": role}
+            )
+        with pytest.raises(AdapterError, match="not permitted to log in") as caught:
+            sql.fetch([BOB], ctx(VEHICLES))
+        assert BOB not in str(caught.value)
+    finally:
+        sql.close()
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP OWNED BY "{role}"'))
+            connection.execute(text(f'DROP ROLE "{role}"'))
 
 
 def test_sql_database_down_at_start_is_waited_for_by_a_service(tmp_path: Path) -> None:
@@ -608,9 +610,7 @@ def test_sql_database_down_at_start_is_waited_for_by_a_service(tmp_path: Path) -
         with pytest.raises(AdapterError, match="cannot connect"):
             sql.fetch([BOB], ctx(VEHICLES))
         (tmp_path / "later").mkdir()
-        engine = create_engine(url)
-        fill(engine)
-        engine.dispose()
+        sqlite_unit(tmp_path / "later" / "unit.db")
         assert [f.record.vehicle.plate for f in sql.fetch([BOB], ctx(VEHICLES))[BOB]] == ["吉A12345"]
         assert sql.unreachable is None
     finally:
@@ -618,10 +618,7 @@ def test_sql_database_down_at_start_is_waited_for_by_a_service(tmp_path: Path) -
 
 
 def test_sql_database_that_answers_but_refuses_a_query_is_an_error_even_for_a_service(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'unit.db'}"
-    engine = create_engine(url)
-    fill(engine)
-    engine.dispose()
+    url = sqlite_unit(tmp_path / "unit.db")
     broken = QUERIES[VEHICLES].replace("FROM vehicles", "FROM no_such_table")
     with pytest.raises(AdapterError, match="fails on the database"):
         SqlAdapter(url, {VEHICLES: broken}, require_database=False)

@@ -134,6 +134,13 @@ class _StderrHandler(logging.StreamHandler[TextIO]):
         pass
 
 
+class _AlembicContextFilter(logging.Filter):
+    """Drops Alembic's two context lines; keeps everything else it logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(("Context impl ", "Will assume "))
+
+
 def configure_logging(level: str | int = "INFO", json_lines: bool = False, stream: TextIO | None = None) -> None:
     """Send every log record to ``stream`` (default: standard error) as text or as JSON lines, with the request
     context. Calling it again replaces the handler it installed before; other handlers are left alone."""
@@ -149,5 +156,8 @@ def configure_logging(level: str | int = "INFO", json_lines: bool = False, strea
     # APScheduler logs every job run at INFO (several a minute); runs and failures are in the metrics instead.
     logging.getLogger("apscheduler").setLevel(max(root.level, logging.WARNING))
     # Alembic announces its SQLite/PostgreSQL context on every revision check ("Context impl SQLiteImpl."): noise in
-    # every `status` and `audit head`, mailed daily by cron. `migrate` prints the revisions it moved between itself.
-    logging.getLogger("alembic").setLevel(max(root.level, logging.WARNING))
+    # every `status` and `audit head`, mailed daily by cron. Its "Running upgrade" lines stay: they are the record
+    # of a migration.
+    migration = logging.getLogger("alembic.runtime.migration")
+    if not any(isinstance(f, _AlembicContextFilter) for f in migration.filters):
+        migration.addFilter(_AlembicContextFilter())

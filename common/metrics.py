@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 from wsgiref.simple_server import WSGIServer
@@ -23,6 +24,8 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from common.config import doc
 
@@ -196,6 +199,7 @@ class ServiceMetrics:
     """The metrics every Hedui service exports; the gateway's and the connector's metrics each hold one."""
 
     def __init__(self, registry: CollectorRegistry, envelope_reasons: Iterable[str]) -> None:
+        self.registry = registry
         self.envelope_rejections = Counter(
             "hedui_envelope_rejections_total",
             "Envelopes refused on opening, by reason (docs/envelope.md): a forged, replayed, expired or misdirected "
@@ -227,3 +231,32 @@ class ServiceMetrics:
     def interceptor(self) -> RequestCounter:
         """The server interceptor that fills ``hedui_grpc_server_requests_total``."""
         return RequestCounter(self.grpc_requests)
+
+    def watch_certificates(self, not_after: Mapping[str, float], clock: Callable[[], float] = time.time) -> None:
+        """Export the seconds until each TLS certificate the process presents stops being valid, by role ("server",
+        "client"): ``not_after`` holds each one's notAfter as a POSIX time, read once at start as the certificate
+        is; the seconds are counted at scrape time."""
+        self.registry.register(_CertificateCollector(dict(not_after), clock))
+
+
+_CERTIFICATE_EXPIRY = (
+    "Seconds until the TLS certificate this process presents stops being valid (its notAfter), by role: server "
+    "(the gRPC server's certificate) or client (the gateway's certificate towards the connectors). Certificates are "
+    "read at start: after renewing one, restart the service, or this keeps counting down to the old one's end."
+)
+
+
+class _CertificateCollector(Collector):
+    def __init__(self, not_after: dict[str, float], clock: Callable[[], float]) -> None:
+        self.not_after = not_after
+        self.clock = clock
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("hedui_tls_certificate_expiry_seconds", _CERTIFICATE_EXPIRY, labels=["role"])
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("hedui_tls_certificate_expiry_seconds", _CERTIFICATE_EXPIRY, labels=["role"])
+        now = self.clock()
+        for role, end in sorted(self.not_after.items()):
+            family.add_metric([role], end - now)
+        yield family

@@ -15,6 +15,9 @@ from common.config import ConfigError
 
 _HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+#: Trailing metadata key of a refusal's reason code (a short lower-case code such as ``staff_not_registered``), sent
+#: by the connector next to the gRPC status so that the gateway can keep and show why a unit refused a batch.
+REFUSAL_REASON_KEY = "hedui-refusal-reason"
 
 
 def new_server(

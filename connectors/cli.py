@@ -5,6 +5,8 @@ hedui-connector check-config --config FILE         validate a config without sta
 hedui-connector config-keys                        every config key with its default and meaning
 hedui-connector delay --config FILE BATCH --until YYYY-MM-DD --reason technical
                                                    written delay notice (clause 12: at most 5 working days)
+hedui-connector test-query --config FILE --category tax --id ID [--id ID ...] [--from YYYY-MM --to YYYY-MM]
+                                                   what the unit would answer for these people (before going live)
 """
 
 from __future__ import annotations
@@ -13,14 +15,21 @@ import argparse
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
+from google.protobuf import text_format
+
+from common.categories import UNIT_DATA
 from common.cli import run, service_parser
-from common.config import describe
-from connectors.config import ConnectorConfig
-from connectors.server import build_connector, serve
+from common.config import ConfigError, describe
+from common.idnumber import InvalidIdNumber, parse_id_number
+from connectors.adapters.base import LookupContext
+from connectors.config import ConnectorConfig, data_category_by_name, data_category_name
+from connectors.server import build_adapter, build_connector, serve
+from keys.tls import check_tls
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -36,9 +45,27 @@ def _serve(args: argparse.Namespace) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     config = ConnectorConfig.load(Path(args.config))
+    # The same check serve runs at start (connectors.server.check_certificates).
+    identities = check_tls(config.tls_files())
     connector = build_connector(config)
     connector.adapter.close()
-    print(f"config OK: {config.unit.party_id} ({config.unit.category}), adapter {config.adapter.kind}")
+    # Doubtful but not wrong: a record field no query returns, a query without the income period.
+    adapter_warnings: list[str] = list(getattr(connector.adapter, "warnings", ()))
+    # Procedure V.(三): staff are registered per gateway; a gateway we cannot open envelopes from is a typo or a
+    # gateway whose bundle was never imported, and its staff would never be matched.
+    unknown = sorted(
+        {entry.gateway for entry in config.staff if connector.courier.trust.keyring(entry.gateway) is None}
+    )
+    if unknown:
+        raise ConfigError(
+            f"[[staff]] gateway {', '.join(unknown)} is not a party in the keystore's trust store: correct the party "
+            "id, or import that gateway's bundle first ('hedui-keys import BUNDLE --fingerprint ...')"
+        )
+    warnings = [w for w in (identity.expiry_warning() for identity in identities) if w] + adapter_warnings
+    for warning in warnings:
+        print(f"hedui-connector: warning: {warning}", file=sys.stderr)
+    noted = f" ({len(warnings)} warning{'s' if len(warnings) > 1 else ''})" if warnings else ""
+    print(f"config OK: {config.unit.party_id} ({config.unit.category}), adapter {config.adapter.kind}{noted}")
 
 
 def _keys(args: argparse.Namespace) -> None:
@@ -54,6 +81,68 @@ def _delay(args: argparse.Namespace) -> None:
     finally:
         connector.adapter.close()
     print(f"delay notice recorded for {args.batch_id}: new due date {args.until}")
+
+
+def _months(text: str, what: str) -> tuple[int, int]:
+    try:
+        year, month = (int(part) for part in text.split("-"))
+        date(year, month, 1)
+    except ValueError:
+        raise ConfigError(f"{what} must be a month, YYYY-MM") from None
+    return year, month
+
+
+def _month(index: int) -> tuple[int, int]:
+    year, month0 = divmod(index, 12)
+    return year, month0 + 1
+
+
+def _date(text: str, what: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"{what} must be a date, YYYY-MM-DD") from None
+
+
+def _test_query(args: argparse.Namespace) -> None:
+    """Run the configured query or file for some people and print what the unit would answer. For the unit's DBA,
+    before going live: the output is the unit's own data on its own terminal; nothing is logged, stored or sent."""
+    config = ConnectorConfig.load(Path(args.config))
+    category = data_category_by_name(args.category)
+    if category not in UNIT_DATA[config.unit_category]:
+        served = ", ".join(data_category_name(c) for c in UNIT_DATA[config.unit_category])
+        raise ConfigError(f"a {config.unit.category} unit answers {served}, not {args.category}")
+    id_numbers = []
+    for position, text in enumerate(args.id, 1):
+        try:
+            id_numbers.append(parse_id_number(text).value)
+        except InvalidIdNumber as exc:
+            raise ConfigError(f"--id number {position}: {exc}") from None
+    today = date.today()
+    last_month = today.year * 12 + today.month - 2  # the last full month, counted in months from year 0, January
+    context = LookupContext(
+        categories=(category,),
+        income_from=_months(args.income_from, "--from") if args.income_from else _month(last_month - 5),
+        income_to=_months(args.income_to, "--to") if args.income_to else _month(last_month),
+        assets_as_of=_date(args.as_of, "--as-of") if args.as_of else today,
+        produced_at_ms=int(time.time() * 1000),
+    )
+    adapter = build_adapter(config)
+    try:
+        found = adapter.fetch(id_numbers, context)
+    finally:
+        adapter.close()
+    (y0, m0), (y1, m1) = context.income_from, context.income_to
+    period = f"{y0}-{m0:02d} to {y1}-{m1:02d}"
+    print(f"{data_category_name(category)}: income period {period}, assets as of {context.assets_as_of}")
+    for id_number in id_numbers:
+        findings = found.get(id_number, [])
+        print(f"\n{id_number}: {len(findings) or 'no'} record{'s' if len(findings) != 1 else ''}")
+        for finding in findings:
+            body = getattr(finding.record, finding.record.WhichOneof("body") or "")
+            print(f"  name: {finding.name}")
+            for line in text_format.MessageToString(body, as_utf8=True).splitlines():
+                print(f"    {line}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,6 +162,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     delay.add_argument("--until", required=True, help="new due date, YYYY-MM-DD")
     delay.add_argument("--reason", required=True, help="short code: technical, volume")
     delay.set_defaults(func=_delay)
+    test = sub.add_parser(
+        "test-query",
+        help="run the query (or file) of one data category for some people and print what would be answered",
+    )
+    test.add_argument("--config", required=True)
+    test.add_argument("--category", required=True, help="data category, e.g. tax, deposits, real_estate")
+    test.add_argument("--id", required=True, action="append", help="an ID number (repeat for more people)")
+    test.add_argument("--from", dest="income_from", help="first month of the income period, YYYY-MM")
+    test.add_argument("--to", dest="income_to", help="last month of the income period, YYYY-MM (default: last month)")
+    test.add_argument("--as-of", help="date assets are reported for, YYYY-MM-DD (default: today)")
+    test.set_defaults(func=_test_query)
     args = parser.parse_args(argv)
     return run("hedui-connector", args)
 

@@ -12,6 +12,7 @@ from common.categories import UNIT_DATA
 from common.config import ConfigError, DatabaseUrl, doc, load_file
 from common.metrics import METRICS_LISTEN_DOC, MetricsSection
 from keys.party import check_party_id
+from keys.tls import TlsFiles
 
 
 def unit_category_by_name(name: str) -> int:
@@ -167,6 +168,16 @@ class ConnectorConfig:
     @property
     def unit_category(self) -> int:
         return unit_category_by_name(self.unit.category)
+
+    def tls_files(self) -> list[TlsFiles]:
+        """The server certificate ``serve`` presents, to check (keys/tls.py ``check_tls``); none with
+        insecure_plaintext."""
+        server = self.server
+        if server.insecure_plaintext:
+            return []
+        if not (server.tls_cert and server.tls_key and server.tls_ca):
+            raise ConfigError("server.tls_cert, server.tls_key and server.tls_ca are required (or insecure_plaintext)")
+        return [TlsFiles("server", "server", self.unit.party_id, server.tls_cert, server.tls_key, server.tls_ca)]
 
     @classmethod
     def load(cls, path: Path) -> ConnectorConfig:

@@ -19,7 +19,7 @@ from common.config import ConfigError
 from common.db import make_engine
 from common.logs import log_context, new_request_id
 from common.metrics import MetricsServer, process_registry, serve_metrics
-from common.rpc import new_server, start_server
+from common.rpc import REFUSAL_REASON_KEY, new_server, start_server
 from common.workdays import WorkdayCalendar
 from connectors.adapters.base import Adapter
 from connectors.adapters.csv_files import CsvAdapter
@@ -32,7 +32,7 @@ from connectors.store import ConnectorStore
 from connectors.synthetic import Population, SyntheticAdapter
 from keys import keystore
 from keys.envelope import Courier, Policy
-from keys.tls import party_from_auth_context, read_private_key
+from keys.tls import TlsIdentity, check_tls, party_from_auth_context, read_private_key
 
 log = logging.getLogger("hedui.connector")
 
@@ -62,6 +62,10 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServiceServicer):
             try:
                 return exchange_pb2.SealedMessage(envelope=handler(request.envelope, party))
             except Refusal as refusal:
+                # The reason code travels too, so the gateway can say why (docs/exchange.md, "Refusals"); envelope
+                # failures stay one opaque "invalid envelope" to the caller, their precise reason stays here.
+                public = "invalid_envelope" if refusal.reason.startswith("envelope_") else refusal.reason
+                context.set_trailing_metadata(((REFUSAL_REASON_KEY, public),))
                 context.abort(refusal.status, str(refusal))
         raise AssertionError("unreachable")  # context.abort raises
 
@@ -239,15 +243,31 @@ def start(
     return RunningConnector(server=server, port=port, connector=connector, worker=worker, health=health_servicer)
 
 
+def check_certificates(config: ConnectorConfig) -> TlsIdentity | None:
+    """The checked server certificate (None under insecure_plaintext); raises TlsError naming every file that is
+    wrong (``check-config`` says the same). A certificate that ends soon is logged."""
+    identities = check_tls(config.tls_files())
+    for identity in identities:
+        if identity.expiry_warning() is not None:
+            log.warning(
+                "TLS certificate expires soon", extra={"role": identity.role, "days_left": round(identity.days_left())}
+            )
+    return identities[0] if identities else None
+
+
 def serve(config: ConnectorConfig) -> RunningConnector:
     """Start the connector the config describes."""
     server = config.server
+    # Certificates first: with a wrong one the connector would start and refuse every gateway's handshake.
+    identity = check_certificates(config)
     credentials = None
-    if not server.insecure_plaintext:
-        if not (server.tls_cert and server.tls_key and server.tls_ca):
-            raise ConfigError("server.tls_cert, server.tls_key and server.tls_ca are required (or insecure_plaintext)")
-        credentials = server_credentials(server.tls_cert, server.tls_key, server.tls_ca)
+    if identity is not None:
+        credentials = grpc.ssl_server_credentials(
+            [(identity.key_pem, identity.cert_pem)], root_certificates=identity.ca_pem, require_client_auth=True
+        )
     metrics = ConnectorMetrics(process_registry())
+    if identity is not None:
+        metrics.service.watch_certificates({identity.role: identity.not_after.timestamp()})
     running = start(
         build_connector(config, metrics=metrics, require_database=False),
         listen=server.listen,

@@ -5,6 +5,7 @@ hedui-gateway migrate --config gateway.toml    apply database migrations (alembi
 hedui-gateway check-config --config FILE       validate a config, the keystore and the database schema
 hedui-gateway config-keys                      every config key with its default and meaning
 hedui-gateway status --config FILE             units, their health, and batches by state
+hedui-gateway resend --config FILE --unit UNIT [--batch ID ...]   put a unit's failed batches back into the outbox
 hedui-gateway staff bootstrap-admin|add|revoke|list --config FILE ...   the staff register (Procedure V)
 hedui-gateway audit verify|head --config FILE   check the hash-chained audit log; print its head to record
 """
@@ -12,6 +13,9 @@ hedui-gateway audit verify|head --config FILE   check the hash-chained audit log
 from __future__ import annotations
 
 import argparse
+import getpass
+import os
+import re
 import signal
 import sys
 import threading
@@ -32,12 +36,14 @@ from gateway.config import GatewayConfig
 from gateway.database import current_revision, head_revision, open_database, upgrade
 from gateway.server import build
 from gateway.staff import StaffError, StaffMember, StaffRegister
-from gateway.store import GatewayStore
+from gateway.store import GatewayStore, ResendRefused
 from keys import keystore
 from keys.announcements import MAX_BUNDLE_BYTES, dearmor, read_bundle
 from keys.clock import SystemClock
 from keys.fingerprint import Algorithm
 from keys.keyring import Keyring
+from keys.party import is_party_id
+from keys.tls import check_tls
 
 #: Dates on the command line are Beijing time (UTC+8, no daylight saving): where the agencies are.
 CHINA_TIME = timezone(timedelta(hours=8), "CST")
@@ -65,14 +71,22 @@ def _migrate(args: argparse.Namespace) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     config = GatewayConfig.load(Path(args.config))
+    # The same check serve runs at start (gateway.server.check_certificates).
+    identities = check_tls(config.tls_files())
     passphrase = keystore.read_passphrase_file(config.keys.passphrase_file)
     party, trust = keystore.load(config.keys.keystore, passphrase)
+    if party.party_id != config.agency.party_id:
+        raise HeduiError(f"keystore belongs to {party.party_id}, config says {config.agency.party_id}")
     missing = [u.party_id for u in config.units if trust.keyring(u.party_id) is None]
     if missing:
         raise HeduiError(f"units not in the trust store: {', '.join(missing)}")
     engine = open_database(config.database.url)
     engine.dispose()
-    print(f"config OK: {party.party_id}, {len(config.units)} units, schema at {head_revision()}")
+    warnings = [w for w in (identity.expiry_warning() for identity in identities) if w]
+    for warning in warnings:
+        print(f"hedui-gateway: warning: {warning}", file=sys.stderr)
+    noted = f" ({len(warnings)} warning{'s' if len(warnings) > 1 else ''})" if warnings else ""
+    print(f"config OK: {party.party_id}, {len(config.units)} units, schema at {head_revision()}{noted}")
 
 
 def _keys(args: argparse.Namespace) -> None:
@@ -98,6 +112,42 @@ def _status(args: argparse.Namespace) -> None:
         for line in by_unit.get(unit.unit_id, []):
             print(f"    {line}")
     store.engine.dispose()
+
+
+_LOGIN_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
+
+
+def _operator() -> str:
+    """Who runs the command, for the audit log: the login behind sudo (the helpers in docs/operations.md run us as
+    hedui), else the current user."""
+    try:
+        login = os.environ.get("SUDO_USER") or getpass.getuser()
+    except (KeyError, OSError):
+        login = ""
+    return f"operator:{login}" if _LOGIN_RE.fullmatch(login) else "operator"
+
+
+def _resend(args: argparse.Namespace) -> None:
+    config = GatewayConfig.load(Path(args.config))
+    unit = next((u for u in config.units if u.party_id == args.unit), None)
+    if unit is None:
+        named = args.unit if is_party_id(args.unit) else "--unit"
+        raise ResendRefused(f"{named} is not a unit in [[units]] of {args.config}; nothing was re-queued")
+    store = GatewayStore(open_database(config.database.url))
+    try:
+        audit, now = AuditLog(store.engine), SystemClock().now_ms()
+        resent = store.resend_failed(unit.party_id, args.batch or [], audit=audit, actor=_operator(), now_ms=now)
+    finally:
+        store.engine.dispose()
+    if not resent:
+        print(f"{unit.party_id} has no failed batches; nothing was re-queued")
+        return
+    for batch in resent:
+        print(f"  {batch.batch_id}  {batch.items} items  (was refused: {batch.last_error or 'no reason kept'})")
+    items = sum(b.items for b in resent)
+    print(f"re-queued {len(resent)} batches ({items} items) for {unit.party_id}: sent again at its next cycle")
+    if not unit.enabled or unit.exchange_mode == "media":
+        print(f"note: {unit.party_id} is disabled or media-only in the config; the batches wait until that changes")
 
 
 def _day_start_ms(text: str, *, days_later: int = 0) -> int:
@@ -307,6 +357,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.add_argument("--config", required=True)
         command.set_defaults(func=func_)
     sub.add_parser("config-keys", help="list every config key").set_defaults(func=_keys)
+    resend = sub.add_parser(
+        "resend", help="put a unit's failed (refused) batches back into the outbox, after the cause is fixed"
+    )
+    resend.add_argument("--config", required=True)
+    resend.add_argument("--unit", required=True, help="the unit's party id, e.g. unit.220100.tax")
+    resend.add_argument(
+        "--batch", action="append", metavar="BATCH_ID", help="only this failed batch (repeatable; default: all)"
+    )
+    resend.set_defaults(func=_resend)
     _add_staff_and_audit(sub)
     args = parser.parse_args(argv)
     return run("hedui-gateway", args)

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from common.config import DatabaseUrl, doc, load_file
+from common.config import ConfigError, DatabaseUrl, doc, load_file
 from common.metrics import MetricsSection
 from connectors.config import unit_category_by_name
 from keys.party import check_party_id
+from keys.tls import TlsFiles
 
 LEVELS = ("province", "city", "county")
 EXCHANGE_MODES = ("system", "media", "both")
 POLICIES = ("monthly", "continuous")
+
+#: The party the agency API's server certificate names: "<agency party id>.api" ('hedui-keys ca issue --party
+#: agency.220100.api --server', docs/operations.md); the agency's own party id is on its client certificate.
+API_PARTY_SUFFIX = ".api"
+_HOST = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)$")
+
+
+def check_endpoint(endpoint: str) -> None:
+    """Raise ValueError unless ``endpoint`` is host:port (a DNS name, an IPv4 address or [IPv6]; port 1-65535)."""
+    host, sep, port = endpoint.rpartition(":")
+    if not (sep and _HOST.match(host) and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(
+            f"units.endpoint must be host:port with a port 1-65535 (e.g. 10.20.1.11:50061), not {endpoint!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,7 @@ class UnitEntry:
     def __post_init__(self) -> None:
         check_party_id(self.party_id)
         unit_category_by_name(self.category)
+        check_endpoint(self.endpoint)
         if self.exchange_mode not in EXCHANGE_MODES:
             raise ValueError(f"units.exchange_mode must be one of {', '.join(EXCHANGE_MODES)}")
 
@@ -173,6 +190,26 @@ class GatewayConfig:
         clients = [c.party_id for c in self.clients]
         if len(set(clients)) != len(clients):
             raise ValueError("a client is listed twice in [[clients]]")
+
+    def tls_files(self) -> list[TlsFiles]:
+        """The TLS identities ``serve`` uses, to check (keys/tls.py ``check_tls``): the agency API's server
+        certificate and the client certificate towards connectors, each unless its insecure_plaintext is set."""
+        files = []
+        server, client = self.server, self.client_tls
+        if not server.insecure_plaintext:
+            if not (server.tls_cert and server.tls_key and server.tls_ca):
+                raise ConfigError(
+                    "server.tls_cert, server.tls_key and server.tls_ca are required (or insecure_plaintext)"
+                )
+            party = self.agency.party_id + API_PARTY_SUFFIX
+            files.append(TlsFiles("server", "server", party, server.tls_cert, server.tls_key, server.tls_ca))
+        if not client.insecure_plaintext:
+            if not (client.cert and client.key and client.ca):
+                raise ConfigError(
+                    "client_tls.cert, client_tls.key and client_tls.ca are required (or insecure_plaintext)"
+                )
+            files.append(TlsFiles("client_tls", "client", self.agency.party_id, client.cert, client.key, client.ca))
+        return files
 
     @classmethod
     def load(cls, path: Path) -> GatewayConfig:

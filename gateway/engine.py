@@ -150,7 +150,12 @@ class ExchangeEngine:
                 self.metrics.unit_failed(unit.unit_id)
             log.warning(
                 "unit unreachable; backing off",
-                extra={"unit": unit.unit_id, "status": failure.status, "failures": failures},
+                extra={
+                    "unit": unit.unit_id,
+                    "status": failure.status,
+                    "reason": failure.reason or "-",
+                    "failures": failures,
+                },
             )
             return report
         if report.sent or report.answered or report.acknowledged or unit.consecutive_failures:
@@ -207,10 +212,18 @@ class ExchangeEngine:
             self.store.send_failed(batch.batch_id, "transport", self._now())
             raise
         except UnitRefusal as refusal:
-            self.store.refused(batch.batch_id, refusal.status)
+            # Kept in the batch row and shown (hedui_batches_failed, hedui-gateway status); once the cause is fixed,
+            # ``hedui-gateway resend`` puts the batch back into the outbox.
+            self.store.refused(batch.batch_id, refusal.summary)
             log.error(
                 "unit refused a batch",
-                extra={"unit": batch.unit_id, "batch_id": batch.batch_id, "status": refusal.status},
+                extra={
+                    "unit": batch.unit_id,
+                    "batch_id": batch.batch_id,
+                    "status": refusal.status,
+                    "reason": refusal.reason or "-",
+                    "detail": str(refusal),
+                },
             )
             return
         try:

@@ -135,8 +135,8 @@ class GatewayMetrics:
                 self.job_runs.labels(name, outcome)
 
     def watch_store(self, engine: Engine) -> None:
-        """Export outbox depth, overdue items, unit availability and commissions by state from the database,
-        read when Prometheus scrapes (a few COUNT queries on indexed columns)."""
+        """Export outbox depth, overdue items, failed batches, unit availability and commissions by state from the
+        database, read when Prometheus scrapes (a few COUNT queries on indexed columns)."""
         self.registry.register(_StoreCollector(engine))
 
     def watch_keys(self, expiries: KeyExpiries) -> None:
@@ -181,6 +181,10 @@ _UNIT_UP = "Whether the last call to the unit succeeded (1) or it is backing off
 _OUTBOX = "Subjects waiting to be sent to the unit: queued items not yet in a batch, and batches ready to send."
 _OVERDUE = "Subjects in batches past their clause-12 due date without an answer (marked by the deadline sweep)."
 _COMMISSIONS = "Commissions by workflow state."
+_FAILED = (
+    "Batches the unit refused for good (state failed): they wait for an operator, who fixes the cause and runs "
+    "'hedui-gateway resend'."
+)
 
 
 class _StoreCollector(Collector):
@@ -194,13 +198,14 @@ class _StoreCollector(Collector):
             GaugeMetricFamily("hedui_outbox_depth", _OUTBOX, labels=["unit"]),
             GaugeMetricFamily("hedui_queries_overdue", _OVERDUE, labels=["unit"]),
             GaugeMetricFamily("hedui_commissions", _COMMISSIONS, labels=["state"]),
+            GaugeMetricFamily("hedui_batches_failed", _FAILED, labels=["unit"]),
         )
 
     def describe(self) -> Iterator[Metric]:
         return iter(self._families())
 
     def collect(self) -> Iterator[Metric]:
-        up, outbox, overdue, commissions = self._families()
+        up, outbox, overdue, commissions, failed = self._families()
         try:
             with reading(self.engine) as conn:
                 units = conn.execute(
@@ -227,6 +232,8 @@ class _StoreCollector(Collector):
                 ready = {r[0]: int(r[1]) for r in conn.execute(by_state.where(s.batches.c.state == "ready"))}
                 late_batches = by_state.where(s.batches.c.state == "receipted", s.batches.c.overdue.is_(True))
                 late = {r[0]: int(r[1]) for r in conn.execute(late_batches)}
+                refused = select(s.batches.c.unit_id, func.count()).where(s.batches.c.state == "failed")
+                failures = {r[0]: int(r[1]) for r in conn.execute(refused.group_by(s.batches.c.unit_id))}
                 by_commission_state = select(s.commissions.c.state, func.count()).group_by(s.commissions.c.state)
                 states = {r[0]: int(r[1]) for r in conn.execute(by_commission_state)}
         except SQLAlchemyError as exc:
@@ -237,9 +244,12 @@ class _StoreCollector(Collector):
             up.add_metric([unit.unit_id], 1.0 if unit.consecutive_failures == 0 else 0.0)
             outbox.add_metric([unit.unit_id], float(queued[unit.unit_id] + ready.get(unit.unit_id, 0)))
             overdue.add_metric([unit.unit_id], float(late.get(unit.unit_id, 0)))
+        # Also units disabled or switched to media since: their failed batches still wait for someone.
+        for unit_id in sorted({u.unit_id for u in units} | set(failures)):
+            failed.add_metric([unit_id], float(failures.get(unit_id, 0)))
         for state in sorted(set(STATE_TO_PB) | set(states)):
             commissions.add_metric([state], float(states.get(state, 0)))
-        yield from (up, outbox, overdue, commissions)
+        yield from (up, outbox, overdue, commissions, failed)
 
 
 _KEY_EXPIRY = (

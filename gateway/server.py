@@ -36,7 +36,7 @@ from keys.clock import DAY_MS, Clock, SystemClock
 from keys.envelope import Courier
 from keys.identity import PartyKeys
 from keys.keyring import KeyRecord, KeyState
-from keys.tls import read_private_key
+from keys.tls import TlsIdentity, check_tls
 from keys.truststore import TrustStore
 
 log = logging.getLogger("hedui.gateway")
@@ -45,13 +45,17 @@ log = logging.getLogger("hedui.gateway")
 KEY_WARNING_DAYS = 7
 
 
-def _client_tls(config: GatewayConfig) -> ClientTls | None:
-    section = config.client_tls
-    if section.insecure_plaintext:
-        return None
-    if not (section.cert and section.key and section.ca):
-        raise ConfigError("client_tls.cert, client_tls.key and client_tls.ca are required (or insecure_plaintext)")
-    return ClientTls.from_files(section.cert, section.key, section.ca)
+def check_certificates(config: GatewayConfig) -> dict[str, TlsIdentity]:
+    """The checked TLS identities by role ("server": the agency API, "client": towards connectors), each missing
+    under its insecure_plaintext; raises TlsError naming every file that is wrong (``check-config`` says the same).
+    Certificates that end soon are logged."""
+    identities = {identity.role: identity for identity in check_tls(config.tls_files())}
+    for identity in identities.values():
+        if identity.expiry_warning() is not None:
+            log.warning(
+                "TLS certificate expires soon", extra={"role": identity.role, "days_left": round(identity.days_left())}
+            )
+    return identities
 
 
 class KeyWatch:
@@ -121,6 +125,8 @@ class RunningGateway:
 def build(config: GatewayConfig) -> RunningGateway:
     """Wire and start everything the config describes."""
     tune_allocator()
+    # Certificates first: a wrong one would otherwise start a gateway that reaches no unit.
+    identities = check_certificates(config)
     passphrase = keystore.read_passphrase_file(config.keys.passphrase_file)
     party, trust = keystore.load(config.keys.keystore, passphrase)
     if party.party_id != config.agency.party_id:
@@ -143,7 +149,9 @@ def build(config: GatewayConfig) -> RunningGateway:
     courier = Courier(party, trust, replay=store.replay, clock=clock)
     courier.on_reject = metrics.service.counting_rejections(courier.on_reject)
     metrics.watch_store(engine)
-    tls = _client_tls(config)
+    metrics.service.watch_certificates({role: identity.not_after.timestamp() for role, identity in identities.items()})
+    client = identities.get("client")
+    tls = ClientTls(client.cert_pem, client.key_pem, client.ca_pem) if client else None
     ex = config.exchange
     clients = {u.party_id: UnitClient(u.endpoint, tls, ex.request_timeout_seconds) for u in config.units}
     settings = EngineSettings(
@@ -183,7 +191,7 @@ def build(config: GatewayConfig) -> RunningGateway:
     audit = AuditLog(engine)
     workflow = Workflow(store=store, audit=audit, staff=StaffRegister(engine, audit), clock=clock, agency=party)
     scheduler.start()
-    server, port, health_servicer = _grpc_server(config, workflow, metrics)
+    server, port, health_servicer = _grpc_server(config, workflow, metrics, identities.get("server"))
     metrics_server = serve_metrics(config.metrics.listen, metrics.registry)
     log.info("gateway running", extra={"port": port, "replica": ex.replica_id, "units": len(clients)})
     return RunningGateway(
@@ -212,17 +220,13 @@ def serve_api(
 
 
 def _grpc_server(
-    config: GatewayConfig, workflow: Workflow, metrics: GatewayMetrics
+    config: GatewayConfig, workflow: Workflow, metrics: GatewayMetrics, identity: TlsIdentity | None
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     section = config.server
     credentials = None
-    if not section.insecure_plaintext:
-        if not (section.tls_cert and section.tls_key and section.tls_ca):
-            raise ConfigError("server.tls_cert, server.tls_key and server.tls_ca are required (or insecure_plaintext)")
+    if identity is not None:
         credentials = grpc.ssl_server_credentials(
-            [(read_private_key(section.tls_key), section.tls_cert.read_bytes())],
-            root_certificates=section.tls_ca.read_bytes(),
-            require_client_auth=True,
+            [(identity.key_pem, identity.cert_pem)], root_certificates=identity.ca_pem, require_client_auth=True
         )
     clients = {c.party_id: c.role for c in config.clients}
     return serve_api(

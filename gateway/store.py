@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -23,8 +24,11 @@ from sqlalchemy.engine import Connection
 
 from common.dates import to_pb
 from common.db import reading
+from common.errors import HeduiError
 from common.replaystore import SqlReplayCache
 from gateway import schema as s
+from gateway.audit import AuditLog
+from keys.party import is_party_id
 
 #: Rows per executemany chunk and ids per IN list (well below SQLite's variable limit).
 CHUNK = 5000
@@ -83,6 +87,22 @@ class BatchWork:
     received_at_ms: int | None = None
 
 
+@dataclass(frozen=True)
+class ResentBatch:
+    """A failed batch put back into the outbox, with the refusal it had (``status: reason``)."""
+
+    batch_id: str
+    items: int
+    last_error: str | None
+
+
+class ResendRefused(HeduiError):
+    """A resend that names an unknown unit, or batches that are unknown, of another unit or not failed; nothing
+    was changed."""
+
+    code = "resend_refused"
+
+
 def _ym(value: tuple[int, int]) -> str:
     return f"{value[0]:04d}-{value[1]:02d}"
 
@@ -90,6 +110,10 @@ def _ym(value: tuple[int, int]) -> str:
 def _parse_ym(text: str) -> records_pb2.YearMonth:
     year, month = text.split("-")
     return records_pb2.YearMonth(year=int(year), month=int(month))
+
+
+#: What new_batch_id makes.
+BATCH_ID_RE = re.compile(r"B[0-9a-f]{32}")
 
 
 def new_batch_id() -> str:
@@ -499,11 +523,65 @@ class GatewayStore:
             )
 
     def refused(self, batch_id: str, reason: str) -> None:
-        """The unit refused the batch for a reason a retry cannot cure: an operator must look at it."""
+        """The unit refused the batch for a reason a retry cannot cure: an operator must look at it, and once the
+        cause is fixed puts it back with :meth:`resend_failed`. ``reason`` is kept in ``last_error``."""
         with self.engine.begin() as conn:
             self._finish(
-                conn, batch_id, ("ready",), state="failed", attempts=s.batches.c.attempts + 1, last_error=reason
+                conn, batch_id, ("ready",), state="failed", attempts=s.batches.c.attempts + 1, last_error=reason[:64]
             )
+
+    def resend_failed(
+        self, unit_id: str, batch_ids: Sequence[str], *, audit: AuditLog, actor: str, now_ms: int
+    ) -> list[ResentBatch]:
+        """Put the unit's failed batches (those in ``batch_ids``, or all when empty) back into the outbox, ready to
+        be sent at the unit's next cycle with the same id and content; one audit entry per batch, in the same
+        transaction. ``attempts`` and ``last_error`` are kept as the batch's history; the unit's health and backoff
+        are not touched. An unknown unit, or a batch that is unknown, of another unit or not failed, is refused
+        with ResendRefused and nothing changes. Returns the batches re-queued."""
+        if not is_party_id(unit_id):
+            raise ResendRefused("--unit is a unit's party id, e.g. unit.220100.tax")
+        if not all(BATCH_ID_RE.fullmatch(i) for i in batch_ids):
+            # Not repeated: a mistyped argument might be anything, an ID number too.
+            raise ResendRefused("a batch id is B and 32 hex digits, as 'hedui-gateway status' and the log show them")
+        batch_ids = list(dict.fromkeys(batch_ids))
+        b = s.batches.c
+        with self.engine.begin() as conn:
+            if conn.execute(select(s.units.c.unit_id).where(s.units.c.unit_id == unit_id)).first() is None:
+                raise ResendRefused(f"no unit {unit_id} in the gateway's database (see 'hedui-gateway status')")
+            query = select(b.batch_id, b.unit_id, b.state, b.commission_id, b.subject_count, b.last_error)
+            if batch_ids:
+                query = query.where(b.batch_id.in_(list(batch_ids)))
+            else:
+                query = query.where(b.unit_id == unit_id, b.state == "failed")
+            if self.is_postgres:
+                query = query.with_for_update()
+            found = {r.batch_id: r for r in conn.execute(query.order_by(b.created_at_ms, b.batch_id))}
+            problems = [f"{i}: no such batch" for i in batch_ids if i not in found]
+            problems += [f"{r.batch_id}: a batch of {r.unit_id}" for r in found.values() if r.unit_id != unit_id]
+            problems += [
+                f"{r.batch_id}: {r.state}, not failed"
+                for r in found.values()
+                if r.unit_id == unit_id and r.state != "failed"
+            ]
+            if problems:
+                raise ResendRefused(f"nothing was re-queued; {'; '.join(sorted(problems))}")
+            for row in found.values():
+                conn.execute(
+                    update(s.batches)
+                    .where(b.batch_id == row.batch_id, b.state == "failed")
+                    .values(state="ready", next_attempt_ms=0, claimed_by=None, claim_until_ms=None)
+                )
+                audit.append(
+                    conn,
+                    at_ms=now_ms,
+                    actor=actor,
+                    action="batch.resend",
+                    commission_id=row.commission_id,
+                    before="failed",
+                    after="ready",
+                    detail=f"unit={unit_id};batch={row.batch_id};items={row.subject_count}",
+                )
+        return [ResentBatch(r.batch_id, int(r.subject_count), r.last_error) for r in found.values()]
 
     def still_pending(
         self, batch_id: str, due: date, delay_reason: str | None, next_poll_ms: int, *, today: date

@@ -6,6 +6,7 @@ backoff) or a *refusal* (the unit looked at the batch and will never accept it a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import grpc
 from hedui.v1 import exchange_pb2, exchange_pb2_grpc
 
 from common.errors import HeduiError
+from common.logs import redact
+from common.rpc import REFUSAL_REASON_KEY
 from keys.tls import read_private_key
 
 MAX_MESSAGE_BYTES = 33 * 1024 * 1024
@@ -34,14 +37,30 @@ _TRANSIENT = {
 }
 
 
+#: A reason code as connectors send it (``staff_not_registered``); anything else from the peer is dropped.
+_REASON_RE = re.compile(r"[a-z][a-z0-9_]{0,39}")
+#: Characters of a unit's status message kept for logs and the batch row.
+DETAIL_CHARS = 120
+_UNSAFE_RE = re.compile(r"[^ -~]+|[0-9]{6,}")
+
+
+def public_detail(text: str) -> str:
+    """A unit's status message made fit for logs and the database: printable ASCII only (names are written in CJK
+    characters), long digit runs (ID numbers, account numbers) replaced, at most DETAIL_CHARS characters. A connector
+    never puts personal data there (docs/exchange.md); this is the second line of defence for a peer that does."""
+    return _UNSAFE_RE.sub("?", redact(text)).strip()[:DETAIL_CHARS]
+
+
 class TransportFailure(HeduiError):
     """The call did not produce an answer; try again later."""
 
     code = "transport"
 
-    def __init__(self, status: str, message: str) -> None:
+    def __init__(self, status: str, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        #: The unit's reason code (e.g. ``calendar_year_unknown``) when it sent one.
+        self.reason = reason
 
 
 class UnitRefusal(HeduiError):
@@ -49,9 +68,17 @@ class UnitRefusal(HeduiError):
 
     code = "refused"
 
-    def __init__(self, status: str, message: str) -> None:
+    def __init__(self, status: str, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        #: The unit's reason code (e.g. ``staff_not_registered``); None from a connector that sends none.
+        self.reason = reason
+
+    @property
+    def summary(self) -> str:
+        """What the batch row keeps (at most 64 characters): ``status: reason``, or ``status: message`` from a
+        connector that sends no reason code."""
+        return f"{self.status}: {self.reason or str(self)}"[:64]
 
 
 @dataclass(frozen=True)
@@ -94,11 +121,12 @@ class UnitClient:
             reply = method(exchange_pb2.SealedMessage(envelope=envelope), timeout=self.timeout)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-            details = (exc.details() if hasattr(exc, "details") else "") or ""
+            details = public_detail((exc.details() if hasattr(exc, "details") else "") or "")
             name = code.name.lower() if code is not None else "unknown"
+            reason = _reason(exc)
             if code in _TRANSIENT:
-                raise TransportFailure(name, details[:200]) from None
-            raise UnitRefusal(name, details[:200]) from None
+                raise TransportFailure(name, details, reason) from None
+            raise UnitRefusal(name, details, reason) from None
         return bytes(reply.envelope)
 
     def submit(self, envelope: bytes) -> bytes:
@@ -112,3 +140,13 @@ class UnitClient:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def _reason(exc: grpc.RpcError) -> str | None:
+    """The reason code the connector sent in the trailing metadata, if it is one."""
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for item in trailing or ():
+        key, value = item.key, item.value
+        if key == REFUSAL_REASON_KEY and isinstance(value, str) and _REASON_RE.fullmatch(value):
+            return value
+    return None

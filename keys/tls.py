@@ -32,6 +32,13 @@ Design:
   reading it at start could only keep the passphrase next to the key. Its protection is the file mode (0600,
   written by ``keys.keystore.write_private_file``) and the short lifetime of the certificate.
 
+- Checking what is installed: ``check_tls`` takes the (certificate, key, CA) files a service's config names and
+  verifies them as the service will use them: readable, the key belongs to the certificate, the certificate is
+  signed by the CA, valid now, has the extended key usage of its role and names the configured party. Both
+  services' ``check-config`` and ``serve`` run it, so a certificate that would fail the TLS handshakes (and leave
+  every peer "unreachable") is refused at once with the file named; a certificate ending within
+  ``EXPIRY_WARNING`` gets a warning. The services read certificates only at start: a renewed file needs a restart.
+
 Every failure raises :class:`TlsError` with a message fit for an operator; none carries key material.
 """
 
@@ -41,11 +48,14 @@ import datetime as dt
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keys.errors import KeysError, KeystoreError
@@ -433,3 +443,200 @@ def certificate_summary(pem: bytes, *, now: dt.datetime | None = None) -> str:
 def read_private_key(path: Path) -> bytes:
     """The PEM private key of a TLS certificate, refused (KeystoreError) unless only its owner can read it."""
     return read_secret_file(path, what="TLS private key", limit=MAX_PRIVATE_KEY_FILE_BYTES)
+
+
+#: ``check-config`` warns when a certificate stops being valid within this long (the alert fires at 21 days).
+EXPIRY_WARNING = dt.timedelta(days=30)
+#: How a service uses a certificate, and the extended key usage that use needs.
+ROLE_USAGES = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
+#: A PEM certificate or CA file is a few kilobytes; anything far larger is not one.
+MAX_CERTIFICATE_FILE_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """One TLS identity as a config names it, to be checked by ``check_tls``.
+
+    ``cert`` is the certificate the service presents, ``key`` its private key, ``ca`` the CA certificate(s) the
+    peers' certificates chain to (one private CA signs both sides, so ours must chain to it too). ``role`` is
+    "server" or "client", ``party`` the party id the certificate must name, ``section`` the config section the
+    three keys are in (for messages).
+    """
+
+    section: str
+    role: str
+    party: str
+    cert: Path
+    key: Path
+    ca: Path
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLE_USAGES:
+            raise ValueError(f"a TLS role is one of {', '.join(ROLE_USAGES)}, not {self.role!r}")
+
+    def where(self, what: str, path: Path) -> str:
+        """The start of a message about one of the files: ``[server] certificate /etc/hedui/tls/x.crt``."""
+        return f"[{self.section}] {what} {path}"
+
+
+@dataclass(frozen=True, repr=False)
+class TlsIdentity:
+    """A checked TLS identity: the PEM bytes to hand to grpc, and when the certificate stops being valid."""
+
+    files: TlsFiles
+    cert_pem: bytes
+    key_pem: bytes
+    ca_pem: bytes
+    not_after: dt.datetime
+
+    def __repr__(self) -> str:  # never the key
+        return f"TlsIdentity({self.files.section}, {self.files.role} certificate of {self.files.party})"
+
+    @property
+    def role(self) -> str:
+        return self.files.role
+
+    def days_left(self, now: dt.datetime | None = None) -> float:
+        """Days until the certificate stops being valid (negative once it has)."""
+        return (self.not_after - _now(now)).total_seconds() / 86_400
+
+    def expiry_warning(self, now: dt.datetime | None = None) -> str | None:
+        """A line for the operator when the certificate stops being valid within ``EXPIRY_WARNING``, else None."""
+        days = self.days_left(now)
+        if days >= EXPIRY_WARNING.total_seconds() / 86_400:
+            return None
+        return (
+            f"{self.files.where(f'{self.role} certificate', self.files.cert)} expires in {days:.1f} days "
+            f"({_utc(self.not_after)}): issue a new one ('hedui-keys ca issue'), install it and restart the service"
+        )
+
+
+def _read_pem(files: TlsFiles, what: str, path: Path) -> bytes:
+    where = files.where(what, path)
+    try:
+        if path.stat().st_size > MAX_CERTIFICATE_FILE_BYTES:
+            raise TlsError(f"{where} is too large to be a PEM certificate")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TlsError(f"{where} does not exist") from None
+    except OSError as exc:
+        raise TlsError(f"{where} cannot be read: {exc.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise TlsError(f"{where} is not a PEM certificate (no '-----BEGIN CERTIFICATE-----'; gRPC reads PEM only)")
+    return data
+
+
+def _parse_certificates(files: TlsFiles, what: str, path: Path, data: bytes) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise TlsError(f"{files.where(what, path)} is not a readable X.509 certificate") from None
+
+
+def _spki(public_key: PublicKeyTypes) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _usages(cert: x509.Certificate) -> list[x509.ObjectIdentifier] | None:
+    """The extended key usages, or None when the certificate does not restrict them."""
+    try:
+        return list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return None
+
+
+def check_tls_files(files: TlsFiles, *, now: dt.datetime | None = None) -> TlsIdentity:
+    """Check one configured TLS identity as its service will use it; raise TlsError listing what is wrong.
+
+    Checked: the three files exist and are readable (the key only by its owner, ``read_private_key``) and hold PEM;
+    the key belongs to the certificate; a certificate of the CA file is a CA, valid now, and signed the certificate;
+    the certificate is valid now (a ``not_before`` up to ``CLOCK_SKEW`` ahead is accepted, an ended one is not: the
+    peers refuse it); a certificate that restricts its extended key usage allows the role's (serverAuth or
+    clientAuth); and ``party_from_certificate`` names ``files.party``. Each problem is one line naming the file.
+    """
+    moment = _now(now)
+    cert_what = f"{files.role} certificate"
+    cert_pem = _read_pem(files, cert_what, files.cert)
+    cert = _parse_certificates(files, cert_what, files.cert, cert_pem)[0]
+    try:
+        key_pem = read_private_key(files.key)
+    except KeystoreError as exc:
+        raise TlsError(f"[{files.section}] {exc}") from None
+    ca_pem = _read_pem(files, "CA certificate", files.ca)
+    cas = _parse_certificates(files, "CA certificate", files.ca, ca_pem)
+    problems: list[str] = []
+    where_cert = files.where(cert_what, files.cert)
+    where_key = files.where("private key", files.key)
+    where_ca = files.where("CA certificate", files.ca)
+    try:
+        key = serialization.load_pem_private_key(key_pem, None)
+    except TypeError:
+        problems.append(f"{where_key} is encrypted: gRPC cannot ask for a passphrase; install the unencrypted key")
+    except (ValueError, UnsupportedAlgorithm):
+        problems.append(f"{where_key} is not a PEM private key")
+    else:
+        if _spki(key.public_key()) != _spki(cert.public_key()):
+            problems.append(f"{where_key} does not belong to the certificate {files.cert} (a key of another one)")
+    authorities = [ca for ca in cas if _is_ca(ca)]
+    issuers = [ca for ca in authorities if _issued_by(cert, ca)]
+    if not authorities:
+        problems.append(f"{where_ca} is not a CA certificate (BasicConstraints ca=True missing): the wrong file?")
+    elif not issuers:
+        problems.append(
+            f"{where_cert} is not signed by the CA in {files.ca} (issued by {cert.issuer.rfc4514_string()})"
+        )
+    elif all(moment > ca.not_valid_after_utc for ca in issuers):
+        problems.append(f"{where_ca} expired on {_utc(max(ca.not_valid_after_utc for ca in issuers))}")
+    if moment + CLOCK_SKEW < cert.not_valid_before_utc:
+        problems.append(
+            f"{where_cert} is not yet valid: valid from {_utc(cert.not_valid_before_utc)} "
+            f"(now {_utc(moment)}; check the system clock)"
+        )
+    elif moment > cert.not_valid_after_utc:
+        problems.append(f"{where_cert} expired on {_utc(cert.not_valid_after_utc)}")
+    needed = ROLE_USAGES[files.role]
+    usages = _usages(cert)
+    if usages is not None and needed not in usages and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in usages:
+        allowed = ", ".join(_USAGE_NAMES.get(oid, oid.dotted_string) for oid in usages) or "none"
+        problems.append(
+            f"{where_cert} is not for a {files.role} (extended key usage {allowed}, {_USAGE_NAMES[needed]} needed): "
+            f"issue one with 'hedui-keys ca issue --{files.role}'"
+        )
+    party = party_from_certificate(cert_pem)
+    if party != files.party:
+        named = f"party {party}" if party else "no party (no hedui://party/ URI)"
+        problems.append(f"{where_cert} names {named}, but must name {files.party}")
+    if problems:
+        raise TlsError("\n".join(problems))
+    return TlsIdentity(files, cert_pem, key_pem, ca_pem, cert.not_valid_after_utc)
+
+
+def check_tls(files: Iterable[TlsFiles], *, now: dt.datetime | None = None) -> list[TlsIdentity]:
+    """``check_tls_files`` for every identity; one TlsError with every problem of all of them (one per line)."""
+    identities: list[TlsIdentity] = []
+    problems: list[str] = []
+    for one in files:
+        try:
+            identities.append(check_tls_files(one, now=now))
+        except TlsError as exc:
+            problems.extend(str(exc).splitlines())
+    if len(problems) == 1:
+        raise TlsError(problems[0])
+    if problems:
+        raise TlsError(f"{len(problems)} TLS problems:\n" + "\n".join(f"  {p}" for p in problems))
+    return identities

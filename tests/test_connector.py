@@ -12,6 +12,7 @@ import grpc
 import pytest
 from hedui.v1 import exchange_pb2, exchange_pb2_grpc, records_pb2
 
+from common.rpc import REFUSAL_REASON_KEY
 from connectors.adapters.base import AdapterError, Finding, LookupContext
 from connectors.connector import ANSWER_RETRY_BASE_MS
 from connectors.errors import DelayRefused
@@ -39,6 +40,11 @@ def _date(d: records_pb2.Date) -> date:
 
 def _code(excinfo: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
     return excinfo.value.code()
+
+
+def _sent_reason(excinfo: pytest.ExceptionInfo[grpc.RpcError]) -> list[str | bytes]:
+    """The reason codes the connector sent with the status (trailing metadata, docs/exchange.md "Refusals")."""
+    return [m.value for m in excinfo.value.trailing_metadata() or () if m.key == REFUSAL_REASON_KEY]
 
 
 # -- receipts and deadlines ----------------------------------------------------------------------------------------
@@ -270,6 +276,7 @@ def _refused(world: World, batch: exchange_pb2.QueryBatch, code: grpc.StatusCode
     with pytest.raises(grpc.RpcError) as excinfo:
         world.submit(batch)
     assert _code(excinfo) == code
+    assert _sent_reason(excinfo) == [reason]  # the gateway keeps and logs it with the failed batch
     assert world.connector.store.batch_count() == before
     last = list(world.connector.store.audit_entries())[-1]
     assert (last["event"], last["reason"]) == ("refused", reason)
@@ -322,6 +329,7 @@ def test_envelope_from_an_unknown_gateway_is_refused_opaquely(world: World) -> N
         world.stub.SubmitBatch(exchange_pb2.SealedMessage(envelope=envelope))
     assert _code(excinfo) == grpc.StatusCode.UNAUTHENTICATED
     assert excinfo.value.details() == "invalid envelope"
+    assert _sent_reason(excinfo) == ["invalid_envelope"]  # the precise reason stays here
     assert list(world.connector.store.audit_entries())[-1]["reason"] == "envelope_unknown_key"
     assert world.connector.store.batch_count() == 0
 

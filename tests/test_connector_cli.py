@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -200,3 +201,67 @@ def test_a_second_server_on_a_taken_port_is_refused_and_takes_no_traffic(tmp_pat
         for _ in range(5):
             with pki.channel(GATEWAY, port) as channel:
                 _submit_and_collect(exchange_pb2_grpc.ExchangeServiceStub(channel), courier)
+
+
+def _sql_unit(tmp_path: Path, config: Path, query: str) -> str:
+    """Point the connector at a SQLite tax database holding one taxpayer; returns the taxpayer's ID number."""
+    person = next(iter(Population(7).households(1))).members[0]
+    database = tmp_path / "tax.db"
+    with sqlite3.connect(database) as connection:
+        connection.execute(
+            "CREATE TABLE payments (taxpayer TEXT, holder TEXT, month_from TEXT, month_to TEXT, kind TEXT,"
+            " income INTEGER, paid INTEGER)"
+        )
+        connection.execute(
+            "INSERT INTO payments VALUES (?, ?, '2026-01', '2026-03', '个人所得税', 3000000, 45000)",
+            (person.id_number, person.name),
+        )
+    adapter = f'[adapter]\nkind = "sql"\nurl = "sqlite:///{database}"\n\n[adapter.queries]\ntax = """{query}"""\n'
+    text = config.read_text(encoding="utf-8")
+    config.write_text(text.replace('[adapter]\nkind = "synthetic"\nseed = 7\n', adapter), encoding="utf-8")
+    return person.id_number
+
+
+def test_check_config_warns_of_fields_no_query_returns_and_of_a_query_without_the_income_period(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, _, _ = _setup(tmp_path, free_port())
+    _sql_unit(
+        tmp_path,
+        config,
+        "SELECT taxpayer AS id_number, holder AS name, month_from AS period_from, month_to AS period_to,"
+        " kind AS tax_type, income AS taxable_income_fen, paid AS tax_paid_fen FROM payments"
+        " WHERE taxpayer IN :id_numbers",
+    )
+    capsys.readouterr()
+    assert main(["check-config", "--config", str(config)]) == 0
+    captured = capsys.readouterr()
+    assert "config OK" in captured.out and "(2 warnings)" in captured.out
+    assert "does not return self_employed: for every person these fields will be answered empty" in captured.err
+    assert "does not use :income_from and :income_to: it will disclose every period on record" in captured.err
+
+
+def test_test_query_prints_what_the_unit_would_answer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config, _, _ = _setup(tmp_path, free_port())
+    id_number = _sql_unit(
+        tmp_path,
+        config,
+        "SELECT taxpayer AS id_number, holder AS name, month_from AS period_from, month_to AS period_to,"
+        " kind AS tax_type, income AS taxable_income_fen, paid AS tax_paid_fen, 0 AS self_employed FROM payments"
+        " WHERE taxpayer IN :id_numbers AND month_to >= :income_from AND month_from <= :income_to",
+    )
+    other = list(Population(7).households(2))[1].members[0].id_number
+    capsys.readouterr()
+    args = ["test-query", "--config", str(config), "--category", "tax", "--id", id_number, "--id", other]
+    assert main([*args, "--from", "2026-01", "--to", "2026-06"]) == 0
+    out = capsys.readouterr().out
+    assert "tax: income period 2026-01 to 2026-06" in out
+    assert f"{id_number}: 1 record" in out and "taxable_income_fen: 3000000" in out and "个人所得税" in out
+    assert f"{other}: no records" in out
+
+    assert main([*args[:-4], "--category", "deposits", "--id", id_number]) == 1
+    assert "a tax unit answers" in capsys.readouterr().err
+    assert main([*args[:-2], "--id", id_number[:-1] + ("0" if id_number[-1] != "0" else "1")]) == 1
+    assert "--id number 2" in capsys.readouterr().err
+    assert main([*args, "--from", "2026-13"]) == 1
+    assert "--from must be a month" in capsys.readouterr().err

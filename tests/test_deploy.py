@@ -52,7 +52,9 @@ GATEWAY_METRICS = frozenset(
         "hedui_unit_retries_total",
         "hedui_unit_up",
         "hedui_outbox_depth",
+        "hedui_batches_failed",
         "hedui_key_expiry_seconds",
+        "hedui_tls_certificate_expiry_seconds",
         "hedui_scheduler_job_runs_total",
         "hedui_grpc_server_requests_total",
         "hedui_commissions",
@@ -69,6 +71,7 @@ CONNECTOR_METRICS = frozenset(
         "hedui_connector_adapter_failures_total",
         "hedui_envelope_rejections_total",
         "hedui_grpc_server_requests_total",
+        "hedui_tls_certificate_expiry_seconds",
     }
 )
 HISTOGRAMS = ("hedui_batch_round_trip_seconds", "hedui_answer_latency_seconds")

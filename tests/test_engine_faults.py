@@ -3,6 +3,7 @@ a unit back after a day, a gateway restart, and a unit that refuses a batch for 
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from collections.abc import Callable
@@ -12,12 +13,16 @@ from pathlib import Path
 
 import pytest
 from hedui.v1 import exchange_pb2
+from prometheus_client import CollectorRegistry
 from sqlalchemy import func, select
 
 from gateway import schema
+from gateway.audit import AuditLog
+from gateway.cli import main as gateway_main
+from gateway.metrics import GatewayMetrics
 from gateway.transport import ClientTls, UnitClient
 from keys.envelope import message_id_of
-from tests.exchange_world import beijing_ms
+from tests.exchange_world import GATEWAY, beijing_ms
 from tests.gateway_drive import (
     BANK,
     DAY_MS,
@@ -35,7 +40,7 @@ from tests.gateway_drive import (
     settle,
     unit_row,
 )
-from tests.gateway_world import UNITS, GatewayWorld, gateway_settings, gateway_world
+from tests.gateway_world import UNITS, GatewayWorld, gateway_settings, gateway_world, subjects_of
 
 MONDAY = beijing_ms(2026, 3, 2)
 BASE_MS = 1_000
@@ -248,7 +253,9 @@ def test_a_refused_batch_fails_visibly_and_alone(tmp_path: Path, database_url: s
         world.clock.advance(DAY_MS)
         settle(world)
         failed = batch_rows(world, bad)
-        assert failed and {(b.state, b.last_error, b.attempts) for b in failed} == {("failed", "permission_denied", 1)}
+        assert failed and {(b.state, b.last_error, b.attempts) for b in failed} == {
+            ("failed", "permission_denied: staff_not_registered", 1)
+        }
         assert all(b.received_at_ms is None and b.claimed_by is None for b in failed)
         counts: dict[str, int] = {}
         for b in failed:
@@ -264,6 +271,122 @@ def test_a_refused_batch_fails_visibly_and_alone(tmp_path: Path, database_url: s
                 (b.batch_id, "staff_not_registered") for b in failed if b.unit_id == unit_id
             }
         assert world.store.answer_count() == sum(b.subject_count for b in batch_rows(world, good))
+
+
+def _config(root: Path, world: GatewayWorld, database_url: str | None) -> Path:
+    """The gateway.toml of ``world`` as the operator's commands read it: its database and its units."""
+    names = {TAX: "tax", LAND: "land", BANK: "financial_institution"}
+    url = database_url or f"sqlite:///{root / 'gateway.db'}"
+    units = "".join(
+        f'[[units]]\nparty_id = "{u.unit_id}"\ncategory = "{names[u.unit_id]}"\nendpoint = "{u.endpoint}"\n\n'
+        for u in world.store.units()
+    )
+    config = root / "gateway.toml"
+    config.write_text(
+        f'[agency]\nparty_id = "{GATEWAY}"\nregion_code = "220100"\nlevel = "city"\n\n'
+        f"[keys]\nkeystore = {json.dumps(str(root / 'keystore.json'))}\n"
+        f"passphrase_file = {json.dumps(str(root / 'passphrase'))}\n\n"
+        f"[database]\nurl = {json.dumps(url)}\n\n{units}",
+        encoding="utf-8",
+    )
+    return config
+
+
+def test_refused_batches_show_and_are_sent_again_once_the_unit_registers_the_staff(
+    tmp_path: Path, database_url: str | None, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The on-call report: a unit whose [[staff]] lacks one of ours refuses a commission's batches for good. The
+    refusal's reason is kept and logged, hedui_batches_failed shows it while the unit stays up, and after the unit
+    fixes its list ``hedui-gateway resend`` puts the batches back: everything is answered exactly once."""
+    metrics = GatewayMetrics(CollectorRegistry())
+    with gateway_world(tmp_path, now_ms=MONDAY, database_url=database_url, metrics=metrics) as world:
+        good = enqueue(world, "WT-OK", households=10)
+        bad = enqueue(world, "WT-TYPO", households=30, start=10, staff=("S-0001", "S-0003"))
+        with caplog.at_level(logging.INFO, logger="hedui"):
+            settle(world)
+        failed = batch_rows(world, bad)
+        per_unit = {u: len([b for b in failed if b.unit_id == u]) for u in UNITS}
+        assert failed and {(b.state, b.last_error) for b in failed} == {
+            ("failed", "permission_denied: staff_not_registered")
+        }
+        refused = [r for r in caplog.records if r.getMessage() == "unit refused a batch"]
+        assert {(r.__dict__["batch_id"], r.__dict__["reason"]) for r in refused} == {
+            (b.batch_id, "staff_not_registered") for b in failed
+        }
+        assert {r.__dict__["status"] for r in refused} == {"permission_denied"}
+        assert all("registered with this unit" in r.__dict__["detail"] for r in refused)
+        id_numbers = [s.id_number for s in subjects_of(world.population, "WT-TYPO", 30, 10)]
+        assert not any(n in caplog.text for n in id_numbers)
+        for unit_id in UNITS:
+            assert per_unit[unit_id] >= 2  # one is sent again by id, the rest by unit
+            assert metrics.registry.get_sample_value("hedui_batches_failed", {"unit": unit_id}) == per_unit[unit_id]
+            assert metrics.registry.get_sample_value("hedui_unit_up", {"unit": unit_id}) == 1
+            assert metrics.registry.get_sample_value("hedui_outbox_depth", {"unit": unit_id}) == 0
+
+        config = _config(tmp_path, world, database_url)
+        audit = AuditLog(world.store.engine)
+
+        def resend(*args: str) -> int:
+            return gateway_main(["resend", "--config", str(config), *args])
+
+        def unchanged() -> None:
+            assert [(b.batch_id, b.state) for b in batch_rows(world)] == before and audit.count() == 0
+
+        # Refusals change nothing: a unit not in the config, a malformed id (not repeated), another unit's batch,
+        # a batch that is not failed, an unknown batch.
+        before = [(b.batch_id, b.state) for b in batch_rows(world)]
+        tax_failed = [b.batch_id for b in failed if b.unit_id == TAX]
+        capsys.readouterr()
+        assert resend("--unit", "unit.220100.housing") == 1
+        assert "unit.220100.housing is not a unit in [[units]]" in capsys.readouterr().err
+        assert resend("--unit", TAX, "--batch", id_numbers[0]) == 1
+        assert id_numbers[0] not in (err := capsys.readouterr().err) and "B and 32 hex digits" in err
+        land_batch = next(b.batch_id for b in failed if b.unit_id == LAND)
+        good_batch = next(b.batch_id for b in batch_rows(world, good) if b.unit_id == TAX)
+        unknown = "B" + "0" * 32
+        assert resend("--unit", TAX, "--batch", tax_failed[0], "--batch", land_batch, "--batch", good_batch) == 1
+        err = capsys.readouterr().err
+        assert f"{land_batch}: a batch of {LAND}" in err and f"{good_batch}: acknowledged, not failed" in err
+        assert resend("--unit", TAX, "--batch", unknown) == 1
+        assert f"{unknown}: no such batch" in capsys.readouterr().err
+        unchanged()
+
+        # The units fix their [[staff]] (and restart); the operator sends the batches again: one by id, the rest
+        # per unit. The units' health and backoff are not touched.
+        for running in world.connectors.values():
+            running.connector.staff = {GATEWAY: frozenset({"S-0001", "S-0002", "S-0003"})}
+        health = [(u.unit_id, u.consecutive_failures, u.next_attempt_ms) for u in world.store.units()]
+        assert resend("--unit", TAX, "--batch", tax_failed[0]) == 0
+        assert "re-queued 1 batches" in capsys.readouterr().out
+        for unit_id in UNITS:
+            assert resend("--unit", unit_id) == 0
+            out = capsys.readouterr().out
+            count = per_unit[unit_id] - (1 if unit_id == TAX else 0)
+            assert f"re-queued {count} batches" in out and "permission_denied: staff_not_registered" in out
+        assert resend("--unit", TAX) == 0
+        assert f"{TAX} has no failed batches; nothing was re-queued" in capsys.readouterr().out
+        assert [(u.unit_id, u.consecutive_failures, u.next_attempt_ms) for u in world.store.units()] == health
+        assert {(b.state, b.attempts) for b in batch_rows(world, bad)} == {("ready", 1)}
+        entries = audit.entries()
+        assert sorted(e.detail.split(";")[1] for e in entries if e.detail) == sorted(
+            f"batch={b.batch_id}" for b in failed
+        )
+        assert {(e.action, e.before, e.after, e.commission_id) for e in entries} == {
+            ("batch.resend", "failed", "ready", bad)
+        }
+        assert all(e.actor.startswith("operator") for e in entries) and audit.verify() == []
+        for unit_id in UNITS:
+            assert metrics.registry.get_sample_value("hedui_batches_failed", {"unit": unit_id}) == 0
+
+        settle(world)
+        assert {(b.state, b.attempts, b.last_error) for b in batch_rows(world, bad)} == {("acknowledged", 2, None)}
+        assert {k for stages in world.store.progress(bad).values() for k in stages} == {"answered"}
+        assert world.store.answer_count() == world.store.item_count()
+        assert_exactly_one_answer_per_item(world)
+        for unit_id in UNITS:
+            accepted = audit_batches(world, unit_id, "accepted")
+            assert set(accepted.values()) == {1}
+            assert {b.batch_id for b in failed if b.unit_id == unit_id} <= set(accepted)
 
 
 class ForeignReplies(UnitClient):

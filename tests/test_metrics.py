@@ -98,6 +98,7 @@ def test_an_exchange_is_counted_per_unit(world: GatewayWorld, metrics: Metrics) 
         assert metrics.value("hedui_outbox_depth", unit=unit_id) == queued
         assert metrics.value("hedui_queries_sent_total", unit=unit_id) == 0  # present before the first event
         assert metrics.value("hedui_unit_up", unit=unit_id) == 1
+        assert metrics.value("hedui_batches_failed", unit=unit_id) == 0
     assert metrics.value("hedui_commissions", state="exchanging") == 1
     assert metrics.value("hedui_commissions", state="received") == 0
 
@@ -370,6 +371,7 @@ def test_the_endpoint_serves_every_metric_with_fixed_label_values(tmp_path: Path
         "hedui_answer_latency_seconds", "hedui_receipts", "hedui_delay_notices", "hedui_envelope_rejections",
         "hedui_unit_retries", "hedui_unit_up", "hedui_outbox_depth", "hedui_key_expiry_seconds",
         "hedui_scheduler_job_runs", "hedui_grpc_server_requests", "hedui_commissions", "hedui_approval_feedback",
+        "hedui_batches_failed",
     }  # fmt: skip
     assert expected <= set(families)
     allowed = {

@@ -5,6 +5,7 @@ hedui-gateway migrate --config gateway.toml    apply database migrations (alembi
 hedui-gateway check-config --config FILE       validate a config, the keystore and the database schema
 hedui-gateway config-keys                      every config key with its default and meaning
 hedui-gateway status --config FILE             units, their health, and batches by state
+hedui-gateway retry --config FILE --unit UNIT | --all   end a unit's backoff: its next cycle calls it at once
 hedui-gateway resend --config FILE --unit UNIT [--batch ID ...]   put a unit's failed batches back into the outbox
 hedui-gateway staff bootstrap-admin|add|revoke|list --config FILE ...   the staff register (Procedure V)
 hedui-gateway audit verify|head --config FILE   check the hash-chained audit log; print its head to record
@@ -36,7 +37,7 @@ from gateway.config import GatewayConfig
 from gateway.database import current_revision, head_revision, open_database, upgrade
 from gateway.server import build
 from gateway.staff import StaffError, StaffMember, StaffRegister
-from gateway.store import GatewayStore, ResendRefused
+from gateway.store import GatewayStore, ResendRefused, RetryRefused, UnitRow
 from keys import keystore
 from keys.announcements import MAX_BUNDLE_BYTES, dearmor, read_bundle
 from keys.clock import SystemClock
@@ -106,12 +107,41 @@ def _status(args: argparse.Namespace) -> None:
     by_unit: dict[str, list[str]] = {}
     for unit_id, state, batches, subjects in rows:
         by_unit.setdefault(unit_id, []).append(f"{state}={batches} batches/{subjects} items")
+    now = SystemClock().now_ms()
+    print("times are Beijing time")
     for unit in store.units():
-        health = "ok" if unit.consecutive_failures == 0 else f"{unit.consecutive_failures} failures, backing off"
-        print(f"{unit.unit_id:32} {unit.endpoint:24} {health}")
+        print(f"{unit.unit_id:32} {unit.endpoint:24} {_health(unit, now)}")
+        print(f"    {_health_detail(unit, now)}")
         for line in by_unit.get(unit.unit_id, []):
             print(f"    {line}")
     store.engine.dispose()
+
+
+def _health(unit: UnitRow, now_ms: int) -> str:
+    if not unit.enabled or unit.exchange_mode == "media":
+        state = "disabled" if not unit.enabled else "media only"
+        return f"{state} (not called)" if unit.consecutive_failures == 0 else f"{state}, down when last called"
+    if unit.consecutive_failures == 0:
+        return "ok"
+    failures = f"{unit.consecutive_failures} failure{'s' if unit.consecutive_failures > 1 else ''}"
+    if unit.next_attempt_ms > now_ms:
+        return f"down: {failures}, backing off"
+    return f"down: {failures}, tried again at the next cycle"
+
+
+def _health_detail(unit: UnitRow, now_ms: int) -> str:
+    """Last success, and for a unit that is down the last error (status and the unit's reason code: codes only,
+    never personal data) and the next attempt."""
+    parts = [f"last success {_moment(unit.last_success_ms) if unit.last_success_ms is not None else 'never'}"]
+    if unit.consecutive_failures:
+        parts.append(f"last error {unit.last_error or 'unknown'}")
+        due = "at the next cycle" if unit.next_attempt_ms <= now_ms else _moment(unit.next_attempt_ms)
+        parts.append(f"next attempt {due} ('hedui-gateway retry --unit {unit.unit_id}' to try now)")
+    return "; ".join(parts)
+
+
+def _moment(moment_ms: int) -> str:
+    return datetime.fromtimestamp(moment_ms / 1000, CHINA_TIME).strftime("%Y-%m-%d %H:%M:%S")
 
 
 _LOGIN_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
@@ -148,6 +178,39 @@ def _resend(args: argparse.Namespace) -> None:
     print(f"re-queued {len(resent)} batches ({items} items) for {unit.party_id}: sent again at its next cycle")
     if not unit.enabled or unit.exchange_mode == "media":
         print(f"note: {unit.party_id} is disabled or media-only in the config; the batches wait until that changes")
+
+
+def _retry(args: argparse.Namespace) -> None:
+    config = GatewayConfig.load(Path(args.config))
+    configured = [u.party_id for u in config.units]
+    if args.all:
+        wanted = configured
+    elif args.unit in configured:
+        wanted = [args.unit]
+    else:
+        named = args.unit if is_party_id(args.unit) else "--unit"
+        raise RetryRefused(f"{named} is not a unit in [[units]] of {args.config}; nothing was changed")
+    store = GatewayStore(open_database(config.database.url))
+    try:
+        audit, now = AuditLog(store.engine), SystemClock().now_ms()
+        retried, up = store.retry_units(wanted, audit=audit, actor=_operator(), now_ms=now)
+    finally:
+        store.engine.dispose()
+    for unit in retried:
+        due = "already due" if unit.was_due_ms <= now else f"was due {_moment(unit.was_due_ms)} Beijing time"
+        print(
+            f"  {unit.unit_id}  {unit.consecutive_failures} failures, last error {unit.last_error or 'unknown'} ({due})"
+        )
+    for unit_id in up:
+        if not args.all:
+            print(f"{unit_id} is not down; nothing to retry")
+    if retried:
+        print(
+            f"backoff ended for {len(retried)} unit{'s' if len(retried) > 1 else ''}: called at the next cycle "
+            "(within [schedule] dispatch_interval_seconds); 'hedui-gateway status' shows the outcome"
+        )
+    elif args.all:
+        print("no unit is down; nothing to retry")
 
 
 def _day_start_ms(text: str, *, days_later: int = 0) -> int:
@@ -366,6 +429,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--batch", action="append", metavar="BATCH_ID", help="only this failed batch (repeatable; default: all)"
     )
     resend.set_defaults(func=_resend)
+    retry = sub.add_parser(
+        "retry", help="end the backoff of a unit that is down, after the fault is fixed: it is called at once"
+    )
+    retry.add_argument("--config", required=True)
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("--unit", help="the unit's party id, e.g. unit.220100.tax")
+    which.add_argument("--all", action="store_true", help="every unit in [[units]] that is down")
+    retry.set_defaults(func=_retry)
     _add_staff_and_audit(sub)
     args = parser.parse_args(argv)
     return run("hedui-gateway", args)

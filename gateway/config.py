@@ -90,7 +90,14 @@ class ExchangeSection:
     batch_size: int = doc("Subjects per query batch sent to a unit.", default=2000)
     request_timeout_seconds: float = doc("Deadline of one call to a connector.", default=30.0)
     base_backoff_seconds: float = doc("First retry delay after a unit failed; doubles per failure.", default=5.0)
-    max_backoff_seconds: float = doc("Longest retry delay for an unreachable unit.", default=1800.0)
+    max_backoff_seconds: float = doc(
+        "Longest retry delay for an unreachable unit ('hedui-gateway retry' ends a backoff at once).", default=1800.0
+    )
+    probe_interval_seconds: float = doc(
+        "A unit no call has reached for this long gets a health check (grpc.health.v1, over the same mutual TLS) "
+        "in its next cycle, so that idle units show as down too; a failed check backs off like a failed call.",
+        default=300.0,
+    )
     poll_interval_seconds: float = doc("How often receipted batches are asked for answers.", default=60.0)
     fetch_group: int = doc("Batch ids per FetchAnswers call (at most 100).", default=20)
     envelope_ttl_minutes: int = doc("Lifetime of the envelopes the gateway sends.", default=60)
@@ -103,6 +110,8 @@ class ExchangeSection:
             raise ValueError("exchange.fetch_group must be 1-100")
         if not 1 <= self.batch_size <= 100_000:
             raise ValueError("exchange.batch_size must be 1-100000")
+        if not self.probe_interval_seconds > 0:
+            raise ValueError("exchange.probe_interval_seconds must be more than 0")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The exchange engine: send due query batches to each unit, collect receipts and answers, acknowledge them.
 
 One unit's cycle (``unit_cycle``) forms batches from queued items, sends the ready ones, polls receipted ones
-and acknowledges stored answers. Units are worked independently (``UnitWorkers``): a unit that is down backs off
+and acknowledges stored answers; a unit that none of this reached for a while gets a health probe instead, so that
+an idle unit's health is known too. Units are worked independently (``UnitWorkers``): a unit that is down backs off
 with exponential delay and jitter and never holds up the others. Every step is recorded before the next one, and
 every call is idempotent at the connector, so a crash or a lost reply is repaired by doing the step again.
 """
@@ -61,6 +62,12 @@ class EngineSettings:
     lease_ms: int = 120_000
     #: Batches sent per unit and cycle before the cycle yields (so polling is not starved).
     sends_per_cycle: int = 64
+    #: A unit no call has reached for this long is probed with a health check in its next cycle.
+    probe_interval_ms: int = 300_000
+
+
+#: A healthy unit's last success is written at most this often (it decides probes, minutes apart, and `status`).
+SUCCESS_REFRESH_MS = 10_000
 
 
 @dataclass
@@ -73,6 +80,10 @@ class CycleReport:
     answered: int = 0
     answers_stored: int = 0
     acknowledged: int = 0
+    #: A call got the unit's reply (an answer, a refusal, or a health probe's SERVING).
+    reached: bool = False
+    #: The cycle called the unit's health check (nothing else reached it, and it was due).
+    probed: bool = False
     error: str | None = None
 
 
@@ -128,39 +139,77 @@ class ExchangeEngine:
     # -- one unit ------------------------------------------------------------------------------------------------
 
     def unit_cycle(self, unit: UnitRow, *, dispatch: bool) -> CycleReport:
-        """One round of work for one unit: form and send batches (when ``dispatch``), poll, acknowledge."""
+        """One round of work for one unit: form and send batches (when ``dispatch``), poll, acknowledge, and probe
+        the unit's health when none of that reached it and a probe is due (``_probe_due``)."""
         report = CycleReport(unit.unit_id)
         if not unit.enabled or unit.exchange_mode == "media" or unit.unit_id not in self.clients:
             return report
         if self._now() < unit.next_attempt_ms:
-            return report  # backing off
+            return report  # backing off: no call at all, a probe neither
         client = self.clients[unit.unit_id]
         try:
             if dispatch:
                 self._dispatch(unit, client, report)
-            answered, stored = self._poll(unit.unit_id, client)
+            answered, stored = self._poll(unit.unit_id, client, report)
             report.answered += answered
             report.answers_stored += stored
-            report.acknowledged = self._acknowledge(unit.unit_id, client)
+            report.acknowledged = self._acknowledge(unit.unit_id, client, report)
+            if not report.reached and self._probe_due(unit):
+                report.probed = True
+                client.check_health()
+                report.reached = True
         except TransportFailure as failure:
-            failures = unit.consecutive_failures + 1
-            self.store.unit_failed(unit.unit_id, failure.status, self._now() + self._backoff_ms(failures))
-            report.error = failure.status
-            if self.metrics is not None:
-                self.metrics.unit_failed(unit.unit_id)
-            log.warning(
-                "unit unreachable; backing off",
+            self._unreachable(unit, failure, report)
+            return report
+        if report.reached:
+            self._reached(unit)
+        return report
+
+    def _probe_due(self, unit: UnitRow) -> bool:
+        """Whether a cycle that made no call must probe the unit: it is down (its backoff has ended, and only a
+        call can show it is back), or no call has reached it for ``probe_interval_ms``. Without the probe an idle
+        unit (most are, outside the exchange window) would keep whatever health its last call left it."""
+        if unit.consecutive_failures:
+            return True
+        last = unit.last_success_ms
+        return last is None or self._now() - last >= self.settings.probe_interval_ms
+
+    def _unreachable(self, unit: UnitRow, failure: TransportFailure, report: CycleReport) -> None:
+        failures = unit.consecutive_failures + 1
+        error = f"{failure.status}: {failure.reason}" if failure.reason else failure.status
+        self.store.unit_failed(unit.unit_id, error, self._now() + self._backoff_ms(failures))
+        report.error = failure.status
+        if self.metrics is not None:
+            self.metrics.unit_failed(unit.unit_id)
+        log.warning(
+            "unit unreachable; backing off",
+            extra={
+                "unit": unit.unit_id,
+                "status": failure.status,
+                "reason": failure.reason or "-",
+                "failures": failures,
+                "call": "health_check" if report.probed else "exchange",
+            },
+        )
+
+    def _reached(self, unit: UnitRow) -> None:
+        now = self._now()
+        last = unit.last_success_ms
+        if not unit.consecutive_failures and last is not None and now - last < SUCCESS_REFRESH_MS:
+            return  # healthy and recorded moments ago: spare the database a write per poll
+        self.store.unit_succeeded(unit.unit_id, now)
+        if unit.consecutive_failures:
+            since = unit.last_success_ms
+            log.info(
+                "unit reachable again",
                 extra={
                     "unit": unit.unit_id,
-                    "status": failure.status,
-                    "reason": failure.reason or "-",
-                    "failures": failures,
+                    "failures": unit.consecutive_failures,
+                    # Since the last call that reached it: with probes, at most probe_interval before it went down.
+                    "down_seconds": round((now - since) / 1000) if since is not None else "-",
+                    "last_error": unit.last_error or "-",
                 },
             )
-            return report
-        if report.sent or report.answered or report.acknowledged or unit.consecutive_failures:
-            self.store.unit_succeeded(unit.unit_id, self._now())
-        return report
 
     def _dispatch(self, unit: UnitRow, client: UnitClient, report: CycleReport) -> None:
         """Form, send and collect one batch at a time: the unit answers the first batch while the next ones are
@@ -171,12 +220,12 @@ class ExchangeEngine:
             while report.sent < self.settings.sends_per_cycle:
                 formed = self.store.form_batches(unit.unit_id, served, self.settings.batch_size, self._now(), limit=1)
                 report.formed += formed
-                if not self._send_ready(unit.unit_id, client, limit=1):
+                if not self._send_ready(unit.unit_id, client, report, limit=1):
                     if formed:
                         continue
                     return
                 report.sent += 1
-                answered, stored = self._poll(unit.unit_id, client)
+                answered, stored = self._poll(unit.unit_id, client, report)
                 report.answered += answered
                 report.answers_stored += stored
         except TransportFailure:
@@ -185,7 +234,7 @@ class ExchangeEngine:
             report.formed += self.store.form_batches(unit.unit_id, served, self.settings.batch_size, self._now())
             raise
 
-    def _send_ready(self, unit_id: str, client: UnitClient, limit: int | None = None) -> int:
+    def _send_ready(self, unit_id: str, client: UnitClient, report: CycleReport, limit: int | None = None) -> int:
         sent = 0
         while sent < (self.settings.sends_per_cycle if limit is None else limit):
             work = self.store.claim(
@@ -198,11 +247,11 @@ class ExchangeEngine:
             )
             if not work:
                 return sent
-            self._send(work[0], client)
+            self._send(work[0], client, report)
             sent += 1
         return sent
 
-    def _send(self, batch: BatchWork, client: UnitClient) -> None:
+    def _send(self, batch: BatchWork, client: UnitClient, report: CycleReport) -> None:
         query = exchange_pb2.QueryBatch.FromString(batch.content)
         envelope = self.courier.seal(query, batch.unit_id, ttl_ms=self.settings.envelope_ttl_ms)
         started = time.monotonic()
@@ -212,6 +261,7 @@ class ExchangeEngine:
             self.store.send_failed(batch.batch_id, "transport", self._now())
             raise
         except UnitRefusal as refusal:
+            report.reached = True
             # Kept in the batch row and shown (hedui_batches_failed, hedui-gateway status); once the cause is fixed,
             # ``hedui-gateway resend`` puts the batch back into the outbox.
             self.store.refused(batch.batch_id, refusal.summary)
@@ -226,6 +276,7 @@ class ExchangeEngine:
                 },
             )
             return
+        report.reached = True
         try:
             opened = self._open(reply, _RECEIPT, unit_id=batch.unit_id, request=envelope)
             receipt = opened.message
@@ -263,7 +314,9 @@ class ExchangeEngine:
             },
         )
 
-    def _poll(self, unit_id: str, client: UnitClient) -> tuple[int, int]:
+    def _poll(self, unit_id: str, client: UnitClient, report: CycleReport | None = None) -> tuple[int, int]:
+        """Fetch the answers of the unit's receipted batches that are due for a poll; returns (batches answered,
+        answers stored) and marks ``report`` reached once the unit replies."""
         answered = stored = 0
         while True:
             work = self.store.claim(
@@ -287,6 +340,8 @@ class ExchangeEngine:
                 for batch in work:
                     self.store.release(batch.batch_id, self.settings.replica)
                 raise
+            if report is not None:
+                report.reached = True
             try:
                 opened = self._open(reply, _ANSWERS, unit_id=unit_id, request=request)
             except (EnvelopeError, AnswerMismatch) as exc:
@@ -375,7 +430,7 @@ class ExchangeEngine:
             batch.batch_id, due, reason, self._now() + self.settings.poll_interval_ms, today=self._today()
         )
 
-    def _acknowledge(self, unit_id: str, client: UnitClient) -> int:
+    def _acknowledge(self, unit_id: str, client: UnitClient, report: CycleReport) -> int:
         done = 0
         while True:
             ids = self.store.unacknowledged(unit_id, min(MAX_IDS_PER_CALL, self.settings.fetch_group * 5))
@@ -385,6 +440,7 @@ class ExchangeEngine:
                 exchange_pb2.AcknowledgeAnswers(batch_ids=ids), unit_id, ttl_ms=self.settings.envelope_ttl_ms
             )
             reply = client.acknowledge(request)
+            report.reached = True
             try:
                 opened = self._open(reply, _ACK, unit_id=unit_id, request=request)
             except (EnvelopeError, AnswerMismatch) as exc:
@@ -433,7 +489,11 @@ class UnitWorkers:
         try:
             return self.engine.unit_cycle(unit, dispatch=dispatch)
         except Exception:
+            # A fault on this side (a bug, the database, a refused fetch): the unit is tried again next cycle.
+            # Counted, so that a cycle failing over and over raises HeduiUnitCycleFailing.
             log.exception("unit cycle failed", extra={"unit": unit.unit_id})
+            if self.engine.metrics is not None:
+                self.engine.metrics.cycle_failed(unit.unit_id)
             return CycleReport(unit.unit_id, error="internal")
 
     def run_once(self, *, dispatch: bool) -> list[CycleReport]:

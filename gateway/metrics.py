@@ -96,7 +96,14 @@ class GatewayMetrics:
         )
         self.unit_retries = Counter(
             "hedui_unit_retries_total",
-            "Unit cycles that failed on the transport (the unit backs off and is tried again).",
+            "Unit cycles that failed on the transport, health probes included (the unit backs off and is tried again).",
+            ["unit"],
+            registry=registry,
+        )
+        self.unit_cycle_errors = Counter(
+            "hedui_unit_cycle_errors_total",
+            "Unit cycles that ended in an unexpected error on the gateway's side (logged as 'unit cycle failed' with "
+            "its traceback); the unit is tried again at the next cycle.",
             ["unit"],
             registry=registry,
         )
@@ -122,7 +129,13 @@ class GatewayMetrics:
     def add_units(self, unit_ids: Iterable[str]) -> None:
         """Create the per-unit series at zero, so that rates and alerts see a unit before its first event."""
         for unit in unit_ids:
-            for family in (self.queries_sent, self.queries_answered, self.receipts, self.unit_retries):
+            for family in (
+                self.queries_sent,
+                self.queries_answered,
+                self.receipts,
+                self.unit_retries,
+                self.unit_cycle_errors,
+            ):
                 family.labels(unit)
             self.batch_round_trip.labels(unit)
             self.answer_latency.labels(unit)
@@ -169,6 +182,9 @@ class GatewayMetrics:
     def unit_failed(self, unit: str) -> None:
         self.unit_retries.labels(unit).inc()
 
+    def cycle_failed(self, unit: str) -> None:
+        self.unit_cycle_errors.labels(unit).inc()
+
     def job_run(self, job: str, outcome: str) -> None:
         self.job_runs.labels(job, outcome).inc()
 
@@ -177,7 +193,10 @@ class GatewayMetrics:
             self.approval_feedback.labels(_decision_name(decision)).inc()
 
 
-_UNIT_UP = "Whether the last call to the unit succeeded (1) or it is backing off after failures (0)."
+_UNIT_UP = (
+    "Whether the last call to the unit, an exchange call or a health probe, succeeded (1) or it is backing off after "
+    "failures (0). Idle units are probed every [exchange] probe_interval_seconds."
+)
 _OUTBOX = "Subjects waiting to be sent to the unit: queued items not yet in a batch, and batches ready to send."
 _OVERDUE = "Subjects in batches past their clause-12 due date without an answer (marked by the deadline sweep)."
 _COMMISSIONS = "Commissions by workflow state."

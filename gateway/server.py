@@ -163,6 +163,7 @@ def build(config: GatewayConfig) -> RunningGateway:
         fetch_group=ex.fetch_group,
         envelope_ttl_ms=ex.envelope_ttl_minutes * 60_000,
         lease_ms=int(ex.lease_seconds * 1000),
+        probe_interval_ms=int(ex.probe_interval_seconds * 1000),
     )
     exchange = ExchangeEngine(
         store, courier, clients, WorkdayCalendar.with_file(ex.holiday_file), settings, metrics=metrics

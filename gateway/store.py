@@ -45,6 +45,10 @@ class UnitRow:
     enabled: bool
     consecutive_failures: int
     next_attempt_ms: int
+    #: When a call to the unit last got a reply (an exchange call or a health probe); None if never.
+    last_success_ms: int | None = None
+    #: Why the last failed call failed: ``status`` or ``status: reason`` (codes only, no personal data).
+    last_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,22 @@ class ResentBatch:
     batch_id: str
     items: int
     last_error: str | None
+
+
+@dataclass(frozen=True)
+class RetriedUnit:
+    """A unit whose backoff ``hedui-gateway retry`` ended: its failures so far and when it would have been tried."""
+
+    unit_id: str
+    consecutive_failures: int
+    was_due_ms: int
+    last_error: str | None
+
+
+class RetryRefused(HeduiError):
+    """A retry that names a unit the gateway's database does not know; nothing was changed."""
+
+    code = "retry_refused"
 
 
 class ResendRefused(HeduiError):
@@ -190,12 +210,14 @@ class GatewayStore:
                     s.units.c.enabled,
                     s.units.c.consecutive_failures,
                     s.units.c.next_attempt_ms,
+                    s.units.c.last_success_ms,
+                    s.units.c.last_error,
                 ).order_by(s.units.c.unit_id)
             ).all()
         return [UnitRow(**r._mapping) for r in rows]
 
     def unit_failed(self, unit_id: str, error: str, retry_at_ms: int) -> None:
-        """Record a transport failure and when to try the unit again."""
+        """Record a transport failure (``error``: ``status`` or ``status: reason``) and when to try the unit again."""
         with self.engine.begin() as conn:
             conn.execute(
                 update(s.units)
@@ -203,7 +225,7 @@ class GatewayStore:
                 .values(
                     consecutive_failures=s.units.c.consecutive_failures + 1,
                     next_attempt_ms=retry_at_ms,
-                    last_error=error,
+                    last_error=error[:64],
                 )
             )
 
@@ -215,6 +237,54 @@ class GatewayStore:
                 .values(consecutive_failures=0, next_attempt_ms=0, last_error=None)
             )
             conn.execute(update(s.units).where(s.units.c.unit_id == unit_id).values(last_success_ms=now_ms))
+
+    def retry_units(
+        self, unit_ids: Sequence[str], *, audit: AuditLog, actor: str, now_ms: int
+    ) -> tuple[list[RetriedUnit], list[str]]:
+        """End the backoff of the named units that are down (consecutive failures): their next attempt is now,
+        so the next cycle (at most one dispatch interval away) calls them. ``consecutive_failures`` and
+        ``last_error`` are kept: the unit counts as down (hedui_unit_up 0) until a call succeeds, and a failed
+        retry backs off from where it was. One audit entry per unit changed, in the same transaction. A unit
+        unknown to the database is refused with RetryRefused and nothing changes. Returns the units retried and
+        those that were up (nothing to retry)."""
+        wanted = list(dict.fromkeys(unit_ids))
+        u = s.units.c
+        with self.engine.begin() as conn:
+            query = select(u.unit_id, u.consecutive_failures, u.next_attempt_ms, u.last_error).where(
+                u.unit_id.in_(wanted)
+            )
+            if self.is_postgres:
+                query = query.with_for_update()
+            found = {r.unit_id: r for r in conn.execute(query)}
+            unknown = [i for i in wanted if i not in found]
+            if unknown:
+                raise RetryRefused(
+                    f"no unit {', '.join(unknown)} in the gateway's database (see 'hedui-gateway status'); "
+                    "nothing was changed"
+                )
+            retried, idle = [], []
+            for unit_id in wanted:
+                row = found[unit_id]
+                if row.consecutive_failures == 0:  # up: no backoff to end
+                    idle.append(unit_id)
+                    continue
+                conn.execute(update(s.units).where(u.unit_id == unit_id).values(next_attempt_ms=0))
+                audit.append(
+                    conn,
+                    at_ms=now_ms,
+                    actor=actor,
+                    action="unit.retry",
+                    before="backing_off",
+                    after="retry_now",
+                    detail=(
+                        f"unit={unit_id};failures={row.consecutive_failures};"
+                        f"was_due_in_s={max(0, (row.next_attempt_ms - now_ms + 999) // 1000)}"
+                    ),
+                )
+                retried.append(
+                    RetriedUnit(unit_id, int(row.consecutive_failures), int(row.next_attempt_ms), row.last_error)
+                )
+        return retried, idle
 
     # -- enqueueing ----------------------------------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 A failure is either *transient* (the unit is unreachable, slow, or cannot take the batch just now: retry later with
 backoff) or a *refusal* (the unit looked at the batch and will never accept it as it is: an operator must act).
+The connector's reason code decides where it has one (a status such as FAILED_PRECONDITION carries both kinds);
+the gRPC status decides for a connector that sends none.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hedui.v1 import exchange_pb2, exchange_pb2_grpc
 
 from common.errors import HeduiError
@@ -19,8 +22,10 @@ from common.rpc import REFUSAL_REASON_KEY
 from keys.tls import read_private_key
 
 MAX_MESSAGE_BYTES = 33 * 1024 * 1024
+#: The service a health check asks about: the connector reports it SERVING while it takes exchange calls.
+EXCHANGE_SERVICE = exchange_pb2.DESCRIPTOR.services_by_name["ExchangeService"].full_name
 
-#: Status codes after which the same batch may succeed later.
+#: Status codes after which the same batch may succeed later (unless the reason code says otherwise).
 _TRANSIENT = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -35,6 +40,19 @@ _TRANSIENT = {
     # Our key not (yet) known at the unit, e.g. a rotation announcement not applied there yet.
     grpc.StatusCode.UNAUTHENTICATED,
 }
+#: Reason codes that refuse a batch for good although their status is in _TRANSIENT: ``no_authorisation``
+#: (FAILED_PRECONDITION: no subject carries an authorisation, the same batch is refused every time) and
+#: ``batch_too_large`` (RESOURCE_EXHAUSTED: more subjects than the unit's max_subjects_per_batch). The other
+#: FAILED_PRECONDITION causes (``calendar_year_unknown``, an envelope expired in flight: ``invalid_envelope``) and
+#: RESOURCE_EXHAUSTED without a code (gRPC's own limits) stay transient.
+PERMANENT_REASONS = frozenset({"no_authorisation", "batch_too_large"})
+
+
+def is_transient(code: grpc.StatusCode | None, reason: str | None) -> bool:
+    """Whether a call that failed with ``code`` and the unit's ``reason`` code may succeed later unchanged."""
+    if reason in PERMANENT_REASONS:
+        return False
+    return code in _TRANSIENT
 
 
 #: A reason code as connectors send it (``staff_not_registered``); anything else from the peer is dropped.
@@ -124,10 +142,24 @@ class UnitClient:
             details = public_detail((exc.details() if hasattr(exc, "details") else "") or "")
             name = code.name.lower() if code is not None else "unknown"
             reason = _reason(exc)
-            if code in _TRANSIENT:
+            if is_transient(code, reason):
                 raise TransportFailure(name, details, reason) from None
             raise UnitRefusal(name, details, reason) from None
         return bytes(reply.envelope)
+
+    def check_health(self) -> None:
+        """Ask the connector's standard health service (grpc.health.v1) whether its exchange service is SERVING,
+        over the same channel, so mutual TLS is checked both ways as for an exchange call. Raises TransportFailure
+        when the call fails or the service is not SERVING (``not_serving``: the connector is shutting down)."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=EXCHANGE_SERVICE), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+            details = public_detail((exc.details() if hasattr(exc, "details") else "") or "")
+            raise TransportFailure(code.name.lower() if code is not None else "unknown", details) from None
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise TransportFailure("not_serving", "the connector's exchange service is not serving")
 
     def submit(self, envelope: bytes) -> bytes:
         return self._call(self.stub.SubmitBatch, envelope)

@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -48,7 +48,8 @@ class Pki:
     files: dict[str, tuple[Path, Path]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.ca_cert, self.ca_key = create_ca("Hedui test CA")
+        # Dated two years back, so that a test can issue an expired leaf certificate under it.
+        self.ca_cert, self.ca_key = create_ca("Hedui test CA", now=datetime.now(UTC) - timedelta(days=730))
         (self.root / "ca.crt").write_bytes(self.ca_cert)
 
     def issue(self, party: str, *, server: bool = False) -> tuple[Path, Path]:

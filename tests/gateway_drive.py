@@ -3,8 +3,10 @@ with chosen staff, and bring a unit that was down back up on a real connector.""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 from hedui.v1 import exchange_pb2
@@ -155,3 +157,22 @@ def replace_client(world: GatewayWorld, unit_id: str, client: UnitClient, stack:
     assert isinstance(clients, dict)
     clients[unit_id] = client
     stack.callback(client.close)
+
+
+def operator_config(root: Path, world: GatewayWorld, database_url: str | None) -> Path:
+    """The gateway.toml of ``world`` as the operator's commands read it: its database and its units."""
+    names = {TAX: "tax", LAND: "land", BANK: "financial_institution"}
+    url = database_url or f"sqlite:///{root / 'gateway.db'}"
+    units = "".join(
+        f'[[units]]\nparty_id = "{u.unit_id}"\ncategory = "{names[u.unit_id]}"\nendpoint = "{u.endpoint}"\n\n'
+        for u in world.store.units()
+    )
+    config = root / "gateway.toml"
+    config.write_text(
+        f'[agency]\nparty_id = "{GATEWAY}"\nregion_code = "220100"\nlevel = "city"\n\n'
+        f"[keys]\nkeystore = {json.dumps(str(root / 'keystore.json'))}\n"
+        f"passphrase_file = {json.dumps(str(root / 'passphrase'))}\n\n"
+        f"[database]\nurl = {json.dumps(url)}\n\n{units}",
+        encoding="utf-8",
+    )
+    return config

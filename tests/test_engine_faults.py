@@ -3,7 +3,6 @@ a unit back after a day, a gateway restart, and a unit that refuses a batch for 
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from tests.gateway_drive import (
     drain,
     enqueue,
     gateway_tls,
+    operator_config,
     replace_client,
     rows,
     settle,
@@ -273,25 +273,6 @@ def test_a_refused_batch_fails_visibly_and_alone(tmp_path: Path, database_url: s
         assert world.store.answer_count() == sum(b.subject_count for b in batch_rows(world, good))
 
 
-def _config(root: Path, world: GatewayWorld, database_url: str | None) -> Path:
-    """The gateway.toml of ``world`` as the operator's commands read it: its database and its units."""
-    names = {TAX: "tax", LAND: "land", BANK: "financial_institution"}
-    url = database_url or f"sqlite:///{root / 'gateway.db'}"
-    units = "".join(
-        f'[[units]]\nparty_id = "{u.unit_id}"\ncategory = "{names[u.unit_id]}"\nendpoint = "{u.endpoint}"\n\n'
-        for u in world.store.units()
-    )
-    config = root / "gateway.toml"
-    config.write_text(
-        f'[agency]\nparty_id = "{GATEWAY}"\nregion_code = "220100"\nlevel = "city"\n\n'
-        f"[keys]\nkeystore = {json.dumps(str(root / 'keystore.json'))}\n"
-        f"passphrase_file = {json.dumps(str(root / 'passphrase'))}\n\n"
-        f"[database]\nurl = {json.dumps(url)}\n\n{units}",
-        encoding="utf-8",
-    )
-    return config
-
-
 def test_refused_batches_show_and_are_sent_again_once_the_unit_registers_the_staff(
     tmp_path: Path, database_url: str | None, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -323,7 +304,7 @@ def test_refused_batches_show_and_are_sent_again_once_the_unit_registers_the_sta
             assert metrics.registry.get_sample_value("hedui_unit_up", {"unit": unit_id}) == 1
             assert metrics.registry.get_sample_value("hedui_outbox_depth", {"unit": unit_id}) == 0
 
-        config = _config(tmp_path, world, database_url)
+        config = operator_config(tmp_path, world, database_url)
         audit = AuditLog(world.store.engine)
 
         def resend(*args: str) -> int:

@@ -41,6 +41,8 @@ class Bundle:
     party_id: str
     keys: tuple[KeyRecord, ...]
     issued_at_ms: int
+    #: The key (one of ``keys``) whose signature over the bundle verified.
+    signer_key_id: bytes = b""
 
     @property
     def fingerprint(self) -> str:
@@ -95,7 +97,7 @@ def read_bundle(data: bytes) -> Bundle:
     signer = next((r for r in records if r.key_id == signed.signer_key_id), None)
     if signer is None or not signer.public.verify(signed.signature, BUNDLE_DOMAIN + signed.bundle):
         raise TrustError("key bundle signature does not verify with a signing key in the bundle")
-    return Bundle(party_id=body.party_id, keys=records, issued_at_ms=body.issued_at_ms)
+    return Bundle(party_id=body.party_id, keys=records, issued_at_ms=body.issued_at_ms, signer_key_id=signer.key_id)
 
 
 def armor(data: bytes, label: str = BUNDLE_LABEL) -> str:

@@ -225,7 +225,9 @@ def cmd_import(session: _Session, args: argparse.Namespace) -> None:
     """Trust a peer's bundle, only when --fingerprint matches it."""
     party, trust = session.load()
     data = dearmor(_read(args.bundle).decode("utf-8", "replace"))
-    bundle = trust.import_bundle(data, expected_fingerprint=args.fingerprint, own_party_id=party.party_id)
+    bundle = trust.import_bundle(
+        data, expected_fingerprint=args.fingerprint, own_party_id=party.party_id, now_ms=session.clock.now_ms()
+    )
     session.save(party, trust)
     print(f"imported {len(bundle.keys)} keys of {bundle.party_id}")
 

@@ -7,11 +7,13 @@ changes what the store trusts; every refusal leaves the store as it was.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 
 from hedui.v1 import keys_pb2
 
 from keys.announcements import ANNOUNCEMENT_DOMAIN, Announcement, Bundle, read_announcement, read_bundle
+from keys.clock import SystemClock
 from keys.errors import KeyStateError, TrustError
 from keys.fingerprint import Algorithm
 from keys.identity import MAX_LEAD_MS, MAX_OVERLAP_MS
@@ -60,21 +62,43 @@ class TrustStore:
         for keyring in self._peers.values():
             keyring.advance(now_ms)
 
-    def import_bundle(self, data: bytes, *, expected_fingerprint: str, own_party_id: str | None = None) -> Bundle:
+    def import_bundle(
+        self,
+        data: bytes,
+        *,
+        expected_fingerprint: str,
+        own_party_id: str | None = None,
+        now_ms: int | None = None,
+    ) -> Bundle:
         """Trust the keys in a signed bundle, only if its fingerprint equals the one read out of band.
 
-        A bundle for a party the store already holds replaces its key set, but never moves a key backwards in its
-        lifecycle: the bundle's signer chooses the states it writes, and the fingerprint covers only the public
-        keys, so an old bundle, or one re-signed with a leaked key, would otherwise bring a revoked key back.
-        Keys the store has revoked stay revoked (and are kept even when the bundle leaves them out); a key the
-        store has seen further along (retiring, retired) keeps the store's record. Raises TrustError (and changes
-        nothing) on any mismatch.
+        The fingerprint covers the party id and the public keys, not their states or validity windows, which the
+        bundle's signer writes. So for a party the store already holds:
+
+        * a bundle that brings no key the store does not know (the same key letter as before) proves nothing the
+          store did not know, and is accepted only when signed by the party's current signing key: an old bundle,
+          or one re-signed with a leaked superseded key, is refused (announcements are how states change);
+        * a bundle with new keys is a re-enrolment the person comparing the new key letter has vouched for;
+        * either way no known key moves backwards in its lifecycle or gets a wider window than the store gave it,
+          and keys the store has revoked stay revoked (kept even when the bundle leaves them out).
+
+        Raises TrustError (and changes nothing) on any mismatch.
         """
         bundle = read_bundle(data)
         bundle.require_fingerprint(expected_fingerprint)
         if bundle.party_id == own_party_id:
             raise TrustError("this bundle is our own party's; a party does not import itself")
-        self._peers[bundle.party_id] = _merged(self._peers.get(bundle.party_id), bundle.keys)
+        held = self._peers.get(bundle.party_id)
+        if held is not None and all(held.get(record.key_id) is not None for record in bundle.keys):
+            now = SystemClock().now_ms() if now_ms is None else now_ms
+            current = held.current(Algorithm.ED25519, now)
+            if current is None or current.key_id != bundle.signer_key_id:
+                raise TrustError(
+                    f"this bundle of {bundle.party_id} brings no key the trust store does not already hold and is "
+                    "not signed by the party's current signing key: it can only repeat or roll back what the trust "
+                    "store knows. Nothing was imported; apply the party's announcements instead."
+                )
+        self._peers[bundle.party_id] = _merged(held, bundle.keys)
         return bundle
 
     def apply_announcement(self, data: bytes, *, now_ms: int) -> KeyRecord:
@@ -168,11 +192,23 @@ class TrustStore:
 
 
 def _merged(held: Keyring | None, incoming: Iterable[KeyRecord]) -> Keyring:
-    """The keyring a re-imported bundle leaves: its keys, none of them earlier in the lifecycle than we knew it."""
+    """The keyring a re-imported bundle leaves: its keys, none of them earlier in the lifecycle or valid for longer
+    than the store already knew them, plus every key the store has revoked."""
     if held is None:
         return Keyring(incoming)
     merged = Keyring(record for record in held if record.state is KeyState.REVOKED)
     for record in incoming:
         known = held.get(record.key_id)
-        merged.put(known if known is not None and known.state > record.state else record)
+        merged.put(record if known is None else _narrower(known, record))
     return merged
+
+
+def _narrower(known: KeyRecord, claimed: KeyRecord) -> KeyRecord:
+    """Of two records of one key, the later state, and the window both allow."""
+    later = claimed if claimed.state > known.state else known
+    ends = [end for end in (known.not_after_ms, claimed.not_after_ms) if end is not None]
+    return dataclasses.replace(
+        later,
+        not_before_ms=max(known.not_before_ms, claimed.not_before_ms),
+        not_after_ms=min(ends) if ends else None,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import pickle
@@ -775,7 +776,8 @@ def test_reimported_bundle_never_brings_a_revoked_key_back(pair: Pair, sealed_fi
     assert read_bundle(forged_bundle).fingerprint == read_bundle(old_bundle).fingerprint == letter
 
     for bundle in (old_bundle, forged_bundle):
-        pair.unit.trust.import_bundle(bundle, expected_fingerprint=letter)
+        attempt = functools.partial(pair.unit.trust.import_bundle, bundle, expected_fingerprint=letter, now_ms=later)
+        assert refusals_that_changed_or_escaped(pair.unit.trust, attempt) is None
         record = pair.unit.trust.signing_record(AGENCY_ID, leaked.key_id)
         assert record is not None and record.state is KeyState.REVOKED
         sealed = seal_with(
@@ -789,6 +791,71 @@ def test_reimported_bundle_never_brings_a_revoked_key_back(pair: Pair, sealed_fi
         )
         with pytest.raises(RevokedKey):
             pair.unit.courier.open(sealed)
+
+
+def test_a_superseded_key_cannot_take_its_party_back_through_a_bundle_with_the_current_key_letter(pair: Pair) -> None:
+    # The old signing key leaks after a rotation. Re-signed by it, the party's current key set (so the genuine,
+    # current key letter matches) claims the old key never ends and its successor is revoked: were that taken, the
+    # old key would be current again and could install an agreement key of the attacker's.
+    now = pair.clock.now_ms()
+    old = pair.agency.keys.signing_key(now)
+    pair.unit.trust.apply_announcement(
+        pair.agency.keys.rotate(Algorithm.ED25519, now_ms=now, overlap_ms=DAY_MS), now_ms=now
+    )
+    successor = pair.agency.keys.signing_key(now)
+    letter = real_fingerprint(pair.agency.keys)
+    later = now + HOUR_MS
+
+    def claimed(record: KeyRecord) -> KeyRecord:
+        if record.key_id == old.key_id:
+            return dataclasses.replace(record, not_after_ms=None)
+        if record.key_id == successor.key_id:
+            return dataclasses.replace(record, state=KeyState.REVOKED, revoked_at_ms=later)
+        return record
+
+    forged_records = [claimed(r) for r in pair.agency.keys.records()]
+    forged = sign_bundle(AGENCY_ID, forged_records, old, later)
+    assert read_bundle(forged).fingerprint == letter
+
+    attempt = functools.partial(pair.unit.trust.import_bundle, forged, expected_fingerprint=letter, now_ms=later)
+    assert refusals_that_changed_or_escaped(pair.unit.trust, attempt) is None
+    ring = pair.unit.trust.keyring(AGENCY_ID)
+    assert ring is not None
+    current = ring.current(Algorithm.ED25519, later)
+    assert current is not None and current.key_id == successor.key_id
+    # Signed by the current key it is the party speaking, and taken; still, no known key's window is widened.
+    widened = [
+        dataclasses.replace(r, not_after_ms=None) if r.key_id == old.key_id else r for r in pair.agency.keys.records()
+    ]
+    honest = sign_bundle(AGENCY_ID, widened, successor, later)
+    pair.unit.trust.import_bundle(honest, expected_fingerprint=letter, now_ms=later)
+    old_record = pair.unit.trust.signing_record(AGENCY_ID, old.key_id)
+    assert old_record is not None and old_record.not_after_ms == now + DAY_MS
+
+
+def test_a_bundle_with_new_keys_is_a_re_enrolment_that_never_widens_what_the_store_knew(pair: Pair) -> None:
+    # The agency rotated its signing key and the unit missed the announcement: the agency's new key letter vouches
+    # for the new key set. A known key may move on (active -> retiring) but not get a longer window than it had.
+    now = pair.clock.now_ms()
+    old = pair.agency.keys.signing_key(now)
+    pair.agency.keys.rotate(Algorithm.ED25519, now_ms=now, overlap_ms=DAY_MS)
+    successor = pair.agency.keys.signing_key(now)
+    records = [
+        dataclasses.replace(r, not_before_ms=r.not_before_ms - DAY_MS) if r.key_id == old.key_id else r
+        for r in pair.agency.keys.records()
+    ]
+    bundle = sign_bundle(AGENCY_ID, records, successor, now)
+    before = pair.unit.trust.signing_record(AGENCY_ID, old.key_id)
+    assert before is not None and before.state is KeyState.ACTIVE
+    pair.unit.trust.import_bundle(bundle, expected_fingerprint=real_fingerprint(pair.agency.keys), now_ms=now)
+    after = pair.unit.trust.signing_record(AGENCY_ID, old.key_id)
+    assert after is not None
+    assert (after.state, after.not_after_ms, after.not_before_ms) == (
+        KeyState.RETIRING,
+        now + DAY_MS,
+        before.not_before_ms,
+    )
+    assert pair.unit.trust.signing_record(AGENCY_ID, successor.key_id) is not None
 
 
 def test_reimported_bundle_keeps_what_the_store_knows_of_later_states_and_revocations(pair: Pair) -> None:

@@ -50,7 +50,7 @@ from connectors.adapters.rows import (
     required_columns,
     row_to_record,
 )
-from connectors.adapters.sql import SqlAdapter
+from connectors.adapters.sql import SqlAdapter, server_flavour, session_settings
 from tests.conftest_pg import postgres_schema
 
 DEPOSITS = r.DATA_CATEGORY_DEPOSITS
@@ -598,6 +598,22 @@ def test_sql_lost_login_while_answering_says_why(postgres_unit: tuple[str, Engin
         with admin.begin() as connection:
             connection.execute(text(f'DROP OWNED BY "{role}"'))
             connection.execute(text(f'DROP ROLE "{role}"'))
+
+
+@pytest.mark.parametrize(
+    ("dialect", "version", "expected"),
+    [
+        ("mysql", "8.0.36", "SET SESSION max_execution_time = 30000"),
+        ("mysql", "10.11.6-MariaDB-0+deb12u1", "SET SESSION max_statement_time = 30"),
+        ("mariadb", "10.11.6-MariaDB", "SET SESSION max_statement_time = 30"),
+        ("postgresql", "15.19", "SET statement_timeout = 30000"),
+    ],
+)
+def test_sql_statement_timeout_uses_the_servers_own_setting(dialect: str, version: str, expected: str) -> None:
+    # A mysql+pymysql:// URL may reach MariaDB: the setting is chosen by what the server says it is.
+    settings = session_settings(server_flavour(dialect, version), 30)
+    assert expected in settings
+    assert any("READ ONLY" in statement for statement in settings)
 
 
 def test_sql_database_down_at_start_is_waited_for_by_a_service(tmp_path: Path) -> None:

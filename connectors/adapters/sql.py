@@ -64,7 +64,7 @@ DEFAULT_STATEMENT_TIMEOUT_SECONDS = 30
 APPLICATION_NAME = "hedui-connector"
 
 
-def _session_settings(dialect: str, timeout_seconds: int) -> list[str]:
+def session_settings(dialect: str, timeout_seconds: int) -> list[str]:
     """Statements that make a new session read-only and bound its statements' time, for ``dialect``."""
     if dialect == "postgresql":
         return [
@@ -80,19 +80,31 @@ def _session_settings(dialect: str, timeout_seconds: int) -> list[str]:
     return []
 
 
+def server_flavour(dialect: str, version: str) -> str:
+    """The dialect whose session settings apply: a ``mysql+…`` URL may reach a MariaDB server, which SQLAlchemy
+    only learns after connecting, and MariaDB has ``max_statement_time`` where MySQL has ``max_execution_time``."""
+    if dialect == "mysql" and "mariadb" in version.lower():
+        return "mariadb"
+    return dialect
+
+
 def _guard(engine: Engine, timeout_seconds: int) -> None:
-    """Apply :func:`_session_settings` to every connection the engine opens, before any query runs on it."""
-    settings = _session_settings(engine.dialect.name, timeout_seconds)
+    """Apply :func:`session_settings` to every connection the engine opens, before any query runs on it."""
+    dialect = engine.dialect.name
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         try:
-            for statement in settings:
+            flavour = dialect
+            if dialect == "mysql":
+                cursor.execute("SELECT VERSION()")
+                flavour = server_flavour(dialect, str((cursor.fetchone() or ("",))[0]))
+            for statement in session_settings(flavour, timeout_seconds):
                 cursor.execute(statement)
         finally:
             cursor.close()
-        if engine.dialect.name != "sqlite":
+        if dialect != "sqlite":
             dbapi_connection.commit()  # the settings are session-wide; end the transaction some drivers opened
 
 

@@ -5,7 +5,7 @@ hedui-connector check-config --config FILE         validate a config without sta
 hedui-connector config-keys                        every config key with its default and meaning
 hedui-connector delay --config FILE BATCH --until YYYY-MM-DD --reason technical
                                                    written delay notice (clause 12: at most 5 working days)
-hedui-connector test-query --config FILE --category tax --id ID [--id ID ...] [--from YYYY-MM --to YYYY-MM]
+hedui-connector test-query --config FILE --category tax [--from YYYY-MM --to YYYY-MM] < ids.txt
                                                    what the unit would answer for these people (before going live)
 """
 
@@ -92,6 +92,11 @@ def _months(text: str, what: str) -> tuple[int, int]:
     return year, month
 
 
+#: test-query is for trying a mapping on a few people, not for exporting the unit's data.
+MAX_TEST_QUERY_PEOPLE = 100
+MAX_TEST_QUERY_INPUT = 64 * 1024
+
+
 def _month(index: int) -> tuple[int, int]:
     year, month0 = divmod(index, 12)
     return year, month0 + 1
@@ -112,12 +117,19 @@ def _test_query(args: argparse.Namespace) -> None:
     if category not in UNIT_DATA[config.unit_category]:
         served = ", ".join(data_category_name(c) for c in UNIT_DATA[config.unit_category])
         raise ConfigError(f"a {config.unit.category} unit answers {served}, not {args.category}")
+    # ID numbers come on standard input, never as arguments: a command line is readable by every local user
+    # (/proc/PID/cmdline) and sudo writes it to the system log.
+    if sys.stdin.isatty():
+        print("ID numbers, one per line; end with Ctrl-D:", file=sys.stderr)
+    lines = [line.strip() for line in sys.stdin.read(MAX_TEST_QUERY_INPUT).splitlines()]
     id_numbers = []
-    for position, text in enumerate(args.id, 1):
+    for position, text in enumerate((line for line in lines if line), 1):
         try:
             id_numbers.append(parse_id_number(text).value)
         except InvalidIdNumber as exc:
-            raise ConfigError(f"--id number {position}: {exc}") from None
+            raise ConfigError(f"ID number {position} on standard input: {exc}") from None
+    if not id_numbers or len(id_numbers) > MAX_TEST_QUERY_PEOPLE:
+        raise ConfigError(f"give 1 to {MAX_TEST_QUERY_PEOPLE} ID numbers on standard input, one per line")
     today = date.today()
     last_month = today.year * 12 + today.month - 2  # the last full month, counted in months from year 0, January
     context = LookupContext(
@@ -164,11 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     delay.set_defaults(func=_delay)
     test = sub.add_parser(
         "test-query",
-        help="run the query (or file) of one data category for some people and print what would be answered",
+        help="run the query (or file) of one data category for the people whose ID numbers come on standard input "
+        "(one per line) and print what would be answered",
     )
     test.add_argument("--config", required=True)
     test.add_argument("--category", required=True, help="data category, e.g. tax, deposits, real_estate")
-    test.add_argument("--id", required=True, action="append", help="an ID number (repeat for more people)")
     test.add_argument("--from", dest="income_from", help="first month of the income period, YYYY-MM")
     test.add_argument("--to", dest="income_to", help="last month of the income period, YYYY-MM (default: last month)")
     test.add_argument("--as-of", help="date assets are reported for, YYYY-MM-DD (default: today)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -241,7 +242,9 @@ def test_check_config_warns_of_fields_no_query_returns_and_of_a_query_without_th
     assert "does not use :income_from and :income_to: it will disclose every period on record" in captured.err
 
 
-def test_test_query_prints_what_the_unit_would_answer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_test_query_prints_what_the_unit_would_answer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     config, _, _ = _setup(tmp_path, free_port())
     id_number = _sql_unit(
         tmp_path,
@@ -252,16 +255,25 @@ def test_test_query_prints_what_the_unit_would_answer(tmp_path: Path, capsys: py
     )
     other = list(Population(7).households(2))[1].members[0].id_number
     capsys.readouterr()
-    args = ["test-query", "--config", str(config), "--category", "tax", "--id", id_number, "--id", other]
-    assert main([*args, "--from", "2026-01", "--to", "2026-06"]) == 0
+    args = ["test-query", "--config", str(config), "--category", "tax"]
+
+    def run(*extra: str, stdin: str = f"{id_number}\n\n{other}\n") -> int:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        return main([*args, *extra])
+
+    assert run("--from", "2026-01", "--to", "2026-06") == 0
     out = capsys.readouterr().out
     assert "tax: income period 2026-01 to 2026-06" in out
     assert f"{id_number}: 1 record" in out and "taxable_income_fen: 3000000" in out and "个人所得税" in out
     assert f"{other}: no records" in out
 
-    assert main([*args[:-4], "--category", "deposits", "--id", id_number]) == 1
+    assert main([*args[:-1], "deposits"]) == 1
     assert "a tax unit answers" in capsys.readouterr().err
-    assert main([*args[:-2], "--id", id_number[:-1] + ("0" if id_number[-1] != "0" else "1")]) == 1
-    assert "--id number 2" in capsys.readouterr().err
-    assert main([*args, "--from", "2026-13"]) == 1
+    wrong = id_number[:-1] + ("0" if id_number[-1] != "0" else "1")
+    assert run(stdin=f"{id_number}\n{wrong}\n") == 1
+    err = capsys.readouterr().err
+    assert "ID number 2 on standard input" in err and wrong not in err
+    assert run(stdin="\n") == 1
+    assert "give 1 to 100 ID numbers" in capsys.readouterr().err
+    assert run("--from", "2026-13") == 1
     assert "--from must be a month" in capsys.readouterr().err

@@ -34,7 +34,7 @@ from gateway import schema as s
 from gateway.audit import AuditLog
 from gateway.intake import validate_package
 from gateway.report import ReportRefused, build_report, sign_report
-from gateway.routing import route
+from gateway.routing import category_names, route, unserved
 from gateway.staff import StaffRegister
 from gateway.store import GatewayStore
 from keys.clock import Clock, from_ms
@@ -206,6 +206,14 @@ class Workflow:
         if caller.role not in {"commissioner", "lower_agency"}:
             raise _denied("only commissioners and lower-level agencies submit commissions")
         validate_package(request, today=self._today())
+        missing = unserved(request.categories, self.store.units())
+        if missing:
+            raise WorkflowError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"no sharing unit registered with this gateway holds {category_names(missing)}: nobody would be "
+                "asked, and the report would show nothing found. Remove these categories, or have the gateway's "
+                "operator register the unit that holds them; nothing was stored",
+            )
         ref = "C" + os.urandom(8).hex()
         lower = caller.role == "lower_agency"
         state = INTAKE_PASSED if lower else RECEIVED  # Procedure III.(二)2: straight to second review
@@ -354,6 +362,13 @@ class Workflow:
             row = self._row(conn, ref, caller)
             if row.state != REVIEW_PASSED:
                 raise _illegal(f"exchange approval needs review passed, the commission is {row.state}")
+            missing = unserved((int(c) for c in row.categories.split(",")), units)
+            if missing:
+                # Units are registered by the operator: one may have been disabled or removed since submission.
+                raise _illegal(
+                    f"no enabled sharing unit holds {category_names(missing)} now: enable the unit that holds "
+                    "them, or return the commission; the approval was not recorded"
+                )
             if not self.staff.verify_approval(staff_id, row.exchange_digest, signature, now, conn=conn):
                 raise WorkflowError(grpc.StatusCode.UNAUTHENTICATED, "approval signature does not verify")
             existing = [

@@ -5,6 +5,7 @@ its gRPC status and changes nothing."""
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from hedui.v1 import agency_pb2, agency_pb2_grpc, exchange_pb2, records_pb2
 from sqlalchemy import func, select
 
+from common.categories import UNIT_DATA
 from connectors.server import server_credentials
 from connectors.synthetic import Relation
 from gateway import schema
@@ -24,7 +26,7 @@ from gateway.workflow import Workflow
 from keys.identity import PartyKeys
 from keys.statements import approval_message, verify_report
 from tests.exchange_world import beijing_ms
-from tests.gateway_drive import settle
+from tests.gateway_drive import BANK, settle
 from tests.gateway_world import CATEGORIES, GatewayWorld, gateway_world
 
 NOW = beijing_ms(2026, 3, 2)
@@ -259,6 +261,42 @@ def test_refusals_change_nothing(agency: Agency) -> None:
             grpc.StatusCode.UNAUTHENTICATED)  # fmt: skip
 
 
+def test_a_category_no_registered_unit_holds_is_refused_at_submission_and_at_approval(agency: Agency) -> None:
+    # Nobody would be asked it, and the report would show "nothing found": a case worker would read that as "none".
+    commissioner, office = agency.stub(COMMISSIONER), agency.stub(BACKOFFICE)
+    request = agency.package(2)
+    request.categories.append(records_pb2.DATA_CATEGORY_VEHICLES)  # public security: not registered here
+    with pytest.raises(grpc.RpcError) as excinfo:
+        commissioner.SubmitCommission(request)
+    assert _code(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no sharing unit registered with this gateway holds vehicles (机动车辆)" in (excinfo.value.details() or "")
+    assert agency.commissions() == 0
+
+    # Registered at submission, disabled by the operator before the exchange is approved.
+    commission = _through_review(agency, households=2)
+    store = agency.world.store
+
+    def bank_enabled(enabled: bool) -> None:
+        store.sync_units(
+            (u.unit_id, u.category, u.endpoint, u.exchange_mode, enabled or u.unit_id != BANK) for u in store.units()
+        )
+
+    bank_enabled(False)
+    approval = agency_pb2.ExchangeApproval(
+        commission_id=commission.commission_id,
+        staff_id="S-0003",
+        signature=agency.sign("S-0003", commission.exchange_digest),
+    )
+    entries = agency.audit.count()
+    with pytest.raises(grpc.RpcError) as excinfo:
+        office.ApproveExchange(approval)
+    assert _code(excinfo) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no enabled sharing unit holds deposits (存款) now" in (excinfo.value.details() or "")
+    assert agency.audit.count() == entries
+    bank_enabled(True)
+    assert office.ApproveExchange(approval).state == agency_pb2.COMMISSION_STATE_REVIEW_PASSED
+
+
 def test_returned_and_terminated_carry_reasons(agency: Agency) -> None:
     commissioner, office = agency.stub(COMMISSIONER), agency.stub(BACKOFFICE)
     first = commissioner.SubmitCommission(agency.package(2, start=10)).commission_id
@@ -274,3 +312,15 @@ def test_returned_and_terminated_carry_reasons(agency: Agency) -> None:
     assert terminated.state == agency_pb2.COMMISSION_STATE_TERMINATED
     listed = commissioner.ListCommissions(agency_pb2.ListCommissionsRequest())
     assert {c.commission_id for c in listed.commissions} >= {first, third}
+
+
+def test_the_api_guide_lists_which_unit_holds_which_category_as_the_code_routes() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "agency-api.md").read_text(encoding="utf-8")
+    listed = {
+        match.group(1): set(re.findall(r"`([a-z_]+)`", match.group(2)))
+        for match in re.finditer(r"^\| `([a-z_]+)` [^|]*\| (.*) \|$", text, re.M)
+    }
+    unit_names = {int(v): n.removeprefix("UNIT_CATEGORY_").lower() for n, v in records_pb2.UnitCategory.items()}
+    data_names = {int(v): n.removeprefix("DATA_CATEGORY_").lower() for n, v in records_pb2.DataCategory.items()}
+    expected = {unit_names[unit]: {data_names[c] for c in data} for unit, data in UNIT_DATA.items() if data}
+    assert listed == expected

@@ -16,6 +16,7 @@ Every transition and its audit entry are one transaction: a refused request chan
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,6 +85,10 @@ class Caller:
 
     party_id: str
     role: str  # commissioner | lower_agency | staff_system
+
+
+#: PostgreSQL advisory lock under which submissions take turns (see Workflow.submit).
+SUBMIT_LOCK = 0x4845_4455_4902
 
 
 def exchange_digest(ref: str, request: agency_pb2.SubmitCommissionRequest) -> bytes:
@@ -235,44 +240,76 @@ class Workflow:
         ]
         start, end = year_month(request.income_from), year_month(request.income_to)
         with self.engine.begin() as conn:
-            key = conn.execute(
-                insert(s.commissions).values(
-                    ref=ref,
-                    purpose=request.programme,
-                    income_from=f"{start[0]:04d}-{start[1]:02d}",
-                    income_to=f"{end[0]:04d}-{end[1]:02d}",
-                    assets_as_of=from_pb(request.assets_as_of),
-                    staff_ids="",
-                    categories=",".join(str(c) for c in request.categories),
-                    thresholds=",".join(f"{t.category}:{t.limit_fen}" for t in request.thresholds),
-                    created_at_ms=now,
-                    letter_number=request.letter.number,
-                    letter_date=from_pb(request.letter.date),
-                    commissioner=caller.party_id,
-                    state=state,
-                    from_lower_agency=lower,
-                    exchange_digest=exchange_digest(ref, request),
-                    household_count=len(request.households),
-                    subject_count=len(subjects),
+            if self.store.is_postgres:
+                # Replicas share the database: submissions take turns so that the letter check below sees a
+                # concurrent submission of the same letter (on SQLite the engine's transactions already take turns).
+                conn.execute(select(func.pg_advisory_xact_lock(SUBMIT_LOCK)))
+            earlier = self._same_letter(conn, request, caller)
+            if earlier is not None:
+                ref = earlier  # the same letter and package again: a retry, answered with what it made
+            else:
+                key = conn.execute(
+                    insert(s.commissions).values(
+                        ref=ref,
+                        purpose=request.programme,
+                        income_from=f"{start[0]:04d}-{start[1]:02d}",
+                        income_to=f"{end[0]:04d}-{end[1]:02d}",
+                        assets_as_of=from_pb(request.assets_as_of),
+                        staff_ids="",
+                        categories=",".join(str(c) for c in request.categories),
+                        thresholds=",".join(f"{t.category}:{t.limit_fen}" for t in request.thresholds),
+                        created_at_ms=now,
+                        letter_number=request.letter.number,
+                        letter_date=from_pb(request.letter.date),
+                        commissioner=caller.party_id,
+                        state=state,
+                        from_lower_agency=lower,
+                        exchange_digest=exchange_digest(ref, request),
+                        household_count=len(request.households),
+                        subject_count=len(subjects),
+                    )
+                ).inserted_primary_key
+                assert key is not None
+                commission_id = int(key[0])
+                first = conn.execute(select(func.coalesce(func.max(s.subjects.c.id), 0))).scalar_one() + 1
+                conn.execute(
+                    insert(s.subjects),
+                    [{"id": first + i, "commission_id": commission_id, **row} for i, row in enumerate(subjects)],
                 )
-            ).inserted_primary_key
-            assert key is not None
-            commission_id = int(key[0])
-            first = conn.execute(select(func.coalesce(func.max(s.subjects.c.id), 0))).scalar_one() + 1
-            conn.execute(
-                insert(s.subjects),
-                [{"id": first + i, "commission_id": commission_id, **row} for i, row in enumerate(subjects)],
-            )
-            self.audit.append(
-                conn,
-                at_ms=now,
-                actor=caller.party_id,
-                action="commission.submit",
-                commission_id=commission_id,
-                after=state,
-                detail=f"households={len(request.households)} subjects={len(subjects)}",
-            )
+                self.audit.append(
+                    conn,
+                    at_ms=now,
+                    actor=caller.party_id,
+                    action="commission.submit",
+                    commission_id=commission_id,
+                    after=state,
+                    detail=f"households={len(request.households)} subjects={len(subjects)}",
+                )
         return self.view(ref, caller)
+
+    @staticmethod
+    def _same_letter(conn: Connection, request: agency_pb2.SubmitCommissionRequest, caller: Caller) -> str | None:
+        """The commission this caller already made from the same letter, for a submission sent again (a retry
+        after a lost reply must not query the same people twice); None for a new letter. A letter whose
+        commission was returned may come again with a corrected package. ALREADY_EXISTS for the same letter number
+        with another package: one letter, one commission."""
+        rows = conn.execute(
+            select(s.commissions.c.ref, s.commissions.c.exchange_digest).where(
+                s.commissions.c.commissioner == caller.party_id,
+                s.commissions.c.letter_number == request.letter.number,
+                s.commissions.c.state != RETURNED,
+            )
+        ).all()
+        for earlier in rows:
+            if hmac.compare_digest(bytes(earlier.exchange_digest), exchange_digest(earlier.ref, request)):
+                return str(earlier.ref)
+        if rows:
+            raise WorkflowError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"letter {request.letter.number} already made commission {rows[0].ref}, with another package: one "
+                "letter, one commission. Give a new letter its own number; nothing was stored",
+            )
+        return None
 
     # -- staff steps ---------------------------------------------------------------------------------------------
 

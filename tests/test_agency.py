@@ -314,6 +314,33 @@ def test_returned_and_terminated_carry_reasons(agency: Agency) -> None:
     assert {c.commission_id for c in listed.commissions} >= {first, third}
 
 
+def test_a_letter_makes_one_commission_and_a_retry_gets_it_back(agency: Agency) -> None:
+    """A client that lost the reply sends the same package again: it gets the same commission, and nobody is
+    queried twice. Another package under the same letter number is refused; a returned letter may come again."""
+    commissioner, office = agency.stub(COMMISSIONER), agency.stub(BACKOFFICE)
+    package = agency.package(2, start=30)
+    first = commissioner.SubmitCommission(package)
+    entries = agency.audit.count()
+    assert commissioner.SubmitCommission(package) == first
+    assert agency.commissions() == 1 and agency.audit.count() == entries
+
+    other = agency.package(3, start=30)  # same letter number, one more household
+    with pytest.raises(grpc.RpcError) as excinfo:
+        commissioner.SubmitCommission(other)
+    assert _code(excinfo) == grpc.StatusCode.ALREADY_EXISTS
+    assert first.commission_id in (excinfo.value.details() or "")
+    assert agency.commissions() == 1 and agency.audit.count() == entries
+
+    # Another commissioner's letter may carry the same number.
+    assert agency.stub(OTHER_COMMISSIONER).SubmitCommission(package).commission_id != first.commission_id
+    # Returned at intake, the corrected package comes under the same letter.
+    office.RecordIntake(
+        agency_pb2.StaffDecision(commission_id=first.commission_id, staff_id="S-0001", passed=False, reason="材料不全")
+    )
+    again = commissioner.SubmitCommission(other)
+    assert again.commission_id != first.commission_id and again.state == agency_pb2.COMMISSION_STATE_RECEIVED
+
+
 def test_the_api_guide_lists_which_unit_holds_which_category_as_the_code_routes() -> None:
     text = (Path(__file__).resolve().parent.parent / "docs" / "agency-api.md").read_text(encoding="utf-8")
     listed = {

@@ -141,11 +141,15 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
         self, request: agency_pb2.ListCommissionsRequest, context: grpc.ServicerContext
     ) -> agency_pb2.ListCommissionsResponse:
         state = PB_TO_STATE.get(request.state)
-        return self._run(
-            context,
-            lambda c: agency_pb2.ListCommissionsResponse(commissions=self.workflow.list(c, state, request.limit)),
-            ("commission.list", None),
-        )
+
+        def listed(caller: Caller) -> agency_pb2.ListCommissionsResponse:
+            if request.state and state is None:
+                raise WorkflowError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"state {request.state} is not a commission state"
+                )
+            return agency_pb2.ListCommissionsResponse(commissions=self.workflow.list(caller, state, request.limit))
+
+        return self._run(context, listed, ("commission.list", None))
 
     def RecordIntake(self, request: agency_pb2.StaffDecision, context: grpc.ServicerContext) -> agency_pb2.Commission:
         return self._run(

@@ -212,10 +212,10 @@ def _build(
 ) -> agency_pb2.Report:
     c = conn.execute(select(s.commissions).where(s.commissions.c.id == commission_id)).first()
     if c is None:
-        raise ReportRefused(f"commission {commission_id} does not exist")
+        raise ReportRefused("the commission does not exist")
     if c.cancelled_at_ms is not None or c.state in _NO_REPORT_STATES:
         state = "cancelled" if c.cancelled_at_ms is not None else c.state
-        raise ReportRefused(f"commission {commission_id} was {state}: no report is issued for it")
+        raise ReportRefused(f"commission {c.ref} was {state}: no report is issued for it")
     answered = s.answers.c.item_id.is_not(None)
     joined = s.items.outerjoin(s.answers, s.answers.c.item_id == s.items.c.id)
     missing: dict[str, int] = {}
@@ -231,12 +231,12 @@ def _build(
     if missing and not partial:
         units = ", ".join(f"{unit} ({count})" for unit, count in sorted(missing.items()))
         raise ReportRefused(
-            f"{sum(missing.values())} item(s) of commission {commission_id} are still open at {len(missing)} "
+            f"{sum(missing.values())} item(s) of commission {c.ref} are still open at {len(missing)} "
             f"unit(s): {units}. Wait for the answers, or issue a partial report that names these units as missing.",
             missing,
         )
     if not conn.execute(select(func.count()).where(s.items.c.commission_id == commission_id)).scalar_one():
-        raise ReportRefused(f"commission {commission_id} has no queries yet: nothing to report")
+        raise ReportRefused(f"commission {c.ref} has no queries yet: nothing to report")
 
     categories = {r.unit_id: r.category for r in conn.execute(select(s.units.c.unit_id, s.units.c.category))}
     income_from, income_to = _year_month(c.income_from), _year_month(c.income_to)

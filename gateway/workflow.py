@@ -87,6 +87,8 @@ class Caller:
     role: str  # commissioner | lower_agency | staff_system
 
 
+#: The most commissions one ListCommissions returns.
+MAX_LIST = 1000
 #: PostgreSQL advisory lock under which submissions take turns (see Workflow.submit).
 SUBMIT_LOCK = 0x4845_4455_4902
 
@@ -193,9 +195,12 @@ class Workflow:
             )
 
     def list(self, caller: Caller, state: str | None, limit: int) -> list[agency_pb2.Commission]:
-        query = (
-            select(s.commissions).order_by(s.commissions.c.created_at_ms.desc()).limit(max(1, min(limit or 100, 1000)))
-        )
+        """The caller's commissions (all, for the staff system), newest first: ``limit`` of them, 0 meaning 100."""
+        if not 0 <= limit <= MAX_LIST:
+            raise WorkflowError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"limit must be 1 to {MAX_LIST} (or 0 for the default of 100)"
+            )
+        query = select(s.commissions).order_by(s.commissions.c.created_at_ms.desc()).limit(limit or 100)
         if caller.role != "staff_system":
             query = query.where(s.commissions.c.commissioner == caller.party_id)
         if state:
@@ -485,6 +490,8 @@ class Workflow:
         now = self._now()
         with self.engine.begin() as conn:
             row = self._row(conn, ref, caller)
+            if row.state == REPORT_ISSUED:
+                raise _illegal("the report of this commission was issued already: fetch it with GetReport")
             if row.state != EXCHANGING:
                 raise _illegal(f"a report needs the exchange to have started, the commission is {row.state}")
             if staff_id in {row.intake_staff, row.review_staff}:

@@ -169,6 +169,7 @@ def test_whole_procedure_from_package_to_signed_report(agency: Agency) -> None:
     with pytest.raises(grpc.RpcError) as excinfo:  # items still open: only a partial report
         office.IssueReport(agency_pb2.IssueReportRequest(commission_id=cid, staff_id="S-0005"))
     assert _code(excinfo) == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"of commission {cid} are still open" in (excinfo.value.details() or "")  # the id the caller knows
     settle(agency.world)
     progress = commissioner.GetProgress(agency_pb2.CommissionRef(commission_id=cid))
     assert all(u.answered == commission.subjects and u.queued == 0 for u in progress.units)
@@ -178,6 +179,10 @@ def test_whole_procedure_from_package_to_signed_report(agency: Agency) -> None:
     assert "核对报告" in signed.html
     fetched = commissioner.GetReport(agency_pb2.CommissionRef(commission_id=cid))
     assert fetched.report == signed.report and fetched.signature == signed.signature
+    with pytest.raises(grpc.RpcError) as excinfo:
+        office.IssueReport(agency_pb2.IssueReportRequest(commission_id=cid, staff_id="S-0005"))
+    assert _code(excinfo) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "issued already: fetch it with GetReport" in (excinfo.value.details() or "")
     decision = agency_pb2.SubjectDecision(household_ref="H00000", member_index=1, decision=agency_pb2.DECISION_APPROVED)
     receipt = commissioner.SubmitApprovalFeedback(agency_pb2.ApprovalFeedback(commission_id=cid, decisions=[decision]))
     assert receipt.recorded == 1
@@ -339,6 +344,20 @@ def test_a_letter_makes_one_commission_and_a_retry_gets_it_back(agency: Agency) 
     )
     again = commissioner.SubmitCommission(other)
     assert again.commission_id != first.commission_id and again.state == agency_pb2.COMMISSION_STATE_RECEIVED
+
+
+def test_listing_refuses_a_limit_or_state_that_is_not_one(agency: Agency) -> None:
+    commissioner = agency.stub(COMMISSIONER)
+    for request in (
+        agency_pb2.ListCommissionsRequest(limit=-1),
+        agency_pb2.ListCommissionsRequest(limit=1001),
+        agency_pb2.ListCommissionsRequest(state=99),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(grpc.RpcError) as excinfo:
+            commissioner.ListCommissions(request)
+        assert _code(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    commissioner.SubmitCommission(agency.package(1, start=40))
+    assert len(commissioner.ListCommissions(agency_pb2.ListCommissionsRequest(limit=0)).commissions) == 1
 
 
 def test_the_api_guide_lists_which_unit_holds_which_category_as_the_code_routes() -> None:

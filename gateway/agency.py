@@ -55,6 +55,10 @@ else:  # the runtime class is not generic; only its type stubs are
     _Interceptor = grpc.ServerInterceptor
 
 
+#: Trailing metadata key of every AgencyService reply: the request id under which the gateway logged the call.
+REQUEST_ID_KEY = "hedui-request-id"
+
+
 class AuthInterceptor(_Interceptor):
     """Refuses calls to the AgencyService from unknown parties or roles not allowed for the method."""
 
@@ -76,7 +80,10 @@ class AuthInterceptor(_Interceptor):
 
         def checked(request: Any, context: grpc.ServicerContext) -> Any:
             commission = public_commission_ref(getattr(request, "commission_id", None))
-            with log_context(request_id=new_request_id(), commission_id=commission):
+            request_id = new_request_id()
+            # The caller gets the id its request has in the gateway's journal, to quote when asking why.
+            context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+            with log_context(request_id=request_id, commission_id=commission):
                 party = party_from_auth_context(context.auth_context())
                 role = self.clients.get(party or "")
                 if party is None or role is None:

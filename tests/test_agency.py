@@ -5,6 +5,9 @@ its gRPC status and changes nothing."""
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,9 +19,11 @@ from hedui.v1 import agency_pb2, agency_pb2_grpc, exchange_pb2, records_pb2
 from sqlalchemy import func, select
 
 from common.categories import UNIT_DATA
+from common.logs import configure_logging
 from connectors.server import server_credentials
 from connectors.synthetic import Relation
 from gateway import schema
+from gateway.agency import REQUEST_ID_KEY
 from gateway.audit import AuditLog
 from gateway.server import serve_api
 from gateway.staff import StaffRegister
@@ -358,6 +363,29 @@ def test_listing_refuses_a_limit_or_state_that_is_not_one(agency: Agency) -> Non
         assert _code(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
     commissioner.SubmitCommission(agency.package(1, start=40))
     assert len(commissioner.ListCommissions(agency_pb2.ListCommissionsRequest(limit=0)).commissions) == 1
+
+
+def _request_id(metadata: object) -> str:
+    return next(str(m.value) for m in metadata or () if m.key == REQUEST_ID_KEY)  # type: ignore[attr-defined]
+
+
+def test_every_reply_carries_the_request_id_the_gateways_journal_has(agency: Agency) -> None:
+    commissioner = agency.stub(COMMISSIONER)
+    root, stream = logging.getLogger(), io.StringIO()
+    level = root.level
+    configure_logging("INFO", json_lines=True, stream=stream)
+    try:
+        with pytest.raises(grpc.RpcError) as excinfo:
+            commissioner.ListCommissions(agency_pb2.ListCommissionsRequest(limit=-1))
+    finally:
+        for handler in [h for h in root.handlers if h.get_name() == "hedui"]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+    request_id = _request_id(excinfo.value.trailing_metadata())
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line.get("request_id") for line in lines if line["message"] == "request refused"] == [request_id]
+    _, call = commissioner.ListCommissions.with_call(agency_pb2.ListCommissionsRequest())
+    assert _request_id(call.trailing_metadata()) not in ("", request_id)
 
 
 def test_the_api_guide_lists_which_unit_holds_which_category_as_the_code_routes() -> None:

@@ -250,16 +250,35 @@ CONNECTOR_BREAKAGES: dict[str, tuple[Callable[[Site], object], str]] = {
 }
 
 
+def _breaking_refuses(
+    program: Callable[[list[str]], int],
+    config: Path,
+    breakage: tuple[Callable[[Site], object], str],
+    site: Site,
+    capsys: pytest.CaptureFixture[str],
+    prefix: str,
+) -> None:
+    """check-config passes, the breakage is applied, and check-config refuses with the breakage's one line."""
+    assert _check(program, config, capsys)[0] == 0
+    breaks, message = breakage
+    breaks(site)
+    code, out, err = _check(program, config, capsys)
+    _refused(code, out, err)
+    assert f"{prefix}{message.format(root=site.root)}" in err, err
+
+
 @pytest.mark.parametrize("breakage", sorted(CONNECTOR_BREAKAGES))
 def test_connector_check_config_refuses_a_bad_server_certificate(
     breakage: str, site: Site, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert _check(connector_main, site.connector_config, capsys)[0] == 0
-    breaks, message = CONNECTOR_BREAKAGES[breakage]
-    breaks(site)
-    code, out, err = _check(connector_main, site.connector_config, capsys)
-    _refused(code, out, err)
-    assert f"hedui-connector: error: [server] {message.format(root=site.root)}" in err, err
+    _breaking_refuses(
+        connector_main,
+        site.connector_config,
+        CONNECTOR_BREAKAGES[breakage],
+        site,
+        capsys,
+        "hedui-connector: error: [server] ",
+    )
 
 
 def test_agency_client_certificate_installed_as_the_connector_server_certificate_is_refused(
@@ -337,12 +356,9 @@ def test_gateway_check_config_refuses_a_bad_certificate(
     breakage: str, site: Site, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert gateway_main(["migrate", "--config", str(site.gateway_config)]) == 0
-    assert _check(gateway_main, site.gateway_config, capsys)[0] == 0
-    breaks, message = GATEWAY_BREAKAGES[breakage]
-    breaks(site)
-    code, out, err = _check(gateway_main, site.gateway_config, capsys)
-    _refused(code, out, err)
-    assert f"hedui-gateway: error: {message.format(root=site.root)}" in err, err
+    _breaking_refuses(
+        gateway_main, site.gateway_config, GATEWAY_BREAKAGES[breakage], site, capsys, "hedui-gateway: error: "
+    )
 
 
 def test_check_config_lists_every_bad_certificate(site: Site, capsys: pytest.CaptureFixture[str]) -> None:

@@ -61,6 +61,9 @@ def check_digit(first17: str) -> str:
 def _problem(value: str, today: date | None) -> tuple[str, date | None]:
     """What is wrong with a normalised number (empty when nothing is) and the birth date when it is a date."""
     if not _SHAPE.fullmatch(value):
+        if len(value) == 15 and value.isdigit():
+            # GB 11643-1989 numbers (before 1999): six-digit birth date, no check digit.
+            return "ID number has the old 15-digit form: give its 18-digit form (GB 11643-1999)", None
         return "ID number must be 17 digits followed by a digit or X", None
     if int(value[:2]) not in _PROVINCES:
         return "ID number region code does not name a province", None

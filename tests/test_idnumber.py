@@ -38,6 +38,7 @@ def test_made_numbers_parse_back(region: str, born: date, sequence: int) -> None
         ("22010219800517123", "17 digits"),
         ("2201021980051712345", "17 digits"),
         ("22010219800517123A", "17 digits"),
+        ("220102800517123", "old 15-digit form: give its 18-digit form"),
         ("990102198005171236", "province"),
         ("220102198002301236", "calendar date"),
         ("220102203001011236", "implausible"),

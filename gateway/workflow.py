@@ -319,6 +319,8 @@ class Workflow:
     # -- staff steps ---------------------------------------------------------------------------------------------
 
     def _staff(self, staff_id: str, role: str) -> None:
+        if not staff_id:
+            raise WorkflowError(grpc.StatusCode.INVALID_ARGUMENT, f"staff_id is required: who performs the {role} step")
         member = self.staff.active(staff_id, self._now())
         if member is None or role not in member.roles:
             raise _denied(f"staff member {staff_id} is not registered for {role} now")
@@ -547,16 +549,28 @@ class Workflow:
                     )
                 )
             }
-            rows = []
+            rows: list[tuple[int, int]] = []
+            first: dict[int, int] = {}
             for i, decision in enumerate(request.decisions):
                 subject_id = subjects.get((decision.household_ref, decision.member_index))
-                if subject_id is None or decision.decision not in {1, 2, 3}:
+                if subject_id is None:
                     raise WorkflowError(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"decisions[{i}]: unknown household/member or decision"
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"decisions[{i}]: this commission has no member {decision.member_index} in a household "
+                        "with that household_ref (members are numbered from 1)",
                     )
+                if decision.decision not in {1, 2, 3}:
+                    raise WorkflowError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"decisions[{i}]: decision must be approved, refused or withdrawn",
+                    )
+                if subject_id in first:
+                    raise WorkflowError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"decisions[{i}] names the same member as decisions[{first[subject_id]}]",
+                    )
+                first[subject_id] = i
                 rows.append((subject_id, decision.decision))
-            if len({sid for sid, _ in rows}) != len(rows):
-                raise WorkflowError(grpc.StatusCode.INVALID_ARGUMENT, "a subject appears twice in the feedback")
             for subject_id, choice in rows:
                 conn.execute(s.feedback.delete().where(s.feedback.c.subject_id == subject_id))
                 conn.execute(

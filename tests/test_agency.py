@@ -191,6 +191,15 @@ def test_whole_procedure_from_package_to_signed_report(agency: Agency) -> None:
     decision = agency_pb2.SubjectDecision(household_ref="H00000", member_index=1, decision=agency_pb2.DECISION_APPROVED)
     receipt = commissioner.SubmitApprovalFeedback(agency_pb2.ApprovalFeedback(commission_id=cid, decisions=[decision]))
     assert receipt.recorded == 1
+    zeroth = agency_pb2.SubjectDecision(household_ref="H00000", member_index=0, decision=agency_pb2.DECISION_APPROVED)
+    for decisions, says in (
+        ([decision, zeroth], "decisions[1]: this commission has no member 0 in a household with that household_ref"),
+        ([decision, decision], "decisions[1] names the same member as decisions[0]"),
+    ):
+        with pytest.raises(grpc.RpcError) as excinfo:
+            commissioner.SubmitApprovalFeedback(agency_pb2.ApprovalFeedback(commission_id=cid, decisions=decisions))
+        assert _code(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+        assert says in (excinfo.value.details() or "")
     assert agency.audit.verify() == []
     actions = [e.action for e in agency.audit.entries()]
     assert {"commission.submit", "commission.progress", "report.get", "commission.report"} <= set(actions)
@@ -237,8 +246,10 @@ def test_refusals_change_nothing(agency: Agency) -> None:
     # wrong staff: a reviewer recording intake
     refused(office.RecordIntake, agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0002", passed=True),
             grpc.StatusCode.PERMISSION_DENIED)  # fmt: skip
-    # a return without a reason
+    # a return without a reason, a decision without a staff member
     refused(office.RecordIntake, agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0001", passed=False),
+            grpc.StatusCode.INVALID_ARGUMENT)  # fmt: skip
+    refused(office.RecordIntake, agency_pb2.StaffDecision(commission_id=cid, staff_id="", passed=True),
             grpc.StatusCode.INVALID_ARGUMENT)  # fmt: skip
     office.RecordIntake(agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0006", passed=True))
     # the same staff member for intake and review (Procedure V.(一))

@@ -12,6 +12,7 @@ hedui-connector test-query --config FILE --category tax [--from YYYY-MM --to YYY
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -31,14 +32,18 @@ from connectors.config import ConnectorConfig, data_category_by_name, data_categ
 from connectors.server import build_adapter, build_connector, serve
 from keys.tls import check_tls
 
+log = logging.getLogger("hedui.connector")
+
 
 def _serve(args: argparse.Namespace) -> None:
     config = ConnectorConfig.load(Path(args.config))
-    running = serve(config)
-    print(f"hedui-connector {config.unit.party_id} serving on {config.server.listen} (port {running.port})", flush=True)
+    # Handlers first: a stop asked for while starting is honoured once started, with a clean shutdown.
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    running = serve(config)
+    # A log record, not a print: with --log-format json every line a collector reads must be JSON.
+    log.info("serving", extra={"party": config.unit.party_id, "listen": config.server.listen, "port": running.port})
     stop.wait()
     running.stop(grace=5.0)
 

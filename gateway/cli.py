@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import logging
 import os
 import re
 import signal
@@ -46,17 +47,21 @@ from keys.keyring import Keyring
 from keys.party import is_party_id
 from keys.tls import check_tls
 
+log = logging.getLogger("hedui.gateway")
+
 #: Dates on the command line are Beijing time (UTC+8, no daylight saving): where the agencies are.
 CHINA_TIME = timezone(timedelta(hours=8), "CST")
 
 
 def _serve(args: argparse.Namespace) -> None:
     config = GatewayConfig.load(Path(args.config))
-    running = build(config)
-    print(f"hedui-gateway {config.agency.party_id} serving on port {running.port}", flush=True)
+    # Handlers first: a stop asked for while starting is honoured once started, with a clean shutdown.
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    running = build(config)
+    # A log record, not a print: with --log-format json every line a collector reads must be JSON.
+    log.info("serving", extra={"party": config.agency.party_id, "port": running.port})
     stop.wait()
     running.stop()
 

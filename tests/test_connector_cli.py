@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -152,19 +153,35 @@ def _connector_exe() -> str:
 
 
 @contextmanager
-def _serving(config: Path) -> Iterator[subprocess.Popen[str]]:
-    """``hedui-connector serve`` running until the block ends; then SIGTERM, which must stop it cleanly."""
-    command = [_connector_exe(), "serve", "--config", str(config)]
+def _serving(config: Path, *options: str, lines: list[str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    """``hedui-connector serve`` running until the block ends; then SIGTERM, which must stop it cleanly. Its output
+    (standard output and error together) is appended to ``lines``."""
+    command = [_connector_exe(), *options, "serve", "--config", str(config)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = lines if lines is not None else []
     try:
         assert process.stdout is not None
-        line = process.stdout.readline()
-        assert "serving" in line, line
+        while not any("serving" in line for line in seen):
+            line = process.stdout.readline()
+            assert line, "".join(seen)
+            seen.append(line)
         yield process
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
+        seen.extend(output.splitlines(keepends=True))
     assert process.returncode == 0, output
+
+
+def test_serve_with_json_logs_writes_nothing_but_json(tmp_path: Path) -> None:
+    # A log collector reads the journal line by line: a banner in plain text there would be a parse error.
+    config, _, _ = _setup(tmp_path, free_port())
+    lines: list[str] = []
+    with _serving(config, "--log-format", "json", lines=lines):
+        pass
+    records = [json.loads(line) for line in lines if line.strip()]
+    serving = [r for r in records if r["message"] == "serving"]
+    assert len(serving) == 1 and serving[0]["party"] == UNIT and serving[0]["port"] > 0
 
 
 def test_serve_answers_over_mutual_tls_and_stops_on_sigterm(tmp_path: Path) -> None:

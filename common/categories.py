@@ -133,3 +133,18 @@ def unit_for(data_category: DataCategory) -> UnitCategory:
         if data_category in data:
             return unit
     raise KeyError(f"no unit category holds data category {data_category}")
+
+
+def data_category_name(category: DataCategory) -> str:
+    """DATA_CATEGORY_REAL_ESTATE -> 'real_estate': the name config files and messages use."""
+    return r.DataCategory.Name(category).removeprefix("DATA_CATEGORY_").lower()  # type: ignore[arg-type]
+
+
+def data_category_names() -> list[str]:
+    """Every data category's name, in proto order."""
+    return [data_category_name(value) for name, value in r.DataCategory.items() if not name.endswith("UNSPECIFIED")]
+
+
+def data_category_label(category: DataCategory) -> str:
+    """'deposits (存款)': a data category as messages show it to people."""
+    return f"{data_category_name(category)} ({DATA_NAMES[category]})"

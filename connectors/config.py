@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from hedui.v1 import records_pb2
 
-from common.categories import UNIT_DATA
+from common.categories import UNIT_DATA, data_category_names
 from common.config import ConfigError, DatabaseUrl, doc, load_file
 from common.metrics import METRICS_LISTEN_DOC, MetricsSection
 from keys.party import check_party_id
@@ -29,16 +29,8 @@ def data_category_by_name(name: str) -> int:
     try:
         return int(records_pb2.DataCategory.Value("DATA_CATEGORY_" + name.upper()))
     except ValueError as exc:
-        known = ", ".join(
-            n.removeprefix("DATA_CATEGORY_").lower()
-            for n, _ in records_pb2.DataCategory.items()
-            if not n.endswith("UNSPECIFIED")
-        )
+        known = ", ".join(data_category_names())
         raise ConfigError(f"unknown data category {name!r}; the categories are {known}") from exc
-
-
-def data_category_name(category: int) -> str:
-    return records_pb2.DataCategory.Name(category).removeprefix("DATA_CATEGORY_").lower()  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

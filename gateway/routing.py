@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from hedui.v1 import records_pb2
-
-from common.categories import DATA_NAMES, UNIT_DATA
+from common.categories import UNIT_DATA, data_category_label
 from gateway.store import UnitRow
 
 
@@ -25,7 +23,4 @@ def unserved(categories: Iterable[int], units: Sequence[UnitRow]) -> list[int]:
 
 def category_names(categories: Iterable[int]) -> str:
     """'deposits (存款), vehicles (车辆)': how messages name data categories."""
-    return ", ".join(
-        f"{records_pb2.DataCategory.Name(c).removeprefix('DATA_CATEGORY_').lower()} ({DATA_NAMES[c]})"  # type: ignore[arg-type]
-        for c in categories
-    )
+    return ", ".join(data_category_label(c) for c in categories)

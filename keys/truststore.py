@@ -76,8 +76,9 @@ class TrustStore:
         bundle's signer writes. So for a party the store already holds:
 
         * a bundle that brings no key the store does not know (the same key letter as before) proves nothing the
-          store did not know, and is accepted only when signed by the party's current signing key: an old bundle,
-          or one re-signed with a leaked superseded key, is refused (announcements are how states change);
+          store did not know, and is accepted only from a signer that may speak for the party, by the rule that
+          governs announcements (:meth:`_trusted_signer`): an old bundle, or one re-signed with a leaked superseded
+          key, is refused;
         * a bundle with new keys is a re-enrolment the person comparing the new key letter has vouched for;
         * either way no known key moves backwards in its lifecycle or gets a wider window than the store gave it,
           and keys the store has revoked stay revoked (kept even when the bundle leaves them out).
@@ -90,9 +91,10 @@ class TrustStore:
             raise TrustError("this bundle is our own party's; a party does not import itself")
         held = self._peers.get(bundle.party_id)
         if held is not None and all(held.get(record.key_id) is not None for record in bundle.keys):
+            # Nothing new to vouch for: the bundle is the party speaking about its keys, like an announcement.
             now = SystemClock().now_ms() if now_ms is None else now_ms
-            current = held.current(Algorithm.ED25519, now)
-            if current is None or current.key_id != bundle.signer_key_id:
+            signer = held.require(bundle.signer_key_id)
+            if not self._trusted_signer(held, signer, bundle.issued_at_ms, now):
                 raise TrustError(
                     f"this bundle of {bundle.party_id} brings no key the trust store does not already hold and is "
                     "not signed by the party's current signing key: it can only repeat or roll back what the trust "

@@ -18,7 +18,7 @@ import pytest
 from hedui.v1 import agency_pb2, agency_pb2_grpc, exchange_pb2, records_pb2
 from sqlalchemy import func, select
 
-from common.categories import UNIT_DATA
+from common.categories import UNIT_DATA, data_category_name
 from common.logs import configure_logging
 from connectors.server import server_credentials
 from connectors.synthetic import Relation
@@ -406,6 +406,5 @@ def test_the_api_guide_lists_which_unit_holds_which_category_as_the_code_routes(
         for match in re.finditer(r"^\| `([a-z_]+)` [^|]*\| (.*) \|$", text, re.M)
     }
     unit_names = {int(v): n.removeprefix("UNIT_CATEGORY_").lower() for n, v in records_pb2.UnitCategory.items()}
-    data_names = {int(v): n.removeprefix("DATA_CATEGORY_").lower() for n, v in records_pb2.DataCategory.items()}
-    expected = {unit_names[unit]: {data_names[c] for c in data} for unit, data in UNIT_DATA.items() if data}
+    expected = {unit_names[unit]: {data_category_name(c) for c in data} for unit, data in UNIT_DATA.items() if data}
     assert listed == expected

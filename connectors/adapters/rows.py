@@ -32,10 +32,9 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescript
 from google.protobuf.message import Message
 from hedui.v1 import records_pb2
 
-from common.categories import DATA_NAMES, RECORD_FIELD
+from common.categories import RECORD_FIELD, data_category_label
 from common.dates import from_pb
 from connectors.adapters.base import AdapterError, Finding, LookupContext
-from connectors.config import data_category_name
 
 #: A flat row: column name -> value. Keys are typed loosely to take SQLAlchemy's RowMapping as it is.
 Row = Mapping[Any, object]
@@ -76,7 +75,7 @@ def category_label(category: int) -> str:
     """'deposits (存款)': how errors name a data category. Raises AdapterError for a category without records."""
     if category not in RECORD_FIELD:
         raise AdapterError(f"unknown data category {category}")
-    return f"{data_category_name(category)} ({DATA_NAMES[category]})"
+    return data_category_label(category)
 
 
 def column_label(column: object, position: int | None = None) -> str:

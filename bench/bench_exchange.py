@@ -7,7 +7,7 @@ Not a test: it measures and prints. Run it from the repository root in the proje
     python bench/bench_exchange.py --db sqlite --sizes 100000   # one database, one size
     python bench/bench_exchange.py --write docs/performance.md  # also refresh the results block of that file
 
-Every run builds a fresh loopback network with gateway.localnet.build_network (private CA, keystores, mutual-TLS
+Every run builds a fresh loopback network with demo.localnet.build_network (private CA, keystores, mutual-TLS
 certificates, connectors answering from the synthetic population) and starts ``hedui-connector serve`` for each of
 K units and ``hedui-gateway serve`` as separate processes, exactly as an operator would. The gateway's database is
 a fresh SQLite file or a fresh PostgreSQL database (created for the run and dropped after it). Then:
@@ -63,14 +63,13 @@ from psycopg import sql
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
-from common.categories import UNIT_DATA
+from common.categories import UNIT_DATA, unit_category_by_name
 from common.db import make_engine
-from connectors.config import unit_category_by_name
 from connectors.synthetic import Member, Population
-from gateway import schema
-from gateway.localnet import STAFF, Network, build_network
-from gateway.routing import route
-from gateway.store import CommissionInput, GatewayStore, SubjectInput
+from demo.localnet import STAFF, Network, build_network
+from gateway.db import schema
+from gateway.exchange.store import CommissionInput, GatewayStore, SubjectInput
+from gateway.procedure.routing import route
 from keys import keystore
 from results import ResultsBlock, revision  # bench/results.py, beside this script
 
@@ -555,7 +554,7 @@ _OURS = ("gateway/", "connectors/", "keys/", "common/")
 
 
 def frame_name(frame: str) -> str:
-    """'unit_cycle (gateway/engine.py:118)' -> 'gateway/engine.py:unit_cycle'; library files by base name."""
+    """'unit_cycle (gateway/exchange/engine.py:118)' -> 'gateway/exchange/engine.py:unit_cycle'."""
     match = _FRAME.match(frame)
     if not match:
         return frame

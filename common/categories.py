@@ -10,6 +10,8 @@ from collections.abc import Mapping
 
 from hedui.v1 import records_pb2 as r
 
+from common.config import ConfigError
+
 UnitCategory = int
 DataCategory = int
 
@@ -148,3 +150,21 @@ def data_category_names() -> list[str]:
 def data_category_label(category: DataCategory) -> str:
     """'deposits (存款)': a data category as messages show it to people."""
     return f"{data_category_name(category)} ({DATA_NAMES[category]})"
+
+
+def unit_category_by_name(name: str) -> int:
+    """'tax' -> UNIT_CATEGORY_TAX."""
+    try:
+        return int(r.UnitCategory.Value("UNIT_CATEGORY_" + name.upper()))
+    except ValueError as exc:
+        names = ", ".join(n.removeprefix("UNIT_CATEGORY_").lower() for n in r.UnitCategory.keys()[1:])
+        raise ConfigError(f"unknown unit category {name!r}; one of: {names}") from exc
+
+
+def data_category_by_name(name: str) -> int:
+    """'deposits' -> DATA_CATEGORY_DEPOSITS."""
+    try:
+        return int(r.DataCategory.Value("DATA_CATEGORY_" + name.upper()))
+    except ValueError as exc:
+        known = ", ".join(data_category_names())
+        raise ConfigError(f"unknown data category {name!r}; the categories are {known}") from exc

@@ -23,12 +23,12 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
-from common.categories import UNIT_DATA, data_category_name
+from common.categories import UNIT_DATA, data_category_by_name, data_category_name
 from common.cli import run, service_parser
 from common.config import ConfigError, describe
 from common.idnumber import InvalidIdNumber, parse_id_number
 from connectors.adapters.base import LookupContext
-from connectors.config import ConnectorConfig, data_category_by_name
+from connectors.config import ConnectorConfig
 from connectors.server import build_adapter, build_connector, serve
 from keys.tls import check_tls
 

@@ -6,31 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from hedui.v1 import records_pb2
-
-from common.categories import UNIT_DATA, data_category_names
+from common.categories import UNIT_DATA, data_category_by_name, unit_category_by_name
 from common.config import ConfigError, DatabaseUrl, doc, load_file
 from common.metrics import METRICS_LISTEN_DOC, MetricsSection
 from keys.party import check_party_id
 from keys.tls import TlsFiles
-
-
-def unit_category_by_name(name: str) -> int:
-    """'tax' -> UNIT_CATEGORY_TAX."""
-    try:
-        return int(records_pb2.UnitCategory.Value("UNIT_CATEGORY_" + name.upper()))
-    except ValueError as exc:
-        names = ", ".join(n.removeprefix("UNIT_CATEGORY_").lower() for n in records_pb2.UnitCategory.keys()[1:])
-        raise ConfigError(f"unknown unit category {name!r}; one of: {names}") from exc
-
-
-def data_category_by_name(name: str) -> int:
-    """'deposits' -> DATA_CATEGORY_DEPOSITS."""
-    try:
-        return int(records_pb2.DataCategory.Value("DATA_CATEGORY_" + name.upper()))
-    except ValueError as exc:
-        known = ", ".join(data_category_names())
-        raise ConfigError(f"unknown data category {name!r}; the categories are {known}") from exc
 
 
 @dataclass(frozen=True)

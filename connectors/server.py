@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health
 from hedui.v1 import exchange_pb2, exchange_pb2_grpc
 
+from common.categories import data_category_by_name
 from common.config import ConfigError
 from common.db import make_engine
 from common.logs import log_context, new_request_id
@@ -24,7 +25,7 @@ from common.workdays import WorkdayCalendar
 from connectors.adapters.base import Adapter
 from connectors.adapters.csv_files import CsvAdapter
 from connectors.adapters.sql import SqlAdapter
-from connectors.config import ConnectorConfig, data_category_by_name
+from connectors.config import ConnectorConfig
 from connectors.connector import Connector
 from connectors.errors import Refusal
 from connectors.metrics import ConnectorMetrics

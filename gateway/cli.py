@@ -32,13 +32,13 @@ from common.cli import run, service_parser
 from common.config import describe
 from common.db import make_engine, reading
 from common.errors import HeduiError
-from gateway import schema
-from gateway.audit import AuditError, AuditHead, AuditLog
+from gateway.archive.audit import AuditError, AuditHead, AuditLog
 from gateway.config import GatewayConfig
-from gateway.database import current_revision, head_revision, open_database, upgrade
+from gateway.db import schema
+from gateway.db.database import current_revision, head_revision, open_database, upgrade
+from gateway.exchange.store import GatewayStore, ResendRefused, RetryRefused, UnitRow
+from gateway.procedure.staff import StaffError, StaffMember, StaffRegister
 from gateway.server import build
-from gateway.staff import StaffError, StaffMember, StaffRegister
-from gateway.store import GatewayStore, ResendRefused, RetryRefused, UnitRow
 from keys import keystore
 from keys.announcements import MAX_BUNDLE_BYTES, dearmor, read_bundle
 from keys.clock import SystemClock

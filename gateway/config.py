@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from common.categories import unit_category_by_name
 from common.config import ConfigError, DatabaseUrl, doc, load_file
 from common.metrics import MetricsSection
-from connectors.config import unit_category_by_name
 from keys.party import check_party_id
 from keys.tls import TlsFiles
 

@@ -13,24 +13,24 @@ import grpc
 from grpc_health.v1 import health
 from hedui.v1 import agency_pb2_grpc
 
+from common.categories import unit_category_by_name
 from common.config import ConfigError
 from common.memory import tune_allocator
 from common.metrics import MetricsServer, process_registry, serve_metrics
 from common.rpc import new_server, start_server
 from common.workdays import WorkdayCalendar
-from connectors.config import unit_category_by_name
-from gateway.agency import SERVICE as AGENCY_SERVICE
-from gateway.agency import AgencyServicer, AuthInterceptor
-from gateway.audit import AuditLog
+from gateway.api.agency import SERVICE as AGENCY_SERVICE
+from gateway.api.agency import AgencyServicer, AuthInterceptor
+from gateway.archive.audit import AuditLog
 from gateway.config import GatewayConfig
-from gateway.database import open_database
-from gateway.engine import EngineSettings, ExchangeEngine, UnitWorkers
+from gateway.db.database import open_database
+from gateway.exchange.engine import EngineSettings, ExchangeEngine, UnitWorkers
+from gateway.exchange.schedule import GatewayScheduler, JobIntervals, SchedulePolicy
+from gateway.exchange.store import GatewayStore
+from gateway.exchange.transport import ClientTls, UnitClient
 from gateway.metrics import GatewayMetrics
-from gateway.schedule import GatewayScheduler, JobIntervals, SchedulePolicy
-from gateway.staff import StaffRegister
-from gateway.store import GatewayStore
-from gateway.transport import ClientTls, UnitClient
-from gateway.workflow import Workflow
+from gateway.procedure.staff import StaffRegister
+from gateway.procedure.workflow import Workflow
 from keys import keystore
 from keys.clock import DAY_MS, Clock, SystemClock
 from keys.envelope import Courier

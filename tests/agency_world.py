@@ -11,11 +11,11 @@ from hedui.v1 import agency_pb2
 
 from connectors.metrics import ConnectorMetrics
 from connectors.server import server_credentials
-from gateway.audit import AuditLog
+from gateway.archive.audit import AuditLog
 from gateway.metrics import GatewayMetrics
+from gateway.procedure.staff import StaffRegister
+from gateway.procedure.workflow import Workflow
 from gateway.server import serve_api
-from gateway.staff import StaffRegister
-from gateway.workflow import Workflow
 from keys.identity import PartyKeys
 from tests.gateway_drive import settle
 from tests.gateway_world import gateway_world

@@ -19,9 +19,9 @@ from connectors.connector import Connector
 from connectors.server import RunningConnector, server_credentials, start
 from connectors.store import ConnectorStore
 from connectors.synthetic import SyntheticAdapter
-from gateway import schema
-from gateway.engine import CycleReport
-from gateway.transport import ClientTls, UnitClient
+from gateway.db import schema
+from gateway.exchange.engine import CycleReport
+from gateway.exchange.transport import ClientTls, UnitClient
 from keys.envelope import Courier
 from keys.identity import PartyKeys
 from keys.truststore import TrustStore

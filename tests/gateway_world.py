@@ -19,12 +19,12 @@ from connectors.metrics import ConnectorMetrics
 from connectors.server import RunningConnector, server_credentials, start
 from connectors.store import ConnectorStore
 from connectors.synthetic import Population, SyntheticAdapter
-from gateway.database import upgrade
-from gateway.engine import EngineSettings, ExchangeEngine, UnitWorkers
+from gateway.db.database import upgrade
+from gateway.exchange.engine import EngineSettings, ExchangeEngine, UnitWorkers
+from gateway.exchange.store import CommissionInput, GatewayStore, SubjectInput
+from gateway.exchange.transport import ClientTls, UnitClient
 from gateway.metrics import GatewayMetrics
-from gateway.routing import route
-from gateway.store import CommissionInput, GatewayStore, SubjectInput
-from gateway.transport import ClientTls, UnitClient
+from gateway.procedure.routing import route
 from keys.clock import FixedClock
 from keys.envelope import Courier
 from keys.identity import PartyKeys

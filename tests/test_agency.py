@@ -22,12 +22,12 @@ from common.categories import UNIT_DATA, data_category_name
 from common.logs import configure_logging
 from connectors.server import server_credentials
 from connectors.synthetic import Relation
-from gateway import schema
-from gateway.agency import REQUEST_ID_KEY
-from gateway.audit import AuditLog
+from gateway.api.agency import REQUEST_ID_KEY
+from gateway.archive.audit import AuditLog
+from gateway.db import schema
+from gateway.procedure.staff import StaffRegister
+from gateway.procedure.workflow import Workflow
 from gateway.server import serve_api
-from gateway.staff import StaffRegister
-from gateway.workflow import Workflow
 from keys.identity import PartyKeys
 from keys.statements import approval_message, verify_report
 from tests.exchange_world import beijing_ms

@@ -15,8 +15,7 @@ import pytest
 from sqlalchemy import Engine, delete, text, update
 
 from common.idnumber import check_digit
-from gateway import schema
-from gateway.audit import (
+from gateway.archive.audit import (
     AUDIT_DOMAIN,
     GENESIS_HASH,
     AuditError,
@@ -26,7 +25,8 @@ from gateway.audit import (
     entry_hash,
 )
 from gateway.cli import main as gateway_main
-from gateway.database import open_database
+from gateway.db import schema
+from gateway.db.database import open_database
 
 START_MS = 1_767_225_600_000
 ID_17 = "22010419900307123"

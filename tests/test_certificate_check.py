@@ -27,9 +27,9 @@ from common.metrics import ServiceMetrics
 from connectors.cli import main as connector_main
 from connectors.config import ConnectorConfig
 from connectors.server import serve
+from demo.localnet import free_port
 from gateway.cli import main as gateway_main
 from gateway.config import GatewayConfig
-from gateway.localnet import free_port
 from gateway.server import build
 from keys import keystore
 from keys.identity import PartyKeys

@@ -22,7 +22,7 @@ from hedui.v1 import exchange_pb2, exchange_pb2_grpc, records_pb2
 
 from connectors.cli import main
 from connectors.synthetic import Population
-from gateway.localnet import free_port
+from demo.localnet import free_port
 from keys import keystore
 from keys.envelope import Courier
 from keys.identity import PartyKeys

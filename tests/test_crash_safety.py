@@ -33,9 +33,9 @@ from sqlalchemy import Engine, func, select
 from common.db import make_engine
 from connectors import store as cstore
 from connectors.synthetic import Population
-from gateway import schema
-from gateway.localnet import Network, build_network
-from gateway.store import GatewayStore, SubjectInput
+from demo.localnet import Network, build_network
+from gateway.db import schema
+from gateway.exchange.store import GatewayStore, SubjectInput
 from keys.keystore import FAST_FOR_TESTS
 from tests.test_gateway_process import UNITS, enqueue_subjects
 

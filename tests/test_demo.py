@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from connectors.synthetic import Population
-from gateway import demo
+from demo import run as demo
 
 
 @pytest.mark.slow

@@ -16,10 +16,10 @@ from sqlalchemy.exc import IntegrityError
 
 from common.categories import UNIT_DATA
 from connectors import store as cstore
-from gateway import schema
-from gateway.engine import CycleReport, UnitWorkers
-from gateway.schedule import GatewayScheduler, JobIntervals, SchedulePolicy
-from gateway.store import GatewayStore
+from gateway.db import schema
+from gateway.exchange.engine import CycleReport, UnitWorkers
+from gateway.exchange.schedule import GatewayScheduler, JobIntervals, SchedulePolicy
+from gateway.exchange.store import GatewayStore
 from tests.exchange_world import beijing_ms
 from tests.gateway_drive import (
     BANK,

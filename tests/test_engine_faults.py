@@ -15,11 +15,11 @@ from hedui.v1 import exchange_pb2
 from prometheus_client import CollectorRegistry
 from sqlalchemy import func, select
 
-from gateway import schema
-from gateway.audit import AuditLog
+from gateway.archive.audit import AuditLog
 from gateway.cli import main as gateway_main
+from gateway.db import schema
+from gateway.exchange.transport import ClientTls, UnitClient
 from gateway.metrics import GatewayMetrics
-from gateway.transport import ClientTls, UnitClient
 from keys.envelope import message_id_of
 from tests.exchange_world import GATEWAY, beijing_ms
 from tests.gateway_drive import (

@@ -1,4 +1,4 @@
-"""The gateway's schema: the Alembic migrations build exactly what gateway/schema.py declares, on SQLite and
+"""The gateway's schema: the Alembic migrations build exactly what gateway/db/schema.py declares, on SQLite and
 PostgreSQL, and the gateway refuses to run on a database whose schema is not current."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from sqlalchemy import inspect, text
 
 from common.config import ConfigError
 from common.db import make_engine
-from gateway.database import current_revision, head_revision, open_database, upgrade
-from gateway.schema import metadata
+from gateway.db.database import current_revision, head_revision, open_database, upgrade
+from gateway.db.schema import metadata
 
 
 def _url(tmp_path: Path, database_url: str | None) -> str:

@@ -13,9 +13,9 @@ from hedui.v1 import exchange_pb2, records_pb2
 
 from common.db import make_engine
 from connectors.synthetic import Population
-from gateway.localnet import STAFF, build_network
-from gateway.routing import route
-from gateway.store import CommissionInput, GatewayStore, SubjectInput
+from demo.localnet import STAFF, build_network
+from gateway.exchange.store import CommissionInput, GatewayStore, SubjectInput
+from gateway.procedure.routing import route
 
 UNITS = {"unit.220100.tax": "tax", "unit.220100.land": "land", "unit.220100.bank": "financial_institution"}
 CATEGORIES = (records_pb2.DATA_CATEGORY_TAX, records_pb2.DATA_CATEGORY_REAL_ESTATE, records_pb2.DATA_CATEGORY_LOANS)

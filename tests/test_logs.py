@@ -146,7 +146,7 @@ def test_a_whole_procedure_logs_request_and_commission_ids_and_no_personal_data(
     assert not any(name in text for name in staff_names)
     assert REDACTED not in text  # nothing even needed redacting
 
-    api = [line for line in lines if line["logger"] == "hedui.gateway.agency"]
+    api = [line for line in lines if line["logger"] == "hedui.gateway.api.agency"]
     done = [line for line in api if line["message"] == "request done"]
     assert len(done) == 9  # every successful call of the procedure
     assert all(REQUEST_ID.fullmatch(line["request_id"]) for line in api)

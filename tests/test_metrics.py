@@ -31,15 +31,15 @@ from connectors.config import ConnectorConfig, ConnectorMetricsSection
 from connectors.metrics import ConnectorMetrics
 from connectors.server import serve
 from connectors.synthetic import Population
-from gateway import schema
+from demo.localnet import STAFF as NET_STAFF
+from demo.localnet import build_network, free_port
 from gateway.config import AgencySection, DatabaseSection, GatewayConfig, KeysSection
-from gateway.localnet import STAFF as NET_STAFF
-from gateway.localnet import build_network, free_port
+from gateway.db import schema
+from gateway.exchange.schedule import GatewayScheduler, JobIntervals, SchedulePolicy
+from gateway.exchange.store import CommissionInput, GatewayStore, SubjectInput
 from gateway.metrics import GatewayMetrics
-from gateway.routing import route
-from gateway.schedule import GatewayScheduler, JobIntervals, SchedulePolicy
+from gateway.procedure.routing import route
 from gateway.server import KeyWatch, build
-from gateway.store import CommissionInput, GatewayStore, SubjectInput
 from keys.clock import DAY_MS, FixedClock
 from keys.errors import ENVELOPE_ERRORS, BadSignature, ReplayedEnvelope
 from keys.fingerprint import Algorithm

@@ -12,9 +12,9 @@ from sqlalchemy import func, select
 
 from common.db import make_engine
 from connectors.store import ConnectorStore
-from gateway import schema
-from gateway.localnet import build_network, free_port, wait_for_port
-from gateway.store import GatewayStore
+from demo.localnet import build_network, free_port, wait_for_port
+from gateway.db import schema
+from gateway.exchange.store import GatewayStore
 from tests.conftest_pg import postgres_schema
 from tests.test_gateway_process import UNITS, enqueue, wait_until
 

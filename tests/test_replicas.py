@@ -20,11 +20,11 @@ from common.categories import UNIT_DATA
 from common.db import make_engine
 from common.workdays import WorkdayCalendar
 from connectors.synthetic import Population
-from gateway import schema
-from gateway.database import upgrade
-from gateway.engine import CycleReport, ExchangeEngine, UnitWorkers
-from gateway.store import CommissionInput, GatewayStore, SubjectInput
-from gateway.transport import UnitClient
+from gateway.db import schema
+from gateway.db.database import upgrade
+from gateway.exchange.engine import CycleReport, ExchangeEngine, UnitWorkers
+from gateway.exchange.store import CommissionInput, GatewayStore, SubjectInput
+from gateway.exchange.transport import UnitClient
 from keys.envelope import Courier
 from tests.exchange_world import SEED, beijing_ms
 from tests.gateway_drive import (

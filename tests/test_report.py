@@ -20,8 +20,9 @@ from sqlalchemy import select, update
 
 from common.categories import RECORD_FIELD
 from connectors.synthetic import Household, Relation
-from gateway import schema
-from gateway.report import (
+from gateway.db import schema
+from gateway.exchange.store import SubjectInput
+from gateway.procedure.report import (
     FIELD_LABELS,
     OBJECTION_WORKING_DAYS,
     REPORT_DOMAIN,
@@ -36,8 +37,7 @@ from gateway.report import (
     verify_signed_report,
     verify_signed_report_by,
 )
-from gateway.routing import route
-from gateway.store import SubjectInput
+from gateway.procedure.routing import route
 from keys.announcements import armor, read_bundle
 from keys.cli import main as keys_main
 from keys.errors import TrustError
@@ -106,7 +106,7 @@ def _submit(
 
 @dataclass
 class Answered:
-    """What the database holds for a commission, read back independently of gateway/report.py."""
+    """What the database holds for a commission, read back independently of gateway/procedure/report.py."""
 
     subjects: list[Any]
     #: subject id -> [(unit id, status, records)]

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from gateway.audit import AuditLog
+from gateway.archive.audit import AuditLog
 from gateway.cli import main as gateway_main
-from gateway.database import open_database
-from gateway.staff import (
+from gateway.db.database import open_database
+from gateway.procedure.staff import (
     APPROVAL_DOMAIN,
     BOOTSTRAP_ACTOR,
     StaffError,

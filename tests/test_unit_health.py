@@ -17,12 +17,12 @@ from prometheus_client import CollectorRegistry
 
 from common.workdays import WorkdayCalendar
 from connectors.metrics import ConnectorMetrics
-from gateway.audit import AuditLog
+from gateway.archive.audit import AuditLog
 from gateway.cli import CHINA_TIME
 from gateway.cli import main as gateway_main
+from gateway.exchange.store import SubjectInput
+from gateway.exchange.transport import ClientTls, UnitClient, is_transient
 from gateway.metrics import GatewayMetrics
-from gateway.store import SubjectInput
-from gateway.transport import ClientTls, UnitClient, is_transient
 from keys.tls import issue_certificate
 from tests.exchange_world import GATEWAY, beijing_ms
 from tests.gateway_drive import (

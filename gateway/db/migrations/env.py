@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from gateway.schema import metadata
+from gateway.db.schema import metadata
 
 config = context.config
 

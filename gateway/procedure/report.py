@@ -34,7 +34,7 @@ from common.categories import DATA_NAMES, UNIT_NAMES, unit_for
 from common.dates import to_pb
 from common.errors import HeduiError
 from common.workdays import CHINA_TZ
-from gateway import schema as s
+from gateway.db import schema as s
 from keys.handles import PublicKey
 from keys.identity import PartyKeys
 from keys.statements import REPORT_DOMAIN, sign_statement, verify_report, verify_report_by

@@ -18,14 +18,14 @@ import grpc
 from hedui.v1 import agency_pb2, agency_pb2_grpc
 
 from common.logs import log_context, new_request_id, public_commission_ref
-from gateway.intake import InvalidPackage
-from gateway.workflow import PB_TO_STATE, Caller, Workflow, WorkflowError
+from gateway.procedure.intake import InvalidPackage
+from gateway.procedure.workflow import PB_TO_STATE, Caller, Workflow, WorkflowError
 from keys.tls import party_from_auth_context
 
 if TYPE_CHECKING:
     from gateway.metrics import GatewayMetrics
 
-log = logging.getLogger("hedui.gateway.agency")
+log = logging.getLogger("hedui.gateway.api.agency")
 
 SERVICE = agency_pb2.DESCRIPTOR.services_by_name["AgencyService"].full_name
 _READ = frozenset({"commissioner", "lower_agency", "staff_system"})

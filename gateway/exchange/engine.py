@@ -26,8 +26,8 @@ from common.categories import UNIT_DATA
 from common.dates import from_pb
 from common.logs import public_commission_ref
 from common.workdays import CHINA_TZ, CalendarError, WorkdayCalendar
-from gateway.store import BatchWork, GatewayStore, UnitRow
-from gateway.transport import TransportFailure, UnitClient, UnitRefusal
+from gateway.exchange.store import BatchWork, GatewayStore, UnitRow
+from gateway.exchange.transport import TransportFailure, UnitClient, UnitRefusal
 from keys.clock import from_ms
 from keys.envelope import Courier, Opened, message_id_of
 from keys.errors import EnvelopeError
@@ -35,7 +35,7 @@ from keys.errors import EnvelopeError
 if TYPE_CHECKING:
     from gateway.metrics import GatewayMetrics
 
-log = logging.getLogger("hedui.gateway.engine")
+log = logging.getLogger("hedui.gateway.exchange.engine")
 
 _RECEIPT: Mapping[str, type[Message]] = {exchange_pb2.BatchReceipt.DESCRIPTOR.full_name: exchange_pb2.BatchReceipt}
 _ANSWERS: Mapping[str, type[Message]] = {exchange_pb2.AnswerSet.DESCRIPTOR.full_name: exchange_pb2.AnswerSet}

@@ -21,14 +21,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from common.workdays import CHINA_TZ
-from gateway.engine import ExchangeEngine, UnitWorkers
-from gateway.store import GatewayStore
+from gateway.exchange.engine import ExchangeEngine, UnitWorkers
+from gateway.exchange.store import GatewayStore
 from keys.clock import Clock, from_ms
 
 if TYPE_CHECKING:
     from gateway.metrics import GatewayMetrics
 
-log = logging.getLogger("hedui.gateway.schedule")
+log = logging.getLogger("hedui.gateway.exchange.schedule")
 
 
 @dataclass(frozen=True)

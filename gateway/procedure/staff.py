@@ -5,7 +5,7 @@ Procedure V.(一) has intake, second review and report issue done by three diffe
 staff members for an exchange, and V.(三) has both sides register their exchange staff with each other in advance.
 This register is the agency's own list. Only an active admin changes it; the very first admin is bootstrapped into an
 empty register (``hedui-gateway staff bootstrap-admin``). Every change is audited in the same transaction
-(gateway/audit.py) with the roles as detail, never the name.
+(gateway/archive/audit.py) with the roles as detail, never the name.
 
 A member is *active at* a moment inside [valid_from, valid_until) and before their revocation. Approvals are checked
 at the moment the gateway records them (its own clock, not a time the signer claims), so revoking a member stops
@@ -25,9 +25,9 @@ from sqlalchemy import Connection, Engine, Row, select, update
 
 from common.db import reading
 from common.errors import HeduiError
-from gateway import schema
-from gateway.audit import AuditError, AuditLog
-from gateway.audit import lock as audit_lock
+from gateway.archive.audit import AuditError, AuditLog
+from gateway.archive.audit import lock as audit_lock
+from gateway.db import schema
 from keys.fingerprint import Algorithm
 from keys.handles import PublicKey
 from keys.statements import APPROVAL_DOMAIN, approval_message, staff_public_key

@@ -31,13 +31,13 @@ from common.dates import from_pb, to_pb, year_month
 from common.db import reading
 from common.errors import HeduiError
 from common.workdays import CHINA_TZ
-from gateway import schema as s
-from gateway.audit import AuditLog
-from gateway.intake import validate_package
-from gateway.report import ReportRefused, build_report, sign_report
-from gateway.routing import category_names, route, unserved
-from gateway.staff import StaffRegister
-from gateway.store import GatewayStore
+from gateway.archive.audit import AuditLog
+from gateway.db import schema as s
+from gateway.exchange.store import GatewayStore
+from gateway.procedure.intake import validate_package
+from gateway.procedure.report import ReportRefused, build_report, sign_report
+from gateway.procedure.routing import category_names, route, unserved
+from gateway.procedure.staff import StaffRegister
 from keys.clock import Clock, from_ms
 from keys.identity import PartyKeys
 

@@ -1,4 +1,4 @@
-"""The gateway's tables (SQLAlchemy Core). Alembic migrations in gateway/migrations create and change them; a test
+"""The gateway's tables (SQLAlchemy Core). Alembic migrations in gateway/db/migrations create and change them; a test
 fails when this module and the migrations disagree.
 
 Personal data (ID numbers, names, findings) lives only in ``subjects`` and in the ``body`` of ``answers``, and in

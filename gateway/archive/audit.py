@@ -34,7 +34,7 @@ from sqlalchemy import Connection, Engine, Row, func, select, text
 
 from common.db import reading
 from common.errors import HeduiError
-from gateway import schema
+from gateway.db import schema
 
 AUDIT_DOMAIN = b"hedui.v1.audit\x00"
 HASH_BYTES = 32

@@ -26,8 +26,8 @@ from common.dates import to_pb
 from common.db import reading
 from common.errors import HeduiError
 from common.replaystore import SqlReplayCache
-from gateway import schema as s
-from gateway.audit import AuditLog
+from gateway.archive.audit import AuditLog
+from gateway.db import schema as s
 from keys.party import is_party_id
 
 #: Rows per executemany chunk and ids per IN list (well below SQLite's variable limit).

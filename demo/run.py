@@ -25,9 +25,9 @@ from hedui.v1 import agency_pb2, agency_pb2_grpc, exchange_pb2, records_pb2
 from common.categories import UNIT_NAMES
 from common.db import make_engine
 from connectors.synthetic import Population, Relation
-from gateway.audit import AuditLog
-from gateway.localnet import STAFF, Network, build_network
-from gateway.staff import StaffRegister
+from demo.localnet import STAFF, Network, build_network
+from gateway.archive.audit import AuditLog
+from gateway.procedure.staff import StaffRegister
 from keys import keystore
 from keys.announcements import armor, read_bundle
 from keys.identity import PartyKeys

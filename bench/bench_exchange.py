@@ -68,7 +68,8 @@ from common.db import make_engine
 from connectors.synthetic import Member, Population
 from demo.localnet import STAFF, Network, build_network
 from gateway.db import schema
-from gateway.exchange.store import CommissionInput, GatewayStore, SubjectInput
+from gateway.exchange.outbox import CommissionInput, SubjectInput
+from gateway.exchange.store import GatewayStore
 from gateway.procedure.routing import route
 from keys import keystore
 from results import ResultsBlock, revision  # bench/results.py, beside this script
@@ -471,7 +472,7 @@ def _drive(
     store = GatewayStore(make_engine(url))
     watcher = watch_engine(url)
     try:
-        units = store.units()
+        units = store.units.all()
         unit_ids = route(categories, units)
         if len(unit_ids) != run.units:
             raise RuntimeError(f"gateway knows {len(unit_ids)} of {run.units} units")
@@ -490,7 +491,7 @@ def _drive(
         )
         cpu0, (busy0, steal0), own0 = watch.cpu(), machine_cpu_s(), own_cpu_s()
         start = time.perf_counter()
-        store.enqueue(commission, subjects, unit_ids, int(time.time() * 1000))
+        store.outbox.enqueue(commission, subjects, unit_ids, int(time.time() * 1000))
         enqueued = time.perf_counter()
         run.enqueue_s = enqueued - start
         run.enqueue_cpu_s = own_cpu_s() - own0

@@ -36,7 +36,9 @@ from gateway.archive.audit import AuditError, AuditHead, AuditLog
 from gateway.config import GatewayConfig
 from gateway.db import schema
 from gateway.db.database import current_revision, head_revision, open_database, upgrade
-from gateway.exchange.store import GatewayStore, ResendRefused, RetryRefused, UnitRow
+from gateway.exchange.batches import ResendRefused
+from gateway.exchange.store import GatewayStore
+from gateway.exchange.units import RetryRefused, UnitRow
 from gateway.procedure.staff import StaffError, StaffMember, StaffRegister
 from gateway.server import build
 from keys import keystore
@@ -114,7 +116,7 @@ def _status(args: argparse.Namespace) -> None:
         by_unit.setdefault(unit_id, []).append(f"{state}={batches} batches/{subjects} items")
     now = SystemClock().now_ms()
     print("times are Beijing time")
-    for unit in store.units():
+    for unit in store.units.all():
         print(f"{unit.unit_id:32} {unit.endpoint:24} {_health(unit, now)}")
         print(f"    {_health_detail(unit, now)}")
         for line in by_unit.get(unit.unit_id, []):
@@ -171,7 +173,9 @@ def _resend(args: argparse.Namespace) -> None:
     store = GatewayStore(open_database(config.database.url))
     try:
         audit, now = AuditLog(store.engine), SystemClock().now_ms()
-        resent = store.resend_failed(unit.party_id, args.batch or [], audit=audit, actor=_operator(), now_ms=now)
+        resent = store.batches.resend_failed(
+            unit.party_id, args.batch or [], audit=audit, actor=_operator(), now_ms=now
+        )
     finally:
         store.engine.dispose()
     if not resent:
@@ -198,7 +202,7 @@ def _retry(args: argparse.Namespace) -> None:
     store = GatewayStore(open_database(config.database.url))
     try:
         audit, now = AuditLog(store.engine), SystemClock().now_ms()
-        retried, up = store.retry_units(wanted, audit=audit, actor=_operator(), now_ms=now)
+        retried, up = store.units.retry(wanted, audit=audit, actor=_operator(), now_ms=now)
     finally:
         store.engine.dispose()
     for unit in retried:

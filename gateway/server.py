@@ -139,11 +139,11 @@ def build(config: GatewayConfig) -> RunningGateway:
             )
     engine = open_database(config.database.url, migrate=config.database.migrate_on_start)
     store = GatewayStore(engine)
-    store.sync_units(
+    store.units.sync(
         (u.party_id, unit_category_by_name(u.category), u.endpoint, u.exchange_mode, u.enabled) for u in config.units
     )
     # Claims under our replica id are a previous run's, killed mid-step: release them now rather than after the lease.
-    store.release_claims(config.exchange.replica_id)
+    store.batches.release_claims(config.exchange.replica_id)
     clock = SystemClock()
     metrics = GatewayMetrics(process_registry())
     courier = Courier(party, trust, replay=store.replay, clock=clock)

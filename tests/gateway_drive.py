@@ -143,9 +143,9 @@ def bring_up(world: GatewayWorld, unit_id: str, stack: ExitStack) -> RunningConn
     )
     stack.callback(running.stop, None)
     endpoint = f"localhost:{running.port}"
-    world.store.sync_units(
+    world.store.units.sync(
         (u.unit_id, u.category, endpoint if u.unit_id == unit_id else u.endpoint, u.exchange_mode, u.enabled)
-        for u in world.store.units()
+        for u in world.store.units.all()
     )
     replace_client(world, unit_id, UnitClient(endpoint, gateway_tls(world), timeout_seconds=5), stack)
     world.connectors[unit_id] = running
@@ -165,7 +165,7 @@ def operator_config(root: Path, world: GatewayWorld, database_url: str | None) -
     url = database_url or f"sqlite:///{root / 'gateway.db'}"
     units = "".join(
         f'[[units]]\nparty_id = "{u.unit_id}"\ncategory = "{names[u.unit_id]}"\nendpoint = "{u.endpoint}"\n\n'
-        for u in world.store.units()
+        for u in world.store.units.all()
     )
     config = root / "gateway.toml"
     config.write_text(

@@ -21,7 +21,8 @@ from connectors.store import ConnectorStore
 from connectors.synthetic import Population, SyntheticAdapter
 from gateway.db.database import upgrade
 from gateway.exchange.engine import EngineSettings, ExchangeEngine, UnitWorkers
-from gateway.exchange.store import CommissionInput, GatewayStore, SubjectInput
+from gateway.exchange.outbox import CommissionInput, SubjectInput
+from gateway.exchange.store import GatewayStore
 from gateway.exchange.transport import ClientTls, UnitClient
 from gateway.metrics import GatewayMetrics
 from gateway.procedure.routing import route
@@ -57,8 +58,8 @@ class GatewayWorld:
     def commission(self, ref: str, households: int, start: int = 0, *, staff: tuple[str, ...] = STAFF) -> int:
         """Enqueue households ``start`` .. ``start + households - 1`` as commission ``ref`` for every unit."""
         subjects = subjects_of(self.population, ref, households, start)
-        units = route(CATEGORIES, self.store.units())
-        return self.store.enqueue(commission_input(ref, staff=staff), subjects, units, self.clock.now_ms())
+        units = route(CATEGORIES, self.store.units.all())
+        return self.store.outbox.enqueue(commission_input(ref, staff=staff), subjects, units, self.clock.now_ms())
 
 
 def subjects_of(population: Population, ref: str, households: int, start: int = 0) -> list[SubjectInput]:
@@ -156,7 +157,7 @@ def gateway_world(
             clients[unit_id] = UnitClient(endpoint, tls, timeout_seconds=5)
             stack.callback(clients[unit_id].close)
             entries.append((unit_id, category, endpoint, "system", True))
-        store.sync_units(entries)
+        store.units.sync(entries)
         courier = Courier(gateway[0], gateway[1], replay=store.replay, clock=clock)
         if metrics is not None:
             courier.on_reject = metrics.service.counting_rejections(courier.on_reject)

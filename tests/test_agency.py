@@ -298,8 +298,9 @@ def test_a_category_no_registered_unit_holds_is_refused_at_submission_and_at_app
     store = agency.world.store
 
     def bank_enabled(enabled: bool) -> None:
-        store.sync_units(
-            (u.unit_id, u.category, u.endpoint, u.exchange_mode, enabled or u.unit_id != BANK) for u in store.units()
+        store.units.sync(
+            (u.unit_id, u.category, u.endpoint, u.exchange_mode, enabled or u.unit_id != BANK)
+            for u in store.units.all()
         )
 
     bank_enabled(False)

@@ -35,7 +35,8 @@ from connectors import store as cstore
 from connectors.synthetic import Population
 from demo.localnet import Network, build_network
 from gateway.db import schema
-from gateway.exchange.store import GatewayStore, SubjectInput
+from gateway.exchange.outbox import SubjectInput
+from gateway.exchange.store import GatewayStore
 from keys.keystore import FAST_FOR_TESTS
 from tests.test_gateway_process import UNITS, enqueue_subjects
 
@@ -373,7 +374,7 @@ def test_gateway_killed_at_many_points_stores_every_answer_exactly_once(tmp_path
 
         # 3. One last start, left alone until everything is answered and acknowledged.
         final = restart_gateway("gateway-final", wait=True)
-        items = store.item_count()
+        items = store.outbox.item_count()
 
         def finished() -> bool:
             snap = dbs.snapshot()

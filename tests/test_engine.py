@@ -45,12 +45,12 @@ LATEST = date(2026, 3, 18)
 def test_every_item_gets_exactly_one_answer(tmp_path: Path, database_url: str | None) -> None:
     with gateway_world(tmp_path, now_ms=MONDAY, database_url=database_url) as world:
         commission_id = world.commission("WT-1", households=40)
-        items = world.store.item_count()
+        items = world.store.outbox.item_count()
         assert items > 0 and items % len(UNITS) == 0
         settle(world)
-        assert world.store.answer_count() == items
+        assert world.store.batches.answer_count() == items
         assert_exactly_one_answer_per_item(world)
-        progress = world.store.progress(commission_id)
+        progress = world.store.outbox.progress(commission_id)
         assert set(progress) == set(UNITS)
         assert all(set(stages) == {"answered"} for stages in progress.values())
         batches = batch_rows(world)
@@ -70,7 +70,7 @@ def test_answers_fetched_twice_are_stored_once(tmp_path: Path, database_url: str
         world.commission("WT-1", households=40)
         settle(world)
         first = answers_by_item(world)
-        assert len(first) == world.store.item_count()
+        assert len(first) == world.store.outbox.item_count()
         execute(
             world,
             update(schema.batches).values(
@@ -88,7 +88,9 @@ def test_answers_fetched_twice_are_stored_once(tmp_path: Path, database_url: str
         some = batch_rows(world)[0]
         body = rows(world, select(schema.answers.c.body).where(schema.answers.c.batch_id == some.batch_id))
         again = [exchange_pb2.SubjectAnswer.FromString(r.body) for r in body]
-        assert world.store.store_answers(some.batch_id, again, some.answer_message_id, world.clock.now_ms()) == 0
+        assert (
+            world.store.batches.store_answers(some.batch_id, again, some.answer_message_id, world.clock.now_ms()) == 0
+        )
         item_id, (batch_id, status, answer, _) = next(iter(first.items()))
         with pytest.raises(IntegrityError), world.store.engine.begin() as conn:
             conn.execute(
@@ -96,7 +98,7 @@ def test_answers_fetched_twice_are_stored_once(tmp_path: Path, database_url: str
                     item_id=item_id, batch_id=batch_id, status=status, body=answer, stored_at_ms=0
                 )
             )
-        assert world.store.answer_count() == len(first)
+        assert world.store.batches.answer_count() == len(first)
 
 
 def test_crash_between_storing_and_acknowledging(tmp_path: Path, database_url: str | None) -> None:
@@ -107,10 +109,10 @@ def test_crash_between_storing_and_acknowledging(tmp_path: Path, database_url: s
         world.workers.run_once(dispatch=True)
         drain(world)
         engine = world.engine
-        for unit in world.store.units():
+        for unit in world.store.units.all():
             engine._poll(unit.unit_id, engine.clients[unit.unit_id])
         assert {b.state for b in batch_rows(world)} == {"answered"}
-        assert world.store.answer_count() == world.store.item_count()
+        assert world.store.batches.answer_count() == world.store.outbox.item_count()
         for unit_id in UNITS:
             assert not audit_batches(world, unit_id, "acknowledged")
         # "Restart": a fresh store object on the same database, then the usual cycles.
@@ -167,21 +169,21 @@ def test_overdue_items_stay_visible_until_answered(tmp_path: Path, database_url:
         world.clock.set(beijing_ms(2026, 3, 11, 23))  # the due date itself is still in time
         world.workers.run_once(dispatch=True)
         assert world.engine.sweep_deadlines() == {}
-        assert _stages(world.store.progress(commission_id)) == _everywhere("receipted")
+        assert _stages(world.store.outbox.progress(commission_id)) == _everywhere("receipted")
 
         world.clock.set(beijing_ms(2026, 3, 12, 9))
         world.workers.run_once(dispatch=True)
         per_unit = {b.unit_id: b.subject_count for b in batches}
         assert world.engine.sweep_deadlines() == per_unit
         assert world.engine.sweep_deadlines() == per_unit  # stays overdue, counted again
-        progress = world.store.progress(commission_id)
+        progress = world.store.outbox.progress(commission_id)
         assert progress == {u: {"overdue": n} for u, n in per_unit.items()}
 
         # Only the tax office answers (late): its items are answered, the others stay overdue and visible.
         world.connectors[TAX].connector.answer_pending()
         world.workers.run_once(dispatch=True)
         assert world.engine.sweep_deadlines() == {u: n for u, n in per_unit.items() if u != TAX}
-        progress = world.store.progress(commission_id)
+        progress = world.store.outbox.progress(commission_id)
         assert progress[TAX] == {"answered": per_unit[TAX]}
         assert progress[LAND] == {"overdue": per_unit[LAND]} and progress[BANK] == {"overdue": per_unit[BANK]}
         assert not next(b for b in batch_rows(world) if b.unit_id == TAX).overdue
@@ -189,7 +191,7 @@ def test_overdue_items_stay_visible_until_answered(tmp_path: Path, database_url:
         world.clock.advance(7 * 86_400_000)  # a week later the others answer too
         settle(world)
         assert world.engine.sweep_deadlines() == {}
-        assert _stages(world.store.progress(commission_id)) == _everywhere("answered")
+        assert _stages(world.store.outbox.progress(commission_id)) == _everywhere("answered")
         assert not any(b.overdue for b in batch_rows(world))
         assert_exactly_one_answer_per_item(world)
 
@@ -222,7 +224,7 @@ def test_delay_notices(tmp_path: Path, database_url: str | None) -> None:
             LAND: (DUE, DUE, None, False),
             BANK: (DUE, DUE, None, False),
         }
-        assert _stages(world.store.progress(commission_id)) == {
+        assert _stages(world.store.outbox.progress(commission_id)) == {
             TAX: {"delayed"},
             LAND: {"receipted"},
             BANK: {"receipted"},
@@ -236,16 +238,16 @@ def test_delay_notices(tmp_path: Path, database_url: str | None) -> None:
         world.workers.run_once(dispatch=True)
         counts = {b.unit_id: b.subject_count for b in batch_rows(world)}
         assert world.engine.sweep_deadlines() == {LAND: counts[LAND], BANK: counts[BANK]}
-        assert _stages(world.store.progress(commission_id)) == {
+        assert _stages(world.store.outbox.progress(commission_id)) == {
             TAX: {"delayed"},
             LAND: {"overdue"},
             BANK: {"overdue"},
         }
         world.clock.set(beijing_ms(2026, 3, 19))  # past the extension too
         assert set(world.engine.sweep_deadlines()) == set(UNITS)
-        assert _stages(world.store.progress(commission_id)) == _everywhere("overdue")
+        assert _stages(world.store.outbox.progress(commission_id)) == _everywhere("overdue")
         settle(world)
-        assert _stages(world.store.progress(commission_id)) == _everywhere("answered")
+        assert _stages(world.store.outbox.progress(commission_id)) == _everywhere("answered")
 
 
 def test_notice_fetched_after_the_due_date_clears_overdue(tmp_path: Path, database_url: str | None) -> None:
@@ -259,10 +261,10 @@ def test_notice_fetched_after_the_due_date_clears_overdue(tmp_path: Path, databa
         world.connectors[BANK].connector.issue_delay(ids[BANK], LATEST, "technical")
         world.clock.set(beijing_ms(2026, 3, 12, 9))
         assert set(world.engine.sweep_deadlines()) == set(UNITS)
-        assert _stages(world.store.progress(commission_id))[BANK] == {"overdue"}
+        assert _stages(world.store.outbox.progress(commission_id))[BANK] == {"overdue"}
         world.workers.run_once(dispatch=True)
         assert _due_and_reason(batch_rows(world))[BANK] == (DUE, LATEST, "technical", False)
-        assert _stages(world.store.progress(commission_id)) == {
+        assert _stages(world.store.outbox.progress(commission_id)) == {
             TAX: {"overdue"},
             LAND: {"overdue"},
             BANK: {"delayed"},
@@ -320,8 +322,8 @@ def test_progress_counts_formed_batches_not_tried_yet_as_queued(tmp_path: Path) 
     """A caseworker reads "sent" as "the unit has it": a batch formed but not yet tried is still queued."""
     with gateway_world(tmp_path, now_ms=MONDAY) as world:
         commission_id = world.commission("WT-1", households=10)
-        before = world.store.progress(commission_id)
-        tax = world.store.units()[[u.unit_id for u in world.store.units()].index(TAX)]
-        assert world.store.form_batches(TAX, frozenset(UNIT_DATA[tax.category]), 5, MONDAY) > 1
-        after = world.store.progress(commission_id)
+        before = world.store.outbox.progress(commission_id)
+        tax = world.store.units.all()[[u.unit_id for u in world.store.units.all()].index(TAX)]
+        assert world.store.outbox.form_batches(TAX, frozenset(UNIT_DATA[tax.category]), 5, MONDAY) > 1
+        after = world.store.outbox.progress(commission_id)
         assert after == before and set(after[TAX]) == {"queued"}

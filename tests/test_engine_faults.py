@@ -85,7 +85,7 @@ def test_a_down_unit_backs_off_and_loses_nothing_over_a_day(tmp_path: Path, data
         commission_id = world.commission("WT-1", households=40)
         settle(world)
         # The other two units are fully answered; the bank's batches wait, formed and ready, one attempt counted.
-        progress = world.store.progress(commission_id)
+        progress = world.store.outbox.progress(commission_id)
         per_unit = {b.unit_id: 0 for b in batch_rows(world)}
         for b in batch_rows(world):
             per_unit[b.unit_id] += b.subject_count
@@ -130,8 +130,8 @@ def test_a_down_unit_backs_off_and_loses_nothing_over_a_day(tmp_path: Path, data
             tries += 1
         assert tries >= DAY_MS // MAX_MS
         assert unit_row(world, BANK).consecutive_failures == 9 + tries
-        assert world.store.progress(second)[TAX].keys() == {"answered"}
-        assert world.store.answer_count() < world.store.item_count()
+        assert world.store.outbox.progress(second)[TAX].keys() == {"answered"}
+        assert world.store.batches.answer_count() < world.store.outbox.item_count()
 
         # The unit comes back: nothing is sent before its backoff ends, then everything goes and is answered.
         running = bring_up(world, BANK, stack)
@@ -141,10 +141,10 @@ def test_a_down_unit_backs_off_and_loses_nothing_over_a_day(tmp_path: Path, data
         assert running.connector.store.batch_count() == 0
         world.clock.set(back_at)
         settle(world)
-        assert world.store.answer_count() == world.store.item_count()
+        assert world.store.batches.answer_count() == world.store.outbox.item_count()
         assert_exactly_one_answer_per_item(world)
         for commission in (commission_id, second):
-            assert {k for stages in world.store.progress(commission).values() for k in stages} == {"answered"}
+            assert {k for stages in world.store.outbox.progress(commission).values() for k in stages} == {"answered"}
         bank = [b for b in batch_rows(world) if b.unit_id == BANK]
         assert {b.state for b in bank} == {"acknowledged"}
         assert {b.received_at_ms for b in bank} == {back_at}  # the clause-12 clock starts when the unit receives
@@ -185,7 +185,7 @@ def test_a_hanging_unit_does_not_slow_the_others(tmp_path: Path, database_url: s
         endpoint = f"localhost:{hole.getsockname()[1]}"
         replace_client(world, BANK, UnitClient(endpoint, gateway_tls(world), timeout), stack)
         world.commission("WT-1", households=40)
-        first = dict(zip([u.unit_id for u in world.store.units()], world.workers.tick(dispatch=True), strict=True))
+        first = dict(zip([u.unit_id for u in world.store.units.all()], world.workers.tick(dispatch=True), strict=True))
         stuck = first[BANK]
         others = [first[TAX], first[LAND]]
         rounds = 0
@@ -240,7 +240,7 @@ def test_gateway_restart_resumes_where_it_stopped(tmp_path: Path, database_url: 
         for unit_id in UNITS:
             assert set(audit_batches(world, unit_id, "accepted").values()) == {1}
         assert_exactly_one_answer_per_item(world)
-        assert {k for stages in world.store.progress(commission_id).values() for k in stages} == {"answered"}
+        assert {k for stages in world.store.outbox.progress(commission_id).values() for k in stages} == {"answered"}
 
 
 def test_a_refused_batch_fails_visibly_and_alone(tmp_path: Path, database_url: str | None) -> None:
@@ -260,9 +260,9 @@ def test_a_refused_batch_fails_visibly_and_alone(tmp_path: Path, database_url: s
         counts: dict[str, int] = {}
         for b in failed:
             counts[b.unit_id] = counts.get(b.unit_id, 0) + b.subject_count
-        assert world.store.progress(bad) == {u: {"failed": n} for u, n in counts.items()}
+        assert world.store.outbox.progress(bad) == {u: {"failed": n} for u, n in counts.items()}
         assert set(counts) == set(UNITS)
-        assert {k for stages in world.store.progress(good).values() for k in stages} == {"answered"}
+        assert {k for stages in world.store.outbox.progress(good).values() for k in stages} == {"answered"}
         assert {(b.state, b.attempts) for b in batch_rows(world, good)} == {("acknowledged", 1)}
         for unit_id in UNITS:
             assert unit_row(world, unit_id).consecutive_failures == 0
@@ -270,7 +270,7 @@ def test_a_refused_batch_fails_visibly_and_alone(tmp_path: Path, database_url: s
             assert {(e["batch_id"], e["reason"]) for e in refused} == {
                 (b.batch_id, "staff_not_registered") for b in failed if b.unit_id == unit_id
             }
-        assert world.store.answer_count() == sum(b.subject_count for b in batch_rows(world, good))
+        assert world.store.batches.answer_count() == sum(b.subject_count for b in batch_rows(world, good))
 
 
 def test_refused_batches_show_and_are_sent_again_once_the_unit_registers_the_staff(
@@ -336,7 +336,7 @@ def test_refused_batches_show_and_are_sent_again_once_the_unit_registers_the_sta
         # per unit. The units' health and backoff are not touched.
         for running in world.connectors.values():
             running.connector.staff = {GATEWAY: frozenset({"S-0001", "S-0002", "S-0003"})}
-        health = [(u.unit_id, u.consecutive_failures, u.next_attempt_ms) for u in world.store.units()]
+        health = [(u.unit_id, u.consecutive_failures, u.next_attempt_ms) for u in world.store.units.all()]
         assert resend("--unit", TAX, "--batch", tax_failed[0]) == 0
         assert "re-queued 1 batches" in capsys.readouterr().out
         for unit_id in UNITS:
@@ -346,7 +346,7 @@ def test_refused_batches_show_and_are_sent_again_once_the_unit_registers_the_sta
             assert f"re-queued {count} batches" in out and "permission_denied: staff_not_registered" in out
         assert resend("--unit", TAX) == 0
         assert f"{TAX} has no failed batches; nothing was re-queued" in capsys.readouterr().out
-        assert [(u.unit_id, u.consecutive_failures, u.next_attempt_ms) for u in world.store.units()] == health
+        assert [(u.unit_id, u.consecutive_failures, u.next_attempt_ms) for u in world.store.units.all()] == health
         assert {(b.state, b.attempts) for b in batch_rows(world, bad)} == {("ready", 1)}
         entries = audit.entries()
         assert sorted(e.detail.split(";")[1] for e in entries if e.detail) == sorted(
@@ -361,8 +361,8 @@ def test_refused_batches_show_and_are_sent_again_once_the_unit_registers_the_sta
 
         settle(world)
         assert {(b.state, b.attempts, b.last_error) for b in batch_rows(world, bad)} == {("acknowledged", 2, None)}
-        assert {k for stages in world.store.progress(bad).values() for k in stages} == {"answered"}
-        assert world.store.answer_count() == world.store.item_count()
+        assert {k for stages in world.store.outbox.progress(bad).values() for k in stages} == {"answered"}
+        assert world.store.batches.answer_count() == world.store.outbox.item_count()
         assert_exactly_one_answer_per_item(world)
         for unit_id in UNITS:
             accepted = audit_batches(world, unit_id, "accepted")

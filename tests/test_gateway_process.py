@@ -14,7 +14,8 @@ from hedui.v1 import exchange_pb2, records_pb2
 from common.db import make_engine
 from connectors.synthetic import Population
 from demo.localnet import STAFF, build_network
-from gateway.exchange.store import CommissionInput, GatewayStore, SubjectInput
+from gateway.exchange.outbox import CommissionInput, SubjectInput
+from gateway.exchange.store import GatewayStore
 from gateway.procedure.routing import route
 
 UNITS = {"unit.220100.tax": "tax", "unit.220100.land": "land", "unit.220100.bank": "financial_institution"}
@@ -43,7 +44,7 @@ def enqueue_subjects(store: GatewayStore, ref: str, subjects: Sequence[SubjectIn
         staff_ids=STAFF,
         categories=CATEGORIES,
     )
-    store.enqueue(commission, subjects, route(CATEGORIES, store.units()), int(time.time() * 1000))
+    store.outbox.enqueue(commission, subjects, route(CATEGORIES, store.units.all()), int(time.time() * 1000))
     return len(subjects)
 
 
@@ -62,10 +63,10 @@ def test_gateway_and_connectors_as_processes_answer_every_item(tmp_path: Path) -
         net.start_connectors()
         net.start_gateway()
         store = GatewayStore(make_engine(f"sqlite:///{tmp_path / 'net' / 'data' / 'gateway.db'}"))
-        assert wait_until(lambda: len(store.units()) == len(UNITS), 30), "gateway did not start"
+        assert wait_until(lambda: len(store.units.all()) == len(UNITS), 30), "gateway did not start"
         items = enqueue(store, "WT-P-1", 60, seed=20261127)
-        assert wait_until(lambda: store.answer_count() == items, 60), (store.answer_count(), items)
-        assert store.item_count() == items
+        assert wait_until(lambda: store.batches.answer_count() == items, 60), (store.batches.answer_count(), items)
+        assert store.outbox.item_count() == items
     finally:
         net.stop_all()
     assert all(p.returncode == 0 for p in net.processes) or not net.processes

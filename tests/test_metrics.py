@@ -35,8 +35,9 @@ from demo.localnet import STAFF as NET_STAFF
 from demo.localnet import build_network, free_port
 from gateway.config import AgencySection, DatabaseSection, GatewayConfig, KeysSection
 from gateway.db import schema
+from gateway.exchange.outbox import CommissionInput, SubjectInput
 from gateway.exchange.schedule import GatewayScheduler, JobIntervals, SchedulePolicy
-from gateway.exchange.store import CommissionInput, GatewayStore, SubjectInput
+from gateway.exchange.store import GatewayStore
 from gateway.metrics import GatewayMetrics
 from gateway.procedure.routing import route
 from gateway.server import KeyWatch, build
@@ -93,7 +94,7 @@ def _per_unit(world: GatewayWorld) -> tuple[dict[str, int], dict[str, int]]:
 
 def test_an_exchange_is_counted_per_unit(world: GatewayWorld, metrics: Metrics) -> None:
     world.commission("WT-1", households=40)
-    queued = world.store.item_count() // len(UNITS)
+    queued = world.store.outbox.item_count() // len(UNITS)
     for unit_id in UNITS:
         assert metrics.value("hedui_outbox_depth", unit=unit_id) == queued
         assert metrics.value("hedui_queries_sent_total", unit=unit_id) == 0  # present before the first event
@@ -108,7 +109,7 @@ def test_an_exchange_is_counted_per_unit(world: GatewayWorld, metrics: Metrics) 
     drain(world)
     settle(world)
 
-    assert world.store.answer_count() == world.store.item_count()
+    assert world.store.batches.answer_count() == world.store.outbox.item_count()
     for unit_id in UNITS:
         assert subjects[unit_id] == queued and batches[unit_id] > 1
         assert metrics.value("hedui_queries_sent_total", unit=unit_id) == queued
@@ -192,7 +193,7 @@ def test_a_down_unit_shows_down_and_its_retries(tmp_path: Path, metrics: Metrics
     ) as world:
         world.commission("WT-1", households=30)
         settle(world)
-        per_unit = world.store.item_count() // len(UNITS)
+        per_unit = world.store.outbox.item_count() // len(UNITS)
         assert metrics.value("hedui_unit_up", unit=BANK) == 0
         assert metrics.value("hedui_unit_up", unit=TAX) == 1
         assert metrics.value("hedui_unit_retries_total", unit=BANK) == 1
@@ -265,7 +266,7 @@ def test_scheduler_jobs_count_runs_failures_and_skips(world: GatewayWorld, metri
     assert scheduler.run_job("deadline-sweep", scheduler.sweep)
     assert scheduler.run_job("key-expiry", lambda: None)
     assert scheduler.run_job("key-expiry", broken)
-    assert world.store.acquire_job("dispatch", "gateway-2", world.clock.now_ms(), 60_000)
+    assert world.store.jobs.acquire("dispatch", "gateway-2", world.clock.now_ms(), 60_000)
     assert not scheduler.run_job("dispatch", scheduler.dispatch)  # another replica holds the lease
     jobs = "hedui_scheduler_job_runs_total"
     assert metrics.value(jobs, task="deadline-sweep", outcome="ok") == 1
@@ -462,8 +463,8 @@ def test_serving_gateway_and_connectors_export_metrics_on_their_configured_ports
             staff_ids=NET_STAFF,
             categories=categories,
         )
-        store.enqueue(commission, subjects, route(categories, store.units()), int(time.time() * 1000))
-        assert _wait(lambda: store.answer_count() == len(subjects) * len(units), 60)
+        store.outbox.enqueue(commission, subjects, route(categories, store.units.all()), int(time.time() * 1000))
+        assert _wait(lambda: store.batches.answer_count() == len(subjects) * len(units), 60)
 
         def answered() -> bool:
             text = _scrape(net.gateway_metrics_port)[1]

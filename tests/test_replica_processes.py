@@ -40,7 +40,7 @@ def test_two_gateway_processes_share_one_database_without_sending_a_batch_twice(
             wait_for_port(second)
             store = GatewayStore(make_engine(url))
             items = enqueue(store, "WT-R-1", 120, seed=20261127)
-            assert wait_until(lambda: store.answer_count() == items, 90), (store.answer_count(), items)
+            assert wait_until(lambda: store.batches.answer_count() == items, 90), (store.batches.answer_count(), items)
             time.sleep(1.5)  # let the acknowledgements go out
             with store.engine.connect() as conn:
                 attempts = dict(conn.execute(select(schema.batches.c.batch_id, schema.batches.c.attempts)).all())

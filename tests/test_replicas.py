@@ -23,7 +23,8 @@ from connectors.synthetic import Population
 from gateway.db import schema
 from gateway.db.database import upgrade
 from gateway.exchange.engine import CycleReport, ExchangeEngine, UnitWorkers
-from gateway.exchange.store import CommissionInput, GatewayStore, SubjectInput
+from gateway.exchange.outbox import CommissionInput, SubjectInput
+from gateway.exchange.store import GatewayStore
 from gateway.exchange.transport import UnitClient
 from keys.envelope import Courier
 from tests.exchange_world import SEED, beijing_ms
@@ -87,20 +88,20 @@ def test_a_job_lease_excludes_other_replicas(tmp_path: Path, database_url: str |
     with ExitStack() as stack:
         a, b = _stores(_url(tmp_path, database_url), 2, stack)
         now = MONDAY
-        assert a.acquire_job("dispatch", "A", now, LEASE_MS)
-        assert not b.acquire_job("dispatch", "B", now + 1, LEASE_MS)
-        assert b.acquire_job("sweep", "B", now + 1, LEASE_MS)  # one lease per job
-        assert a.acquire_job("dispatch", "A", now + 2, LEASE_MS)  # the holder renews ...
-        assert not b.acquire_job("dispatch", "B", now + 2 + LEASE_MS, LEASE_MS)  # ... until now + 2 + lease
-        a.release_job("dispatch", "A", now + 3, ok=True)
-        assert b.acquire_job("dispatch", "B", now + 4, LEASE_MS)  # released: another replica may take it at once
-        assert not a.acquire_job("dispatch", "A", now + 5, LEASE_MS)
+        assert a.jobs.acquire("dispatch", "A", now, LEASE_MS)
+        assert not b.jobs.acquire("dispatch", "B", now + 1, LEASE_MS)
+        assert b.jobs.acquire("sweep", "B", now + 1, LEASE_MS)  # one lease per job
+        assert a.jobs.acquire("dispatch", "A", now + 2, LEASE_MS)  # the holder renews ...
+        assert not b.jobs.acquire("dispatch", "B", now + 2 + LEASE_MS, LEASE_MS)  # ... until now + 2 + lease
+        a.jobs.release("dispatch", "A", now + 3, ok=True)
+        assert b.jobs.acquire("dispatch", "B", now + 4, LEASE_MS)  # released: another replica may take it at once
+        assert not a.jobs.acquire("dispatch", "A", now + 5, LEASE_MS)
         # B dies holding the lease: A takes over only once it has expired, and B's late release changes nothing.
-        assert not a.acquire_job("dispatch", "A", now + 4 + LEASE_MS, LEASE_MS)
-        assert a.acquire_job("dispatch", "A", now + 5 + LEASE_MS, LEASE_MS)
-        b.release_job("dispatch", "B", now + 6 + LEASE_MS, ok=True)
-        assert not b.acquire_job("dispatch", "B", now + 7 + LEASE_MS, LEASE_MS)
-        a.release_job("dispatch", "A", now + 8 + LEASE_MS, ok=False)
+        assert not a.jobs.acquire("dispatch", "A", now + 4 + LEASE_MS, LEASE_MS)
+        assert a.jobs.acquire("dispatch", "A", now + 5 + LEASE_MS, LEASE_MS)
+        b.jobs.release("dispatch", "B", now + 6 + LEASE_MS, ok=True)
+        assert not b.jobs.acquire("dispatch", "B", now + 7 + LEASE_MS, LEASE_MS)
+        a.jobs.release("dispatch", "A", now + 8 + LEASE_MS, ok=False)
         with a.engine.connect() as conn:
             job = conn.execute(select(schema.jobs).where(schema.jobs.c.name == "dispatch")).one()
         assert (job.lease_owner, job.lease_until_ms, job.runs, job.failures) == (None, 0, 4, 1)
@@ -119,7 +120,7 @@ def test_one_replica_wins_a_contended_lease(tmp_path: Path, database_url: str | 
             now = MONDAY + round_ * (LEASE_MS + 1)
 
             def acquire(index: int, now: int = now) -> bool:
-                return stores[index].acquire_job("sweep", f"replica-{index}", now, LEASE_MS)
+                return stores[index].jobs.acquire("sweep", f"replica-{index}", now, LEASE_MS)
 
             won = _together(8, acquire)
             assert won.count(True) == 1, won
@@ -141,18 +142,18 @@ def test_replicas_enqueue_at_the_same_time(tmp_path: Path, database_url: str | N
     and the same commission sent to both is stored once (enqueue is idempotent per ref, also concurrently)."""
     with ExitStack() as stack:
         stores = _stores(_url(tmp_path, database_url), 2, stack)
-        stores[0].sync_units((unit_id, category, "localhost:1", "system", True) for unit_id, category in UNITS.items())
+        stores[0].units.sync((unit_id, category, "localhost:1", "system", True) for unit_id, category in UNITS.items())
         refs = ["WT-A", "WT-B", "WT-C", "WT-A"]
         given = {ref: _subjects(ref, 30, start=10 * n) for n, ref in enumerate(dict.fromkeys(refs))}
         ids = _together(
-            len(refs), lambda i: stores[i % 2].enqueue(_commission(refs[i]), given[refs[i]], list(UNITS), MONDAY)
+            len(refs), lambda i: stores[i % 2].outbox.enqueue(_commission(refs[i]), given[refs[i]], list(UNITS), MONDAY)
         )
         assert ids[0] == ids[3] and len(set(ids)) == 3
         by_commission = _subject_refs_by_commission(stores[0].engine)
         for ref, commission_id in zip(refs, ids, strict=True):
             stored = by_commission[commission_id]
             assert stored == sorted(s.subject_ref for s in given[ref])
-        assert stores[0].item_count() == len(UNITS) * sum(len(s) for s in given.values())
+        assert stores[0].outbox.item_count() == len(UNITS) * sum(len(s) for s in given.values())
 
 
 def _subject_refs_by_commission(engine: Engine) -> dict[int, list[str]]:
@@ -187,7 +188,7 @@ def _second_replica(world: GatewayWorld, url: str, name: str, stack: ExitStack) 
     store = GatewayStore(engine)
     courier = Courier(world.engine.courier.me, world.engine.courier.trust, replay=store.replay, clock=world.clock)
     tls = gateway_tls(world)
-    clients = {u.unit_id: UnitClient(u.endpoint, tls, timeout_seconds=5) for u in store.units()}
+    clients = {u.unit_id: UnitClient(u.endpoint, tls, timeout_seconds=5) for u in store.units.all()}
     for client in clients.values():
         stack.callback(client.close)
     exchange = ExchangeEngine(store, courier, clients, WorkdayCalendar(), replace(world.engine.settings, replica=name))
@@ -222,7 +223,7 @@ def test_two_replicas_send_every_batch_once(tmp_path: Path, database_url: str | 
         second = _second_replica(world, url, "replica-2", stack)
         submissions = _count_submissions(world)
         commission_id = world.commission("WT-R", households=110)
-        subjects = world.store.item_count() // len(UNITS)
+        subjects = world.store.outbox.item_count() // len(UNITS)
         assert subjects >= 300
         replicas = [world.workers, second.workers]
         sent: Counter[int] = Counter()
@@ -254,7 +255,7 @@ def test_two_replicas_send_every_batch_once(tmp_path: Path, database_url: str | 
             }
         assert per_batch == {b.batch_id: b.subject_count for b in batches}
         assert_exactly_one_answer_per_item(world)
-        assert {k for stages in world.store.progress(commission_id).values() for k in stages} == {"answered"}
+        assert {k for stages in world.store.outbox.progress(commission_id).values() for k in stages} == {"answered"}
 
 
 def test_a_dead_replicas_claim_expires(tmp_path: Path, database_url: str | None) -> None:
@@ -267,9 +268,9 @@ def test_a_dead_replicas_claim_expires(tmp_path: Path, database_url: str | None)
         second = _second_replica(world, url, "replica-2", stack)
         commission_id = world.commission("WT-1", households=10)
         first = world.engine
-        for unit in world.store.units():
-            first.store.form_batches(unit.unit_id, frozenset(UNIT_DATA[unit.category]), 50, MONDAY)
-        (work,) = first.store.claim(
+        for unit in world.store.units.all():
+            first.store.outbox.form_batches(unit.unit_id, frozenset(UNIT_DATA[unit.category]), 50, MONDAY)
+        (work,) = first.store.batches.claim(
             TAX, "ready", replica=first.settings.replica, now_ms=MONDAY, lease_ms=first.settings.lease_ms, limit=1
         )
         query = exchange_pb2.QueryBatch.FromString(work.content)
@@ -288,4 +289,4 @@ def test_a_dead_replicas_claim_expires(tmp_path: Path, database_url: str | None)
         assert (tax.state, tax.attempts, tax.received_at_ms) == ("acknowledged", 1, MONDAY)
         assert audit_batches(world, TAX, "accepted") == {tax.batch_id: 1}
         assert_exactly_one_answer_per_item(world)
-        assert {k for stages in world.store.progress(commission_id).values() for k in stages} == {"answered"}
+        assert {k for stages in world.store.outbox.progress(commission_id).values() for k in stages} == {"answered"}

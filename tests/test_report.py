@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 from common.categories import RECORD_FIELD
 from connectors.synthetic import Household, Relation
 from gateway.db import schema
-from gateway.exchange.store import SubjectInput
+from gateway.exchange.outbox import SubjectInput
 from gateway.procedure.report import (
     FIELD_LABELS,
     OBJECTION_WORKING_DAYS,
@@ -82,8 +82,8 @@ def _submit(
         for n, (_, _, m) in enumerate(members)
     ]
     commission = commission_input(ref, thresholds=thresholds)
-    units = route(CATEGORIES, world.store.units())
-    commission_id = world.store.enqueue(commission, subjects, units, world.clock.now_ms())
+    units = route(CATEGORIES, world.store.units.all())
+    commission_id = world.store.outbox.enqueue(commission, subjects, units, world.clock.now_ms())
     execute(
         world,
         update(schema.commissions)

@@ -20,7 +20,7 @@ from connectors.metrics import ConnectorMetrics
 from gateway.archive.audit import AuditLog
 from gateway.cli import CHINA_TIME
 from gateway.cli import main as gateway_main
-from gateway.exchange.store import SubjectInput
+from gateway.exchange.outbox import SubjectInput
 from gateway.exchange.transport import ClientTls, UnitClient, is_transient
 from gateway.metrics import GatewayMetrics
 from keys.tls import issue_certificate
@@ -162,7 +162,7 @@ def test_an_expired_client_certificate_takes_idle_units_down_too_and_retry_bring
         )
         commission = enqueue(world, "WT-CERT", households=5)
         settle(world)  # the commission is answered by every unit; then every unit is idle
-        good = {u.unit_id: u.endpoint for u in world.store.units()}
+        good = {u.unit_id: u.endpoint for u in world.store.units.all()}
         expired = _expired_client(world)
         for unit_id, endpoint in good.items():
             replace_client(world, unit_id, UnitClient(endpoint, expired, timeout_seconds=5), stack)
@@ -170,12 +170,12 @@ def test_an_expired_client_certificate_takes_idle_units_down_too_and_retry_bring
         reports = world.workers.run_once(dispatch=False)
         assert {(r.unit_id, r.probed, r.error) for r in reports} == {(u, True, "unavailable") for u in UNITS}
         assert {u: _up(metrics, u) for u in UNITS} == dict.fromkeys(UNITS, 0.0)
-        assert {k for stages in world.store.progress(commission).values() for k in stages} == {"answered"}
+        assert {k for stages in world.store.outbox.progress(commission).values() for k in stages} == {"answered"}
 
         # status: why, until when, and when the unit last answered (Beijing time).
         config = operator_config(tmp_path, world, database_url)
         later = int(time.time() * 1000) + 3_600_000
-        world.store.unit_failed(TAX, "unavailable", later)  # a second failure, tried an hour from now
+        world.store.units.failed(TAX, "unavailable", later)  # a second failure, tried an hour from now
         capsys.readouterr()
         assert gateway_main(["status", "--config", str(config)]) == 0
         out = capsys.readouterr().out
@@ -192,13 +192,13 @@ def test_an_expired_client_certificate_takes_idle_units_down_too_and_retry_bring
         for unit_id, endpoint in good.items():
             replace_client(world, unit_id, UnitClient(endpoint, _renewed(world), timeout_seconds=5), stack)
         for unit_id in UNITS:
-            world.store.unit_failed(unit_id, "unavailable", later)
+            world.store.units.failed(unit_id, "unavailable", later)
         assert not any(r.probed for r in world.workers.run_once(dispatch=False))  # backing off: not called
-        health = {u.unit_id: u.consecutive_failures for u in world.store.units()}
+        health = {u.unit_id: u.consecutive_failures for u in world.store.units.all()}
         assert gateway_main(["retry", "--config", str(config), "--all"]) == 0
         out = capsys.readouterr().out
         assert "backoff ended for 3 units" in out and f"{BANK}  2 failures, last error unavailable" in out
-        rows = world.store.units()
+        rows = world.store.units.all()
         assert {u.unit_id: (u.consecutive_failures, u.next_attempt_ms) for u in rows} == {
             u: (health[u], 0) for u in UNITS
         }  # failures kept as history: still down until a call succeeds
@@ -244,9 +244,9 @@ def test_a_unit_cycle_error_is_counted_and_the_unit_tried_again(
     metrics = GatewayMetrics(CollectorRegistry())
     with gateway_world(tmp_path, now_ms=MONDAY, database_url=database_url, metrics=metrics) as world:
         enqueue(world, "WT-BUG", households=5)
-        world.store.sync_units(
+        world.store.units.sync(
             (u.unit_id, 0 if u.unit_id == LAND else u.category, u.endpoint, u.exchange_mode, u.enabled)
-            for u in world.store.units()
+            for u in world.store.units.all()
         )
         with caplog.at_level(logging.ERROR, logger="hedui"):
             reports = world.workers.run_once(dispatch=True)
@@ -294,7 +294,7 @@ def test_permanent_refusals_fail_the_batch_and_the_unit_stays_up(
     with gateway_world(tmp_path, now_ms=MONDAY, database_url=database_url, metrics=metrics) as world:
         world.connectors[BANK].connector.max_subjects = limit
         unauthorised = _unauthorised(subjects_of(world.population, "WT-NOAUTH", 2)[:3])
-        bad = world.store.enqueue(commission_input("WT-NOAUTH"), unauthorised, list(UNITS), MONDAY)
+        bad = world.store.outbox.enqueue(commission_input("WT-NOAUTH"), unauthorised, list(UNITS), MONDAY)
         large = enqueue(world, "WT-LARGE", households=20, start=2)
         with caplog.at_level(logging.INFO, logger="hedui"):
             settle(world)

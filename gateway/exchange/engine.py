@@ -26,8 +26,10 @@ from common.categories import UNIT_DATA
 from common.dates import from_pb
 from common.logs import public_commission_ref
 from common.workdays import CHINA_TZ, CalendarError, WorkdayCalendar
-from gateway.exchange.store import BatchWork, GatewayStore, UnitRow
+from gateway.exchange.batches import BatchWork
+from gateway.exchange.store import GatewayStore
 from gateway.exchange.transport import TransportFailure, UnitClient, UnitRefusal
+from gateway.exchange.units import UnitRow
 from keys.clock import from_ms
 from keys.envelope import Courier, Opened, message_id_of
 from keys.errors import EnvelopeError
@@ -177,7 +179,7 @@ class ExchangeEngine:
     def _unreachable(self, unit: UnitRow, failure: TransportFailure, report: CycleReport) -> None:
         failures = unit.consecutive_failures + 1
         error = f"{failure.status}: {failure.reason}" if failure.reason else failure.status
-        self.store.unit_failed(unit.unit_id, error, self._now() + self._backoff_ms(failures))
+        self.store.units.failed(unit.unit_id, error, self._now() + self._backoff_ms(failures))
         report.error = failure.status
         if self.metrics is not None:
             self.metrics.unit_failed(unit.unit_id)
@@ -197,7 +199,7 @@ class ExchangeEngine:
         last = unit.last_success_ms
         if not unit.consecutive_failures and last is not None and now - last < SUCCESS_REFRESH_MS:
             return  # healthy and recorded moments ago: spare the database a write per poll
-        self.store.unit_succeeded(unit.unit_id, now)
+        self.store.units.succeeded(unit.unit_id, now)
         if unit.consecutive_failures:
             since = unit.last_success_ms
             log.info(
@@ -218,7 +220,9 @@ class ExchangeEngine:
         served = frozenset(UNIT_DATA[unit.category])
         try:
             while report.sent < self.settings.sends_per_cycle:
-                formed = self.store.form_batches(unit.unit_id, served, self.settings.batch_size, self._now(), limit=1)
+                formed = self.store.outbox.form_batches(
+                    unit.unit_id, served, self.settings.batch_size, self._now(), limit=1
+                )
                 report.formed += formed
                 if not self._send_ready(unit.unit_id, client, report, limit=1):
                     if formed:
@@ -231,13 +235,13 @@ class ExchangeEngine:
         except TransportFailure:
             # The unit cannot be reached: its queue waits formed and ready for the next attempt, as it would have
             # had every batch been formed first.
-            report.formed += self.store.form_batches(unit.unit_id, served, self.settings.batch_size, self._now())
+            report.formed += self.store.outbox.form_batches(unit.unit_id, served, self.settings.batch_size, self._now())
             raise
 
     def _send_ready(self, unit_id: str, client: UnitClient, report: CycleReport, limit: int | None = None) -> int:
         sent = 0
         while sent < (self.settings.sends_per_cycle if limit is None else limit):
-            work = self.store.claim(
+            work = self.store.batches.claim(
                 unit_id,
                 "ready",
                 replica=self.settings.replica,
@@ -258,13 +262,13 @@ class ExchangeEngine:
         try:
             reply = client.submit(envelope)
         except TransportFailure:
-            self.store.send_failed(batch.batch_id, "transport", self._now())
+            self.store.batches.send_failed(batch.batch_id, "transport", self._now())
             raise
         except UnitRefusal as refusal:
             report.reached = True
             # Kept in the batch row and shown (hedui_batches_failed, hedui-gateway status); once the cause is fixed,
             # ``hedui-gateway resend`` puts the batch back into the outbox.
-            self.store.refused(batch.batch_id, refusal.summary)
+            self.store.batches.refused(batch.batch_id, refusal.summary)
             log.error(
                 "unit refused a batch",
                 extra={
@@ -286,16 +290,16 @@ class ExchangeEngine:
             due = from_pb(receipt.due_date)
         except (EnvelopeError, AnswerMismatch, ValueError) as exc:
             # A receipt we cannot trust does not start the clock: send again later.
-            self.store.send_failed(batch.batch_id, "bad_receipt", self._now() + self.settings.poll_interval_ms)
+            self.store.batches.send_failed(batch.batch_id, "bad_receipt", self._now() + self.settings.poll_interval_ms)
             log.error(
                 "receipt rejected",
                 extra={"unit": batch.unit_id, "batch_id": batch.batch_id, "reason": type(exc).__name__},
             )
             return
-        self.store.archive(
+        self.store.messages.keep(
             opened.header.message_id, opened.header.sender, opened.header.message_type, reply, self._now()
         )
-        self.store.receipted(
+        self.store.batches.receipted(
             batch.batch_id,
             received_at_ms=receipt.received_at_ms,
             due=due,
@@ -319,7 +323,7 @@ class ExchangeEngine:
         answers stored) and marks ``report`` reached once the unit replies."""
         answered = stored = 0
         while True:
-            work = self.store.claim(
+            work = self.store.batches.claim(
                 unit_id,
                 "receipted",
                 replica=self.settings.replica,
@@ -338,7 +342,7 @@ class ExchangeEngine:
                 reply = client.fetch(request)
             except (TransportFailure, UnitRefusal):
                 for batch in work:
-                    self.store.release(batch.batch_id, self.settings.replica)
+                    self.store.batches.release(batch.batch_id, self.settings.replica)
                 raise
             if report is not None:
                 report.reached = True
@@ -346,10 +350,10 @@ class ExchangeEngine:
                 opened = self._open(reply, _ANSWERS, unit_id=unit_id, request=request)
             except (EnvelopeError, AnswerMismatch) as exc:
                 for batch in work:
-                    self.store.still_pending_later(batch.batch_id, self._now() + self.settings.poll_interval_ms)
+                    self.store.batches.still_pending_later(batch.batch_id, self._now() + self.settings.poll_interval_ms)
                 log.error("answer set rejected", extra={"unit": unit_id, "reason": type(exc).__name__})
                 return answered, stored
-            self.store.archive(
+            self.store.messages.keep(
                 opened.header.message_id, opened.header.sender, opened.header.message_type, reply, self._now()
             )
             answer_set = opened.message
@@ -370,14 +374,14 @@ class ExchangeEngine:
                 elif status.state == exchange_pb2.BATCH_STATE_PENDING:
                     self._pending(batch, status)
                 else:
-                    self.store.resend(batch.batch_id)
+                    self.store.batches.resend(batch.batch_id)
                     log.warning(
                         "unit does not know a receipted batch; sending it again",
                         extra={"unit": unit_id, "batch_id": batch.batch_id},
                     )
             for left_out in by_id.values():  # left out of a size-capped answer set: ask again at once
                 if left_out is not None:
-                    self.store.release(left_out.batch_id, self.settings.replica)
+                    self.store.batches.release(left_out.batch_id, self.settings.replica)
                     progressed = True
             if not progressed:
                 return answered, stored
@@ -389,17 +393,17 @@ class ExchangeEngine:
         return max(1, min(self.settings.fetch_group, FETCH_SUBJECTS // max(1, self.settings.batch_size)))
 
     def _store_answer(self, batch: BatchWork, answer: exchange_pb2.BatchAnswer, message_id: bytes) -> int | None:
-        expected = self.store.item_ids(batch.unit_id, batch.batch_id)
+        expected = self.store.batches.item_ids(batch.unit_id, batch.batch_id)
         refs = [a.subject_ref for a in answer.subjects]
         valid = answer.batch_digest == batch.digest and len(refs) == len(expected)
         valid = valid and all(r.isdigit() and int(r) in expected for r in refs) and len(set(refs)) == len(refs)
         if not valid:
-            self.store.still_pending_later(batch.batch_id, self._now() + self.settings.poll_interval_ms)
+            self.store.batches.still_pending_later(batch.batch_id, self._now() + self.settings.poll_interval_ms)
             log.error(
                 "answer does not match its batch; not stored", extra={"unit": batch.unit_id, "batch_id": batch.batch_id}
             )
             return None
-        stored = self.store.store_answers(batch.batch_id, answer.subjects, message_id, self._now())
+        stored = self.store.batches.store_answers(batch.batch_id, answer.subjects, message_id, self._now())
         if self.metrics is not None and stored:
             received = batch.received_at_ms
             latency = None if received is None else (self._now() - received) / 1000
@@ -426,14 +430,14 @@ class ExchangeEngine:
                 log.warning(
                     "delay notice beyond clause 12 ignored", extra={"unit": batch.unit_id, "batch_id": batch.batch_id}
                 )
-        self.store.still_pending(
+        self.store.batches.still_pending(
             batch.batch_id, due, reason, self._now() + self.settings.poll_interval_ms, today=self._today()
         )
 
     def _acknowledge(self, unit_id: str, client: UnitClient, report: CycleReport) -> int:
         done = 0
         while True:
-            ids = self.store.unacknowledged(unit_id, min(MAX_IDS_PER_CALL, self.settings.fetch_group * 5))
+            ids = self.store.batches.unacknowledged(unit_id, min(MAX_IDS_PER_CALL, self.settings.fetch_group * 5))
             if not ids:
                 return done
             request = self.courier.seal(
@@ -448,7 +452,7 @@ class ExchangeEngine:
                 return done
             assert isinstance(opened.message, exchange_pb2.AcknowledgeReceipt)
             confirmed = [i for i in opened.message.batch_ids if i in set(ids)]
-            self.store.acknowledged(confirmed, self._now())
+            self.store.batches.acknowledged(confirmed, self._now())
             done += len(confirmed)
             if len(confirmed) < len(ids):
                 return done
@@ -457,7 +461,7 @@ class ExchangeEngine:
 
     def sweep_deadlines(self) -> dict[str, int]:
         """Mark receipted batches past their due date overdue; returns overdue items per unit."""
-        overdue = self.store.mark_overdue(self._today())
+        overdue = self.store.batches.mark_overdue(self._today())
         for unit_id, count in overdue.items():
             log.warning("items overdue (clause 12)", extra={"unit": unit_id, "items": count})
         return overdue
@@ -475,7 +479,7 @@ class UnitWorkers:
     def tick(self, *, dispatch: bool) -> list[Future[CycleReport]]:
         """Start a cycle for every unit that is not already in one; returns the started futures."""
         started = []
-        for unit in self.engine.store.units():
+        for unit in self.engine.store.units.all():
             with self._lock:
                 running = self._busy.get(unit.unit_id)
                 if running is not None and not running.done():

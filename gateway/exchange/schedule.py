@@ -97,7 +97,7 @@ class GatewayScheduler:
 
     def run_job(self, name: str, body: Callable[[], None]) -> bool:
         """Run ``body`` if this replica gets the job's lease; returns whether it ran."""
-        if not self.store.acquire_job(name, self.replica, self.clock.now_ms(), self.lease_ms):
+        if not self.store.jobs.acquire(name, self.replica, self.clock.now_ms(), self.lease_ms):
             if self.metrics is not None:
                 self.metrics.job_run(name, "skipped")
             return False
@@ -108,7 +108,7 @@ class GatewayScheduler:
         except Exception:
             log.exception("job failed", extra={"job": name})
         finally:
-            self.store.release_job(name, self.replica, self.clock.now_ms(), ok)
+            self.store.jobs.release(name, self.replica, self.clock.now_ms(), ok)
             self.runs[name] = self.runs.get(name, 0) + 1
             if not ok:
                 self.failures[name] = self.failures.get(name, 0) + 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from common.categories import UNIT_DATA, data_category_label
-from gateway.exchange.store import UnitRow
+from gateway.exchange.units import UnitRow
 
 
 def route(categories: Iterable[int], units: Sequence[UnitRow]) -> list[str]:

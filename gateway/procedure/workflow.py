@@ -216,7 +216,7 @@ class Workflow:
         if caller.role not in {"commissioner", "lower_agency"}:
             raise _denied("only commissioners and lower-level agencies submit commissions")
         validate_package(request, today=self._today())
-        missing = unserved(request.categories, self.store.units())
+        missing = unserved(request.categories, self.store.units.all())
         if missing:
             raise WorkflowError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -401,7 +401,7 @@ class Workflow:
         self._require_staff_system(caller)
         self._staff(staff_id, "exchange")
         now = self._now()
-        units = self.store.units()  # read before the transaction: SQLite allows one writer connection at a time
+        units = self.store.units.all()  # read before the transaction: SQLite allows one writer connection at a time
         with self.engine.begin() as conn:
             row = self._row(conn, ref, caller)
             if row.state != REVIEW_PASSED:
@@ -470,8 +470,8 @@ class Workflow:
                     .group_by(s.batches.c.unit_id)
                 ).all()
             )
-        counts = self.store.progress(row.id)
-        categories = {u.unit_id: u.category for u in self.store.units()}
+        counts = self.store.outbox.progress(row.id)
+        categories = {u.unit_id: u.category for u in self.store.units.all()}
         result = agency_pb2.Progress(
             commission_id=ref, state=STATE_TO_PB.get(row.state, agency_pb2.COMMISSION_STATE_UNSPECIFIED)
         )

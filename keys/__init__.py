@@ -18,7 +18,9 @@ from keys.errors import (
     MalformedEnvelope,
     NotYetValidEnvelope,
     ReplayedEnvelope,
+    ReplayStoreError,
     RevokedKey,
+    SealedFileError,
     TrustError,
     TypeMismatch,
     UndecryptableEnvelope,
@@ -32,7 +34,7 @@ from keys.handles import AgreementKey, PrivateKey, PublicKey, SigningKey
 from keys.identity import PartyKeys
 from keys.keyring import KeyRecord, Keyring, KeyState
 from keys.keystore import KdfParams
-from keys.replay import MemoryReplayCache, ReplayCache
+from keys.replay import FileReplayCache, MemoryReplayCache, ReplayCache
 from keys.truststore import TrustStore
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "Courier",
     "EnvelopeError",
     "ExpiredEnvelope",
+    "FileReplayCache",
     "FixedClock",
     "Header",
     "KdfParams",
@@ -64,8 +67,10 @@ __all__ = [
     "PrivateKey",
     "PublicKey",
     "ReplayCache",
+    "ReplayStoreError",
     "ReplayedEnvelope",
     "RevokedKey",
+    "SealedFileError",
     "SigningKey",
     "SystemClock",
     "TrustError",

@@ -11,7 +11,6 @@ A rotation of a signing key is signed twice, by the current key and by the new o
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 import textwrap
 from dataclasses import dataclass
@@ -32,6 +31,11 @@ MAX_BUNDLE_KEYS = 64
 
 BUNDLE_LABEL = "HEDUI PUBLIC KEY BUNDLE"
 ANNOUNCEMENT_LABEL = "HEDUI KEY ANNOUNCEMENT"
+#: Characters per line of armoured base64 (the last line may be shorter).
+ARMOR_LINE_LENGTH = 64
+#: What dearmor drops between the markers: ASCII space, tab, line feed, vertical tab, form feed, carriage return.
+_ARMOR_WHITESPACE = dict.fromkeys(map(ord, " \t\n\v\f\r"))
+_ARMOR_BODY = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
 @dataclass(frozen=True)
@@ -101,20 +105,34 @@ def read_bundle(data: bytes) -> Bundle:
 
 
 def armor(data: bytes, label: str = BUNDLE_LABEL) -> str:
-    """Text form of a signed bundle or announcement for files, e-mail and printouts."""
-    body = "\n".join(textwrap.wrap(base64.b64encode(data).decode(), 64))
+    """Text form of a signed bundle or announcement for files, e-mail and printouts (docs/envelope.md section 15):
+    the BEGIN line, the standard base64 of ``data`` with padding in lines of 64 characters, the END line."""
+    body = "\n".join(textwrap.wrap(base64.b64encode(data).decode(), ARMOR_LINE_LENGTH))
     return f"-----BEGIN {label}-----\n{body}\n-----END {label}-----\n"
 
 
 def dearmor(text: str, label: str = BUNDLE_LABEL) -> bytes:
-    """Inverse of :func:`armor`; raises TrustError for anything else."""
-    match = re.search(f"-----BEGIN {re.escape(label)}-----(.*?)-----END {re.escape(label)}-----", text, re.S)
-    if match is None:
-        raise TrustError(f"not a {label.lower().replace('hedui', 'Hedui')} (no BEGIN/END lines)")
-    try:
-        return base64.b64decode("".join(match.group(1).split()), validate=True)
-    except binascii.Error as exc:
-        raise TrustError("key bundle text is damaged (invalid base64)") from exc
+    """Inverse of :func:`armor`; raises TrustError for anything else (docs/envelope.md section 15).
+
+    Text before the BEGIN marker and after the END marker is ignored (a bundle pasted into a letter). Between them
+    only ASCII whitespace, which is dropped, and canonical base64 are allowed: the standard alphabet, ``=`` padding to
+    a multiple of four, unused bits zero, at least one byte. A second BEGIN marker of the same label is refused.
+    """
+    begin, end = f"-----BEGIN {label}-----", f"-----END {label}-----"
+    what = label.lower().replace("hedui", "Hedui")
+    start = text.find(begin)
+    stop = text.find(end, start + len(begin)) if start >= 0 else -1
+    if start < 0 or stop < 0:
+        raise TrustError(f"not a {what} (no BEGIN/END lines)")
+    if text.find(begin, start + len(begin)) >= 0:
+        raise TrustError(f"more than one {what} in the text; give one at a time")
+    compact = text[start + len(begin) : stop].translate(_ARMOR_WHITESPACE)
+    if not (compact.isascii() and _ARMOR_BODY.fullmatch(compact) and len(compact) % 4 == 0):
+        raise TrustError(f"{what} text is damaged (not base64)")
+    data = base64.b64decode(compact)
+    if not data or base64.b64encode(data).decode("ascii") != compact:
+        raise TrustError(f"{what} text is damaged (empty, or not canonical base64)")
+    return data
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """hedui-keys: a party's keystore, peers' keys, key letters, rotation, revocation, sealed files and TLS certificates.
 
 Run ``hedui-keys --help`` or ``hedui-keys COMMAND --help``. The keystore path comes from ``--keystore`` or
-HEDUI_KEYSTORE, the passphrase from ``--passphrase-file``, HEDUI_KEYS_PASSPHRASE or a prompt. Errors print one
+HEDUI_KEYSTORE, the passphrase from ``--passphrase-file``, HEDUI_KEYS_PASSPHRASE or a prompt; the replay store that
+lets a sealed file open only once from ``--replay-store``, HEDUI_REPLAY_STORE, or beside the keystore. Errors print one
 line (and a hint) to stderr and exit with status 1; nothing is changed by a command that fails. The ``ca`` commands
 (the private CA for mutual TLS, keys/tls.py) need no keystore; their passphrase protects the CA key. A staff
 member's own keystore (party id ``staff.REGION.ID``) signs exchange approvals with ``sign-approval``. Anyone
@@ -19,8 +20,6 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta, timezone
 from pathlib import Path
 
-from hedui.v1 import media_pb2
-
 from common.cli import add_version
 from keys import keystore, tls
 from keys.announcements import ANNOUNCEMENT_LABEL, armor, dearmor, read_bundle
@@ -31,7 +30,8 @@ from keys.fingerprint import Algorithm
 from keys.identity import PartyKeys
 from keys.keyring import KeyRecord, Keyring
 from keys.party import check_party_id
-from keys.replay import MemoryReplayCache
+from keys.replay import FileReplayCache, MemoryReplayCache, default_replay_store_path
+from keys.sealedfile import MAX_CONTENT_BYTES, MAX_SEALED_FILE_BYTES, open_sealed_file, seal_file
 from keys.statements import (
     EXCHANGE_DIGEST_BYTES,
     MAX_SIGNED_REPORT_BYTES,
@@ -43,8 +43,6 @@ from keys.statements import (
 from keys.truststore import TrustStore
 
 MIN_PASSPHRASE_LENGTH = 12
-MAX_SEAL_FILE_BYTES = 30 * 1024 * 1024
-_SEALED_FILE = media_pb2.SealedFile.DESCRIPTOR.full_name
 _ALGORITHMS = {"signing": Algorithm.ED25519, "agreement": Algorithm.X25519}
 CA_CERT_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
@@ -63,6 +61,7 @@ class _Session:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self._path: str | None = args.keystore or os.environ.get("HEDUI_KEYSTORE")
+        self._replay_path: str | None = args.replay_store or os.environ.get("HEDUI_REPLAY_STORE")
         self.passphrase_file: str | None = args.passphrase_file
         self.clock = SystemClock()
 
@@ -71,6 +70,11 @@ class _Session:
         if not self._path:
             raise CliError("no keystore given: use --keystore PATH or set HEDUI_KEYSTORE")
         return Path(self._path)
+
+    @property
+    def replay_path(self) -> Path:
+        """The keystore's replay store: --replay-store, HEDUI_REPLAY_STORE, else ``<keystore>.replay`` beside it."""
+        return Path(self._replay_path) if self._replay_path else default_replay_store_path(self.path)
 
     def passphrase(self, *, confirm: bool = False, what: str | None = None) -> str:
         """The passphrase from the file, the environment or a prompt naming ``what`` (default: the keystore)."""
@@ -130,7 +134,7 @@ def _mkdir(path: Path) -> None:
         raise CliError(f"cannot create the folder {path}: {exc.strerror}") from exc
 
 
-def _read(path: str, limit: int = MAX_SEAL_FILE_BYTES + 8192) -> bytes:
+def _read(path: str, limit: int = MAX_SEALED_FILE_BYTES) -> bytes:
     try:
         size = Path(path).stat().st_size
         if size > limit:
@@ -286,35 +290,44 @@ def cmd_seal(session: _Session, args: argparse.Namespace) -> None:
     """Seal a file for a peer (signed by us, readable only by the peer)."""
     party, trust = session.load()
     source = Path(args.file)
-    content = _read(args.file, MAX_SEAL_FILE_BYTES)
+    content = _read(args.file, MAX_CONTENT_BYTES)
     courier = Courier(party, trust, replay=MemoryReplayCache(), clock=session.clock)
-    message = media_pb2.SealedFile(file_name=source.name, content=content, media_type=args.media_type or "")
-    envelope = courier.seal(message, args.to, ttl_ms=int(args.ttl_days * DAY_MS))
+    envelope = seal_file(
+        courier, source.name, content, args.to, ttl_ms=int(args.ttl_days * DAY_MS), media_type=args.media_type or ""
+    )
     out = Path(args.out or f"{source.name}.{args.to}.hsf")
     _write_new(out, envelope, private=True)
     print(f"sealed {source.name} ({len(content)} bytes) for {args.to} -> {out}")
 
 
 def cmd_open(session: _Session, args: argparse.Namespace) -> None:
-    """Open a sealed file sent to us; writes the original file into --out-dir."""
+    """Open a sealed file sent to us, once: writes the original file into --out-dir and remembers it in the replay
+    store, so that the same sealed file is refused ever after (docs/envelope.md section 11)."""
     party, trust = session.load()
-    courier = Courier(party, trust, replay=MemoryReplayCache(), clock=session.clock, on_reject=lambda e: None)
-    try:
-        opened = courier.open(_read(args.file), expect={_SEALED_FILE: media_pb2.SealedFile})
-    except EnvelopeError as exc:
-        # Our own operator may see the precise reason; a remote party would only get "invalid envelope".
-        raise CliError(f"refused {args.file}: {exc.public_message} ({exc.code}: {exc})") from exc
-    assert isinstance(opened.message, media_pb2.SealedFile)
-    name = Path(opened.message.file_name).name
-    if not name or name in {".", ".."} or name != opened.message.file_name:
-        raise CliError("the sealed file carries an unsafe file name; refusing to write it")
+    data = _read(args.file)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_new(out_dir / name, opened.message.content, private=True)
+    refusal: EnvelopeError | None = None
+    with FileReplayCache(session.replay_path, party_id=party.party_id) as replay, replay.transaction():
+        # One transaction: the file counts as opened only once its content is written, and a second process
+        # opening the same file waits here and then finds it remembered.
+        courier = Courier(party, trust, replay=replay, clock=session.clock, on_reject=lambda e: None)
+        try:
+            opened = open_sealed_file(courier, data)
+        except EnvelopeError as exc:
+            refusal = exc  # leave the block normally: what a refused envelope left in the store is kept (section 10)
+        else:
+            _mkdir(out_dir)
+            _write_new(out_dir / opened.file_name, opened.content, private=True)
+    if refusal is not None:
+        # Our own operator may see the precise reason; a remote party would only get "invalid envelope".
+        hint = ""
+        if refusal.code == "replay":
+            hint = f". This sealed file was opened before with this keystore (replay store {session.replay_path})"
+        raise CliError(f"refused {args.file}: {refusal.public_message} ({refusal.code}: {refusal}){hint}") from refusal
     header = opened.header
     print(f"opened {args.file}: from {header.sender} (key {header.sender_key_id.hex()})")
     print(f"created {iso(header.created_at_ms)}, expires {iso(header.expires_at_ms)}")
-    print(f"wrote {out_dir / name} ({len(opened.message.content)} bytes)")
+    print(f"wrote {out_dir / opened.file_name} ({len(opened.content)} bytes)")
 
 
 def cmd_sign_approval(session: _Session, args: argparse.Namespace) -> None:
@@ -481,6 +494,10 @@ def _parser() -> argparse.ArgumentParser:
     add_version(parser)
     parser.add_argument("--keystore", help="keystore file (default: $HEDUI_KEYSTORE)")
     parser.add_argument("--passphrase-file", help="read the passphrase from this file (one line, mode 0600)")
+    parser.add_argument(
+        "--replay-store",
+        help="the sealed files this keystore has opened (default: $HEDUI_REPLAY_STORE, else KEYSTORE.replay)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[_Session, argparse.Namespace], None]) -> argparse.ArgumentParser:

@@ -141,6 +141,22 @@ class WrongPassphraseOrCorrupt(KeystoreError):
         )
 
 
+class ReplayStoreError(KeysError):
+    """The persistent replay store of a keystore (keys/replay.py) cannot be read or written, or is not one.
+
+    A sealed file is never opened while this is so: without its replay store a keystore cannot tell a second
+    opening of a file from the first.
+    """
+
+    code = "replay_store"
+
+
+class SealedFileError(KeysError):
+    """A sealed file (.hsf) opened correctly but what it carries cannot be written out (an unsafe file name)."""
+
+    code = "sealed_file"
+
+
 class TrustError(KeysError):
     """A bundle, announcement or fingerprint failed a trust check; nothing was imported or changed."""
 

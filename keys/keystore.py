@@ -205,7 +205,8 @@ def open_document(
             raise ValueError("bad nonce or salt")
     except KeystoreError:
         raise
-    except (ValueError, KeyError, TypeError, OverflowError, binascii.Error) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError, binascii.Error) as exc:
+        # RecursionError: JSON nested deeper than the parser's stack (a damaged or hostile file, not a keystore).
         raise WrongPassphraseOrCorrupt(f"{name} is not a readable Hedui {what}") from exc
     try:
         plaintext = prim.xchacha_decrypt(params.derive(passphrase.encode(), salt), nonce, ciphertext, _aad(doc))
@@ -308,7 +309,7 @@ def load(path: Path, passphrase: str) -> tuple[PartyKeys, TrustStore]:
         trust = TrustStore()
         for party_id, items in body["peers"].items():
             trust.set_keyring(party_id, Keyring(_record_from_json(item)[0] for item in items))
-    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
         # Authenticated but inconsistent: written by a broken or foreign program.
         raise KeystoreError(f"{path} decrypted but its content is inconsistent") from exc
     return party, trust

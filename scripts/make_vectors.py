@@ -1,11 +1,12 @@
-"""Write the sealed-envelope v1 test vectors to tests/vectors/envelope_v1.json.
+"""Write the test vectors to tests/vectors/: envelope_v1.json and formats_v1.json.
 
 Usage: python scripts/make_vectors.py [--check]
 
-The vectors are built by tests/vectorgen.py (the only implementation; tests/test_vectors.py imports it too). They
+The vectors are built by tests/vectorgen.py (the sealed envelope) and tests/vectorgen_formats.py (fingerprints,
+armour, parser strictness, the payload limit, sealed files); tests/test_vectors.py imports them too. They
 are deterministic, so running this twice gives the same file. Regenerate them only when the format or the reference
 implementation changed on purpose, and say so in the commit: other implementations test against this file.
-With --check nothing is written; the script exits 1 when the committed file differs from what it would write.
+With --check nothing is written; the script exits 1 when a committed file differs from what it would write.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "tests" / "vectors" / "envelope_v1.json"
+VECTORS = ROOT / "tests" / "vectors"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,18 +25,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # tests/ is not an installed package
-    from tests.vectorgen import build_vectors, render  # noqa: PLC0415 - needs the path set above
+    from tests import vectorgen, vectorgen_formats  # noqa: PLC0415 - needs the path set above
 
-    data = render(build_vectors()).encode()
+    outputs = {
+        VECTORS / "envelope_v1.json": vectorgen.render(vectorgen.build_vectors()).encode(),
+        VECTORS / "formats_v1.json": vectorgen_formats.render(vectorgen_formats.build_vectors()).encode(),
+    }
     if args.check:
-        if not OUT.exists() or OUT.read_bytes() != data:
-            print(f"{OUT.relative_to(ROOT)} is stale: run python scripts/make_vectors.py", file=sys.stderr)
+        stale = [path for path, data in outputs.items() if not path.exists() or path.read_bytes() != data]
+        for path in stale:
+            print(f"{path.relative_to(ROOT)} is stale: run python scripts/make_vectors.py", file=sys.stderr)
+        if stale:
             return 1
-        print(f"{OUT.relative_to(ROOT)} is up to date")
+        print("tests/vectors is up to date")
         return 0
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_bytes(data)
-    print(f"wrote {OUT.relative_to(ROOT)} ({len(data)} bytes)")
+    VECTORS.mkdir(parents=True, exist_ok=True)
+    for path, data in outputs.items():
+        path.write_bytes(data)
+        print(f"wrote {path.relative_to(ROOT)} ({len(data)} bytes)")
     return 0
 
 

@@ -25,14 +25,17 @@ from google.protobuf.message import Message
 from hedui.v1 import media_pb2
 
 from keys import errors
-from keys.envelope import Opened, open_at
+from keys.announcements import armor, dearmor, read_bundle
+from keys.clock import FixedClock
+from keys.envelope import MAX_ENVELOPE_BYTES, Courier, Opened, open_at
 from keys.fingerprint import Algorithm
 from keys.handles import PrivateKey, PublicKey, _load_private
 from keys.identity import PartyKeys
 from keys.keyring import KeyRecord, Keyring, KeyState
 from keys.replay import MemoryReplayCache
+from keys.sealedfile import open_sealed_file
 from keys.truststore import TrustStore
-from tests import vectorgen
+from tests import vectorgen, vectorgen_formats
 
 Json = dict[str, Any]
 
@@ -297,3 +300,110 @@ def test_worked_example_in_the_specification_is_a_vector_header() -> None:
     dumped = "".join(line.split("  ")[0].replace(" ", "") for line in block.splitlines() if line.strip())
     vector = next(v for v in load_vectors()["positive"] if v["name"] == name)
     assert dumped == vector["intermediate"]["header"]
+
+
+# --- formats_v1.json: fingerprints, armour, parser strictness, the payload limit, sealed files ---------------------
+
+FORMATS_FILE = ROOT / "tests" / "vectors" / "formats_v1.json"
+
+
+@functools.cache
+def load_formats() -> Json:
+    """The committed vector document of the formats around the envelope."""
+    document: Json = json.loads(FORMATS_FILE.read_text(encoding="utf-8"))
+    return document
+
+
+def formats(kind: str) -> list[Any]:
+    return [pytest.param(vector, id=vector["name"]) for vector in load_formats()[kind]]
+
+
+def test_committed_format_vectors_are_what_the_generator_builds() -> None:
+    expected = vectorgen_formats.render(vectorgen_formats.build_vectors()).encode()
+    assert FORMATS_FILE.read_bytes() == expected, (
+        "tests/vectors/formats_v1.json is not what tests/vectorgen_formats.py builds: regenerate with "
+        "`python scripts/make_vectors.py` if the change is on purpose"
+    )
+    names = [v["name"] for kind in load_formats().values() if isinstance(kind, list) for v in kind if "name" in v]
+    assert len(names) == len(set(names))
+
+
+def _digits(domain: bytes, data: bytes) -> str:
+    """docs/keys.md: SHA-512, bytes 5i..5i+4 big-endian mod 100000 for i = 0..7, eight groups of five digits."""
+    digest = hashlib.sha512(domain + b"\x00" + data).digest()
+    return " ".join(f"{int.from_bytes(digest[5 * i : 5 * i + 5], 'big') % 100000:05d}" for i in range(8))
+
+
+@pytest.mark.parametrize("vector", formats("bundles"))
+def test_bundle_fingerprint_vector(vector: Json) -> None:
+    """The reference reader gives the fingerprint, and so does the formula of docs/keys.md with hashlib alone."""
+    bundle = read_bundle(bytes.fromhex(vector["signed_bundle"]))
+    assert bundle.fingerprint == vector["fingerprint"]
+    assert bundle.party_id == vector["party_id"] and bundle.signer_key_id.hex() == vector["signer_key_id"]
+    assert [k.key_id.hex() for k in bundle.keys] == [k["key_id"] for k in vector["keys"]]
+    algorithm_byte = {"ED25519": 1, "X25519": 2}
+    keys = {}
+    for key in vector["keys"]:
+        raw = bytes.fromhex(key["public"])
+        assert _key_id(algorithm_byte[key["algorithm"]], raw).hex() == key["key_id"]
+        assert (
+            _digits(b"hedui.v1.key-fingerprint", bytes([algorithm_byte[key["algorithm"]]]) + raw)
+            == (key["key_fingerprint"])
+        )
+        keys[key["key_id"]] = bytes([algorithm_byte[key["algorithm"]]]) + raw
+    assert vector["key_id_order"] == sorted(keys)
+    party = vector["party_id"].encode()
+    body = len(party).to_bytes(2, "big") + party + b"".join(keys[kid] for kid in vector["key_id_order"])
+    assert _digits(b"hedui.v1.bundle-fingerprint", body) == vector["fingerprint"]
+
+
+@pytest.mark.parametrize("vector", formats("fingerprint_typed"))
+def test_typed_fingerprint_vector(vector: Json) -> None:
+    bundle_doc = next(b for b in load_formats()["bundles"] if b["name"] == vector["bundle"])
+    bundle = read_bundle(bytes.fromhex(bundle_doc["signed_bundle"]))
+    if vector["accepted"]:
+        bundle.require_fingerprint(vector["typed"])
+    else:
+        with pytest.raises(getattr(errors, vector["error"])):
+            bundle.require_fingerprint(vector["typed"])
+
+
+@pytest.mark.parametrize("vector", formats("armor"))
+def test_armor_vector(vector: Json) -> None:
+    data = bytes.fromhex(vector["data"])
+    assert dearmor(vector["text"], vector["label"]) == data
+    if vector["name"] != "armor-in-a-letter":
+        assert armor(data, vector["label"]) == vector["text"]
+
+
+@pytest.mark.parametrize("vector", formats("armor_negative"))
+def test_armor_negative_vector(vector: Json) -> None:
+    with pytest.raises(getattr(errors, vector["error"])):
+        dearmor(vector["text"], vector["label"])
+
+
+@pytest.mark.parametrize("vector", formats("envelope_negative"))
+def test_envelope_negative_format_vector(vector: Json) -> None:
+    test_negative_vector_is_refused_for_its_reason(vector)
+
+
+@pytest.mark.parametrize("vector", formats("envelope_negative_large"))
+def test_envelope_over_the_payload_limit_is_refused_at_step_2c(vector: Json) -> None:
+    build = vector["construction"]
+    data = (
+        bytes.fromhex(build["prefix"])
+        + bytes.fromhex(build["fill_byte"]) * build["fill_length"]
+        + bytes.fromhex(build["suffix"])
+    )
+    assert len(data) == build["envelope_length"] <= MAX_ENVELOPE_BYTES
+    test_negative_vector_is_refused_for_its_reason({**vector, "envelope": data.hex()})
+
+
+@pytest.mark.parametrize("vector", formats("sealed_file_negative"))
+def test_sealed_file_negative_vector(vector: Json) -> None:
+    context = vector["receiver"]
+    me, trust = build_receiver(context)
+    courier = Courier(me, trust, replay=MemoryReplayCache(), clock=FixedClock(context["now_ms"]))
+    with pytest.raises(errors.KeysError) as caught:
+        open_sealed_file(courier, bytes.fromhex(vector["envelope"]))
+    assert type(caught.value).__name__ == vector["error"] and caught.value.code == vector["code"]

@@ -343,6 +343,7 @@ def test_claims_of_a_cycle_cut_off_by_a_database_outage_are_worked_again_when_it
                 )
             ).all()
         assert stuck, "the cut-off cycle left no claim behind: the test did not cut where it meant to"
+
         def dispatch_and_wait() -> None:
             world.workers.run_once(dispatch=True)
 

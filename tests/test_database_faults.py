@@ -349,7 +349,6 @@ def test_claims_of_a_cycle_cut_off_by_a_database_outage_are_worked_again_when_it
 
         assert scheduler.run_job("dispatch", dispatch_and_wait)
         assert log.lines("job recovered")[0]["failures"] == 4
-        assert log.lines("claims of a failed cycle released")
         with world.store.engine.connect() as conn:
             states = dict(
                 conn.execute(
@@ -359,6 +358,7 @@ def test_claims_of_a_cycle_cut_off_by_a_database_outage_are_worked_again_when_it
                 ).all()
             )
         assert set(states.values()) == {"receipted"}, states
+        assert log.lines("claims of a failed cycle released")
         ticker.now += 61
         assert value(registry, "hedui_database_up") == 1
         assert value(registry, "hedui_database_scrape_age_seconds") == 0

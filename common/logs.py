@@ -112,12 +112,13 @@ def _is_database_class(cls: type) -> bool:
 
 
 def _chain(exc: BaseException | None) -> Iterator[BaseException]:
-    """``exc`` and the exceptions it was raised from or while handling, each once."""
+    """``exc`` and the exceptions it was raised from or while handling, as Python prints them: each once, newest
+    first, without a context that ``raise ... from None`` suppressed."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         yield exc
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ if exc.__cause__ is not None or exc.__suppress_context__ else exc.__context__
 
 
 def database_error(exc: BaseException | None) -> BaseException | None:
@@ -166,13 +167,12 @@ def safe_traceback(exc: BaseException) -> str:
     """The traceback Python would print for ``exc``, with the message of every database error in its chain
     withheld (frames show code, never values, so they are kept)."""
     parts: list[str] = []
-    links = list(_chain(exc))
-    for position, error in enumerate(reversed(links)):
+    oldest_first = list(_chain(exc))[::-1]
+    for position, error in enumerate(oldest_first):
         if position:
-            later = links[len(links) - position - 1]
             parts.append(
                 "\nThe above exception was the direct cause of the following exception:\n\n"
-                if later.__cause__ is error
+                if error.__cause__ is oldest_first[position - 1]
                 else "\nDuring handling of the above exception, another exception occurred:\n\n"
             )
         if error.__traceback__ is not None:

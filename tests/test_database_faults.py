@@ -152,6 +152,7 @@ def test_sql_parameters_and_database_messages_never_reach_the_log_sqlite(tmp_pat
     assert "sqlalchemy.exc.IntegrityError [SQLITE_CONSTRAINT_UNIQUE] in INSERT" in lines[0]["exception"]
     assert "Traceback (most recent call last)" in lines[0]["exception"]  # the frames stay: they hold code only
     assert "RuntimeError: the job's work failed" in lines[0]["exception"]
+    assert "was the direct cause of the following exception" in lines[0]["exception"]
     assert (
         lines[1]["message"] == "store write failed: sqlalchemy.exc.IntegrityError [SQLITE_CONSTRAINT_UNIQUE] in INSERT"
     )

@@ -1,9 +1,16 @@
-"""Database engines for SQLite (the embedded default) and PostgreSQL, set up the same way everywhere."""
+"""Database engines for SQLite (the embedded default) and PostgreSQL, set up the same way everywhere, and what a
+process has lately seen of its database (:class:`DatabaseHealth`, exported as ``hedui_database_up``).
+
+Engines are made with ``hide_parameters=True``: a statement's parameters (names, ID numbers, batch contents) never
+appear in the text of an exception, whoever logs or prints it (docs/operations.md, "Logs").
+"""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -11,6 +18,11 @@ from sqlalchemy.engine import make_url
 
 #: How long a transaction waits for the database to be free before it fails with "database is locked".
 LOCK_TIMEOUT_S = 60.0
+#: How long a new PostgreSQL connection may take (libpq waits for ever by default): a server that is gone makes
+#: jobs and scrapes fail in seconds, instead of hanging them.
+CONNECT_TIMEOUT_S = 5
+#: A database failure keeps hedui_database_up at 0 this long (see DatabaseHealth).
+FAILURE_HOLD_S = 60.0
 _READ_ONLY = "hedui_read_only"
 
 
@@ -61,6 +73,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for ``url``. SQLite files get WAL, foreign keys, a busy timeout and synchronous=NORMAL
     (durable across process crashes, which is what the crash-safety guarantees are about)."""
     parsed = make_url(url)
+    # Parameters hold personal data; SQLAlchemy would put them into every exception's text (and so into logs).
+    kwargs.setdefault("hide_parameters", True)
     if parsed.get_backend_name() == "sqlite":
         # isolation_level=None hands transaction control to SQLAlchemy's "begin" event below.
         connect_args = {
@@ -98,6 +112,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
                 raise
 
         return engine
+    if parsed.get_driver_name() in ("psycopg", "psycopg2") and "connect_timeout" not in parsed.query:
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S, **kwargs.get("connect_args", {})}
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
@@ -110,3 +126,30 @@ def reading(engine: Engine) -> Connection:
 
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
+
+
+class DatabaseHealth:
+    """Whether this process's database works, as far as the process has seen: exported as ``hedui_database_up``.
+
+    Down for ``hold_s`` after any failure: of the metrics collector's read at a scrape, or of the process's work
+    (a scheduler job, a unit cycle, the connector's answer worker). The hold matters: on a full or
+    read-only disk reads still succeed while every write fails, and a gauge that followed the last operation
+    would flap between 1 and 0 and never hold an alert's ``for:``. Thread-safe.
+    """
+
+    def __init__(self, *, hold_s: float = FAILURE_HOLD_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.hold_s = hold_s
+        self.clock = clock
+        self._failed_at: float | None = None
+        self._lock = threading.Lock()
+
+    def failed(self) -> None:
+        """An operation on the database failed just now."""
+        with self._lock:
+            self._failed_at = self.clock()
+
+    @property
+    def up(self) -> bool:
+        """False within ``hold_s`` of a failure."""
+        with self._lock:
+            return self._failed_at is None or self.clock() - self._failed_at >= self.hold_s

@@ -7,6 +7,13 @@ Every line carries the logger's message and the ``extra`` fields the code passes
 Personal data (ID numbers, names, findings) is never passed to a logger on purpose. As a second line of defence the
 formatters replace anything shaped like an ID number (GB 11643: 17 digits and a check digit) with a placeholder, in
 the message, the fields and exception text alike.
+
+Database errors are the one place where data slips in by itself: a driver's message quotes the statement, its
+parameters (names are not redacted) and values from the row (PostgreSQL's ``DETAIL: Key (...)=(...)``). The
+handler :func:`configure_logging` installs therefore withholds the message of every database error, whoever logs it
+(our code, APScheduler, grpc): what is kept is the error's class, its code (SQLSTATE, SQLite's result code) and the
+kind of statement. :func:`describe_database_error` gives code the same safe description, and :class:`LogThrottle`
+keeps a fault that repeats every few seconds (a database that is down) to a line a minute.
 """
 
 from __future__ import annotations
@@ -16,7 +23,11 @@ import logging
 import re
 import secrets
 import sys
-from collections.abc import Iterator, Mapping
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -89,6 +100,159 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     }
 
 
+#: Modules whose exceptions are database errors: SQLAlchemy's own and those of the drivers it wraps.
+_DATABASE_MODULES = ("sqlalchemy", "sqlite3", "psycopg", "psycopg2", "_sqlite3")
+#: What SQLAlchemy's str() of a wrapped driver error starts with: "(sqlite3.OperationalError) database is full ...".
+_WRAPPED_DRIVER_ERROR = re.compile(r"\((?:sqlite3|psycopg2?)(?:\.[\w]+)*\.(\w+)\).*", re.S)
+_WITHHELD = "message withheld: database errors may quote personal data"
+
+
+def _is_database_class(cls: type) -> bool:
+    return any(c.__module__.split(".")[0] in _DATABASE_MODULES for c in cls.__mro__ if c is not object)
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling, as Python prints them: each once, newest
+    first, without a context that ``raise ... from None`` suppressed."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ if exc.__cause__ is not None or exc.__suppress_context__ else exc.__context__
+
+
+def database_error(exc: BaseException | None) -> BaseException | None:
+    """The first database error (SQLAlchemy's or a driver's) in ``exc``'s chain, or None."""
+    return next((e for e in _chain(exc) if _is_database_class(type(e))), None)
+
+
+def database_error_code(exc: BaseException) -> str | None:
+    """The database's own code for ``exc``: PostgreSQL's SQLSTATE, SQLite's result code name (SQLITE_FULL)."""
+    for error in (exc, getattr(exc, "orig", None)):
+        for attribute in ("sqlite_errorname", "sqlstate", "pgcode"):
+            code = getattr(error, attribute, None)
+            if isinstance(code, str) and code:
+                return code
+    return None
+
+
+def database_operation(exc: BaseException) -> str | None:
+    """The kind of statement that failed (SELECT, INSERT, UPDATE, BEGIN...), never the statement or its values."""
+    statement = getattr(exc, "statement", None)
+    if not isinstance(statement, str) or not statement.strip():
+        return None
+    word = statement.split(None, 1)[0].upper()
+    return word if word.isalpha() and len(word) <= 12 else None
+
+
+def describe_database_error(exc: BaseException) -> str:
+    """``exc`` as it may be logged: module and class, database code and kind of statement, never the message."""
+    cls = type(exc)
+    text = f"{cls.__module__}.{cls.__qualname__}"
+    code, operation = database_error_code(exc), database_operation(exc)
+    if code:
+        text += f" [{code}]"
+    if operation:
+        text += f" in {operation}"
+    return text
+
+
+def _exception_line(exc: BaseException) -> str:
+    if _is_database_class(type(exc)):
+        return f"{describe_database_error(exc)}: ({_WITHHELD})\n"
+    return "".join(traceback.format_exception_only(type(exc), exc))
+
+
+def safe_traceback(exc: BaseException) -> str:
+    """The traceback Python would print for ``exc``, with the message of every database error in its chain
+    withheld (frames show code, never values, so they are kept)."""
+    parts: list[str] = []
+    oldest_first = list(_chain(exc))[::-1]
+    for position, error in enumerate(oldest_first):
+        if position:
+            parts.append(
+                "\nThe above exception was the direct cause of the following exception:\n\n"
+                if error.__cause__ is oldest_first[position - 1]
+                else "\nDuring handling of the above exception, another exception occurred:\n\n"
+            )
+        if error.__traceback__ is not None:
+            parts.append("Traceback (most recent call last):\n")
+            parts.extend(traceback.format_tb(error.__traceback__))
+        parts.append(_exception_line(error))
+    return "".join(parts).rstrip("\n")
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, BaseException) and database_error(value) is not None:
+        error = database_error(value)
+        assert error is not None
+        return describe_database_error(error)
+    if isinstance(value, str) and "(" in value:
+        return _WRAPPED_DRIVER_ERROR.sub(rf"(\1: {_WITHHELD})", value)
+    return value
+
+
+class DatabaseErrorFilter(logging.Filter):
+    """Withholds the message of database errors in a record, whoever logs it: a traceback whose chain holds one is
+    rendered by :func:`safe_traceback` (and the exception dropped from the record, so no later formatter prints it
+    whole), an exception passed as an argument or field becomes :func:`describe_database_error`, and a message that
+    already quotes a wrapped driver error keeps only its class."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and database_error(record.exc_info[1]) is not None:
+            record.exc_text = safe_traceback(record.exc_info[1])
+            record.exc_info = None
+        record.msg = _scrub(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_scrub(arg) for arg in record.args)
+        elif isinstance(record.args, Mapping):
+            record.args = {key: _scrub(arg) for key, arg in record.args.items()}
+        for key, value in list(vars(record).items()):
+            if key not in _STANDARD and not key.startswith("_"):
+                setattr(record, key, _scrub(value))
+        return True
+
+
+class LogThrottle:
+    """One log line per key and ``interval_s``: :meth:`admit` says whether to write this one and how many were
+    held back since the last, so a fault that repeats every few seconds (a database that is down, a peer that
+    floods) gives a line a minute that says how many it stands for, instead of hundreds."""
+
+    def __init__(
+        self, interval_s: float = 60.0, *, clock: Callable[[], float] = time.monotonic, max_keys: int = 4096
+    ) -> None:
+        self.interval_s = interval_s
+        self.clock = clock
+        self.max_keys = max_keys
+        self._last: OrderedDict[Hashable, tuple[float, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def admit(self, key: Hashable) -> int | None:
+        """None: hold this line back; else write it, saying it stands for this many held back before it."""
+        now = self.clock()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last[0] < self.interval_s:
+                self._last[key] = (last[0], last[1] + 1)
+                return None
+            self._last[key] = (now, 0)
+            self._last.move_to_end(key)
+            if len(self._last) > self.max_keys:
+                self._last.popitem(last=False)
+            return 0 if last is None else last[1]
+
+    def forget(self, key: Hashable) -> int:
+        """Start afresh for ``key`` (the fault is over: its next occurrence is news); returns the lines held back."""
+        with self._lock:
+            last = self._last.pop(key, None)
+        return 0 if last is None else last[1]
+
+    def clear(self) -> None:
+        """Start afresh for every key."""
+        with self._lock:
+            self._last.clear()
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (UTC, ISO 8601), level, logger, message, then the record's fields."""
 
@@ -102,8 +266,10 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in _fields(record).items():
             line.setdefault(key, value)
-        if record.exc_info:
-            line["exception"] = redact(self.formatException(record.exc_info))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line["exception"] = redact(record.exc_text)
         if record.stack_info:
             line["stack"] = redact(self.formatStack(record.stack_info))
         return json.dumps(line, ensure_ascii=False, separators=(",", ":"))
@@ -147,6 +313,7 @@ def configure_logging(level: str | int = "INFO", json_lines: bool = False, strea
     handler: logging.Handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
     handler.addFilter(ContextFilter())
+    handler.addFilter(DatabaseErrorFilter())
     handler.set_name("hedui")
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == "hedui"]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 from wsgiref.simple_server import WSGIServer
@@ -28,6 +28,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from common.config import doc
+from common.db import DatabaseHealth
+from common.logs import LogThrottle, database_error, database_error_code
 
 log = logging.getLogger("hedui.metrics")
 
@@ -195,11 +197,35 @@ class _Done:
         return call
 
 
-class ServiceMetrics:
-    """The metrics every Hedui service exports; the gateway's and the connector's metrics each hold one."""
+class DatabaseReader(Protocol):
+    """Series read from the database when Prometheus scrapes (a few COUNT queries)."""
 
-    def __init__(self, registry: CollectorRegistry, envelope_reasons: Iterable[str]) -> None:
+    def describe(self) -> Iterable[Metric]:
+        """The families ``read`` returns, empty (the registry checks names with it, without touching the database)."""
+        ...
+
+    def read(self) -> Sequence[Metric]:
+        """The families with their current values; raises the database's error when it cannot be read."""
+        ...
+
+
+class ServiceMetrics:
+    """The metrics every Hedui service exports; the gateway's and the connector's metrics each hold one.
+
+    ``database`` is what the process has lately seen of its database (``hedui_database_up``, once
+    :meth:`watch_database` is called); its work reports failures there. ``clock`` (monotonic seconds) times that
+    and the age of the database-backed series; tests inject one."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        envelope_reasons: Iterable[str],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.registry = registry
+        self.clock = clock
+        self.database = DatabaseHealth(clock=clock)
         self.envelope_rejections = Counter(
             "hedui_envelope_rejections_total",
             "Envelopes refused on opening, by reason (docs/envelope.md): a forged, replayed, expired or misdirected "
@@ -238,6 +264,12 @@ class ServiceMetrics:
         is; the seconds are counted at scrape time."""
         self.registry.register(_CertificateCollector(dict(not_after), clock))
 
+    def watch_database(self, reader: DatabaseReader) -> None:
+        """Export ``reader``'s series, read at scrape time, with ``hedui_database_up`` and the age of the values:
+        while the database cannot be read the last values read stay exported (their alerts keep firing, not fall
+        silent) and ``hedui_database_scrape_age_seconds`` says how old they are."""
+        self.registry.register(_DatabaseCollector(reader, self.database, self.clock))
+
 
 _CERTIFICATE_EXPIRY = (
     "Seconds until the TLS certificate this process presents stops being valid (its notAfter), by role: server "
@@ -260,3 +292,69 @@ class _CertificateCollector(Collector):
         for role, end in sorted(self.not_after.items()):
             family.add_metric([role], end - now)
         yield family
+
+
+_DATABASE_UP = (
+    "Whether this process's database works (1) or not (0): 0 when the read at this scrape failed, or an operation "
+    "of the process's work (scheduler job, unit cycle, answer worker) failed on the database in the last minute."
+)
+_DATABASE_AGE = (
+    "Seconds since the database-backed series of this scrape were read: 0 normally; while the database cannot "
+    "be read, the last values read are exported and this grows. Absent until the first successful read."
+)
+#: The collector's "database not readable" line at most this often (Prometheus scrapes every 15-30 s).
+_SCRAPE_LOG_INTERVAL_S = 60.0
+
+
+class _DatabaseCollector(Collector):
+    """A DatabaseReader's series, kept at their last known values while the database cannot be read."""
+
+    def __init__(self, reader: DatabaseReader, health: DatabaseHealth, clock: Callable[[], float]) -> None:
+        self.reader = reader
+        self.health = health
+        self.clock = clock
+        self.throttle = LogThrottle(_SCRAPE_LOG_INTERVAL_S, clock=clock)
+        self._last: Sequence[Metric] = ()
+        self._read_at: float | None = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _own() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily("hedui_database_up", _DATABASE_UP),
+            GaugeMetricFamily("hedui_database_scrape_age_seconds", _DATABASE_AGE),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self.reader.describe()
+        yield from self._own()
+
+    def collect(self) -> Iterator[Metric]:
+        up, age = self._own()
+        with self._lock:  # two scrapes at once read once each, but never interleave the cache
+            try:
+                self._last, self._read_at = tuple(self.reader.read()), self.clock()
+            except Exception as exc:
+                if database_error(exc) is None:
+                    raise
+                self.health.failed()
+                held_back = self.throttle.admit(type(exc).__name__)
+                if held_back is not None:
+                    log.warning(
+                        "metrics: database not readable; exporting the last values read",
+                        extra={
+                            "error": type(exc).__name__,
+                            "db_code": database_error_code(exc),
+                            "age_s": None if self._read_at is None else round(self.clock() - self._read_at),
+                            "repeated": held_back or None,
+                        },
+                    )
+            else:
+                self.throttle.clear()  # the next failure is news again
+            last, read_at = self._last, self._read_at
+        up.add_metric([], 1.0 if self.health.up else 0.0)
+        yield up
+        if read_at is not None:
+            age.add_metric([], max(0.0, self.clock() - read_at))
+            yield age
+        yield from last

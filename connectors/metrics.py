@@ -8,14 +8,13 @@ Batch ids, gateway-chosen references, ID numbers and names never become label va
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 from hedui.v1 import exchange_pb2
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
-from sqlalchemy.exc import SQLAlchemyError
 
 from common.db import reading
 from common.metrics import ServiceMetrics
@@ -36,9 +35,9 @@ SUBJECT_STATUSES = tuple(status_name(v) for v in exchange_pb2.SubjectStatus.valu
 class ConnectorMetrics:
     """Every metric the connector exports, in ``registry``."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
-        self.service = ServiceMetrics(registry, (error.code for error in ENVELOPE_ERRORS))
+        self.service = ServiceMetrics(registry, (error.code for error in ENVELOPE_ERRORS), clock=clock)
         self.batches_received = Counter(
             "hedui_connector_batches_received_total",
             "Query batches accepted (a batch submitted again is receipted again but counted once).",
@@ -73,8 +72,13 @@ class ConnectorMetrics:
         )
 
     def watch_store(self, engine: Engine) -> None:
-        """Export the number of batches waiting for an answer, read from the store at scrape time."""
-        self.registry.register(_PendingCollector(engine))
+        """Export the number of batches waiting for an answer, read from the store at scrape time, with
+        ``hedui_database_up``; while the store cannot be read the last value read stays exported."""
+        self.service.watch_database(_PendingReader(engine))
+
+    def database_failed(self) -> None:
+        """Work of this process (the answer worker) failed on the store: hedui_database_up goes to 0."""
+        self.service.database.failed()
 
     def answered(self, statuses: Iterable[int]) -> None:
         # One increment per status rather than per subject: a batch of thousands has a handful of statuses, and a
@@ -89,19 +93,17 @@ class ConnectorMetrics:
 _PENDING = "Query batches received and not yet answered."
 
 
-class _PendingCollector(Collector):
+class _PendingReader:
+    """The store-backed series (a DatabaseReader: common.metrics exports it with its age)."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def describe(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("hedui_connector_pending_batches", _PENDING)
 
-    def collect(self) -> Iterator[Metric]:
+    def read(self) -> list[Metric]:
         query = select(func.count()).select_from(cstore.batches).where(cstore.batches.c.state == "pending")
-        try:
-            with reading(self.engine) as conn:
-                pending = int(conn.execute(query).scalar_one())
-        except SQLAlchemyError as exc:
-            log.warning("metrics: store not readable", extra={"reason": type(exc).__name__})
-            return
-        yield GaugeMetricFamily("hedui_connector_pending_batches", _PENDING, value=pending)
+        with reading(self.engine) as conn:
+            pending = int(conn.execute(query).scalar_one())
+        return [GaugeMetricFamily("hedui_connector_pending_batches", _PENDING, value=pending)]

@@ -18,7 +18,7 @@ from hedui.v1 import exchange_pb2, exchange_pb2_grpc
 from common.categories import data_category_by_name
 from common.config import ConfigError
 from common.db import make_engine
-from common.logs import log_context, new_request_id
+from common.logs import LogThrottle, database_error, database_error_code, log_context, new_request_id
 from common.metrics import MetricsServer, process_registry, serve_metrics
 from common.rpc import REFUSAL_REASON_KEY, new_server, start_server
 from common.workdays import WorkdayCalendar
@@ -95,6 +95,8 @@ def server_credentials(cert: Path, key: Path, ca: Path) -> grpc.ServerCredential
 
 #: Seconds between the answer worker's purges of what retention allows.
 PURGE_INTERVAL_S = 60.0
+#: Seconds between two "answer worker iteration failed" lines of the same error (those between are counted).
+FAILURE_LOG_INTERVAL_S = 60.0
 
 
 class AnswerWorker(threading.Thread):
@@ -106,6 +108,7 @@ class AnswerWorker(threading.Thread):
         self.interval = interval
         self.retention_days = retention_days
         self.stopping = threading.Event()
+        self.failure_log = LogThrottle(FAILURE_LOG_INTERVAL_S)
 
     def run(self) -> None:
         next_purge = 0.0
@@ -118,9 +121,30 @@ class AnswerWorker(threading.Thread):
                 if time.monotonic() >= next_purge:
                     self.connector.purge(self.retention_days)
                     next_purge = time.monotonic() + PURGE_INTERVAL_S
-            except Exception:  # keep answering after an unexpected failure; it is logged with its type only
-                log.exception("answer worker iteration failed")
+            except Exception as exc:  # keep answering after an unexpected failure
+                self._failed(exc)
             self.stopping.wait(self.interval)
+
+    def _failed(self, exc: Exception) -> None:
+        """Count a failed turn and log it, at most once a minute (the worker turns every few seconds, and a store
+        that is down would fill the log): a database error by its class and code only, as its message may quote
+        personal data; anything else with its traceback."""
+        on_database = database_error(exc) is not None
+        metrics = self.connector.metrics
+        if on_database and metrics is not None:
+            metrics.database_failed()
+        held_back = self.failure_log.admit(type(exc).__name__)
+        if held_back is None:
+            return
+        log.error(
+            "answer worker iteration failed",
+            extra={
+                "error": type(exc).__name__,
+                "db_code": database_error_code(exc) if on_database else None,
+                "repeated": held_back or None,
+            },
+            exc_info=None if on_database else exc,
+        )
 
     def stop(self) -> None:
         self.stopping.set()

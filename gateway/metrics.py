@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 
@@ -19,7 +20,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
-from sqlalchemy.exc import SQLAlchemyError
 
 from common.db import reading
 from common.metrics import ServiceMetrics
@@ -56,9 +56,9 @@ KeyExpiries = Callable[[], Iterable[tuple[str, str, float]]]
 class GatewayMetrics:
     """Every metric the gateway exports, in ``registry``; the engine, scheduler and API report through it."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
-        self.service = ServiceMetrics(registry, (error.code for error in ENVELOPE_ERRORS))
+        self.service = ServiceMetrics(registry, (error.code for error in ENVELOPE_ERRORS), clock=clock)
         self.queries_sent = Counter(
             "hedui_queries_sent_total",
             "Subjects in query batches a unit receipted (a batch sent again after the unit lost it counts again).",
@@ -149,8 +149,9 @@ class GatewayMetrics:
 
     def watch_store(self, engine: Engine) -> None:
         """Export outbox depth, overdue items, failed batches, unit availability and commissions by state from the
-        database, read when Prometheus scrapes (a few COUNT queries on indexed columns)."""
-        self.registry.register(_StoreCollector(engine))
+        database, read when Prometheus scrapes (a few COUNT queries on indexed columns), with ``hedui_database_up``;
+        while the database cannot be read the last values read stay exported (common.metrics.watch_database)."""
+        self.service.watch_database(_StoreReader(engine))
 
     def watch_keys(self, expiries: KeyExpiries) -> None:
         """Export days until retiring keys (ours and the units') stop being valid, read at scrape time."""
@@ -188,6 +189,10 @@ class GatewayMetrics:
     def job_run(self, job: str, outcome: str) -> None:
         self.job_runs.labels(job, outcome).inc()
 
+    def database_failed(self) -> None:
+        """Work of this process (a job, a unit cycle) failed on the database: hedui_database_up goes to 0."""
+        self.service.database.failed()
+
     def feedback(self, decisions: Iterable[int]) -> None:
         for decision in decisions:
             self.approval_feedback.labels(_decision_name(decision)).inc()
@@ -206,7 +211,9 @@ _FAILED = (
 )
 
 
-class _StoreCollector(Collector):
+class _StoreReader:
+    """The database-backed series (a DatabaseReader: common.metrics exports them with their age)."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
@@ -223,42 +230,35 @@ class _StoreCollector(Collector):
     def describe(self) -> Iterator[Metric]:
         return iter(self._families())
 
-    def collect(self) -> Iterator[Metric]:
+    def read(self) -> list[Metric]:
         up, outbox, overdue, commissions, failed = self._families()
-        try:
-            with reading(self.engine) as conn:
-                units = conn.execute(
-                    select(s.units.c.unit_id, s.units.c.consecutive_failures).where(
-                        s.units.c.enabled.is_(True), s.units.c.exchange_mode != "media"
-                    )
-                ).all()
-                # One query per unit keeps each on the queue index's (unit_id, batch_id) prefix.
-                queued = {
-                    u.unit_id: conn.execute(
-                        select(func.count())
-                        .select_from(s.items)
-                        .where(
-                            s.items.c.unit_id == u.unit_id,
-                            s.items.c.batch_id.is_(None),
-                            s.items.c.cancelled_at_ms.is_(None),
-                        )
-                    ).scalar_one()
-                    for u in units
-                }
-                by_state = select(s.batches.c.unit_id, func.sum(s.batches.c.subject_count)).group_by(
-                    s.batches.c.unit_id
+        with reading(self.engine) as conn:
+            units = conn.execute(
+                select(s.units.c.unit_id, s.units.c.consecutive_failures).where(
+                    s.units.c.enabled.is_(True), s.units.c.exchange_mode != "media"
                 )
-                ready = {r[0]: int(r[1]) for r in conn.execute(by_state.where(s.batches.c.state == "ready"))}
-                late_batches = by_state.where(s.batches.c.state == "receipted", s.batches.c.overdue.is_(True))
-                late = {r[0]: int(r[1]) for r in conn.execute(late_batches)}
-                refused = select(s.batches.c.unit_id, func.count()).where(s.batches.c.state == "failed")
-                failures = {r[0]: int(r[1]) for r in conn.execute(refused.group_by(s.batches.c.unit_id))}
-                by_commission_state = select(s.commissions.c.state, func.count()).group_by(s.commissions.c.state)
-                states = {r[0]: int(r[1]) for r in conn.execute(by_commission_state)}
-        except SQLAlchemyError as exc:
-            # Leave the database-backed series out of this scrape rather than fail the whole scrape.
-            log.warning("metrics: database not readable", extra={"reason": type(exc).__name__})
-            return
+            ).all()
+            # One query per unit keeps each on the queue index's (unit_id, batch_id) prefix.
+            queued = {
+                u.unit_id: conn.execute(
+                    select(func.count())
+                    .select_from(s.items)
+                    .where(
+                        s.items.c.unit_id == u.unit_id,
+                        s.items.c.batch_id.is_(None),
+                        s.items.c.cancelled_at_ms.is_(None),
+                    )
+                ).scalar_one()
+                for u in units
+            }
+            by_state = select(s.batches.c.unit_id, func.sum(s.batches.c.subject_count)).group_by(s.batches.c.unit_id)
+            ready = {r[0]: int(r[1]) for r in conn.execute(by_state.where(s.batches.c.state == "ready"))}
+            late_batches = by_state.where(s.batches.c.state == "receipted", s.batches.c.overdue.is_(True))
+            late = {r[0]: int(r[1]) for r in conn.execute(late_batches)}
+            refused = select(s.batches.c.unit_id, func.count()).where(s.batches.c.state == "failed")
+            failures = {r[0]: int(r[1]) for r in conn.execute(refused.group_by(s.batches.c.unit_id))}
+            by_commission_state = select(s.commissions.c.state, func.count()).group_by(s.commissions.c.state)
+            states = {r[0]: int(r[1]) for r in conn.execute(by_commission_state)}
         for unit in units:
             up.add_metric([unit.unit_id], 1.0 if unit.consecutive_failures == 0 else 0.0)
             outbox.add_metric([unit.unit_id], float(queued[unit.unit_id] + ready.get(unit.unit_id, 0)))
@@ -268,7 +268,7 @@ class _StoreCollector(Collector):
             failed.add_metric([unit_id], float(failures.get(unit_id, 0)))
         for state in sorted(set(STATE_TO_PB) | set(states)):
             commissions.add_metric([state], float(states.get(state, 0)))
-        yield from (up, outbox, overdue, commissions, failed)
+        return [up, outbox, overdue, commissions, failed]
 
 
 _KEY_EXPIRY = (

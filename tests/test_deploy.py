@@ -60,6 +60,8 @@ GATEWAY_METRICS = frozenset(
         "hedui_grpc_server_requests_total",
         "hedui_commissions",
         "hedui_approval_feedback_total",
+        "hedui_database_up",
+        "hedui_database_scrape_age_seconds",
     }
 )
 CONNECTOR_METRICS = frozenset(
@@ -73,6 +75,8 @@ CONNECTOR_METRICS = frozenset(
         "hedui_envelope_rejections_total",
         "hedui_grpc_server_requests_total",
         "hedui_tls_certificate_expiry_seconds",
+        "hedui_database_up",
+        "hedui_database_scrape_age_seconds",
     }
 )
 HISTOGRAMS = ("hedui_batch_round_trip_seconds", "hedui_answer_latency_seconds")

@@ -253,7 +253,8 @@ def test_a_unit_cycle_error_is_counted_and_the_unit_tried_again(
             world.workers.run_once(dispatch=True)
         assert {r.unit_id: r.error for r in reports} == {TAX: None, LAND: "internal", BANK: None}
         failed = _messages(caplog, "unit cycle failed")
-        assert [r.__dict__["unit"] for r in failed] == [LAND, LAND] and all(r.exc_info for r in failed)
+        # Both failures are counted; the second line is held back (at most one a minute per unit).
+        assert [r.__dict__["unit"] for r in failed] == [LAND] and all(r.exc_info for r in failed)
         errors = {u: metrics.registry.get_sample_value("hedui_unit_cycle_errors_total", {"unit": u}) for u in UNITS}
         assert errors == {TAX: 0.0, LAND: 2.0, BANK: 0.0}
         assert _up(metrics, LAND) == 1.0  # not the unit's fault: it is not marked down

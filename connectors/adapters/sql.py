@@ -187,7 +187,9 @@ class SqlAdapter:
             if "period_from" in field_columns(category) and not {"income_from", "income_to"} <= _parameters(statement)
         ]
         try:
-            self._engine: Engine = create_engine(url, pool_pre_ping=True, connect_args=_connect_args(url))
+            self._engine: Engine = create_engine(
+                url, pool_pre_ping=True, hide_parameters=True, connect_args=_connect_args(url)
+            )
         except ImportError as exc:
             raise AdapterError(
                 f"the database driver is not installed ({exc.name}); install it in this environment"

@@ -148,16 +148,15 @@ class BatchLedger:
             ).rowcount
         )
 
-    def release_claims(self, replica: str) -> int:
-        """At start: claims held under this replica id belong to a previous run that died mid-step."""
+    def release_claims(self, replica: str, *, unit_id: str | None = None) -> int:
+        """Give up the claims held under this replica id (of ``unit_id``'s batches only, when given); returns how
+        many. At start they belong to a previous run that died mid-step; for one unit, to a cycle of this process
+        that died mid-step (UnitWorkers calls it while no cycle of the unit runs)."""
+        query = update(s.batches).where(s.batches.c.claimed_by == replica)
+        if unit_id is not None:
+            query = query.where(s.batches.c.unit_id == unit_id)
         with self.engine.begin() as conn:
-            return int(
-                conn.execute(
-                    update(s.batches)
-                    .where(s.batches.c.claimed_by == replica)
-                    .values(claimed_by=None, claim_until_ms=None)
-                ).rowcount
-            )
+            return int(conn.execute(query.values(claimed_by=None, claim_until_ms=None)).rowcount)
 
     def receipted(self, batch_id: str, *, received_at_ms: int, due: date, envelope: bytes, next_poll_ms: int) -> None:
         """The unit's signed receipt is stored; the clause-12 clock runs from its received time."""

@@ -24,7 +24,7 @@ from hedui.v1 import exchange_pb2
 
 from common.categories import UNIT_DATA
 from common.dates import from_pb
-from common.logs import public_commission_ref
+from common.logs import LogThrottle, database_error, database_error_code, public_commission_ref
 from common.workdays import CHINA_TZ, CalendarError, WorkdayCalendar
 from gateway.exchange.batches import BatchWork
 from gateway.exchange.store import GatewayStore
@@ -48,6 +48,8 @@ _ACK: Mapping[str, type[Message]] = {
 MAX_IDS_PER_CALL = 100
 #: Subjects asked for in one FetchAnswers call at most (see ExchangeEngine._fetch_limit).
 FETCH_SUBJECTS = 20_000
+#: Seconds between two "unit cycle failed" lines of one unit (the ones between are counted in the next).
+CYCLE_FAILURE_LOG_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -475,6 +477,12 @@ class UnitWorkers:
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hedui-unit")
         self._busy: dict[str, Future[CycleReport]] = {}
         self._lock = threading.Lock()
+        #: Units whose last cycle ended in an error (the database went away mid-step): the claims this replica
+        #: still holds on their batches are that cycle's, and are released before the unit's next cycle instead
+        #: of waiting out the lease (lease_ms, 120 s) after the database is back.
+        self._abandoned: set[str] = set()
+        #: "unit cycle failed" at most once a minute per unit (every dispatch interval while the database is down).
+        self.failure_log = LogThrottle(CYCLE_FAILURE_LOG_INTERVAL_S)
 
     def tick(self, *, dispatch: bool) -> list[Future[CycleReport]]:
         """Start a cycle for every unit that is not already in one; returns the started futures."""
@@ -484,20 +492,46 @@ class UnitWorkers:
                 running = self._busy.get(unit.unit_id)
                 if running is not None and not running.done():
                     continue
+                if unit.unit_id in self._abandoned:
+                    self._release_abandoned(unit.unit_id)
                 future = self.pool.submit(self._cycle, unit, dispatch)
                 self._busy[unit.unit_id] = future
             started.append(future)
         return started
 
+    def _release_abandoned(self, unit_id: str) -> None:
+        """Called under ``_lock`` with no cycle of the unit running or queued, so no live work holds a claim on
+        its batches: whatever this replica holds there, the failed cycle left behind."""
+        released = self.engine.store.batches.release_claims(self.engine.settings.replica, unit_id=unit_id)
+        self._abandoned.discard(unit_id)
+        if released:
+            log.info("claims of a failed cycle released", extra={"unit": unit_id, "batches": released})
+
     def _cycle(self, unit: UnitRow, dispatch: bool) -> CycleReport:
         try:
             return self.engine.unit_cycle(unit, dispatch=dispatch)
-        except Exception:
+        except Exception as exc:
             # A fault on this side (a bug, the database, a refused fetch): the unit is tried again next cycle.
             # Counted, so that a cycle failing over and over raises HeduiUnitCycleFailing.
-            log.exception("unit cycle failed", extra={"unit": unit.unit_id})
+            self._abandoned.add(unit.unit_id)
+            on_database = database_error(exc) is not None
             if self.engine.metrics is not None:
                 self.engine.metrics.cycle_failed(unit.unit_id)
+                if on_database:
+                    self.engine.metrics.database_failed()
+            held_back = self.failure_log.admit(unit.unit_id)
+            if held_back is not None:
+                # A database error by its class and code only: its message may quote personal data.
+                log.error(
+                    "unit cycle failed",
+                    extra={
+                        "unit": unit.unit_id,
+                        "error": type(exc).__name__,
+                        "db_code": database_error_code(exc) if on_database else None,
+                        "repeated": held_back or None,
+                    },
+                    exc_info=None if on_database else exc,
+                )
             return CycleReport(unit.unit_id, error="internal")
 
     def run_once(self, *, dispatch: bool) -> list[CycleReport]:

@@ -7,11 +7,17 @@ whenever there are queued items. Under both, receipted batches are polled and de
 The jobs are APScheduler 3 interval jobs. Whether a job may run is decided in the database, not in the process:
 each run takes the job's lease in the ``jobs`` table, so replicas sharing a database never run the same job at the
 same time, a crashed replica's lease simply expires, and run history survives restarts.
+
+A run that fails, wherever (taking the lease while the database is down, the job's work, giving the lease back),
+is counted (``hedui_scheduler_job_runs_total{outcome="failed"}``) and logged as ``job failed`` with the job, the
+stage and the error's class, at most once a minute per job with the number of runs it stands for; a database error's
+message is never logged (it may quote personal data). The first good run after failures logs ``job recovered``.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
@@ -20,6 +26,7 @@ from typing import TYPE_CHECKING
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from common.logs import LogThrottle, database_error, database_error_code
 from common.workdays import CHINA_TZ
 from gateway.exchange.engine import ExchangeEngine, UnitWorkers
 from gateway.exchange.store import GatewayStore
@@ -29,6 +36,10 @@ if TYPE_CHECKING:
     from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("hedui.gateway.exchange.schedule")
+
+#: A failing job's "job failed" line at most this often: a database that is down fails the dispatch job every
+#: 30 s (and more often after misfires), which would bury everything else in the log.
+FAILURE_LOG_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,7 @@ class GatewayScheduler:
         lease_ms: int,
         key_check: Callable[[], None],
         metrics: GatewayMetrics | None = None,
+        log_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -88,6 +100,9 @@ class GatewayScheduler:
         self.scheduler = BackgroundScheduler(timezone=CHINA_TZ)
         self.runs: dict[str, int] = {}
         self.failures: dict[str, int] = {}
+        #: Failed runs of each job since its last good one.
+        self.failing: dict[str, int] = {}
+        self.failure_log = LogThrottle(FAILURE_LOG_INTERVAL_S, clock=log_clock)
         self.metrics = metrics
         if metrics is not None:
             metrics.add_jobs(self.jobs())
@@ -96,25 +111,62 @@ class GatewayScheduler:
         return from_ms(self.clock.now_ms()).astimezone(CHINA_TZ).date()
 
     def run_job(self, name: str, body: Callable[[], None]) -> bool:
-        """Run ``body`` if this replica gets the job's lease; returns whether it ran."""
-        if not self.store.jobs.acquire(name, self.replica, self.clock.now_ms(), self.lease_ms):
-            if self.metrics is not None:
-                self.metrics.job_run(name, "skipped")
-            return False
-        ok = False
+        """Run ``body`` if this replica gets the job's lease; returns whether it ran. Never raises (APScheduler
+        would log every failure itself, with the database's message): see the module's docstring."""
+        failure: tuple[str, Exception] | None = None
+        leased = False
         try:
-            body()
-            ok = True
-        except Exception:
-            log.exception("job failed", extra={"job": name})
-        finally:
-            self.store.jobs.release(name, self.replica, self.clock.now_ms(), ok)
-            self.runs[name] = self.runs.get(name, 0) + 1
-            if not ok:
-                self.failures[name] = self.failures.get(name, 0) + 1
-            if self.metrics is not None:
-                self.metrics.job_run(name, "ok" if ok else "failed")
-        return True
+            if not self.store.jobs.acquire(name, self.replica, self.clock.now_ms(), self.lease_ms):
+                self._succeeded(name)  # the database answered; another replica holds the lease
+                if self.metrics is not None:
+                    self.metrics.job_run(name, "skipped")
+                return False
+            leased = True
+            try:
+                body()
+            except Exception as exc:
+                failure = ("run", exc)
+            self.store.jobs.release(name, self.replica, self.clock.now_ms(), failure is None)
+        except Exception as exc:  # taking or giving back the lease failed: the database is down, full, read-only
+            failure = failure or ("release" if leased else "lease", exc)
+        self.runs[name] = self.runs.get(name, 0) + 1
+        if failure is None:
+            self._succeeded(name)
+        else:
+            self.failures[name] = self.failures.get(name, 0) + 1
+            self._failed(name, *failure)
+        if self.metrics is not None:
+            self.metrics.job_run(name, "ok" if failure is None else "failed")
+        return leased
+
+    def _failed(self, name: str, stage: str, exc: Exception) -> None:
+        failing = self.failing[name] = self.failing.get(name, 0) + 1
+        on_database = database_error(exc) is not None
+        if on_database and self.metrics is not None:
+            self.metrics.database_failed()
+        held_back = self.failure_log.admit(name)
+        if held_back is None:
+            return
+        log.error(
+            "job failed",
+            extra={
+                "job": name,
+                "stage": stage,
+                "error": type(exc).__name__,
+                "db_code": database_error_code(exc) if on_database else None,
+                "failures": failing,
+                "repeated": held_back or None,
+            },
+            # A bug needs its traceback; a database error is said by its class and code (its message and a
+            # traceback a minute would only repeat what the database says, and may quote personal data).
+            exc_info=None if on_database else exc,
+        )
+
+    def _succeeded(self, name: str) -> None:
+        failing = self.failing.pop(name, 0)
+        if failing:
+            self.failure_log.forget(name)
+            log.info("job recovered", extra={"job": name, "failures": failing})
 
     def dispatch(self) -> None:
         """Start unit cycles that send batches (in the exchange window) and poll."""

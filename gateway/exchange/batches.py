@@ -4,6 +4,10 @@ acknowledged — or failed, resent, overdue.
 Each outcome the archive must show (sent, receipted, answered, delayed, refused, overdue) is an audit chain entry
 written in the same transaction as the state change, with the envelope it rests on (gateway/archive/events.py).
 
+On PostgreSQL these transactions take the audit chain's lock (``gateway.archive.audit.lock``) *before* they update
+the batch row, as every audited change of a batch must: a transaction holding the row and waiting for the chain
+while another holds the chain and waits for the row would deadlock.
+
 Claims are leases with an expiry, so several replicas can share one database: a batch is worked by one replica at a
 time, and a replica that dies releases its claims by letting them expire. On PostgreSQL the selection of work also
 uses ``FOR UPDATE SKIP LOCKED`` so replicas do not queue on each other. Each outcome is recorded only if the batch is
@@ -22,7 +26,7 @@ from sqlalchemy.engine import Connection
 
 from common.db import reading
 from common.errors import HeduiError
-from gateway.archive.audit import AuditLog
+from gateway.archive.audit import AuditLog, lock
 from gateway.archive.events import ExchangeEvents
 from gateway.archive.messages import Envelope
 from gateway.db import schema as s
@@ -191,6 +195,7 @@ class BatchLedger:
         """The unit's signed receipt is stored (and archived, with its ``batch.receipted`` entry); the clause-12
         clock runs from its received time."""
         with self.engine.begin() as conn:
+            lock(conn)
             changed = self._finish(
                 conn,
                 batch_id,
@@ -228,6 +233,7 @@ class BatchLedger:
         cause is fixed puts it back with :meth:`resend_failed`. ``reason`` is kept in ``last_error``; the chain
         entry ``batch.refused`` records the gRPC ``status`` and the unit's reason ``code``."""
         with self.engine.begin() as conn:
+            lock(conn)
             changed = self._finish(
                 conn, batch_id, ("ready",), state="failed", attempts=s.batches.c.attempts + 1, last_error=reason[:64]
             )
@@ -254,6 +260,7 @@ class BatchLedger:
         batch_ids = list(dict.fromkeys(batch_ids))
         b = s.batches.c
         with self.engine.begin() as conn:
+            lock(conn)  # before the rows (see the module docstring)
             if conn.execute(select(s.units.c.unit_id).where(s.units.c.unit_id == unit_id)).first() is None:
                 raise ResendRefused(f"no unit {unit_id} in the gateway's database (see 'hedui-gateway status')")
             query = select(b.batch_id, b.unit_id, b.state, b.commission_id, b.subject_count, b.last_error)
@@ -309,6 +316,8 @@ class BatchLedger:
         fresh = {} if due < today else {"overdue": False}
         b = s.batches.c
         with self.engine.begin() as conn:
+            if delay_reason is not None:
+                lock(conn)  # a delay may be a chain entry; plain polls leave the chain alone
             before = conn.execute(select(b.due).where(b.batch_id == batch_id)).scalar_one_or_none()
             changed = self._finish(
                 conn, batch_id, ("receipted",), due=due, delay_reason=delay_reason, next_poll_ms=next_poll_ms, **fresh
@@ -361,7 +370,8 @@ class BatchLedger:
             added = 0
             for start in range(0, len(rows), CHUNK):
                 added += bulk_insert(conn, s.answers, columns, rows[start : start + CHUNK], ignore_conflicts=True)
-            # The chain entry last: on PostgreSQL it takes the chain's lock, held only from here to the commit.
+            # The chain's lock only now, before the row: held from here to the commit, not during the inserts.
+            lock(conn)
             changed = self._finish(
                 conn, batch_id, ("ready", "receipted"), state="answered", answered_at_ms=now_ms, overdue=False
             )
@@ -395,6 +405,7 @@ class BatchLedger:
         chain entry when it becomes so; returns items per unit."""
         b = s.batches.c
         with self.engine.begin() as conn:
+            lock(conn)
             late = and_(b.state == "receipted", b.due < today)
             newly = conn.execute(
                 select(b.batch_id, b.unit_id, b.commission_id, b.subject_count, b.due)

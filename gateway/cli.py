@@ -8,7 +8,8 @@ hedui-gateway status --config FILE             units, their health, and batches 
 hedui-gateway retry --config FILE --unit UNIT | --all   end a unit's backoff: its next cycle calls it at once
 hedui-gateway resend --config FILE --unit UNIT [--batch ID ...]   put a unit's failed batches back into the outbox
 hedui-gateway staff bootstrap-admin|add|revoke|list --config FILE ...   the staff register (Procedure V)
-hedui-gateway audit verify|head --config FILE   check the hash-chained audit log; print its head to record
+hedui-gateway audit verify|head|checkpoint|export-head --config FILE   the audit chain and its signed checkpoints
+hedui-gateway archive verify --config FILE      re-check every archived envelope and its place in the chain
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from common.cli import run, service_parser
 from common.config import describe
 from common.db import make_engine, reading
 from common.errors import HeduiError
-from gateway.archive.audit import AuditError, AuditHead, AuditLog
+from gateway.archive.audit import AuditLog
+from gateway.archive.commands import add_audit_commands
 from gateway.config import GatewayConfig
 from gateway.db import schema
 from gateway.db.database import current_revision, head_revision, open_database, upgrade
@@ -348,27 +350,6 @@ def _staff_list(args: argparse.Namespace) -> None:
         print("the staff register is empty: start with 'hedui-gateway staff bootstrap-admin'")
 
 
-def _audit_verify(args: argparse.Namespace) -> None:
-    expected = AuditHead.parse(args.expected_head) if args.expected_head else None
-    with _audit_log(args.config) as audit:
-        problems = audit.verify(expected_head=expected)
-        head = audit.head()
-    for problem in problems:
-        print(f"PROBLEM: {problem}")
-    if problems:
-        raise AuditError(
-            f"the audit log failed verification ({len(problems)} problem(s)): it was changed outside the gateway or "
-            "damaged; keep the database as it is (copy it) for the investigation"
-        )
-    checked = f"; the recorded head {expected} is in it" if expected and expected.seq else ""
-    print(f"audit log intact: {head.seq} entries{checked}; head {head}")
-
-
-def _audit_head(args: argparse.Namespace) -> None:
-    with _audit_log(args.config) as audit:
-        print(audit.head())
-
-
 def _add_staff_and_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     staff = sub.add_parser("staff", help="the staff register (Procedure V): bootstrap-admin, add, revoke, list")
     staff_sub = staff.add_subparsers(dest="staff_command", required=True, metavar="STAFF_COMMAND")
@@ -403,16 +384,7 @@ def _add_staff_and_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser
     for command in (boot, add, revoke, staff_sub.choices["list"]):
         command.add_argument("--config", required=True)
 
-    audit = sub.add_parser("audit", help="the hash-chained audit log: verify, head")
-    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="AUDIT_COMMAND")
-    verify = audit_sub.add_parser("verify", help="check every entry and the chain; exit status 1 on any problem")
-    verify.add_argument("--expected-head", help="SEQ:HEX recorded earlier from 'audit head' (detects cut-off ends)")
-    verify.set_defaults(func=_audit_verify)
-    audit_sub.add_parser("head", help="print SEQ:HEX of the newest entry, to record out of band").set_defaults(
-        func=_audit_head
-    )
-    for command in (verify, audit_sub.choices["head"]):
-        command.add_argument("--config", required=True)
+    add_audit_commands(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

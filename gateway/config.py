@@ -138,6 +138,19 @@ class ScheduleSection:
 
 
 @dataclass(frozen=True)
+class ArchiveSection:
+    checkpoint_interval_seconds: float = doc(
+        "How often the gateway signs a checkpoint of the audit chain's head (another is signed at every report "
+        "issue); entries after the last checkpoint are unattested (docs/operations.md, Audit log and archive).",
+        default=3600.0,
+    )
+
+    def __post_init__(self) -> None:
+        if not 60 <= self.checkpoint_interval_seconds <= 86_400:
+            raise ValueError("archive.checkpoint_interval_seconds must be 60-86400 (a minute to a day)")
+
+
+@dataclass(frozen=True)
 class UnitEntry:
     party_id: str = doc("The unit's party id (its keys must be in the keystore's trust store).")
     category: str = doc("Unit category (clause 7): tax, land, housing, financial_institution, ...")
@@ -188,6 +201,7 @@ class GatewayConfig:
     client_tls: ClientTlsSection = field(default_factory=ClientTlsSection)
     exchange: ExchangeSection = field(default_factory=ExchangeSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    archive: ArchiveSection = field(default_factory=ArchiveSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     units: tuple[UnitEntry, ...] = doc("The sharing units this gateway exchanges with.", default=())
     clients: tuple[ClientEntry, ...] = doc("Who may call the agency API, and in which role.", default=())

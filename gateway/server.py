@@ -22,6 +22,7 @@ from common.workdays import WorkdayCalendar
 from gateway.api.agency import SERVICE as AGENCY_SERVICE
 from gateway.api.agency import AgencyServicer, AuthInterceptor
 from gateway.archive.audit import AuditLog
+from gateway.archive.checkpoints import Checkpointer
 from gateway.config import GatewayConfig
 from gateway.db.database import open_database
 from gateway.exchange.engine import EngineSettings, ExchangeEngine, UnitWorkers
@@ -182,12 +183,14 @@ def build(config: GatewayConfig) -> RunningGateway:
             ex.poll_interval_seconds,
             sched.sweep_interval_seconds,
             sched.key_check_interval_seconds,
+            config.archive.checkpoint_interval_seconds,
         ),
         clock=clock,
         replica=ex.replica_id,
         lease_ms=settings.lease_ms,
         key_check=key_watch,
         metrics=metrics,
+        checkpoint=Checkpointer(AuditLog(engine), party, clock),
     )
     audit = AuditLog(engine)
     workflow = Workflow(store=store, audit=audit, staff=StaffRegister(engine, audit), clock=clock, agency=party)

@@ -403,3 +403,28 @@ class Courier:
         except EnvelopeError as error:
             self.on_reject(error)
             raise
+
+
+def check_signature(data: bytes, trust: TrustStore) -> Header:
+    """Re-check an archived envelope without opening it: steps 1-3 and 5-6 of docs/envelope.md section 10 (parse,
+    the sender's signing key in ``trust`` known, not revoked and valid at the envelope's created-at time, the
+    signature over header and ciphertext). Raises the EnvelopeError of the first step that fails.
+
+    Nothing is decrypted, so this works for envelopes we sent (put our own keyring in ``trust``) and long after the
+    fact: recipient, time window and replay belong to the moment of receipt and are not checked.
+    """
+    outer, header = _parse(data)
+    sender = _sender_key(trust, header)
+    if not sender.public.verify(outer.signature, signature_input(outer.header, outer.ciphertext)):
+        raise BadSignature("signature does not verify")
+    return Header(
+        message_id=header.message_id,
+        message_type=header.message_type,
+        sender=header.sender,
+        recipient=header.recipient,
+        sender_key_id=header.sender_key_id,
+        recipient_key_id=header.recipient_key_id,
+        created_at_ms=header.created_at_ms,
+        expires_at_ms=header.expires_at_ms,
+        correlation_id=header.correlation_id,
+    )

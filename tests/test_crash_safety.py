@@ -34,6 +34,7 @@ from common.db import make_engine
 from connectors import store as cstore
 from connectors.synthetic import Population
 from demo.localnet import Network, build_network
+from gateway.archive.audit import verify
 from gateway.db import schema
 from gateway.exchange.outbox import SubjectInput
 from gateway.exchange.store import GatewayStore
@@ -412,6 +413,23 @@ def assert_kills_spread(kills: Sequence[Kill]) -> None:
     assert any(k.snapshot.receipt_unstored for k in kills), "no kill between a unit's receipt and the gateway's"
 
 
+def assert_chain_matches_the_batches(dbs: Databases, batch_ids: set[str]) -> None:
+    """The audit chain and the batch states never diverged (each event is written in the state change's
+    transaction): every batch receipted and answered exactly once in the chain, every envelope it sent archived with
+    its entry, and the chain intact."""
+    engine = dbs.gateway()
+    assert verify(engine) == []
+    with engine.connect() as conn:
+        entries = conn.execute(select(schema.audit_log.c.action, schema.audit_log.c.detail)).all()
+        sent = conn.execute(
+            select(func.count()).select_from(schema.archive).where(schema.archive.c.direction == "out")
+        ).scalar_one()
+    for action in ("batch.receipted", "batch.answered"):
+        counted = Counter(e.detail.split(";")[0].removeprefix("batch=") for e in entries if e.action == action)
+        assert counted == dict.fromkeys(batch_ids, 1), f"'{action}' is not in the chain once per batch"
+    assert sent == sum(e.action == "batch.sent" for e in entries) >= len(batch_ids)
+
+
 def assert_exactly_once(dbs: Databases, items: int) -> None:
     b, i, a = schema.batches, schema.items, schema.answers
     with dbs.gateway().connect() as conn:
@@ -434,6 +452,7 @@ def assert_exactly_once(dbs: Databases, items: int) -> None:
         bodies = {r.item_id: r.body for r in conn.execute(select(a.c.item_id, a.c.body))}
     assert {r.state for r in gateway_batches} == {"acknowledged"}
     assert sum(r.subject_count for r in gateway_batches) == items
+    assert_chain_matches_the_batches(dbs, {r.batch_id for r in gateway_batches})
     assert all(per_batch[r.batch_id] == r.subject_count for r in gateway_batches), "an item in two batches"
 
     compared = 0

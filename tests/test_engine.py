@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from common.categories import UNIT_DATA
 from connectors import store as cstore
+from gateway.archive.messages import Envelope
 from gateway.db import schema
 from gateway.exchange.engine import CycleReport, UnitWorkers
 from gateway.exchange.schedule import GatewayScheduler, JobIntervals, SchedulePolicy
@@ -89,7 +90,8 @@ def test_answers_fetched_twice_are_stored_once(tmp_path: Path, database_url: str
         body = rows(world, select(schema.answers.c.body).where(schema.answers.c.batch_id == some.batch_id))
         again = [exchange_pb2.SubjectAnswer.FromString(r.body) for r in body]
         assert (
-            world.store.batches.store_answers(some.batch_id, again, some.answer_message_id, world.clock.now_ms()) == 0
+            world.store.batches.store_answers(some.batch_id, again, kept_answer_set(world, some), world.clock.now_ms())
+            == 0
         )
         item_id, (batch_id, status, answer, _) = next(iter(first.items()))
         with pytest.raises(IntegrityError), world.store.engine.begin() as conn:
@@ -99,6 +101,12 @@ def test_answers_fetched_twice_are_stored_once(tmp_path: Path, database_url: str
                 )
             )
         assert world.store.batches.answer_count() == len(first)
+
+
+def kept_answer_set(world: GatewayWorld, batch: Row[Any]) -> Envelope:
+    """The archived answer set that answered ``batch``, as the engine hands it to the ledger."""
+    kept = rows(world, select(schema.archive).where(schema.archive.c.message_id == batch.answer_message_id))[0]
+    return Envelope(bytes(kept.message_id), kept.sender, kept.message_type, bytes(kept.envelope))
 
 
 def test_crash_between_storing_and_acknowledging(tmp_path: Path, database_url: str | None) -> None:

@@ -306,12 +306,18 @@ def test_refused_batches_show_and_are_sent_again_once_the_unit_registers_the_sta
 
         config = operator_config(tmp_path, world, database_url)
         audit = AuditLog(world.store.engine)
+        # Each refusal is in the audit chain (clause 17), with the unit's status and reason code.
+        exchanged = audit.entries()
+        assert sorted((e.actor, e.detail) for e in exchanged if e.action == "batch.refused") == sorted(
+            (b.unit_id, f"batch={b.batch_id};items={b.subject_count};status=permission_denied;"
+             "reason=staff_not_registered") for b in failed
+        )  # fmt: skip
 
         def resend(*args: str) -> int:
             return gateway_main(["resend", "--config", str(config), *args])
 
         def unchanged() -> None:
-            assert [(b.batch_id, b.state) for b in batch_rows(world)] == before and audit.count() == 0
+            assert [(b.batch_id, b.state) for b in batch_rows(world)] == before and audit.count() == len(exchanged)
 
         # Refusals change nothing: a unit not in the config, a malformed id (not repeated), another unit's batch,
         # a batch that is not failed, an unknown batch.
@@ -348,7 +354,7 @@ def test_refused_batches_show_and_are_sent_again_once_the_unit_registers_the_sta
         assert f"{TAX} has no failed batches; nothing was re-queued" in capsys.readouterr().out
         assert [(u.unit_id, u.consecutive_failures, u.next_attempt_ms) for u in world.store.units.all()] == health
         assert {(b.state, b.attempts) for b in batch_rows(world, bad)} == {("ready", 1)}
-        entries = audit.entries()
+        entries = [e for e in audit.entries(after_seq=len(exchanged)) if not e.action.startswith("batch.sent")]
         assert sorted(e.detail.split(";")[1] for e in entries if e.detail) == sorted(
             f"batch={b.batch_id}" for b in failed
         )

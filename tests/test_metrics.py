@@ -349,7 +349,11 @@ def _exposition(tmp_path: Path) -> str:
         settle(world)
         metrics.gateway.watch_keys(lambda: [(GATEWAY, "ed25519", 13.5)])
         with pytest.raises(ReplayedEnvelope):
-            world.engine.courier.open(rows(world, select(schema.archive.c.envelope).limit(1))[0].envelope)
+            world.engine.courier.open(
+                rows(world, select(schema.archive.c.envelope).where(schema.archive.c.direction == "in").limit(1))[
+                    0
+                ].envelope
+            )
         server = serve_metrics(f"127.0.0.1:{free_port()}", metrics.gateway.registry)
         assert server is not None
         try:

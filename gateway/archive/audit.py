@@ -13,10 +13,12 @@ byte and 8 bytes big-endian (signed), a text a presence byte, a 4-byte big-endia
 absent value is the single byte 0x00. So no two different entries encode alike, and changing, removing or
 reordering any entry breaks the chain at that entry.
 
-A chain alone cannot show that entries were cut off its *end*, nor that someone rewrote it whole. For that an
-operator records the head (``hedui-gateway audit head``: ``SEQ:HEX``) somewhere the database's users cannot reach,
-e.g. in the daily printout, and passes it back to ``audit verify --expected-head``: the entry with that number must
-still be there with that hash.
+A chain alone cannot show that entries were cut off its *end*, added to it, or that someone rewrote it whole: anyone
+who can write the database can compute the hashes. Two things close that gap. The gateway signs the head at
+intervals and at every report issue, as an entry of the chain itself (a checkpoint, gateway/archive/checkpoints.py),
+so entries after the last checkpoint are visibly *unattested*; and an operator records a head or a checkpoint
+somewhere the database's users cannot reach (``hedui-gateway audit export-head``) and passes it back to ``audit
+verify``: the entry with that number must still be there with that hash.
 
 No personal data enters the log: every text field is refused when it holds CJK characters (names) or something
 shaped like an ID number (the log is read by operators and exported; the subjects' data stays in ``subjects``).
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -44,6 +47,8 @@ PG_LOCK_KEY = 0x6865_6475_6961_7564
 
 _LIMITS = {"actor": 64, "action": 48, "before": 32, "after": 32, "detail": 255}
 _ACTION_RE = re.compile(r"[a-z][a-z0-9_]*(?:[.\-][a-z0-9_]+)*")
+_FIELD_KEY_RE = re.compile(r"[a-z][a-z0-9_]{0,15}")
+_FIELD_VALUE_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # Digit runs as long as an ID number: 18 characters (GB 11643, 17 digits and a digit or X) or the older 15 digits.
 _ID_RUN_RE = re.compile(r"(?<![0-9])(?:[0-9]{17}[0-9Xx]|[0-9]{15})(?![0-9])")
 # CJK ideographs and their extensions, kana, bopomofo, CJK punctuation, compatibility and full-width forms.
@@ -188,6 +193,11 @@ def _recompute(entry: AuditEntry) -> bytes:
     )
 
 
+def entry_from_row(row: Row[Any]) -> AuditEntry:
+    """An :class:`AuditEntry` from a row of ``audit_log``."""
+    return _entry(row)
+
+
 def _entry(row: Row[Any]) -> AuditEntry:
     return AuditEntry(
         seq=row.seq,
@@ -222,18 +232,29 @@ def head(engine: Engine) -> AuditHead:
         return _head(conn)
 
 
+def head_in(conn: Connection) -> AuditHead:
+    """The newest entry's number and hash as ``conn``'s transaction sees it (call :func:`lock` first to write)."""
+    return _head(conn)
+
+
 def _head(conn: Connection) -> AuditHead:
     t = schema.audit_log.c
     row = conn.execute(select(t.seq, t.hash).order_by(t.seq.desc()).limit(1)).first()
     return AuditHead(0, GENESIS_HASH) if row is None else AuditHead(int(row.seq), bytes(row.hash))
 
 
-def verify(engine: Engine, *, expected_head: AuditHead | None = None) -> list[str]:
+def verify(
+    engine: Engine,
+    *,
+    expected_head: AuditHead | None = None,
+    observe: Callable[[AuditEntry], None] | None = None,
+) -> list[str]:
     """Check the whole chain; returns the problems found, in log order (an empty list: the log is intact).
 
     Finds entries whose content changed (hash mismatch), removed entries (a gap in the numbers, or an entry whose
     ``prev_hash`` is not its predecessor's hash), entries moved to another place, and, with ``expected_head`` (a head
-    recorded earlier), a log cut off after that entry or rewritten up to it.
+    recorded earlier), a log cut off after that entry or rewritten up to it. ``observe`` sees every entry in log
+    order (the checkpoint check reads the chain in the same pass).
     """
     problems: list[str] = []
     prev_seq, prev_hash = 0, GENESIS_HASH
@@ -262,6 +283,8 @@ def verify(engine: Engine, *, expected_head: AuditHead | None = None) -> list[st
                 problems.append(f"entry {entry.seq} was changed (hash mismatch)")
             if expected_head is not None and entry.seq == expected_head.seq:
                 anchor_hash = entry.hash
+            if observe is not None:
+                observe(entry)
             prev_seq, prev_hash = entry.seq, entry.hash
     if expected_head is not None and expected_head.seq > 0:
         if prev_seq < expected_head.seq:
@@ -301,11 +324,65 @@ class AuditLog:
         The entry commits or rolls back together with the change it records. Raises AuditError, before writing
         anything, for a field that is malformed or looks like personal data.
         """
+        if detail is not None:
+            check_text("detail", detail)
+        return self._append(
+            conn, at_ms=at_ms, actor=actor, action=action, commission_id=commission_id, before=before, after=after,
+            detail=detail,
+        )  # fmt: skip
+
+    def append_generated(
+        self,
+        conn: Connection,
+        *,
+        at_ms: int,
+        actor: str,
+        action: str,
+        fields: Sequence[tuple[str, str | int]],
+        commission_id: int | None = None,
+        before: str | None = None,
+        after: str | None = None,
+    ) -> int:
+        """Like :meth:`append`, for an entry the gateway writes itself from values it made or checked: hex ids and
+        digests, party ids, dates, counts and reason codes, as ``key=value`` pairs joined by ``;``.
+
+        Each key is a lower-case code and each value 1-128 of ``A-Z a-z 0-9 . _ : -``; the detail is at most 255
+        characters. The ID-number test of :func:`check_text` is not applied to the detail, because random hex ids
+        (message ids, signatures) hold digit runs shaped like one now and then; callers never pass a subject's data
+        here. Raises AuditError for anything else, before writing.
+        """
+        parts = []
+        for key, value in fields:
+            text_value = str(value)
+            if not _FIELD_KEY_RE.fullmatch(key) or not _FIELD_VALUE_RE.fullmatch(text_value):
+                raise AuditError(f"audit detail field {key[:16]!r} is not a code=value pair of ids, counts or codes")
+            parts.append(f"{key}={text_value}")
+        detail = ";".join(parts)
+        if not 0 < len(detail) <= _LIMITS["detail"]:
+            raise AuditError(f"audit detail must be 1-{_LIMITS['detail']} characters")
+        return self._append(
+            conn, at_ms=at_ms, actor=actor, action=action, commission_id=commission_id, before=before, after=after,
+            detail=detail,
+        )  # fmt: skip
+
+    def _append(
+        self,
+        conn: Connection,
+        *,
+        at_ms: int,
+        actor: str,
+        action: str,
+        commission_id: int | None,
+        before: str | None,
+        after: str | None,
+        detail: str | None,
+    ) -> int:
+        """Check the fields other than ``detail`` (checked by the caller) and write the entry."""
         check_text("actor", actor)
         check_text("action", action)
         if not _ACTION_RE.fullmatch(action):
             raise AuditError("audit action must be a lower-case dotted code such as staff.register")
-        for field, value in (("before", before), ("after", after), ("detail", detail)):
+        for field, value in (("before", before), ("after", after)):
             if value is not None:
                 check_text(field, value)
         if at_ms < 0:

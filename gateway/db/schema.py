@@ -218,15 +218,24 @@ batch_contents = Table(
     Column("content", LargeBinary, nullable=False),
 )
 
-#: Every envelope received from a unit, as received: the same bytes prove later who sent what (clause 17).
+#: Every envelope received from a unit, as received, and every query batch envelope sent to one, as sent: the same
+#: bytes prove later who sent what (clause 17). Each row kept since migration 0007 is referenced by an audit chain
+#: entry (``audit_seq``, the first that names it) that records its message id and SHA-256 (gateway/archive/).
 archive = Table(
     "archive",
     metadata,
     Column("message_id", LargeBinary(16), primary_key=True),
     Column("sender", String(64), nullable=False),
     Column("message_type", String(128), nullable=False),
+    # When it was received, or, for an outgoing envelope, when it was about to be sent.
     Column("received_at_ms", BigInteger, nullable=False, index=True),
     Column("envelope", LargeBinary, nullable=False),
+    # "in" (from a unit) or "out" (ours, to a unit); rows from before migration 0007 are all "in".
+    Column("direction", String(3), nullable=False, server_default="in"),
+    # SHA-256 of ``envelope``, as the chain entry records it; NULL for rows from before migration 0007.
+    Column("sha256", LargeBinary(32), nullable=True),
+    # The audit entry that first names this envelope; NULL for rows from before migration 0007.
+    Column("audit_seq", Integer, nullable=True),
 )
 
 #: Exactly one answer per item: the primary key is the item.

@@ -1,6 +1,13 @@
 """The lifecycle of a formed batch: claimed by one replica at a time, sent, receipted, polled, answered,
 acknowledged — or failed, resent, overdue.
 
+Each outcome the archive must show (sent, receipted, answered, delayed, refused, overdue) is an audit chain entry
+written in the same transaction as the state change, with the envelope it rests on (gateway/archive/events.py).
+
+On PostgreSQL these transactions take the audit chain's lock (``gateway.archive.audit.lock``) *before* they update
+the batch row, as every audited change of a batch must: a transaction holding the row and waiting for the chain
+while another holds the chain and waits for the row would deadlock.
+
 Claims are leases with an expiry, so several replicas can share one database: a batch is worked by one replica at a
 time, and a replica that dies releases its claims by letting them expire. On PostgreSQL the selection of work also
 uses ``FOR UPDATE SKIP LOCKED`` so replicas do not queue on each other. Each outcome is recorded only if the batch is
@@ -19,7 +26,9 @@ from sqlalchemy.engine import Connection
 
 from common.db import reading
 from common.errors import HeduiError
-from gateway.archive.audit import AuditLog
+from gateway.archive.audit import AuditLog, lock
+from gateway.archive.events import ExchangeEvents
+from gateway.archive.messages import Envelope
 from gateway.db import schema as s
 from gateway.db.statements import bulk_insert
 from gateway.exchange.outbox import BATCH_ID_RE, CHUNK
@@ -39,6 +48,8 @@ class BatchWork:
     original_due: date | None
     #: When the unit received the batch (its receipt); None until receipted.
     received_at_ms: int | None = None
+    commission_id: int = 0
+    subject_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class BatchLedger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
+        self.events = ExchangeEvents(engine)
 
     # -- claiming work ---------------------------------------------------------------------------------------------
 
@@ -120,6 +132,8 @@ class BatchLedger:
                 s.batches.c.attempts,
                 s.batches.c.original_due,
                 s.batches.c.received_at_ms,
+                s.batches.c.commission_id,
+                s.batches.c.subject_count,
             ).where(s.batches.c.batch_id.in_(claimed))
             if sending:
                 work = work.join_from(s.batches, s.batch_contents)
@@ -158,10 +172,30 @@ class BatchLedger:
         with self.engine.begin() as conn:
             return int(conn.execute(query.values(claimed_by=None, claim_until_ms=None)).rowcount)
 
-    def receipted(self, batch_id: str, *, received_at_ms: int, due: date, envelope: bytes, next_poll_ms: int) -> None:
-        """The unit's signed receipt is stored; the clause-12 clock runs from its received time."""
+    @staticmethod
+    def _facts(conn: Connection, batch_id: str) -> tuple[str, int, int]:
+        """(unit, commission, subjects) of a batch, for its chain entries."""
+        b = s.batches.c
+        row = conn.execute(select(b.unit_id, b.commission_id, b.subject_count).where(b.batch_id == batch_id)).one()
+        return row.unit_id, row.commission_id, row.subject_count
+
+    def sent(self, batch: BatchWork, envelope: Envelope, now_ms: int) -> None:
+        """The batch's envelope is about to be sent: kept as sent, with its ``batch.sent`` entry (every attempt is a
+        new envelope, and each is kept)."""
         with self.engine.begin() as conn:
-            self._finish(
+            self.events.sent(
+                conn, unit_id=batch.unit_id, batch_id=batch.batch_id, commission_id=batch.commission_id,
+                items=batch.subject_count, envelope=envelope, now_ms=now_ms,
+            )  # fmt: skip
+
+    def receipted(
+        self, batch_id: str, *, received_at_ms: int, due: date, envelope: Envelope, next_poll_ms: int, now_ms: int
+    ) -> None:
+        """The unit's signed receipt is stored (and archived, with its ``batch.receipted`` entry); the clause-12
+        clock runs from its received time."""
+        with self.engine.begin() as conn:
+            lock(conn)
+            changed = self._finish(
                 conn,
                 batch_id,
                 ("ready",),
@@ -170,10 +204,16 @@ class BatchLedger:
                 received_at_ms=received_at_ms,
                 original_due=due,
                 due=due,
-                receipt_envelope=envelope,
+                receipt_envelope=envelope.raw,
                 last_error=None,
                 next_poll_ms=next_poll_ms,
             )
+            if changed:
+                unit_id, commission_id, items = self._facts(conn, batch_id)
+                self.events.receipted(
+                    conn, unit_id=unit_id, batch_id=batch_id, commission_id=commission_id, items=items, due=due,
+                    envelope=envelope, now_ms=now_ms,
+                )  # fmt: skip
 
     def send_failed(self, batch_id: str, error: str, retry_at_ms: int) -> None:
         """The batch could not be delivered (``error``: a status code); try again at ``retry_at_ms``."""
@@ -187,13 +227,21 @@ class BatchLedger:
                 next_attempt_ms=retry_at_ms,
             )
 
-    def refused(self, batch_id: str, reason: str) -> None:
+    def refused(self, batch_id: str, reason: str, *, status: str, code: str | None, now_ms: int) -> None:
         """The unit refused the batch for a reason a retry cannot cure: an operator must look at it, and once the
-        cause is fixed puts it back with :meth:`resend_failed`. ``reason`` is kept in ``last_error``."""
+        cause is fixed puts it back with :meth:`resend_failed`. ``reason`` is kept in ``last_error``; the chain
+        entry ``batch.refused`` records the gRPC ``status`` and the unit's reason ``code``."""
         with self.engine.begin() as conn:
-            self._finish(
+            lock(conn)
+            changed = self._finish(
                 conn, batch_id, ("ready",), state="failed", attempts=s.batches.c.attempts + 1, last_error=reason[:64]
             )
+            if changed:
+                unit_id, commission_id, items = self._facts(conn, batch_id)
+                self.events.refused(
+                    conn, unit_id=unit_id, batch_id=batch_id, commission_id=commission_id, items=items,
+                    status=status, reason=code, now_ms=now_ms,
+                )  # fmt: skip
 
     def resend_failed(
         self, unit_id: str, batch_ids: Sequence[str], *, audit: AuditLog, actor: str, now_ms: int
@@ -211,6 +259,7 @@ class BatchLedger:
         batch_ids = list(dict.fromkeys(batch_ids))
         b = s.batches.c
         with self.engine.begin() as conn:
+            lock(conn)  # before the rows (see the module docstring)
             if conn.execute(select(s.units.c.unit_id).where(s.units.c.unit_id == unit_id)).first() is None:
                 raise ResendRefused(f"no unit {unit_id} in the gateway's database (see 'hedui-gateway status')")
             query = select(b.batch_id, b.unit_id, b.state, b.commission_id, b.subject_count, b.last_error)
@@ -249,15 +298,35 @@ class BatchLedger:
         return [ResentBatch(r.batch_id, int(r.subject_count), r.last_error) for r in found.values()]
 
     def still_pending(
-        self, batch_id: str, due: date, delay_reason: str | None, next_poll_ms: int, *, today: date
+        self,
+        batch_id: str,
+        due: date,
+        delay_reason: str | None,
+        next_poll_ms: int,
+        *,
+        today: date,
+        envelope: Envelope | None = None,
+        now_ms: int = 0,
     ) -> None:
         """The unit has not answered yet. A due date that has not passed (moved by a delay notice that arrived
-        after the sweep) takes the overdue mark off again; a passed one keeps it."""
+        after the sweep) takes the overdue mark off again; a passed one keeps it. A delay that moves the due date
+        (``delay_reason`` set) is a ``batch.delay`` chain entry with the answer set ``envelope`` that carried it,
+        once: polls that find the same due date again write nothing."""
         fresh = {} if due < today else {"overdue": False}
+        b = s.batches.c
         with self.engine.begin() as conn:
-            self._finish(
+            if delay_reason is not None:
+                lock(conn)  # a delay may be a chain entry; plain polls leave the chain alone
+            before = conn.execute(select(b.due).where(b.batch_id == batch_id)).scalar_one_or_none()
+            changed = self._finish(
                 conn, batch_id, ("receipted",), due=due, delay_reason=delay_reason, next_poll_ms=next_poll_ms, **fresh
             )
+            if changed and delay_reason is not None and envelope is not None and before is not None and before != due:
+                unit_id, commission_id, _ = self._facts(conn, batch_id)
+                self.events.delayed(
+                    conn, unit_id=unit_id, batch_id=batch_id, commission_id=commission_id, old_due=before,
+                    new_due=due, reason=delay_reason, envelope=envelope, now_ms=now_ms,
+                )  # fmt: skip
 
     def still_pending_later(self, batch_id: str, next_poll_ms: int) -> None:
         """Leave the batch as it is and poll it again later."""
@@ -287,10 +356,11 @@ class BatchLedger:
             return {r.id for r in conn.execute(query)}
 
     def store_answers(
-        self, batch_id: str, subjects: Sequence[exchange_pb2.SubjectAnswer], message_id: bytes, now_ms: int
+        self, batch_id: str, subjects: Sequence[exchange_pb2.SubjectAnswer], envelope: Envelope, now_ms: int
     ) -> int:
         """Store one answer per item (again: ignored, so exactly one answer per item) and mark the batch
-        answered, in one transaction; returns the number of answers newly stored."""
+        answered, with its ``batch.answered`` chain entry and the answer set ``envelope`` archived, in one
+        transaction; returns the number of answers newly stored."""
         rows = [
             (int(a.subject_ref), batch_id, a.status, a.SerializeToString(deterministic=True), now_ms) for a in subjects
         ]
@@ -299,15 +369,23 @@ class BatchLedger:
             added = 0
             for start in range(0, len(rows), CHUNK):
                 added += bulk_insert(conn, s.answers, columns, rows[start : start + CHUNK], ignore_conflicts=True)
-            self._finish(
-                conn,
-                batch_id,
-                ("ready", "receipted"),
-                state="answered",
-                answered_at_ms=now_ms,
-                answer_message_id=message_id,
-                overdue=False,
+            # The chain's lock only now, before the row: held from here to the commit, not during the inserts.
+            lock(conn)
+            changed = self._finish(
+                conn, batch_id, ("ready", "receipted"), state="answered", answered_at_ms=now_ms, overdue=False
             )
+            if changed:
+                unit_id, commission_id, _ = self._facts(conn, batch_id)
+                self.events.answered(
+                    conn, unit_id=unit_id, batch_id=batch_id, commission_id=commission_id, answers=added,
+                    envelope=envelope, now_ms=now_ms,
+                )  # fmt: skip
+                # Set once the envelope is kept (the column refers to the archive).
+                conn.execute(
+                    update(s.batches)
+                    .where(s.batches.c.batch_id == batch_id)
+                    .values(answer_message_id=envelope.message_id)
+                )
         return added
 
     def acknowledged(self, batch_ids: Sequence[str], now_ms: int) -> None:
@@ -321,11 +399,24 @@ class BatchLedger:
 
     # -- deadlines -------------------------------------------------------------------------------------------------
 
-    def mark_overdue(self, today: date) -> dict[str, int]:
-        """Receipted batches past their due date become overdue (and stay visible); returns items per unit."""
+    def mark_overdue(self, today: date, now_ms: int = 0) -> dict[str, int]:
+        """Receipted batches past their due date become overdue (and stay visible), each with a ``batch.overdue``
+        chain entry when it becomes so; returns items per unit."""
+        b = s.batches.c
         with self.engine.begin() as conn:
-            late = and_(s.batches.c.state == "receipted", s.batches.c.due < today)
-            conn.execute(update(s.batches).where(late, s.batches.c.overdue.is_(False)).values(overdue=True))
+            lock(conn)
+            late = and_(b.state == "receipted", b.due < today)
+            newly = conn.execute(
+                select(b.batch_id, b.unit_id, b.commission_id, b.subject_count, b.due)
+                .where(late, b.overdue.is_(False))
+                .order_by(b.due, b.batch_id)
+            ).all()
+            for row in newly:
+                conn.execute(update(s.batches).where(b.batch_id == row.batch_id).values(overdue=True))
+                self.events.overdue(
+                    conn, unit_id=row.unit_id, batch_id=row.batch_id, commission_id=row.commission_id,
+                    items=row.subject_count, due=row.due, now_ms=now_ms,
+                )  # fmt: skip
             rows = conn.execute(
                 select(s.batches.c.unit_id, func.sum(s.batches.c.subject_count))
                 .where(late)

@@ -26,6 +26,7 @@ from common.categories import UNIT_DATA
 from common.dates import from_pb
 from common.logs import LogThrottle, database_error, database_error_code, public_commission_ref
 from common.workdays import CHINA_TZ, CalendarError, WorkdayCalendar
+from gateway.archive.messages import Envelope
 from gateway.exchange.batches import BatchWork
 from gateway.exchange.store import GatewayStore
 from gateway.exchange.transport import TransportFailure, UnitClient, UnitRefusal
@@ -260,6 +261,9 @@ class ExchangeEngine:
     def _send(self, batch: BatchWork, client: UnitClient, report: CycleReport) -> None:
         query = exchange_pb2.QueryBatch.FromString(batch.content)
         envelope = self.courier.seal(query, batch.unit_id, ttl_ms=self.settings.envelope_ttl_ms)
+        # Clause 17: kept as sent, with its chain entry, before it leaves.
+        sent = Envelope(message_id_of(envelope), self.courier.me.party_id, query.DESCRIPTOR.full_name, envelope)
+        self.store.batches.sent(batch, sent, self._now())
         started = time.monotonic()
         try:
             reply = client.submit(envelope)
@@ -270,7 +274,9 @@ class ExchangeEngine:
             report.reached = True
             # Kept in the batch row and shown (hedui_batches_failed, hedui-gateway status); once the cause is fixed,
             # ``hedui-gateway resend`` puts the batch back into the outbox.
-            self.store.batches.refused(batch.batch_id, refusal.summary)
+            self.store.batches.refused(
+                batch.batch_id, refusal.summary, status=refusal.status, code=refusal.reason, now_ms=self._now()
+            )
             log.error(
                 "unit refused a batch",
                 extra={
@@ -298,15 +304,13 @@ class ExchangeEngine:
                 extra={"unit": batch.unit_id, "batch_id": batch.batch_id, "reason": type(exc).__name__},
             )
             return
-        self.store.messages.keep(
-            opened.header.message_id, opened.header.sender, opened.header.message_type, reply, self._now()
-        )
         self.store.batches.receipted(
             batch.batch_id,
             received_at_ms=receipt.received_at_ms,
             due=due,
-            envelope=reply,
+            envelope=_kept(opened),
             next_poll_ms=self._now(),
+            now_ms=self._now(),
         )
         if self.metrics is not None:
             self.metrics.receipted(batch.unit_id, len(query.subjects), time.monotonic() - started)
@@ -355,9 +359,9 @@ class ExchangeEngine:
                     self.store.batches.still_pending_later(batch.batch_id, self._now() + self.settings.poll_interval_ms)
                 log.error("answer set rejected", extra={"unit": unit_id, "reason": type(exc).__name__})
                 return answered, stored
-            self.store.messages.keep(
-                opened.header.message_id, opened.header.sender, opened.header.message_type, reply, self._now()
-            )
+            # Kept with the first chain entry that rests on it (an answer or a delay): a reply saying only
+            # "pending" changes nothing and is not kept.
+            kept = _kept(opened)
             answer_set = opened.message
             assert isinstance(answer_set, exchange_pb2.AnswerSet)
             by_id: dict[str, BatchWork | None] = {b.batch_id: b for b in work}
@@ -368,13 +372,13 @@ class ExchangeEngine:
                     continue
                 batch = found
                 if status.state == exchange_pb2.BATCH_STATE_ANSWERED:
-                    count = self._store_answer(batch, status.answer, opened.header.message_id)
+                    count = self._store_answer(batch, status.answer, kept)
                     if count is not None:
                         answered += 1
                         stored += count
                         progressed = True
                 elif status.state == exchange_pb2.BATCH_STATE_PENDING:
-                    self._pending(batch, status)
+                    self._pending(batch, status, kept)
                 else:
                     self.store.batches.resend(batch.batch_id)
                     log.warning(
@@ -394,7 +398,7 @@ class ExchangeEngine:
         however large batches are; each unit's worker holds one at a time."""
         return max(1, min(self.settings.fetch_group, FETCH_SUBJECTS // max(1, self.settings.batch_size)))
 
-    def _store_answer(self, batch: BatchWork, answer: exchange_pb2.BatchAnswer, message_id: bytes) -> int | None:
+    def _store_answer(self, batch: BatchWork, answer: exchange_pb2.BatchAnswer, envelope: Envelope) -> int | None:
         expected = self.store.batches.item_ids(batch.unit_id, batch.batch_id)
         refs = [a.subject_ref for a in answer.subjects]
         valid = answer.batch_digest == batch.digest and len(refs) == len(expected)
@@ -405,14 +409,14 @@ class ExchangeEngine:
                 "answer does not match its batch; not stored", extra={"unit": batch.unit_id, "batch_id": batch.batch_id}
             )
             return None
-        stored = self.store.batches.store_answers(batch.batch_id, answer.subjects, message_id, self._now())
+        stored = self.store.batches.store_answers(batch.batch_id, answer.subjects, envelope, self._now())
         if self.metrics is not None and stored:
             received = batch.received_at_ms
             latency = None if received is None else (self._now() - received) / 1000
             self.metrics.answered(batch.unit_id, stored, latency)
         return stored
 
-    def _pending(self, batch: BatchWork, status: exchange_pb2.BatchStatus) -> None:
+    def _pending(self, batch: BatchWork, status: exchange_pb2.BatchStatus, envelope: Envelope) -> None:
         original = batch.original_due or from_pb(status.due_date)
         due, reason = original, None
         if status.HasField("delay"):
@@ -433,7 +437,13 @@ class ExchangeEngine:
                     "delay notice beyond clause 12 ignored", extra={"unit": batch.unit_id, "batch_id": batch.batch_id}
                 )
         self.store.batches.still_pending(
-            batch.batch_id, due, reason, self._now() + self.settings.poll_interval_ms, today=self._today()
+            batch.batch_id,
+            due,
+            reason,
+            self._now() + self.settings.poll_interval_ms,
+            today=self._today(),
+            envelope=envelope,
+            now_ms=self._now(),
         )
 
     def _acknowledge(self, unit_id: str, client: UnitClient, report: CycleReport) -> int:
@@ -463,10 +473,16 @@ class ExchangeEngine:
 
     def sweep_deadlines(self) -> dict[str, int]:
         """Mark receipted batches past their due date overdue; returns overdue items per unit."""
-        overdue = self.store.batches.mark_overdue(self._today())
+        overdue = self.store.batches.mark_overdue(self._today(), self._now())
         for unit_id, count in overdue.items():
             log.warning("items overdue (clause 12)", extra={"unit": unit_id, "items": count})
         return overdue
+
+
+def _kept(opened: Opened) -> Envelope:
+    """A checked reply as the archive keeps it: the bytes as received."""
+    header = opened.header
+    return Envelope(header.message_id, header.sender, header.message_type, opened.raw)
 
 
 class UnitWorkers:

@@ -68,6 +68,7 @@ class JobIntervals:
     poll_seconds: float = 60.0
     sweep_seconds: float = 300.0
     key_check_seconds: float = 3600.0
+    checkpoint_seconds: float = 3600.0
 
 
 class GatewayScheduler:
@@ -87,6 +88,7 @@ class GatewayScheduler:
         key_check: Callable[[], None],
         metrics: GatewayMetrics | None = None,
         log_clock: Callable[[], float] = time.monotonic,
+        checkpoint: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -97,6 +99,8 @@ class GatewayScheduler:
         self.replica = replica
         self.lease_ms = lease_ms
         self.key_check = key_check
+        #: Signs a checkpoint of the audit chain (gateway/archive/checkpoints.py).
+        self.checkpoint = checkpoint
         self.scheduler = BackgroundScheduler(timezone=CHINA_TZ)
         self.runs: dict[str, int] = {}
         self.failures: dict[str, int] = {}
@@ -185,12 +189,15 @@ class GatewayScheduler:
         self.engine.sweep_deadlines()
 
     def jobs(self) -> dict[str, tuple[float, Callable[[], None]]]:
-        return {
+        jobs = {
             "dispatch": (self.intervals.dispatch_seconds, self.dispatch),
             "poll": (self.intervals.poll_seconds, self.poll),
             "deadline-sweep": (self.intervals.sweep_seconds, self.sweep),
             "key-expiry": (self.intervals.key_check_seconds, self.key_check),
         }
+        if self.checkpoint is not None:
+            jobs["audit-checkpoint"] = (self.intervals.checkpoint_seconds, self.checkpoint)
+        return jobs
 
     def start(self) -> None:
         for name, (seconds, body) in self.jobs().items():

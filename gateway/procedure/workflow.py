@@ -32,6 +32,7 @@ from common.db import reading
 from common.errors import HeduiError
 from common.workdays import CHINA_TZ
 from gateway.archive.audit import AuditLog
+from gateway.archive.checkpoints import write_checkpoint
 from gateway.db import schema as s
 from gateway.exchange.store import GatewayStore
 from gateway.procedure.intake import validate_package
@@ -520,6 +521,8 @@ class Workflow:
                 conn, row, actor=staff_id, action="commission.report", after=REPORT_ISSUED,
                 values={"report_staff": staff_id}, detail="partial" if partial else "complete",
             )  # fmt: skip
+            # Clause 17: the chain's head, this report's entry included, signed with the report.
+            write_checkpoint(conn, self.audit, self.agency, now, reason="report")
         return signed
 
     def report(self, ref: str, caller: Caller) -> agency_pb2.SignedReport:

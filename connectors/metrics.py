@@ -8,7 +8,8 @@ Batch ids, gateway-chosen references, ID numbers and names never become label va
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 from hedui.v1 import exchange_pb2
 from prometheus_client import CollectorRegistry, Counter
@@ -18,7 +19,8 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from common.db import reading
-from common.metrics import ServiceMetrics
+from common.metrics import CalendarCollector, ServiceMetrics
+from common.workdays import WorkdayCalendar
 from connectors import store as cstore
 from keys.errors import ENVELOPE_ERRORS
 
@@ -75,6 +77,10 @@ class ConnectorMetrics:
     def watch_store(self, engine: Engine) -> None:
         """Export the number of batches waiting for an answer, read from the store at scrape time."""
         self.registry.register(_PendingCollector(engine))
+
+    def watch_calendar(self, calendar: Callable[[], WorkdayCalendar], clock: Callable[[], float] = time.time) -> None:
+        """Export ``hedui_calendar_known_until`` of the calendar ``calendar()`` returns at scrape time."""
+        self.registry.register(CalendarCollector(calendar, clock))
 
     def answered(self, statuses: Iterable[int]) -> None:
         # One increment per status rather than per subject: a batch of thousands has a handful of statuses, and a

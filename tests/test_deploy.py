@@ -60,6 +60,7 @@ GATEWAY_METRICS = frozenset(
         "hedui_grpc_server_requests_total",
         "hedui_commissions",
         "hedui_approval_feedback_total",
+        "hedui_calendar_known_until",
     }
 )
 CONNECTOR_METRICS = frozenset(
@@ -73,6 +74,7 @@ CONNECTOR_METRICS = frozenset(
         "hedui_envelope_rejections_total",
         "hedui_grpc_server_requests_total",
         "hedui_tls_certificate_expiry_seconds",
+        "hedui_calendar_known_until",
     }
 )
 HISTOGRAMS = ("hedui_batch_round_trip_seconds", "hedui_answer_latency_seconds")
@@ -88,6 +90,7 @@ REQUIRED_GROUPS = (
     "hedui-key-expiry",
     "hedui-dispatch-stalled",
     "hedui-report-deadline",
+    "hedui-calendar",
 )
 ANNOTATIONS = ("summary", "description", "summary_zh", "description_zh", "runbook_url")
 CJK = re.compile(r"[\u4e00-\u9fff]")

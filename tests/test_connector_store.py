@@ -253,6 +253,9 @@ def test_upgrade_moves_the_blobs_out_once(tmp_path: Path, caplog: pytest.LogCapt
     assert _dump(engine) == before
     assert not [r for r in caplog.records if r.name == "hedui.connector.store"]
 
+    # due_provisional was added too, false for every batch received before (their due dates were all final).
+    assert [store.get(i).due_provisional for i in ("B-pending", "B-answered", "B-purged")] == [False] * 3  # type: ignore[union-attr]
+
     # The upgraded database works on, old (empty, nullable) columns and all.
     store.insert(_batch("B-new", received_at_ms=RECEIVED_MS + 5), b"new content")
     assert [b.batch_id for b, _ in store.pending(10)] == ["B-pending", "B-new"]

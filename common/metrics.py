@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 from wsgiref.simple_server import WSGIServer
 
@@ -30,6 +31,7 @@ from prometheus_client.registry import Collector
 from common.config import doc
 from common.db import DatabaseHealth
 from common.logs import LogThrottle, database_error, database_error_code
+from common.workdays import CHINA_TZ, WorkdayCalendar
 
 log = logging.getLogger("hedui.metrics")
 
@@ -358,3 +360,28 @@ class _DatabaseCollector(Collector):
             age.add_metric([], max(0.0, self.clock() - read_at))
             yield age
         yield from last
+
+
+_CALENDAR_KNOWN_UNTIL = (
+    "Unix time of the end (midnight, Beijing time) of the last day the working-day calendar knows: the official "
+    "holiday schedules it holds, built in and from the holiday file, without a gap from the current year on. Due "
+    "dates past it are provisional (docs/exchange.md); install the next year's schedule before it is reached "
+    "(docs/operations.md, 'Calendar running out')."
+)
+
+
+class CalendarCollector(Collector):
+    """``hedui_calendar_known_until``, read at scrape time from ``calendar()`` (the calendar in use now, which a
+    re-read holiday file may replace) on the day ``clock()`` (POSIX seconds) gives in Beijing time."""
+
+    def __init__(self, calendar: Callable[[], WorkdayCalendar], clock: Callable[[], float] = time.time) -> None:
+        self.calendar = calendar
+        self.clock = clock
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("hedui_calendar_known_until", _CALENDAR_KNOWN_UNTIL)
+
+    def collect(self) -> Iterator[Metric]:
+        today = datetime.fromtimestamp(self.clock(), tz=CHINA_TZ).date()
+        value = self.calendar().known_until_timestamp(today)
+        yield GaugeMetricFamily("hedui_calendar_known_until", _CALENDAR_KNOWN_UNTIL, value=value)

@@ -4,13 +4,24 @@ Clause 12: a sharing unit answers within 7 working days of receiving a query; wi
 by at most 5 working days. Working days are Monday to Friday, except the public holidays the State Council
 announces each year, plus the adjusted working weekends (调休) it announces with them.
 
-The State Council publishes each year's schedule in the autumn before. A year without a schedule cannot be
-computed honestly, so :class:`WorkdayCalendar` refuses (``UnknownCalendarYear``) instead of guessing; an operator
-adds the official schedule of a new year in a TOML file (see :func:`load_schedule_file`).
+The State Council publishes each year's schedule in the autumn before, sometimes only weeks before the year
+starts. A year without a schedule cannot be computed honestly, so the exact methods of :class:`WorkdayCalendar`
+(``is_working_day``, ``due_date``, ``latest_extension``) refuse (``UnknownCalendarYear``) instead of guessing; an
+operator adds the official schedule of a new year in a TOML file (see :func:`load_schedule_file`).
+
+The exchange must not stop meanwhile, so :meth:`WorkdayCalendar.deadline` and :meth:`WorkdayCalendar.extension`
+give a *provisional* date instead (:class:`Deadline`): every day of a year without a schedule counts as a working
+day from Monday to Friday and as a day off on Saturday and Sunday — no public holidays, no adjusted working weekends.
+The real date is then later when a public holiday falls on a weekday in the span (元旦, 春节 …) and earlier when an
+adjusted working weekend (调休) does; days of known years in the span count as usual. Once the year's schedule is
+installed, the same call gives the exact date and ``provisional`` is false (docs/exchange.md, "Provisional due
+dates").
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import HeduiError
+
+log = logging.getLogger("hedui.calendar")
 
 #: Deadlines are counted in Beijing time, whatever the server's time zone.
 CHINA_TZ = timezone(timedelta(hours=8), "CST")
@@ -111,6 +124,16 @@ OFFICIAL_SCHEDULES: Mapping[int, YearSchedule] = {
 
 
 @dataclass(frozen=True)
+class Deadline:
+    """A clause-12 date and whether it is provisional: counted across a year without an official schedule, whose
+    days were taken as Monday-Friday working days (see the module docstring). A provisional date may turn out later
+    (a public holiday in the span) or earlier (an adjusted working weekend) once the schedule is known."""
+
+    day: date
+    provisional: bool
+
+
+@dataclass(frozen=True)
 class WorkdayCalendar:
     """Working days by the official schedules it holds; refuses dates in other years."""
 
@@ -162,6 +185,111 @@ class WorkdayCalendar:
     def latest_extension(self, due: date) -> date:
         """Clause 12: the latest date a delay notice may move ``due`` to (5 working days later)."""
         return self.add_working_days(due, MAX_DELAY_WORKING_DAYS)
+
+    def knows(self, year: int) -> bool:
+        """Whether the calendar holds the official schedule of ``year``."""
+        return year in self.schedules
+
+    def _advance(self, start: date, count: int) -> Deadline:
+        """The ``count``-th working day after ``start``, counting days of unknown years Monday to Friday."""
+        if count < 0:
+            raise ValueError("count must not be negative")
+        day, provisional = start, False
+        while count:
+            day += timedelta(days=1)
+            schedule = self.schedules.get(day.year)
+            if schedule is None:
+                provisional = True
+                working = day.weekday() < 5
+            else:
+                working = day in schedule.working_weekends or (day.weekday() < 5 and day not in schedule.holidays)
+            if working:
+                count -= 1
+        return Deadline(day, provisional)
+
+    def deadline(self, received_at: datetime, working_days: int = ANSWER_WORKING_DAYS) -> Deadline:
+        """Clause 12: the due date of a query received at ``received_at``, never refused: exact where every day
+        counted lies in a known year (then equal to :meth:`due_date`), provisional otherwise."""
+        if received_at.tzinfo is None:
+            raise ValueError("received_at must carry a time zone")
+        return self._advance(received_at.astimezone(CHINA_TZ).date(), working_days)
+
+    def extension(self, due: Deadline) -> Deadline:
+        """Clause 12: the latest date a delay notice may move ``due`` to; provisional if ``due`` is or if the five
+        working days after it cross a year without a schedule."""
+        limit = self._advance(due.day, MAX_DELAY_WORKING_DAYS)
+        return Deadline(limit.day, limit.provisional or due.provisional)
+
+    def settle(self, received_at: datetime, due: date, *, delayed: bool) -> tuple[date, date] | None:
+        """Fix a stored provisional due date once the calendar knows the years it spans: ``(original due, current
+        due)`` recomputed from the receipt time, or None while the date is still provisional.
+
+        Without a delay notice both are the exact date. With one, the notice's date ``due`` stands if it is still
+        after the exact original date and within the clause-12 extension of it; otherwise it is brought back into
+        that range (to the exact date when the delay is no longer needed, to the latest extension when it went
+        beyond it)."""
+        exact = self.deadline(received_at)
+        if exact.provisional:
+            return None
+        if not delayed:
+            return exact.day, exact.day
+        limit = self.extension(exact).day
+        return exact.day, min(max(due, exact.day), limit)
+
+    def known_until(self, today: date) -> date:
+        """The last day of the unbroken run of known years from ``today``'s year on; the day before 1 January of
+        ``today``'s year when that year itself is unknown (the calendar has already run out)."""
+        year = today.year
+        while year in self.schedules:
+            year += 1
+        return date(year - 1, 12, 31)
+
+    def known_until_timestamp(self, today: date) -> float:
+        """Unix time of the end of :meth:`known_until` in Beijing time (``hedui_calendar_known_until``)."""
+        last = self.known_until(today)
+        end = datetime(last.year, last.month, last.day, tzinfo=CHINA_TZ) + timedelta(days=1)
+        return end.timestamp()
+
+
+class CalendarSource:
+    """The calendar of a running service: the built-in schedules plus the operator's holiday file, read again when
+    the file changes (size or modification time), so that installing a new year's schedule needs no restart.
+
+    The first read happens here and raises CalendarError for a bad file (the service does not start with it); a
+    bad file written later is logged and the calendar read before stays in use. Thread-safe."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp = self._stat()
+        self._calendar = WorkdayCalendar.with_file(path)
+
+    def _stat(self) -> tuple[int, int] | None:
+        if self.path is None:
+            return None
+        try:
+            info = Path(self.path).stat()
+        except OSError:
+            return None
+        return (info.st_mtime_ns, info.st_size)
+
+    def current(self) -> WorkdayCalendar:
+        """The calendar, re-read first if the holiday file changed since the last read."""
+        with self._lock:
+            stamp = self._stat()
+            if stamp != self._stamp and stamp is not None:
+                try:
+                    calendar = WorkdayCalendar.with_file(self.path)
+                except CalendarError as exc:
+                    log.warning(
+                        "holiday file not taken: the calendar read before stays in use", extra={"detail": str(exc)}
+                    )
+                else:
+                    years = sorted(set(calendar.schedules) - set(self._calendar.schedules))
+                    log.info("holiday file read again", extra={"new_years": ",".join(map(str, years)) or "-"})
+                    self._calendar = calendar
+                self._stamp = stamp
+            return self._calendar
 
 
 def load_schedule_file(path: Path) -> dict[int, YearSchedule]:

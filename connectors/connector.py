@@ -11,7 +11,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Mapping
-from datetime import date, datetime
+from datetime import date
 from typing import TYPE_CHECKING
 
 import grpc
@@ -21,7 +21,7 @@ from hedui.v1 import exchange_pb2
 from common.categories import UNIT_DATA
 from common.dates import from_pb, to_pb, year_month
 from common.logs import public_commission_ref
-from common.workdays import CHINA_TZ, CalendarError, WorkdayCalendar
+from common.workdays import CHINA_TZ, CalendarSource, Deadline, WorkdayCalendar
 from connectors.adapters.base import Adapter, AdapterError, LookupContext
 from connectors.answering import answer_subjects, is_authorised
 from connectors.errors import DelayRefused, Refusal, envelope_refusal
@@ -86,6 +86,9 @@ class Connector:
         #: Batches whose answering failed: batch id -> (consecutive failures, earliest next try). In memory only:
         #: a restart tries everything at once, which is what an operator who just fixed the database wants.
         self._retry: dict[str, tuple[int, int]] = {}
+        #: Where a running service re-reads its holiday file (set by connectors.server.build_connector); None: the
+        #: calendar given here stays.
+        self.calendar_source: CalendarSource | None = None
 
     @property
     def party_id(self) -> str:
@@ -157,6 +160,8 @@ class Connector:
                 return self._same_batch_receipt(existing, gateway, digest, opened)
             self._validate(batch, gateway)
             received_at = self._now()
+            # Never refused for the calendar: a due date across a year without its official schedule is given
+            # provisionally and fixed by settle_due_dates once the schedule is installed.
             due = self._due(received_at)
             stored = StoredBatch(
                 batch_id=batch.batch_id,
@@ -166,12 +171,13 @@ class Connector:
                 digest=digest,
                 subject_count=len(batch.subjects),
                 received_at_ms=received_at,
-                original_due=due,
-                due=due,
+                original_due=due.day,
+                due=due.day,
                 state="pending",
                 answered_at_ms=None,
                 delay_reason=None,
                 delay_issued_at_ms=None,
+                due_provisional=due.provisional,
             )
             try:
                 self.store.insert(stored, content)
@@ -191,6 +197,7 @@ class Connector:
                 "batch_id": stored.batch_id,
                 "commission_id": public_commission_ref(batch.commission_ref),
                 "subjects": stored.subject_count,
+                "due_provisional": stored.due_provisional,
             },
         )
         return self._reply(self._receipt(stored), opened)
@@ -210,14 +217,42 @@ class Connector:
             received_at_ms=stored.received_at_ms,
             due_date=to_pb(stored.original_due),
             subject_count=stored.subject_count,
+            due_date_provisional=stored.due_provisional,
         )
 
-    def _due(self, received_at_ms: int) -> date:
-        try:
-            return self.calendar.due_date(datetime.fromtimestamp(received_at_ms / 1000, tz=CHINA_TZ))
-        except CalendarError as exc:
-            # Clause 12 deadlines cannot be computed across a year without its official schedule.
-            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, str(exc), "calendar_year_unknown") from exc
+    def _due(self, received_at_ms: int) -> Deadline:
+        """Clause 12: 7 working days after receipt; provisional across a year the calendar does not know."""
+        return self.calendar.deadline(from_ms(received_at_ms))
+
+    def _extension(self, stored: StoredBatch) -> date:
+        """Clause 12: the latest date a delay notice may move the batch's due date to (provisional with it)."""
+        return self.calendar.extension(Deadline(stored.original_due, stored.due_provisional)).day
+
+    def settle_due_dates(self, calendar: WorkdayCalendar | None = None) -> int:
+        """Fix the provisional due dates the calendar (``calendar`` from now on, when given: a holiday file read
+        again) can now compute exactly, from each batch's receipt time; each change gets an audit entry. Returns
+        how many were fixed. The gateway learns the final date from the next BatchStatus (docs/exchange.md)."""
+        if calendar is not None:
+            self.calendar = calendar
+        fixed = 0
+        for stored in self.store.provisional():
+            settled = self.calendar.settle(
+                from_ms(stored.received_at_ms), stored.due, delayed=stored.delay_reason is not None
+            )
+            if settled is None:
+                continue
+            original, due = settled
+            if self.store.settle_due(stored.batch_id, original, due, self._now()):
+                fixed += 1
+                log.info(
+                    "provisional due date is final",
+                    extra={
+                        "batch_id": stored.batch_id,
+                        "provisional": stored.original_due.isoformat(),
+                        "final": original.isoformat(),
+                    },
+                )
+        return fixed
 
     def _validate(self, batch: exchange_pb2.QueryBatch, gateway: str) -> None:
         """Whole-batch checks; any failure refuses the batch. Per-subject problems are answered, not refused."""
@@ -333,7 +368,7 @@ class Connector:
 
     def _delay_if_due(self, stored: StoredBatch) -> None:
         if stored.delay_reason is None and self._today() >= stored.due:
-            self.issue_delay(stored.batch_id, self.calendar.latest_extension(stored.original_due), "technical")
+            self.issue_delay(stored.batch_id, self._extension(stored), "technical")
 
     def issue_delay(self, batch_id: str, new_due: date, reason: str) -> None:
         """Clause 12: notify that a pending batch will be answered by ``new_due`` (at most 5 working days past
@@ -343,7 +378,7 @@ class Connector:
             raise DelayRefused("only a pending batch can be delayed")
         if not re.fullmatch(r"[a-z_]{1,32}", reason):
             raise DelayRefused("reason must be a short code such as technical or volume")
-        latest = self.calendar.latest_extension(stored.original_due)
+        latest = self._extension(stored)
         if new_due > latest:
             raise DelayRefused(f"clause 12 allows at most 5 working days of delay: {new_due} is after {latest}")
         if new_due <= stored.due:
@@ -372,6 +407,7 @@ class Connector:
             if batch_id in found:
                 stored, answer = found[batch_id]
                 status.due_date.CopyFrom(to_pb(stored.due))
+                status.due_date_provisional = stored.due_provisional
                 if stored.delay_reason is not None and stored.delay_issued_at_ms is not None:
                     status.delay.CopyFrom(
                         exchange_pb2.DelayNotice(

@@ -17,7 +17,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy import Engine, func, select
 
 from common.db import reading
-from common.metrics import ServiceMetrics
+from common.metrics import CalendarCollector, ServiceMetrics
+from common.workdays import WorkdayCalendar
 from connectors import store as cstore
 from keys.errors import ENVELOPE_ERRORS
 
@@ -79,6 +80,10 @@ class ConnectorMetrics:
     def database_failed(self) -> None:
         """Work of this process (the answer worker) failed on the store: hedui_database_up goes to 0."""
         self.service.database.failed()
+
+    def watch_calendar(self, calendar: Callable[[], WorkdayCalendar], clock: Callable[[], float] = time.time) -> None:
+        """Export ``hedui_calendar_known_until`` of the calendar ``calendar()`` returns at scrape time."""
+        self.registry.register(CalendarCollector(calendar, clock))
 
     def answered(self, statuses: Iterable[int]) -> None:
         # One increment per status rather than per subject: a batch of thousands has a handful of statuses, and a

@@ -21,7 +21,7 @@ from common.db import make_engine
 from common.logs import LogThrottle, database_error, database_error_code, log_context, new_request_id
 from common.metrics import MetricsServer, process_registry, serve_metrics
 from common.rpc import REFUSAL_REASON_KEY, new_server, start_server
-from common.workdays import WorkdayCalendar
+from common.workdays import CalendarSource
 from connectors.adapters.base import Adapter
 from connectors.adapters.csv_files import CsvAdapter
 from connectors.adapters.sql import SqlAdapter
@@ -120,6 +120,10 @@ class AnswerWorker(threading.Thread):
                 # transaction on every turn of the loop.
                 if time.monotonic() >= next_purge:
                     self.connector.purge(self.retention_days)
+                    # The periodic re-check of provisional due dates, with the holiday file read again if an
+                    # operator installed a new year's schedule (docs/operations.md, "Calendar running out").
+                    source = self.connector.calendar_source
+                    self.connector.settle_due_dates(source.current() if source is not None else None)
                     next_purge = time.monotonic() + PURGE_INTERVAL_S
             except Exception as exc:  # keep answering after an unexpected failure
                 self._failed(exc)
@@ -219,21 +223,26 @@ def build_connector(
         store = ConnectorStore(make_engine(config.database.url))
     if metrics is not None:
         metrics.watch_store(store.engine)
+    calendar = CalendarSource(config.exchange.holiday_file)
     staff: dict[str, set[str]] = {}
     for entry in config.staff:
         staff.setdefault(entry.gateway, set()).add(entry.staff_id)
-    return Connector(
+    connector = Connector(
         courier=courier,
         store=store,
         adapter=build_adapter(config, require_database=require_database),
         unit_category=config.unit_category,
-        calendar=WorkdayCalendar.with_file(config.exchange.holiday_file),
+        calendar=calendar.current(),
         staff={gateway: frozenset(ids) for gateway, ids in staff.items()},
         threshold_categories=frozenset(data_category_by_name(n) for n in config.exchange.threshold_categories),
         max_subjects=config.exchange.max_subjects_per_batch,
         envelope_ttl_ms=config.exchange.envelope_ttl_minutes * 60_000,
         metrics=metrics,
     )
+    connector.calendar_source = calendar
+    if metrics is not None:
+        metrics.watch_calendar(lambda: connector.calendar, lambda: connector.courier.clock.now_ms() / 1000)
+    return connector
 
 
 def start(
@@ -255,6 +264,8 @@ def start(
     interceptors: list[grpc.ServerInterceptor[Any, Any]] = []
     if connector.metrics is not None:
         interceptors.append(connector.metrics.service.interceptor())
+    # At start: provisional due dates that a calendar loaded with a new holiday file can now fix.
+    connector.settle_due_dates()
     server = new_server(max_workers=max_workers, options=options, interceptors=interceptors)
     exchange_pb2_grpc.add_ExchangeServiceServicer_to_server(
         ExchangeServicer(connector, require_tls_identity=credentials is not None), server

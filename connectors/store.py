@@ -20,6 +20,7 @@ from datetime import date
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Date,
     Engine,
@@ -32,6 +33,7 @@ from sqlalchemy import (
     column,
     delete,
     exists,
+    false,
     insert,
     inspect,
     or_,
@@ -39,7 +41,7 @@ from sqlalchemy import (
     table,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from common.db import reading
 from common.replaystore import SqlReplayCache, replay_table
@@ -67,6 +69,9 @@ batches = Table(
     Column("delay_reason", String(32), nullable=True),
     Column("delay_issued_at_ms", BigInteger, nullable=True),
     Column("attempts", Integer, nullable=False, default=0),
+    # original_due (and due) counted across a year without an official holiday schedule; fixed by settle_due.
+    # Added after the first release: _add_due_provisional adds it to older databases.
+    Column("due_provisional", Boolean, nullable=False, default=False, server_default=false()),
 )
 
 audit = Table(
@@ -122,6 +127,8 @@ class StoredBatch:
     answered_at_ms: int | None
     delay_reason: str | None
     delay_issued_at_ms: int | None
+    #: The due dates were counted across a year the calendar did not know (common/workdays.py ``Deadline``).
+    due_provisional: bool = False
 
 
 _SUMMARY = [c for c in batches.c if c.name not in {"acknowledged_at_ms", "attempts"}]
@@ -138,6 +145,7 @@ class ConnectorStore:
         self.engine = engine
         metadata.create_all(engine)
         _move_blobs_out_of_batches(engine)
+        _add_due_provisional(engine)
         self.replay = SqlReplayCache(engine, seen_messages)
 
     def get(self, batch_id: str) -> StoredBatch | None:
@@ -221,6 +229,41 @@ class ConnectorStore:
             )
             conn.execute(insert(audit).values(at_ms=at_ms, event="delay_notice", batch_id=batch_id, reason=reason))
 
+    def provisional(self) -> list[StoredBatch]:
+        """Batches whose due dates are still provisional, oldest first (few: only those received while the
+        calendar lacked a year)."""
+        with reading(self.engine) as conn:
+            rows = conn.execute(
+                select(*_SUMMARY).where(batches.c.due_provisional.is_(True)).order_by(batches.c.received_at_ms)
+            ).all()
+        return [StoredBatch(**r._mapping) for r in rows]
+
+    def settle_due(self, batch_id: str, original_due: date, due: date, at_ms: int) -> bool:
+        """A provisional due date becomes final (``original_due``; ``due``, moved by a delay notice if any), with an
+        audit entry naming both dates in the same transaction; False if it was no longer provisional."""
+        with self.engine.begin() as conn:
+            before = conn.execute(
+                select(batches.c.original_due).where(
+                    batches.c.batch_id == batch_id, batches.c.due_provisional.is_(True)
+                )
+            ).first()
+            if before is None:
+                return False
+            conn.execute(
+                update(batches)
+                .where(batches.c.batch_id == batch_id, batches.c.due_provisional.is_(True))
+                .values(original_due=original_due, due=due, due_provisional=False)
+            )
+            conn.execute(
+                insert(audit).values(
+                    at_ms=at_ms,
+                    event="due_date_final",
+                    batch_id=batch_id,
+                    reason=f"{before.original_due.isoformat()}->{original_due.isoformat()}",
+                )
+            )
+        return True
+
     def answers_for(self, gateway: str, batch_ids: Sequence[str]) -> dict[str, tuple[StoredBatch, bytes | None]]:
         """The gateway's own batches among ``batch_ids``, with the stored answer bytes where answered."""
         with reading(self.engine) as conn:
@@ -282,6 +325,22 @@ class ConnectorStore:
     def batch_count(self) -> int:
         with reading(self.engine) as conn:
             return len(conn.execute(select(batches.c.batch_id)).all())
+
+
+def _add_due_provisional(engine: Engine) -> None:
+    """Upgrade a database made before provisional due dates: add ``batches.due_provisional``, false for every
+    existing batch (their dates were all computed from known years: the connector refused the others). A second
+    process racing to do the same loses harmlessly."""
+    if "due_provisional" in {c["name"] for c in inspect(engine).get_columns("batches")}:
+        return
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE batches ADD COLUMN due_provisional BOOLEAN NOT NULL DEFAULT FALSE")
+    except (OperationalError, ProgrammingError):
+        if "due_provisional" not in {c["name"] for c in inspect(engine).get_columns("batches")}:
+            raise
+        return
+    log.info("connector store upgraded: batches.due_provisional added")
 
 
 def _move_blobs_out_of_batches(engine: Engine) -> None:

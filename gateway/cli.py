@@ -33,6 +33,7 @@ from common.cli import run, service_parser
 from common.config import describe
 from common.db import make_engine, reading
 from common.errors import HeduiError
+from common.workdays import CalendarError, WorkdayCalendar
 from gateway.archive.audit import AuditLog
 from gateway.archive.commands import add_audit_commands
 from gateway.config import GatewayConfig
@@ -118,12 +119,56 @@ def _status(args: argparse.Namespace) -> None:
         by_unit.setdefault(unit_id, []).append(f"{state}={batches} batches/{subjects} items")
     now = SystemClock().now_ms()
     print("times are Beijing time")
+    today = datetime.fromtimestamp(now / 1000, CHINA_TIME).date()
+    try:
+        print(_calendar_line(WorkdayCalendar.with_file(config.exchange.holiday_file), today))
+    except CalendarError as exc:
+        print(f"calendar: {exc}")
+    provisional = _provisional_lines(store, today)
     for unit in store.units.all():
         print(f"{unit.unit_id:32} {unit.endpoint:24} {_health(unit, now)}")
         print(f"    {_health_detail(unit, now)}")
         for line in by_unit.get(unit.unit_id, []):
             print(f"    {line}")
+        if unit.unit_id in provisional:
+            print(f"    {provisional[unit.unit_id]}")
     store.engine.dispose()
+
+
+#: ``status`` warns this many days before the calendar runs out, as the HeduiCalendarRunningOut alert does.
+CALENDAR_WARNING_DAYS = 60
+
+
+def _calendar_line(calendar: WorkdayCalendar, today: date) -> str:
+    """How far the working-day calendar reaches, and what to do when that is soon (docs/operations.md)."""
+    known = calendar.known_until(today)
+    line = f"calendar: official holiday schedules known until {known.isoformat()}"
+    if (known - today).days < CALENDAR_WARNING_DAYS:
+        line += (
+            f"; due dates after it are provisional: install the {known.year + 1} schedule in the holiday file "
+            "(docs/operations.md, 'Calendar running out')"
+        )
+    return line
+
+
+def _provisional_lines(store: GatewayStore, today: date) -> dict[str, str]:
+    """Per unit, its receipted batches whose due dates are provisional (counted across a year without an official
+    schedule), and how many items are past such a date (provisionally overdue: not marked overdue)."""
+    b = schema.batches.c
+    with reading(store.engine) as conn:
+        rows = conn.execute(
+            select(b.unit_id, func.count(), func.sum(b.subject_count), func.max(b.due))
+            .where(b.state == "receipted", b.due_provisional.is_(True))
+            .group_by(b.unit_id)
+        ).all()
+    late = store.batches.provisionally_overdue(today)
+    lines = {}
+    for unit_id, batches, items, latest in rows:
+        line = f"provisional due dates: {batches} batches/{items} items, latest {latest.isoformat()}"
+        if late.get(unit_id):
+            line += f"; {late[unit_id]} items provisionally overdue (past a provisional date, not marked overdue)"
+        lines[unit_id] = line
+    return lines
 
 
 def _health(unit: UnitRow, now_ms: int) -> str:

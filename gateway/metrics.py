@@ -22,7 +22,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 
 from common.db import reading
-from common.metrics import ServiceMetrics
+from common.metrics import CalendarCollector, ServiceMetrics
+from common.workdays import WorkdayCalendar
 from gateway.db import schema as s
 from gateway.procedure.workflow import STATE_TO_PB
 from keys.errors import ENVELOPE_ERRORS
@@ -156,6 +157,11 @@ class GatewayMetrics:
     def watch_keys(self, expiries: KeyExpiries) -> None:
         """Export days until retiring keys (ours and the units') stop being valid, read at scrape time."""
         self.registry.register(_KeyCollector(expiries))
+
+    def watch_calendar(self, calendar: Callable[[], WorkdayCalendar], clock: Callable[[], float] = time.time) -> None:
+        """Export ``hedui_calendar_known_until`` of the calendar ``calendar()`` returns at scrape time (the one the
+        deadline sweep uses: the holiday file re-read)."""
+        self.registry.register(CalendarCollector(calendar, clock))
 
     # -- events ------------------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from common.config import ConfigError
 from common.memory import tune_allocator
 from common.metrics import MetricsServer, process_registry, serve_metrics
 from common.rpc import new_server, start_server
-from common.workdays import WorkdayCalendar
+from common.workdays import CalendarSource
 from gateway.api.agency import SERVICE as AGENCY_SERVICE
 from gateway.api.agency import AgencyServicer, AuthInterceptor
 from gateway.archive.audit import AuditLog
@@ -166,9 +166,13 @@ def build(config: GatewayConfig) -> RunningGateway:
         lease_ms=int(ex.lease_seconds * 1000),
         probe_interval_ms=int(ex.probe_interval_seconds * 1000),
     )
+    calendar = CalendarSource(ex.holiday_file)
     exchange = ExchangeEngine(
-        store, courier, clients, WorkdayCalendar.with_file(ex.holiday_file), settings, metrics=metrics
+        store, courier, clients, calendar.current(), settings, metrics=metrics, calendar_source=calendar
     )
+    # At start: provisional due dates a newly installed holiday file can fix (the deadline sweep re-checks later).
+    exchange.settle_due_dates()
+    metrics.watch_calendar(lambda: exchange.calendar)
     workers = UnitWorkers(exchange, max_workers=max(4, len(clients)))
     sched = config.schedule
     key_watch = KeyWatch(config, party, trust, clock)

@@ -69,13 +69,17 @@ def test_due_date_across_spring_festival_counts_adjusted_working_saturday(tmp_pa
         assert _date(receipt.due_date) == date(2026, 2, 28)
 
 
-def test_batch_whose_deadline_falls_in_an_unknown_year_is_refused(tmp_path: Path) -> None:
+def test_batch_whose_deadline_falls_in_an_unknown_year_is_receipted_with_a_provisional_date(tmp_path: Path) -> None:
+    # Issue 10 item 10: this was refused (calendar_year_unknown) until a 2027 holiday file was installed. Monday
+    # 28 Dec 2026: 29, 30, 31 Dec, then 2027 counted Monday to Friday (Fri 1 Jan, Mon 4 .. Wed 6 Jan).
     with exchange_world(tmp_path, now_ms=beijing_ms(2026, 12, 28)) as world:
-        with pytest.raises(grpc.RpcError) as excinfo:
-            world.submit(world.batch("B-NY", world.subjects(2)))
-        assert _code(excinfo) == grpc.StatusCode.FAILED_PRECONDITION
-        assert "2027" in (excinfo.value.details() or "")
-        assert world.connector.store.batch_count() == 0
+        receipt = world.submit(world.batch("B-NY", world.subjects(2)))
+        assert _date(receipt.due_date) == date(2027, 1, 6)
+        assert receipt.due_date_provisional
+        assert world.connector.store.batch_count() == 1
+        assert world.connector.answer_pending() == 1
+        status = world.fetch("B-NY").batches[0]
+        assert status.state == exchange_pb2.BATCH_STATE_ANSWERED and status.due_date_provisional
 
 
 # -- idempotency ---------------------------------------------------------------------------------------------------

@@ -195,6 +195,7 @@ _old_batches = Table(
 def _old_row(batch_id: str, state: str, content: bytes | None, answer: bytes | None, n: int) -> dict[str, object]:
     row: dict[str, object] = {**_batch(batch_id, received_at_ms=RECEIVED_MS + n).__dict__, "state": state}
     row |= {"content": content, "answer": answer, "attempts": 0}
+    del row["due_provisional"]  # added after that version
     if answer is not None:
         row["answered_at_ms"] = RECEIVED_MS + 10
     if state in {"acknowledged", "purged"}:
@@ -238,7 +239,8 @@ def test_upgrade_moves_the_blobs_out_once(tmp_path: Path, caplog: pytest.LogCapt
     assert old == [(None, None)] * 3, "the blobs are still in the old columns too"
     assert contents == {"B-pending": CONTENT, "B-answered": CONTENT[::-1]}
     assert _count(engine, cstore.batch_answers) == 1
-    [upgraded] = [r for r in caplog.records if r.name == "hedui.connector.store"]
+    # This old database also lacks due_provisional, which gets its own upgrade line.
+    [upgraded] = [r for r in caplog.records if r.name == "hedui.connector.store" and "moved" in r.getMessage()]
     assert (upgraded.contents_moved, upgraded.answers_moved) == (2, 1)  # type: ignore[attr-defined]
 
     # Opening it again changes nothing (its statements match no rows: nothing to rewrite) and logs nothing.
@@ -250,6 +252,9 @@ def test_upgrade_moves_the_blobs_out_once(tmp_path: Path, caplog: pytest.LogCapt
     assert [n for s, n in second_open if s.startswith(("INSERT", "UPDATE", "DELETE"))] == [0, 0, 0]
     assert _dump(engine) == before
     assert not [r for r in caplog.records if r.name == "hedui.connector.store"]
+
+    # due_provisional was added too, false for every batch received before (their due dates were all final).
+    assert [store.get(i).due_provisional for i in ("B-pending", "B-answered", "B-purged")] == [False] * 3  # type: ignore[union-attr]
 
     # The upgraded database works on, old (empty, nullable) columns and all.
     store.insert(_batch("B-new", received_at_ms=RECEIVED_MS + 5), b"new content")

@@ -62,6 +62,7 @@ GATEWAY_METRICS = frozenset(
         "hedui_approval_feedback_total",
         "hedui_database_up",
         "hedui_database_scrape_age_seconds",
+        "hedui_calendar_known_until",
     }
 )
 CONNECTOR_METRICS = frozenset(
@@ -77,6 +78,7 @@ CONNECTOR_METRICS = frozenset(
         "hedui_tls_certificate_expiry_seconds",
         "hedui_database_up",
         "hedui_database_scrape_age_seconds",
+        "hedui_calendar_known_until",
     }
 )
 HISTOGRAMS = ("hedui_batch_round_trip_seconds", "hedui_answer_latency_seconds")
@@ -92,6 +94,7 @@ REQUIRED_GROUPS = (
     "hedui-key-expiry",
     "hedui-dispatch-stalled",
     "hedui-report-deadline",
+    "hedui-calendar",
 )
 ANNOTATIONS = ("summary", "description", "summary_zh", "description_zh", "runbook_url")
 CJK = re.compile(r"[\u4e00-\u9fff]")

@@ -100,6 +100,8 @@ def test_upgrading_a_database_in_use_keeps_every_batch_and_its_items(tmp_path: P
             assert [(r.batch_id, bytes(r.content)) for r in moved] == [("B-1", content)]
             assert conn.execute(text("SELECT batch_id FROM items")).scalar_one() == "B-1"
             assert conn.execute(text("SELECT state FROM batches")).scalar_one() == "receipted"
+            # 0008: a batch receipted before provisional due dates existed has a final one.
+            assert conn.execute(text("SELECT due_provisional FROM batches")).scalar_one() in (False, 0)
         assert "content" not in {c["name"] for c in inspect(engine).get_columns("batches")}
     finally:
         engine.dispose()

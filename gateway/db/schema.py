@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 
 from common.replaystore import replay_table
@@ -198,6 +199,9 @@ batches = Table(
     Column("received_at_ms", BigInteger, nullable=True),
     Column("original_due", Date, nullable=True),
     Column("due", Date, nullable=True),
+    # original_due/due counted across a year without an official holiday schedule (migration 0008): shown as
+    # provisional, never marked overdue, fixed by BatchLedger.settle_due once the calendar knows the year.
+    Column("due_provisional", Boolean, nullable=False, default=False, server_default=false()),
     Column("delay_reason", String(32), nullable=True),
     Column("overdue", Boolean, nullable=False, default=False),
     Column("receipt_envelope", LargeBinary, nullable=True),

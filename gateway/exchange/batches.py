@@ -50,6 +50,8 @@ class BatchWork:
     received_at_ms: int | None = None
     commission_id: int = 0
     subject_count: int = 0
+    #: ``original_due`` is provisional (counted across a year without an official holiday schedule).
+    due_provisional: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,19 @@ class ResentBatch:
     batch_id: str
     items: int
     last_error: str | None
+
+
+@dataclass(frozen=True)
+class ProvisionalDue:
+    """A batch whose due dates are provisional, with what fixing them needs."""
+
+    batch_id: str
+    unit_id: str
+    commission_id: int
+    received_at_ms: int
+    original_due: date
+    due: date
+    delay_reason: str | None
 
 
 class ResendRefused(HeduiError):
@@ -134,6 +149,7 @@ class BatchLedger:
                 s.batches.c.received_at_ms,
                 s.batches.c.commission_id,
                 s.batches.c.subject_count,
+                s.batches.c.due_provisional,
             ).where(s.batches.c.batch_id.in_(claimed))
             if sending:
                 work = work.join_from(s.batches, s.batch_contents)
@@ -189,10 +205,19 @@ class BatchLedger:
             )  # fmt: skip
 
     def receipted(
-        self, batch_id: str, *, received_at_ms: int, due: date, envelope: Envelope, next_poll_ms: int, now_ms: int
+        self,
+        batch_id: str,
+        *,
+        received_at_ms: int,
+        due: date,
+        envelope: Envelope,
+        next_poll_ms: int,
+        now_ms: int,
+        due_provisional: bool = False,
     ) -> None:
         """The unit's signed receipt is stored (and archived, with its ``batch.receipted`` entry); the clause-12
-        clock runs from its received time."""
+        clock runs from its received time. ``due_provisional``: the receipt says its due date is provisional (fixed
+        later by :meth:`settle_due`)."""
         with self.engine.begin() as conn:
             lock(conn)
             changed = self._finish(
@@ -205,6 +230,7 @@ class BatchLedger:
                 original_due=due,
                 due=due,
                 receipt_envelope=envelope.raw,
+                due_provisional=due_provisional,
                 last_error=None,
                 next_poll_ms=next_poll_ms,
             )
@@ -401,11 +427,15 @@ class BatchLedger:
 
     def mark_overdue(self, today: date, now_ms: int = 0) -> dict[str, int]:
         """Receipted batches past their due date become overdue (and stay visible), each with a ``batch.overdue``
-        chain entry when it becomes so; returns items per unit."""
+        chain entry when it becomes so; returns items per unit.
+
+        A provisional due date never makes a batch overdue: the real date may be later (docs/exchange.md,
+        "Provisional due dates"). Such batches are "provisionally overdue" (:meth:`provisionally_overdue`) until
+        :meth:`settle_due` fixes the date, and the next sweep judges them by the final one."""
         b = s.batches.c
         with self.engine.begin() as conn:
             lock(conn)
-            late = and_(b.state == "receipted", b.due < today)
+            late = and_(b.state == "receipted", b.due < today, b.due_provisional.is_(False))
             newly = conn.execute(
                 select(b.batch_id, b.unit_id, b.commission_id, b.subject_count, b.due)
                 .where(late, b.overdue.is_(False))
@@ -423,6 +453,61 @@ class BatchLedger:
                 .group_by(s.batches.c.unit_id)
             ).all()
         return {r[0]: int(r[1]) for r in rows}
+
+    def provisionally_overdue(self, today: date) -> dict[str, int]:
+        """Items per unit in receipted batches past a provisional due date (not marked overdue; see mark_overdue)."""
+        with reading(self.engine) as conn:
+            rows = conn.execute(
+                select(s.batches.c.unit_id, func.sum(s.batches.c.subject_count))
+                .where(
+                    s.batches.c.state == "receipted",
+                    s.batches.c.due < today,
+                    s.batches.c.due_provisional.is_(True),
+                )
+                .group_by(s.batches.c.unit_id)
+            ).all()
+        return {r[0]: int(r[1]) for r in rows}
+
+    def provisional(self) -> list[ProvisionalDue]:
+        """Receipted (or later) batches whose due dates are still provisional, oldest receipt first."""
+        b = s.batches.c
+        with reading(self.engine) as conn:
+            rows = conn.execute(
+                select(b.batch_id, b.unit_id, b.commission_id, b.received_at_ms, b.original_due, b.due, b.delay_reason)
+                .where(b.due_provisional.is_(True), b.received_at_ms.is_not(None), b.original_due.is_not(None))
+                .order_by(b.received_at_ms, b.batch_id)
+            ).all()
+        return [
+            ProvisionalDue(
+                r.batch_id, r.unit_id, r.commission_id, r.received_at_ms, r.original_due, r.due, r.delay_reason
+            )
+            for r in rows
+        ]
+
+    def settle_due(
+        self, batch: ProvisionalDue, original_due: date, due: date, *, audit: AuditLog, actor: str, now_ms: int
+    ) -> bool:
+        """The batch's provisional due date becomes final: ``original_due`` and ``due`` (a delay notice's date, kept
+        within clause 12), with an audit entry naming both dates (codes only, no personal data) in the same
+        transaction. False, and nothing written, if the batch's date is no longer provisional."""
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(s.batches)
+                .where(s.batches.c.batch_id == batch.batch_id, s.batches.c.due_provisional.is_(True))
+                .values(original_due=original_due, due=due, due_provisional=False)
+            ).rowcount
+            if done:
+                audit.append(
+                    conn,
+                    at_ms=now_ms,
+                    actor=actor,
+                    action="batch.due_final",
+                    commission_id=batch.commission_id,
+                    before=batch.original_due.isoformat(),
+                    after=original_due.isoformat(),
+                    detail=f"unit={batch.unit_id};batch={batch.batch_id};due={due.isoformat()}",
+                )
+        return bool(done)
 
     def answer_count(self) -> int:
         """All answers stored."""

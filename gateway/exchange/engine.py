@@ -25,7 +25,8 @@ from hedui.v1 import exchange_pb2
 from common.categories import UNIT_DATA
 from common.dates import from_pb
 from common.logs import LogThrottle, database_error, database_error_code, public_commission_ref
-from common.workdays import CHINA_TZ, CalendarError, WorkdayCalendar
+from common.workdays import CHINA_TZ, CalendarSource, Deadline, WorkdayCalendar
+from gateway.archive.audit import AuditLog
 from gateway.archive.messages import Envelope
 from gateway.exchange.batches import BatchWork
 from gateway.exchange.store import GatewayStore
@@ -109,6 +110,7 @@ class ExchangeEngine:
         *,
         jitter: Callable[[], float] = random.random,
         metrics: GatewayMetrics | None = None,
+        calendar_source: CalendarSource | None = None,
     ) -> None:
         self.store = store
         self.courier = courier
@@ -117,6 +119,8 @@ class ExchangeEngine:
         self.settings = settings or EngineSettings()
         self.jitter = jitter
         self.metrics = metrics
+        #: Where the deadline sweep re-reads the holiday file (None: ``calendar`` stays as given).
+        self.calendar_source = calendar_source
         if metrics is not None:
             metrics.add_units(clients)
 
@@ -311,6 +315,7 @@ class ExchangeEngine:
             envelope=_kept(opened),
             next_poll_ms=self._now(),
             now_ms=self._now(),
+            due_provisional=receipt.due_date_provisional,
         )
         if self.metrics is not None:
             self.metrics.receipted(batch.unit_id, len(query.subjects), time.monotonic() - started)
@@ -321,6 +326,7 @@ class ExchangeEngine:
                 "batch_id": batch.batch_id,
                 "commission_id": public_commission_ref(query.commission_ref),
                 "subjects": len(query.subjects),
+                "due_provisional": receipt.due_date_provisional,
             },
         )
 
@@ -422,8 +428,10 @@ class ExchangeEngine:
         if status.HasField("delay"):
             try:
                 new_due = from_pb(status.delay.new_due_date)
-                allowed = original < new_due <= self.calendar.latest_extension(original)
-            except (ValueError, CalendarError):
+                # Against a provisional original, the bound is provisional too (the same rule the unit used).
+                limit = self.calendar.extension(Deadline(original, batch.due_provisional)).day
+                allowed = original < new_due <= limit
+            except ValueError:
                 allowed = False
             if self.metrics is not None:
                 notice = status.delay.new_due_date
@@ -472,11 +480,54 @@ class ExchangeEngine:
     # -- deadlines -----------------------------------------------------------------------------------------------
 
     def sweep_deadlines(self) -> dict[str, int]:
-        """Mark receipted batches past their due date overdue; returns overdue items per unit."""
-        overdue = self.store.batches.mark_overdue(self._today(), self._now())
+        """Fix provisional due dates the calendar now knows (:meth:`settle_due_dates`), then mark receipted batches
+        past their final due date overdue; returns overdue items per unit. Batches past a provisional date are
+        logged as provisionally overdue and not marked (docs/exchange.md, "Provisional due dates")."""
+        self.settle_due_dates()
+        today = self._today()
+        overdue = self.store.batches.mark_overdue(today, self._now())
         for unit_id, count in overdue.items():
             log.warning("items overdue (clause 12)", extra={"unit": unit_id, "items": count})
+        for unit_id, count in self.store.batches.provisionally_overdue(today).items():
+            log.warning(
+                "items past a provisional due date; not marked overdue until the calendar knows the year",
+                extra={"unit": unit_id, "items": count},
+            )
         return overdue
+
+    def settle_due_dates(self) -> int:
+        """Recompute each provisional due date from its receipt time with the calendar (the holiday file read
+        again first, when the engine has a source) and make final those it can now count exactly, each with an
+        audit entry. Returns how many became final. Each side fixes its own dates: this uses the gateway's calendar,
+        whatever the unit's says (both follow the same official schedule)."""
+        if self.calendar_source is not None:
+            self.calendar = self.calendar_source.current()
+        pending = self.store.batches.provisional()
+        if not pending:
+            return 0
+        audit = AuditLog(self.store.engine)
+        fixed = 0
+        for batch in pending:
+            settled = self.calendar.settle(
+                from_ms(batch.received_at_ms), batch.due, delayed=batch.delay_reason is not None
+            )
+            if settled is None:
+                continue
+            original, due = settled
+            if self.store.batches.settle_due(
+                batch, original, due, audit=audit, actor=self.settings.replica, now_ms=self._now()
+            ):
+                fixed += 1
+                log.info(
+                    "provisional due date is final",
+                    extra={
+                        "unit": batch.unit_id,
+                        "batch_id": batch.batch_id,
+                        "provisional": batch.original_due.isoformat(),
+                        "final": original.isoformat(),
+                    },
+                )
+        return fixed
 
 
 def _kept(opened: Opened) -> Envelope:

@@ -34,7 +34,8 @@ _TRANSIENT = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.ABORTED,
     grpc.StatusCode.CANCELLED,
-    # Expired or not-yet-valid envelope (clock skew), unknown calendar year at the unit: fixable at their end
+    # Expired or not-yet-valid envelope (clock skew), unknown calendar year at a connector older than issue 10
+    # (newer ones receipt with a provisional due date): fixable at their end
     # or by a fresh envelope, so retried with backoff.
     grpc.StatusCode.FAILED_PRECONDITION,
     # Our key not (yet) known at the unit, e.g. a rotation announcement not applied there yet.

@@ -22,7 +22,7 @@ import html
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
@@ -309,7 +309,9 @@ def _build(
             categories=categories,
             income_months=months,
         ),
+        open_units=_open_units(conn, commission_id, missing),
     )
+    report.footnotes.extend(_due_note(report.open_units, categories))
     for ref, group in households.items():
         household = report.households.add(household_ref=ref)
         for member in sorted(group, key=lambda m: (m.member_index, m.subject_id)):
@@ -318,6 +320,42 @@ def _build(
             household.members.append(member.message)
         household.summary.CopyFrom(_summary(household.members, months))
     return report
+
+
+def _open_units(conn: Connection, commission_id: int, units: Iterable[str]) -> list[agency_pb2.UnitDue]:
+    """Each unit's latest due date among the commission's receipted batches, and whether it is provisional (items
+    not yet receipted have no due date and give no entry)."""
+    wanted = sorted(units)
+    if not wanted:
+        return []
+    b = s.batches.c
+    latest: dict[str, tuple[date, bool]] = {}
+    for unit_id, due, provisional in conn.execute(
+        select(b.unit_id, b.due, b.due_provisional).where(
+            b.commission_id == commission_id, b.state == "receipted", b.unit_id.in_(wanted), b.due.is_not(None)
+        )
+    ):
+        known = latest.get(unit_id)
+        if known is None or due > known[0] or (due == known[0] and provisional):
+            latest[unit_id] = (due, bool(provisional))
+    return [
+        agency_pb2.UnitDue(unit_id=u, due_date=to_pb(d), due_date_provisional=p) for u, (d, p) in sorted(latest.items())
+    ]
+
+
+def _due_note(open_units: Sequence[agency_pb2.UnitDue], categories: Mapping[str, int]) -> list[str]:
+    provisional = [u for u in open_units if u.due_date_provisional]
+    if not provisional:
+        return []
+    units = "、".join(
+        f"{_unit_label(u.unit_id, categories)}{u.due_date.year}年{u.due_date.month}月{u.due_date.day}日"
+        for u in provisional
+    )
+    return [
+        f"以下信息共享单位的答复期限为暂定日期：{units}。出具时工作日历尚无该年度国务院办公厅部分节假日安排，"
+        "该年度按周一至周五为工作日、周六周日为休息日计算；实际期限在节假日或调休上班日落入期间时可能推后或提前，"
+        f"以该年度安排公布后重新计算的日期为准（{REGULATION}第十二条）。"
+    ]
 
 
 # -- signing and verifying ----------------------------------------------------------------------------------------
@@ -357,7 +395,16 @@ def verify_signed_report_by(signed: agency_pb2.SignedReport, trust: TrustStore, 
     return verify_report_by(signed, trust.keyring(party_id), party_id)
 
 
-# -- rendering ------------------------------------------------------------------------------------------------------
+# -- rendering ---------------------------------------------------------------------------------------------------------
+
+
+def _due_html(due: agency_pb2.UnitDue | None) -> str:
+    if due is None:
+        return ""
+    d = due.due_date
+    kind = "（暂定，见说明）" if due.due_date_provisional else ""
+    return f"，答复期限 {d.year:04d}-{d.month:02d}-{d.day:02d}{kind}"
+
 
 PROGRAMME_NAMES: Mapping[int, str] = {
     exchange_pb2.PROGRAMME_MINIMUM_LIVING_ALLOWANCE: "最低生活保障",
@@ -681,7 +728,12 @@ def render_html(report: agency_pb2.Report, *, signer_key_id: bytes = b"", mask_i
         out.append("</section>")
     out.append("<h2>未反馈单位</h2>")
     if report.units_not_answered:
-        out.append("<ul>" + "".join(f"<li>{_escape(u)}：未反馈</li>" for u in report.units_not_answered) + "</ul>")
+        dues = {u.unit_id: u for u in report.open_units}
+        out.append(
+            "<ul>"
+            + "".join(f"<li>{_escape(u)}：未反馈{_due_html(dues.get(u))}</li>" for u in report.units_not_answered)
+            + "</ul>"
+        )
     else:
         out.append("<p>无：全部信息共享单位均已反馈。</p>")
     out.append('<h2>说明</h2>\n<ol class="notes">')

@@ -464,13 +464,27 @@ class Workflow:
     def progress(self, ref: str, caller: Caller) -> agency_pb2.Progress:
         with reading(self.engine) as conn:
             row = self._row(conn, ref, caller)
-            dues = dict(
-                conn.execute(
-                    select(s.batches.c.unit_id, func.max(s.batches.c.due))
-                    .where(s.batches.c.commission_id == row.id, s.batches.c.state == "receipted")
-                    .group_by(s.batches.c.unit_id)
-                ).all()
-            )
+            open_batches = conn.execute(
+                select(
+                    s.batches.c.unit_id,
+                    s.batches.c.due,
+                    s.batches.c.due_provisional,
+                    func.sum(s.batches.c.subject_count),
+                )
+                .where(s.batches.c.commission_id == row.id, s.batches.c.state == "receipted")
+                .group_by(s.batches.c.unit_id, s.batches.c.due, s.batches.c.due_provisional)
+            ).all()
+        today = self._today()
+        # Per unit: the latest due date of its open batches, whether that date is provisional, and the items past a
+        # provisional date (not overdue until the date is final: docs/agency-api.md).
+        dues: dict[str, tuple[date, bool]] = {}
+        past_provisional: dict[str, int] = {}
+        for unit_id, due, provisional, items in open_batches:
+            latest = dues.get(unit_id)
+            if latest is None or due > latest[0] or (due == latest[0] and provisional):
+                dues[unit_id] = (due, bool(provisional))
+            if provisional and due < today:
+                past_provisional[unit_id] = past_provisional.get(unit_id, 0) + int(items)
         counts = self.store.outbox.progress(row.id)
         categories = {u.unit_id: u.category for u in self.store.units.all()}
         result = agency_pb2.Progress(
@@ -483,7 +497,9 @@ class Workflow:
                     setattr(unit, stage, count)
             due = dues.get(unit_id)
             if due is not None:
-                unit.due_date.CopyFrom(to_pb(due))
+                unit.due_date.CopyFrom(to_pb(due[0]))
+                unit.due_date_provisional = due[1]
+            unit.provisionally_overdue = past_provisional.get(unit_id, 0)
         return result
 
     def issue_report(self, ref: str, staff_id: str, partial: bool, caller: Caller) -> agency_pb2.SignedReport:

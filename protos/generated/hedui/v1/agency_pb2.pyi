@@ -462,6 +462,8 @@ class UnitProgress(_message.Message):
     DELAYED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     DUE_DATE_FIELD_NUMBER: _builtins.int
+    DUE_DATE_PROVISIONAL_FIELD_NUMBER: _builtins.int
+    PROVISIONALLY_OVERDUE_FIELD_NUMBER: _builtins.int
     unit_id: _builtins.str
     category: _records_pb2.UnitCategory.ValueType
     queued: _builtins.int
@@ -473,6 +475,10 @@ class UnitProgress(_message.Message):
     overdue: _builtins.int
     delayed: _builtins.int
     failed: _builtins.int
+    due_date_provisional: _builtins.bool
+    """due_date is provisional: counted across a year without an official holiday schedule (docs/agency-api.md)."""
+    provisionally_overdue: _builtins.int
+    """Items past a provisional due date without an answer: not counted in overdue until the date is final."""
     @_builtins.property
     def due_date(self) -> _records_pb2.Date:
         """latest due date of the unit's open batches"""
@@ -490,10 +496,12 @@ class UnitProgress(_message.Message):
         delayed: _builtins.int = ...,
         failed: _builtins.int = ...,
         due_date: _records_pb2.Date | None = ...,
+        due_date_provisional: _builtins.bool = ...,
+        provisionally_overdue: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["due_date", b"due_date"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered", b"answered", "category", b"category", "delayed", b"delayed", "due_date", b"due_date", "failed", b"failed", "overdue", b"overdue", "queued", b"queued", "receipted", b"receipted", "sent", b"sent", "unit_id", b"unit_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered", b"answered", "category", b"category", "delayed", b"delayed", "due_date", b"due_date", "due_date_provisional", b"due_date_provisional", "failed", b"failed", "overdue", b"overdue", "provisionally_overdue", b"provisionally_overdue", "queued", b"queued", "receipted", b"receipted", "sent", b"sent", "unit_id", b"unit_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -719,6 +727,7 @@ class Report(_message.Message):
     INCOME_FROM_FIELD_NUMBER: _builtins.int
     INCOME_TO_FIELD_NUMBER: _builtins.int
     ASSETS_AS_OF_FIELD_NUMBER: _builtins.int
+    OPEN_UNITS_FIELD_NUMBER: _builtins.int
     commission_id: _builtins.str
     letter_number: _builtins.str
     commissioner: _builtins.str
@@ -741,6 +750,10 @@ class Report(_message.Message):
     def income_to(self) -> _records_pb2.YearMonth: ...
     @_builtins.property
     def assets_as_of(self) -> _records_pb2.Date: ...
+    @_builtins.property
+    def open_units(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnitDue]:
+        """The due date of each unit in units_not_answered that still had open items (a partial report)."""
+
     def __init__(
         self,
         *,
@@ -758,14 +771,43 @@ class Report(_message.Message):
         income_from: _records_pb2.YearMonth | None = ...,
         income_to: _records_pb2.YearMonth | None = ...,
         assets_as_of: _records_pb2.Date | None = ...,
+        open_units: _abc.Iterable[Global___UnitDue] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["assets_as_of", b"assets_as_of", "income_from", b"income_from", "income_to", b"income_to"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agency", b"agency", "assets_as_of", b"assets_as_of", "commission_id", b"commission_id", "commissioner", b"commissioner", "footnotes", b"footnotes", "households", b"households", "income_from", b"income_from", "income_to", b"income_to", "issued_at_ms", b"issued_at_ms", "issued_by", b"issued_by", "letter_number", b"letter_number", "partial", b"partial", "programme", b"programme", "units_not_answered", b"units_not_answered"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agency", b"agency", "assets_as_of", b"assets_as_of", "commission_id", b"commission_id", "commissioner", b"commissioner", "footnotes", b"footnotes", "households", b"households", "income_from", b"income_from", "income_to", b"income_to", "issued_at_ms", b"issued_at_ms", "issued_by", b"issued_by", "letter_number", b"letter_number", "open_units", b"open_units", "partial", b"partial", "programme", b"programme", "units_not_answered", b"units_not_answered"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Report: _TypeAlias = Report  # noqa: Y015
+
+@_typing.final
+class UnitDue(_message.Message):
+    """A unit's clause-12 due date for its open items in a report; provisional as in UnitProgress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNIT_ID_FIELD_NUMBER: _builtins.int
+    DUE_DATE_FIELD_NUMBER: _builtins.int
+    DUE_DATE_PROVISIONAL_FIELD_NUMBER: _builtins.int
+    unit_id: _builtins.str
+    due_date_provisional: _builtins.bool
+    @_builtins.property
+    def due_date(self) -> _records_pb2.Date: ...
+    def __init__(
+        self,
+        *,
+        unit_id: _builtins.str = ...,
+        due_date: _records_pb2.Date | None = ...,
+        due_date_provisional: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["due_date", b"due_date"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["due_date", b"due_date", "due_date_provisional", b"due_date_provisional", "unit_id", b"unit_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnitDue: _TypeAlias = UnitDue  # noqa: Y015
 
 @_typing.final
 class SignedReport(_message.Message):

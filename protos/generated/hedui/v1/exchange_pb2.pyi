@@ -283,11 +283,18 @@ class BatchReceipt(_message.Message):
     RECEIVED_AT_MS_FIELD_NUMBER: _builtins.int
     DUE_DATE_FIELD_NUMBER: _builtins.int
     SUBJECT_COUNT_FIELD_NUMBER: _builtins.int
+    DUE_DATE_PROVISIONAL_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     batch_digest: _builtins.bytes
     """SHA-256 of the QueryBatch's canonical encoding: what exactly was received."""
     received_at_ms: _builtins.int
     subject_count: _builtins.int
+    due_date_provisional: _builtins.bool
+    """due_date was counted across a year whose official holiday schedule the unit's calendar does not hold yet:
+    those days counted as working days Monday to Friday (docs/exchange.md, "Provisional due dates"). The real
+    date may be later or earlier; the unit fixes it once it has the schedule and reports it in BatchStatus.
+    Added in issue 10: an older gateway ignores it (and an older connector refused such batches).
+    """
     @_builtins.property
     def due_date(self) -> _records_pb2.Date:
         """7 working days after receipt (clause 12), Beijing time."""
@@ -300,10 +307,11 @@ class BatchReceipt(_message.Message):
         received_at_ms: _builtins.int = ...,
         due_date: _records_pb2.Date | None = ...,
         subject_count: _builtins.int = ...,
+        due_date_provisional: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["due_date", b"due_date"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_digest", b"batch_digest", "batch_id", b"batch_id", "due_date", b"due_date", "received_at_ms", b"received_at_ms", "subject_count", b"subject_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_digest", b"batch_digest", "batch_id", b"batch_id", "due_date", b"due_date", "due_date_provisional", b"due_date_provisional", "received_at_ms", b"received_at_ms", "subject_count", b"subject_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -429,8 +437,11 @@ class BatchStatus(_message.Message):
     DUE_DATE_FIELD_NUMBER: _builtins.int
     DELAY_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
+    DUE_DATE_PROVISIONAL_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     state: Global___BatchState.ValueType
+    due_date_provisional: _builtins.bool
+    """The receipt's due date is still provisional at the unit (see BatchReceipt.due_date_provisional)."""
     @_builtins.property
     def due_date(self) -> _records_pb2.Date:
         """Current due date (moved by a delay notice, if any)."""
@@ -447,10 +458,11 @@ class BatchStatus(_message.Message):
         due_date: _records_pb2.Date | None = ...,
         delay: Global___DelayNotice | None = ...,
         answer: Global___BatchAnswer | None = ...,
+        due_date_provisional: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "delay", b"delay", "due_date", b"due_date"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "batch_id", b"batch_id", "delay", b"delay", "due_date", b"due_date", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "batch_id", b"batch_id", "delay", b"delay", "due_date", b"due_date", "due_date_provisional", b"due_date_provisional", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

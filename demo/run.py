@@ -249,7 +249,9 @@ def _through_approval(
         f"Dual approval: {STAFF[0]} and {STAFF[1]} each sign the exchange digest; no data leaves the agency without "
         "both (Procedure V.(二))",
     )
-    console.detail(f"exchange digest {reviewed.exchange_digest.hex()}")
+    console.detail(
+        f"exchange digest {reviewed.exchange_digest.hex()} (SHA-256 of the commission and its whole package)"
+    )
     for staff_id in STAFF:
         signature = staff_keys[staff_id].signing_key(_now()).sign(approval_message(reviewed.exchange_digest))
         commission = office.ApproveExchange(
@@ -275,6 +277,10 @@ def _watch(
         "working days, clause 12) and answers",
     )
     skipped = not_asked(requested)
+    console.detail(
+        "This network sends at once (schedule.policy = continuous, clause 8); a gateway's default, monthly, sends "
+        "only on days 11-20 of the month (Procedure IV)."
+    )
     console.detail(f"{units - len(skipped)} of {units} units are asked.")
     for sentence in skipped:
         console.detail(sentence)

@@ -425,7 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--households", type=int, default=300)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every unit to answer")
     args = parser.parse_args(argv)
-    return run(args.out.absolute(), args.households, args.timeout)
+    try:
+        return run(args.out.absolute(), args.households, args.timeout)
+    except KeyboardInterrupt:
+        # The network's processes were stopped on the way out (``_network``); a traceback would only hide that.
+        print("\ndemo: interrupted; every process of the network has stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

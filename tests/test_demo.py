@@ -10,6 +10,8 @@ import io
 import os
 import pty
 import re
+import signal
+import socket
 import subprocess
 import sys
 import warnings
@@ -236,3 +238,31 @@ def test_package_metadata_has_an_spdx_license_and_no_license_deprecation_warning
     assert [str(w.message) for w in caught if "license" in str(w.message).lower()] == []
     assert dist.metadata.license_expression == "LicenseRef-Proprietary"
     assert not [c for c in dist.metadata.classifiers or [] if c.startswith("License ::")]
+
+
+@pytest.mark.slow
+def test_interrupted_demo_stops_its_network_without_a_traceback(tmp_path: Path) -> None:
+    """Ctrl-C while the connectors start: a one-line message, exit status 130, and none of them left listening."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "demo", "--out", str(tmp_path), "--households", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if re.search(r" 1/17 unit\.", line):
+            break
+    (config,) = tmp_path.glob("run-*/net/gateway.toml")
+    ports = [int(p) for p in re.findall(r'^endpoint = "127\.0\.0\.1:(\d+)"$', config.read_text(), re.M)]
+    assert len(ports) == 17
+    process.send_signal(signal.SIGINT)
+    _, errors = process.communicate(timeout=120)
+    assert process.returncode == 130, errors
+    assert "Traceback" not in errors and "interrupted; every process of the network has stopped" in errors
+    for port in ports:
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0

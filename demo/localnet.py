@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,22 +89,51 @@ class Network:
         self.processes.append(process)
         return process
 
-    def start_connectors(self, only: Sequence[str] | None = None) -> dict[str, subprocess.Popen[bytes]]:
+    def start_connectors(
+        self,
+        only: Sequence[str] | None = None,
+        *,
+        on_ready: Callable[[str], None] | None = None,
+        timeout: float = 120.0,
+    ) -> dict[str, subprocess.Popen[bytes]]:
+        """Start ``hedui-connector serve`` for every unit (or those in ``only``) at once and return when all of them
+        listen. ``on_ready(unit_id)`` is called as each one comes up, in the order they do; ``timeout`` is for all
+        of them together (they start in parallel, so one slow start does not add to the others)."""
         started = {}
         for unit_id, config in self.connector_configs.items():
             if only is None or unit_id in only:
                 started[unit_id] = self._spawn(["connectors.cli", "serve", "--config", str(config)], f"{unit_id}.log")
-        for unit_id, process in started.items():
-            wait_for_port(self.connector_ports[unit_id], process=process)
+        waiting = dict(started)
+        deadline = time.monotonic() + timeout
+        while waiting:
+            for unit_id, process in list(waiting.items()):
+                if process.poll() is not None:
+                    raise StartError(
+                        unit_id, self.root / "logs" / f"{unit_id}.log", f"exited with code {process.returncode}"
+                    )
+                if _listens(self.connector_ports[unit_id]):
+                    del waiting[unit_id]
+                    if on_ready is not None:
+                        on_ready(unit_id)
+            if waiting and time.monotonic() > deadline:
+                unit_id = sorted(waiting)[0]
+                raise StartError(unit_id, self.root / "logs" / f"{unit_id}.log", f"not listening after {timeout:.0f} s")
+            if waiting:
+                time.sleep(0.05)
         return started
 
     def start_gateway(
-        self, log_name: str = "gateway.log", env: Mapping[str, str] | None = None, *, wait: bool = True
+        self,
+        log_name: str = "gateway.log",
+        env: Mapping[str, str] | None = None,
+        *,
+        wait: bool = True,
+        timeout: float = 30.0,
     ) -> subprocess.Popen[bytes]:
         """Start ``hedui-gateway serve``; with ``wait``, return once its API port answers (schema migrated)."""
         process = self._spawn(["gateway.cli", "serve", "--config", str(self.gateway_config)], log_name, env)
         if wait:
-            wait_for_port(self.gateway_port, process=process)
+            wait_for_port(self.gateway_port, timeout, process=process)
         return process
 
     def stop_all(self, timeout: float = 20.0) -> None:
@@ -127,6 +156,22 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+class StartError(RuntimeError):
+    """A process of the network did not come up: it exited, or did not listen in time. Its log says why."""
+
+    def __init__(self, party: str, log: Path, what: str) -> None:
+        super().__init__(f"{party} {what}; its log is {log}")
+        self.party, self.log = party, log
+
+
+def _listens(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        # A connection to itself (same source and destination port: TCP simultaneous open on loopback) does not
+        # mean that anything listens.
+        return sock.connect_ex(("127.0.0.1", port)) == 0 and sock.getsockname() != sock.getpeername()
+
+
 def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
     """Return once something listens on ``port``; with ``process``, fail at once if that process has exited
     (it could not bind the port, or its configuration was refused: its log says which)."""
@@ -136,12 +181,8 @@ def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen[by
             raise RuntimeError(
                 f"process {process.pid} exited with code {process.returncode} before listening on {port}"
             )
-        with socket.socket() as sock:
-            sock.settimeout(0.5)
-            # A connection to itself (same source and destination port: TCP simultaneous open on loopback) does
-            # not mean that anything listens.
-            if sock.connect_ex(("127.0.0.1", port)) == 0 and sock.getsockname() != sock.getpeername():
-                return
+        if _listens(port):
+            return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
 

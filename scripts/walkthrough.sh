@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The key/envelope walk-through that `make demo` runs: two parties enrol each other by fingerprint, exchange a
+# The key/envelope walk-through that `make keys-demo` runs: two parties enrol each other by fingerprint, exchange a
 # sealed file, rotate a key and show what is refused. Everything happens in demo-out/ and nothing keeps running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="demo-out/keys-walkthrough"
 rm -rf "$out" && mkdir -p "$out/agency" "$out/unit"
 umask 077
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Bold step titles only on a terminal, and never with NO_COLOR set (https://no-color.org) or TERM=dumb.
+if [ -t 1 ] && [ -z "${NO_COLOR:-}" ] && [ "${TERM:-}" != dumb ]; then
+  step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+else
+  step() { printf '\n== %s\n' "$*"; }
+fi
 
 # Each side has its own passphrase, kept in a file readable only by its owner.
 python3 -c 'import secrets; print(secrets.token_urlsafe(24))' > "$out/agency/passphrase"
@@ -49,7 +54,12 @@ if unit open "$out/tampered.hsf" --out-dir "$out/unit/tampered"; then
   echo "BUG: a tampered file was opened" >&2; exit 1
 fi
 
-step "6. The agency rotates its signing key; the bureau applies the signed announcement"
+step "6. The same disc brought back is refused: the bureau's replay store remembers what it opened"
+if unit open "$out/query-list.hsf" --out-dir "$out/unit/again"; then
+  echo "BUG: a sealed file was opened twice" >&2; exit 1
+fi
+
+step "7. The agency rotates its signing key; the bureau applies the signed announcement"
 agency rotate signing --overlap-days 14 --out "$out/agency-rotation.txt"
 unit apply "$out/agency-rotation.txt"
 printf 'subject_ref,category\nS0003,tax\n' > "$out/agency/query-list-2.csv"

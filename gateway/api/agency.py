@@ -18,8 +18,9 @@ import grpc
 from hedui.v1 import agency_pb2, agency_pb2_grpc
 
 from common.logs import log_context, new_request_id, public_commission_ref
+from gateway.procedure.commission import PB_TO_STATE, Caller, WorkflowError
 from gateway.procedure.intake import InvalidPackage
-from gateway.procedure.workflow import PB_TO_STATE, Caller, Workflow, WorkflowError
+from gateway.procedure.workflow import Workflow
 from keys.tls import party_from_auth_context
 
 if TYPE_CHECKING:
@@ -109,6 +110,8 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
 
     def __init__(self, workflow: Workflow, clients: Mapping[str, str], metrics: GatewayMetrics | None = None) -> None:
         self.workflow = workflow
+        self.queries = workflow.queries  # the read side: view, list, progress, report, and the audit of reads
+        self.feedback = workflow.feedback
         self.clients = dict(clients)
         self.metrics = metrics
 
@@ -124,7 +127,7 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
         try:
             result = call(caller)
             if read is not None:
-                self.workflow.audit_read(caller, *read)
+                self.queries.audit_read(caller, *read)
             return result
         except InvalidPackage as exc:
             log.info("package refused", extra={"caller": caller.party_id, "problems": len(exc.problems)})
@@ -141,7 +144,9 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
 
     def GetCommission(self, request: agency_pb2.CommissionRef, context: grpc.ServicerContext) -> agency_pb2.Commission:
         return self._run(
-            context, lambda c: self.workflow.view(request.commission_id, c), ("commission.view", request.commission_id)
+            context,
+            lambda c: self.queries.view(request.commission_id, c),
+            ("commission.view", request.commission_id),
         )
 
     def ListCommissions(
@@ -154,7 +159,7 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
                 raise WorkflowError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"state {request.state} is not a commission state"
                 )
-            return agency_pb2.ListCommissionsResponse(commissions=self.workflow.list(caller, state, request.limit))
+            return agency_pb2.ListCommissionsResponse(commissions=self.queries.list(caller, state, request.limit))
 
         return self._run(context, listed, ("commission.list", None))
 
@@ -180,7 +185,7 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
     def GetProgress(self, request: agency_pb2.CommissionRef, context: grpc.ServicerContext) -> agency_pb2.Progress:
         return self._run(
             context,
-            lambda c: self.workflow.progress(request.commission_id, c),
+            lambda c: self.queries.progress(request.commission_id, c),
             ("commission.progress", request.commission_id),
         )
 
@@ -193,13 +198,15 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
 
     def GetReport(self, request: agency_pb2.CommissionRef, context: grpc.ServicerContext) -> agency_pb2.SignedReport:
         return self._run(
-            context, lambda c: self.workflow.report(request.commission_id, c), ("report.get", request.commission_id)
+            context,
+            lambda c: self.queries.report(request.commission_id, c),
+            ("report.get", request.commission_id),
         )
 
     def SubmitApprovalFeedback(
         self, request: agency_pb2.ApprovalFeedback, context: grpc.ServicerContext
     ) -> agency_pb2.FeedbackReceipt:
-        receipt = self._run(context, lambda c: agency_pb2.FeedbackReceipt(recorded=self.workflow.feedback(request, c)))
+        receipt = self._run(context, lambda c: agency_pb2.FeedbackReceipt(recorded=self.feedback.record(request, c)))
         if self.metrics is not None:
             self.metrics.feedback(d.decision for d in request.decisions)
         return receipt

@@ -48,7 +48,7 @@ from gateway.procedure.commission import (
     illegal,
 )
 from gateway.procedure.feedback import FeedbackRecorder
-from gateway.procedure.intake import validate_package
+from gateway.procedure.intake import letter_key, validate_package
 from gateway.procedure.queries import CommissionQueries
 from gateway.procedure.report import ReportRefused, build_report, sign_report
 from gateway.procedure.routing import category_names, route, unserved
@@ -169,7 +169,8 @@ class Workflow:
                         categories=",".join(str(c) for c in request.categories),
                         thresholds=",".join(f"{t.category}:{t.limit_fen}" for t in request.thresholds),
                         created_at_ms=now,
-                        letter_number=request.letter.number,
+                        letter_number=request.letter.number.strip(),
+                        letter_key=letter_key(request.letter.number),
                         letter_date=from_pb(request.letter.date),
                         commissioner=caller.party_id,
                         state=state,
@@ -202,11 +203,12 @@ class Workflow:
         """The commission this caller already made from the same letter, for a submission sent again (a retry
         after a lost reply must not query the same people twice); None for a new letter. A letter whose
         commission was returned may come again with a corrected package. ALREADY_EXISTS for the same letter number
-        with another package: one letter, one commission."""
+        with another package: one letter, one commission. Numbers are compared as ``letter_key`` normalises them
+        (full-width digits, case, spaces and the bracket kind do not make another letter)."""
         rows = conn.execute(
-            select(s.commissions.c.ref, s.commissions.c.exchange_digest).where(
+            select(s.commissions.c.ref, s.commissions.c.exchange_digest, s.commissions.c.letter_number).where(
                 s.commissions.c.commissioner == caller.party_id,
-                s.commissions.c.letter_number == request.letter.number,
+                s.commissions.c.letter_key == letter_key(request.letter.number),
                 s.commissions.c.state != RETURNED,
             )
         ).all()
@@ -214,10 +216,12 @@ class Workflow:
             if hmac.compare_digest(bytes(earlier.exchange_digest), exchange_digest(earlier.ref, request)):
                 return str(earlier.ref)
         if rows:
+            sent, stored = request.letter.number.strip(), rows[0].letter_number
+            spelt = "" if sent == stored else f" (written {sent} this time)"
             raise WorkflowError(
                 grpc.StatusCode.ALREADY_EXISTS,
-                f"letter {request.letter.number} already made commission {rows[0].ref}, with another package: one "
-                "letter, one commission. Give a new letter its own number; nothing was stored",
+                f"letter {stored}{spelt} already made commission {rows[0].ref}, with another package: one letter, one "
+                "commission. Give a new letter its own number; nothing was stored",
             )
         return None
 

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from datetime import date
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from hedui.v1 import agency_pb2, agency_pb2_grpc
 
+from common.dates import from_pb
 from common.logs import log_context, new_request_id, public_commission_ref
 from common.rpc import IncomingCall, RefusalLog, RequestGate
 from gateway.procedure.commission import PB_TO_STATE, Caller, WorkflowError
 from gateway.procedure.intake import InvalidPackage
+from gateway.procedure.queries import ListFilter
 from gateway.procedure.workflow import Workflow
 from keys.tls import party_from_auth_context
 
@@ -102,6 +105,22 @@ class AuthInterceptor(RequestGate):
                 return response
 
 
+def _list_filter(request: agency_pb2.ListCommissionsRequest) -> ListFilter:
+    """The filters of a ListCommissions request; INVALID_ARGUMENT for a state or a date that is not one."""
+    state = PB_TO_STATE.get(request.state)
+    if request.state and state is None:
+        raise WorkflowError(grpc.StatusCode.INVALID_ARGUMENT, f"state {request.state} is not a commission state")
+    days: dict[str, date | None] = {}
+    for name in ("created_from", "created_until"):
+        days[name] = None
+        if request.HasField(name):
+            try:
+                days[name] = from_pb(getattr(request, name))
+            except ValueError:
+                raise WorkflowError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is not a calendar date") from None
+    return ListFilter(state, request.commissioner, days["created_from"], days["created_until"])
+
+
 class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
     """Maps API calls onto the workflow."""
 
@@ -149,14 +168,11 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
     def ListCommissions(
         self, request: agency_pb2.ListCommissionsRequest, context: grpc.ServicerContext
     ) -> agency_pb2.ListCommissionsResponse:
-        state = PB_TO_STATE.get(request.state)
-
         def listed(caller: Caller) -> agency_pb2.ListCommissionsResponse:
-            if request.state and state is None:
-                raise WorkflowError(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"state {request.state} is not a commission state"
-                )
-            return agency_pb2.ListCommissionsResponse(commissions=self.queries.list(caller, state, request.limit))
+            page = self.queries.list(caller, _list_filter(request), request.limit, request.page_token)
+            return agency_pb2.ListCommissionsResponse(
+                commissions=page.commissions, next_page_token=page.next_page_token
+            )
 
         return self._run(context, listed, ("commission.list", None))
 

@@ -5,22 +5,70 @@ archives). Nothing here changes a commission."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
 from typing import Any
 
 import grpc
 from hedui.v1 import agency_pb2
-from sqlalchemy import Engine, Row, func, select
+from sqlalchemy import Engine, Row, and_, func, or_, select
 
 from common.dates import to_pb
 from common.db import reading
+from common.workdays import CHINA_TZ
 from gateway.archive.audit import AuditLog
 from gateway.db import schema as s
 from gateway.exchange.store import GatewayStore
 from gateway.procedure.commission import STATE_TO_PB, Caller, WorkflowError, find_commission
-from keys.clock import Clock
+from gateway.procedure.paging import PageTokens, Position, scope
+from keys.clock import Clock, to_ms
+from keys.identity import PartyKeys
 
 #: The most commissions one ListCommissions returns.
 MAX_LIST = 1000
+#: The longest commissioner filter, in characters (party ids are at most 64).
+MAX_PARTY_CHARS = 64
+
+
+@dataclass(frozen=True)
+class ListFilter:
+    """What ListCommissions narrows the caller's commissions to; every field None (or empty) lets all through."""
+
+    state: str | None = None
+    commissioner: str = ""
+    created_from: date | None = None
+    created_until: date | None = None
+
+    def check(self) -> None:
+        """INVALID_ARGUMENT for a filter that could match nothing by construction or is out of range."""
+        if len(self.commissioner) > MAX_PARTY_CHARS:
+            raise WorkflowError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"commissioner: a party id of at most {MAX_PARTY_CHARS} characters"
+            )
+        if self.created_from and self.created_until and self.created_from > self.created_until:
+            raise WorkflowError(grpc.StatusCode.INVALID_ARGUMENT, "created_from lies after created_until")
+
+    def scope_parts(self) -> tuple[str, ...]:
+        """The filter as text, for binding page tokens to it."""
+        return (
+            self.state or "",
+            self.commissioner,
+            self.created_from.isoformat() if self.created_from else "",
+            self.created_until.isoformat() if self.created_until else "",
+        )
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a listing, and the token of the next one (empty after the last)."""
+
+    commissions: list[agency_pb2.Commission]
+    next_page_token: str
+
+
+def _day_start_ms(day: date) -> int:
+    """Midnight at the start of ``day``, Beijing time: the agency's days."""
+    return to_ms(datetime.combine(day, time.min, tzinfo=CHINA_TZ))
 
 
 def commission_pb(row: Row[Any], approvals: Sequence[str]) -> agency_pb2.Commission:
@@ -48,11 +96,12 @@ def commission_pb(row: Row[Any], approvals: Sequence[str]) -> agency_pb2.Commiss
 class CommissionQueries:
     """Reads commissions as a caller may see them: a commissioner its own, the staff system all of the agency's."""
 
-    def __init__(self, *, store: GatewayStore, audit: AuditLog, clock: Clock) -> None:
+    def __init__(self, *, store: GatewayStore, audit: AuditLog, clock: Clock, agency: PartyKeys) -> None:
         self.store = store
         self.engine: Engine = store.engine
         self.audit = audit
         self.clock = clock
+        self.pages = PageTokens(agency)
 
     def view(self, ref: str, caller: Caller) -> agency_pb2.Commission:
         """One commission with its approving staff."""
@@ -78,20 +127,43 @@ class CommissionQueries:
                 conn, at_ms=self.clock.now_ms(), actor=caller.party_id, action=action, commission_id=commission_id
             )
 
-    def list(self, caller: Caller, state: str | None, limit: int) -> list[agency_pb2.Commission]:
-        """The caller's commissions (all, for the staff system), newest first: ``limit`` of them, 0 meaning 100."""
+    def list(self, caller: Caller, wanted: ListFilter, limit: int, page_token: str = "") -> Page:
+        """The caller's commissions (all, for the staff system) that ``wanted`` lets through, newest first (by
+        created time, then id): ``limit`` of them, 0 meaning 100, from the start or after ``page_token``."""
         if not 0 <= limit <= MAX_LIST:
             raise WorkflowError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"limit must be 1 to {MAX_LIST} (or 0 for the default of 100)"
             )
-        query = select(s.commissions).order_by(s.commissions.c.created_at_ms.desc()).limit(limit or 100)
+        wanted.check()
+        c = s.commissions.c
+        now = self.clock.now_ms()
+        bound_to = scope(caller.party_id, caller.role, *wanted.scope_parts())
+        query = select(s.commissions).order_by(c.created_at_ms.desc(), c.id.desc()).limit((limit or 100) + 1)
         if caller.role != "staff_system":
-            query = query.where(s.commissions.c.commissioner == caller.party_id)
-        if state:
-            query = query.where(s.commissions.c.state == state)
+            query = query.where(c.commissioner == caller.party_id)
+        if wanted.commissioner:
+            query = query.where(c.commissioner == wanted.commissioner)
+        if wanted.state:
+            query = query.where(c.state == wanted.state)
+        if wanted.created_from is not None:
+            query = query.where(c.created_at_ms >= _day_start_ms(wanted.created_from))
+        if wanted.created_until is not None:
+            query = query.where(c.created_at_ms < _day_start_ms(wanted.created_until + timedelta(days=1)))
+        if page_token:
+            after = self.pages.read(page_token, bound_to, now)
+            query = query.where(
+                or_(
+                    c.created_at_ms < after.created_at_ms,
+                    and_(c.created_at_ms == after.created_at_ms, c.id < after.row_id),
+                )
+            )
         with reading(self.engine) as conn:
             rows = conn.execute(query).all()
-        return [commission_pb(r, []) for r in rows]
+        shown = rows[: limit or 100]
+        token = ""
+        if len(rows) > len(shown):
+            token = self.pages.make(bound_to, Position(shown[-1].created_at_ms, shown[-1].id), now)
+        return Page([commission_pb(r, []) for r in shown], token)
 
     def progress(self, ref: str, caller: Caller) -> agency_pb2.Progress:
         """Per unit: items queued, sent, receipted (with the latest due date), answered, overdue, delayed, failed."""

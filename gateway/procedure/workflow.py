@@ -105,7 +105,7 @@ class Workflow:
         self.staff = staff
         self.clock = clock
         self.agency = agency
-        self.queries = CommissionQueries(store=store, audit=audit, clock=clock)
+        self.queries = CommissionQueries(store=store, audit=audit, clock=clock, agency=agency)
         self.feedback = FeedbackRecorder(engine=store.engine, audit=audit, clock=clock)
 
     def _now(self) -> int:

@@ -55,6 +55,12 @@ METHOD_ROLES: Mapping[str, frozenset[str]] = {
 T = TypeVar("T")
 
 
+#: The largest request the agency API takes (gRPC's default of 4 MiB would refuse a package well below
+#: gateway.procedure.intake.MAX_SUBJECTS members, ~125 bytes each); larger ones are RESOURCE_EXHAUSTED.
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+#: Server options of the agency API.
+SERVER_OPTIONS = (("grpc.max_receive_message_length", MAX_REQUEST_BYTES),)
+
 #: Trailing metadata key of every AgencyService reply: the request id under which the gateway logged the call.
 REQUEST_ID_KEY = "hedui-request-id"
 

@@ -1,11 +1,23 @@
-"""What every Hedui gRPC server does the same way: health checking and reflection for standard tools, and the
-rule that plaintext is only ever served on loopback."""
+"""What every Hedui gRPC server does the same way: health checking and reflection for standard tools, the rule
+that plaintext is only ever served on loopback, and requests decoded only after the caller was admitted.
+
+grpcio decodes a request before any interceptor or handler sees it. A body that does not decode then ends as
+``INTERNAL`` with an ERROR traceback in the log, and a caller that should have been refused as unauthenticated gets
+that ``INTERNAL`` too. So every Hedui server ends its interceptor chain with a :class:`RequestGate`: the handlers
+it hands to grpcio take the raw bytes, and the gate decodes them itself, after :meth:`RequestGate.handle` has
+admitted the caller. An undecodable body is ``INVALID_ARGUMENT`` with one WARNING line and no traceback, and the
+lines a peer can cause are rate-limited (:class:`RefusalLog`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,6 +31,216 @@ _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 #: by the connector next to the gRPC status so that the gateway can keep and show why a unit refused a batch.
 REFUSAL_REASON_KEY = "hedui-refusal-reason"
 
+log = logging.getLogger("hedui.rpc")
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.ServerInterceptor[Any, Any]
+    _Handler = grpc.RpcMethodHandler[Any, Any]
+else:  # the runtime classes are not generic; only their type stubs are
+    _Interceptor = grpc.ServerInterceptor
+    _Handler = grpc.RpcMethodHandler
+
+#: A peer's refusal lines of one reason that are written per window; the rest are counted, and summed up in one
+#: line ("refusal lines suppressed") once the window is over.
+REFUSAL_LINES_PER_WINDOW = 5
+#: The window of :data:`REFUSAL_LINES_PER_WINDOW`, in seconds.
+REFUSAL_WINDOW_SECONDS = 60.0
+#: Peers tracked one by one; refusals from further peers share one budget (peer "other"), so that a flood from
+#: many addresses cannot grow the table without bound either.
+REFUSAL_PEERS_TRACKED = 1024
+
+
+@dataclass
+class _Budget:
+    """One (peer, reason)'s lines in the current window."""
+
+    window_end: float
+    written: int = 0
+    suppressed: int = 0
+
+
+class RefusalLog:
+    """WARNING lines for refused requests, at most :data:`REFUSAL_LINES_PER_WINDOW` per peer and reason in a
+    window of :data:`REFUSAL_WINDOW_SECONDS`; when a window in which lines were held back is over, one line
+    says how many (it is written with the next refusal the server sees). Lines carry the peer and a reason code,
+    never anything the request carried. Thread-safe."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        per_window: int = REFUSAL_LINES_PER_WINDOW,
+        window_seconds: float = REFUSAL_WINDOW_SECONDS,
+        max_peers: int = REFUSAL_PEERS_TRACKED,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.per_window = per_window
+        self.window_seconds = window_seconds
+        self.max_peers = max_peers
+        self.clock = clock
+        self._budgets: dict[tuple[str, str], _Budget] = {}
+        self._lock = threading.Lock()
+
+    def warn(self, message: str, *, peer: str, reason: str, **fields: Any) -> None:
+        """Write ``message`` as a WARNING with ``peer``, ``reason`` and ``fields``, unless this peer's budget for
+        ``reason`` is spent in the current window."""
+        now = self.clock()
+        lines: list[tuple[str, dict[str, Any]]] = []
+        with self._lock:
+            for key in [k for k, b in self._budgets.items() if b.window_end <= now]:
+                ended = self._budgets.pop(key)
+                if ended.suppressed:
+                    lines.append(self._summary(key, ended))
+            key = (peer, reason)
+            if key not in self._budgets and len(self._budgets) >= self.max_peers:
+                key = ("other", reason)
+            budget = self._budgets.setdefault(key, _Budget(window_end=now + self.window_seconds))
+            if budget.written < self.per_window:
+                budget.written += 1
+                lines.append((message, {"peer": key[0], "reason": reason, **fields}))
+            else:
+                budget.suppressed += 1
+        for text, extra in lines:  # outside the lock: a slow log handler must not hold up other calls
+            self.logger.warning(text, extra=extra)
+
+    def _summary(self, key: tuple[str, str], budget: _Budget) -> tuple[str, dict[str, Any]]:
+        return (
+            "refusal lines suppressed",
+            {
+                "peer": key[0],
+                "reason": key[1],
+                "suppressed": budget.suppressed,
+                "window_seconds": self.window_seconds,
+            },
+        )
+
+
+def peer_host(context: grpc.ServicerContext) -> str:
+    """The caller's address without its port (``ipv4:10.1.2.3:51234`` -> ``10.1.2.3``): a port changes with every
+    connection, so it would give a flooding peer a fresh budget each time."""
+    peer = context.peer() or ""
+    kind, _, rest = peer.partition(":")
+    if kind in {"ipv4", "ipv6"}:
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer or "unknown"
+
+
+@dataclass(frozen=True)
+class IncomingCall:
+    """One call as the gate holds it: the raw request (bytes, or an iterator of bytes for a client-streaming
+    method), how to decode it, and the handler to run with the decoded request."""
+
+    service: str
+    method: str
+    context: grpc.ServicerContext
+    raw: Any
+    deserialize: Callable[[bytes], Any] | None
+    behaviour: Callable[[Any, grpc.ServicerContext], Any]
+    streaming_request: bool
+    gate: RequestGate = field(repr=False)
+
+    def refuse(self, status: grpc.StatusCode, details: str, *, reason: str, message: str, **fields: Any) -> NoReturn:
+        """End the call with ``status`` and ``details`` for the caller; write ``message`` (rate-limited, no
+        traceback) with ``reason``, the method and ``fields`` to the log."""
+        self.gate.refusals.warn(message, peer=peer_host(self.context), reason=reason, method=self.method, **fields)
+        if self.gate.reason_key is not None:
+            self.context.set_trailing_metadata(((self.gate.reason_key, reason),))
+        self.context.abort(status, details)
+        raise AssertionError("unreachable")  # context.abort raises
+
+    def _decode_one(self, raw: bytes) -> Any:
+        assert self.deserialize is not None
+        try:
+            return self.deserialize(raw)
+        except Exception as exc:  # DecodeError, or anything else the parser raises: the bytes are the caller's
+            self.refuse(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request body is not a {self.method} request message: it does not decode",
+                reason="undecodable",
+                message="request refused: the body does not decode",
+                error=type(exc).__name__,
+                size=len(raw),
+            )
+
+    def decode(self) -> Any:
+        """The decoded request (for a client-streaming method, an iterator decoding each message as it is read);
+        an undecodable body ends the call with ``INVALID_ARGUMENT``."""
+        if self.deserialize is None:
+            return self.raw
+        if not self.streaming_request:
+            return self._decode_one(self.raw)
+        return self._decode_stream(self.raw)
+
+    def _decode_stream(self, raw: Iterator[bytes]) -> Iterator[Any]:
+        for message in raw:
+            yield self._decode_one(message)
+
+    def run(self, request: Any) -> Any:
+        """Run the service's handler with the decoded ``request``."""
+        return self.behaviour(request, self.context)
+
+
+_KINDS: tuple[tuple[str, Callable[..., _Handler], bool], ...] = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler, False),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler, True),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
+)
+
+
+class RequestGate(_Interceptor):
+    """The innermost interceptor of every Hedui server: decodes each request only once :meth:`handle` admitted
+    the caller, and refuses an undecodable one with ``INVALID_ARGUMENT`` and a rate-limited WARNING line.
+
+    The plain gate admits every caller (health checking, reflection, and servers whose handlers decide alone).
+    A service that authenticates callers subclasses it and overrides :meth:`handle`: refuse first, with
+    :meth:`IncomingCall.refuse`, then ``call.run(call.decode())``. ``reason_key`` names a trailing metadata key
+    that carries the refusal's reason code to the caller (the connector's :data:`REFUSAL_REASON_KEY`).
+    """
+
+    def __init__(self, refusals: RefusalLog | None = None, *, reason_key: str | None = None) -> None:
+        self.refusals = refusals if refusals is not None else RefusalLog(log)
+        self.reason_key = reason_key
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], _Handler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> _Handler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        for kind, make, streaming_request in _KINDS:
+            behaviour = getattr(handler, kind)
+            if behaviour is not None:
+                return make(
+                    self._raw(service, method, behaviour, handler.request_deserializer, streaming_request),
+                    request_deserializer=None,  # grpcio passes the bytes through; the gate decodes them
+                    response_serializer=handler.response_serializer,
+                )
+        return handler
+
+    def _raw(
+        self,
+        service: str,
+        method: str,
+        behaviour: Callable[[Any, grpc.ServicerContext], Any],
+        deserialize: Callable[[bytes], Any] | None,
+        streaming_request: bool,
+    ) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def call(raw: Any, context: grpc.ServicerContext) -> Any:
+            return self.handle(
+                IncomingCall(service, method, context, raw, deserialize, behaviour, streaming_request, self)
+            )
+
+        return call
+
+    def handle(self, call: IncomingCall) -> Any:
+        """Admit, decode, run. Subclasses refuse callers here before ``call.decode()``."""
+        return call.run(call.decode())
+
 
 def new_server(
     *,
@@ -26,15 +248,24 @@ def new_server(
     interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.Server:
-    """A gRPC server that owns its port alone.
+    """A gRPC server that owns its port alone and decodes requests only after admitting the caller.
 
     grpcio binds with SO_REUSEPORT by default, so a second process told to listen on a port that is already
     served binds without error and the kernel hands it some of the connections: a connector started twice, or
     any local process, would silently take over part of another server's traffic. Hedui servers refuse that.
+
+    The chain of ``interceptors`` ends with a :class:`RequestGate`: the last interceptor if it is one (a
+    service's authenticating gate), else a plain one is added. A gate anywhere else is a mistake (the
+    interceptors inside it would see raw bytes) and raises ValueError.
     """
+    chain = list(interceptors)
+    if any(isinstance(i, RequestGate) for i in chain[:-1]):
+        raise ValueError("the RequestGate must be the last interceptor")
+    if not chain or not isinstance(chain[-1], RequestGate):
+        chain.append(RequestGate())
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=list(interceptors),
+        interceptors=chain,
         options=[("grpc.so_reuseport", 0), *options],
     )
 

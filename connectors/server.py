@@ -20,7 +20,7 @@ from common.config import ConfigError
 from common.db import make_engine
 from common.logs import LogThrottle, database_error, database_error_code, log_context, new_request_id
 from common.metrics import MetricsServer, process_registry, serve_metrics
-from common.rpc import REFUSAL_REASON_KEY, new_server, start_server
+from common.rpc import REFUSAL_REASON_KEY, IncomingCall, RefusalLog, RequestGate, new_server, start_server
 from common.workdays import CalendarSource
 from connectors.adapters.base import Adapter
 from connectors.adapters.csv_files import CsvAdapter
@@ -42,12 +42,48 @@ SERVICE_NAME = exchange_pb2.DESCRIPTOR.services_by_name["ExchangeService"].full_
 MAX_MESSAGE_BYTES = 33 * 1024 * 1024
 
 
-class ExchangeServicer(exchange_pb2_grpc.ExchangeServiceServicer):
-    """Unwraps the SealedMessage, names the TLS peer, and maps refusals to gRPC statuses."""
+class ExchangeGate(RequestGate):
+    """The connector's request gate (common/rpc.py): over mutual TLS, a caller whose certificate names no party, or
+    a party this unit has no keys of (it could not send an envelope the unit accepts), is UNAUTHENTICATED before its
+    request is decoded; an undecodable body is INVALID_ARGUMENT. Refusals carry their reason code in the trailing
+    metadata, and are logged as WARNING lines rate-limited per peer and reason."""
 
     def __init__(self, connector: Connector, *, require_tls_identity: bool) -> None:
+        super().__init__(RefusalLog(log), reason_key=REFUSAL_REASON_KEY)
         self.connector = connector
         self.require_tls_identity = require_tls_identity
+
+    def handle(self, call: IncomingCall) -> Any:
+        """Name the TLS peer and refuse an unknown one, then decode and run, under a request id."""
+        if call.service != SERVICE_NAME:
+            return super().handle(call)  # health, reflection
+        with log_context(request_id=new_request_id()):  # on every log line written while this call is handled
+            if self.require_tls_identity:
+                party = party_from_auth_context(call.context.auth_context())
+                if party is None:
+                    call.refuse(
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        "client certificate names no party",
+                        reason="no_tls_identity",
+                        message="request refused",
+                    )
+                if self.connector.courier.trust.keyring(party) is None:
+                    call.refuse(
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        "client certificate names a party this unit holds no keys of",
+                        reason="unknown_party",
+                        message="request refused",
+                        caller=party,
+                    )
+            return call.run(call.decode())
+
+
+class ExchangeServicer(exchange_pb2_grpc.ExchangeServiceServicer):
+    """Unwraps the SealedMessage, names the TLS peer, and maps refusals to gRPC statuses. Callers were admitted by
+    the ExchangeGate before their request was decoded."""
+
+    def __init__(self, connector: Connector) -> None:
+        self.connector = connector
 
     def _call(
         self,
@@ -55,19 +91,15 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServiceServicer):
         request: exchange_pb2.SealedMessage,
         context: grpc.ServicerContext,
     ) -> exchange_pb2.SealedMessage:
-        with log_context(request_id=new_request_id()):  # on every log line written while this call is handled
-            party = party_from_auth_context(context.auth_context())
-            if self.require_tls_identity and party is None:
-                log.warning("request refused", extra={"reason": "no_tls_identity"})
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "client certificate names no party")
-            try:
-                return exchange_pb2.SealedMessage(envelope=handler(request.envelope, party))
-            except Refusal as refusal:
-                # The reason code travels too, so the gateway can say why (docs/exchange.md, "Refusals"); envelope
-                # failures stay one opaque "invalid envelope" to the caller, their precise reason stays here.
-                public = "invalid_envelope" if refusal.reason.startswith("envelope_") else refusal.reason
-                context.set_trailing_metadata(((REFUSAL_REASON_KEY, public),))
-                context.abort(refusal.status, str(refusal))
+        party = party_from_auth_context(context.auth_context())
+        try:
+            return exchange_pb2.SealedMessage(envelope=handler(request.envelope, party))
+        except Refusal as refusal:
+            # The reason code travels too, so the gateway can say why (docs/exchange.md, "Refusals"); envelope
+            # failures stay one opaque "invalid envelope" to the caller, their precise reason stays here.
+            public = "invalid_envelope" if refusal.reason.startswith("envelope_") else refusal.reason
+            context.set_trailing_metadata(((REFUSAL_REASON_KEY, public),))
+            context.abort(refusal.status, str(refusal))
         raise AssertionError("unreachable")  # context.abort raises
 
     def SubmitBatch(
@@ -263,13 +295,12 @@ def start(
     ]
     interceptors: list[grpc.ServerInterceptor[Any, Any]] = []
     if connector.metrics is not None:
-        interceptors.append(connector.metrics.service.interceptor())
+        interceptors.append(connector.metrics.service.interceptor())  # outermost: refused calls are counted too
+    interceptors.append(ExchangeGate(connector, require_tls_identity=credentials is not None))
     # At start: provisional due dates that a calendar loaded with a new holiday file can now fix.
     connector.settle_due_dates()
     server = new_server(max_workers=max_workers, options=options, interceptors=interceptors)
-    exchange_pb2_grpc.add_ExchangeServiceServicer_to_server(
-        ExchangeServicer(connector, require_tls_identity=credentials is not None), server
-    )
+    exchange_pb2_grpc.add_ExchangeServiceServicer_to_server(ExchangeServicer(connector), server)
     port, health_servicer = start_server(server, [SERVICE_NAME], listen=listen, credentials=credentials)
     worker = None
     if worker_interval is not None:

@@ -25,7 +25,7 @@ from common.db import reading
 from common.metrics import CalendarCollector, ServiceMetrics
 from common.workdays import WorkdayCalendar
 from gateway.db import schema as s
-from gateway.procedure.workflow import STATE_TO_PB
+from gateway.procedure.commission import STATE_TO_PB
 from keys.errors import ENVELOPE_ERRORS
 
 log = logging.getLogger("hedui.gateway.metrics")

@@ -19,6 +19,7 @@ from common.memory import tune_allocator
 from common.metrics import MetricsServer, process_registry, serve_metrics
 from common.rpc import new_server, start_server
 from common.workdays import CalendarSource
+from gateway.api.agency import SERVER_OPTIONS as AGENCY_OPTIONS
 from gateway.api.agency import SERVICE as AGENCY_SERVICE
 from gateway.api.agency import AgencyServicer, AuthInterceptor
 from gateway.archive.audit import AuditLog
@@ -221,7 +222,7 @@ def serve_api(
     interceptors: list[grpc.ServerInterceptor[Any, Any]] = [AuthInterceptor(clients)]
     if metrics is not None:
         interceptors.insert(0, metrics.service.interceptor())  # outermost: refused calls are counted too
-    server = new_server(max_workers=max_workers, interceptors=interceptors)
+    server = new_server(max_workers=max_workers, interceptors=interceptors, options=AGENCY_OPTIONS)
     agency_pb2_grpc.add_AgencyServiceServicer_to_server(AgencyServicer(workflow, clients, metrics), server)
     port, health_servicer = start_server(server, [AGENCY_SERVICE], listen=listen, credentials=credentials)
     return server, port, health_servicer

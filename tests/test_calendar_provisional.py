@@ -25,9 +25,10 @@ from gateway.archive.audit import AuditLog
 from gateway.cli import main as gateway_main
 from gateway.db import schema
 from gateway.metrics import GatewayMetrics
+from gateway.procedure.commission import Caller
 from gateway.procedure.report import build_report, render_html
 from gateway.procedure.staff import StaffRegister
-from gateway.procedure.workflow import Caller, Workflow
+from gateway.procedure.workflow import Workflow
 from keys.envelope import open_at
 from keys.replay import MemoryReplayCache
 from tests.exchange_world import GATEWAY, beijing_ms
@@ -133,7 +134,7 @@ def test_installing_the_year_makes_provisional_due_dates_final_with_an_audit_ent
         world.clock.set(beijing_ms(2027, 1, 7))
         assert world.engine.sweep_deadlines() == {}
         assert not any(b.overdue for b in batch_rows(world))
-        progress = workflow.progress(ref, Caller("staff", "staff_system"))
+        progress = workflow.queries.progress(ref, Caller("staff", "staff_system"))
         items = {u.unit_id: u.receipted for u in progress.units}
         for unit in progress.units:
             assert (unit.due_date.day, unit.due_date_provisional) == (6, True)
@@ -165,7 +166,7 @@ def test_installing_the_year_makes_provisional_due_dates_final_with_an_audit_ent
         assert {(e.before, e.after, e.commission_id) for e in fixed} == {("2027-01-06", "2027-01-07", commission)}
         assert audit.verify() == []
         assert len([r for r in caplog.records if r.getMessage() == "provisional due date is final"]) == len(fixed)
-        progress = workflow.progress(ref, Caller("staff", "staff_system"))
+        progress = workflow.queries.progress(ref, Caller("staff", "staff_system"))
         assert {(u.due_date.day, u.due_date_provisional, u.provisionally_overdue) for u in progress.units} == {
             (7, False, 0)
         }

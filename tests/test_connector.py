@@ -23,7 +23,7 @@ from keys.identity import PartyKeys
 from keys.keyring import KeyState
 from keys.replay import MemoryReplayCache
 from keys.truststore import TrustStore
-from tests.exchange_world import GATEWAY, SEED, UNIT, World, beijing_ms, exchange_world
+from tests.exchange_world import GATEWAY, SEED, UNIT, World, beijing_ms, enrol, exchange_world
 
 MONDAY = beijing_ms(2026, 3, 2)
 
@@ -348,7 +348,9 @@ def test_replayed_fetch_is_refused(world: World) -> None:
 
 
 def test_tls_identity_must_match_the_envelope_sender(world: World) -> None:
-    # Another agency's valid client certificate carrying our gateway's envelope.
+    # Another agency the unit trusts too, with its valid client certificate, carrying our gateway's envelope.
+    other = PartyKeys.create("agency.220000", now_ms=MONDAY - 1)
+    enrol((other, TrustStore()), (world.connector.courier.me, world.connector.courier.trust), MONDAY)
     channel = world.pki.channel("agency.220000", world.running.port)
     try:
         stub = exchange_pb2_grpc.ExchangeServiceStub(channel)

@@ -1,7 +1,8 @@
 """The AgencyService: the gRPC API agencies' back offices and commissioners use (docs/agency-api.md).
 
-Authorisation is an interceptor that refuses before any handler runs: the client certificate must name a party
-listed in the config's [[clients]], and the party's role must be allowed to call the method. Handlers convert the
+Authorisation is an interceptor that refuses before any handler runs, and before the request is decoded: the client
+certificate must name a party listed in the config's [[clients]], and the party's role must be allowed to call the
+method. Handlers convert the
 generated messages to the workflow's calls; every refusal maps to one gRPC status and changes nothing.
 
 Each call gets a short random request id, and every log line written while it is handled carries that id and the
@@ -12,14 +13,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from datetime import date
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from hedui.v1 import agency_pb2, agency_pb2_grpc
 
+from common.dates import from_pb
 from common.logs import log_context, new_request_id, public_commission_ref
+from common.rpc import IncomingCall, RefusalLog, RequestGate
+from gateway.procedure.commission import PB_TO_STATE, Caller, WorkflowError
 from gateway.procedure.intake import InvalidPackage
-from gateway.procedure.workflow import PB_TO_STATE, Caller, Workflow, WorkflowError
+from gateway.procedure.queries import ListFilter
+from gateway.procedure.workflow import Workflow
 from keys.tls import party_from_auth_context
 
 if TYPE_CHECKING:
@@ -49,59 +55,76 @@ METHOD_ROLES: Mapping[str, frozenset[str]] = {
 T = TypeVar("T")
 
 
-if TYPE_CHECKING:
-    _Interceptor = grpc.ServerInterceptor[Any, Any]
-else:  # the runtime class is not generic; only its type stubs are
-    _Interceptor = grpc.ServerInterceptor
-
+#: The largest request the agency API takes (gRPC's default of 4 MiB would refuse a package well below
+#: gateway.procedure.intake.MAX_SUBJECTS members, ~125 bytes each); larger ones are RESOURCE_EXHAUSTED.
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+#: Server options of the agency API.
+SERVER_OPTIONS = (("grpc.max_receive_message_length", MAX_REQUEST_BYTES),)
 
 #: Trailing metadata key of every AgencyService reply: the request id under which the gateway logged the call.
 REQUEST_ID_KEY = "hedui-request-id"
 
 
-class AuthInterceptor(_Interceptor):
-    """Refuses calls to the AgencyService from unknown parties or roles not allowed for the method."""
+class AuthInterceptor(RequestGate):
+    """Refuses calls to the AgencyService from unknown parties or roles not allowed for the method, before the
+    request is even decoded: an unlisted client is UNAUTHENTICATED whatever it sends. It is the server's request
+    gate (common/rpc.py): a request body that does not decode is INVALID_ARGUMENT, and refusals are logged as
+    WARNING lines rate-limited per peer and reason."""
 
-    def __init__(self, clients: Mapping[str, str]) -> None:
+    def __init__(self, clients: Mapping[str, str], refusals: RefusalLog | None = None) -> None:
+        super().__init__(refusals if refusals is not None else RefusalLog(log))
         self.clients = dict(clients)
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        service, _, method = handler_call_details.method.lstrip("/").partition("/")
-        if service != SERVICE:
-            return continuation(handler_call_details)  # health, reflection
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
-
-        def checked(request: Any, context: grpc.ServicerContext) -> Any:
+    def handle(self, call: IncomingCall) -> Any:
+        """Authenticate and authorise, then decode and run the handler, with the call's request id (and the
+        commission it names) on every log line."""
+        if call.service != SERVICE:
+            return super().handle(call)  # health, reflection
+        context, method = call.context, call.method
+        request_id = new_request_id()
+        # The caller gets the id its request has in the gateway's journal, to quote when asking why.
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        with log_context(request_id=request_id):
+            party = party_from_auth_context(context.auth_context())
+            role = self.clients.get(party or "")
+            if party is None or role is None:
+                call.refuse(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "client certificate names no registered client",
+                    reason="unregistered_client",
+                    message="caller refused: not a registered client",
+                )
+            if role not in METHOD_ROLES.get(method, frozenset()):
+                call.refuse(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"a {role} may not call {method}",
+                    reason="role_not_allowed",
+                    message="caller refused: role may not call",
+                    caller=party,
+                )
+            request = call.decode()
             commission = public_commission_ref(getattr(request, "commission_id", None))
-            request_id = new_request_id()
-            # The caller gets the id its request has in the gateway's journal, to quote when asking why.
-            context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-            with log_context(request_id=request_id, commission_id=commission):
-                party = party_from_auth_context(context.auth_context())
-                role = self.clients.get(party or "")
-                if party is None or role is None:
-                    log.warning("caller refused: not a registered client", extra={"method": method})
-                    context.abort(grpc.StatusCode.UNAUTHENTICATED, "client certificate names no registered client")
-                if role not in METHOD_ROLES.get(method, frozenset()):
-                    log.warning("caller refused: role may not call", extra={"method": method, "caller": party})
-                    context.abort(grpc.StatusCode.PERMISSION_DENIED, f"a {role} may not call {method}")
-                response = inner(request, context)
+            with log_context(commission_id=commission):
+                response = call.run(request)
                 made = None if commission else public_commission_ref(getattr(response, "commission_id", None))
                 log.info("request done", extra={"method": method, "caller": party, "commission_id": made})
                 return response
 
-        return grpc.unary_unary_rpc_method_handler(
-            checked,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+
+def _list_filter(request: agency_pb2.ListCommissionsRequest) -> ListFilter:
+    """The filters of a ListCommissions request; INVALID_ARGUMENT for a state or a date that is not one."""
+    state = PB_TO_STATE.get(request.state)
+    if request.state and state is None:
+        raise WorkflowError(grpc.StatusCode.INVALID_ARGUMENT, f"state {request.state} is not a commission state")
+    days: dict[str, date | None] = {}
+    for name in ("created_from", "created_until"):
+        days[name] = None
+        if request.HasField(name):
+            try:
+                days[name] = from_pb(getattr(request, name))
+            except ValueError:
+                raise WorkflowError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is not a calendar date") from None
+    return ListFilter(state, request.commissioner, days["created_from"], days["created_until"])
 
 
 class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
@@ -109,6 +132,8 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
 
     def __init__(self, workflow: Workflow, clients: Mapping[str, str], metrics: GatewayMetrics | None = None) -> None:
         self.workflow = workflow
+        self.queries = workflow.queries  # the read side: view, list, progress, report, and the audit of reads
+        self.feedback = workflow.feedback
         self.clients = dict(clients)
         self.metrics = metrics
 
@@ -124,7 +149,7 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
         try:
             result = call(caller)
             if read is not None:
-                self.workflow.audit_read(caller, *read)
+                self.queries.audit_read(caller, *read)
             return result
         except InvalidPackage as exc:
             log.info("package refused", extra={"caller": caller.party_id, "problems": len(exc.problems)})
@@ -141,20 +166,19 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
 
     def GetCommission(self, request: agency_pb2.CommissionRef, context: grpc.ServicerContext) -> agency_pb2.Commission:
         return self._run(
-            context, lambda c: self.workflow.view(request.commission_id, c), ("commission.view", request.commission_id)
+            context,
+            lambda c: self.queries.view(request.commission_id, c),
+            ("commission.view", request.commission_id),
         )
 
     def ListCommissions(
         self, request: agency_pb2.ListCommissionsRequest, context: grpc.ServicerContext
     ) -> agency_pb2.ListCommissionsResponse:
-        state = PB_TO_STATE.get(request.state)
-
         def listed(caller: Caller) -> agency_pb2.ListCommissionsResponse:
-            if request.state and state is None:
-                raise WorkflowError(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"state {request.state} is not a commission state"
-                )
-            return agency_pb2.ListCommissionsResponse(commissions=self.workflow.list(caller, state, request.limit))
+            page = self.queries.list(caller, _list_filter(request), request.limit, request.page_token)
+            return agency_pb2.ListCommissionsResponse(
+                commissions=page.commissions, next_page_token=page.next_page_token
+            )
 
         return self._run(context, listed, ("commission.list", None))
 
@@ -180,7 +204,7 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
     def GetProgress(self, request: agency_pb2.CommissionRef, context: grpc.ServicerContext) -> agency_pb2.Progress:
         return self._run(
             context,
-            lambda c: self.workflow.progress(request.commission_id, c),
+            lambda c: self.queries.progress(request.commission_id, c),
             ("commission.progress", request.commission_id),
         )
 
@@ -193,13 +217,15 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
 
     def GetReport(self, request: agency_pb2.CommissionRef, context: grpc.ServicerContext) -> agency_pb2.SignedReport:
         return self._run(
-            context, lambda c: self.workflow.report(request.commission_id, c), ("report.get", request.commission_id)
+            context,
+            lambda c: self.queries.report(request.commission_id, c),
+            ("report.get", request.commission_id),
         )
 
     def SubmitApprovalFeedback(
         self, request: agency_pb2.ApprovalFeedback, context: grpc.ServicerContext
     ) -> agency_pb2.FeedbackReceipt:
-        receipt = self._run(context, lambda c: agency_pb2.FeedbackReceipt(recorded=self.workflow.feedback(request, c)))
+        receipt = self._run(context, lambda c: agency_pb2.FeedbackReceipt(recorded=self.feedback.record(request, c)))
         if self.metrics is not None:
             self.metrics.feedback(d.decision for d in request.decisions)
         return receipt

@@ -79,6 +79,12 @@ commissions = Table(
     Column("exchange_digest", LargeBinary(32), nullable=True),
     Column("household_count", Integer, nullable=False, server_default="0"),
     Column("subject_count", Integer, nullable=False, server_default="0"),
+    # The letter number as the one-letter-one-commission rule compares it (gateway.procedure.intake.letter_key;
+    # migration 0009), and the orders ListCommissions pages in: newest first, by created time then id.
+    Column("letter_key", String(64), nullable=True),
+    Index("ix_commissions_letter", "commissioner", "letter_key"),
+    Index("ix_commissions_listing", "commissioner", "created_at_ms", "id"),
+    Index("ix_commissions_created", "created_at_ms", "id"),
 )
 
 subjects = Table(

@@ -8,6 +8,7 @@ problem creates nothing.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import date
 
@@ -24,6 +25,51 @@ MAX_PERIOD_MONTHS = 36
 MAX_PROBLEMS_REPORTED = 50
 DIGEST_BYTES = 32
 _REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}")
+#: The longest letter or authorisation number, in characters (as sent, surrounding whitespace removed; and as
+#: normalised by :func:`letter_key`).
+MAX_NUMBER_CHARS = 64
+#: Unicode categories a document number may use: letters (CJK included), digits and numerals (full-width digits,
+#: 〇), punctuation (〔〕 [] () 【】 - / . :); 第 and 号 are letters. Everything else is refused: controls and
+#: format characters (line breaks, bidi overrides, zero-width joiners), unassigned and private-use code points,
+#: combining marks and symbols.
+_NUMBER_CATEGORIES = frozenset(
+    {"Lu", "Ll", "Lt", "Lm", "Lo", "Nd", "Nl", "No", "Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po"}
+)
+#: The spaces a document number may hold inside it (not at its ends): the ASCII and the ideographic space.
+_NUMBER_SPACES = frozenset({" ", "\u3000"})
+#: The brackets official numbers put the year in, as people type them: GB/T 9704 prescribes 〔〕; [] () 【】 〖〗 〘〙
+#: (and their full-width forms, which NFKC folds to ASCII) are taken for the same letter.
+_BRACKETS = str.maketrans(dict.fromkeys("[(【〖〘", "〔") | dict.fromkeys("])】〗〙", "〕"))
+
+
+def number_problem(number: str) -> str | None:
+    """What is wrong with ``number`` as an official document number (a commission letter's or an authorisation's),
+    or None. Allowed: 1-64 characters, after removing surrounding whitespace, of letters (CJK included), digits
+    (full-width too) and punctuation, with spaces inside; at least one letter or digit."""
+    text = number.strip()
+    if not 1 <= len(text) <= MAX_NUMBER_CHARS:
+        return f"1-{MAX_NUMBER_CHARS} characters"
+    for position, char in enumerate(text, start=1):
+        if char not in _NUMBER_SPACES and unicodedata.category(char) not in _NUMBER_CATEGORIES:
+            # The code point only: the character itself may be invisible, or turn the message around.
+            return (
+                f"character {position} (U+{ord(char):04X}) is not allowed: letters, digits and punctuation only, "
+                "no control, format or unassigned characters"
+            )
+    if not any(unicodedata.category(c)[0] in "LN" for c in text):
+        return "needs at least one letter or digit"
+    if len(letter_key(text)) > MAX_NUMBER_CHARS:
+        return f"longer than {MAX_NUMBER_CHARS} characters once normalised (NFKC)"
+    return None
+
+
+def letter_key(number: str) -> str:
+    """The form under which two letter numbers count as the same letter (one letter, one commission): Unicode NFKC
+    (full-width digits and letters become ASCII), case folded, whitespace removed, and every bracket pair of
+    :data:`_BRACKETS` as 〔〕. ``长南民核委〔2026〕12号``, ``长南民核委[2026]１２号`` and
+    ``长南民核委 (2026) 12号`` are one letter."""
+    folded = unicodedata.normalize("NFKC", number).casefold()
+    return "".join(folded.split()).translate(_BRACKETS)
 
 
 @dataclass(frozen=True)
@@ -55,8 +101,9 @@ def _months(start: tuple[int, int], end: tuple[int, int]) -> int:
 
 def _check_header(request: agency_pb2.SubmitCommissionRequest, today: date, problems: list[Problem]) -> None:
     letter = request.letter
-    if not _REF_RE.fullmatch(letter.number):
-        problems.append(Problem("letter.number", "1-64 characters of letters, digits and . _ : / -"))
+    problem = number_problem(letter.number)
+    if problem is not None:
+        problems.append(Problem("letter.number", problem))
     try:
         if from_pb(letter.date) > today:
             problems.append(Problem("letter.date", "lies in the future"))
@@ -96,8 +143,10 @@ def _check_member(where: str, member: agency_pb2.Member, today: date, problems: 
     if member.relation not in agency_pb2.Relation.values() or member.relation == 0:
         problems.append(Problem(f"{where}.relation", "applicant, family member or support obligor"))
     auth = member.authorisation
-    if not auth.number.strip() or len(auth.number) > 64:
+    if not auth.number.strip():
         problems.append(Problem(f"{where}.authorisation.number", "missing (nobody may be queried without one)"))
+    elif (problem := number_problem(auth.number)) is not None:
+        problems.append(Problem(f"{where}.authorisation.number", problem))
     if not (auth.signed and auth.fingerprinted):
         problems.append(Problem(f"{where}.authorisation", "must be signed and fingerprinted by the subject"))
     if len(auth.scan_sha256) != DIGEST_BYTES:

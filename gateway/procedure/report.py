@@ -186,6 +186,40 @@ def _footnotes(
     return notes
 
 
+def _open_items_refusal(conn: Connection, ref: str, commission_id: int, missing: Mapping[str, int]) -> str:
+    """Why a complete report cannot be issued yet, and what helps: waiting helps items still on their way, not
+    items in batches a unit refused for good (state failed), which nobody sends again until an operator fixes the
+    cause and runs ``hedui-gateway resend``."""
+    refused: dict[str, int] = dict(
+        conn.execute(
+            select(s.items.c.unit_id, func.count())
+            .select_from(s.items.join(s.batches, s.batches.c.batch_id == s.items.c.batch_id))
+            .where(
+                s.items.c.commission_id == commission_id,
+                s.items.c.cancelled_at_ms.is_(None),
+                s.batches.c.state == "failed",
+            )
+            .group_by(s.items.c.unit_id)
+        ).all()
+    )
+    units = ", ".join(f"{unit} ({count})" for unit, count in sorted(missing.items()))
+    text = f"{sum(missing.values())} item(s) of commission {ref} are still open at {len(missing)} unit(s): {units}."
+    if refused:
+        failed = ", ".join(f"{unit} ({count})" for unit, count in sorted(refused.items()))
+        waiting = sum(missing.values()) - sum(refused.values())
+        text += (
+            f" The unit(s) refused the batches of {sum(refused.values())} of them for good: {failed}; they will not be "
+            "sent again by themselves: the gateway's operator fixes the cause (the unit's reason is in the gateway's "
+            "log) and runs 'hedui-gateway resend --unit UNIT'."
+        )
+        if waiting:
+            text += f" Wait for the answers to the other {waiting},"
+        else:
+            text += " Then wait for the answers,"
+        return text + " or issue a partial report that names these units as missing."
+    return text + " Wait for the answers, or issue a partial report that names these units as missing."
+
+
 def build_report(
     source: Engine | Connection,
     commission_id: int,
@@ -229,12 +263,7 @@ def _build(
         target = cancelled if is_cancelled else missing
         target[unit_id] = target.get(unit_id, 0) + int(count)
     if missing and not partial:
-        units = ", ".join(f"{unit} ({count})" for unit, count in sorted(missing.items()))
-        raise ReportRefused(
-            f"{sum(missing.values())} item(s) of commission {c.ref} are still open at {len(missing)} "
-            f"unit(s): {units}. Wait for the answers, or issue a partial report that names these units as missing.",
-            missing,
-        )
+        raise ReportRefused(_open_items_refusal(conn, c.ref, commission_id, missing), missing)
     if not conn.execute(select(func.count()).where(s.items.c.commission_id == commission_id)).scalar_one():
         raise ReportRefused(f"commission {c.ref} has no queries yet: nothing to report")
 

@@ -27,15 +27,30 @@ import grpc
 from hedui.v1 import agency_pb2
 from sqlalchemy import Connection, Engine, Row, func, insert, select, update
 
-from common.dates import from_pb, to_pb, year_month
-from common.db import reading
-from common.errors import HeduiError
+from common.dates import from_pb, year_month
 from common.workdays import CHINA_TZ
 from gateway.archive.audit import AuditLog
 from gateway.archive.checkpoints import write_checkpoint
 from gateway.db import schema as s
 from gateway.exchange.store import GatewayStore
-from gateway.procedure.intake import validate_package
+from gateway.procedure.commission import (
+    EXCHANGE_APPROVED,
+    EXCHANGING,
+    INTAKE_PASSED,
+    RECEIVED,
+    REPORT_ISSUED,
+    RETURNED,
+    REVIEW_PASSED,
+    TERMINATED,
+    Caller,
+    WorkflowError,
+    denied,
+    find_commission,
+    illegal,
+)
+from gateway.procedure.feedback import FeedbackRecorder
+from gateway.procedure.intake import letter_key, validate_package
+from gateway.procedure.queries import CommissionQueries
 from gateway.procedure.report import ReportRefused, build_report, sign_report
 from gateway.procedure.routing import category_names, route, unserved
 from gateway.procedure.staff import StaffRegister
@@ -45,51 +60,6 @@ from keys.identity import PartyKeys
 EXCHANGE_DIGEST_DOMAIN = b"hedui.v1.exchange-digest\x00"
 APPROVALS_NEEDED = 2  # Procedure V.(二)
 
-RECEIVED, INTAKE_PASSED, RETURNED = "received", "intake_passed", "returned"
-REVIEW_PASSED, TERMINATED = "review_passed", "terminated"
-EXCHANGE_APPROVED, EXCHANGING, REPORT_ISSUED = "exchange_approved", "exchanging", "report_issued"
-
-STATE_TO_PB = {
-    RECEIVED: agency_pb2.COMMISSION_STATE_RECEIVED,
-    INTAKE_PASSED: agency_pb2.COMMISSION_STATE_INTAKE_PASSED,
-    RETURNED: agency_pb2.COMMISSION_STATE_RETURNED,
-    REVIEW_PASSED: agency_pb2.COMMISSION_STATE_REVIEW_PASSED,
-    TERMINATED: agency_pb2.COMMISSION_STATE_TERMINATED,
-    EXCHANGE_APPROVED: agency_pb2.COMMISSION_STATE_EXCHANGE_APPROVED,
-    EXCHANGING: agency_pb2.COMMISSION_STATE_EXCHANGING,
-    REPORT_ISSUED: agency_pb2.COMMISSION_STATE_REPORT_ISSUED,
-}
-PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
-
-
-class WorkflowError(HeduiError):
-    """A request the procedure does not allow; carries the gRPC status it maps to. Nothing was changed."""
-
-    code = "workflow"
-
-    def __init__(self, status: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _illegal(message: str) -> WorkflowError:
-    return WorkflowError(grpc.StatusCode.FAILED_PRECONDITION, message)
-
-
-def _denied(message: str) -> WorkflowError:
-    return WorkflowError(grpc.StatusCode.PERMISSION_DENIED, message)
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is calling, from the client certificate and the configured client list."""
-
-    party_id: str
-    role: str  # commissioner | lower_agency | staff_system
-
-
-#: The most commissions one ListCommissions returns.
-MAX_LIST = 1000
 #: PostgreSQL advisory lock under which submissions take turns (see Workflow.submit).
 SUBMIT_LOCK = 0x4845_4455_4902
 
@@ -118,7 +88,8 @@ _SECOND = _Review("review", "second review", INTAKE_PASSED, REVIEW_PASSED, TERMI
 
 
 class Workflow:
-    """Commissions from submission to report, with staff rules and audit."""
+    """Commissions from submission to report, with staff rules and audit. Reads go through ``queries``, the
+    commissioner's approval feedback through ``feedback``."""
 
     def __init__(
         self,
@@ -135,6 +106,8 @@ class Workflow:
         self.staff = staff
         self.clock = clock
         self.agency = agency
+        self.queries = CommissionQueries(store=store, audit=audit, clock=clock, agency=agency)
+        self.feedback = FeedbackRecorder(engine=store.engine, audit=audit, clock=clock)
 
     def _now(self) -> int:
         return self.clock.now_ms()
@@ -142,80 +115,12 @@ class Workflow:
     def _today(self) -> date:
         return from_ms(self._now()).astimezone(CHINA_TZ).date()
 
-    # -- reading -------------------------------------------------------------------------------------------------
-
-    def _row(self, conn: Connection, ref: str, caller: Caller) -> Row[Any]:
-        row = conn.execute(select(s.commissions).where(s.commissions.c.ref == ref)).first()
-        # A commissioner sees only its own commissions; "not found" also for other people's, so ids do not leak.
-        if row is None or (caller.role != "staff_system" and row.commissioner != caller.party_id):
-            raise WorkflowError(grpc.StatusCode.NOT_FOUND, "no such commission")
-        return row
-
-    def view(self, ref: str, caller: Caller) -> agency_pb2.Commission:
-        with reading(self.engine) as conn:
-            row = self._row(conn, ref, caller)
-            approvals = [
-                r.staff_id
-                for r in conn.execute(
-                    select(s.approvals.c.staff_id)
-                    .where(s.approvals.c.commission_id == row.id)
-                    .order_by(s.approvals.c.approved_at_ms)
-                )
-            ]
-        return self._to_pb(row, approvals)
-
-    @staticmethod
-    def _to_pb(row: Row[Any], approvals: Sequence[str]) -> agency_pb2.Commission:
-        r = row
-        return agency_pb2.Commission(
-            commission_id=r.ref,
-            letter_number=r.letter_number or "",
-            commissioner=r.commissioner or "",
-            state=STATE_TO_PB.get(r.state, agency_pb2.COMMISSION_STATE_UNSPECIFIED),
-            reason=r.reason or "",
-            households=r.household_count,
-            subjects=r.subject_count,
-            from_lower_agency=r.from_lower_agency,
-            intake_staff=r.intake_staff or "",
-            review_staff=r.review_staff or "",
-            approving_staff=list(approvals),
-            report_staff=r.report_staff or "",
-            exchange_digest=r.exchange_digest or b"",
-            created_at_ms=r.created_at_ms,
-            programme=r.purpose,
-        )
-
-    def audit_read(self, caller: Caller, action: str, ref: str | None = None) -> None:
-        """Record who read what (clause 16: data only for those in the verification; clause 17: archives)."""
-        with self.engine.begin() as conn:
-            commission_id = None
-            if ref is not None:
-                commission_id = conn.execute(select(s.commissions.c.id).where(s.commissions.c.ref == ref)).scalar()
-            self.audit.append(
-                conn, at_ms=self._now(), actor=caller.party_id, action=action, commission_id=commission_id
-            )
-
-    def list(self, caller: Caller, state: str | None, limit: int) -> list[agency_pb2.Commission]:
-        """The caller's commissions (all, for the staff system), newest first: ``limit`` of them, 0 meaning 100."""
-        if not 0 <= limit <= MAX_LIST:
-            raise WorkflowError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"limit must be 1 to {MAX_LIST} (or 0 for the default of 100)"
-            )
-        query = select(s.commissions).order_by(s.commissions.c.created_at_ms.desc()).limit(limit or 100)
-        if caller.role != "staff_system":
-            query = query.where(s.commissions.c.commissioner == caller.party_id)
-        if state:
-            query = query.where(s.commissions.c.state == state)
-        with reading(self.engine) as conn:
-            rows = conn.execute(query).all()
-        return [self._to_pb(r, []) for r in rows]
-
     # -- submission ----------------------------------------------------------------------------------------------
 
     def submit(self, request: agency_pb2.SubmitCommissionRequest, caller: Caller) -> agency_pb2.Commission:
         """Validate and store a data package; a lower-level agency's commission enters at review."""
         if caller.role not in {"commissioner", "lower_agency"}:
-            raise _denied("only commissioners and lower-level agencies submit commissions")
+            raise denied("only commissioners and lower-level agencies submit commissions")
         validate_package(request, today=self._today())
         missing = unserved(request.categories, self.store.units.all())
         if missing:
@@ -265,7 +170,8 @@ class Workflow:
                         categories=",".join(str(c) for c in request.categories),
                         thresholds=",".join(f"{t.category}:{t.limit_fen}" for t in request.thresholds),
                         created_at_ms=now,
-                        letter_number=request.letter.number,
+                        letter_number=request.letter.number.strip(),
+                        letter_key=letter_key(request.letter.number),
                         letter_date=from_pb(request.letter.date),
                         commissioner=caller.party_id,
                         state=state,
@@ -291,18 +197,19 @@ class Workflow:
                     after=state,
                     detail=f"households={len(request.households)} subjects={len(subjects)}",
                 )
-        return self.view(ref, caller)
+        return self.queries.view(ref, caller)
 
     @staticmethod
     def _same_letter(conn: Connection, request: agency_pb2.SubmitCommissionRequest, caller: Caller) -> str | None:
         """The commission this caller already made from the same letter, for a submission sent again (a retry
         after a lost reply must not query the same people twice); None for a new letter. A letter whose
         commission was returned may come again with a corrected package. ALREADY_EXISTS for the same letter number
-        with another package: one letter, one commission."""
+        with another package: one letter, one commission. Numbers are compared as ``letter_key`` normalises them
+        (full-width digits, case, spaces and the bracket kind do not make another letter)."""
         rows = conn.execute(
-            select(s.commissions.c.ref, s.commissions.c.exchange_digest).where(
+            select(s.commissions.c.ref, s.commissions.c.exchange_digest, s.commissions.c.letter_number).where(
                 s.commissions.c.commissioner == caller.party_id,
-                s.commissions.c.letter_number == request.letter.number,
+                s.commissions.c.letter_key == letter_key(request.letter.number),
                 s.commissions.c.state != RETURNED,
             )
         ).all()
@@ -310,10 +217,12 @@ class Workflow:
             if hmac.compare_digest(bytes(earlier.exchange_digest), exchange_digest(earlier.ref, request)):
                 return str(earlier.ref)
         if rows:
+            sent, stored = request.letter.number.strip(), rows[0].letter_number
+            spelt = "" if sent == stored else f" (written {sent} this time)"
             raise WorkflowError(
                 grpc.StatusCode.ALREADY_EXISTS,
-                f"letter {request.letter.number} already made commission {rows[0].ref}, with another package: one "
-                "letter, one commission. Give a new letter its own number; nothing was stored",
+                f"letter {stored}{spelt} already made commission {rows[0].ref}, with another package: one letter, one "
+                "commission. Give a new letter its own number; nothing was stored",
             )
         return None
 
@@ -324,7 +233,7 @@ class Workflow:
             raise WorkflowError(grpc.StatusCode.INVALID_ARGUMENT, f"staff_id is required: who performs the {role} step")
         member = self.staff.active(staff_id, self._now())
         if member is None or role not in member.roles:
-            raise _denied(f"staff member {staff_id} is not registered for {role} now")
+            raise denied(f"staff member {staff_id} is not registered for {role} now")
 
     def _transition(
         self,
@@ -344,7 +253,7 @@ class Workflow:
             .values(state=after, **values)
         ).rowcount
         if not done:
-            raise _illegal("the commission changed meanwhile; read it again")
+            raise illegal("the commission changed meanwhile; read it again")
         self.audit.append(
             conn,
             at_ms=self._now(),
@@ -380,11 +289,11 @@ class Workflow:
         self._staff(staff_id, step.role)
         text = self._reason(passed, reason)
         with self.engine.begin() as conn:
-            row = self._row(conn, ref, caller)
+            row = find_commission(conn, ref, caller)
             if row.state != step.before:
-                raise _illegal(f"{step.name} needs state {step.before}, the commission is {row.state}")
+                raise illegal(f"{step.name} needs state {step.before}, the commission is {row.state}")
             if step is _SECOND and staff_id == row.intake_staff:
-                raise _denied("Procedure V.(一): intake and second review need different staff members")
+                raise denied("Procedure V.(一): intake and second review need different staff members")
             after = step.passed if passed else step.failed
             self._transition(
                 conn,
@@ -395,7 +304,7 @@ class Workflow:
                 values={step.staff_column: staff_id, "reason": None if passed else text},
                 detail=None if passed else after,
             )
-        return self.view(ref, caller)
+        return self.queries.view(ref, caller)
 
     def approve(self, ref: str, staff_id: str, signature: bytes, caller: Caller) -> agency_pb2.Commission:
         """One exchange approval; the second distinct one queues the exchange (Procedure V.(二))."""
@@ -404,13 +313,13 @@ class Workflow:
         now = self._now()
         units = self.store.units.all()  # read before the transaction: SQLite allows one writer connection at a time
         with self.engine.begin() as conn:
-            row = self._row(conn, ref, caller)
+            row = find_commission(conn, ref, caller)
             if row.state != REVIEW_PASSED:
-                raise _illegal(f"exchange approval needs review passed, the commission is {row.state}")
+                raise illegal(f"exchange approval needs review passed, the commission is {row.state}")
             missing = unserved((int(c) for c in row.categories.split(",")), units)
             if missing:
                 # Units are registered by the operator: one may have been disabled or removed since submission.
-                raise _illegal(
+                raise illegal(
                     f"no enabled sharing unit holds {category_names(missing)} now: enable the unit that holds "
                     "them, or return the commission; the approval was not recorded"
                 )
@@ -421,7 +330,7 @@ class Workflow:
                 for r in conn.execute(select(s.approvals.c.staff_id).where(s.approvals.c.commission_id == row.id))
             ]
             if staff_id in existing:
-                raise _denied("Procedure V.(二): the two approvals must come from two different staff members")
+                raise denied("Procedure V.(二): the two approvals must come from two different staff members")
             conn.execute(
                 insert(s.approvals).values(
                     commission_id=row.id,
@@ -437,7 +346,7 @@ class Workflow:
                     conn, row, actor=staff_id, action="commission.exchange_approved", after=EXCHANGE_APPROVED,
                     values={"staff_ids": ",".join(approvers)},
                 )  # fmt: skip
-                row = self._row(conn, ref, caller)
+                row = find_commission(conn, ref, caller)
                 categories = [int(c) for c in row.categories.split(",")]
                 targets = route(categories, units)
                 items = self._enqueue(conn, row.id, targets, now)
@@ -445,7 +354,7 @@ class Workflow:
                     conn, row, actor=staff_id, action="commission.exchange_started", after=EXCHANGING, values={},
                     detail=f"units={len(targets)} items={items}",
                 )  # fmt: skip
-        return self.view(ref, caller)
+        return self.queries.view(ref, caller)
 
     @staticmethod
     def _enqueue(conn: Connection, commission_id: int, unit_ids: Sequence[str], now_ms: int) -> int:
@@ -461,66 +370,25 @@ class Workflow:
             conn.execute(insert(s.items), rows[start : start + 5000])
         return len(rows)
 
-    def progress(self, ref: str, caller: Caller) -> agency_pb2.Progress:
-        with reading(self.engine) as conn:
-            row = self._row(conn, ref, caller)
-            open_batches = conn.execute(
-                select(
-                    s.batches.c.unit_id,
-                    s.batches.c.due,
-                    s.batches.c.due_provisional,
-                    func.sum(s.batches.c.subject_count),
-                )
-                .where(s.batches.c.commission_id == row.id, s.batches.c.state == "receipted")
-                .group_by(s.batches.c.unit_id, s.batches.c.due, s.batches.c.due_provisional)
-            ).all()
-        today = self._today()
-        # Per unit: the latest due date of its open batches, whether that date is provisional, and the items past a
-        # provisional date (not overdue until the date is final: docs/agency-api.md).
-        dues: dict[str, tuple[date, bool]] = {}
-        past_provisional: dict[str, int] = {}
-        for unit_id, due, provisional, items in open_batches:
-            latest = dues.get(unit_id)
-            if latest is None or due > latest[0] or (due == latest[0] and provisional):
-                dues[unit_id] = (due, bool(provisional))
-            if provisional and due < today:
-                past_provisional[unit_id] = past_provisional.get(unit_id, 0) + int(items)
-        counts = self.store.outbox.progress(row.id)
-        categories = {u.unit_id: u.category for u in self.store.units.all()}
-        result = agency_pb2.Progress(
-            commission_id=ref, state=STATE_TO_PB.get(row.state, agency_pb2.COMMISSION_STATE_UNSPECIFIED)
-        )
-        for unit_id, stages in sorted(counts.items()):
-            unit = result.units.add(unit_id=unit_id, category=categories.get(unit_id, 0))
-            for stage, count in stages.items():
-                if hasattr(unit, stage):
-                    setattr(unit, stage, count)
-            due = dues.get(unit_id)
-            if due is not None:
-                unit.due_date.CopyFrom(to_pb(due[0]))
-                unit.due_date_provisional = due[1]
-            unit.provisionally_overdue = past_provisional.get(unit_id, 0)
-        return result
-
     def issue_report(self, ref: str, staff_id: str, partial: bool, caller: Caller) -> agency_pb2.SignedReport:
         """核对报告: by a third staff member (Procedure V.(一)); refused while items are open unless partial."""
         self._require_staff_system(caller)
         self._staff(staff_id, "report")
         now = self._now()
         with self.engine.begin() as conn:
-            row = self._row(conn, ref, caller)
+            row = find_commission(conn, ref, caller)
             if row.state == REPORT_ISSUED:
-                raise _illegal("the report of this commission was issued already: fetch it with GetReport")
+                raise illegal("the report of this commission was issued already: fetch it with GetReport")
             if row.state != EXCHANGING:
-                raise _illegal(f"a report needs the exchange to have started, the commission is {row.state}")
+                raise illegal(f"a report needs the exchange to have started, the commission is {row.state}")
             if staff_id in {row.intake_staff, row.review_staff}:
-                raise _denied("Procedure V.(一): intake, review and report need three different staff members")
+                raise denied("Procedure V.(一): intake, review and report need three different staff members")
             try:
                 report = build_report(
                     conn, row.id, agency=self.agency.party_id, issued_by=staff_id, partial=partial, now_ms=now
                 )
             except ReportRefused as exc:
-                raise _illegal(str(exc)) from exc
+                raise illegal(str(exc)) from exc
             signed = sign_report(report, self.agency, now)
             conn.execute(
                 insert(s.reports).values(
@@ -541,69 +409,7 @@ class Workflow:
             write_checkpoint(conn, self.audit, self.agency, now, reason="report")
         return signed
 
-    def report(self, ref: str, caller: Caller) -> agency_pb2.SignedReport:
-        with reading(self.engine) as conn:
-            row = self._row(conn, ref, caller)
-            stored = conn.execute(select(s.reports).where(s.reports.c.commission_id == row.id)).first()
-        if stored is None:
-            raise WorkflowError(grpc.StatusCode.NOT_FOUND, "no report has been issued for this commission")
-        return agency_pb2.SignedReport(
-            report=stored.report, signer_key_id=stored.signer_key_id, signature=stored.signature, html=stored.html
-        )
-
-    def feedback(self, request: agency_pb2.ApprovalFeedback, caller: Caller) -> int:
-        """审批情况反馈 (Procedure IV): the commissioner's decision per subject of a reported commission."""
-        if caller.role not in {"commissioner", "lower_agency"}:
-            raise _denied("approval feedback comes from the commissioner")
-        now = self._now()
-        with self.engine.begin() as conn:
-            row = self._row(conn, request.commission_id, caller)
-            if row.state != REPORT_ISSUED:
-                raise _illegal("feedback is for commissions whose report was issued")
-            subjects = {
-                (r.household_ref, r.member_index): r.id
-                for r in conn.execute(
-                    select(s.subjects.c.id, s.subjects.c.household_ref, s.subjects.c.member_index).where(
-                        s.subjects.c.commission_id == row.id
-                    )
-                )
-            }
-            rows: list[tuple[int, int]] = []
-            first: dict[int, int] = {}
-            for i, decision in enumerate(request.decisions):
-                subject_id = subjects.get((decision.household_ref, decision.member_index))
-                if subject_id is None:
-                    raise WorkflowError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"decisions[{i}]: this commission has no member {decision.member_index} in a household "
-                        "with that household_ref (members are numbered from 1)",
-                    )
-                if decision.decision not in {1, 2, 3}:
-                    raise WorkflowError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"decisions[{i}]: decision must be approved, refused or withdrawn",
-                    )
-                if subject_id in first:
-                    raise WorkflowError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"decisions[{i}] names the same member as decisions[{first[subject_id]}]",
-                    )
-                first[subject_id] = i
-                rows.append((subject_id, decision.decision))
-            for subject_id, choice in rows:
-                conn.execute(s.feedback.delete().where(s.feedback.c.subject_id == subject_id))
-                conn.execute(
-                    insert(s.feedback).values(
-                        subject_id=subject_id, commission_id=row.id, decision=choice, recorded_at_ms=now
-                    )
-                )
-            self.audit.append(
-                conn, at_ms=now, actor=caller.party_id, action="commission.feedback", commission_id=row.id,
-                detail=f"decisions={len(rows)}",
-            )  # fmt: skip
-        return len(rows)
-
     @staticmethod
     def _require_staff_system(caller: Caller) -> None:
         if caller.role != "staff_system":
-            raise _denied("only the agency's own staff system performs this step")
+            raise denied("only the agency's own staff system performs this step")

@@ -352,22 +352,50 @@ Global___CommissionRef: _TypeAlias = CommissionRef  # noqa: Y015
 
 @_typing.final
 class ListCommissionsRequest(_message.Message):
+    """Commissions newest first: by created_at_ms, then by commission (a fixed order inside one millisecond). Filters
+    narrow what the caller may see (a commissioner its own commissions, the staff system all); they combine with AND.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STATE_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    COMMISSIONER_FIELD_NUMBER: _builtins.int
+    CREATED_FROM_FIELD_NUMBER: _builtins.int
+    CREATED_UNTIL_FIELD_NUMBER: _builtins.int
     state: Global___CommissionState.ValueType
     """unspecified: all"""
     limit: _builtins.int
+    """per page: 0 means 100, at most 1000"""
+    page_token: _builtins.str
+    """Paging and filters (docs/agency-api.md, "Listing commissions").
+    next_page_token of the previous page, sent with the same filters; empty: the first page. Opaque and signed:
+    a token that was altered, or is sent with other filters or by another client, is INVALID_ARGUMENT.
+    """
+    commissioner: _builtins.str
+    """only this commissioner's commissions; empty: all the caller may see"""
+    @_builtins.property
+    def created_from(self) -> _records_pb2.Date:
+        """created on or after this day (Beijing time); unset: no lower bound"""
+
+    @_builtins.property
+    def created_until(self) -> _records_pb2.Date:
+        """created on or before this day (Beijing time); unset: no upper bound"""
+
     def __init__(
         self,
         *,
         state: Global___CommissionState.ValueType = ...,
         limit: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        commissioner: _builtins.str = ...,
+        created_from: _records_pb2.Date | None = ...,
+        created_until: _records_pb2.Date | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_from", b"created_from", "created_until", b"created_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commissioner", b"commissioner", "created_from", b"created_from", "created_until", b"created_until", "limit", b"limit", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -378,16 +406,22 @@ class ListCommissionsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     COMMISSIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Paging (docs/agency-api.md, "Listing commissions").
+    empty: this was the last page
+    """
     @_builtins.property
     def commissions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Commission]: ...
     def __init__(
         self,
         *,
         commissions: _abc.Iterable[Global___Commission] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commissions", b"commissions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commissions", b"commissions", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

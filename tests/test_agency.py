@@ -411,3 +411,28 @@ def test_the_api_guide_lists_which_unit_holds_which_category_as_the_code_routes(
     unit_names = {int(v): n.removeprefix("UNIT_CATEGORY_").lower() for n, v in records_pb2.UnitCategory.items()}
     expected = {unit_names[unit]: {data_category_name(c) for c in data} for unit, data in UNIT_DATA.items() if data}
     assert listed == expected
+
+
+def test_a_database_failure_under_a_call_is_unavailable_and_quotes_no_row(
+    agency: Agency, caplog: pytest.LogCaptureFixture
+) -> None:
+    """grpc would answer an exception in a handler with INTERNAL and "Exception calling application: <message>",
+    and a database's message may quote the statement or a row. The caller gets UNAVAILABLE with a fixed text; the
+    journal gets the error's class and code, without a traceback."""
+    office = agency.stub(BACKOFFICE)
+    cid = agency.stub(COMMISSIONER).SubmitCommission(agency.package(2)).commission_id
+    with agency.world.store.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE commissions RENAME TO commissions_away")
+    try:
+        with caplog.at_level(logging.INFO, logger="hedui"), pytest.raises(grpc.RpcError) as excinfo:
+            office.GetCommission(agency_pb2.CommissionRef(commission_id=cid))
+    finally:
+        with agency.world.store.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE commissions_away RENAME TO commissions")
+    assert _code(excinfo) == grpc.StatusCode.UNAVAILABLE
+    details = excinfo.value.details() or ""
+    assert "database cannot be used" in details
+    assert "SELECT" not in details and "commissions" not in details and "Exception calling" not in details
+    failed = [r for r in caplog.records if r.getMessage() == "request failed on the database"]
+    assert len(failed) == 1 and failed[0].levelno == logging.WARNING and not failed[0].exc_info
+    assert office.GetCommission(agency_pb2.CommissionRef(commission_id=cid)).commission_id == cid

@@ -20,7 +20,7 @@ import grpc
 from hedui.v1 import agency_pb2, agency_pb2_grpc
 
 from common.dates import from_pb
-from common.logs import log_context, new_request_id, public_commission_ref
+from common.logs import database_error, database_error_code, log_context, new_request_id, public_commission_ref
 from common.rpc import IncomingCall, RefusalLog, RequestGate
 from gateway.procedure.commission import PB_TO_STATE, Caller, WorkflowError
 from gateway.procedure.intake import InvalidPackage
@@ -157,6 +157,24 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
         except WorkflowError as exc:
             log.info("request refused", extra={"caller": caller.party_id, "status": exc.status.name})
             context.abort(exc.status, str(exc))
+        except Exception as exc:
+            # Never grpc's own "Exception calling application: <message>": a database's message may quote a row.
+            if database_error(exc) is not None:
+                log.warning(
+                    "request failed on the database",
+                    extra={"caller": caller.party_id, "error": type(exc).__name__, "db_code": database_error_code(exc)},
+                )
+                context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the gateway's database cannot be used just now (its operators are alerted); try again later, "
+                    "after GetCommission shows whether this step was recorded",
+                )
+            log.exception("request failed", extra={"caller": caller.party_id})
+            context.abort(
+                grpc.StatusCode.INTERNAL,
+                "the gateway failed on this request; its operators find why in the journal under the hedui-request-id "
+                "of this reply",
+            )
         raise AssertionError("unreachable")  # context.abort raises
 
     def SubmitCommission(

@@ -1,5 +1,6 @@
-"""What every Hedui gRPC server does the same way: health checking and reflection for standard tools, and the
-rule that plaintext is only ever served on loopback."""
+"""What every Hedui gRPC server does the same way: health checking and reflection (v1 and v1alpha) for standard
+tools, a port it owns alone, bound before anything else starts, and the rule that plaintext is only ever served on
+loopback."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from common.config import ConfigError
 
@@ -18,6 +20,16 @@ _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 #: Trailing metadata key of a refusal's reason code (a short lower-case code such as ``staff_not_registered``), sent
 #: by the connector next to the gRPC status so that the gateway can keep and show why a unit refused a batch.
 REFUSAL_REASON_KEY = "hedui-refusal-reason"
+#: The reflection service current tools ask first (grpcurl 1.9+, Postman, grpcui); older ones ask v1alpha.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+_REFLECTION_V1_FILE = "grpc/reflection/v1/reflection.proto"
+
+
+class PortInUse(ConfigError):
+    """A server cannot listen where its config says: another process holds the port, or the address is not one of
+    this host's. Raised before the service has opened its database or started any work."""
+
+    code = "port_in_use"
 
 
 def new_server(
@@ -39,25 +51,86 @@ def new_server(
     )
 
 
-def start_server(
-    server: grpc.Server, services: Sequence[str], *, listen: str, credentials: grpc.ServerCredentials | None
-) -> tuple[int, health.HealthServicer]:
-    """Add health checking and reflection for ``services``, bind ``listen`` and start serving.
+def bind_server(server: grpc.Server, *, listen: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind ``listen`` for ``server`` (not started yet) and return the port (port 0 picks a free one).
 
-    ``credentials=None`` serves plaintext, refused unless ``listen`` is on loopback. Returns the bound port (port 0
-    picks a free one) and the health servicer, already reporting SERVING for ``services``.
+    Services bind first, before they open a database or start a job, so that a second instance told to use a port
+    already served stops here having changed nothing. ``credentials=None`` serves plaintext, refused unless
+    ``listen`` is on loopback. Raises PortInUse when the port cannot be bound.
     """
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*services, _HEALTH, reflection.SERVICE_NAME), server)
     if credentials is None and listen.rsplit(":", 1)[0].strip("[]") not in _LOOPBACK:
         raise ConfigError("plaintext is only allowed on loopback; configure the server's TLS certificate")
     try:
-        port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
+        return server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
     except RuntimeError:
-        # grpcio says only "failed to bind"; in practice another process holds the port or the address is not ours.
-        raise ConfigError(f"cannot listen on {listen}: the port is in use or the address is not on this host") from None
+        # grpcio 1.85 raises RuntimeError("Failed to bind to address ...") and says no more; with so_reuseport off
+        # (new_server) that is another process holding the port, or an address that is not this host's.
+        raise PortInUse(
+            f"cannot listen on {listen}: the port is in use (is another instance running?) "
+            "or the address is not on this host"
+        ) from None
+
+
+def serve_bound(server: grpc.Server, services: Sequence[str]) -> health.HealthServicer:
+    """Add health checking and reflection for ``services`` to a bound ``server`` and start it; returns the health
+    servicer, already reporting SERVING for ``services``."""
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    enable_reflection(server, (*services, _HEALTH))
     server.start()
     for name in ("", *services):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return port, health_servicer
+    return health_servicer
+
+
+def start_server(
+    server: grpc.Server, services: Sequence[str], *, listen: str, credentials: grpc.ServerCredentials | None
+) -> tuple[int, health.HealthServicer]:
+    """:func:`bind_server` then :func:`serve_bound`: returns the bound port and the health servicer."""
+    port = bind_server(server, listen=listen, credentials=credentials)
+    return port, serve_bound(server, services)
+
+
+def enable_reflection(server: grpc.Server, services: Sequence[str]) -> None:
+    """Serve reflection for ``services`` under both names: ``grpc.reflection.v1.ServerReflection`` and
+    ``grpc.reflection.v1alpha.ServerReflection``.
+
+    grpcio-reflection (1.85) implements only v1alpha. The v1 protocol is the same messages with the same field
+    numbers in another package, so the same servicer answers both: v1 calls are decoded and encoded with the
+    v1alpha message classes, which produce the same bytes. The v1 file descriptor (v1alpha's, renamed) is added to
+    the descriptor pool, so that a tool can also ``describe`` the v1 service itself.
+    """
+    names = (*services, reflection.SERVICE_NAME, REFLECTION_V1)
+    _add_reflection_v1_descriptor()
+    servicer = reflection.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),)
+    )
+
+
+def _add_reflection_v1_descriptor() -> None:
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName(_REFLECTION_V1_FILE)
+        return  # added by an earlier server of this process, or by a grpcio-reflection that ships v1
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    alpha = proto.package
+    proto.name, proto.package = _REFLECTION_V1_FILE, "grpc.reflection.v1"
+    proto.options.Clear()  # language options (java_package, go_package) name the v1alpha package
+    for message in proto.message_type:
+        for field_ in message.field:
+            if field_.type_name.startswith(f".{alpha}."):
+                field_.type_name = f".grpc.reflection.v1.{field_.type_name[len(alpha) + 2 :]}"
+    for method in proto.service[0].method:
+        method.input_type = method.input_type.replace(f".{alpha}.", ".grpc.reflection.v1.")
+        method.output_type = method.output_type.replace(f".{alpha}.", ".grpc.reflection.v1.")
+    pool.Add(proto)

@@ -1,9 +1,10 @@
 """What every Hedui gRPC server does the same way: health checking and reflection (v1 and v1alpha) for standard
-tools, a port it owns alone, bound before anything else starts, and the rule that plaintext is only ever served on
-loopback."""
+tools, a port it owns alone (reserved before anything else starts), and the rule that plaintext is only ever served
+on loopback."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from concurrent import futures
 from typing import Any
@@ -51,17 +52,20 @@ def new_server(
     )
 
 
-def bind_server(server: grpc.Server, *, listen: str, credentials: grpc.ServerCredentials | None) -> int:
-    """Bind ``listen`` for ``server`` (not started yet) and return the port (port 0 picks a free one).
+def start_server(
+    server: grpc.Server, services: Sequence[str], *, listen: str, credentials: grpc.ServerCredentials | None
+) -> tuple[int, health.HealthServicer]:
+    """Add health checking and reflection for ``services``, bind ``listen`` and start serving.
 
-    Services bind first, before they open a database or start a job, so that a second instance told to use a port
-    already served stops here having changed nothing. ``credentials=None`` serves plaintext, refused unless
-    ``listen`` is on loopback. Raises PortInUse when the port cannot be bound.
+    ``credentials=None`` serves plaintext, refused unless ``listen`` is on loopback. Returns the bound port (port 0
+    picks a free one) and the health servicer, already reporting SERVING for ``services``.
     """
-    if credentials is None and listen.rsplit(":", 1)[0].strip("[]") not in _LOOPBACK:
-        raise ConfigError("plaintext is only allowed on loopback; configure the server's TLS certificate")
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    enable_reflection(server, (*services, _HEALTH))
+    check_plaintext(listen, credentials)
     try:
-        return server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
+        port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
     except RuntimeError:
         # grpcio 1.85 raises RuntimeError("Failed to bind to address ...") and says no more; with so_reuseport off
         # (new_server) that is another process holding the port, or an address that is not this host's.
@@ -69,26 +73,59 @@ def bind_server(server: grpc.Server, *, listen: str, credentials: grpc.ServerCre
             f"cannot listen on {listen}: the port is in use (is another instance running?) "
             "or the address is not on this host"
         ) from None
-
-
-def serve_bound(server: grpc.Server, services: Sequence[str]) -> health.HealthServicer:
-    """Add health checking and reflection for ``services`` to a bound ``server`` and start it; returns the health
-    servicer, already reporting SERVING for ``services``."""
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    enable_reflection(server, (*services, _HEALTH))
     server.start()
     for name in ("", *services):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return health_servicer
+    return port, health_servicer
 
 
-def start_server(
-    server: grpc.Server, services: Sequence[str], *, listen: str, credentials: grpc.ServerCredentials | None
-) -> tuple[int, health.HealthServicer]:
-    """:func:`bind_server` then :func:`serve_bound`: returns the bound port and the health servicer."""
-    port = bind_server(server, listen=listen, credentials=credentials)
-    return port, serve_bound(server, services)
+def check_plaintext(listen: str, credentials: grpc.ServerCredentials | None) -> None:
+    """Raise ConfigError for plaintext (``credentials=None``) anywhere but on loopback."""
+    if credentials is None and listen.rsplit(":", 1)[0].strip("[]") not in _LOOPBACK:
+        raise ConfigError("plaintext is only allowed on loopback; configure the server's TLS certificate")
+
+
+def reserve_port(listen: str) -> list[socket.socket]:
+    """Bind (without listening) every address ``listen`` (host:port) resolves to, and return the sockets; raises
+    PortInUse if one is taken. Port 0 reserves nothing.
+
+    A service reserves its port before it opens its database, so that a second instance told to use a port already
+    served stops having changed nothing, and closes the reservation just before :func:`start_server` binds it for
+    good. Meanwhile the port refuses connections (bound, not listening): a client or a TCP health check sees the
+    service as up only once it serves. (grpcio's own bind also listens at once, so binding the server early would
+    accept connections during a migration of many minutes.)
+    """
+    host, _, port_text = listen.rpartition(":")
+    host = host.strip("[]")
+    if not port_text.isdigit() or int(port_text) == 0:
+        return []
+    try:
+        addresses = socket.getaddrinfo(host or None, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise PortInUse(f"cannot listen on {listen}: the host does not resolve ({exc.strerror})") from None
+    reserved: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in addresses:
+            sock = socket.socket(family, kind, proto)
+            reserved.append(sock)
+            # As grpcio's listener does: a previous run's connections in TIME_WAIT do not make the port "in use".
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as exc:
+        release_port(reserved)
+        raise PortInUse(
+            f"cannot listen on {listen}: the port is in use (is another instance running?) or the address is not on "
+            f"this host ({exc.strerror or type(exc).__name__})"
+        ) from None
+    return reserved
+
+
+def release_port(reserved: Sequence[socket.socket]) -> None:
+    """Close the sockets of :func:`reserve_port`."""
+    for sock in reserved:
+        sock.close()
 
 
 def enable_reflection(server: grpc.Server, services: Sequence[str]) -> None:

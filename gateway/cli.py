@@ -39,6 +39,7 @@ from gateway.db.database import current_revision, head_revision, open_database, 
 from gateway.exchange.batches import ResendRefused
 from gateway.exchange.store import GatewayStore
 from gateway.exchange.units import RetryRefused, UnitRow
+from gateway.ops.replica import ReplicaLeaseLost, check_replica_id
 from gateway.procedure.staff import StaffError, StaffMember, StaffRegister
 from gateway.server import build
 from keys import keystore
@@ -61,11 +62,22 @@ def _serve(args: argparse.Namespace) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    running = build(config)
+    lost = threading.Event()
+
+    def lease_lost() -> None:
+        lost.set()
+        stop.set()
+
+    running = build(config, on_lease_lost=lease_lost)
     # A log record, not a print: with --log-format json every line a collector reads must be JSON.
     log.info("serving", extra={"party": config.agency.party_id, "port": running.port})
     stop.wait()
     running.stop()
+    if lost.is_set():
+        raise ReplicaLeaseLost(
+            f"another gateway took replica id {config.exchange.replica_id} while this one could not renew its lease; "
+            "this one stopped. Give each replica its own exchange.replica_id"
+        )
 
 
 def _migrate(args: argparse.Namespace) -> None:
@@ -88,6 +100,7 @@ def _check(args: argparse.Namespace) -> None:
     missing = [u.party_id for u in config.units if trust.keyring(u.party_id) is None]
     if missing:
         raise HeduiError(f"units not in the trust store: {', '.join(missing)}")
+    check_replica_id(config.exchange.replica_id)
     engine = open_database(config.database.url)
     engine.dispose()
     warnings = [w for w in (identity.expiry_warning() for identity in identities) if w]

@@ -8,8 +8,8 @@ The client here encodes and decodes with message classes built from the v1 descr
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest

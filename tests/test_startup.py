@@ -81,6 +81,24 @@ def test_gateway_with_its_metrics_port_in_use_exits_instead_of_running_without_m
     assert not gateway_db(net).exists()
 
 
+def test_connector_on_a_port_in_use_exits_before_opening_its_store(tmp_path: Path) -> None:
+    net = build_network(tmp_path / "net", UNITS)
+    (unit, config) = next(iter(net.connector_configs.items()))
+    with listening(net.connector_ports[unit]):
+        status, output = run_cli("connectors.cli", ["serve", "--config", str(config)])
+    assert_refused(status, output, f"cannot listen on 127.0.0.1:{net.connector_ports[unit]}")
+    assert not (net.root / "data" / f"{unit}.db").exists(), "the refused connector created its store"
+
+
+def test_connector_with_its_metrics_port_in_use_exits_instead_of_running_without_metrics(tmp_path: Path) -> None:
+    net = build_network(tmp_path / "net", UNITS)
+    (unit, config) = next(iter(net.connector_configs.items()))
+    with listening(net.connector_metrics_ports[unit]):
+        status, output = run_cli("connectors.cli", ["serve", "--config", str(config)], timeout=30)
+    assert_refused(status, output, f"cannot serve metrics on 127.0.0.1:{net.connector_metrics_ports[unit]}")
+    assert not (net.root / "data" / f"{unit}.db").exists()
+
+
 # -- the same replica id twice ----------------------------------------------------------------------------------------
 
 

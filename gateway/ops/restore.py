@@ -144,13 +144,18 @@ def _check_files(folder: Path, manifest: dict[str, Any]) -> set[str]:
 
 
 def _check_keystore(config: GatewayConfig, folder: Path, manifest: dict[str, Any]) -> None:
-    path = folder / KEYSTORE_FILE
-    os.chmod(path, 0o600)  # a copy carried on media may have lost its mode; the keystore loader insists on it
     passphrase = keystore.read_passphrase_file(config.keys.passphrase_file)
-    try:
-        party, _ = keystore.load(path, passphrase)
-    except KeystoreError as exc:
-        raise RestoreRefused(f"the backup's keystore does not open with {config.keys.passphrase_file}: {exc}") from None
+    # Opened from a private copy: the loader insists on mode 0600, which a copy on (read-only) media may have lost.
+    with tempfile.TemporaryDirectory() as temp:
+        path = Path(temp) / KEYSTORE_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as copy:
+            copy.write((folder / KEYSTORE_FILE).read_bytes())
+        try:
+            party, _ = keystore.load(path, passphrase)
+        except KeystoreError as exc:
+            where = config.keys.passphrase_file
+            raise RestoreRefused(f"the backup's keystore does not open with {where}: {exc}") from None
     if party.party_id != config.agency.party_id or manifest["party_id"] != config.agency.party_id:
         raise RestoreRefused(
             f"the backup is of {party.party_id} (manifest: {manifest['party_id']}), the config is "

@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 from common.config import doc
 from common.db import DatabaseHealth
 from common.logs import LogThrottle, database_error, database_error_code
+from common.rpc import PortInUse
 from common.workdays import CHINA_TZ, WorkdayCalendar
 
 log = logging.getLogger("hedui.metrics")
@@ -94,8 +95,9 @@ class MetricsServer:
 def serve_metrics(listen: str, registry: CollectorRegistry) -> MetricsServer | None:
     """Serve ``registry`` on ``listen`` (host:port); an empty ``listen`` serves nothing.
 
-    A port that cannot be bound is logged as an error and the service runs on without the endpoint: the exchange
-    and its clause-12 deadlines must not stop for want of metrics, and Prometheus reports the target as down.
+    A port that cannot be bound stops the start with PortInUse. The services bind it before they open their
+    database: a gateway running on without ``/metrics`` would leave every alert silent, and an operator who wants
+    no endpoint says so with an empty ``listen``.
     """
     if not listen:
         return None
@@ -103,9 +105,12 @@ def serve_metrics(listen: str, registry: CollectorRegistry) -> MetricsServer | N
     try:
         server, thread = start_http_server(port, host, registry=registry)
     except OSError as exc:
-        log.error("metrics endpoint not started", extra={"listen": listen, "reason": type(exc).__name__})
-        return None
-    log.info("metrics endpoint serving", extra={"listen": listen})
+        raise PortInUse(
+            f"cannot serve metrics on {listen} ({exc.strerror or type(exc).__name__}): another process holds the "
+            'port or the address is not on this host; set [metrics] listen to a free port, or to "" for no endpoint'
+        ) from None
+    # Not "serving": that word in the log marks the service itself ready, and the endpoint starts before it.
+    log.info("metrics endpoint listening", extra={"listen": listen})
     return MetricsServer(server, thread, int(server.server_port))
 
 

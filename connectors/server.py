@@ -20,7 +20,17 @@ from common.config import ConfigError
 from common.db import make_engine
 from common.logs import LogThrottle, database_error, database_error_code, log_context, new_request_id
 from common.metrics import MetricsServer, process_registry, serve_metrics
-from common.rpc import REFUSAL_REASON_KEY, IncomingCall, RefusalLog, RequestGate, new_server, start_server
+from common.rpc import (
+    REFUSAL_REASON_KEY,
+    IncomingCall,
+    RefusalLog,
+    RequestGate,
+    check_plaintext,
+    new_server,
+    release_port,
+    reserve_port,
+    start_server,
+)
 from common.workdays import CalendarSource
 from connectors.adapters.base import Adapter
 from connectors.adapters.csv_files import CsvAdapter
@@ -323,7 +333,11 @@ def check_certificates(config: ConnectorConfig) -> TlsIdentity | None:
 
 
 def serve(config: ConnectorConfig) -> RunningConnector:
-    """Start the connector the config describes."""
+    """Start the connector the config describes.
+
+    The ports come before the store: the gRPC port is reserved (bound, not listening) and the metrics endpoint
+    started before the database is opened, so that a second connector told to use a port another process holds
+    stops with PortInUse having created, migrated or changed nothing."""
     server = config.server
     # Certificates first: with a wrong one the connector would start and refuse every gateway's handshake.
     identity = check_certificates(config)
@@ -332,16 +346,31 @@ def serve(config: ConnectorConfig) -> RunningConnector:
         credentials = grpc.ssl_server_credentials(
             [(identity.key_pem, identity.cert_pem)], root_certificates=identity.ca_pem, require_client_auth=True
         )
-    metrics = ConnectorMetrics(process_registry())
-    if identity is not None:
-        metrics.service.watch_certificates({identity.role: identity.not_after.timestamp()})
-    running = start(
-        build_connector(config, metrics=metrics, require_database=False),
-        listen=server.listen,
-        credentials=credentials,
-        max_workers=server.max_workers,
-        worker_interval=config.exchange.answer_interval_seconds,
-        retention_days=config.exchange.retention_days,
-    )
-    running.metrics_server = serve_metrics(config.metrics.listen, metrics.registry)
+    check_plaintext(server.listen, credentials)
+    reserved = reserve_port(server.listen)
+    try:
+        metrics = ConnectorMetrics(process_registry())
+        metrics_server = serve_metrics(config.metrics.listen, metrics.registry)
+    except BaseException:
+        release_port(reserved)
+        raise
+    try:
+        if identity is not None:
+            metrics.service.watch_certificates({identity.role: identity.not_after.timestamp()})
+        connector = build_connector(config, metrics=metrics, require_database=False)
+        release_port(reserved)  # start() binds it for good now
+        running = start(
+            connector,
+            listen=server.listen,
+            credentials=credentials,
+            max_workers=server.max_workers,
+            worker_interval=config.exchange.answer_interval_seconds,
+            retention_days=config.exchange.retention_days,
+        )
+    except BaseException:
+        release_port(reserved)
+        if metrics_server is not None:
+            metrics_server.stop()
+        raise
+    running.metrics_server = metrics_server
     return running

@@ -10,6 +10,8 @@ hedui-gateway resend --config FILE --unit UNIT [--batch ID ...]   put a unit's f
 hedui-gateway staff bootstrap-admin|add|revoke|list --config FILE ...   the staff register (Procedure V)
 hedui-gateway audit verify|head|checkpoint|export-head --config FILE   the audit chain and its signed checkpoints
 hedui-gateway archive verify --config FILE      re-check every archived envelope and its place in the chain
+hedui-gateway backup --config FILE --out DIR|FILE.tar   database, keystore and audit head, while the gateway runs
+hedui-gateway restore --config FILE --from BACKUP [--force]   check a backup whole, then put it in place
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from common.config import describe
 from common.db import make_engine, reading
 from common.errors import HeduiError
 from common.workdays import CalendarError, WorkdayCalendar
-from gateway.archive.audit import AuditLog
+from gateway.archive.audit import AuditHead, AuditLog
 from gateway.archive.commands import add_audit_commands
 from gateway.config import GatewayConfig
 from gateway.db import schema
@@ -42,6 +44,9 @@ from gateway.db.database import current_revision, head_revision, open_database, 
 from gateway.exchange.batches import ResendRefused
 from gateway.exchange.store import GatewayStore
 from gateway.exchange.units import RetryRefused, UnitRow
+from gateway.ops.backup import backup
+from gateway.ops.replica import ReplicaLeaseLost, check_replica_id
+from gateway.ops.restore import restore
 from gateway.procedure.staff import StaffError, StaffMember, StaffRegister
 from gateway.server import build
 from keys import keystore
@@ -64,11 +69,22 @@ def _serve(args: argparse.Namespace) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    running = build(config)
+    lost = threading.Event()
+
+    def lease_lost() -> None:
+        lost.set()
+        stop.set()
+
+    running = build(config, on_lease_lost=lease_lost)
     # A log record, not a print: with --log-format json every line a collector reads must be JSON.
     log.info("serving", extra={"party": config.agency.party_id, "port": running.port})
     stop.wait()
     running.stop()
+    if lost.is_set():
+        raise ReplicaLeaseLost(
+            f"another gateway took replica id {config.exchange.replica_id} while this one could not renew its lease; "
+            "this one stopped. Give each replica its own exchange.replica_id"
+        )
 
 
 def _migrate(args: argparse.Namespace) -> None:
@@ -91,6 +107,7 @@ def _check(args: argparse.Namespace) -> None:
     missing = [u.party_id for u in config.units if trust.keyring(u.party_id) is None]
     if missing:
         raise HeduiError(f"units not in the trust store: {', '.join(missing)}")
+    check_replica_id(config.exchange.replica_id)
     engine = open_database(config.database.url)
     engine.dispose()
     warnings = [w for w in (identity.expiry_warning() for identity in identities) if w]
@@ -98,6 +115,23 @@ def _check(args: argparse.Namespace) -> None:
         print(f"hedui-gateway: warning: {warning}", file=sys.stderr)
     noted = f" ({len(warnings)} warning{'s' if len(warnings) > 1 else ''})" if warnings else ""
     print(f"config OK: {party.party_id}, {len(config.units)} units, schema at {head_revision()}{noted}")
+
+
+def _backup(args: argparse.Namespace) -> None:
+    result = backup(GatewayConfig.load(Path(args.config)), Path(args.out))
+    print(f"backup of {result.party_id} written to {result.path} ({result.files} files, schema {result.revision})")
+    print(f"audit head {result.head}: record it off the machine (docs/operations.md, 'Back up and restore')")
+
+
+def _restore(args: argparse.Namespace) -> None:
+    expected = AuditHead.parse(args.expected_head) if args.expected_head else None
+    config = GatewayConfig.load(Path(args.config))
+    result = restore(config, Path(args.source), force=args.force, expected_head=expected)
+    migrated = (
+        f"{result.from_revision} -> {result.revision}" if result.from_revision != result.revision else result.revision
+    )
+    print(f"restored {result.party_id}: {result.rows} rows, schema {migrated}, audit head {result.head} (verified)")
+    print("start the gateway, then check with 'hedui-gateway status'")
 
 
 def _keys(args: argparse.Namespace) -> None:
@@ -464,6 +498,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     which.add_argument("--all", action="store_true", help="every unit in [[units]] that is down")
     retry.set_defaults(func=_retry)
     _add_staff_and_audit(sub)
+    taken = sub.add_parser("backup", help="back up database, keystore and audit head (consistent while serving)")
+    taken.add_argument("--config", required=True)
+    taken.add_argument("--out", required=True, help="a new or empty folder, or a new FILE.tar")
+    taken.set_defaults(func=_backup)
+    back = sub.add_parser("restore", help="check a backup (hashes, keystore, schema, audit chain), then restore it")
+    back.add_argument("--config", required=True)
+    back.add_argument("--from", dest="source", required=True, help="the backup folder or .tar")
+    back.add_argument("--expected-head", help="SEQ:HEX recorded off the machine: the restored chain must hold it")
+    back.add_argument("--force", action="store_true", help="replace a database and keystore that are not empty")
+    back.set_defaults(func=_restore)
     args = parser.parse_args(argv)
     return run("hedui-gateway", args)
 

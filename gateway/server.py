@@ -4,20 +4,24 @@ per-unit workers, the scheduler and the Prometheus endpoint, wired from one conf
 from __future__ import annotations
 
 import logging
+import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health
 from hedui.v1 import agency_pb2_grpc
+from sqlalchemy import Engine
 
 from common.categories import unit_category_by_name
 from common.config import ConfigError
+from common.db import make_engine
 from common.memory import tune_allocator
 from common.metrics import MetricsServer, process_registry, serve_metrics
-from common.rpc import new_server, start_server
+from common.rpc import check_plaintext, new_server, release_port, reserve_port, start_server
 from common.workdays import CalendarSource
 from gateway.api.agency import SERVER_OPTIONS as AGENCY_OPTIONS
 from gateway.api.agency import SERVICE as AGENCY_SERVICE
@@ -31,6 +35,7 @@ from gateway.exchange.schedule import GatewayScheduler, JobIntervals, SchedulePo
 from gateway.exchange.store import GatewayStore
 from gateway.exchange.transport import ClientTls, UnitClient
 from gateway.metrics import GatewayMetrics
+from gateway.ops.replica import ReplicaLease, ReplicaLock
 from gateway.procedure.staff import StaffRegister
 from gateway.procedure.workflow import Workflow
 from keys import keystore
@@ -111,6 +116,8 @@ class RunningGateway:
     clients: dict[str, UnitClient]
     metrics: GatewayMetrics | None = None
     metrics_server: MetricsServer | None = None
+    lease: ReplicaLease | None = None
+    lock: ReplicaLock | None = None
 
     def stop(self, grace: float | None = 2.0) -> None:
         self.health.enter_graceful_shutdown()
@@ -121,11 +128,24 @@ class RunningGateway:
             self.metrics_server.stop()
         for client in self.clients.values():
             client.close()
+        if self.lease is not None:
+            self.lease.release()
+            self.lease.engine.dispose()
         self.store.engine.dispose()
+        if self.lock is not None:
+            self.lock.release()
 
 
-def build(config: GatewayConfig) -> RunningGateway:
-    """Wire and start everything the config describes."""
+def build(config: GatewayConfig, *, on_lease_lost: Callable[[], None] | None = None) -> RunningGateway:
+    """Wire and start everything the config describes.
+
+    The order is what makes a refused start harmless: files are checked first, then this process takes its replica
+    id on this host (a lock file), reserves the API port (bound, not yet listening) and serves the metrics port,
+    then reads who holds the replica id in the database; only when none of these is refused does it write anything
+    (migrations if asked and needed, then its replica lease, the units, its old claims). The API listens last.
+    A refusal raises a HeduiError, having changed nothing. ``on_lease_lost`` is called if another process later
+    takes the replica id (see gateway/ops/replica.py).
+    """
     tune_allocator()
     # Certificates first: a wrong one would otherwise start a gateway that reaches no unit.
     identities = check_certificates(config)
@@ -139,15 +159,61 @@ def build(config: GatewayConfig) -> RunningGateway:
                 f"unit {unit.party_id} is not in the trust store: import its bundle with "
                 "'hedui-keys import BUNDLE --fingerprint ...' first"
             )
-    engine = open_database(config.database.url, migrate=config.database.migrate_on_start)
+    ex = config.exchange
+    with ExitStack() as undo:
+        lock = ReplicaLock(config.keys.keystore.parent, ex.replica_id)
+        lock.acquire()
+        undo.callback(lock.release)
+        check_plaintext(config.server.listen, _server_credentials(identities))
+        reserved = reserve_port(config.server.listen)
+        undo.callback(release_port, reserved)
+        metrics = GatewayMetrics(process_registry())
+        metrics_server = serve_metrics(config.metrics.listen, metrics.registry)
+        if metrics_server is not None:
+            undo.callback(metrics_server.stop)
+        lease = ReplicaLease(make_engine(config.database.url), ex.replica_id, int(ex.lease_seconds * 1000))
+        undo.callback(lease.engine.dispose)
+        lease.check()  # reads only: a live holder of our id stops us here, before any migration
+        engine = open_database(config.database.url, migrate=config.database.migrate_on_start)
+        undo.callback(engine.dispose)
+        lease.claim()  # the first write of a start that needs no migration
+        undo.callback(lease.release)
+        running = _start(
+            config,
+            party=party,
+            trust=trust,
+            identities=identities,
+            engine=engine,
+            metrics=metrics,
+            reserved=reserved,
+        )
+        running.metrics_server, running.lease, running.lock = metrics_server, lease, lock
+        lease.start_heartbeat(on_lease_lost or (lambda: None))
+        undo.pop_all()
+    log.info("gateway running", extra={"port": running.port, "replica": ex.replica_id, "units": len(running.clients)})
+    return running
+
+
+def _start(
+    config: GatewayConfig,
+    *,
+    party: PartyKeys,
+    trust: TrustStore,
+    identities: Mapping[str, TlsIdentity],
+    engine: Engine,
+    metrics: GatewayMetrics,
+    reserved: Sequence[socket.socket],
+) -> RunningGateway:
+    """Everything after the replica id is ours: units, our old claims, the engine, the scheduler, and last the API
+    on the port ``reserved`` held until then."""
     store = GatewayStore(engine)
     store.units.sync(
         (u.party_id, unit_category_by_name(u.category), u.endpoint, u.exchange_mode, u.enabled) for u in config.units
     )
     # Claims under our replica id are a previous run's, killed mid-step: release them now rather than after the lease.
+    # (A live process with our id was refused above, so these are no one else's.)
     store.batches.release_claims(config.exchange.replica_id)
     clock = SystemClock()
-    metrics = GatewayMetrics(process_registry())
     courier = Courier(party, trust, replay=store.replay, clock=clock)
     courier.on_reject = metrics.service.counting_rejections(courier.on_reject)
     metrics.watch_store(engine)
@@ -200,12 +266,14 @@ def build(config: GatewayConfig) -> RunningGateway:
     audit = AuditLog(engine)
     workflow = Workflow(store=store, audit=audit, staff=StaffRegister(engine, audit), clock=clock, agency=party)
     scheduler.start()
-    server, port, health_servicer = _grpc_server(config, workflow, metrics, identities.get("server"))
-    metrics_server = serve_metrics(config.metrics.listen, metrics.registry)
-    log.info("gateway running", extra={"port": port, "replica": ex.replica_id, "units": len(clients)})
-    return RunningGateway(
-        server, port, store, exchange, workers, scheduler, health_servicer, clients, metrics, metrics_server
-    )
+    try:
+        release_port(reserved)  # grpcio binds it now; nothing else on this host took it meanwhile but by a fluke
+        server, port, health_servicer = _grpc_server(config, workflow, metrics, identities.get("server"))
+    except BaseException:
+        scheduler.shutdown()
+        workers.shutdown()
+        raise
+    return RunningGateway(server, port, store, exchange, workers, scheduler, health_servicer, clients, metrics)
 
 
 def serve_api(
@@ -228,21 +296,25 @@ def serve_api(
     return server, port, health_servicer
 
 
+def _server_credentials(identities: Mapping[str, TlsIdentity]) -> grpc.ServerCredentials | None:
+    identity = identities.get("server")
+    if identity is None:
+        return None
+    return grpc.ssl_server_credentials(
+        [(identity.key_pem, identity.cert_pem)], root_certificates=identity.ca_pem, require_client_auth=True
+    )
+
+
 def _grpc_server(
     config: GatewayConfig, workflow: Workflow, metrics: GatewayMetrics, identity: TlsIdentity | None
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     section = config.server
-    credentials = None
-    if identity is not None:
-        credentials = grpc.ssl_server_credentials(
-            [(identity.key_pem, identity.cert_pem)], root_certificates=identity.ca_pem, require_client_auth=True
-        )
     clients = {c.party_id: c.role for c in config.clients}
     return serve_api(
         workflow,
         clients,
         listen=section.listen,
-        credentials=credentials,
+        credentials=_server_credentials({"server": identity} if identity else {}),
         max_workers=section.max_workers,
         metrics=metrics,
     )

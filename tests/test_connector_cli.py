@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -75,6 +76,9 @@ seed = 7
 
 [exchange]
 answer_interval_seconds = 0.2
+
+[metrics]
+listen = ""
 
 [[staff]]
 gateway = "{GATEWAY}"
@@ -152,6 +156,9 @@ def _connector_exe() -> str:
     return exe
 
 
+_SERVING = re.compile(r'"message": ?"serving"|hedui\.connector serving ')
+
+
 @contextmanager
 def _serving(config: Path, *options: str, lines: list[str] | None = None) -> Iterator[subprocess.Popen[str]]:
     """``hedui-connector serve`` running until the block ends; then SIGTERM, which must stop it cleanly. Its output
@@ -161,7 +168,9 @@ def _serving(config: Path, *options: str, lines: list[str] | None = None) -> Ite
     seen = lines if lines is not None else []
     try:
         assert process.stdout is not None
-        while not any("serving" in line for line in seen):
+        # Up to the command's own "serving" record, the last line of a start: a line left unread here would sit in
+        # this file object's buffer, where communicate() below, which reads the pipe itself, never looks.
+        while not any(_SERVING.search(line) for line in seen):
             line = process.stdout.readline()
             assert line, "".join(seen)
             seen.append(line)

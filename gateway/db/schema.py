@@ -276,3 +276,19 @@ jobs = Table(
 )
 
 seen_messages = replay_table(metadata)
+
+#: Which live process holds each replica id (gateway/ops/replica.py): a lease renewed by the holder's heartbeat, so
+#: that a second gateway started with the same id refuses to start instead of working as the first one.
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("replica_id", String(64), primary_key=True),
+    Column("instance", String(32), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("boot_id", String(64), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("process_start", String(32), nullable=False),
+    Column("started_ms", BigInteger, nullable=False),
+    Column("heartbeat_ms", BigInteger, nullable=False),
+    Column("lease_until_ms", BigInteger, nullable=False),
+)

@@ -148,3 +148,23 @@ def test_archive_verify_catches_a_flipped_byte_and_a_deleted_envelope(tmp_path: 
         assert problems == [
             f"chain entry {victim.audit_seq} names envelope {name}, which is not in the archive (deleted)"
         ]
+
+
+def test_archive_verify_reports_an_envelope_stored_as_text_instead_of_crashing(tmp_path: Path) -> None:
+    """SQLite keeps text in a byte column, also text that is not UTF-8: each used to end archive verify with a
+    traceback, hiding every other finding."""
+    with gateway_world(tmp_path, now_ms=MONDAY) as world:
+        world.commission("WT-1", households=4)
+        settle(world)
+        assert archive_report(world) == []
+        a = schema.archive.c
+        first, second = rows(world, select(schema.archive).order_by(a.received_at_ms, a.message_id))[:2]
+        with world.store.engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE archive SET envelope = 'hello' WHERE message_id = ?", (first.message_id,))
+            conn.exec_driver_sql(
+                "UPDATE archive SET envelope = CAST(x'ff00' AS TEXT) WHERE message_id = ?", (second.message_id,)
+            )
+        problems = archive_report(world)
+        for victim in (first, second):
+            name = bytes(victim.message_id).hex()
+            assert any(p.startswith(f"envelope {name} ") and "fails its check" in p for p in problems), problems

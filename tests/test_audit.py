@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, delete, text, update
 
+from common.db import make_engine
 from common.idnumber import check_digit
 from gateway.archive.audit import (
     AUDIT_DOMAIN,
@@ -344,3 +345,29 @@ def test_cli_audit_head_and_verify(
     assert "PROBLEM: entry 2 was changed (hash mismatch)" in capsys.readouterr().out
     assert gateway_main(["audit", "verify", "--config", str(config), "--expected-head", "5:zz"]) == 1
     assert "SEQ:HEX" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ("UPDATE audit_log SET actor = CAST(x'ff' AS TEXT) WHERE seq = 2", "actor"),
+        ("UPDATE audit_log SET at_ms = 'abc' WHERE seq = 2", "at_ms"),
+        ("UPDATE audit_log SET hash = 'abc' WHERE seq = 2", "hash"),
+        ("UPDATE audit_log SET detail = x'00ff' WHERE seq = 2", "detail"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_a_finding_not_a_crash(tmp_path: Path, change: str, field: str) -> None:
+    """SQLite keeps whatever a writer stores; a text column holding bytes that are not UTF-8, a number column
+    holding text or a hash column holding text used to stop verify with a traceback, hiding every other finding."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
+    schema.metadata.create_all(engine)
+    log = AuditLog(engine)
+    for n in range(4):
+        with engine.begin() as conn:
+            log.append(conn, at_ms=1_000 + n, actor="S-0001", action="commission.intake", detail=f"n={n}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(change)
+        conn.exec_driver_sql("UPDATE audit_log SET action = 'commission.review' WHERE seq = 4")
+    problems = log.verify()
+    assert any(p.startswith("entry 2 was changed outside the gateway") and field in p for p in problems), problems
+    assert "entry 4 was changed (hash mismatch)" in problems  # the rest of the chain is still checked

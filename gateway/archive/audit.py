@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, func, select, text
+from sqlalchemy import Connection, Engine, LargeBinary, Row, Select, cast, func, select, text
 
 from common.db import reading
 from common.errors import HeduiError
@@ -243,6 +243,52 @@ def _head(conn: Connection) -> AuditHead:
     return AuditHead(0, GENESIS_HASH) if row is None else AuditHead(int(row.seq), bytes(row.hash))
 
 
+#: Columns of ``audit_log`` by the Python type each must hold.
+_TEXT_COLUMNS = ("actor", "action", "before", "after", "detail")
+_INT_COLUMNS = ("seq", "at_ms", "commission_id")
+_BYTES_COLUMNS = ("prev_hash", "hash")
+
+
+def _checked_entry(row: Row[Any]) -> AuditEntry:
+    """An entry from a row read by :func:`_verify_query`, whose every field is checked for its type: SQLite keeps
+    whatever a writer stores (text in an integer column, bytes in a text one), and a row changed that way is a
+    finding of :func:`verify`, not a crash. Raises AuditError naming the field."""
+    values: dict[str, Any] = {}
+    for name in _TEXT_COLUMNS:
+        value = getattr(row, name)
+        if isinstance(value, bytes | bytearray | memoryview):  # read as BLOB on SQLite: must be UTF-8 text
+            try:
+                value = bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                raise AuditError(f"its {name} is not text") from None
+        if value is not None and not isinstance(value, str):
+            raise AuditError(f"its {name} is not text")
+        values[name] = value
+    for name in _INT_COLUMNS:
+        value = getattr(row, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise AuditError(f"its {name} is not a number")
+        values[name] = value
+    for name in _BYTES_COLUMNS:
+        value = getattr(row, name)
+        if not isinstance(value, bytes | bytearray | memoryview) or len(bytes(value)) != HASH_BYTES:
+            raise AuditError(f"its {name} is not a {HASH_BYTES}-byte hash")
+        values[name] = bytes(value)
+    if values["seq"] is None or values["at_ms"] is None or values["actor"] is None or values["action"] is None:
+        raise AuditError("a required field is empty")
+    return AuditEntry(**values)
+
+
+def _verify_query(engine: Engine) -> Select[Any]:
+    """Every entry in log order; on SQLite the text columns are read as bytes, so that a value that is not UTF-8
+    reaches :func:`_checked_entry` instead of failing the whole read in the driver."""
+    c = schema.audit_log.c
+    if engine.dialect.name != "sqlite":
+        return select(schema.audit_log).order_by(c.seq)
+    columns = [cast(col, LargeBinary).label(col.name) if col.name in _TEXT_COLUMNS else col for col in c]
+    return select(*columns).order_by(c.seq)
+
+
 def verify(
     engine: Engine,
     *,
@@ -260,11 +306,18 @@ def verify(
     prev_seq, prev_hash = 0, GENESIS_HASH
     anchor_hash: bytes | None = None
     with reading(engine) as conn:
-        result = conn.execution_options(yield_per=1000).execute(
-            select(schema.audit_log).order_by(schema.audit_log.c.seq)
-        )
+        result = conn.execution_options(yield_per=1000).execute(_verify_query(engine))
         for row in result:
-            entry = _entry(row)
+            try:
+                entry = _checked_entry(row)
+            except AuditError as exc:
+                # Reported, and the chain goes on from this row's stored hash if it has one.
+                seq = row.seq if isinstance(row.seq, int) else prev_seq + 1
+                problems.append(f"entry {seq} was changed outside the gateway: {exc}")
+                stored = row.hash
+                prev_seq = seq
+                prev_hash = bytes(stored) if isinstance(stored, bytes | bytearray | memoryview) else b""
+                continue
             if entry.seq <= prev_seq:
                 problems.append(f"entry {entry.seq} has a number the log never gives out (entries start at 1)")
             elif entry.seq != prev_seq + 1:

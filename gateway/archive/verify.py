@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, LargeBinary, cast, select
 
 from common.db import reading
 from gateway.db import schema
@@ -64,8 +64,16 @@ def verify_archive(engine: Engine, *, party: PartyKeys, trust: TrustStore) -> Ar
     keys.set_keyring(party.party_id, Keyring(party.records()))
     report = ArchiveReport()
     a, e = schema.archive.c, schema.audit_log.c
+    # SQLite keeps whatever a writer stores: reading every byte or text column as bytes there makes a value of the
+    # wrong type a finding of the checks below (an envelope that fails its signature), not a crash of the driver.
+    on_sqlite = engine.dialect.name == "sqlite"
+
+    def raw(column: Any) -> Any:
+        return cast(column, LargeBinary).label(column.name) if on_sqlite else column
+
     query = (
-        select(a.message_id, a.sender, a.direction, a.envelope, a.sha256, a.audit_seq, e.seq, e.action, e.detail)
+        select(raw(a.message_id), raw(a.sender), raw(a.direction), raw(a.envelope), raw(a.sha256))
+        .add_columns(a.audit_seq, e.seq, e.action, e.detail)
         .select_from(schema.archive.outerjoin(schema.audit_log, e.seq == a.audit_seq))
         .order_by(a.received_at_ms, a.message_id)
     )
@@ -76,42 +84,57 @@ def verify_archive(engine: Engine, *, party: PartyKeys, trust: TrustStore) -> Ar
     return report
 
 
+def _text(value: object) -> str:
+    """A text column's value; read as bytes on SQLite (see verify_archive), so decoded here, never failing."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", errors="replace")
+    return str(value)
+
+
+def _bytes(value: object) -> bytes:
+    """A byte column's value; text a writer stored in it is taken as its UTF-8 bytes (and then fails its check)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    return str(value).encode("utf-8", errors="replace")
+
+
 def _check_envelope(row: Any, keys: TrustStore, own: str, report: ArchiveReport) -> None:
     report.checked += 1
-    message_id, raw = bytes(row.message_id), bytes(row.envelope)
-    name = f"envelope {message_id.hex()} ({'sent to' if row.direction == 'out' else 'from'} "
+    message_id, raw = _bytes(row.message_id), _bytes(row.envelope)
+    sender, direction = _text(row.sender), _text(row.direction)
+    name = f"envelope {message_id.hex()} ({'sent to' if direction == 'out' else 'from'} "
     try:
         header = check_signature(raw, keys)
     except RevokedKey:
-        report.revoked.append(f"{name}{row.sender}) is signed by a key revoked since")
+        report.revoked.append(f"{name}{sender}) is signed by a key revoked since")
         header = None
     except EnvelopeError as exc:
         report.problems.append(
-            f"{name}{row.sender}) fails its check ({exc.code}): its bytes were changed, or it was never signed so"
+            f"{name}{sender}) fails its check ({exc.code}): its bytes were changed, or it was never signed so"
         )
         header = None
-    if row.direction == "out":
+    if direction == "out":
         report.outgoing += 1
         parties_ok = header is None or header.sender == own
     else:
         report.incoming += 1
-        parties_ok = header is None or (header.recipient == own and header.sender == row.sender)
+        parties_ok = header is None or (header.recipient == own and header.sender == sender)
     if header is not None and (header.message_id != message_id or not parties_ok):
-        report.problems.append(f"{name}{row.sender}) is kept under another message id or parties than it names")
+        report.problems.append(f"{name}{sender}) is kept under another message id or parties than it names")
     digest = hashlib.sha256(raw).digest()
     if row.audit_seq is None:
-        if row.sha256 is None and row.direction == "in":
+        if row.sha256 is None and direction == "in":
             report.unchained += 1
         else:
-            report.problems.append(f"{name}{row.sender}) is named by no chain entry")
+            report.problems.append(f"{name}{sender}) is named by no chain entry")
         return
-    if row.sha256 is not None and bytes(row.sha256) != digest:
-        report.problems.append(f"{name}{row.sender}) differs from its recorded SHA-256: its bytes were changed")
+    if row.sha256 is not None and _bytes(row.sha256) != digest:
+        report.problems.append(f"{name}{sender}) differs from its recorded SHA-256: its bytes were changed")
     if row.seq is None:
-        report.problems.append(f"{name}{row.sender}) points at chain entry {row.audit_seq}, which is missing")
+        report.problems.append(f"{name}{sender}) points at chain entry {row.audit_seq}, which is missing")
     elif row.action not in ENVELOPE_ACTIONS or _reference(row.detail) != (message_id, digest):
         report.problems.append(
-            f"{name}{row.sender}) is not the envelope chain entry {row.audit_seq} names: its bytes were changed"
+            f"{name}{sender}) is not the envelope chain entry {row.audit_seq} names: its bytes were changed"
         )
 
 

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import delete, select, update
 
+from common.idnumber import check_digit
 from gateway.archive.audit import AuditLog
 from gateway.archive.checkpoints import Checkpoint, examine
 from gateway.archive.verify import verify_archive
 from gateway.db import schema
+from gateway.exchange.outbox import BATCH_ID_RE
 from keys.envelope import message_id_of
 from keys.keyring import Keyring
 from tests.agency_world import agency_world, whole_procedure
@@ -168,3 +170,27 @@ def test_archive_verify_reports_an_envelope_stored_as_text_instead_of_crashing(t
         for victim in (first, second):
             name = bytes(victim.message_id).hex()
             assert any(p.startswith(f"envelope {name} ") and "fails its check" in p for p in problems), problems
+
+
+def test_a_batch_id_holding_an_id_number_shaped_digit_run_is_still_resent_and_audited(tmp_path: Path) -> None:
+    """Batch ids are random hex: now and then one holds 18 digits that pass GB 11643's check. The audit log's
+    personal-data check refused such a detail, so ``hedui-gateway resend`` failed for that batch; the gateway's own
+    entries are now written as generated key=value fields."""
+    first17 = next(f"2201021980010112{n}" for n in range(10) if check_digit(f"2201021980010112{n}").isdigit())
+    crafted = "B" + first17 + check_digit(first17) + "abcdefabcdefab"
+    assert BATCH_ID_RE.fullmatch(crafted)
+    with gateway_world(tmp_path, now_ms=MONDAY) as world:
+        commission_id = world.commission("WT-1", households=1)
+        execute(
+            world,
+            schema.batches.insert().values(
+                batch_id=crafted, unit_id=TAX, commission_id=commission_id, digest=bytes(32), subject_count=0,
+                created_at_ms=MONDAY, state="failed", attempts=1, next_attempt_ms=0, overdue=False, next_poll_ms=0,
+            ),
+        )  # fmt: skip
+        resent = world.store.batches.resend_failed(
+            TAX, [crafted], audit=chain(world), actor="operator:test", now_ms=MONDAY
+        )
+        assert [r.batch_id for r in resent] == [crafted]
+        entry = chain(world).entries()[-1]
+        assert (entry.action, entry.detail) == ("batch.resend", f"unit={TAX};batch={crafted};items=0")

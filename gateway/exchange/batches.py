@@ -311,7 +311,8 @@ class BatchLedger:
                     .where(b.batch_id == row.batch_id, b.state == "failed")
                     .values(state="ready", next_attempt_ms=0, claimed_by=None, claim_until_ms=None)
                 )
-                audit.append(
+                # append_generated: a random batch id may hold a digit run shaped like an ID number.
+                audit.append_generated(
                     conn,
                     at_ms=now_ms,
                     actor=actor,
@@ -319,7 +320,7 @@ class BatchLedger:
                     commission_id=row.commission_id,
                     before="failed",
                     after="ready",
-                    detail=f"unit={unit_id};batch={row.batch_id};items={row.subject_count}",
+                    fields=(("unit", unit_id), ("batch", row.batch_id), ("items", row.subject_count)),
                 )
         return [ResentBatch(r.batch_id, int(r.subject_count), r.last_error) for r in found.values()]
 
@@ -497,7 +498,7 @@ class BatchLedger:
                 .values(original_due=original_due, due=due, due_provisional=False)
             ).rowcount
             if done:
-                audit.append(
+                audit.append_generated(
                     conn,
                     at_ms=now_ms,
                     actor=actor,
@@ -505,7 +506,7 @@ class BatchLedger:
                     commission_id=batch.commission_id,
                     before=batch.original_due.isoformat(),
                     after=original_due.isoformat(),
-                    detail=f"unit={batch.unit_id};batch={batch.batch_id};due={due.isoformat()}",
+                    fields=(("unit", batch.unit_id), ("batch", batch.batch_id), ("due", due.isoformat())),
                 )
         return bool(done)
 

@@ -42,6 +42,8 @@ _NUMBER_SPACES = frozenset({" ", "\u3000"})
 _BRACKETS = str.maketrans(dict.fromkeys("[(【〖〘", "〔") | dict.fromkeys("])】〗〙", "〕"))
 #: Every space character (Unicode category Zs): what :func:`trim` removes around a field.
 SPACES = " \u00a0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u202f\u205f\u3000"
+#: The longest reason of a return or termination, in characters.
+MAX_REASON_CHARS = 255
 
 
 def trim(text: str) -> str:
@@ -49,6 +51,13 @@ def trim(text: str) -> str:
     control characters Python counts as whitespace (U+001C-001F, U+0085, U+2028, tabs, line breaks), so that
     ``"\\x1fA1"`` would pass as ``A1``; those stay and are refused by each field's character rule."""
     return text.strip(SPACES)
+
+
+def is_plain_text(text: str) -> bool:
+    """Whether ``text`` is one line of printable characters (letters, digits, punctuation, symbols, spaces U+0020 and
+    U+3000): no control or format characters (NUL, escape sequences, line breaks, tabs, bidi overrides, zero-width
+    characters), no line or paragraph separators, no private-use or unassigned code points."""
+    return all(char.isprintable() or char == "\u3000" for char in text)
 
 
 def number_problem(number: str) -> str | None:

@@ -50,7 +50,7 @@ from gateway.procedure.commission import (
     illegal,
 )
 from gateway.procedure.feedback import FeedbackRecorder
-from gateway.procedure.intake import letter_key, trim, validate_package
+from gateway.procedure.intake import MAX_REASON_CHARS, is_plain_text, letter_key, trim, validate_package
 from gateway.procedure.queries import CommissionQueries
 from gateway.procedure.report import ReportRefused, build_report, sign_report
 from gateway.procedure.routing import category_names, route, unserved
@@ -293,11 +293,21 @@ class Workflow:
     @staticmethod
     def _reason(passed: bool, reason: str) -> str | None:
         reason = trim(reason)
-        if not passed and not 1 <= len(reason) <= 255:
+        if passed:
+            return None  # a passing step stores no reason
+        if not 1 <= len(reason) <= MAX_REASON_CHARS:
             raise WorkflowError(
-                grpc.StatusCode.INVALID_ARGUMENT, "a return or termination needs a reason (1-255 chars)"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a return or termination needs a reason (1-{MAX_REASON_CHARS} characters)",
             )
-        return reason or None
+        if not is_plain_text(reason):
+            # The reason goes back to the commissioner as written: no escape sequences, hidden or reordering
+            # characters, and one line.
+            raise WorkflowError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "reason: one line of printable characters (no control or format characters, no line breaks)",
+            )
+        return reason
 
     def intake(self, ref: str, staff_id: str, passed: bool, reason: str, caller: Caller) -> agency_pb2.Commission:
         """受理初审: received -> intake_passed, or -> returned with a reason."""

@@ -80,8 +80,10 @@ def _problem(value: str, today: date | None) -> tuple[str, date | None]:
 
 def _normalise(text: str) -> str:
     # Full-width digits (common with Chinese input methods) fold to ASCII, so one person has one value. NFKC
-    # leaves ASCII as it is, so ASCII input skips it.
-    return (text if text.isascii() else unicodedata.normalize("NFKC", text)).strip().upper()
+    # leaves ASCII as it is, so ASCII input skips it; it also makes every other space (U+3000, no-break spaces) an
+    # ASCII one. Only spaces are removed around the number: str.strip() would also drop control characters
+    # (U+001C-001F, U+0085, U+2028, tabs, line breaks), which must make the number invalid instead.
+    return (text if text.isascii() else unicodedata.normalize("NFKC", text)).strip(" ").upper()
 
 
 def parse_id_number(text: str, *, today: date | None = None) -> IdNumber:

@@ -436,3 +436,38 @@ def test_a_database_failure_under_a_call_is_unavailable_and_quotes_no_row(
     failed = [r for r in caplog.records if r.getMessage() == "request failed on the database"]
     assert len(failed) == 1 and failed[0].levelno == logging.WARNING and not failed[0].exc_info
     assert office.GetCommission(agency_pb2.CommissionRef(commission_id=cid)).commission_id == cid
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "材料\x00不全",
+        "\x1b[31mRED",
+        "材料不全\n请补正",
+        "材料不全\r",
+        "\u202e全不料材",
+        "材料\u200b不全",
+        "材料\u2028不全",
+    ],
+)
+def test_a_reason_with_control_escape_line_break_or_bidi_characters_is_refused(agency: Agency, reason: str) -> None:
+    """RecordIntake and RecordReview took any text as the reason of a return or termination (NUL, ANSI escape
+    sequences, line breaks, a right-to-left override) and gave it back to the commissioner unchanged."""
+    commissioner, office = agency.stub(COMMISSIONER), agency.stub(BACKOFFICE)
+    first = commissioner.SubmitCommission(agency.package(1, start=30)).commission_id
+    second = commissioner.SubmitCommission(agency.package(1, start=40)).commission_id
+    office.RecordIntake(agency_pb2.StaffDecision(commission_id=second, staff_id="S-0001", passed=True))
+    entries = agency.audit.count()
+    for call, cid, staff_id in ((office.RecordIntake, first, "S-0001"), (office.RecordReview, second, "S-0002")):
+        with pytest.raises(grpc.RpcError) as excinfo:
+            call(agency_pb2.StaffDecision(commission_id=cid, staff_id=staff_id, passed=False, reason=reason))
+        assert _code(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+        assert "reason" in (excinfo.value.details() or "")
+    assert agency.audit.count() == entries
+    # Chinese text with spaces (ASCII and ideographic) inside is a reason; spaces around it are removed.
+    returned = office.RecordIntake(
+        agency_pb2.StaffDecision(
+            commission_id=first, staff_id="S-0001", passed=False, reason="\u3000材料不全：缺 授权书\u3000身份证复印件 "
+        )
+    )
+    assert returned.reason == "材料不全：缺 授权书\u3000身份证复印件"

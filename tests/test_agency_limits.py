@@ -65,7 +65,7 @@ def test_the_api_guide_lists_every_limit_the_code_enforces() -> None:
     says("name", 64)
     says("scan_sha256", intake.DIGEST_BYTES)
     says("problems listed", intake.MAX_PROBLEMS_REPORTED)
-    says("reason", 255)
+    says("reason", intake.MAX_REASON_CHARS)
     says("limit", queries.MAX_LIST, 100)
     says("commissioner", queries.MAX_PARTY_CHARS)
     says("page_token", MAX_PAGE_TOKEN_CHARS)

@@ -6,6 +6,7 @@ characters; the one-letter-one-commission rule compares numbers normalised, so t
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from sqlalchemy import select, text
 from common.db import make_engine
 from gateway.db import schema
 from gateway.db.database import upgrade
-from gateway.procedure.intake import MAX_NUMBER_CHARS, letter_key, number_problem
+from gateway.procedure.intake import MAX_NUMBER_CHARS, SPACES, letter_key, number_problem, trim
+from gateway.procedure.workflow import exchange_digest
 from tests.agency_world import agency_world
 from tests.test_agency import COMMISSIONER, OTHER_COMMISSIONER, Agency
 
@@ -145,3 +147,127 @@ def test_migration_0009_fills_the_key_of_existing_commissions(tmp_path: Path, da
         assert keys == {"C-1": "wt-2026-0001", "C-2": None}
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("first", "again"),
+    [
+        ("吉民核〔2026〕第9号", "吉民核〔2026〕第9号 "),
+        ("吉民核〔2026〕第9号", "吉民核[2026]第９号"),
+        ("吉民核〔2026〕第9号", "吉民核【2026】第9号"),
+        ("吉民核〔2026〕第9号", "\u3000吉民核（2026）第9号"),
+        (" 吉民核〔2026〕第9号\u3000", "吉民核〔2026〕第9号"),
+    ],
+)
+def test_a_retry_under_a_differently_written_letter_number_gets_the_first_commission(
+    agency: Agency, first: str, again: str
+) -> None:
+    """The retry check digested the whole request with the letter number as sent, so the same package sent again
+    under the same letter written another way was ALREADY_EXISTS "with another package"."""
+    package = agency.package(1, start=80)
+    package.letter.number = first
+    commissioner = agency.stub(COMMISSIONER)
+    made = commissioner.SubmitCommission(package)
+    entries = agency.audit.count()
+    package.letter.number = again
+    assert commissioner.SubmitCommission(package) == made  # the same letter number and exchange digest, too
+    assert agency.commissions() == 1 and agency.audit.count() == entries
+    # Another package under the same letter, however written, is still refused.
+    package.households[0].members[0].name = "另一个人"
+    with pytest.raises(grpc.RpcError) as excinfo:
+        commissioner.SubmitCommission(package)
+    assert excinfo.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_a_commission_whose_digest_covers_the_number_as_sent_is_still_found_by_its_exact_retry(
+    agency: Agency,
+) -> None:
+    """Commissions stored before the fix hold a digest over the letter number as it was sent (spaces around it
+    included); that digest is what staff sign, so it is kept, and the package sent exactly alike is still a retry."""
+    package = agency.package(1, start=90)
+    package.letter.number = "吉民核〔2026〕第10号 "
+    commissioner = agency.stub(COMMISSIONER)
+    made = commissioner.SubmitCommission(package)
+    old_digest = exchange_digest(made.commission_id, package)  # as the gateway computed it before the fix
+    with agency.world.store.engine.begin() as conn:
+        conn.execute(
+            schema.commissions.update()
+            .where(schema.commissions.c.ref == made.commission_id)
+            .values(exchange_digest=old_digest)
+        )
+    again = commissioner.SubmitCommission(package)
+    assert again.commission_id == made.commission_id and again.exchange_digest == old_digest
+    assert agency.commissions() == 1
+
+
+@pytest.mark.parametrize("control", ["\x1c", "\x1d", "\x1e", "\x1f", "\x85", "\u2028", "\u2029", "\t", "\n", "\r"])
+def test_control_characters_around_a_field_are_refused_not_stripped(agency: Agency, control: str) -> None:
+    """``str.strip()`` removed U+001C-001F, U+0085 and U+2028 around a field, so ``"\\x1fA1"`` was taken as ``A1``
+    and ``"\\x1f张三"`` as a name. Only spaces are removed around a field now; a control character is refused."""
+
+    def refused(change: object, field: str) -> None:
+        package = agency.package(1, start=100)
+        change(package)  # type: ignore[operator]
+        with pytest.raises(grpc.RpcError) as excinfo:
+            agency.stub(COMMISSIONER).SubmitCommission(package)
+        assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in (excinfo.value.details() or ""), (field, excinfo.value.details())
+
+    def number(p: agency_pb2.SubmitCommissionRequest) -> None:
+        p.letter.number = control + "A1"
+
+    def number_after(p: agency_pb2.SubmitCommissionRequest) -> None:
+        p.letter.number = "A1" + control
+
+    def name(p: agency_pb2.SubmitCommissionRequest) -> None:
+        p.households[0].members[0].name = control + "张三"
+
+    def authorisation(p: agency_pb2.SubmitCommissionRequest) -> None:
+        member = p.households[0].members[0]
+        member.authorisation.number = member.authorisation.number + control
+
+    def id_number(p: agency_pb2.SubmitCommissionRequest) -> None:
+        member = p.households[0].members[0]
+        member.id_number = control + member.id_number
+
+    refused(number, "letter.number")
+    refused(number_after, "letter.number")
+    refused(name, ".name")
+    refused(authorisation, "authorisation.number")
+    refused(id_number, ".id_number")
+    assert agency.commissions() == 0
+
+
+def test_spaces_around_fields_are_removed(agency: Agency) -> None:
+    package = agency.package(1, start=110)
+    package.letter.number = "\u3000A1\u00a0"
+    member = package.households[0].members[0]
+    name, id_number = member.name, member.id_number
+    member.name = f" {name}\u3000"
+    member.id_number = f"\u3000{id_number} "
+    cid = agency.stub(COMMISSIONER).SubmitCommission(package).commission_id
+    with agency.world.store.engine.connect() as conn:
+        assert conn.execute(select(schema.commissions.c.letter_number)).scalar_one() == "A1"
+        stored = conn.execute(select(schema.subjects.c.name, schema.subjects.c.id_number)).first()
+    assert cid and stored is not None and tuple(stored) == (name, id_number)
+
+
+def test_trim_removes_every_space_character_and_nothing_else() -> None:
+    every = [chr(c) for c in range(0x110000)]
+    assert set(SPACES) == {c for c in every if unicodedata.category(c) == "Zs"}
+    assert trim("\u3000\u2003A 1\u00a0 ") == "A 1"
+    assert trim("\x1f\u3000A1\x85") == "\x1f\u3000A1\x85"  # only spaces, and only at the very ends
+
+
+def test_a_full_width_id_number_is_stored_as_the_number_validated(agency: Agency) -> None:
+    """Validation reads full-width digits (NFKC) and a lower-case x, but the subject was stored with the number as
+    sent (only stripped and upper-cased), so full-width digits went to the units as they were typed."""
+    package = agency.package(1, start=120)
+    member = package.households[0].members[0]
+    ascii_number = member.id_number
+    member.id_number = ascii_number.translate({c: c + 0xFEE0 for c in range(0x30, 0x3A)}).lower()
+    assert member.id_number != ascii_number
+    agency.stub(COMMISSIONER).SubmitCommission(package)
+    with agency.world.store.engine.connect() as conn:
+        stored = conn.execute(select(schema.subjects.c.id_number).order_by(schema.subjects.c.id)).first()
+    assert stored is not None and stored.id_number == ascii_number

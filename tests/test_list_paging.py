@@ -107,6 +107,39 @@ def test_a_forged_or_altered_page_token_is_invalid_argument(agency: Agency) -> N
     assert agency.stub(COMMISSIONER).ListCommissions(agency_pb2.ListCommissionsRequest(limit=5, page_token=token))
 
 
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def test_a_page_token_with_inserted_whitespace_padding_or_other_alphabet_is_invalid_argument(agency: Agency) -> None:
+    """Python's base64 decoder is lax: it read a token with spaces or a line break inserted, ``==`` appended, ``+/``
+    for ``-_``, or other unused bits in its last character as the genuine one, so an altered token was taken."""
+    for i in range(3):
+        _submit(agency, 10 * i)
+    token = agency.stub(COMMISSIONER).ListCommissions(agency_pb2.ListCommissionsRequest(limit=1)).next_page_token
+    assert len(token) == 151
+    # 113 bytes: the last character carries 4 bits of the last byte and 2 unused bits.
+    last = _ALPHABET.index(token[-1])
+    assert last & 0b11 == 0
+    altered = [
+        token[:70] + " " + token[70:],
+        token[:70] + "\n" + token[70:],
+        token + "\n",
+        " " + token,
+        token + "==",
+        token + "=",
+        token[:-1] + _ALPHABET[last | 0b01],
+        token[:-1] + _ALPHABET[last | 0b10],
+    ]
+    if "-" in token or "_" in token:  # nearly always (a token without either has odds of about 1 in 120)
+        altered.append(token.replace("-", "+").replace("_", "/"))
+    for bad in altered:
+        error = _refused(agency, COMMISSIONER, agency_pb2.ListCommissionsRequest(limit=1, page_token=bad))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, repr(bad)
+        assert "page_token" in (error.details() or "")
+    # The genuine token still pages on.
+    assert agency.stub(COMMISSIONER).ListCommissions(agency_pb2.ListCommissionsRequest(limit=1, page_token=token))
+
+
 def test_filters_by_state_commissioner_and_creation_days(agency: Agency) -> None:
     assert agency.world.clock.now_ms() == NOW  # 2 March 2026, 10:00 Beijing time
     mine_2nd = _submit(agency, 0)

@@ -40,13 +40,31 @@ _NUMBER_SPACES = frozenset({" ", "\u3000"})
 #: The brackets official numbers put the year in, as people type them: GB/T 9704 prescribes 〔〕; [] () 【】 〖〗 〘〙
 #: (and their full-width forms, which NFKC folds to ASCII) are taken for the same letter.
 _BRACKETS = str.maketrans(dict.fromkeys("[(【〖〘", "〔") | dict.fromkeys("])】〗〙", "〕"))
+#: Every space character (Unicode category Zs): what :func:`trim` removes around a field.
+SPACES = " \u00a0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u202f\u205f\u3000"
+#: The longest reason of a return or termination, in characters.
+MAX_REASON_CHARS = 255
+
+
+def trim(text: str) -> str:
+    """``text`` without the spaces around it (:data:`SPACES`). Only spaces: ``str.strip()`` would also remove the
+    control characters Python counts as whitespace (U+001C-001F, U+0085, U+2028, tabs, line breaks), so that
+    ``"\\x1fA1"`` would pass as ``A1``; those stay and are refused by each field's character rule."""
+    return text.strip(SPACES)
+
+
+def is_plain_text(text: str) -> bool:
+    """Whether ``text`` is one line of printable characters (letters, digits, punctuation, symbols, spaces U+0020 and
+    U+3000): no control or format characters (NUL, escape sequences, line breaks, tabs, bidi overrides, zero-width
+    characters), no line or paragraph separators, no private-use or unassigned code points."""
+    return all(char.isprintable() or char == "\u3000" for char in text)
 
 
 def number_problem(number: str) -> str | None:
     """What is wrong with ``number`` as an official document number (a commission letter's or an authorisation's),
-    or None. Allowed: 1-64 characters, after removing surrounding whitespace, of letters (CJK included), digits
-    (full-width too) and punctuation, with spaces inside; at least one letter or digit."""
-    text = number.strip()
+    or None. Allowed: 1-64 characters, after removing surrounding spaces (:func:`trim`), of letters (CJK included),
+    digits (full-width too) and punctuation, with spaces inside; at least one letter or digit."""
+    text = trim(number)
     if not 1 <= len(text) <= MAX_NUMBER_CHARS:
         return f"1-{MAX_NUMBER_CHARS} characters"
     for position, char in enumerate(text, start=1):
@@ -137,13 +155,13 @@ def _check_member(where: str, member: agency_pb2.Member, today: date, problems: 
         number = parse_id_number(member.id_number, today=today).value
     except InvalidIdNumber as exc:
         problems.append(Problem(f"{where}.id_number", str(exc)))
-    name = member.name.strip()
+    name = trim(member.name)
     if not 1 <= len(name) <= 64 or not name.isprintable():
         problems.append(Problem(f"{where}.name", "1-64 printable characters"))
     if member.relation not in agency_pb2.Relation.values() or member.relation == 0:
         problems.append(Problem(f"{where}.relation", "applicant, family member or support obligor"))
     auth = member.authorisation
-    if not auth.number.strip():
+    if not trim(auth.number):
         problems.append(Problem(f"{where}.authorisation.number", "missing (nobody may be queried without one)"))
     elif (problem := number_problem(auth.number)) is not None:
         problems.append(Problem(f"{where}.authorisation.number", problem))

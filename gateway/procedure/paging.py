@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import struct
 from dataclasses import dataclass
 
@@ -38,6 +39,8 @@ _KEY_ID_BYTES = 16
 _SIGNATURE_BYTES = 64
 #: The longest page token accepted, in characters (a real one has 151).
 MAX_PAGE_TOKEN_CHARS = 256
+#: The text of a token: the base64url alphabet, without padding.
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]*")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,24 @@ def _refused(why: str) -> WorkflowError:
     )
 
 
+def _encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _decode(token: str) -> bytes | None:
+    """The bytes of ``token``, or None unless it is exactly what :func:`_encode` makes of them. Python's decoder is
+    lax (it skips characters outside the alphabet, takes ``+/`` for ``-_``, ignores padding and the unused low bits
+    of the last character), so an altered token could decode to a genuine one; re-encoding and comparing refuses
+    every text but the one the gateway made."""
+    if not _TOKEN_RE.fullmatch(token):
+        return None
+    try:
+        data = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    return data if _encode(data) == token else None
+
+
 class PageTokens:
     """Makes and reads the signed page tokens of one gateway."""
 
@@ -70,17 +91,16 @@ class PageTokens:
         key = self.agency.signing_key(now_ms)
         body = _BODY.pack(_VERSION, bound_to, position.created_at_ms, position.row_id)
         signature = sign_statement(PAGE_TOKEN_DOMAIN, body, key)
-        return base64.urlsafe_b64encode(body + key.key_id + signature).rstrip(b"=").decode()
+        return _encode(body + key.key_id + signature)
 
     def read(self, token: str, bound_to: bytes, now_ms: int) -> Position:
         """The position ``token`` continues after; INVALID_ARGUMENT if it is not one this gateway made for this
         caller and these filters, under a key still valid now."""
         if len(token) > MAX_PAGE_TOKEN_CHARS:
             raise _refused("is too long")
-        try:
-            data = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        except (binascii.Error, ValueError):
-            raise _refused("is not one this gateway made") from None
+        data = _decode(token)
+        if data is None:
+            raise _refused("is not one this gateway made")
         if len(data) != _BODY.size + _KEY_ID_BYTES + _SIGNATURE_BYTES:
             raise _refused("is not one this gateway made")
         body, key_id, signature = data[: _BODY.size], data[_BODY.size : -_SIGNATURE_BYTES], data[-_SIGNATURE_BYTES:]

@@ -28,6 +28,7 @@ from hedui.v1 import agency_pb2
 from sqlalchemy import Connection, Engine, Row, func, insert, select, update
 
 from common.dates import from_pb, year_month
+from common.idnumber import parse_id_number
 from common.workdays import CHINA_TZ
 from gateway.archive.audit import AuditLog
 from gateway.archive.checkpoints import write_checkpoint
@@ -49,7 +50,7 @@ from gateway.procedure.commission import (
     illegal,
 )
 from gateway.procedure.feedback import FeedbackRecorder
-from gateway.procedure.intake import letter_key, validate_package
+from gateway.procedure.intake import MAX_REASON_CHARS, is_plain_text, letter_key, trim, validate_package
 from gateway.procedure.queries import CommissionQueries
 from gateway.procedure.report import ReportRefused, build_report, sign_report
 from gateway.procedure.routing import category_names, route, unserved
@@ -65,10 +66,24 @@ SUBMIT_LOCK = 0x4845_4455_4902
 
 
 def exchange_digest(ref: str, request: agency_pb2.SubmitCommissionRequest) -> bytes:
-    """What exchange approvals sign: the commission id and the complete package as submitted."""
+    """What exchange approvals sign: the commission id and the complete package. A commission stores it once, at
+    submission, over :func:`stored_package` (the package with its letter number as stored); what the staff sign for
+    a stored commission is that column, never recomputed."""
     return hashlib.sha256(
         EXCHANGE_DIGEST_DOMAIN + ref.encode() + b"\x00" + request.SerializeToString(deterministic=True)
     ).digest()
+
+
+def stored_package(
+    request: agency_pb2.SubmitCommissionRequest, letter_number: str
+) -> agency_pb2.SubmitCommissionRequest:
+    """``request`` with its letter number written ``letter_number`` (as the commission stores it: surrounding spaces
+    removed), so that the same package sent again under a differently written number of the same letter (spaces,
+    full-width digits, another bracket kind) digests alike and is recognised as a retry."""
+    package = agency_pb2.SubmitCommissionRequest()
+    package.CopyFrom(request)
+    package.letter.number = letter_number
+    return package
 
 
 @dataclass(frozen=True)
@@ -122,6 +137,7 @@ class Workflow:
         if caller.role not in {"commissioner", "lower_agency"}:
             raise denied("only commissioners and lower-level agencies submit commissions")
         validate_package(request, today=self._today())
+        letter_number = trim(request.letter.number)
         missing = unserved(request.categories, self.store.units.all())
         if missing:
             raise WorkflowError(
@@ -130,6 +146,7 @@ class Workflow:
                 "asked, and the report would show nothing found. Remove these categories, or have the gateway's "
                 "operator register the unit that holds them; nothing was stored",
             )
+        today = self._today()
         ref = "C" + os.urandom(8).hex()
         lower = caller.role == "lower_agency"
         state = INTAKE_PASSED if lower else RECEIVED  # Procedure III.(二)2: straight to second review
@@ -137,9 +154,10 @@ class Workflow:
         subjects = [
             {
                 "subject_ref": f"{h.household_ref}/{i + 1}",
-                "id_number": m.id_number.strip().upper(),
-                "name": m.name.strip(),
-                "auth_number": m.authorisation.number.strip(),
+                # The number as validated: full-width digits as ASCII, lower-case x as X, spaces around removed.
+                "id_number": parse_id_number(m.id_number, today=today).value,
+                "name": trim(m.name),
+                "auth_number": trim(m.authorisation.number),
                 "auth_digest": m.authorisation.scan_sha256,
                 "household_ref": h.household_ref,
                 "member_index": i + 1,
@@ -170,13 +188,13 @@ class Workflow:
                         categories=",".join(str(c) for c in request.categories),
                         thresholds=",".join(f"{t.category}:{t.limit_fen}" for t in request.thresholds),
                         created_at_ms=now,
-                        letter_number=request.letter.number.strip(),
-                        letter_key=letter_key(request.letter.number),
+                        letter_number=letter_number,
+                        letter_key=letter_key(letter_number),
                         letter_date=from_pb(request.letter.date),
                         commissioner=caller.party_id,
                         state=state,
                         from_lower_agency=lower,
-                        exchange_digest=exchange_digest(ref, request),
+                        exchange_digest=exchange_digest(ref, stored_package(request, letter_number)),
                         household_count=len(request.households),
                         subject_count=len(subjects),
                     )
@@ -205,7 +223,8 @@ class Workflow:
         after a lost reply must not query the same people twice); None for a new letter. A letter whose
         commission was returned may come again with a corrected package. ALREADY_EXISTS for the same letter number
         with another package: one letter, one commission. Numbers are compared as ``letter_key`` normalises them
-        (full-width digits, case, spaces and the bracket kind do not make another letter)."""
+        (full-width digits, case, spaces and the bracket kind do not make another letter), and so is a retry: the
+        package is compared with the letter number replaced by the one the earlier commission stored."""
         rows = conn.execute(
             select(s.commissions.c.ref, s.commissions.c.exchange_digest, s.commissions.c.letter_number).where(
                 s.commissions.c.commissioner == caller.party_id,
@@ -214,10 +233,16 @@ class Workflow:
             )
         ).all()
         for earlier in rows:
-            if hmac.compare_digest(bytes(earlier.exchange_digest), exchange_digest(earlier.ref, request)):
+            stored_digest = bytes(earlier.exchange_digest)
+            retry = exchange_digest(earlier.ref, stored_package(request, earlier.letter_number))
+            # Commissions stored before the digest was taken over the stored number hold one over the number as it
+            # was sent then, spaces around it included: the same package sent exactly alike is still a retry.
+            if hmac.compare_digest(stored_digest, retry) or hmac.compare_digest(
+                stored_digest, exchange_digest(earlier.ref, request)
+            ):
                 return str(earlier.ref)
         if rows:
-            sent, stored = request.letter.number.strip(), rows[0].letter_number
+            sent, stored = trim(request.letter.number), rows[0].letter_number
             spelt = "" if sent == stored else f" (written {sent} this time)"
             raise WorkflowError(
                 grpc.StatusCode.ALREADY_EXISTS,
@@ -267,12 +292,22 @@ class Workflow:
 
     @staticmethod
     def _reason(passed: bool, reason: str) -> str | None:
-        reason = reason.strip()
-        if not passed and not 1 <= len(reason) <= 255:
+        reason = trim(reason)
+        if passed:
+            return None  # a passing step stores no reason
+        if not 1 <= len(reason) <= MAX_REASON_CHARS:
             raise WorkflowError(
-                grpc.StatusCode.INVALID_ARGUMENT, "a return or termination needs a reason (1-255 chars)"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a return or termination needs a reason (1-{MAX_REASON_CHARS} characters)",
             )
-        return reason or None
+        if not is_plain_text(reason):
+            # The reason goes back to the commissioner as written: no escape sequences, hidden or reordering
+            # characters, and one line.
+            raise WorkflowError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "reason: one line of printable characters (no control or format characters, no line breaks)",
+            )
+        return reason
 
     def intake(self, ref: str, staff_id: str, passed: bool, reason: str, caller: Caller) -> agency_pb2.Commission:
         """受理初审: received -> intake_passed, or -> returned with a reason."""

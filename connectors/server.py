@@ -94,6 +94,8 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServiceServicer):
 
     def __init__(self, connector: Connector) -> None:
         self.connector = connector
+        #: One "store failed" line a minute, whatever the number of calls (the gateway retries every few seconds).
+        self._store_log = LogThrottle(60.0)
 
     def _call(
         self,
@@ -110,6 +112,22 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServiceServicer):
             public = "invalid_envelope" if refusal.reason.startswith("envelope_") else refusal.reason
             context.set_trailing_metadata(((REFUSAL_REASON_KEY, public),))
             context.abort(refusal.status, str(refusal))
+        except Exception as exc:
+            if database_error(exc) is None:
+                raise
+            # The unit's own store failed (disk full or read-only, file gone): hedui_database_up goes to 0, the log
+            # says so once a minute without a traceback or the database's message, and the gateway backs off and
+            # tries again (UNAVAILABLE is transient) instead of reading grpc's UNKNOWN.
+            if self.connector.metrics is not None:
+                self.connector.metrics.database_failed()
+            held_back = self._store_log.admit(type(exc).__name__)
+            if held_back is not None:
+                log.warning(
+                    "request failed on the store",
+                    extra={"error": type(exc).__name__, "db_code": database_error_code(exc), "repeated": held_back},
+                )
+            context.set_trailing_metadata(((REFUSAL_REASON_KEY, "database_unavailable"),))
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the unit's exchange server cannot use its database just now")
         raise AssertionError("unreachable")  # context.abort raises
 
     def SubmitBatch(

@@ -11,11 +11,13 @@ from pathlib import Path
 import grpc
 import pytest
 from hedui.v1 import exchange_pb2, exchange_pb2_grpc, records_pb2
+from prometheus_client import CollectorRegistry
 
 from common.rpc import REFUSAL_REASON_KEY
 from connectors.adapters.base import AdapterError, Finding, LookupContext
 from connectors.connector import ANSWER_RETRY_BASE_MS
 from connectors.errors import DelayRefused
+from connectors.metrics import ConnectorMetrics
 from connectors.synthetic import Population, SyntheticAdapter
 from keys.announcements import read_bundle
 from keys.envelope import Courier
@@ -418,3 +420,32 @@ def test_no_id_number_or_name_in_logs(world: World, caplog: pytest.LogCaptureFix
 
 def test_unit_keys_states_are_untouched_by_the_exchange(world: World) -> None:
     assert all(r.state is KeyState.ACTIVE for r in world.connector.courier.me.records())
+
+
+def test_a_failed_store_under_a_call_is_unavailable_counted_and_logged_once_a_minute(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The on-call drill: the unit's own database became read-only while batches arrived. Each call ended as grpc's
+    UNKNOWN with a 75-line ERROR traceback every few seconds, and hedui_database_up stayed 1. Now the gateway gets
+    UNAVAILABLE (transient: it backs off and tries again) with the reason database_unavailable, the store counts as
+    down, and the log has one line a minute without the database's message."""
+    metrics = ConnectorMetrics(CollectorRegistry())
+    world.connector.metrics = metrics
+    with world.connector.store.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE batches RENAME TO batches_away")
+    try:
+        with caplog.at_level(logging.INFO):
+            for n in range(3):
+                with pytest.raises(grpc.RpcError) as excinfo:
+                    world.submit(world.batch(f"B-DB-{n}", world.subjects(2)))
+                assert _code(excinfo) == grpc.StatusCode.UNAVAILABLE
+                assert _sent_reason(excinfo) == ["database_unavailable"]
+                assert "batches" not in (excinfo.value.details() or "")
+    finally:
+        with world.connector.store.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE batches_away RENAME TO batches")
+    assert not metrics.service.database.up
+    lines = [r for r in caplog.records if r.getMessage() == "request failed on the store"]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING and not lines[0].exc_info
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert world.submit(world.batch("B-DB-3", world.subjects(2))).batch_id == "B-DB-3"  # back by itself

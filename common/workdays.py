@@ -256,13 +256,22 @@ class CalendarSource:
     the file changes (size or modification time), so that installing a new year's schedule needs no restart.
 
     The first read happens here and raises CalendarError for a bad file (the service does not start with it); a
-    bad file written later is logged and the calendar read before stays in use. Thread-safe."""
+    file that is not there yet is a warning, and the built-in years serve until it appears (every site that
+    installs its first holiday file would otherwise need a restart, or could not start). A bad file written later is
+    logged and the calendar read before stays in use. Thread-safe."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._stamp = self._stat()
-        self._calendar = WorkdayCalendar.with_file(path)
+        if path is not None and self._stamp is None:
+            log.warning(
+                "holiday file not there yet: the built-in years serve until it appears",
+                extra={"path": str(path), "built_in_until": max(WorkdayCalendar().schedules, default=0)},
+            )
+            self._calendar = WorkdayCalendar()
+        else:
+            self._calendar = WorkdayCalendar.with_file(path)
 
     def _stat(self) -> tuple[int, int] | None:
         if self.path is None:

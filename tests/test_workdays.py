@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from common.workdays import (
     CHINA_TZ,
     OFFICIAL_SCHEDULES,
     CalendarError,
+    CalendarSource,
     UnknownCalendarYear,
     WorkdayCalendar,
     load_schedule_file,
@@ -112,3 +114,22 @@ def test_official_schedules_are_consistent() -> None:
     for year, schedule in OFFICIAL_SCHEDULES.items():
         assert schedule.year == year and schedule.source
         assert not schedule.holidays & schedule.working_weekends
+
+
+def test_a_holiday_file_not_there_yet_is_a_warning_and_is_read_when_it_appears(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The on-call drill: with holiday_file set to a path not written yet, gateway and connector refused to start;
+    and a file configured for the first time needed a restart. Now the built-in years serve until it appears."""
+    path = tmp_path / "holidays.toml"
+    with caplog.at_level(logging.WARNING, logger="hedui"):
+        source = CalendarSource(path)
+    assert [r.getMessage() for r in caplog.records] == [
+        "holiday file not there yet: the built-in years serve until it appears"
+    ]
+    assert 2027 not in source.current().schedules
+    path.write_text(
+        '[years.2027]\nsource = "test"\nholidays = [["2027-01-01", "2027-01-01"]]\nworking_weekends = []\n',
+        encoding="utf-8",
+    )
+    assert 2027 in source.current().schedules

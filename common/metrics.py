@@ -307,7 +307,8 @@ _DATABASE_UP = (
 )
 _DATABASE_AGE = (
     "Seconds since the database-backed series of this scrape were read: 0 normally; while the database cannot "
-    "be read, the last values read are exported and this grows. Absent until the first successful read."
+    "be read, the last values read are exported and this grows. Before the first successful read: the seconds since "
+    "the process started, with no database-backed series at all."
 )
 #: The collector's "database not readable" line at most this often (Prometheus scrapes every 15-30 s).
 _SCRAPE_LOG_INTERVAL_S = 60.0
@@ -323,6 +324,7 @@ class _DatabaseCollector(Collector):
         self.throttle = LogThrottle(_SCRAPE_LOG_INTERVAL_S, clock=clock)
         self._last: Sequence[Metric] = ()
         self._read_at: float | None = None
+        self._started = clock()
         self._lock = threading.Lock()
 
     @staticmethod
@@ -361,9 +363,10 @@ class _DatabaseCollector(Collector):
             last, read_at = self._last, self._read_at
         up.add_metric([], 1.0 if self.health.up else 0.0)
         yield up
-        if read_at is not None:
-            age.add_metric([], max(0.0, self.clock() - read_at))
-            yield age
+        # Always exported: a process whose database was gone from its start has no last values to show, and an
+        # age that grows from the start says so (an alert on the age needs no special case).
+        age.add_metric([], max(0.0, self.clock() - (self._started if read_at is None else read_at)))
+        yield age
         yield from last
 
 

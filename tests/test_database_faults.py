@@ -426,3 +426,22 @@ def test_log_throttle_lets_one_line_a_minute_through_and_counts_the_rest() -> No
     assert throttle.admit("dispatch") == 3
     assert throttle.forget("dispatch") == 0
     assert throttle.admit("dispatch") == 0  # forgotten: the next one is news
+
+
+def test_a_store_gone_before_the_first_scrape_still_exports_its_age(tmp_path: Path, log: Log) -> None:
+    """The on-call drill: a database lost before anyone scraped left only hedui_database_up 0, and no age to say how
+    long the process had been blind. The age now counts from the start until a read succeeds."""
+    ticker = Ticker()
+    metrics = ConnectorMetrics(CollectorRegistry(), clock=ticker)
+    folder = tmp_path / "store"
+    folder.mkdir()
+    engine = make_engine(f"sqlite:///{folder / 'connector.db'}")
+    store = ConnectorStore(engine)
+    metrics.watch_store(store.engine)
+    shutil.rmtree(folder)
+    engine.dispose()
+    ticker.now += 40
+    registry = metrics.registry
+    assert value(registry, "hedui_database_up") == 0
+    assert value(registry, "hedui_database_scrape_age_seconds") == 40
+    assert value(registry, "hedui_connector_pending_batches") is None  # nothing was ever read: nothing to repeat

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -38,6 +39,11 @@ def run(prog: str, args: argparse.Namespace) -> int:
     configure_logging(args.log_level, json_lines=args.log_format == "json")
     try:
         args.func(args)
+    except BrokenPipeError:
+        # The reader went away (``status | head``): what it wanted was printed. Python would complain again when it
+        # flushes stdout at exit, so stdout is pointed at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (HeduiError, ValueError, OSError) as exc:
         message = exc.diagnostics() if isinstance(exc, HeduiError) else str(exc)
         print(f"{prog}: error: {message}", file=sys.stderr)

@@ -225,3 +225,22 @@ def test_every_program_tells_its_release(program: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{program} {version('hedui')}"
+
+
+def test_a_reader_that_goes_away_is_no_error(tmp_path: Path) -> None:
+    """``hedui-gateway status | head -2`` printed "error: [Errno 32] Broken pipe": the services' command lines now
+    stop quietly when their reader has what it wanted."""
+    script = (
+        "import argparse, sys\n"
+        "from common.cli import run\n"
+        "def func(args):\n"
+        "    for n in range(200_000):\n"
+        "        print(f'line {n}')\n"
+        "sys.exit(run('hedui-test', argparse.Namespace(func=func, log_level='INFO', log_format='text')))\n"
+    )
+    result = subprocess.run(
+        ["bash", "-c", f'"{sys.executable}" -c "$0" | head -2', script],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent, check=True,
+    )  # fmt: skip
+    assert result.stdout == "line 0\nline 1\n"
+    assert result.stderr == ""

@@ -327,17 +327,7 @@ def open_at(
         except Exception as exc:  # protobuf raises DecodeError, or RuntimeError from upb
             raise TypeMismatch("inner message does not parse as its announced type") from exc
     return Opened(
-        header=Header(
-            message_id=header.message_id,
-            message_type=header.message_type,
-            sender=header.sender,
-            recipient=header.recipient,
-            sender_key_id=header.sender_key_id,
-            recipient_key_id=header.recipient_key_id,
-            created_at_ms=header.created_at_ms,
-            expires_at_ms=header.expires_at_ms,
-            correlation_id=header.correlation_id,
-        ),
+        header=_header(header),
         message=message,
         raw=data,
         payload_view=value,
@@ -417,6 +407,11 @@ def check_signature(data: bytes, trust: TrustStore) -> Header:
     sender = _sender_key(trust, header)
     if not sender.public.verify(outer.signature, signature_input(outer.header, outer.ciphertext)):
         raise BadSignature("signature does not verify")
+    return _header(header)
+
+
+def _header(header: envelope_pb2.EnvelopeHeader) -> Header:
+    """The project's view of a checked header."""
     return Header(
         message_id=header.message_id,
         message_type=header.message_type,

@@ -209,6 +209,30 @@ def test_open_refuses_a_sealed_file_with_a_path_in_its_name(
     assert not (tmp_path / "etc").exists()
 
 
+@pytest.mark.parametrize(
+    ("file_name", "why"),
+    [(".bash_login", "starting with '.'"), ("invoice\u202efdp.exe", "unsafe file name"), ("a\u200bb.csv", "unsafe")],
+)
+def test_open_refuses_a_sealed_file_named_as_a_hidden_file_or_with_a_format_character(
+    enrolled: tuple[Party, Party], tmp_path: Path, capsys: pytest.CaptureFixture[str], file_name: str, why: str
+) -> None:
+    """A dot-file (.bash_login written into a home folder) and U+202E ("invoice<RLO>fdp.exe" shows as
+    "invoiceexe.pdf") were accepted as the name inside a .hsf."""
+    agency, unit = enrolled
+    party, trust = keystore.load(agency.keystore, PASSPHRASE)
+    courier = Courier(party, trust, replay=MemoryReplayCache())
+    sealed = courier.seal(media_pb2.SealedFile(file_name=file_name, content=b"x"), unit.party_id)
+    (tmp_path / "evil.hsf").write_bytes(sealed)
+    capsys.readouterr()
+    assert unit.run("open", str(tmp_path / "evil.hsf"), "--out-dir", str(tmp_path / "in")) == 1
+    assert why in capsys.readouterr().err
+    assert not (tmp_path / "in").exists() or not any((tmp_path / "in").iterdir())
+    source = tmp_path / file_name
+    source.write_bytes(b"x")
+    assert agency.run("seal", str(source), "--to", unit.party_id, "--out", str(tmp_path / "out.hsf")) == 1
+    assert not (tmp_path / "out.hsf").exists()
+
+
 def test_console_script_is_installed() -> None:
     exe = shutil.which("hedui-keys", path=os.path.dirname(sys.executable))
     assert exe is not None, "hedui-keys is not installed next to the test interpreter"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from hedui.v1 import keys_pb2
 
 from keys import _canonical
+from keys.clock import check_time_ms
 from keys.errors import TrustError
 from keys.fingerprint import bundle_fingerprint, fingerprints_equal, normalize_fingerprint
 from keys.handles import SigningKey
@@ -92,6 +93,7 @@ def read_bundle(data: bytes) -> Bundle:
         signed = _canonical.parse_canonical(keys_pb2.SignedKeyBundle, data)
         body = _canonical.parse_canonical(keys_pb2.KeyBundle, signed.bundle)
         records = tuple(KeyRecord.from_proto(k) for k in body.keys)
+        check_time_ms(body.issued_at_ms, "issued_at_ms")
     except ValueError as exc:
         raise TrustError(f"not a valid key bundle: {exc}") from exc
     if not is_party_id(body.party_id):
@@ -180,6 +182,8 @@ def read_announcement(data: bytes) -> Announcement:
             new_key_signature=signed.new_key_signature,
         )
         _ = announcement.new_key  # validates the embedded key
+        check_time_ms(message.issued_at_ms, "issued_at_ms")
+        check_time_ms(message.overlap_until_ms, "overlap_until_ms")
     except ValueError as exc:
         raise TrustError(f"not a valid key announcement: {exc}") from exc
     return announcement

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from common.cli import add_version
 from keys import keystore, tls
+from keys._files import read_bounded
 from keys.announcements import ANNOUNCEMENT_LABEL, armor, dearmor, read_bundle
 from keys.clock import DAY_MS, SystemClock, from_ms, iso
 from keys.envelope import Courier
@@ -134,12 +135,10 @@ def _mkdir(path: Path) -> None:
         raise CliError(f"cannot create the folder {path}: {exc.strerror}") from exc
 
 
-def _read(path: str, limit: int = MAX_SEALED_FILE_BYTES) -> bytes:
+def _read(path: str, limit: int = MAX_SEALED_FILE_BYTES, *, what: str = "sealed file") -> bytes:
+    """The bytes of an input file: refused (CliError) unless it is a regular file of at most ``limit`` bytes."""
     try:
-        size = Path(path).stat().st_size
-        if size > limit:
-            raise CliError(f"{path} is larger than {limit} bytes")
-        return Path(path).read_bytes()
+        return read_bounded(path, limit, CliError, what=what)
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror}") from exc
 
@@ -218,7 +217,7 @@ def cmd_export(session: _Session, args: argparse.Namespace) -> None:
 
 def cmd_inspect(session: _Session, args: argparse.Namespace) -> None:
     """Show a bundle's party, keys and fingerprint without importing it (no keystore needed)."""
-    bundle = read_bundle(dearmor(_read(args.bundle).decode("utf-8", "replace")))
+    bundle = read_bundle(dearmor(_read(args.bundle, what="bundle").decode("utf-8", "replace")))
     print(f"party {bundle.party_id}, issued {iso(bundle.issued_at_ms)}")
     for record in bundle.keys:
         print(_describe(record))
@@ -228,7 +227,7 @@ def cmd_inspect(session: _Session, args: argparse.Namespace) -> None:
 def cmd_import(session: _Session, args: argparse.Namespace) -> None:
     """Trust a peer's bundle, only when --fingerprint matches it."""
     party, trust = session.load()
-    data = dearmor(_read(args.bundle).decode("utf-8", "replace"))
+    data = dearmor(_read(args.bundle, what="bundle").decode("utf-8", "replace"))
     bundle = trust.import_bundle(
         data, expected_fingerprint=args.fingerprint, own_party_id=party.party_id, now_ms=session.clock.now_ms()
     )
@@ -280,7 +279,7 @@ def cmd_revoke(session: _Session, args: argparse.Namespace) -> None:
 def cmd_apply(session: _Session, args: argparse.Namespace) -> None:
     """Apply a peer's signed rotation or revocation announcement."""
     party, trust = session.load()
-    data = dearmor(_read(args.announcement).decode("utf-8", "replace"), ANNOUNCEMENT_LABEL)
+    data = dearmor(_read(args.announcement, what="announcement").decode("utf-8", "replace"), ANNOUNCEMENT_LABEL)
     record = trust.apply_announcement(data, now_ms=session.clock.now_ms())
     session.save(party, trust)
     print(f"applied: key {record.key_id.hex()} is now {record.state.name.lower()}")
@@ -290,7 +289,7 @@ def cmd_seal(session: _Session, args: argparse.Namespace) -> None:
     """Seal a file for a peer (signed by us, readable only by the peer)."""
     party, trust = session.load()
     source = Path(args.file)
-    content = _read(args.file, MAX_CONTENT_BYTES)
+    content = _read(args.file, MAX_CONTENT_BYTES, what="file to seal")
     courier = Courier(party, trust, replay=MemoryReplayCache(), clock=session.clock)
     envelope = seal_file(
         courier, source.name, content, args.to, ttl_ms=int(args.ttl_days * DAY_MS), media_type=args.media_type or ""
@@ -348,12 +347,12 @@ def cmd_sign_approval(session: _Session, args: argparse.Namespace) -> None:
 def cmd_verify_report(session: _Session, args: argparse.Namespace) -> None:
     """Verify a signed verification report (核对报告) with the issuing agency's keys from the trust store, or
     with --bundle and --fingerprint (no keystore needed)."""
-    signed = read_signed_report(_read(args.file, MAX_SIGNED_REPORT_BYTES))
+    signed = read_signed_report(_read(args.file, MAX_SIGNED_REPORT_BYTES, what="signed report"))
     keyring: Keyring | None
     if args.bundle:
         if not args.fingerprint:
             raise CliError("--bundle needs --fingerprint: the fingerprint from the agency's key letter")
-        bundle = read_bundle(dearmor(_read(args.bundle).decode("utf-8", "replace")))
+        bundle = read_bundle(dearmor(_read(args.bundle, what="bundle").decode("utf-8", "replace")))
         bundle.require_fingerprint(args.fingerprint)
         party_id, keyring = bundle.party_id, Keyring(bundle.keys)
     elif args.fingerprint:
@@ -404,7 +403,7 @@ def cmd_ca_issue(session: _Session, args: argparse.Namespace) -> None:
         raise CliError("say what the certificate is for: --client (a gateway), --server (a connector) or both")
     ca_dir, out_dir = Path(args.dir), Path(args.out_dir)
     key_path = ca_dir / CA_KEY_FILE
-    ca_cert = _read(str(ca_dir / CA_CERT_FILE), MAX_PEM_BYTES)
+    ca_cert = _read(str(ca_dir / CA_CERT_FILE), MAX_PEM_BYTES, what="CA certificate")
     try:
         mode = key_path.stat().st_mode & 0o777
     except OSError as exc:
@@ -414,13 +413,13 @@ def cmd_ca_issue(session: _Session, args: argparse.Namespace) -> None:
             f"{key_path} is readable or writable by other users (mode {mode:o}); "
             f"run chmod 600 {key_path} after checking who could have read it"
         )
-    ca_key = _read(str(key_path), MAX_PEM_BYTES)
+    ca_key = _read(str(key_path), MAX_PEM_BYTES, what="CA key")
     cert_path, leaf_key_path, ca_copy = out_dir / f"{party_id}.crt", out_dir / f"{party_id}.key", out_dir / CA_CERT_FILE
     for path in (cert_path, leaf_key_path):
         if path.exists() or path.is_symlink():
             raise CliError(f"{path} exists; remove it first to issue a new certificate for {party_id}")
     copy_ca = not ca_copy.exists()
-    if not copy_ca and _read(str(ca_copy), MAX_PEM_BYTES) != ca_cert:
+    if not copy_ca and _read(str(ca_copy), MAX_PEM_BYTES, what="CA certificate") != ca_cert:
         raise CliError(f"{ca_copy} holds another CA certificate; use another --out-dir")
     passphrase = session.passphrase(what=str(key_path))
     cert_pem, key_pem = tls.issue_certificate(
@@ -452,7 +451,7 @@ def cmd_ca_issue(session: _Session, args: argparse.Namespace) -> None:
 
 def cmd_ca_show(session: _Session, args: argparse.Namespace) -> None:
     """Show a certificate: subject, party id, names, usages, validity and SHA-256 fingerprint (no keystore needed)."""
-    print(tls.certificate_summary(_read(args.file, MAX_PEM_BYTES)), end="")
+    print(tls.certificate_summary(_read(args.file, MAX_PEM_BYTES, what="PEM certificate")), end="")
 
 
 _Commands = argparse._SubParsersAction  # the type of what add_subparsers returns

@@ -49,14 +49,39 @@ def to_ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
 
+#: The latest time a signed document may carry: 9999-12-31T23:59:59.999Z, the end of what a datetime (and an
+#: ISO-8601 year of four digits) can show. A later time is no real time; a document carrying one is malformed.
+MAX_TIME_MS = 253_402_300_799_999
+
+
+def check_time_ms(ms: int, what: str) -> int:
+    """``ms`` if it is a time from 1970 to the year 9999 (0..MAX_TIME_MS); ValueError naming ``what`` otherwise.
+
+    Parsers call this on every time they read, so that an out-of-range time is refused as malformed, with their own
+    error, before anything tries to show it.
+    """
+    if not 0 <= ms <= MAX_TIME_MS:
+        raise ValueError(f"{what} is not a time between 1970 and the year 9999")
+    return ms
+
+
 def from_ms(ms: int) -> datetime:
-    """Milliseconds since the epoch as an aware UTC datetime."""
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+    """Milliseconds since the epoch as an aware UTC datetime (ValueError outside the years 1..9999)."""
+    try:
+        return datetime.fromtimestamp(ms / 1000, tz=UTC)
+    except (OverflowError, OSError) as exc:
+        raise ValueError(f"{ms} ms is outside the years a date can show") from exc
 
 
 def iso(ms: int | None) -> str:
-    """ISO-8601 UTC rendering for humans; '-' for an open end."""
-    return "-" if ms is None else from_ms(ms).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """ISO-8601 UTC rendering for humans; '-' for an open end. Never raises: a time no date can show (from an old
+    keystore or a foreign program) is shown as its number of milliseconds."""
+    if ms is None:
+        return "-"
+    try:
+        return from_ms(ms).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return f"{ms} ms after 1970 (out of range)"
 
 
 SECOND_MS = 1000

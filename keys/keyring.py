@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from hedui.v1 import keys_pb2
 
+from keys.clock import check_time_ms
 from keys.errors import KeyStateError
 from keys.fingerprint import Algorithm
 from keys.handles import PublicKey
@@ -96,6 +97,9 @@ class KeyRecord:
             raise ValueError("key id does not match the public key")
         if msg.not_before_ms < 0 or msg.not_after_ms < 0 or (0 < msg.not_after_ms <= msg.not_before_ms):
             raise ValueError("validity window is empty or negative")
+        check_time_ms(msg.not_before_ms, "not_before_ms")
+        check_time_ms(msg.not_after_ms, "not_after_ms")
+        check_time_ms(msg.revoked_at_ms, "revoked_at_ms")
         if (state is KeyState.REVOKED) != (msg.revoked_at_ms > 0):
             raise ValueError("revoked_at is set exactly when the key is revoked")
         return cls(

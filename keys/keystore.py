@@ -27,6 +27,7 @@ from typing import Any
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from keys import _primitives as prim
+from keys._files import read_bounded
 from keys.errors import KeystoreError, WrongPassphraseOrCorrupt
 from keys.fingerprint import Algorithm
 from keys.handles import PrivateKey, PublicKey, RandomSource, _load_private
@@ -240,15 +241,18 @@ def write_private_file(path: Path, data: bytes) -> None:
 MAX_PASSPHRASE_FILE_BYTES = 4096
 
 
-def _private_file(path: Path) -> os.stat_result:
-    """stat() of a file that holds a secret; KeystoreError if group or others may read or write it."""
-    info = path.stat()
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        raise KeystoreError(
-            f"{path} is readable or writable by other users (mode {stat.S_IMODE(info.st_mode):o}); "
-            f"run chmod 600 {path} after checking who could have read it"
-        )
-    return info
+def _read_private_file(path: Path, *, what: str, limit: int) -> bytes:
+    """The bytes of a regular file that holds a secret, at most ``limit`` of them; KeystoreError if it is not a
+    regular file, is larger, or group or others may read or write it (checked on the opened file)."""
+
+    def owner_only(info: os.stat_result) -> None:
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            raise KeystoreError(
+                f"{path} is readable or writable by other users (mode {stat.S_IMODE(info.st_mode):o}); "
+                f"run chmod 600 {path} after checking who could have read it"
+            )
+
+    return read_bounded(path, limit, KeystoreError, what=what, check=owner_only)
 
 
 def read_secret_file(path: Path, *, what: str, limit: int) -> bytes:
@@ -256,9 +260,7 @@ def read_secret_file(path: Path, *, what: str, limit: int) -> bytes:
     read and write it. KeystoreError names the file and ``what`` it should be, never its content."""
     path = Path(path)
     try:
-        if _private_file(path).st_size > limit:
-            raise KeystoreError(f"{path} is too large to be a {what}")
-        return path.read_bytes()
+        return _read_private_file(path, what=what, limit=limit)
     except FileNotFoundError as exc:
         raise KeystoreError(f"no {what} at {path}") from exc
     except OSError as exc:
@@ -288,10 +290,7 @@ def load(path: Path, passphrase: str) -> tuple[PartyKeys, TrustStore]:
     """Read and decrypt a keystore. Raises KeystoreError (or WrongPassphraseOrCorrupt) and nothing else."""
     path = Path(path)
     try:
-        info = _private_file(path)
-        if info.st_size > MAX_KEYSTORE_BYTES:
-            raise KeystoreError(f"{path} is too large to be a keystore")
-        raw = path.read_bytes()
+        raw = _read_private_file(path, what="keystore", limit=MAX_KEYSTORE_BYTES)
     except FileNotFoundError as exc:
         raise KeystoreError(f"no keystore at {path}: create one with 'hedui-keys init'") from exc
     except OSError as exc:

@@ -16,6 +16,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -67,6 +68,9 @@ REPLAY_STORE_VERSION = 1
 PRUNE_GRACE_MS = 24 * 60 * 60 * 1000
 #: How long a process waits for another one that holds the store's write lock (an ``open`` writing its file).
 BUSY_TIMEOUT_S = 60.0
+#: How long an existing but empty store file is given to become a store: another process that has just created it
+#: lays it out within milliseconds; a file still empty after this was emptied or replaced, and is refused.
+EMPTY_STORE_WAIT_S = 2.0
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS store (party_id TEXT NOT NULL)",
@@ -102,17 +106,29 @@ class FileReplayCache:
             raise
 
     def _connect(self, busy_timeout_s: float) -> sqlite3.Connection:
+        created = False
         try:
             # Created 0600 before SQLite opens it: sqlite3 would create it with the umask's mode.
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            created = True
         except FileExistsError:
             pass
         except OSError as exc:
             raise ReplayStoreError(f"cannot create the replay store {self.path}: {exc.strerror}") from exc
-        try:
-            info = self.path.stat()
-        except OSError as exc:
-            raise ReplayStoreError(f"cannot read the replay store {self.path}: {exc.strerror}") from exc
+        info = self._stat()
+        if not created:
+            # An empty file that we did not create is either a store another process created a moment ago and is
+            # laying out (it commits within milliseconds) or a store that was emptied (`: > x.replay`) or replaced:
+            # taken as a new store, it would let every sealed file it remembered open again.
+            deadline = time.monotonic() + EMPTY_STORE_WAIT_S
+            while info.st_size == 0 and stat.S_ISREG(info.st_mode) and time.monotonic() < deadline:
+                time.sleep(0.02)
+                info = self._stat()
+            if info.st_size == 0 and stat.S_ISREG(info.st_mode):
+                raise ReplayStoreError(
+                    f"the replay store {self.path} is empty: it was truncated or replaced; restore it from the "
+                    "backup or, if this keystore never opened a file, delete it"
+                )
         if not stat.S_ISREG(info.st_mode):
             raise ReplayStoreError(f"the replay store {self.path} is not a regular file")
         if stat.S_IMODE(info.st_mode) & 0o077:
@@ -127,6 +143,12 @@ class FileReplayCache:
         except sqlite3.Error as exc:
             raise ReplayStoreError(f"cannot open the replay store {self.path}: {exc}") from exc
         return db
+
+    def _stat(self) -> os.stat_result:
+        try:
+            return self.path.stat()
+        except OSError as exc:
+            raise ReplayStoreError(f"cannot read the replay store {self.path}: {exc.strerror}") from exc
 
     def _prepare(self, party_id: str) -> None:
         """Create the layout in a new (empty) file, or check that an existing file is this party's store."""
@@ -220,6 +242,10 @@ class FileReplayCache:
 
 
 def default_replay_store_path(keystore_path: Path) -> Path:
-    """Where a keystore's replay store lives unless configured: beside it, named ``<keystore file>.replay``."""
-    keystore_path = Path(keystore_path)
+    """Where a keystore's replay store lives unless configured: beside it, named ``<keystore file>.replay``.
+
+    The keystore path is resolved first (symlinks, ``..``): a symlink to the keystore under another name must find
+    the same store, not a fresh one in which every sealed file opens again.
+    """
+    keystore_path = Path(os.path.realpath(keystore_path))
     return keystore_path.with_name(keystore_path.name + ".replay")

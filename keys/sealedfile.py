@@ -9,6 +9,7 @@ docs/envelope.md, section "Sealed files".
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 from hedui.v1 import media_pb2
@@ -42,13 +43,19 @@ class OpenedFile:
 def check_file_name(name: str) -> str:
     """``name`` if it is a plain file name that writes into a folder as it is; SealedFileError otherwise.
 
-    A plain name is 1 to 255 bytes of UTF-8, is neither ``.`` nor ``..``, and has no ``/`` or ``\\`` (a path on
-    some system) and no control character (U+0000..U+001F, U+007F..U+009F).
+    A plain name is 1 to 255 bytes of UTF-8, does not start with ``.`` (so neither ``.``, ``..`` nor a hidden file
+    such as ``.bash_login`` or ``.ssh``), and has no ``/`` or ``\\`` (a path on some system), no control character
+    (general category Cc: U+0000..U+001F, U+007F..U+009F) and no format character (category Cf, e.g. U+202E
+    RIGHT-TO-LEFT OVERRIDE, which makes ``invoice<U+202E>fdp.exe`` show as "invoiceexe.pdf", or U+200B).
     """
-    if not name or name in {".", ".."} or len(name.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_BYTES:
-        raise SealedFileError("the sealed file carries an empty, '.', '..' or overlong file name; refusing to write it")
-    if any(ch in "/\\" or ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in name):
-        raise SealedFileError("the sealed file carries an unsafe file name (a path or a control character); refusing")
+    if not name or len(name.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_BYTES:
+        raise SealedFileError("the sealed file carries an empty or overlong file name; refusing to write it")
+    if any(ch in "/\\" or unicodedata.category(ch) in {"Cc", "Cf"} for ch in name):
+        raise SealedFileError(
+            "the sealed file carries an unsafe file name (a path, a control or an invisible format character); refusing"
+        )
+    if name.startswith("."):
+        raise SealedFileError("the sealed file carries a file name starting with '.' (hidden, '.' or '..'); refusing")
     return name
 
 

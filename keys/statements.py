@@ -24,6 +24,7 @@ from google.protobuf.message import DecodeError
 from hedui.v1 import agency_pb2
 
 from keys import _canonical
+from keys.clock import check_time_ms
 from keys.errors import TrustError
 from keys.fingerprint import Algorithm
 from keys.handles import PublicKey, SigningKey
@@ -97,7 +98,9 @@ def read_signed_report(data: bytes) -> agency_pb2.SignedReport:
 
 def _report(signed: agency_pb2.SignedReport) -> agency_pb2.Report:
     try:
-        return _canonical.parse_canonical(agency_pb2.Report, signed.report)
+        report = _canonical.parse_canonical(agency_pb2.Report, signed.report)
+        check_time_ms(report.issued_at_ms, "issued_at_ms")
+        return report
     except ValueError as exc:
         raise TrustError(f"signed report carries no valid report: {exc}") from exc
 

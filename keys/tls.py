@@ -58,6 +58,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from keys._files import read_bounded
 from keys.errors import KeysError, KeystoreError
 from keys.keystore import KdfParams, open_document, read_secret_file, seal_document
 from keys.party import check_party_id, is_party_id
@@ -514,9 +515,7 @@ class TlsIdentity:
 def _read_pem(files: TlsFiles, what: str, path: Path) -> bytes:
     where = files.where(what, path)
     try:
-        if path.stat().st_size > MAX_CERTIFICATE_FILE_BYTES:
-            raise TlsError(f"{where} is too large to be a PEM certificate")
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_CERTIFICATE_FILE_BYTES, TlsError, what="PEM certificate", name=where)
     except FileNotFoundError:
         raise TlsError(f"{where} does not exist") from None
     except OSError as exc:

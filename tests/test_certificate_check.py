@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -504,3 +505,31 @@ def test_check_tls_files_returns_what_grpc_is_given(site: Site) -> None:
     assert check_tls([files])[0].role == "server"
     with pytest.raises(ValueError, match="role"):
         TlsFiles("server", "peer", UNIT, files.cert, files.key, files.ca)
+
+
+@pytest.mark.parametrize("which", ["cert", "key", "ca"])
+def test_a_tls_file_that_is_a_fifo_is_refused_at_once_not_waited_on(site: Site, tmp_path: Path, which: str) -> None:
+    """A FIFO in place of a certificate or key blocked the service's start on open() for ever (the reader waits for
+    a writer); it is refused as not a regular file."""
+    names = {"cert": site.root / "tax.crt", "key": site.root / "tax.key", "ca": site.root / "ca.crt"}
+    fifo = tmp_path / f"{which}.fifo"
+    os.mkfifo(fifo, 0o600)
+    names[which] = fifo
+    files = TlsFiles("server", "server", UNIT, names["cert"], names["key"], names["ca"])
+    outcome: list[BaseException | None] = []
+
+    def check() -> None:
+        try:
+            check_tls_files(files)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=check, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    if worker.is_alive():  # release the blocked reader before failing, so that no thread is left behind
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(timeout=5)
+        pytest.fail(f"check_tls_files blocked on the FIFO in place of the {which}")
+    assert isinstance(outcome[0], TlsError) and "is not a regular file" in str(outcome[0]), outcome

@@ -6,17 +6,21 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from hedui.v1 import media_pb2
+from hedui.v1 import agency_pb2, media_pb2
 
-from keys import keystore
-from keys.announcements import dearmor, read_bundle
+from keys import _canonical, keystore
+from keys.announcements import armor, dearmor, read_bundle, sign_bundle
 from keys.cli import main
+from keys.clock import SystemClock, iso
 from keys.envelope import Courier
+from keys.keyring import KeyState
 from keys.replay import MemoryReplayCache
+from keys.statements import REPORT_DOMAIN
 from tests.conftest import write_passphrase
 
 PASSPHRASE = "correct horse battery staple"
@@ -209,6 +213,30 @@ def test_open_refuses_a_sealed_file_with_a_path_in_its_name(
     assert not (tmp_path / "etc").exists()
 
 
+@pytest.mark.parametrize(
+    ("file_name", "why"),
+    [(".bash_login", "starting with '.'"), ("invoice\u202efdp.exe", "unsafe file name"), ("a\u200bb.csv", "unsafe")],
+)
+def test_open_refuses_a_sealed_file_named_as_a_hidden_file_or_with_a_format_character(
+    enrolled: tuple[Party, Party], tmp_path: Path, capsys: pytest.CaptureFixture[str], file_name: str, why: str
+) -> None:
+    """A dot-file (.bash_login written into a home folder) and U+202E ("invoice<RLO>fdp.exe" shows as
+    "invoiceexe.pdf") were accepted as the name inside a .hsf."""
+    agency, unit = enrolled
+    party, trust = keystore.load(agency.keystore, PASSPHRASE)
+    courier = Courier(party, trust, replay=MemoryReplayCache())
+    sealed = courier.seal(media_pb2.SealedFile(file_name=file_name, content=b"x"), unit.party_id)
+    (tmp_path / "evil.hsf").write_bytes(sealed)
+    capsys.readouterr()
+    assert unit.run("open", str(tmp_path / "evil.hsf"), "--out-dir", str(tmp_path / "in")) == 1
+    assert why in capsys.readouterr().err
+    assert not (tmp_path / "in").exists() or not any((tmp_path / "in").iterdir())
+    source = tmp_path / file_name
+    source.write_bytes(b"x")
+    assert agency.run("seal", str(source), "--to", unit.party_id, "--out", str(tmp_path / "out.hsf")) == 1
+    assert not (tmp_path / "out.hsf").exists()
+
+
 def test_console_script_is_installed() -> None:
     exe = shutil.which("hedui-keys", path=os.path.dirname(sys.executable))
     assert exe is not None, "hedui-keys is not installed next to the test interpreter"
@@ -244,3 +272,51 @@ def test_a_reader_that_goes_away_is_no_error(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.stdout == "line 0\nline 1\n"
     assert result.stderr == ""
+
+
+YEAR_3_MILLION_MS = 100_000_000_000_000_000  # about year 3 170 843
+
+
+def test_bundle_and_report_with_a_time_in_year_3_million_are_refused_as_malformed(
+    enrolled: tuple[Party, Party], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A self-signed bundle or a signed report issued in year 3 million made inspect and verify-report print
+    "error: year 3170843 is out of range" after the signature verified, and after importing such a bundle
+    'hedui-keys list' failed for ever. Times past the year 9999 are now malformed input for the parser (TrustError)."""
+    agency, unit = enrolled
+    party, _ = keystore.load(agency.keystore, PASSPHRASE)
+    signer = party.signing_key(SystemClock().now_ms())
+    records = [r for r in party.records() if r.state is not KeyState.RETIRED]
+    far = tmp_path / "far.bundle"
+    far.write_text(armor(sign_bundle(party.party_id, records, signer, YEAR_3_MILLION_MS)))
+    late = replace(records[0], not_after_ms=YEAR_3_MILLION_MS)
+    far_key = tmp_path / "far-key.bundle"
+    far_key.write_text(armor(sign_bundle(party.party_id, [late, *records[1:]], signer, SystemClock().now_ms())))
+    good = tmp_path / "agency.bundle"
+    assert agency.run("export", "--out", str(good)) == 0
+    body = _canonical.encode(
+        agency_pb2.Report(agency=party.party_id, commission_id="c-1", issued_at_ms=YEAR_3_MILLION_MS)
+    )
+    report = tmp_path / "report.bin"
+    report.write_bytes(
+        _canonical.encode(
+            agency_pb2.SignedReport(
+                report=body, signer_key_id=signer.key_id, signature=signer.sign(REPORT_DOMAIN + body)
+            )
+        )
+    )
+    fingerprint = _fingerprint(capsys, good)
+    for argv in (
+        ["inspect", str(far)],
+        ["inspect", str(far_key)],
+        ["verify-report", str(report), "--bundle", str(good), "--fingerprint", fingerprint],
+    ):
+        capsys.readouterr()
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert "is not a time between 1970 and the year 9999" in err and "out of range" not in err, err
+    for bundle in (far, far_key):
+        assert unit.run("import", str(bundle), "--fingerprint", fingerprint) == 1
+    capsys.readouterr()
+    assert unit.run("list") == 0
+    assert iso(YEAR_3_MILLION_MS) == f"{YEAR_3_MILLION_MS} ms after 1970 (out of range)"

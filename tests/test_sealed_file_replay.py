@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -172,3 +173,76 @@ def test_entries_are_pruned_only_after_expiry_and_the_grace(tmp_path: Path) -> N
         assert not cache.remember(AGENCY, b"a" * 16, keep_until_ms=1_000, now_ms=1_000 + PRUNE_GRACE_MS)
         assert cache.remember(AGENCY, b"b" * 16, keep_until_ms=9_000_000_000, now_ms=1_001 + PRUNE_GRACE_MS)
         assert len(cache) == 1  # "a" expired more than the grace ago: the time check refuses it on its own
+
+
+def _limited_memory() -> None:
+    """In the child: a reader that never stops (a file that is /dev/zero) dies at 1 GiB instead of filling the
+    machine, so that the test fails quickly rather than taking the test host down."""
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+
+def _run_refused(*args: str) -> str:
+    """Run the real hedui-keys on a hostile input path; it must refuse quickly with one line on stderr."""
+    result = subprocess.run(
+        [HEDUI_KEYS, *args], capture_output=True, text=True, check=False, timeout=30, preexec_fn=_limited_memory
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hedui-keys: error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+def test_input_files_that_are_a_fifo_or_dev_zero_are_refused_not_read_forever(
+    stores: Keystores, tmp_path: Path, kind: str
+) -> None:
+    """A symlink to /dev/zero (size 0 to stat(), endless to read) made 'open' grow ~1 GB/s, and a FIFO blocked
+    every reader on open(): both are refused as not regular files, for every reader of outside files."""
+    hostile = tmp_path / "hostile"
+    if kind == "fifo":
+        os.mkfifo(hostile, 0o600)
+    else:
+        hostile.symlink_to("/dev/zero")
+    keys = ["--keystore", str(stores.unit_keystore), "--passphrase-file", str(stores.passfile)]
+    for command in (
+        [*keys, "open", str(hostile), "--out-dir", str(tmp_path / "in")],
+        [*keys, "import", str(hostile), "--fingerprint", "x"],
+        [*keys, "apply", str(hostile)],
+        ["inspect", str(hostile)],
+        ["verify-report", str(hostile)],
+        ["ca", "show", str(hostile)],
+        ["--keystore", str(hostile), "--passphrase-file", str(stores.passfile), "list"],
+        ["--keystore", str(stores.unit_keystore), "--passphrase-file", str(hostile), "list"],
+    ):
+        assert "is not a regular file" in _run_refused(*command), command
+    assert not (tmp_path / "in").exists()
+
+
+def test_a_symlink_to_the_keystore_finds_the_same_replay_store(stores: Keystores, tmp_path: Path) -> None:
+    """The default store was derived from the keystore path as given: `ln -s unit.json other/k.json` gave a fresh
+    store beside the link, and the sealed file opened a second time."""
+    assert main(stores.args("first")) == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "k.json").symlink_to(stores.unit_keystore)
+    args = stores.args("second")
+    args[args.index(str(stores.unit_keystore))] = str(other / "k.json")
+    assert main(args) == 1
+    assert not (stores.root / "second" / "list.csv").exists()
+    assert not (other / "k.json.replay").exists()
+
+
+def test_an_emptied_replay_store_is_refused_not_taken_as_new(
+    stores: Keystores, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`: > unit.json.replay` left an empty file that was silently laid out as a new store: every file opened again."""
+    assert main(stores.args("first")) == 0
+    store = default_replay_store_path(stores.unit_keystore)
+    store.write_bytes(b"")
+    capsys.readouterr()
+    assert main(stores.args("second")) == 1
+    err = capsys.readouterr().err
+    assert "is empty: it was truncated or replaced" in err and "Traceback" not in err
+    assert not (stores.root / "second" / "list.csv").exists()
+    with pytest.raises(ReplayStoreError, match="is empty"):
+        FileReplayCache(store, party_id=UNIT)

@@ -352,6 +352,13 @@ def _sealed_file_negatives() -> list[Json]:
         ("sealed-file-control-character", SealedFileError, "a\nb.csv", "A line feed in the file name."),
         ("sealed-file-dot-dot", SealedFileError, "..", "The file name '..'."),
         ("sealed-file-empty-name", SealedFileError, "", "No file name."),
+        ("sealed-file-hidden-name", SealedFileError, ".bash_login", "A file name starting with '.' (a hidden file)."),
+        (
+            "sealed-file-format-character",
+            SealedFileError,
+            "invoice\u202efdp.exe",
+            "A format character (U+202E RIGHT-TO-LEFT OVERRIDE: shows as 'invoiceexe.pdf').",
+        ),
     ]
     return [
         _negative(name, error, f"{description} A correct envelope otherwise.", _sealed_file(name, file_name))

@@ -195,7 +195,7 @@ def _provisional_lines(store: GatewayStore, today: date) -> dict[str, str]:
             .where(b.state == "receipted", b.due_provisional.is_(True))
             .group_by(b.unit_id)
         ).all()
-    late = store.batches.provisionally_overdue(today)
+    late = store.provisional.provisionally_overdue(today)
     lines = {}
     for unit_id, batches, items, latest in rows:
         line = f"provisional due dates: {batches} batches/{items} items, latest {latest.isoformat()}"

@@ -63,19 +63,6 @@ class ResentBatch:
     last_error: str | None
 
 
-@dataclass(frozen=True)
-class ProvisionalDue:
-    """A batch whose due dates are provisional, with what fixing them needs."""
-
-    batch_id: str
-    unit_id: str
-    commission_id: int
-    received_at_ms: int
-    original_due: date
-    due: date
-    delay_reason: str | None
-
-
 class ResendRefused(HeduiError):
     """A resend that names an unknown unit, or batches that are unknown, of another unit or not failed; nothing
     was changed."""
@@ -454,61 +441,6 @@ class BatchLedger:
                 .group_by(s.batches.c.unit_id)
             ).all()
         return {r[0]: int(r[1]) for r in rows}
-
-    def provisionally_overdue(self, today: date) -> dict[str, int]:
-        """Items per unit in receipted batches past a provisional due date (not marked overdue; see mark_overdue)."""
-        with reading(self.engine) as conn:
-            rows = conn.execute(
-                select(s.batches.c.unit_id, func.sum(s.batches.c.subject_count))
-                .where(
-                    s.batches.c.state == "receipted",
-                    s.batches.c.due < today,
-                    s.batches.c.due_provisional.is_(True),
-                )
-                .group_by(s.batches.c.unit_id)
-            ).all()
-        return {r[0]: int(r[1]) for r in rows}
-
-    def provisional(self) -> list[ProvisionalDue]:
-        """Receipted (or later) batches whose due dates are still provisional, oldest receipt first."""
-        b = s.batches.c
-        with reading(self.engine) as conn:
-            rows = conn.execute(
-                select(b.batch_id, b.unit_id, b.commission_id, b.received_at_ms, b.original_due, b.due, b.delay_reason)
-                .where(b.due_provisional.is_(True), b.received_at_ms.is_not(None), b.original_due.is_not(None))
-                .order_by(b.received_at_ms, b.batch_id)
-            ).all()
-        return [
-            ProvisionalDue(
-                r.batch_id, r.unit_id, r.commission_id, r.received_at_ms, r.original_due, r.due, r.delay_reason
-            )
-            for r in rows
-        ]
-
-    def settle_due(
-        self, batch: ProvisionalDue, original_due: date, due: date, *, audit: AuditLog, actor: str, now_ms: int
-    ) -> bool:
-        """The batch's provisional due date becomes final: ``original_due`` and ``due`` (a delay notice's date, kept
-        within clause 12), with an audit entry naming both dates (codes only, no personal data) in the same
-        transaction. False, and nothing written, if the batch's date is no longer provisional."""
-        with self.engine.begin() as conn:
-            done = conn.execute(
-                update(s.batches)
-                .where(s.batches.c.batch_id == batch.batch_id, s.batches.c.due_provisional.is_(True))
-                .values(original_due=original_due, due=due, due_provisional=False)
-            ).rowcount
-            if done:
-                audit.append_generated(
-                    conn,
-                    at_ms=now_ms,
-                    actor=actor,
-                    action="batch.due_final",
-                    commission_id=batch.commission_id,
-                    before=batch.original_due.isoformat(),
-                    after=original_due.isoformat(),
-                    fields=(("unit", batch.unit_id), ("batch", batch.batch_id), ("due", due.isoformat())),
-                )
-        return bool(done)
 
     def answer_count(self) -> int:
         """All answers stored."""

@@ -488,7 +488,7 @@ class ExchangeEngine:
         overdue = self.store.batches.mark_overdue(today, self._now())
         for unit_id, count in overdue.items():
             log.warning("items overdue (clause 12)", extra={"unit": unit_id, "items": count})
-        for unit_id, count in self.store.batches.provisionally_overdue(today).items():
+        for unit_id, count in self.store.provisional.provisionally_overdue(today).items():
             log.warning(
                 "items past a provisional due date; not marked overdue until the calendar knows the year",
                 extra={"unit": unit_id, "items": count},
@@ -502,7 +502,7 @@ class ExchangeEngine:
         whatever the unit's says (both follow the same official schedule)."""
         if self.calendar_source is not None:
             self.calendar = self.calendar_source.current()
-        pending = self.store.batches.provisional()
+        pending = self.store.provisional.provisional()
         if not pending:
             return 0
         audit = AuditLog(self.store.engine)
@@ -514,7 +514,7 @@ class ExchangeEngine:
             if settled is None:
                 continue
             original, due = settled
-            if self.store.batches.settle_due(
+            if self.store.provisional.settle_due(
                 batch, original, due, audit=audit, actor=self.settings.replica, now_ms=self._now()
             ):
                 fixed += 1

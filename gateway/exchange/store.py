@@ -14,11 +14,13 @@ from gateway.db import schema as s
 from gateway.exchange.batches import BatchLedger
 from gateway.exchange.jobs import JobLeases
 from gateway.exchange.outbox import Outbox
+from gateway.exchange.provisional import ProvisionalDueDates
 from gateway.exchange.units import UnitStore
 
 
 class GatewayStore:
-    """The gateway's database, by concern: units, outbox, batches, job leases, archived messages, seen messages."""
+    """The gateway's database, by concern: units, outbox, batches and their provisional due dates, job leases,
+    archived messages, seen messages."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -26,6 +28,7 @@ class GatewayStore:
         self.units = UnitStore(engine)
         self.outbox = Outbox(engine)
         self.batches = BatchLedger(engine)
+        self.provisional = ProvisionalDueDates(engine)
         self.jobs = JobLeases(engine)
         self.messages = MessageArchive(engine)
         self.replay = SqlReplayCache(engine, s.seen_messages)

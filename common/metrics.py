@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 from common.config import doc
 from common.db import DatabaseHealth
 from common.logs import LogThrottle, database_error, database_error_code
-from common.rpc import PortInUse
+from common.rpc import HANDLER_KINDS, PortInUse
 from common.workdays import CHINA_TZ, WorkdayCalendar
 
 log = logging.getLogger("hedui.metrics")
@@ -149,15 +149,10 @@ class RequestCounter(_Interceptor):
             return None
         service, _, method = handler_call_details.method.lstrip("/").partition("/")
         done = _Done(self.counter, service, method)
-        kinds: tuple[tuple[Callable[..., Any] | None, Callable[..., _Handler], bool], ...] = (
-            (handler.unary_unary, grpc.unary_unary_rpc_method_handler, False),
-            (handler.stream_unary, grpc.stream_unary_rpc_method_handler, False),
-            (handler.unary_stream, grpc.unary_stream_rpc_method_handler, True),
-            (handler.stream_stream, grpc.stream_stream_rpc_method_handler, True),
-        )
-        for behaviour, make, streaming in kinds:
+        for kind, make, _, streaming_response in HANDLER_KINDS:
+            behaviour = getattr(handler, kind)
             if behaviour is not None:
-                wrapped = done.streaming(behaviour) if streaming else done.unary(behaviour)
+                wrapped = done.streaming(behaviour) if streaming_response else done.unary(behaviour)
                 return make(
                     wrapped,
                     request_deserializer=handler.request_deserializer,

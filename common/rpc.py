@@ -195,11 +195,13 @@ class IncomingCall:
         return self.behaviour(request, self.context)
 
 
-_KINDS: tuple[tuple[str, Callable[..., _Handler], bool], ...] = (
-    ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
-    ("unary_stream", grpc.unary_stream_rpc_method_handler, False),
-    ("stream_unary", grpc.stream_unary_rpc_method_handler, True),
-    ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
+#: The four kinds of gRPC method handler, for interceptors that wrap a handler's behaviour: the handler's attribute,
+#: the factory that makes one, whether the requests stream and whether the responses stream.
+HANDLER_KINDS: tuple[tuple[str, Callable[..., _Handler], bool, bool], ...] = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler, False, False),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler, False, True),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler, True, False),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler, True, True),
 )
 
 
@@ -226,7 +228,7 @@ class RequestGate(_Interceptor):
         if handler is None:
             return None
         service, _, method = handler_call_details.method.lstrip("/").partition("/")
-        for kind, make, streaming_request in _KINDS:
+        for kind, make, streaming_request, _ in HANDLER_KINDS:
             behaviour = getattr(handler, kind)
             if behaviour is not None:
                 return make(

@@ -82,6 +82,31 @@ COMMISSION_STATE_EXCHANGING: CommissionState.ValueType  # 7
 COMMISSION_STATE_REPORT_ISSUED: CommissionState.ValueType  # 8
 Global___CommissionState: _TypeAlias = CommissionState  # noqa: Y015
 
+class _StepKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StepKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STEP_KIND_UNSPECIFIED: _StepKind.ValueType  # 0
+    STEP_KIND_INTAKE: _StepKind.ValueType  # 1
+    """intake review (passed or returned)"""
+    STEP_KIND_REVIEW: _StepKind.ValueType  # 2
+    """second review (passed or terminated)"""
+    STEP_KIND_REPORT: _StepKind.ValueType  # 3
+    """report issue"""
+
+class StepKind(_StepKind, metaclass=_StepKindEnumTypeWrapper): ...
+
+STEP_KIND_UNSPECIFIED: StepKind.ValueType  # 0
+STEP_KIND_INTAKE: StepKind.ValueType  # 1
+"""intake review (passed or returned)"""
+STEP_KIND_REVIEW: StepKind.ValueType  # 2
+"""second review (passed or terminated)"""
+STEP_KIND_REPORT: StepKind.ValueType  # 3
+"""report issue"""
+Global___StepKind: _TypeAlias = StepKind  # noqa: Y015
+
 class _Decision:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -299,7 +324,9 @@ class Commission(_message.Message):
     review_staff: _builtins.str
     report_staff: _builtins.str
     exchange_digest: _builtins.bytes
-    """SHA-256 that exchange approvals sign: binds commission id, letter, programme, period, categories and subjects."""
+    """The approval root that exchange approvals and procedure steps sign: a Merkle root committing to the package and
+    to each unit's share separately (docs/exchange.md, "Approvals a unit verifies").
+    """
     created_at_ms: _builtins.int
     programme: _exchange_pb2.Programme.ValueType
     @_builtins.property
@@ -435,11 +462,16 @@ class StaffDecision(_message.Message):
     STAFF_ID_FIELD_NUMBER: _builtins.int
     PASSED_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     commission_id: _builtins.str
     staff_id: _builtins.str
     passed: _builtins.bool
     reason: _builtins.str
     """required when not passing"""
+    signature: _builtins.bytes
+    """Ed25519 by the staff member's registered key over "hedui.v1.procedure-step" || 0x00 || canonical ProcedureStep
+    (docs/agency-api.md, "Signed procedure steps"). Required.
+    """
     def __init__(
         self,
         *,
@@ -447,14 +479,89 @@ class StaffDecision(_message.Message):
         staff_id: _builtins.str = ...,
         passed: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commission_id", b"commission_id", "passed", b"passed", "reason", b"reason", "staff_id", b"staff_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commission_id", b"commission_id", "passed", b"passed", "reason", b"reason", "signature", b"signature", "staff_id", b"staff_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StaffDecision: _TypeAlias = StaffDecision  # noqa: Y015
+
+@_typing.final
+class ProcedureStep(_message.Message):
+    """What a staff member signs for a procedure step; the gateway rebuilds it from the request and verifies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENCY_FIELD_NUMBER: _builtins.int
+    COMMISSION_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    STAFF_ID_FIELD_NUMBER: _builtins.int
+    EXCHANGE_DIGEST_FIELD_NUMBER: _builtins.int
+    PARTIAL_FIELD_NUMBER: _builtins.int
+    agency: _builtins.str
+    """party id of the gateway"""
+    commission_id: _builtins.str
+    step: Global___StepKind.ValueType
+    passed: _builtins.bool
+    """STEP_KIND_REPORT: true"""
+    reason: _builtins.str
+    staff_id: _builtins.str
+    exchange_digest: _builtins.bytes
+    """the commission's approval root: binds the step to the package"""
+    partial: _builtins.bool
+    """STEP_KIND_REPORT: the request's partial flag"""
+    def __init__(
+        self,
+        *,
+        agency: _builtins.str = ...,
+        commission_id: _builtins.str = ...,
+        step: Global___StepKind.ValueType = ...,
+        passed: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        staff_id: _builtins.str = ...,
+        exchange_digest: _builtins.bytes = ...,
+        partial: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agency", b"agency", "commission_id", b"commission_id", "exchange_digest", b"exchange_digest", "partial", b"partial", "passed", b"passed", "reason", b"reason", "staff_id", b"staff_id", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProcedureStep: _TypeAlias = ProcedureStep  # noqa: Y015
+
+@_typing.final
+class SignedStep(_message.Message):
+    """A signed step as the report and the archive carry it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    RECORDED_AT_MS_FIELD_NUMBER: _builtins.int
+    step: _builtins.bytes
+    """canonical ProcedureStep bytes"""
+    signature: _builtins.bytes
+    recorded_at_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        step: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        recorded_at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recorded_at_ms", b"recorded_at_ms", "signature", b"signature", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedStep: _TypeAlias = SignedStep  # noqa: Y015
 
 @_typing.final
 class ExchangeApproval(_message.Message):
@@ -574,20 +681,24 @@ class IssueReportRequest(_message.Message):
     COMMISSION_ID_FIELD_NUMBER: _builtins.int
     STAFF_ID_FIELD_NUMBER: _builtins.int
     PARTIAL_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     commission_id: _builtins.str
     staff_id: _builtins.str
     partial: _builtins.bool
     """Issue although some units have not answered; the report then names what is missing."""
+    signature: _builtins.bytes
+    """The report staff member's signature over the ProcedureStep (STEP_KIND_REPORT). Required."""
     def __init__(
         self,
         *,
         commission_id: _builtins.str = ...,
         staff_id: _builtins.str = ...,
         partial: _builtins.bool = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commission_id", b"commission_id", "partial", b"partial", "staff_id", b"staff_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commission_id", b"commission_id", "partial", b"partial", "signature", b"signature", "staff_id", b"staff_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -762,6 +873,8 @@ class Report(_message.Message):
     INCOME_TO_FIELD_NUMBER: _builtins.int
     ASSETS_AS_OF_FIELD_NUMBER: _builtins.int
     OPEN_UNITS_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    APPROVALS_FIELD_NUMBER: _builtins.int
     commission_id: _builtins.str
     letter_number: _builtins.str
     commissioner: _builtins.str
@@ -788,6 +901,14 @@ class Report(_message.Message):
     def open_units(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnitDue]:
         """The due date of each unit in units_not_answered that still had open items (a partial report)."""
 
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___SignedStep]:
+        """Who signed: intake, second review and report issue (three different people, Procedure V.(一)) and the exchange
+        approvals (Procedure V.(二)).
+        """
+
+    @_builtins.property
+    def approvals(self) -> _containers.RepeatedCompositeFieldContainer[_exchange_pb2.StaffApproval]: ...
     def __init__(
         self,
         *,
@@ -806,10 +927,12 @@ class Report(_message.Message):
         income_to: _records_pb2.YearMonth | None = ...,
         assets_as_of: _records_pb2.Date | None = ...,
         open_units: _abc.Iterable[Global___UnitDue] | None = ...,
+        steps: _abc.Iterable[Global___SignedStep] | None = ...,
+        approvals: _abc.Iterable[_exchange_pb2.StaffApproval] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["assets_as_of", b"assets_as_of", "income_from", b"income_from", "income_to", b"income_to"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agency", b"agency", "assets_as_of", b"assets_as_of", "commission_id", b"commission_id", "commissioner", b"commissioner", "footnotes", b"footnotes", "households", b"households", "income_from", b"income_from", "income_to", b"income_to", "issued_at_ms", b"issued_at_ms", "issued_by", b"issued_by", "letter_number", b"letter_number", "open_units", b"open_units", "partial", b"partial", "programme", b"programme", "units_not_answered", b"units_not_answered"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agency", b"agency", "approvals", b"approvals", "assets_as_of", b"assets_as_of", "commission_id", b"commission_id", "commissioner", b"commissioner", "footnotes", b"footnotes", "households", b"households", "income_from", b"income_from", "income_to", b"income_to", "issued_at_ms", b"issued_at_ms", "issued_by", b"issued_by", "letter_number", b"letter_number", "open_units", b"open_units", "partial", b"partial", "programme", b"programme", "steps", b"steps", "units_not_answered", b"units_not_answered"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

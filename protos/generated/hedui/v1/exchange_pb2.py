@@ -26,47 +26,51 @@ _sym_db = _symbol_database.Default()
 from hedui.v1 import records_pb2 as hedui_dot_v1_dot_records__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hedui/v1/exchange.proto\x12\x08hedui.v1\x1a\x16hedui/v1/records.proto\"!\n\rSealedMessage\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\"4\n\rAuthorisation\x12\x0e\n\x06number\x18\x01 \x01(\t\x12\x13\n\x0bscan_sha256\x18\x02 \x01(\x0c\"t\n\x0cQuerySubject\x12\x13\n\x0bsubject_ref\x18\x01 \x01(\t\x12\x11\n\tid_number\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12.\n\rauthorisation\x18\x04 \x01(\x0b\x32\x17.hedui.v1.Authorisation\"O\n\x10ThresholdRequest\x12(\n\x08\x63\x61tegory\x18\x01 \x01(\x0e\x32\x16.hedui.v1.DataCategory\x12\x11\n\tlimit_fen\x18\x02 \x01(\x03\"\xed\x02\n\nQueryBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ommission_ref\x18\x02 \x01(\t\x12$\n\x07purpose\x18\x03 \x01(\x0e\x32\x13.hedui.v1.Programme\x12*\n\ncategories\x18\x04 \x03(\x0e\x32\x16.hedui.v1.DataCategory\x12(\n\x0bincome_from\x18\x05 \x01(\x0b\x32\x13.hedui.v1.YearMonth\x12&\n\tincome_to\x18\x06 \x01(\x0b\x32\x13.hedui.v1.YearMonth\x12$\n\x0c\x61ssets_as_of\x18\x07 \x01(\x0b\x32\x0e.hedui.v1.Date\x12\x11\n\tstaff_ids\x18\x08 \x03(\t\x12(\n\x08subjects\x18\t \x03(\x0b\x32\x16.hedui.v1.QuerySubject\x12.\n\nthresholds\x18\n \x03(\x0b\x32\x1a.hedui.v1.ThresholdRequest\"\xa5\x01\n\x0c\x42\x61tchReceipt\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61tch_digest\x18\x02 \x01(\x0c\x12\x16\n\x0ereceived_at_ms\x18\x03 \x01(\x03\x12 \n\x08\x64ue_date\x18\x04 \x01(\x0b\x32\x0e.hedui.v1.Date\x12\x15\n\rsubject_count\x18\x05 \x01(\x05\x12\x1c\n\x14\x64ue_date_provisional\x18\x06 \x01(\x08\"!\n\x0c\x46\x65tchAnswers\x12\x11\n\tbatch_ids\x18\x01 \x03(\t\"\x96\x01\n\x0b\x44\x65layNotice\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12)\n\x11original_due_date\x18\x02 \x01(\x0b\x32\x0e.hedui.v1.Date\x12$\n\x0cnew_due_date\x18\x03 \x01(\x0b\x32\x0e.hedui.v1.Date\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0cissued_at_ms\x18\x05 \x01(\x03\"p\n\rSubjectAnswer\x12\x13\n\x0bsubject_ref\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.hedui.v1.SubjectStatus\x12!\n\x07records\x18\x03 \x03(\x0b\x32\x10.hedui.v1.Record\"x\n\x0b\x42\x61tchAnswer\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61tch_digest\x18\x02 \x01(\x0c\x12\x16\n\x0e\x61nswered_at_ms\x18\x03 \x01(\x03\x12)\n\x08subjects\x18\x04 \x03(\x0b\x32\x17.hedui.v1.SubjectAnswer\"\xd1\x01\n\x0b\x42\x61tchStatus\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.hedui.v1.BatchState\x12 \n\x08\x64ue_date\x18\x03 \x01(\x0b\x32\x0e.hedui.v1.Date\x12$\n\x05\x64\x65lay\x18\x04 \x01(\x0b\x32\x15.hedui.v1.DelayNotice\x12%\n\x06\x61nswer\x18\x05 \x01(\x0b\x32\x15.hedui.v1.BatchAnswer\x12\x1c\n\x14\x64ue_date_provisional\x18\x06 \x01(\x08\"3\n\tAnswerSet\x12&\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x15.hedui.v1.BatchStatus\"\'\n\x12\x41\x63knowledgeAnswers\x12\x11\n\tbatch_ids\x18\x01 \x03(\t\"C\n\x12\x41\x63knowledgeReceipt\x12\x11\n\tbatch_ids\x18\x01 \x03(\t\x12\x1a\n\x12\x61\x63knowledged_at_ms\x18\x02 \x01(\x03*\x98\x02\n\tProgramme\x12\x19\n\x15PROGRAMME_UNSPECIFIED\x10\x00\x12&\n\"PROGRAMME_MINIMUM_LIVING_ALLOWANCE\x10\x01\x12%\n!PROGRAMME_EXTREME_POVERTY_SUPPORT\x10\x02\x12\x19\n\x15PROGRAMME_MEDICAL_AID\x10\x03\x12\x1b\n\x17PROGRAMME_TEMPORARY_AID\x10\x04\x12\x1b\n\x17PROGRAMME_EDUCATION_AID\x10\x05\x12\x19\n\x15PROGRAMME_HOUSING_AID\x10\x06\x12\x1c\n\x18PROGRAMME_EMPLOYMENT_AID\x10\x07\x12\x13\n\x0fPROGRAMME_OTHER\x10\x08*\xcb\x01\n\rSubjectStatus\x12\x1e\n\x1aSUBJECT_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14SUBJECT_STATUS_FOUND\x10\x01\x12\x1c\n\x18SUBJECT_STATUS_NO_RECORD\x10\x02\x12 \n\x1cSUBJECT_STATUS_NAME_MISMATCH\x10\x03\x12\x1d\n\x19SUBJECT_STATUS_INVALID_ID\x10\x04\x12!\n\x1dSUBJECT_STATUS_NOT_AUTHORISED\x10\x05*u\n\nBatchState\x12\x1b\n\x17\x42\x41TCH_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42\x41TCH_STATE_PENDING\x10\x01\x12\x18\n\x14\x42\x41TCH_STATE_ANSWERED\x10\x02\x12\x17\n\x13\x42\x41TCH_STATE_UNKNOWN\x10\x03\x32\xdc\x01\n\x0f\x45xchangeService\x12?\n\x0bSubmitBatch\x12\x17.hedui.v1.SealedMessage\x1a\x17.hedui.v1.SealedMessage\x12@\n\x0c\x46\x65tchAnswers\x12\x17.hedui.v1.SealedMessage\x1a\x17.hedui.v1.SealedMessage\x12\x46\n\x12\x41\x63knowledgeAnswers\x12\x17.hedui.v1.SealedMessage\x1a\x17.hedui.v1.SealedMessageb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hedui/v1/exchange.proto\x12\x08hedui.v1\x1a\x16hedui/v1/records.proto\"<\n\rSealedMessage\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12\x19\n\x11key_announcements\x18\x02 \x03(\x0c\"4\n\rAuthorisation\x12\x0e\n\x06number\x18\x01 \x01(\t\x12\x13\n\x0bscan_sha256\x18\x02 \x01(\x0c\"\x9c\x01\n\x0cQuerySubject\x12\x13\n\x0bsubject_ref\x18\x01 \x01(\t\x12\x11\n\tid_number\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12.\n\rauthorisation\x18\x04 \x01(\x0b\x32\x17.hedui.v1.Authorisation\x12\x13\n\x0bshare_index\x18\x05 \x01(\r\x12\x11\n\tleaf_salt\x18\x06 \x01(\x0c\"O\n\x10ThresholdRequest\x12(\n\x08\x63\x61tegory\x18\x01 \x01(\x0e\x32\x16.hedui.v1.DataCategory\x12\x11\n\tlimit_fen\x18\x02 \x01(\x03\"\x98\x03\n\nQueryBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ommission_ref\x18\x02 \x01(\t\x12$\n\x07purpose\x18\x03 \x01(\x0e\x32\x13.hedui.v1.Programme\x12*\n\ncategories\x18\x04 \x03(\x0e\x32\x16.hedui.v1.DataCategory\x12(\n\x0bincome_from\x18\x05 \x01(\x0b\x32\x13.hedui.v1.YearMonth\x12&\n\tincome_to\x18\x06 \x01(\x0b\x32\x13.hedui.v1.YearMonth\x12$\n\x0c\x61ssets_as_of\x18\x07 \x01(\x0b\x32\x0e.hedui.v1.Date\x12\x11\n\tstaff_ids\x18\x08 \x03(\t\x12(\n\x08subjects\x18\t \x03(\x0b\x32\x16.hedui.v1.QuerySubject\x12.\n\nthresholds\x18\n \x03(\x0b\x32\x1a.hedui.v1.ThresholdRequest\x12)\n\x08\x61pproval\x18\x0b \x01(\x0b\x32\x17.hedui.v1.ApprovalProof\"L\n\rStaffApproval\x12\x10\n\x08staff_id\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x16\n\x0e\x61pproved_at_ms\x18\x03 \x01(\x03\"\xbd\x01\n\rApprovalProof\x12\x16\n\x0epackage_digest\x18\x01 \x01(\x0c\x12\x15\n\rsubject_count\x18\x02 \x01(\r\x12\x12\n\nunit_count\x18\x03 \x01(\r\x12\x12\n\nunit_index\x18\x04 \x01(\r\x12\x12\n\nunit_proof\x18\x05 \x03(\x0c\x12\x15\n\rsubject_proof\x18\x06 \x03(\x0c\x12*\n\tapprovals\x18\x07 \x03(\x0b\x32\x17.hedui.v1.StaffApproval\"\xa5\x01\n\x0c\x42\x61tchReceipt\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61tch_digest\x18\x02 \x01(\x0c\x12\x16\n\x0ereceived_at_ms\x18\x03 \x01(\x03\x12 \n\x08\x64ue_date\x18\x04 \x01(\x0b\x32\x0e.hedui.v1.Date\x12\x15\n\rsubject_count\x18\x05 \x01(\x05\x12\x1c\n\x14\x64ue_date_provisional\x18\x06 \x01(\x08\"!\n\x0c\x46\x65tchAnswers\x12\x11\n\tbatch_ids\x18\x01 \x03(\t\"\x96\x01\n\x0b\x44\x65layNotice\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12)\n\x11original_due_date\x18\x02 \x01(\x0b\x32\x0e.hedui.v1.Date\x12$\n\x0cnew_due_date\x18\x03 \x01(\x0b\x32\x0e.hedui.v1.Date\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0cissued_at_ms\x18\x05 \x01(\x03\"p\n\rSubjectAnswer\x12\x13\n\x0bsubject_ref\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.hedui.v1.SubjectStatus\x12!\n\x07records\x18\x03 \x03(\x0b\x32\x10.hedui.v1.Record\"\x93\x01\n\x0b\x42\x61tchAnswer\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61tch_digest\x18\x02 \x01(\x0c\x12\x16\n\x0e\x61nswered_at_ms\x18\x03 \x01(\x03\x12)\n\x08subjects\x18\x04 \x03(\x0b\x32\x17.hedui.v1.SubjectAnswer\x12\x19\n\x11responsible_staff\x18\x05 \x03(\t\"\xd1\x01\n\x0b\x42\x61tchStatus\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.hedui.v1.BatchState\x12 \n\x08\x64ue_date\x18\x03 \x01(\x0b\x32\x0e.hedui.v1.Date\x12$\n\x05\x64\x65lay\x18\x04 \x01(\x0b\x32\x15.hedui.v1.DelayNotice\x12%\n\x06\x61nswer\x18\x05 \x01(\x0b\x32\x15.hedui.v1.BatchAnswer\x12\x1c\n\x14\x64ue_date_provisional\x18\x06 \x01(\x08\"3\n\tAnswerSet\x12&\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x15.hedui.v1.BatchStatus\"\'\n\x12\x41\x63knowledgeAnswers\x12\x11\n\tbatch_ids\x18\x01 \x03(\t\"C\n\x12\x41\x63knowledgeReceipt\x12\x11\n\tbatch_ids\x18\x01 \x03(\t\x12\x1a\n\x12\x61\x63knowledged_at_ms\x18\x02 \x01(\x03*\x98\x02\n\tProgramme\x12\x19\n\x15PROGRAMME_UNSPECIFIED\x10\x00\x12&\n\"PROGRAMME_MINIMUM_LIVING_ALLOWANCE\x10\x01\x12%\n!PROGRAMME_EXTREME_POVERTY_SUPPORT\x10\x02\x12\x19\n\x15PROGRAMME_MEDICAL_AID\x10\x03\x12\x1b\n\x17PROGRAMME_TEMPORARY_AID\x10\x04\x12\x1b\n\x17PROGRAMME_EDUCATION_AID\x10\x05\x12\x19\n\x15PROGRAMME_HOUSING_AID\x10\x06\x12\x1c\n\x18PROGRAMME_EMPLOYMENT_AID\x10\x07\x12\x13\n\x0fPROGRAMME_OTHER\x10\x08*\xcb\x01\n\rSubjectStatus\x12\x1e\n\x1aSUBJECT_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14SUBJECT_STATUS_FOUND\x10\x01\x12\x1c\n\x18SUBJECT_STATUS_NO_RECORD\x10\x02\x12 \n\x1cSUBJECT_STATUS_NAME_MISMATCH\x10\x03\x12\x1d\n\x19SUBJECT_STATUS_INVALID_ID\x10\x04\x12!\n\x1dSUBJECT_STATUS_NOT_AUTHORISED\x10\x05*u\n\nBatchState\x12\x1b\n\x17\x42\x41TCH_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42\x41TCH_STATE_PENDING\x10\x01\x12\x18\n\x14\x42\x41TCH_STATE_ANSWERED\x10\x02\x12\x17\n\x13\x42\x41TCH_STATE_UNKNOWN\x10\x03\x32\x9b\x02\n\x0f\x45xchangeService\x12?\n\x0bSubmitBatch\x12\x17.hedui.v1.SealedMessage\x1a\x17.hedui.v1.SealedMessage\x12@\n\x0c\x46\x65tchAnswers\x12\x17.hedui.v1.SealedMessage\x1a\x17.hedui.v1.SealedMessage\x12\x46\n\x12\x41\x63knowledgeAnswers\x12\x17.hedui.v1.SealedMessage\x1a\x17.hedui.v1.SealedMessage\x12=\n\tSyncTrust\x12\x17.hedui.v1.SealedMessage\x1a\x17.hedui.v1.SealedMessageb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hedui.v1.exchange_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROGRAMME']._serialized_start=1685
-  _globals['_PROGRAMME']._serialized_end=1965
-  _globals['_SUBJECTSTATUS']._serialized_start=1968
-  _globals['_SUBJECTSTATUS']._serialized_end=2171
-  _globals['_BATCHSTATE']._serialized_start=2173
-  _globals['_BATCHSTATE']._serialized_end=2290
+  _globals['_PROGRAMME']._serialized_start=2094
+  _globals['_PROGRAMME']._serialized_end=2374
+  _globals['_SUBJECTSTATUS']._serialized_start=2377
+  _globals['_SUBJECTSTATUS']._serialized_end=2580
+  _globals['_BATCHSTATE']._serialized_start=2582
+  _globals['_BATCHSTATE']._serialized_end=2699
   _globals['_SEALEDMESSAGE']._serialized_start=61
-  _globals['_SEALEDMESSAGE']._serialized_end=94
-  _globals['_AUTHORISATION']._serialized_start=96
-  _globals['_AUTHORISATION']._serialized_end=148
-  _globals['_QUERYSUBJECT']._serialized_start=150
-  _globals['_QUERYSUBJECT']._serialized_end=266
-  _globals['_THRESHOLDREQUEST']._serialized_start=268
-  _globals['_THRESHOLDREQUEST']._serialized_end=347
-  _globals['_QUERYBATCH']._serialized_start=350
-  _globals['_QUERYBATCH']._serialized_end=715
-  _globals['_BATCHRECEIPT']._serialized_start=718
-  _globals['_BATCHRECEIPT']._serialized_end=883
-  _globals['_FETCHANSWERS']._serialized_start=885
-  _globals['_FETCHANSWERS']._serialized_end=918
-  _globals['_DELAYNOTICE']._serialized_start=921
-  _globals['_DELAYNOTICE']._serialized_end=1071
-  _globals['_SUBJECTANSWER']._serialized_start=1073
-  _globals['_SUBJECTANSWER']._serialized_end=1185
-  _globals['_BATCHANSWER']._serialized_start=1187
-  _globals['_BATCHANSWER']._serialized_end=1307
-  _globals['_BATCHSTATUS']._serialized_start=1310
-  _globals['_BATCHSTATUS']._serialized_end=1519
-  _globals['_ANSWERSET']._serialized_start=1521
-  _globals['_ANSWERSET']._serialized_end=1572
-  _globals['_ACKNOWLEDGEANSWERS']._serialized_start=1574
-  _globals['_ACKNOWLEDGEANSWERS']._serialized_end=1613
-  _globals['_ACKNOWLEDGERECEIPT']._serialized_start=1615
-  _globals['_ACKNOWLEDGERECEIPT']._serialized_end=1682
-  _globals['_EXCHANGESERVICE']._serialized_start=2293
-  _globals['_EXCHANGESERVICE']._serialized_end=2513
+  _globals['_SEALEDMESSAGE']._serialized_end=121
+  _globals['_AUTHORISATION']._serialized_start=123
+  _globals['_AUTHORISATION']._serialized_end=175
+  _globals['_QUERYSUBJECT']._serialized_start=178
+  _globals['_QUERYSUBJECT']._serialized_end=334
+  _globals['_THRESHOLDREQUEST']._serialized_start=336
+  _globals['_THRESHOLDREQUEST']._serialized_end=415
+  _globals['_QUERYBATCH']._serialized_start=418
+  _globals['_QUERYBATCH']._serialized_end=826
+  _globals['_STAFFAPPROVAL']._serialized_start=828
+  _globals['_STAFFAPPROVAL']._serialized_end=904
+  _globals['_APPROVALPROOF']._serialized_start=907
+  _globals['_APPROVALPROOF']._serialized_end=1096
+  _globals['_BATCHRECEIPT']._serialized_start=1099
+  _globals['_BATCHRECEIPT']._serialized_end=1264
+  _globals['_FETCHANSWERS']._serialized_start=1266
+  _globals['_FETCHANSWERS']._serialized_end=1299
+  _globals['_DELAYNOTICE']._serialized_start=1302
+  _globals['_DELAYNOTICE']._serialized_end=1452
+  _globals['_SUBJECTANSWER']._serialized_start=1454
+  _globals['_SUBJECTANSWER']._serialized_end=1566
+  _globals['_BATCHANSWER']._serialized_start=1569
+  _globals['_BATCHANSWER']._serialized_end=1716
+  _globals['_BATCHSTATUS']._serialized_start=1719
+  _globals['_BATCHSTATUS']._serialized_end=1928
+  _globals['_ANSWERSET']._serialized_start=1930
+  _globals['_ANSWERSET']._serialized_end=1981
+  _globals['_ACKNOWLEDGEANSWERS']._serialized_start=1983
+  _globals['_ACKNOWLEDGEANSWERS']._serialized_end=2022
+  _globals['_ACKNOWLEDGERECEIPT']._serialized_start=2024
+  _globals['_ACKNOWLEDGERECEIPT']._serialized_end=2091
+  _globals['_EXCHANGESERVICE']._serialized_start=2702
+  _globals['_EXCHANGESERVICE']._serialized_end=2985
 # @@protoc_insertion_point(module_scope)

@@ -124,15 +124,24 @@ class SealedMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENVELOPE_FIELD_NUMBER: _builtins.int
+    KEY_ANNOUNCEMENTS_FIELD_NUMBER: _builtins.int
     envelope: _builtins.bytes
+    @_builtins.property
+    def key_announcements(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """SignedKeyAnnouncement bytes (keys.proto) of the sender, outside the envelope: each verifies on its own against
+        the receiver's trust store, which applies them before it opens the envelope, so a message signed with or sealed
+        for a key just rotated can be read (docs/exchange.md, "Keys over the wire"). At most 16; may be empty.
+        """
+
     def __init__(
         self,
         *,
         envelope: _builtins.bytes = ...,
+        key_announcements: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "key_announcements", b"key_announcements"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -170,10 +179,17 @@ class QuerySubject(_message.Message):
     ID_NUMBER_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     AUTHORISATION_FIELD_NUMBER: _builtins.int
+    SHARE_INDEX_FIELD_NUMBER: _builtins.int
+    LEAF_SALT_FIELD_NUMBER: _builtins.int
     subject_ref: _builtins.str
     """The agency's reference for this subject within the commission; answers refer to it. Not personal data."""
     id_number: _builtins.str
     name: _builtins.str
+    share_index: _builtins.int
+    """Position of this subject in the commission's subject list (0-based) and its 16-byte leaf salt: the subject's
+    leaf in the approval tree (docs/exchange.md, "Approvals a unit verifies").
+    """
+    leaf_salt: _builtins.bytes
     @_builtins.property
     def authorisation(self) -> Global___Authorisation: ...
     def __init__(
@@ -183,10 +199,12 @@ class QuerySubject(_message.Message):
         id_number: _builtins.str = ...,
         name: _builtins.str = ...,
         authorisation: Global___Authorisation | None = ...,
+        share_index: _builtins.int = ...,
+        leaf_salt: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["authorisation", b"authorisation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorisation", b"authorisation", "id_number", b"id_number", "name", b"name", "subject_ref", b"subject_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorisation", b"authorisation", "id_number", b"id_number", "leaf_salt", b"leaf_salt", "name", b"name", "share_index", b"share_index", "subject_ref", b"subject_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -230,6 +248,7 @@ class QueryBatch(_message.Message):
     STAFF_IDS_FIELD_NUMBER: _builtins.int
     SUBJECTS_FIELD_NUMBER: _builtins.int
     THRESHOLDS_FIELD_NUMBER: _builtins.int
+    APPROVAL_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     """Chosen by the gateway, stable across retries; a connector never runs the same batch id twice."""
     commission_ref: _builtins.str
@@ -250,6 +269,10 @@ class QueryBatch(_message.Message):
     def subjects(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuerySubject]: ...
     @_builtins.property
     def thresholds(self) -> _containers.RepeatedCompositeFieldContainer[Global___ThresholdRequest]: ...
+    @_builtins.property
+    def approval(self) -> Global___ApprovalProof:
+        """The exchange approvals of the agency's staff and the proof that they cover this batch (Procedure V.(二))."""
+
     def __init__(
         self,
         *,
@@ -263,14 +286,90 @@ class QueryBatch(_message.Message):
         staff_ids: _abc.Iterable[_builtins.str] | None = ...,
         subjects: _abc.Iterable[Global___QuerySubject] | None = ...,
         thresholds: _abc.Iterable[Global___ThresholdRequest] | None = ...,
+        approval: Global___ApprovalProof | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assets_as_of", b"assets_as_of", "income_from", b"income_from", "income_to", b"income_to"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "assets_as_of", b"assets_as_of", "income_from", b"income_from", "income_to", b"income_to"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assets_as_of", b"assets_as_of", "batch_id", b"batch_id", "categories", b"categories", "commission_ref", b"commission_ref", "income_from", b"income_from", "income_to", b"income_to", "purpose", b"purpose", "staff_ids", b"staff_ids", "subjects", b"subjects", "thresholds", b"thresholds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "assets_as_of", b"assets_as_of", "batch_id", b"batch_id", "categories", b"categories", "commission_ref", b"commission_ref", "income_from", b"income_from", "income_to", b"income_to", "purpose", b"purpose", "staff_ids", b"staff_ids", "subjects", b"subjects", "thresholds", b"thresholds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueryBatch: _TypeAlias = QueryBatch  # noqa: Y015
+
+@_typing.final
+class StaffApproval(_message.Message):
+    """One staff member's exchange approval: Ed25519 by the key on the agency's roster over
+    "hedui.v1.exchange-approval" || 0x00 || approval root, recorded by the gateway at approved_at_ms.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STAFF_ID_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    APPROVED_AT_MS_FIELD_NUMBER: _builtins.int
+    staff_id: _builtins.str
+    signature: _builtins.bytes
+    approved_at_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        staff_id: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+        approved_at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_at_ms", b"approved_at_ms", "signature", b"signature", "staff_id", b"staff_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StaffApproval: _TypeAlias = StaffApproval  # noqa: Y015
+
+@_typing.final
+class ApprovalProof(_message.Message):
+    """What lets a unit verify the approvals without seeing any other unit's part (docs/exchange.md)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PACKAGE_DIGEST_FIELD_NUMBER: _builtins.int
+    SUBJECT_COUNT_FIELD_NUMBER: _builtins.int
+    UNIT_COUNT_FIELD_NUMBER: _builtins.int
+    UNIT_INDEX_FIELD_NUMBER: _builtins.int
+    UNIT_PROOF_FIELD_NUMBER: _builtins.int
+    SUBJECT_PROOF_FIELD_NUMBER: _builtins.int
+    APPROVALS_FIELD_NUMBER: _builtins.int
+    package_digest: _builtins.bytes
+    """The agency-side commitment to the whole package (letter, households, relations): opaque to the unit."""
+    subject_count: _builtins.int
+    unit_count: _builtins.int
+    unit_index: _builtins.int
+    """The unit's leaf among the units' leaves (sorted by party id) and its inclusion proof."""
+    @_builtins.property
+    def unit_proof(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def subject_proof(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Proof of this batch's subjects (by share_index) in the subject tree."""
+
+    @_builtins.property
+    def approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___StaffApproval]: ...
+    def __init__(
+        self,
+        *,
+        package_digest: _builtins.bytes = ...,
+        subject_count: _builtins.int = ...,
+        unit_count: _builtins.int = ...,
+        unit_index: _builtins.int = ...,
+        unit_proof: _abc.Iterable[_builtins.bytes] | None = ...,
+        subject_proof: _abc.Iterable[_builtins.bytes] | None = ...,
+        approvals: _abc.Iterable[Global___StaffApproval] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "package_digest", b"package_digest", "subject_count", b"subject_count", "subject_proof", b"subject_proof", "unit_count", b"unit_count", "unit_index", b"unit_index", "unit_proof", b"unit_proof"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalProof: _TypeAlias = ApprovalProof  # noqa: Y015
 
 @_typing.final
 class BatchReceipt(_message.Message):
@@ -407,11 +506,18 @@ class BatchAnswer(_message.Message):
     BATCH_DIGEST_FIELD_NUMBER: _builtins.int
     ANSWERED_AT_MS_FIELD_NUMBER: _builtins.int
     SUBJECTS_FIELD_NUMBER: _builtins.int
+    RESPONSIBLE_STAFF_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     batch_digest: _builtins.bytes
     answered_at_ms: _builtins.int
     @_builtins.property
     def subjects(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubjectAnswer]: ...
+    @_builtins.property
+    def responsible_staff(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The unit's exchange staff responsible for this answer (Procedure V.(二)), on the unit's roster as the gateway
+        holds it; at least the unit's configured number (exchange.answer_staff, default 1).
+        """
+
     def __init__(
         self,
         *,
@@ -419,10 +525,11 @@ class BatchAnswer(_message.Message):
         batch_digest: _builtins.bytes = ...,
         answered_at_ms: _builtins.int = ...,
         subjects: _abc.Iterable[Global___SubjectAnswer] | None = ...,
+        responsible_staff: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered_at_ms", b"answered_at_ms", "batch_digest", b"batch_digest", "batch_id", b"batch_id", "subjects", b"subjects"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered_at_ms", b"answered_at_ms", "batch_digest", b"batch_digest", "batch_id", b"batch_id", "responsible_staff", b"responsible_staff", "subjects", b"subjects"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

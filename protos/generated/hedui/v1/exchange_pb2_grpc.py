@@ -50,6 +50,11 @@ class ExchangeServiceStub:
                 request_serializer=hedui_dot_v1_dot_exchange__pb2.SealedMessage.SerializeToString,
                 response_deserializer=hedui_dot_v1_dot_exchange__pb2.SealedMessage.FromString,
                 _registered_method=True)
+        self.SyncTrust = channel.unary_unary(
+                '/hedui.v1.ExchangeService/SyncTrust',
+                request_serializer=hedui_dot_v1_dot_exchange__pb2.SealedMessage.SerializeToString,
+                response_deserializer=hedui_dot_v1_dot_exchange__pb2.SealedMessage.FromString,
+                _registered_method=True)
 
 
 class ExchangeServiceServicer:
@@ -76,6 +81,13 @@ class ExchangeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SyncTrust(self, request, context):
+        """TrustSync in, TrustSync out (trust.proto): rosters, key announcements, revocation lists and their receipts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExchangeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +103,11 @@ def add_ExchangeServiceServicer_to_server(servicer, server):
             ),
             'AcknowledgeAnswers': grpc.unary_unary_rpc_method_handler(
                     servicer.AcknowledgeAnswers,
+                    request_deserializer=hedui_dot_v1_dot_exchange__pb2.SealedMessage.FromString,
+                    response_serializer=hedui_dot_v1_dot_exchange__pb2.SealedMessage.SerializeToString,
+            ),
+            'SyncTrust': grpc.unary_unary_rpc_method_handler(
+                    servicer.SyncTrust,
                     request_deserializer=hedui_dot_v1_dot_exchange__pb2.SealedMessage.FromString,
                     response_serializer=hedui_dot_v1_dot_exchange__pb2.SealedMessage.SerializeToString,
             ),
@@ -174,6 +191,33 @@ class ExchangeService:
             request,
             target,
             '/hedui.v1.ExchangeService/AcknowledgeAnswers',
+            hedui_dot_v1_dot_exchange__pb2.SealedMessage.SerializeToString,
+            hedui_dot_v1_dot_exchange__pb2.SealedMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncTrust(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hedui.v1.ExchangeService/SyncTrust',
             hedui_dot_v1_dot_exchange__pb2.SealedMessage.SerializeToString,
             hedui_dot_v1_dot_exchange__pb2.SealedMessage.FromString,
             options,

@@ -44,6 +44,8 @@ class ExchangeServiceStub:
     """FetchAnswers in, AnswerSet out."""
     AcknowledgeAnswers: _grpc.UnaryUnaryMultiCallable[_exchange_pb2.SealedMessage, _exchange_pb2.SealedMessage]
     """AcknowledgeAnswers in, AcknowledgeReceipt out."""
+    SyncTrust: _grpc.UnaryUnaryMultiCallable[_exchange_pb2.SealedMessage, _exchange_pb2.SealedMessage]
+    """TrustSync in, TrustSync out (trust.proto): rosters, key announcements, revocation lists and their receipts."""
 
 @_typing.type_check_only
 class ExchangeServiceAsyncStub(ExchangeServiceStub):
@@ -54,6 +56,8 @@ class ExchangeServiceAsyncStub(ExchangeServiceStub):
     """FetchAnswers in, AnswerSet out."""
     AcknowledgeAnswers: _aio.UnaryUnaryMultiCallable[_exchange_pb2.SealedMessage, _exchange_pb2.SealedMessage]  # type: ignore[assignment]
     """AcknowledgeAnswers in, AcknowledgeReceipt out."""
+    SyncTrust: _aio.UnaryUnaryMultiCallable[_exchange_pb2.SealedMessage, _exchange_pb2.SealedMessage]  # type: ignore[assignment]
+    """TrustSync in, TrustSync out (trust.proto): rosters, key announcements, revocation lists and their receipts."""
 
 class ExchangeServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -79,5 +83,13 @@ class ExchangeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_exchange_pb2.SealedMessage, _abc.Awaitable[_exchange_pb2.SealedMessage]]:
         """AcknowledgeAnswers in, AcknowledgeReceipt out."""
+
+    @_abc_1.abstractmethod
+    def SyncTrust(
+        self,
+        request: _exchange_pb2.SealedMessage,
+        context: _ServicerContext,
+    ) -> _typing.Union[_exchange_pb2.SealedMessage, _abc.Awaitable[_exchange_pb2.SealedMessage]]:
+        """TrustSync in, TrustSync out (trust.proto): rosters, key announcements, revocation lists and their receipts."""
 
 def add_ExchangeServiceServicer_to_server(servicer: ExchangeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -72,14 +72,14 @@ def whole_procedure(agency: Agency, households: int) -> str:
     household's applicant, refused for the second's); returns the commission id."""
     commissioner, office = agency.stub(COMMISSIONER), agency.stub(BACKOFFICE)
     cid = commissioner.SubmitCommission(agency.package(households)).commission_id
-    office.RecordIntake(agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0001", passed=True))
-    reviewed = office.RecordReview(agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0002", passed=True))
+    office.RecordIntake(agency.intake(cid, "S-0001"))
+    reviewed = office.RecordReview(agency.review(cid, "S-0002"))
     for staff_id in ("S-0001", "S-0002"):
         signature = agency.sign(staff_id, reviewed.exchange_digest)
         office.ApproveExchange(agency_pb2.ExchangeApproval(commission_id=cid, staff_id=staff_id, signature=signature))
     settle(agency.world)
     commissioner.GetProgress(agency_pb2.CommissionRef(commission_id=cid))
-    office.IssueReport(agency_pb2.IssueReportRequest(commission_id=cid, staff_id="S-0005"))
+    office.IssueReport(agency.report(cid, "S-0005"))
     commissioner.GetReport(agency_pb2.CommissionRef(commission_id=cid))
     decisions = [
         agency_pb2.SubjectDecision(household_ref="H00000", member_index=1, decision=agency_pb2.DECISION_APPROVED),

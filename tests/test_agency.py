@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -30,6 +31,7 @@ from gateway.procedure.workflow import Workflow
 from gateway.server import serve_api
 from keys.identity import PartyKeys
 from keys.statements import approval_message, verify_report
+from keys.steps import STEP_DOMAIN, StepKind, step_bytes
 from tests.exchange_world import beijing_ms
 from tests.gateway_drive import BANK, settle
 from tests.gateway_world import CATEGORIES, GatewayWorld, gateway_world
@@ -100,6 +102,62 @@ class Agency:
     def sign(self, staff_id: str, digest: bytes) -> bytes:
         return self.staff_keys[staff_id].signing_key(NOW).sign(approval_message(digest))
 
+    def digest(self, cid: str) -> bytes:
+        """The commission's stored exchange digest (32 zero bytes for a commission that does not exist)."""
+        with self.world.store.engine.connect() as conn:
+            value = conn.execute(
+                select(schema.commissions.c.exchange_digest).where(schema.commissions.c.ref == cid)
+            ).scalar()
+        return bytes(value) if value is not None else bytes(32)
+
+    def step_signature(
+        self,
+        cid: str,
+        staff_id: str,
+        kind: StepKind,
+        *,
+        passed: bool = True,
+        reason: str = "",
+        partial: bool = False,
+        signer: str | None = None,
+        digest: bytes | None = None,
+    ) -> bytes:
+        """``signer``'s (default: ``staff_id``'s) signature over the step as the gateway rebuilds it; 64 zero bytes
+        for a staff id without keys. The step is signed as given, unchecked, so that tests can sign odd ones."""
+        keys = self.staff_keys.get(signer or staff_id)
+        if keys is None:
+            return bytes(64)
+        step = agency_pb2.ProcedureStep(
+            agency=self.world.engine.courier.me.party_id, commission_id=cid, step=kind, passed=passed, reason=reason,
+            staff_id=staff_id, exchange_digest=self.digest(cid) if digest is None else digest, partial=partial,
+        )  # fmt: skip
+        return keys.signing_key(NOW).sign(STEP_DOMAIN + step_bytes(step))
+
+    def intake(
+        self, cid: str, staff_id: str, passed: bool = True, reason: str = "", **signing: Any
+    ) -> agency_pb2.StaffDecision:
+        """A RecordIntake request signed by the staff member (``signing``: see :meth:`step_signature`)."""
+        signing = {"passed": passed, "reason": reason, **signing}
+        signature = self.step_signature(cid, staff_id, agency_pb2.STEP_KIND_INTAKE, **signing)
+        return agency_pb2.StaffDecision(
+            commission_id=cid, staff_id=staff_id, passed=passed, reason=reason, signature=signature
+        )
+
+    def review(
+        self, cid: str, staff_id: str, passed: bool = True, reason: str = "", **signing: Any
+    ) -> agency_pb2.StaffDecision:
+        """A RecordReview request signed by the staff member."""
+        signing = {"passed": passed, "reason": reason, **signing}
+        signature = self.step_signature(cid, staff_id, agency_pb2.STEP_KIND_REVIEW, **signing)
+        return agency_pb2.StaffDecision(
+            commission_id=cid, staff_id=staff_id, passed=passed, reason=reason, signature=signature
+        )
+
+    def report(self, cid: str, staff_id: str, partial: bool = False, **signing: Any) -> agency_pb2.IssueReportRequest:
+        """An IssueReport request signed by the staff member."""
+        signature = self.step_signature(cid, staff_id, agency_pb2.STEP_KIND_REPORT, partial=partial, **signing)
+        return agency_pb2.IssueReportRequest(commission_id=cid, staff_id=staff_id, partial=partial, signature=signature)
+
     def commissions(self) -> int:
         with self.world.store.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(schema.commissions)).scalar_one())
@@ -142,12 +200,8 @@ def _code(excinfo: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
 def _through_review(agency: Agency, households: int = 6) -> agency_pb2.Commission:
     commissioner, office = agency.stub(COMMISSIONER), agency.stub(BACKOFFICE)
     commission = commissioner.SubmitCommission(agency.package(households))
-    office.RecordIntake(
-        agency_pb2.StaffDecision(commission_id=commission.commission_id, staff_id="S-0001", passed=True)
-    )
-    return office.RecordReview(
-        agency_pb2.StaffDecision(commission_id=commission.commission_id, staff_id="S-0002", passed=True)
-    )
+    office.RecordIntake(agency.intake(commission.commission_id, "S-0001"))
+    return office.RecordReview(agency.review(commission.commission_id, "S-0002"))
 
 
 def test_whole_procedure_from_package_to_signed_report(agency: Agency) -> None:
@@ -156,8 +210,8 @@ def test_whole_procedure_from_package_to_signed_report(agency: Agency) -> None:
     assert commission.state == agency_pb2.COMMISSION_STATE_RECEIVED
     assert commission.households == 8 and commission.subjects >= 8
     cid = commission.commission_id
-    office.RecordIntake(agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0001", passed=True))
-    reviewed = office.RecordReview(agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0002", passed=True))
+    office.RecordIntake(agency.intake(cid, "S-0001"))
+    reviewed = office.RecordReview(agency.review(cid, "S-0002"))
     assert reviewed.state == agency_pb2.COMMISSION_STATE_REVIEW_PASSED
     digest = reviewed.exchange_digest
     one = office.ApproveExchange(
@@ -172,20 +226,20 @@ def test_whole_procedure_from_package_to_signed_report(agency: Agency) -> None:
     progress = commissioner.GetProgress(agency_pb2.CommissionRef(commission_id=cid))
     assert {u.unit_id for u in progress.units} == set(agency.world.connectors)
     with pytest.raises(grpc.RpcError) as excinfo:  # items still open: only a partial report
-        office.IssueReport(agency_pb2.IssueReportRequest(commission_id=cid, staff_id="S-0005"))
+        office.IssueReport(agency.report(cid, "S-0005"))
     assert _code(excinfo) == grpc.StatusCode.FAILED_PRECONDITION
     assert f"of commission {cid} are still open" in (excinfo.value.details() or "")  # the id the caller knows
     settle(agency.world)
     progress = commissioner.GetProgress(agency_pb2.CommissionRef(commission_id=cid))
     assert all(u.answered == commission.subjects and u.queued == 0 for u in progress.units)
-    signed = office.IssueReport(agency_pb2.IssueReportRequest(commission_id=cid, staff_id="S-0005"))
+    signed = office.IssueReport(agency.report(cid, "S-0005"))
     report = verify_report(signed, agency.world.engine.courier.me.signing_key(NOW).public)
     assert report.commission_id == cid and not report.partial and len(report.households) == 8
     assert "核对报告" in signed.html
     fetched = commissioner.GetReport(agency_pb2.CommissionRef(commission_id=cid))
     assert fetched.report == signed.report and fetched.signature == signed.signature
     with pytest.raises(grpc.RpcError) as excinfo:
-        office.IssueReport(agency_pb2.IssueReportRequest(commission_id=cid, staff_id="S-0005"))
+        office.IssueReport(agency.report(cid, "S-0005"))
     assert _code(excinfo) == grpc.StatusCode.FAILED_PRECONDITION
     assert "issued already: fetch it with GetReport" in (excinfo.value.details() or "")
     decision = agency_pb2.SubjectDecision(household_ref="H00000", member_index=1, decision=agency_pb2.DECISION_APPROVED)
@@ -241,23 +295,21 @@ def test_refusals_change_nothing(agency: Agency) -> None:
         assert office.GetCommission(agency_pb2.CommissionRef(commission_id=cid)) == before
 
     # illegal transition: review before intake
-    refused(office.RecordReview, agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0002", passed=True),
+    refused(office.RecordReview, agency.review(cid, "S-0002"),
             grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
     # wrong staff: a reviewer recording intake
-    refused(office.RecordIntake, agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0002", passed=True),
+    refused(office.RecordIntake, agency.intake(cid, "S-0002"),
             grpc.StatusCode.PERMISSION_DENIED)  # fmt: skip
     # a return without a reason, a decision without a staff member
-    refused(office.RecordIntake, agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0001", passed=False),
+    refused(office.RecordIntake, agency.intake(cid, "S-0001", passed=False),
             grpc.StatusCode.INVALID_ARGUMENT)  # fmt: skip
-    refused(office.RecordIntake, agency_pb2.StaffDecision(commission_id=cid, staff_id="", passed=True),
+    refused(office.RecordIntake, agency.intake(cid, ""),
             grpc.StatusCode.INVALID_ARGUMENT)  # fmt: skip
-    office.RecordIntake(agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0006", passed=True))
+    office.RecordIntake(agency.intake(cid, "S-0006"))
     # the same staff member for intake and review (Procedure V.(一))
-    refused(office.RecordReview, agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0006", passed=True),
+    refused(office.RecordReview, agency.review(cid, "S-0006"),
             grpc.StatusCode.PERMISSION_DENIED)  # fmt: skip
-    digest = office.RecordReview(
-        agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0002", passed=True)
-    ).exchange_digest
+    digest = office.RecordReview(agency.review(cid, "S-0002")).exchange_digest
     # a forged approval signature
     refused(office.ApproveExchange, agency_pb2.ExchangeApproval(commission_id=cid, staff_id="S-0003",
             signature=agency.sign("S-0004", digest)), grpc.StatusCode.UNAUTHENTICATED)  # fmt: skip
@@ -268,13 +320,12 @@ def test_refusals_change_nothing(agency: Agency) -> None:
     refused(office.ApproveExchange, agency_pb2.ExchangeApproval(commission_id=cid, staff_id="S-0003",
             signature=agency.sign("S-0003", digest)), grpc.StatusCode.PERMISSION_DENIED)  # fmt: skip
     # one approval only: no exchange, no report
-    refused(office.IssueReport, agency_pb2.IssueReportRequest(commission_id=cid, staff_id="S-0005", partial=True),
+    refused(office.IssueReport, agency.report(cid, "S-0005", partial=True),
             grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
     with agency.world.store.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(schema.items)).scalar_one() == 0
     # a commissioner may not act for staff, and sees only its own commissions
-    refused(agency.stub(COMMISSIONER).RecordIntake, agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0001",
-            passed=True), grpc.StatusCode.PERMISSION_DENIED)  # fmt: skip
+    refused(agency.stub(COMMISSIONER).RecordIntake, agency.intake(cid, "S-0001"), grpc.StatusCode.PERMISSION_DENIED)
     refused(agency.stub(OTHER_COMMISSIONER).GetProgress, agency_pb2.CommissionRef(commission_id=cid),
             grpc.StatusCode.NOT_FOUND)  # fmt: skip
     # an unknown client
@@ -322,15 +373,13 @@ def test_a_category_no_registered_unit_holds_is_refused_at_submission_and_at_app
 def test_returned_and_terminated_carry_reasons(agency: Agency) -> None:
     commissioner, office = agency.stub(COMMISSIONER), agency.stub(BACKOFFICE)
     first = commissioner.SubmitCommission(agency.package(2, start=10)).commission_id
-    returned = office.RecordIntake(agency_pb2.StaffDecision(commission_id=first, staff_id="S-0001", passed=False,
-                                                            reason="纸质材料与电子数据包不一致"))  # fmt: skip
+    returned = office.RecordIntake(agency.intake(first, "S-0001", passed=False, reason="纸质材料与电子数据包不一致"))
     assert returned.state == agency_pb2.COMMISSION_STATE_RETURNED and returned.reason
     second = _through_review(agency, 2)
     assert second.state == agency_pb2.COMMISSION_STATE_REVIEW_PASSED
     third = commissioner.SubmitCommission(agency.package(2, start=20)).commission_id
-    office.RecordIntake(agency_pb2.StaffDecision(commission_id=third, staff_id="S-0001", passed=True))
-    terminated = office.RecordReview(agency_pb2.StaffDecision(commission_id=third, staff_id="S-0002", passed=False,
-                                                              reason="授权书不完整"))  # fmt: skip
+    office.RecordIntake(agency.intake(third, "S-0001"))
+    terminated = office.RecordReview(agency.review(third, "S-0002", passed=False, reason="授权书不完整"))
     assert terminated.state == agency_pb2.COMMISSION_STATE_TERMINATED
     listed = commissioner.ListCommissions(agency_pb2.ListCommissionsRequest())
     assert {c.commission_id for c in listed.commissions} >= {first, third}
@@ -356,9 +405,7 @@ def test_a_letter_makes_one_commission_and_a_retry_gets_it_back(agency: Agency) 
     # Another commissioner's letter may carry the same number.
     assert agency.stub(OTHER_COMMISSIONER).SubmitCommission(package).commission_id != first.commission_id
     # Returned at intake, the corrected package comes under the same letter.
-    office.RecordIntake(
-        agency_pb2.StaffDecision(commission_id=first.commission_id, staff_id="S-0001", passed=False, reason="材料不全")
-    )
+    office.RecordIntake(agency.intake(first.commission_id, "S-0001", passed=False, reason="材料不全"))
     again = commissioner.SubmitCommission(other)
     assert again.commission_id != first.commission_id and again.state == agency_pb2.COMMISSION_STATE_RECEIVED
 
@@ -456,18 +503,20 @@ def test_a_reason_with_control_escape_line_break_or_bidi_characters_is_refused(a
     commissioner, office = agency.stub(COMMISSIONER), agency.stub(BACKOFFICE)
     first = commissioner.SubmitCommission(agency.package(1, start=30)).commission_id
     second = commissioner.SubmitCommission(agency.package(1, start=40)).commission_id
-    office.RecordIntake(agency_pb2.StaffDecision(commission_id=second, staff_id="S-0001", passed=True))
+    office.RecordIntake(agency.intake(second, "S-0001"))
     entries = agency.audit.count()
-    for call, cid, staff_id in ((office.RecordIntake, first, "S-0001"), (office.RecordReview, second, "S-0002")):
+    steps = (
+        (office.RecordIntake, agency.intake, first, "S-0001"),
+        (office.RecordReview, agency.review, second, "S-0002"),
+    )
+    for call, request, cid, staff_id in steps:
         with pytest.raises(grpc.RpcError) as excinfo:
-            call(agency_pb2.StaffDecision(commission_id=cid, staff_id=staff_id, passed=False, reason=reason))
+            call(request(cid, staff_id, passed=False, reason=reason))
         assert _code(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
         assert "reason" in (excinfo.value.details() or "")
     assert agency.audit.count() == entries
     # Chinese text with spaces (ASCII and ideographic) inside is a reason; spaces around it are removed.
     returned = office.RecordIntake(
-        agency_pb2.StaffDecision(
-            commission_id=first, staff_id="S-0001", passed=False, reason="\u3000材料不全：缺 授权书\u3000身份证复印件 "
-        )
+        agency.intake(first, "S-0001", passed=False, reason="\u3000材料不全：缺 授权书\u3000身份证复印件 ")
     )
     assert returned.reason == "材料不全：缺 授权书\u3000身份证复印件"

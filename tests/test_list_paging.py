@@ -148,9 +148,7 @@ def test_filters_by_state_commissioner_and_creation_days(agency: Agency) -> None
     mine_3rd = _submit(agency, 10)
     agency.world.clock.advance(DAY_MS)
     mine_4th = _submit(agency, 20)
-    agency.stub(BACKOFFICE).RecordIntake(
-        agency_pb2.StaffDecision(commission_id=mine_3rd, staff_id="S-0001", passed=True)
-    )
+    agency.stub(BACKOFFICE).RecordIntake(agency.intake(mine_3rd, "S-0001"))
 
     def listed(party: str, **filters: object) -> list[str]:
         request = agency_pb2.ListCommissionsRequest(limit=2, **filters)  # type: ignore[arg-type]

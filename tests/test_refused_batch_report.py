@@ -25,8 +25,8 @@ def agency(tmp_path: Path) -> Iterator[Agency]:
 def test_report_refused_for_a_refused_batch_says_resend_not_wait(agency: Agency) -> None:
     commissioner, office = agency.stub(COMMISSIONER), agency.stub(BACKOFFICE)
     cid = commissioner.SubmitCommission(agency.package(2)).commission_id
-    office.RecordIntake(agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0001", passed=True))
-    reviewed = office.RecordReview(agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0002", passed=True))
+    office.RecordIntake(agency.intake(cid, "S-0001"))
+    reviewed = office.RecordReview(agency.review(cid, "S-0002"))
     # S-0003 and S-0004 may approve at the agency but are not registered with the units (Procedure V.(三)): every
     # unit refuses the batches for good (staff_not_registered).
     for staff_id in ("S-0003", "S-0004"):
@@ -37,7 +37,7 @@ def test_report_refused_for_a_refused_batch_says_resend_not_wait(agency: Agency)
     assert progress.units and all(u.failed and not u.answered for u in progress.units)
 
     with pytest.raises(grpc.RpcError) as excinfo:
-        office.IssueReport(agency_pb2.IssueReportRequest(commission_id=cid, staff_id="S-0005"))
+        office.IssueReport(agency.report(cid, "S-0005"))
     assert excinfo.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     message = excinfo.value.details() or ""
     assert "hedui-gateway resend --unit" in message
@@ -46,6 +46,6 @@ def test_report_refused_for_a_refused_batch_says_resend_not_wait(agency: Agency)
     for unit in progress.units:
         assert unit.unit_id in message
     # A partial report can still be issued, naming the units as missing.
-    signed = office.IssueReport(agency_pb2.IssueReportRequest(commission_id=cid, staff_id="S-0005", partial=True))
+    signed = office.IssueReport(agency.report(cid, "S-0005", partial=True))
     report = agency_pb2.Report.FromString(signed.report)
     assert sorted(report.units_not_answered) == sorted(u.unit_id for u in progress.units)

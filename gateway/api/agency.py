@@ -203,13 +203,17 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
     def RecordIntake(self, request: agency_pb2.StaffDecision, context: grpc.ServicerContext) -> agency_pb2.Commission:
         return self._run(
             context,
-            lambda c: self.workflow.intake(request.commission_id, request.staff_id, request.passed, request.reason, c),
+            lambda c: self.workflow.intake(
+                request.commission_id, request.staff_id, request.passed, request.reason, c, signature=request.signature
+            ),
         )
 
     def RecordReview(self, request: agency_pb2.StaffDecision, context: grpc.ServicerContext) -> agency_pb2.Commission:
         return self._run(
             context,
-            lambda c: self.workflow.review(request.commission_id, request.staff_id, request.passed, request.reason, c),
+            lambda c: self.workflow.review(
+                request.commission_id, request.staff_id, request.passed, request.reason, c, signature=request.signature
+            ),
         )
 
     def ApproveExchange(
@@ -230,7 +234,10 @@ class AgencyServicer(agency_pb2_grpc.AgencyServiceServicer):
         self, request: agency_pb2.IssueReportRequest, context: grpc.ServicerContext
     ) -> agency_pb2.SignedReport:
         return self._run(
-            context, lambda c: self.workflow.issue_report(request.commission_id, request.staff_id, request.partial, c)
+            context,
+            lambda c: self.workflow.issue_report(
+                request.commission_id, request.staff_id, request.partial, c, signature=request.signature
+            ),
         )
 
     def GetReport(self, request: agency_pb2.CommissionRef, context: grpc.ServicerContext) -> agency_pb2.SignedReport:

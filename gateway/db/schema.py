@@ -113,6 +113,23 @@ approvals = Table(
     Column("approved_at_ms", BigInteger, nullable=False),
 )
 
+#: Signed procedure steps (Procedure V.(一), migration 0013): intake review, second review and report issue, each
+#: as the staff member signed it (keys/steps.py). ``step`` holds the canonical ProcedureStep bytes the signature
+#: covers, ``key_id`` the key it verified with when recorded, ``audit_seq`` the chain entry that names the step's
+#: SHA-256 and the signature's (gateway/procedure/steps.py). One row per commission and step kind.
+procedure_steps = Table(
+    "procedure_steps",
+    metadata,
+    Column("commission_id", Integer, ForeignKey("commissions.id"), primary_key=True),
+    Column("kind", Integer, primary_key=True),  # StepKind: 1 intake, 2 review, 3 report
+    Column("staff_id", String(32), ForeignKey("staff.staff_id"), nullable=False),
+    Column("step", LargeBinary, nullable=False),
+    Column("signature", LargeBinary(64), nullable=False),
+    Column("key_id", LargeBinary(16), nullable=False),
+    Column("recorded_at_ms", BigInteger, nullable=False),
+    Column("audit_seq", Integer, nullable=False),
+)
+
 #: The agency's staff register (Procedure V): who may do which step, and the key their approvals are checked with.
 staff = Table(
     "staff",

@@ -38,6 +38,7 @@ from gateway.db import schema as s
 from keys.handles import PublicKey
 from keys.identity import PartyKeys
 from keys.statements import REPORT_DOMAIN, sign_statement, verify_report, verify_report_by
+from keys.steps import check_report_signers
 from keys.truststore import TrustStore
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "OBJECTION_WORKING_DAYS",
     "REPORT_DOMAIN",
     "ReportRefused",
+    "Signer",
     "annual_income_fen",
     "beijing_time",
     "build_report",
@@ -390,8 +392,11 @@ def _due_note(open_units: Sequence[agency_pb2.UnitDue], categories: Mapping[str,
 # -- signing and verifying ----------------------------------------------------------------------------------------
 
 
-def sign_report(report: agency_pb2.Report, party: PartyKeys, now_ms: int) -> agency_pb2.SignedReport:
-    """The report signed by ``party``'s current signing key, with its printable HTML beside it.
+def sign_report(
+    report: agency_pb2.Report, party: PartyKeys, now_ms: int, *, signers: Mapping[str, Signer] | None = None
+) -> agency_pb2.SignedReport:
+    """The report signed by ``party``'s current signing key, with its printable HTML beside it (``signers``: the
+    names and keys of the staff who signed its steps and approvals, from the staff register, for the HTML).
 
     The party must be the agency the report names, and its signing key must be valid at the report's issue time
     (otherwise no one could ever verify it): ValueError if not.
@@ -407,7 +412,7 @@ def sign_report(report: agency_pb2.Report, party: PartyKeys, now_ms: int) -> age
         report=data,
         signer_key_id=key.key_id,
         signature=sign_statement(REPORT_DOMAIN, data, key),
-        html=render_html(report, signer_key_id=key.key_id),
+        html=render_html(report, signer_key_id=key.key_id, signers=signers),
     )
 
 
@@ -425,6 +430,68 @@ def verify_signed_report_by(signed: agency_pb2.SignedReport, trust: TrustStore, 
 
 
 # -- rendering ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Signer:
+    """A staff member who signed a step or an approval, as the printable report shows them: the name registered in
+    the staff register (kept out of ``repr``) and their key's fingerprint."""
+
+    name: str = field(repr=False)
+    fingerprint: str
+
+    @property
+    def short_fingerprint(self) -> str:
+        """The first three groups of the fingerprint (15 digits), enough to compare with the staff register."""
+        return " ".join(self.fingerprint.split()[:3])
+
+
+_STEP_LABELS: Mapping[str, str] = {
+    "intake": "受理初审",
+    "review": "审核复审",
+    "report": "出具报告",
+    "approval": "数据交换审批",
+}
+_OUTCOMES: Mapping[str, tuple[str, str]] = {
+    "intake": ("通过", "退回"),
+    "review": ("通过", "终止"),
+    "report": ("出具", "出具"),
+    "approval": ("同意", "同意"),
+}
+
+
+def _signatures_html(report: agency_pb2.Report, signers: Mapping[str, Signer]) -> list[str]:
+    """Who signed each step and approval (Procedure V.(一)(二)), with the name and key from the staff register."""
+    found = check_report_signers(report)
+    rows = []
+    for signer in (*found.steps, *found.approvals):
+        who = signers.get(signer.staff_id)
+        passed, failed = _OUTCOMES[signer.label]
+        rows.append(
+            f"<tr><td>{_escape(_STEP_LABELS[signer.label])}</td><td>{_escape(passed if signer.passed else failed)}"
+            f"</td><td>{_escape(signer.staff_id)}</td><td>{_escape(who.name if who else '（未登记）')}</td>"
+            f"<td><code>{_escape(who.short_fingerprint + ' …' if who else '—')}</code></td>"
+            f'<td class="time">{_escape(beijing_time(signer.at_ms))}</td></tr>'
+        )
+    if not rows:
+        return []
+    out = [
+        "<h2>经办签署</h2>",
+        "<table><thead><tr><th>环节</th><th>结论</th><th>人员编号</th><th>姓名</th><th>密钥指纹（前三组）</th>"
+        "<th>签署时间（北京时间）</th></tr></thead><tbody>",
+        *rows,
+        "</tbody></table>",
+    ]
+    if found.three_different_people:
+        out.append("<p>受理初审、审核复审、出具报告由三名不同工作人员完成（操作规程五（一））。</p>")
+    if found.two_distinct_approvers:
+        out.append(f"<p>数据交换经{len(found.approvals)}名不同工作人员审批（操作规程五（二））。</p>")
+    out.append(
+        "<p>各环节由经办人员以其在人员名录中登记的密钥对环节内容签名，网关核验签名后方予记录；签名随报告数据一并签发。"
+        "持有经办人员公钥者可执行 <code>hedui-keys verify-report 报告文件 --staff-keys 人员公钥清单</code>"
+        " 逐项核验。</p>"
+    )
+    return out
 
 
 def _due_html(due: agency_pb2.UnitDue | None) -> str:
@@ -705,9 +772,16 @@ def _summary_html(summary: agency_pb2.HouseholdSummary) -> str:
     return f'<table><thead><tr><th colspan="2">家庭汇总</th></tr></thead><tbody>{cells}</tbody></table>'
 
 
-def render_html(report: agency_pb2.Report, *, signer_key_id: bytes = b"", mask_ids: bool = True) -> str:
+def render_html(
+    report: agency_pb2.Report,
+    *,
+    signer_key_id: bytes = b"",
+    mask_ids: bool = True,
+    signers: Mapping[str, Signer] | None = None,
+) -> str:
     """The report as a self-contained printable HTML page (A4, Chinese). Every value from the report is escaped;
-    ID numbers are masked unless ``mask_ids`` is false (full numbers on paper are a leak risk, clause 16)."""
+    ID numbers are masked unless ``mask_ids`` is false (full numbers on paper are a leak risk, clause 16).
+    ``signers`` gives the name and key of each staff id that signed a step or approval (the staff register's)."""
     digest = hashlib.sha256(report.SerializeToString(deterministic=True)).hexdigest()
     period = (
         f"{report.income_from.year}年{report.income_from.month:02d}月至"
@@ -768,6 +842,7 @@ def render_html(report: agency_pb2.Report, *, signer_key_id: bytes = b"", mask_i
     out.append('<h2>说明</h2>\n<ol class="notes">')
     out += [f"<li>{_escape(note)}</li>" for note in report.footnotes]
     out.append("</ol>")
+    out += _signatures_html(report, signers or {})
     out.append("<h2>签名与核验</h2>")
     out.append(
         "<table><tbody>"

@@ -52,11 +52,13 @@ from gateway.procedure.commission import (
 from gateway.procedure.feedback import FeedbackRecorder
 from gateway.procedure.intake import MAX_REASON_CHARS, is_plain_text, letter_key, trim, validate_package
 from gateway.procedure.queries import CommissionQueries
-from gateway.procedure.report import ReportRefused, build_report, sign_report
+from gateway.procedure.report import ReportRefused, Signer, build_report, sign_report
 from gateway.procedure.routing import category_names, route, unserved
 from gateway.procedure.staff import StaffRegister
+from gateway.procedure.steps import ProcedureSteps, VerifiedStep, require_signature
 from keys.clock import Clock, from_ms
 from keys.identity import PartyKeys
+from keys.steps import StepKind, read_step
 
 EXCHANGE_DIGEST_DOMAIN = b"hedui.v1.exchange-digest\x00"
 APPROVALS_NEEDED = 2  # Procedure V.(二)
@@ -91,6 +93,7 @@ class _Review:
     """One of the two review steps: who may do it, from which state, and where pass and fail lead."""
 
     role: str
+    kind: StepKind
     name: str
     before: str
     passed: str
@@ -98,8 +101,12 @@ class _Review:
     staff_column: str
 
 
-_INTAKE = _Review("intake", "intake review", RECEIVED, INTAKE_PASSED, RETURNED, "intake_staff")
-_SECOND = _Review("review", "second review", INTAKE_PASSED, REVIEW_PASSED, TERMINATED, "review_staff")
+_INTAKE = _Review(
+    "intake", agency_pb2.STEP_KIND_INTAKE, "intake review", RECEIVED, INTAKE_PASSED, RETURNED, "intake_staff"
+)
+_SECOND = _Review(
+    "review", agency_pb2.STEP_KIND_REVIEW, "second review", INTAKE_PASSED, REVIEW_PASSED, TERMINATED, "review_staff"
+)
 
 
 class Workflow:
@@ -123,6 +130,7 @@ class Workflow:
         self.agency = agency
         self.queries = CommissionQueries(store=store, audit=audit, clock=clock, agency=agency)
         self.feedback = FeedbackRecorder(engine=store.engine, audit=audit, clock=clock)
+        self.steps = ProcedureSteps(staff, agency.party_id)
 
     def _now(self) -> int:
         return self.clock.now_ms()
@@ -270,7 +278,10 @@ class Workflow:
         after: str,
         values: dict[str, object],
         detail: str | None = None,
-    ) -> None:
+        step: VerifiedStep | None = None,
+    ) -> int:
+        """Move ``row`` to ``after`` and write the chain entry; with ``step``, the entry names the signed step (its
+        fields follow ``detail``'s, which must then be a code) and the step is kept. Returns the entry's number."""
         before = row.state
         done = conn.execute(
             update(s.commissions)
@@ -279,16 +290,19 @@ class Workflow:
         ).rowcount
         if not done:
             raise illegal("the commission changed meanwhile; read it again")
-        self.audit.append(
-            conn,
-            at_ms=self._now(),
-            actor=actor,
-            action=action,
-            commission_id=row.id,
-            before=before,
-            after=after,
-            detail=detail,
-        )
+        now = self._now()
+        if step is None:
+            return self.audit.append(
+                conn, at_ms=now, actor=actor, action=action, commission_id=row.id, before=before, after=after,
+                detail=detail,
+            )  # fmt: skip
+        fields: list[tuple[str, str | int]] = [("outcome", detail)] if detail else []
+        seq = self.audit.append_generated(
+            conn, at_ms=now, actor=actor, action=action, commission_id=row.id, before=before, after=after,
+            fields=[*fields, *step.audit_fields()],
+        )  # fmt: skip
+        self.steps.record(conn, row.id, step, now, seq)
+        return seq
 
     @staticmethod
     def _reason(passed: bool, reason: str) -> str | None:
@@ -309,22 +323,33 @@ class Workflow:
             )
         return reason
 
-    def intake(self, ref: str, staff_id: str, passed: bool, reason: str, caller: Caller) -> agency_pb2.Commission:
-        """受理初审: received -> intake_passed, or -> returned with a reason."""
-        return self._review(_INTAKE, ref, staff_id, passed=passed, reason=reason, caller=caller)
+    def intake(
+        self, ref: str, staff_id: str, passed: bool, reason: str, caller: Caller, *, signature: bytes
+    ) -> agency_pb2.Commission:
+        """受理初审: received -> intake_passed, or -> returned with a reason; ``signature`` is the staff member's
+        over the step (gateway/procedure/steps.py)."""
+        return self._review(_INTAKE, ref, staff_id, passed=passed, reason=reason, caller=caller, signature=signature)
 
-    def review(self, ref: str, staff_id: str, passed: bool, reason: str, caller: Caller) -> agency_pb2.Commission:
-        """审核复审: intake_passed -> review_passed, or -> terminated with a reason."""
-        return self._review(_SECOND, ref, staff_id, passed=passed, reason=reason, caller=caller)
+    def review(
+        self, ref: str, staff_id: str, passed: bool, reason: str, caller: Caller, *, signature: bytes
+    ) -> agency_pb2.Commission:
+        """审核复审: intake_passed -> review_passed, or -> terminated with a reason; signed as :meth:`intake`."""
+        return self._review(_SECOND, ref, staff_id, passed=passed, reason=reason, caller=caller, signature=signature)
 
     def _review(
-        self, step: _Review, ref: str, staff_id: str, *, passed: bool, reason: str, caller: Caller
+        self, step: _Review, ref: str, staff_id: str, *, passed: bool, reason: str, caller: Caller, signature: bytes
     ) -> agency_pb2.Commission:
         self._require_staff_system(caller)
         self._staff(staff_id, step.role)
         text = self._reason(passed, reason)
+        require_signature(signature)
         with self.engine.begin() as conn:
             row = find_commission(conn, ref, caller)
+            # The step as the gateway would record it, signed by the member's registered key, or nothing happens.
+            verified = self.steps.verify(
+                conn, row, kind=step.kind, staff_id=staff_id, signature=signature, now_ms=self._now(), passed=passed,
+                reason=reason,
+            )  # fmt: skip
             if row.state != step.before:
                 raise illegal(f"{step.name} needs state {step.before}, the commission is {row.state}")
             if step is _SECOND and staff_id == row.intake_staff:
@@ -337,7 +362,7 @@ class Workflow:
                 action=f"commission.{step.role}",
                 after=after,
                 values={step.staff_column: staff_id, "reason": None if passed else text},
-                detail=None if passed else after,
+                step=verified,
             )
         return self.queries.view(ref, caller)
 
@@ -374,7 +399,14 @@ class Workflow:
                     approved_at_ms=now,
                 )
             )
-            self.audit.append(conn, at_ms=now, actor=staff_id, action="commission.approve", commission_id=row.id)
+            # The chain names what was signed (the digest), the signature (its SHA-256) and the key it verified with.
+            member = self.staff.get(staff_id, conn=conn)
+            assert member is not None  # verify_approval found them
+            self.audit.append_generated(
+                conn, at_ms=now, actor=staff_id, action="commission.approve", commission_id=row.id,
+                fields=[("digest", bytes(row.exchange_digest).hex()), ("sig", hashlib.sha256(signature).hexdigest()),
+                        ("key", member.public_key.key_id.hex())],
+            )  # fmt: skip
             approvers = [*existing, staff_id]
             if len(approvers) >= APPROVALS_NEEDED:
                 self._transition(
@@ -405,13 +437,21 @@ class Workflow:
             conn.execute(insert(s.items), rows[start : start + 5000])
         return len(rows)
 
-    def issue_report(self, ref: str, staff_id: str, partial: bool, caller: Caller) -> agency_pb2.SignedReport:
-        """核对报告: by a third staff member (Procedure V.(一)); refused while items are open unless partial."""
+    def issue_report(
+        self, ref: str, staff_id: str, partial: bool, caller: Caller, *, signature: bytes
+    ) -> agency_pb2.SignedReport:
+        """核对报告: by a third staff member (Procedure V.(一)), who signs the step; refused while items are open
+        unless partial. The report carries the signed steps and the exchange approvals."""
         self._require_staff_system(caller)
         self._staff(staff_id, "report")
+        require_signature(signature)
         now = self._now()
         with self.engine.begin() as conn:
             row = find_commission(conn, ref, caller)
+            verified = self.steps.verify(
+                conn, row, kind=agency_pb2.STEP_KIND_REPORT, staff_id=staff_id, signature=signature, now_ms=now,
+                partial=partial,
+            )  # fmt: skip
             if row.state == REPORT_ISSUED:
                 raise illegal("the report of this commission was issued already: fetch it with GetReport")
             if row.state != EXCHANGING:
@@ -424,7 +464,9 @@ class Workflow:
                 )
             except ReportRefused as exc:
                 raise illegal(str(exc)) from exc
-            signed = sign_report(report, self.agency, now)
+            report.steps.extend([*self.steps.signed_steps(conn, row.id), verified.signed(now)])
+            report.approvals.extend(self.steps.approvals(conn, row.id))
+            signed = sign_report(report, self.agency, now, signers=self._signers(conn, report))
             conn.execute(
                 insert(s.reports).values(
                     commission_id=row.id,
@@ -438,11 +480,21 @@ class Workflow:
             )
             self._transition(
                 conn, row, actor=staff_id, action="commission.report", after=REPORT_ISSUED,
-                values={"report_staff": staff_id}, detail="partial" if partial else "complete",
+                values={"report_staff": staff_id}, detail="partial" if partial else "complete", step=verified,
             )  # fmt: skip
             # Clause 17: the chain's head, this report's entry included, signed with the report.
             write_checkpoint(conn, self.audit, self.agency, now, reason="report")
         return signed
+
+    def _signers(self, conn: Connection, report: agency_pb2.Report) -> dict[str, Signer]:
+        """Name and key of everyone who signed a step or an approval of ``report``, from the staff register."""
+        ids = {a.staff_id for a in report.approvals} | {read_step(s.step).staff_id for s in report.steps}
+        signers = {}
+        for staff_id in sorted(ids):
+            member = self.staff.get(staff_id, conn=conn)
+            if member is not None:
+                signers[staff_id] = Signer(member.name, member.public_key.fingerprint)
+        return signers
 
     @staticmethod
     def _require_staff_system(caller: Caller) -> None:

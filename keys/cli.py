@@ -5,8 +5,9 @@ HEDUI_KEYSTORE, the passphrase from ``--passphrase-file``, HEDUI_KEYS_PASSPHRASE
 lets a sealed file open only once from ``--replay-store``, HEDUI_REPLAY_STORE, or beside the keystore. Errors print one
 line (and a hint) to stderr and exit with status 1; nothing is changed by a command that fails. The ``ca`` commands
 (the private CA for mutual TLS, keys/tls.py) need no keystore; their passphrase protects the CA key. A staff
-member's own keystore (party id ``staff.REGION.ID``) signs exchange approvals with ``sign-approval``. Anyone
-holding an agency's keys checks its signed verification reports with ``verify-report``.
+member's own keystore (party id ``staff.REGION.ID``) signs exchange approvals with ``sign-approval`` and procedure
+steps (intake, review, report issue) with ``sign-step``. Anyone holding an agency's keys checks its signed
+verification reports with ``verify-report``; with the staff members' keys (``--staff-keys``) also who signed each step.
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ from keys.statements import (
     read_signed_report,
     report_agency,
     verify_report_by,
+)
+from keys.steps import (
+    MAX_STAFF_KEYS_BYTES,
+    STEP_KINDS,
+    ReportSigners,
+    build_step,
+    check_report_signers,
+    read_staff_keys,
+    sign_step,
 )
 from keys.truststore import TrustStore
 
@@ -344,6 +354,71 @@ def cmd_sign_approval(session: _Session, args: argparse.Namespace) -> None:
     print(f"signed by {party.party_id}, key {key.key_id.hex()}", file=sys.stderr)
 
 
+def cmd_sign_step(session: _Session, args: argparse.Namespace) -> None:
+    """Sign a procedure step (Procedure V.(一): intake, review, report issue) with our signing key, for the back
+    office to send with RecordIntake, RecordReview or IssueReport (docs/agency-api.md, "Signed procedure steps")."""
+    try:
+        digest = bytes.fromhex(args.digest)
+    except ValueError:
+        digest = b""
+    if len(digest) != EXCHANGE_DIGEST_BYTES:
+        raise CliError(f"--digest must be the commission's exchange digest: {2 * EXCHANGE_DIGEST_BYTES} hex digits")
+    kind = STEP_KINDS[args.step]
+    if args.step == "report":
+        if args.passed or args.failed or args.reason:
+            raise CliError("a report step has no --passed, --failed or --reason (only --partial)")
+        passed = True
+    else:
+        if args.partial:
+            raise CliError("--partial goes with --step report only")
+        if args.passed == args.failed:
+            raise CliError(f"say how the {args.step} step ends: --passed, or --failed with --reason")
+        passed = args.passed
+        if passed and args.reason:
+            raise CliError("--reason goes with --failed: a passing step is signed (and sent) without a reason")
+        if not passed and not args.reason:
+            raise CliError("a return or termination (--failed) needs --reason, exactly as the back office sends it")
+    step = build_step(
+        agency=args.agency,
+        commission_id=args.commission,
+        kind=kind,
+        staff_id=args.staff_id,
+        exchange_digest=digest,
+        passed=passed,
+        reason=args.reason or "",
+        partial=args.partial,
+    )
+    party, _ = session.load()
+    key = party.signing_key(session.clock.now_ms())
+    # stdout carries the signature alone, so that it can be piped into the agency's back office as it is.
+    print(sign_step(step, key).hex())
+    signer = f"{party.party_id}, key {key.key_id.hex()}"
+    print(f"signed the {args.step} step of {args.commission} as {args.staff_id}: {signer}", file=sys.stderr)
+
+
+def _print_signers(found: ReportSigners, keys_given: bool) -> None:
+    def checked(verified: bool | None) -> str:
+        if verified is None:
+            return "signature not checked (no key given)"
+        return "signature verifies" if verified else "SIGNATURE DOES NOT VERIFY"
+
+    for signer in (*found.steps, *found.approvals):
+        at = from_ms(signer.at_ms).astimezone(_BEIJING).strftime("%Y-%m-%d %H:%M:%S")
+        decision = "" if signer.label in {"report", "approval"} else (" passed" if signer.passed else " not passed")
+        print(f"  {signer.label:9}  {signer.staff_id:12} {at} Beijing time{decision}; {checked(signer.verified)}")
+    if not found.steps and not found.approvals:
+        print("  signers:     none recorded (a report issued before signed procedure steps)")
+    people = "yes" if found.three_different_people else "no"
+    approvers = "yes" if found.two_distinct_approvers else "no"
+    print(f"  Procedure V.(一) intake, review and report by three different staff ids: {people}")
+    print(f"  Procedure V.(二) exchange approved by two distinct staff ids: {approvers}")
+    if not keys_given:
+        print("  the staff signatures were not checked: give --staff-keys to check them (the report's own signature")
+        print("  shows only that the agency recorded these signers)")
+    for problem in found.problems:
+        print(f"PROBLEM: {problem}")
+
+
 def cmd_verify_report(session: _Session, args: argparse.Namespace) -> None:
     """Verify a signed verification report (核对报告) with the issuing agency's keys from the trust store, or
     with --bundle and --fingerprint (no keystore needed)."""
@@ -372,6 +447,18 @@ def cmd_verify_report(session: _Session, args: argparse.Namespace) -> None:
     else:
         print("  partial:     no")
     print(f"  report sha256: {hashlib.sha256(signed.report).hexdigest()} (compare with the printout)")
+    staff_keys = None
+    if args.staff_keys:
+        text = _read(args.staff_keys, MAX_STAFF_KEYS_BYTES, what="staff keys file")
+        staff_keys = read_staff_keys(text.decode("utf-8", "replace"))
+    found = check_report_signers(report, staff_keys)
+    if staff_keys is not None:
+        for signer in (*found.steps, *found.approvals):
+            if signer.verified is None:
+                found.problems.append(f"no key given for {signer.staff_id} in {args.staff_keys}")
+    _print_signers(found, staff_keys is not None)
+    if found.problems:
+        raise CliError(f"the report's staff signatures failed the check ({len(found.problems)} problem(s))")
 
 
 def cmd_ca_init(session: _Session, args: argparse.Namespace) -> None:
@@ -488,6 +575,34 @@ def _add_ca_commands(sub: _Commands[argparse.ArgumentParser]) -> None:
     _command(ca_sub, "show", cmd_ca_show).add_argument("file", help="certificate file (PEM or DER)")
 
 
+def _add_staff_commands(sub: _Commands[argparse.ArgumentParser]) -> None:
+    """A staff member's signatures (sign-approval, sign-step) and a report reader's check (verify-report)."""
+    _command(sub, "sign-approval", cmd_sign_approval).add_argument(
+        "--digest", required=True, help="the commission's exchange digest (64 hex digits) as the gateway shows it"
+    )
+    sign = _command(sub, "sign-step", cmd_sign_step)
+    sign.add_argument("--agency", required=True, help="the gateway's party id, e.g. agency.220100")
+    sign.add_argument("--commission", required=True, help="the commission id, e.g. C0123456789abcdef")
+    sign.add_argument("--step", required=True, choices=sorted(STEP_KINDS), help="which step")
+    sign.add_argument("--staff-id", required=True, help="our id in the agency's staff register, e.g. S-0001")
+    sign.add_argument(
+        "--digest", required=True, help="the commission's exchange digest (64 hex digits) as the gateway shows it"
+    )
+    sign.add_argument("--passed", action="store_true", help="intake or review: the step passes")
+    sign.add_argument("--failed", action="store_true", help="intake: returned; review: terminated (needs --reason)")
+    sign.add_argument("--reason", help="with --failed: the reason exactly as the back office sends it")
+    sign.add_argument("--partial", action="store_true", help="report: issued while units have not answered")
+    verify_report = _command(sub, "verify-report", cmd_verify_report)
+    verify_report.add_argument("file", help="the signed report file (SignedReport, as the gateway issues it)")
+    verify_report.add_argument("--bundle", help="the agency's public bundle file, instead of the trust store")
+    verify_report.add_argument("--fingerprint", help="with --bundle: the fingerprint from the agency's key letter")
+    verify_report.add_argument(
+        "--staff-keys",
+        help="the signers' registered keys ('STAFF_ID HEX' lines, from 'hedui-gateway archive steps --export-keys'): "
+        "check every step's and approval's signature",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hedui-keys", description=__doc__.splitlines()[0] if __doc__ else None)
     add_version(parser)
@@ -538,13 +653,7 @@ def _parser() -> argparse.ArgumentParser:
     opn = add("open", cmd_open)
     opn.add_argument("file")
     opn.add_argument("--out-dir", default=".", help="folder to write the opened file into")
-    add("sign-approval", cmd_sign_approval).add_argument(
-        "--digest", required=True, help="the commission's exchange digest (64 hex digits) as the gateway shows it"
-    )
-    verify_report = add("verify-report", cmd_verify_report)
-    verify_report.add_argument("file", help="the signed report file (SignedReport, as the gateway issues it)")
-    verify_report.add_argument("--bundle", help="the agency's public bundle file, instead of the trust store")
-    verify_report.add_argument("--fingerprint", help="with --bundle: the fingerprint from the agency's key letter")
+    _add_staff_commands(sub)
     _add_ca_commands(sub)
     return parser
 

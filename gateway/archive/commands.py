@@ -6,6 +6,8 @@ module only wires them in.
     audit checkpoint            sign a checkpoint of the head now
     audit export-head [--out FILE]   sign a checkpoint if needed and write the newest one, to keep off the machine
     archive verify              re-check every archived envelope's signature and its place in the chain
+    archive steps COMMISSION [--export-keys FILE]
+                                re-verify a commission's signed steps and approvals: three people, two approvers
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from gateway.archive.checkpoints import (
     examine,
     latest_checkpoint,
 )
+from gateway.archive.steps import CommissionProof, ProvenSignature, prove_commission
 from gateway.archive.verify import verify_archive
 from gateway.config import GatewayConfig
 from gateway.db import schema
@@ -40,6 +43,7 @@ from keys.clock import SystemClock
 from keys.errors import KeystoreError
 from keys.identity import PartyKeys
 from keys.keyring import Keyring
+from keys.steps import staff_keys_text
 from keys.truststore import TrustStore
 
 _CHINA_TIME = timezone(timedelta(hours=8), "CST")
@@ -185,6 +189,63 @@ def _archive_verify(args: argparse.Namespace) -> None:
     print("archive intact: every envelope verifies and has its place in the chain ('audit verify' checks the chain)")
 
 
+def _signature_line(signed: ProvenSignature) -> str:
+    decision = "" if signed.label in {"report", "approval"} else (" passed" if signed.passed else " not passed")
+    return (
+        f"  {signed.label:8} {signed.staff_id:12} {_moment(signed.at_ms)} Beijing time, entry {signed.seq}, "
+        f"key {signed.key_id.hex()}{decision}: signature verifies"
+    )
+
+
+def _print_proof(proof: CommissionProof) -> None:
+    lower = " (entered at review from a lower-level agency)" if proof.from_lower_agency else ""
+    print(f"commission {proof.commission}: {proof.state or 'no state in the chain'}{lower}")
+    for signed in (*proof.steps, *proof.approvals):
+        print(_signature_line(signed))
+    for problem in proof.problems:
+        print(f"PROBLEM: {problem}")
+    for note in proof.notes:
+        print(f"note: {note}")
+    people = ", ".join(f"{s.label} {s.staff_id}" for s in proof.steps)
+    if not proof.ended:
+        print(f"Procedure V.(一): not yet provable: the commission is {proof.state or 'unknown'}, its steps go on")
+    elif proof.three_different_people:
+        print(f"Procedure V.(一): every step signed, by {len(proof.required_steps)} different people: yes ({people})")
+    else:
+        needed = ", ".join(proof.required_steps)
+        print(f"Procedure V.(一): NOT shown: steps {needed} needed, proven: {people or 'none'}")
+    approvers = ", ".join(a.staff_id for a in proof.approvals)
+    if proof.two_distinct_approvers:
+        print(f"Procedure V.(二): the exchange approved by {len(proof.approvals)} distinct staff members: yes "
+              f"({approvers})")  # fmt: skip
+    elif proof.approvals_needed:
+        print(f"Procedure V.(二): NOT shown: approvals proven: {approvers or 'none'}")
+    else:
+        print("Procedure V.(二): no exchange was approved for this commission")
+    print("the chain as a whole (links, signed checkpoints, a head kept off the machine): 'hedui-gateway audit verify'")
+
+
+def _archive_steps(args: argparse.Namespace) -> None:
+    with _opened(args.config) as (config, engine):
+        proof = prove_commission(engine, args.commission, config.agency.party_id)
+    if proof is None:
+        raise ArchiveError(f"no commission {args.commission[:64]!r} in this gateway's database")
+    _print_proof(proof)
+    if args.export_keys:
+        path = Path(args.export_keys)
+        text = staff_keys_text(sorted(proof.keys.items()))
+        with path.open("x", encoding="utf-8") as handle:  # never overwrite: it may be someone's kept evidence
+            handle.write(text)
+        print(f"the signers' registered keys written to {path} (for 'hedui-keys verify-report --staff-keys')")
+    if proof.problems:
+        raise ArchiveError(
+            f"the signed steps of {proof.commission} failed verification ({len(proof.problems)} problem(s)): keep the "
+            "database as it is (copy it) for the investigation"
+        )
+    if not proof.proven:
+        raise ArchiveError(f"{proof.commission}: Procedure V.(一) and V.(二) are not (yet) shown for this commission")
+
+
 def _head(args: argparse.Namespace) -> None:
     with _opened(args.config) as (_, engine):
         print(AuditLog(engine).head())
@@ -219,10 +280,21 @@ def add_audit_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     export.set_defaults(func=_export_head)
     for command in audit_sub.choices.values():
         command.add_argument("--config", required=True)
-    archive = sub.add_parser("archive", help="the message archive: verify")
+    archive = sub.add_parser("archive", help="the message archive: verify; a commission's signed steps: steps")
     archive_sub = archive.add_subparsers(dest="archive_command", required=True, metavar="ARCHIVE_COMMAND")
     archive_verify = archive_sub.add_parser(
         "verify", help="re-check every archived envelope's signature and its place in the chain; exit 1 on problems"
     )
     archive_verify.add_argument("--config", required=True)
     archive_verify.set_defaults(func=_archive_verify)
+    steps = archive_sub.add_parser(
+        "steps",
+        help="re-verify a commission's signed steps and approvals from the archive (Procedure V.(一)(二)); "
+        "exit 1 unless three different people and two approvers are shown",
+    )
+    steps.add_argument("commission", help="the commission id, e.g. C0123456789abcdef")
+    steps.add_argument("--config", required=True)
+    steps.add_argument(
+        "--export-keys", metavar="FILE", help="also write the signers' registered keys (a new file) for verify-report"
+    )
+    steps.set_defaults(func=_archive_steps)

@@ -121,6 +121,7 @@ class Agency:
         partial: bool = False,
         signer: str | None = None,
         digest: bytes | None = None,
+        agency_id: str | None = None,
     ) -> bytes:
         """``signer``'s (default: ``staff_id``'s) signature over the step as the gateway rebuilds it; 64 zero bytes
         for a staff id without keys. The step is signed as given, unchecked, so that tests can sign odd ones."""
@@ -128,8 +129,9 @@ class Agency:
         if keys is None:
             return bytes(64)
         step = agency_pb2.ProcedureStep(
-            agency=self.world.engine.courier.me.party_id, commission_id=cid, step=kind, passed=passed, reason=reason,
-            staff_id=staff_id, exchange_digest=self.digest(cid) if digest is None else digest, partial=partial,
+            agency=agency_id or self.world.engine.courier.me.party_id, commission_id=cid, step=kind, passed=passed,
+            reason=reason, staff_id=staff_id, exchange_digest=self.digest(cid) if digest is None else digest,
+            partial=partial,
         )  # fmt: skip
         return keys.signing_key(NOW).sign(STEP_DOMAIN + step_bytes(step))
 

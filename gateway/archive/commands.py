@@ -190,10 +190,10 @@ def _archive_verify(args: argparse.Namespace) -> None:
 
 
 def _signature_line(signed: ProvenSignature) -> str:
-    decision = "" if signed.label in {"report", "approval"} else (" passed" if signed.passed else " not passed")
+    decision = "" if signed.label in {"report", "approval"} else ("passed" if signed.passed else "not passed")
     return (
-        f"  {signed.label:8} {signed.staff_id:12} {_moment(signed.at_ms)} Beijing time, entry {signed.seq}, "
-        f"key {signed.key_id.hex()}{decision}: signature verifies"
+        f"  {signed.label:8} {signed.staff_id:12} {decision:10} {_moment(signed.at_ms)} Beijing time, entry "
+        f"{signed.seq}, key {signed.key_id.hex()}: signature verifies"
     )
 
 

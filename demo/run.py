@@ -35,6 +35,7 @@ from keys import keystore
 from keys.announcements import armor, read_bundle
 from keys.identity import PartyKeys
 from keys.statements import approval_message, verify_report
+from keys.steps import StepKind, build_step, sign_step
 
 COMMISSIONER = "commissioner.220102.mzj"
 BACKOFFICE = "agency.220100.backoffice"
@@ -180,6 +181,17 @@ def _register_staff(net: Network, now_ms: int) -> dict[str, PartyKeys]:
     return keys
 
 
+def _signed_step(
+    net: Network, keys: PartyKeys, commission: agency_pb2.Commission, staff_id: str, kind: StepKind
+) -> bytes:
+    """The staff member's signature over a passing step, as `hedui-keys sign-step` makes it in their keystore."""
+    step = build_step(
+        agency=net.gateway_party, commission_id=commission.commission_id, kind=kind, staff_id=staff_id,
+        exchange_digest=commission.exchange_digest,
+    )  # fmt: skip
+    return sign_step(step, keys.signing_key(_now()))
+
+
 def _unfinished(progress: agency_pb2.Progress, subjects: int) -> list[str]:
     """One line per unit that has not answered every subject: where its queries stand."""
     lines = []
@@ -224,7 +236,7 @@ def _start(console: Console, net: Network) -> None:
 
 def _through_approval(
     console: Console, net: Network, households: int
-) -> tuple[agency_pb2.Commission, agency_pb2_grpc.AgencyServiceStub, list[int]]:
+) -> tuple[agency_pb2.Commission, agency_pb2_grpc.AgencyServiceStub, list[int], dict[str, PartyKeys]]:
     """Submit as the commissioner, then intake, review and two exchange approvals as the agency's staff."""
     staff_keys = _register_staff(net, _now())
     commissioner, office = _stub(net, COMMISSIONER), _stub(net, BACKOFFICE)
@@ -240,9 +252,17 @@ def _through_approval(
         f"commission {cid}: {commission.households} households, {commission.subjects} people to check, "
         f"{len(package.categories)} data categories requested; state: received"
     )
-    console.step(4, "Intake check by S-0003, second review by S-0004: two different staff (Procedure V.(一))")
-    office.RecordIntake(agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0003", passed=True))
-    reviewed = office.RecordReview(agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0004", passed=True))
+    console.step(
+        4,
+        "Intake check by S-0003, second review by S-0004: two different staff (Procedure V.(一)), each signing their "
+        "step with their own staff key; the gateway verifies the signature before it records the step",
+    )
+    intake = _signed_step(net, staff_keys["S-0003"], commission, "S-0003", agency_pb2.STEP_KIND_INTAKE)
+    office.RecordIntake(agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0003", passed=True, signature=intake))
+    review = _signed_step(net, staff_keys["S-0004"], commission, "S-0004", agency_pb2.STEP_KIND_REVIEW)
+    reviewed = office.RecordReview(
+        agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0004", passed=True, signature=review)
+    )
     console.detail("both passed; the package is complete and every member has an authorisation")
     console.step(
         5,
@@ -259,7 +279,7 @@ def _through_approval(
         )
     state = agency_pb2.CommissionState.Name(commission.state).removeprefix("COMMISSION_STATE_").lower()
     console.detail(f"state: {state.replace('_', ' ')}")
-    return commission, commissioner, list(package.categories)
+    return commission, commissioner, list(package.categories), staff_keys
 
 
 def _watch(
@@ -306,14 +326,21 @@ def _watch(
     return False
 
 
-def _report(console: Console, net: Network, run: Path, cid: str) -> tuple[Path, Path] | None:
+def _report(
+    console: Console, net: Network, run: Path, commission: agency_pb2.Commission, staff_keys: dict[str, PartyKeys]
+) -> tuple[Path, Path] | None:
     """Issue the report as a third staff member, save it, and verify it as its reader would."""
     console.step(
         7,
-        "S-0005, a third staff member (Procedure V.(一)), issues the report; the gateway signs it so that anyone "
-        "with the agency's public key can check it was not altered",
+        "S-0005, a third staff member (Procedure V.(一)), signs the report step and issues the report; the gateway "
+        "signs it, with who signed each step and approval inside, so that anyone with the agency's public key can "
+        "check it was not altered",
     )
-    signed = _stub(net, BACKOFFICE).IssueReport(agency_pb2.IssueReportRequest(commission_id=cid, staff_id="S-0005"))
+    cid = commission.commission_id
+    signature = _signed_step(net, staff_keys["S-0005"], commission, "S-0005", agency_pb2.STEP_KIND_REPORT)
+    signed = _stub(net, BACKOFFICE).IssueReport(
+        agency_pb2.IssueReportRequest(commission_id=cid, staff_id="S-0005", signature=signature)
+    )
     passphrase = (net.root / "keys" / f"{net.gateway_party}.passphrase").read_text().strip()
     gateway_keys, _ = keystore.load(net.root / "keys" / f"{net.gateway_party}.keystore.json", passphrase)
     report = verify_report(signed, gateway_keys.signing_key(_now()).public)
@@ -337,10 +364,16 @@ def _report(console: Console, net: Network, run: Path, cid: str) -> tuple[Path, 
               "--bundle", shown(bundle_path), "--fingerprint", fingerprint]  # fmt: skip
     if not _show(console, verify):
         return None
-    console.step(9, "The agency's administrator checks the audit chain: every step above is a hash-linked entry")
-    audit = [*console_script("hedui-gateway", "gateway.cli"), "--log-level", "WARNING", "audit", "verify",
-             "--config", shown(net.gateway_config)]  # fmt: skip
+    console.step(
+        9,
+        "The agency's administrator checks the audit chain (every step above is a hash-linked entry), then proves "
+        "from the archive alone who signed each step: three different people, two approvers (Procedure V.(一)(二))",
+    )
+    gateway = [*console_script("hedui-gateway", "gateway.cli"), "--log-level", "WARNING"]
+    audit = [*gateway, "audit", "verify", "--config", shown(net.gateway_config)]
     if not _show(console, audit):
+        return None
+    if not _show(console, [*gateway, "archive", "steps", cid, "--config", shown(net.gateway_config)]):
         return None
     return html_path, signed_path
 
@@ -393,12 +426,12 @@ def run(out: Path, households: int, timeout: float, console: Console | None = No
             console.end_progress()
             print(f"demo: could not start the network: {exc}", file=sys.stderr)
             return 1
-        commission, commissioner, requested = _through_approval(console, net, households)
+        commission, commissioner, requested, staff_keys = _through_approval(console, net, households)
         if not _watch(console, commissioner, commission, requested, timeout):
             print(f"demo: the exchange did not finish in {timeout:.0f} s; the logs are in {shown(net.root / 'logs')}/",
                   file=sys.stderr)  # fmt: skip
             return 1
-        saved = _report(console, net, run_dir, commission.commission_id)
+        saved = _report(console, net, run_dir, commission, staff_keys)
         if saved is None:
             return 1
         _metrics(console, net)

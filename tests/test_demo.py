@@ -78,6 +78,7 @@ def _run_folders(out: Path) -> list[Path]:
 def test_demo_runs_the_whole_procedure_and_logs_no_personal_data(runs: DemoRuns) -> None:
     for printed, folder in zip(runs.printed, _run_folders(runs.out), strict=True):
         assert "OK: the report is signed by agency.220100" in printed and "audit log intact" in printed
+        assert "by 3 different people: yes (intake S-0003, review S-0004, report S-0005)" in printed
         reports = list(folder.glob("report-*.html"))
         assert len(reports) == 1 and "核对报告" in reports[0].read_text(encoding="utf-8")
         assert shown(reports[0]) in printed  # the report's path is printed, as the person can open it
@@ -103,7 +104,8 @@ def test_printed_verify_command_works_when_pasted_into_a_shell(runs: DemoRuns) -
     env = {**os.environ, "PATH": path}
     for printed in runs.printed:
         commands = [line.strip().removeprefix("$ ") for line in printed.splitlines() if line.strip().startswith("$ ")]
-        assert len(commands) == 2 and "verify-report" in commands[0] and "audit verify" in commands[1]
+        assert len(commands) == 3 and "verify-report" in commands[0] and "audit verify" in commands[1]
+        assert "archive steps" in commands[2]
         assert "--fingerprint '" in commands[0]
         for command in commands:
             result = subprocess.run(

@@ -22,9 +22,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from google.protobuf.message import Message
-from hedui.v1 import media_pb2
+from hedui.v1 import agency_pb2, media_pb2
 
-from keys import errors
+from keys import _canonical, errors
+from keys import steps as steps_module
 from keys.announcements import armor, dearmor, read_bundle
 from keys.clock import FixedClock
 from keys.envelope import MAX_ENVELOPE_BYTES, Courier, Opened, open_at
@@ -35,7 +36,7 @@ from keys.keyring import KeyRecord, Keyring, KeyState
 from keys.replay import MemoryReplayCache
 from keys.sealedfile import open_sealed_file
 from keys.truststore import TrustStore
-from tests import vectorgen, vectorgen_formats
+from tests import vectorgen, vectorgen_formats, vectorgen_steps
 
 Json = dict[str, Any]
 
@@ -407,3 +408,120 @@ def test_sealed_file_negative_vector(vector: Json) -> None:
     with pytest.raises(errors.KeysError) as caught:
         open_sealed_file(courier, bytes.fromhex(vector["envelope"]))
     assert type(caught.value).__name__ == vector["error"] and caught.value.code == vector["code"]
+
+
+# --- signed procedure steps (docs/agency-api.md, "Signed procedure steps") -----------------------------------------
+
+STEPS_FILE = ROOT / "tests" / "vectors" / "steps_v1.json"
+#: ProcedureStep's fields in field-number order: (number, name, kind) as docs/agency-api.md lists them.
+_STEP_FIELDS = (
+    (1, "agency", "text"),
+    (2, "commission_id", "text"),
+    (3, "step", "enum"),
+    (4, "passed", "bool"),
+    (5, "reason", "text"),
+    (6, "staff_id", "text"),
+    (7, "exchange_digest", "bytes"),
+    (8, "partial", "bool"),
+)
+_STEP_KIND_NUMBERS = {"STEP_KIND_INTAKE": 1, "STEP_KIND_REVIEW": 2, "STEP_KIND_REPORT": 3}
+
+
+@functools.cache
+def load_steps() -> Json:
+    """The committed vector document of signed procedure steps."""
+    document: Json = json.loads(STEPS_FILE.read_text(encoding="utf-8"))
+    return document
+
+
+def steps(kind: str) -> list[Any]:
+    return [pytest.param(vector, id=vector["name"]) for vector in load_steps()[kind]]
+
+
+def _steps_key(staff_id: str) -> Json:
+    key: Json = next(k for k in load_steps()["keys"] if k["staff_id"] == staff_id)
+    return key
+
+
+def _spec_step_bytes(fields: Json) -> bytes:
+    """The canonical encoding as the specification describes it, without protobuf: fields in number order, each
+    left out at its default (empty, false, 0), a text or byte string as key, length, bytes, the rest as varints
+    (``_varint`` is the hand-written encoder of the envelope checks above)."""
+    out = b""
+    for number, name, kind in _STEP_FIELDS:
+        value = fields[name]
+        if kind == "text" and value:
+            data = value.encode("utf-8")
+            out += _varint(number << 3 | 2) + _varint(len(data)) + data
+        elif kind == "bytes" and value:
+            data = bytes.fromhex(value)
+            out += _varint(number << 3 | 2) + _varint(len(data)) + data
+        elif kind == "enum" and _STEP_KIND_NUMBERS[value]:
+            out += _varint(number << 3) + _varint(_STEP_KIND_NUMBERS[value])
+        elif kind == "bool" and value:
+            out += _varint(number << 3) + b"\x01"
+    return out
+
+
+def test_committed_step_vectors_are_what_the_generator_builds() -> None:
+    expected = vectorgen_steps.render(vectorgen_steps.build_vectors()).encode()
+    assert STEPS_FILE.read_bytes() == expected, (
+        "tests/vectors/steps_v1.json is not what tests/vectorgen_steps.py builds: regenerate with "
+        "`python scripts/make_vectors.py` if the change is on purpose"
+    )
+    names = [v["name"] for kind in ("steps", "steps_negative") for v in load_steps()[kind]]
+    assert len(names) == len(set(names))
+    assert bytes.fromhex(load_steps()["constants"]["step_domain"]) == steps_module.STEP_DOMAIN
+
+
+@pytest.mark.parametrize("vector", steps("steps"))
+def test_step_vector_follows_from_the_specification(vector: Json) -> None:
+    """The bytes, the signed message and the signature follow from the text with hashlib, a hand-written encoder and
+    an Ed25519 library alone; the reference implementation builds and accepts the same."""
+    key = _steps_key(vector["signer"])
+    seed = hashlib.shake_256(b"hedui.v1.test-vector-key\x00" + f"steps/{key['staff_id']}".encode()).digest(32)
+    assert seed.hex() == key["seed"]
+    private = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+    public = private.public_key().public_bytes_raw()
+    assert public.hex() == key["public"]
+    data = _spec_step_bytes(vector["fields"])
+    assert data.hex() == vector["step"]
+    message = b"hedui.v1.procedure-step\x00" + data
+    assert message.hex() == vector["message"]
+    assert private.sign(message).hex() == vector["signature"]  # Ed25519 is deterministic (RFC 8032)
+    ed25519.Ed25519PublicKey.from_public_bytes(public).verify(bytes.fromhex(vector["signature"]), message)
+    assert hashlib.sha256(data).hexdigest() == vector["step_sha256"]
+    # The reference implementation: the same bytes from the fields, and the signature verifies.
+    fields = vector["fields"]
+    step = steps_module.build_step(
+        agency=fields["agency"], commission_id=fields["commission_id"],
+        kind=agency_pb2.StepKind.Value(fields["step"]), staff_id=fields["staff_id"],
+        exchange_digest=bytes.fromhex(fields["exchange_digest"]), passed=fields["passed"], reason=fields["reason"],
+        partial=fields["partial"],
+    )  # fmt: skip
+    assert steps_module.step_bytes(step) == data
+    assert steps_module.read_step(data) == step
+    public_key = PublicKey(Algorithm.ED25519, public)
+    assert public_key.key_id.hex() == key["key_id"] and public_key.fingerprint == key["fingerprint"]
+    assert steps_module.verify_step(step, bytes.fromhex(vector["signature"]), public_key)
+
+
+@pytest.mark.parametrize("vector", steps("steps_negative"))
+def test_step_negative_vector_is_refused_for_its_reason(vector: Json) -> None:
+    data, signature = bytes.fromhex(vector["step"]), bytes.fromhex(vector["signature"])
+    public_key = PublicKey(Algorithm.ED25519, bytes.fromhex(_steps_key(vector["signer"])["public"]))
+    if vector["error"] == "not_canonical":
+        with pytest.raises(_canonical.NotCanonical):
+            _canonical.parse_canonical(agency_pb2.ProcedureStep, data)
+    elif vector["error"] == "not_a_step":
+        parsed = _canonical.parse_canonical(agency_pb2.ProcedureStep, data)
+        with pytest.raises(ValueError, match=r"must|report step|only a report|carries"):
+            steps_module.check_step(parsed)
+    else:
+        assert vector["error"] == "bad_signature"
+        assert not steps_module.verify_step(steps_module.read_step(data), signature, public_key)
+    if vector["error"] != "bad_signature":
+        with pytest.raises(errors.TrustError):
+            steps_module.read_step(data)
+        # The signature itself is good over these bytes: what refuses them is the canonical form and the rules.
+        assert public_key.verify(signature, steps_module.STEP_DOMAIN + data)

@@ -525,3 +525,15 @@ def test_step_negative_vector_is_refused_for_its_reason(vector: Json) -> None:
             steps_module.read_step(data)
         # The signature itself is good over these bytes: what refuses them is the canonical form and the rules.
         assert public_key.verify(signature, steps_module.STEP_DOMAIN + data)
+
+
+def test_worked_example_of_signed_steps_in_the_specification_is_a_vector() -> None:
+    """docs/agency-api.md writes out intake-passed: its key, step bytes, signature and chain digest are the file's."""
+    text = (ROOT / "docs" / "agency-api.md").read_text(encoding="utf-8")
+    section = text.split("## Signed procedure steps", 1)[1].split("\n## ", 1)[0]
+    hex_runs = "".join(re.findall(r"^    ([0-9a-f ]+)$", section, flags=re.MULTILINE)).replace(" ", "")
+    vector = next(v for v in load_steps()["steps"] if v["name"] == "intake-passed")
+    assert hex_runs == vector["step"] + vector["signature"]
+    assert _steps_key("S-0001")["seed"] in section and _steps_key("S-0001")["public"] in section
+    assert f"step={vector['step_sha256']}" in section
+    assert f"is the {len(bytes.fromhex(vector['step']))} bytes" in section

@@ -25,8 +25,9 @@ from sqlalchemy import Connection, Row, insert, select
 
 from gateway.db import schema as s
 from gateway.procedure.commission import WorkflowError, denied
+from gateway.procedure.report import Signer
 from gateway.procedure.staff import StaffRegister
-from keys.steps import STEP_ROLES, StepKind, build_step, step_bytes, verify_step
+from keys.steps import STEP_ROLES, StepKind, build_step, read_step, step_bytes, verify_step
 
 #: What a refused signature is told: one message whichever check failed (key, step or signature), as for approvals.
 DOES_NOT_VERIFY = "step signature does not verify"
@@ -141,6 +142,17 @@ class ProcedureSteps:
                 select(p.step, p.signature, p.recorded_at_ms).where(p.commission_id == commission_id).order_by(p.kind)
             )
         ]
+
+    def signers(self, conn: Connection, report: agency_pb2.Report) -> dict[str, Signer]:
+        """Name and key of everyone who signed a step or an approval of ``report``, from the staff register (for
+        the printable report)."""
+        ids = {a.staff_id for a in report.approvals} | {read_step(s.step).staff_id for s in report.steps}
+        signers = {}
+        for staff_id in sorted(ids):
+            member = self.staff.get(staff_id, conn=conn)
+            if member is not None:
+                signers[staff_id] = Signer(member.name, member.public_key.fingerprint)
+        return signers
 
     @staticmethod
     def approvals(conn: Connection, commission_id: int) -> list[exchange_pb2.StaffApproval]:

@@ -52,13 +52,13 @@ from gateway.procedure.commission import (
 from gateway.procedure.feedback import FeedbackRecorder
 from gateway.procedure.intake import MAX_REASON_CHARS, is_plain_text, letter_key, trim, validate_package
 from gateway.procedure.queries import CommissionQueries
-from gateway.procedure.report import ReportRefused, Signer, build_report, sign_report
+from gateway.procedure.report import ReportRefused, build_report, sign_report
 from gateway.procedure.routing import category_names, route, unserved
 from gateway.procedure.staff import StaffRegister
 from gateway.procedure.steps import ProcedureSteps, VerifiedStep, require_signature
 from keys.clock import Clock, from_ms
 from keys.identity import PartyKeys
-from keys.steps import StepKind, read_step
+from keys.steps import StepKind
 
 EXCHANGE_DIGEST_DOMAIN = b"hedui.v1.exchange-digest\x00"
 APPROVALS_NEEDED = 2  # Procedure V.(二)
@@ -466,7 +466,7 @@ class Workflow:
                 raise illegal(str(exc)) from exc
             report.steps.extend([*self.steps.signed_steps(conn, row.id), verified.signed(now)])
             report.approvals.extend(self.steps.approvals(conn, row.id))
-            signed = sign_report(report, self.agency, now, signers=self._signers(conn, report))
+            signed = sign_report(report, self.agency, now, signers=self.steps.signers(conn, report))
             conn.execute(
                 insert(s.reports).values(
                     commission_id=row.id,
@@ -485,16 +485,6 @@ class Workflow:
             # Clause 17: the chain's head, this report's entry included, signed with the report.
             write_checkpoint(conn, self.audit, self.agency, now, reason="report")
         return signed
-
-    def _signers(self, conn: Connection, report: agency_pb2.Report) -> dict[str, Signer]:
-        """Name and key of everyone who signed a step or an approval of ``report``, from the staff register."""
-        ids = {a.staff_id for a in report.approvals} | {read_step(s.step).staff_id for s in report.steps}
-        signers = {}
-        for staff_id in sorted(ids):
-            member = self.staff.get(staff_id, conn=conn)
-            if member is not None:
-                signers[staff_id] = Signer(member.name, member.public_key.fingerprint)
-        return signers
 
     @staticmethod
     def _require_staff_system(caller: Caller) -> None:

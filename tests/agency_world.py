@@ -28,10 +28,14 @@ def agency_world(
     *,
     metrics: GatewayMetrics | None = None,
     unit_metrics: Mapping[str, ConnectorMetrics] | None = None,
+    database_url: str | None = None,
 ) -> Iterator[Agency]:
     """Staff registered with keys (tests/test_agency.STAFF_ROLES), client certificates for CLIENTS, and the API
-    serving on a loopback port; with ``metrics`` the API and the engine report to it."""
-    with gateway_world(root, now_ms=NOW, metrics=metrics, unit_metrics=unit_metrics) as world:
+    serving on a loopback port; with ``metrics`` the API and the engine report to it; ``database_url``: the
+    gateway's database (default: a SQLite file under ``root``)."""
+    with gateway_world(
+        root, now_ms=NOW, metrics=metrics, unit_metrics=unit_metrics, database_url=database_url
+    ) as world:
         engine = world.store.engine
         audit = AuditLog(engine)
         register = StaffRegister(engine, audit)

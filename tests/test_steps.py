@@ -24,6 +24,7 @@ from keys.steps import StepKind, check_report_signers, read_staff_keys, read_ste
 from keys.truststore import TrustStore
 from tests.agency_world import agency_world
 from tests.conftest import write_passphrase
+from tests.conftest_pg import postgres_schema
 from tests.gateway_drive import execute, operator_config, rows, settle
 from tests.test_agency import BACKOFFICE, COMMISSIONER, NOW, Agency
 
@@ -260,6 +261,26 @@ def _archive_steps(config: Path, cid: str, capsys: pytest.CaptureFixture[str], *
     status = gateway_main(["archive", "steps", cid, "--config", str(config), *extra])
     captured = capsys.readouterr()
     return status, captured.out + captured.err
+
+
+def test_signed_steps_on_postgresql(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same on the production database: steps kept, refused ones leave nothing, the archive proves them."""
+    with postgres_schema() as url, agency_world(tmp_path, database_url=url) as agency:
+        office = agency.stub(BACKOFFICE)
+        cid = _submit(agency, 10)
+        _refused(agency, cid, office.RecordIntake, agency.intake(cid, "S-0001", signer="S-0006"), *NOT_VERIFY)
+        office.RecordIntake(agency.intake(cid, "S-0001"))
+        office.RecordReview(agency.review(cid, "S-0002"))
+        _approve(agency, cid)
+        settle(agency.world)
+        office.IssueReport(agency.report(cid, "S-0005"))
+        assert _step_rows(agency) == 3
+        config = operator_config(tmp_path, agency.world, url)
+        status, out = _archive_steps(config, cid, capsys)
+        assert status == 0 and "by 3 different people: yes" in out, out
+        execute(agency.world, update(schema.procedure_steps).values(signature=bytes(64)))
+        status, out = _archive_steps(config, cid, capsys)
+        assert status == 1 and out.count("PROBLEM:") == 3, out
 
 
 def test_archive_steps_proves_a_clean_commission_and_the_report_verifies_with_the_exported_keys(

@@ -279,9 +279,11 @@ class Workflow:
         values: dict[str, object],
         detail: str | None = None,
         step: VerifiedStep | None = None,
+        at_ms: int | None = None,
     ) -> int:
-        """Move ``row`` to ``after`` and write the chain entry; with ``step``, the entry names the signed step (its
-        fields follow ``detail``'s, which must then be a code) and the step is kept. Returns the entry's number."""
+        """Move ``row`` to ``after`` and write the chain entry (at ``at_ms``, default now); with ``step``, the entry
+        names the signed step (its fields follow ``detail``'s, which must then be a code) and the step is kept, at
+        the same time. Returns the entry's number."""
         before = row.state
         done = conn.execute(
             update(s.commissions)
@@ -290,7 +292,7 @@ class Workflow:
         ).rowcount
         if not done:
             raise illegal("the commission changed meanwhile; read it again")
-        now = self._now()
+        now = self._now() if at_ms is None else at_ms
         if step is None:
             return self.audit.append(
                 conn, at_ms=now, actor=actor, action=action, commission_id=row.id, before=before, after=after,
@@ -343,11 +345,12 @@ class Workflow:
         self._staff(staff_id, step.role)
         text = self._reason(passed, reason)
         require_signature(signature)
+        now = self._now()
         with self.engine.begin() as conn:
             row = find_commission(conn, ref, caller)
             # The step as the gateway would record it, signed by the member's registered key, or nothing happens.
             verified = self.steps.verify(
-                conn, row, kind=step.kind, staff_id=staff_id, signature=signature, now_ms=self._now(), passed=passed,
+                conn, row, kind=step.kind, staff_id=staff_id, signature=signature, now_ms=now, passed=passed,
                 reason=reason,
             )  # fmt: skip
             if row.state != step.before:
@@ -363,6 +366,7 @@ class Workflow:
                 after=after,
                 values={step.staff_column: staff_id, "reason": None if passed else text},
                 step=verified,
+                at_ms=now,
             )
         return self.queries.view(ref, caller)
 
@@ -481,6 +485,7 @@ class Workflow:
             self._transition(
                 conn, row, actor=staff_id, action="commission.report", after=REPORT_ISSUED,
                 values={"report_staff": staff_id}, detail="partial" if partial else "complete", step=verified,
+                at_ms=now,
             )  # fmt: skip
             # Clause 17: the chain's head, this report's entry included, signed with the report.
             write_checkpoint(conn, self.audit, self.agency, now, reason="report")

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta, timezone
 from pathlib import Path
 
+from hedui.v1 import agency_pb2
+
 from common.cli import add_version
 from keys import keystore, tls
 from keys._files import read_bounded
@@ -408,9 +410,15 @@ def _print_signers(found: ReportSigners, keys_given: bool) -> None:
         print(f"  {signer.label:9}  {signer.staff_id:12} {at} Beijing time{decision}; {checked(signer.verified)}")
     if not found.steps and not found.approvals:
         print("  signers:     none recorded (a report issued before signed procedure steps)")
-    people = "yes" if found.three_different_people else "no"
     approvers = "yes" if found.two_distinct_approvers else "no"
-    print(f"  Procedure V.(一) intake, review and report by three different staff ids: {people}")
+    others = [s.staff_id for s in found.steps if s.kind != agency_pb2.STEP_KIND_INTAKE]
+    if found.step(agency_pb2.STEP_KIND_INTAKE) is None and len(others) == len(set(others)) == 2:
+        # Procedure III.(二)2: a lower-level agency's commission enters at review; its intake was not taken here.
+        print("  Procedure V.(一) no intake step (a lower-level agency's commission enters at review, or one recorded")
+        print("  before signed steps); review and report by two different staff ids: yes")
+    else:
+        people = "yes" if found.three_different_people else "no"
+        print(f"  Procedure V.(一) intake, review and report by three different staff ids: {people}")
     print(f"  Procedure V.(二) exchange approved by two distinct staff ids: {approvers}")
     if not keys_given:
         print("  the staff signatures were not checked: give --staff-keys to check them (the report's own signature")

@@ -220,9 +220,8 @@ class ReportSigners:
     @property
     def two_distinct_approvers(self) -> bool:
         """Procedure V.(二): at least two approvals, by distinct staff ids."""
-        return len({a.staff_id for a in self.approvals}) >= 2 and len(self.approvals) == len(
-            {a.staff_id for a in self.approvals}
-        )
+        ids = [a.staff_id for a in self.approvals]
+        return len(ids) >= 2 and len(set(ids)) == len(ids)
 
     @property
     def all_verified(self) -> bool:

@@ -26,7 +26,7 @@ from tests.agency_world import agency_world
 from tests.conftest import write_passphrase
 from tests.conftest_pg import postgres_schema
 from tests.gateway_drive import execute, operator_config, rows, settle
-from tests.test_agency import BACKOFFICE, COMMISSIONER, NOW, Agency
+from tests.test_agency import BACKOFFICE, COMMISSIONER, LOWER_AGENCY, NOW, Agency
 
 PASSPHRASE = "correct horse battery staple"
 
@@ -413,3 +413,31 @@ def test_sign_step_command_signs_what_the_gateway_rebuilds(tmp_path: Path, capsy
         bad_digest = [*fields[:-1], "abc"]
         assert keys_main([*base, *bad_digest, "--step", "report"]) == 1
         assert "64 hex digits" in capsys.readouterr().err
+
+
+def test_a_lower_agency_commission_is_proven_without_an_intake_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Procedure III.(二)2: it enters at review; review and report by two different people complete Procedure V.(一)."""
+    with agency_world(tmp_path) as agency:
+        office = agency.stub(BACKOFFICE)
+        cid = agency.stub(LOWER_AGENCY).SubmitCommission(agency.package(2, start=50)).commission_id
+        _refused(agency, cid, office.RecordIntake, agency.intake(cid, "S-0001"), grpc.StatusCode.FAILED_PRECONDITION,
+                 "intake review needs state received")  # fmt: skip
+        office.RecordReview(agency.review(cid, "S-0002"))
+        _approve(agency, cid)
+        settle(agency.world)
+        signed = office.IssueReport(agency.report(cid, "S-0005"))
+        status, out = _archive_steps(operator_config(tmp_path, agency.world, None), cid, capsys)
+        assert status == 0 and "(entered at review from a lower-level agency)" in out, out
+        assert "by 2 different people: yes (review S-0002, report S-0005)" in out
+        report_file = tmp_path / "report.hsr"
+        report_file.write_bytes(signed.SerializeToString())
+        gateway = agency.world.engine.courier.me
+        bundle = tmp_path / "agency.bundle"
+        bundle.write_text(armor(gateway.bundle(NOW)), encoding="utf-8")
+        fingerprint = read_bundle(gateway.bundle(NOW)).fingerprint
+        capsys.readouterr()
+        verify = ["verify-report", str(report_file), "--bundle", str(bundle), "--fingerprint", fingerprint]
+        assert keys_main(verify) == 0
+        assert "review and report by two different staff ids: yes" in capsys.readouterr().out

@@ -10,6 +10,7 @@ hedui-gateway resend --config FILE --unit UNIT [--batch ID ...]   put a unit's f
 hedui-gateway staff bootstrap-admin|add|revoke|list --config FILE ...   the staff register (Procedure V)
 hedui-gateway audit verify|head|checkpoint|export-head --config FILE   the audit chain and its signed checkpoints
 hedui-gateway archive verify --config FILE      re-check every archived envelope and its place in the chain
+hedui-gateway archive steps COMMISSION --config FILE   who signed each step and approval (Procedure V.(一)(二))
 hedui-gateway backup --config FILE --out DIR|FILE.tar   database, keystore and audit head, while the gateway runs
 hedui-gateway restore --config FILE --from BACKUP [--force]   check a backup whole, then put it in place
 """

@@ -210,6 +210,8 @@ class RevocationSource:
         self.ca_pem = ca_pem
         self.interval = interval
         self.on_refused = on_refused
+        #: Called with each newer list taken (the gateway sends it on to its units).
+        self.on_installed: Callable[[RevocationList], None] | None = None
         self.clock = clock
         self.wall = wall
         self._lock = threading.Lock()
@@ -276,33 +278,46 @@ class RevocationSource:
             "certificate revocation list installed",
             extra={"crl_number": new.number, "revoked": len(new.serials)},
         )
+        if self.on_installed is not None:
+            try:
+                self.on_installed(new)
+            except Exception:  # passing the list on is not a reason to stop enforcing it
+                log.exception("passing on the new revocation list failed")
 
     def _refused(self, exc: CrlError) -> None:
         log.warning("certificate revocation list refused; the list held stays", extra={"reason": exc.code})
         if self.on_refused is not None:
             self.on_refused(exc.code)
 
-    def install(self, data: bytes) -> str | None:
+    def put(self, data: bytes) -> RevocationList | None:
         """Check ``data`` (DER or PEM) as a new list and, when it is newer than the one held, write it atomically to
-        the file and enforce it. Returns None when installed or held already, else the refusal's reason code
-        (``crl_rollback``, ``crl_bad_signature`` ...), having changed nothing."""
+        the file and enforce it; return it, or None when it is held already. Raises CrlError (with its code) for a
+        list that is not the CA's or older than the one held, having changed nothing."""
         if self.path is None:
-            return "crl_not_configured"
+            raise CrlError("no file is configured for the revocation list", "crl_not_configured")
         with self._lock:
             try:
                 new = accept(data, self._cas(), self._held)
             except CrlError as exc:
                 self._refused(exc)
-                return exc.code
+                raise
             if new is None:
                 return None
             try:
                 write_atomically(self.path, new.der, mode=0o644)
             except OSError as exc:
-                log.error("cannot write the revocation list", extra={"path": str(self.path), "error": exc.strerror})
-                return "crl_not_written"
+                raise CrlError(f"cannot write {self.path}: {exc.strerror}", "crl_not_written") from None
             self._seen = _stamp([self.path])
             self._take(new)
+        return new
+
+    def install(self, data: bytes) -> str | None:
+        """:meth:`put` for a caller that wants a reason code: None when installed or held already, else the code
+        (``crl_rollback``, ``crl_bad_signature`` ...); a refusal changes nothing."""
+        try:
+            self.put(data)
+        except CrlError as exc:
+            return exc.code
         return None
 
     def trust_item_handler(self) -> Callable[[str, bytes, int], str | None]:

@@ -578,6 +578,17 @@ def _read_pem(files: TlsFiles, what: str, path: Path) -> bytes:
     return data
 
 
+def read_ca_bundle(path: Path) -> bytes:
+    """The PEM CA certificate(s) in ``path``; TlsError when it is missing, unreadable or holds no certificate."""
+    try:
+        data = read_bounded(path, MAX_CERTIFICATE_FILE_BYTES, TlsError, what="PEM certificate")
+    except OSError as exc:
+        raise TlsError(f"CA certificate {path} cannot be read: {exc.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise TlsError(f"CA certificate {path} is not a PEM certificate")
+    return data
+
+
 def _parse_certificates(files: TlsFiles, what: str, path: Path, data: bytes) -> list[x509.Certificate]:
     try:
         return x509.load_pem_x509_certificates(data)

@@ -70,8 +70,9 @@ def revocation_source(config: GatewayConfig, ca_pem: Callable[[], bytes] | None 
     return RevocationSource(path, ca_pem or (lambda: _ca_bundle(config)), interval=config.tls.check_interval_seconds)
 
 
-def install_crl(config: GatewayConfig, data: bytes) -> RevocationList | None:
-    """Check ``data`` and write it over ``[tls] crl_file``; the list installed, or None when it is in place already.
+def install_crl(config: GatewayConfig, data: bytes) -> tuple[RevocationList, bool]:
+    """Check ``data`` and write it over ``[tls] crl_file``; (the list now in force, whether it is new: False when
+    it was in place already).
     Raises CrlError naming what is wrong (not the CA's, older than the list in place ...), having changed nothing."""
     if config.tls.crl_file is None:
         raise ConfigError("[tls] crl_file is not set: name the file the gateway reads the revocation list from")
@@ -80,4 +81,9 @@ def install_crl(config: GatewayConfig, data: bytes) -> RevocationList | None:
     except CrlError as exc:
         raise CrlError(f"the list in place ({config.tls.crl_file}) does not verify: {exc}", exc.code) from None
     assert source is not None
-    return source.put(data)
+    new = source.put(data)
+    if new is not None:
+        return new, True
+    held = source.held
+    assert held is not None  # put() found the same list held
+    return held, False

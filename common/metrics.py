@@ -304,11 +304,7 @@ class ServiceMetrics:
         for code in CRL_REFUSAL_CODES:
             self.crl_refusals.labels(code)
         self.revoked_peers.labels("client")
-        held = list(sources)
-        self.registry.register(
-            _CertificateCollector(lambda: {s.role: s.identity.not_after.timestamp() for s in held}, clock)
-        )
-        self.registry.register(_TlsStateCollector(held, revocations))
+        self.registry.register(_TlsStateCollector(list(sources), revocations, clock))
 
     def certificate_reloaded(self, role: str, installed: bool) -> None:
         """A CertificateSource's ``on_reload`` hook."""
@@ -374,15 +370,22 @@ class _CertificateCollector(Collector):
 
 
 class _TlsStateCollector(Collector):
-    """Reload failures by role and the revocation list's number, age and next update, read at scrape time."""
+    """The certificates in use (seconds left) and reload failures by role, and the revocation list's number, age
+    and next update, read at scrape time."""
 
-    def __init__(self, sources: Sequence[CertificateSource], revocations: RevocationSource | None) -> None:
+    def __init__(
+        self, sources: Sequence[CertificateSource], revocations: RevocationSource | None, clock: Callable[[], float]
+    ) -> None:
         self.sources = sources
         self.revocations = revocations
+        self.clock = clock
 
     @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    def _families() -> tuple[
+        GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily
+    ]:
         return (
+            GaugeMetricFamily("hedui_tls_certificate_expiry_seconds", _CERTIFICATE_EXPIRY, labels=["role"]),
             GaugeMetricFamily("hedui_tls_certificate_reload_failing", _RELOAD_FAILING, labels=["role"]),
             GaugeMetricFamily("hedui_tls_crl_next_update_seconds", _CRL_NEXT_UPDATE),
             GaugeMetricFamily("hedui_tls_crl_age_seconds", _CRL_AGE),
@@ -393,8 +396,11 @@ class _TlsStateCollector(Collector):
         yield from self._families()
 
     def collect(self) -> Iterator[Metric]:
-        failing, next_update, age, number = self._families()
-        for source in self.sources:
+        expiry, failing, next_update, age, number = self._families()
+        now = self.clock()
+        for source in sorted(self.sources, key=lambda s: s.role):
+            source.refresh()  # a server without new connections has not asked its fetcher lately
+            expiry.add_metric([source.role], source.identity.not_after.timestamp() - now)
             failing.add_metric([source.role], 1.0 if source.failing else 0.0)
         revocations = self.revocations
         if revocations is not None:
@@ -407,7 +413,7 @@ class _TlsStateCollector(Collector):
                 age.add_metric([], old)
             if held is not None:
                 number.add_metric([], held.number)
-        yield from (failing, next_update, age, number)
+        yield from (expiry, failing, next_update, age, number)
 
 
 _DATABASE_UP = (

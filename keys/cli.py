@@ -559,7 +559,7 @@ def cmd_ca_show(session: _Session, args: argparse.Namespace) -> None:
     try:
         parsed = x509.load_der_x509_crl(data) if not data.lstrip().startswith(b"-") else x509.load_pem_x509_crl(data)
     except ValueError:
-        raise CliError(f"{args.file} is neither a certificate nor a revocation list") from None
+        raise CliError(f"{args.file} is not an X.509 certificate, nor a revocation list") from None
     try:
         number: int | str = parsed.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     except x509.ExtensionNotFound:

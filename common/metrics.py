@@ -32,6 +32,7 @@ from common.config import doc
 from common.db import DatabaseHealth
 from common.logs import LogThrottle, database_error, database_error_code
 from common.rpc import HANDLER_KINDS, PortInUse
+from common.tlsreload import CertificateSource, RevocationSource
 from common.workdays import CHINA_TZ, WorkdayCalendar
 
 log = logging.getLogger("hedui.metrics")
@@ -243,6 +244,27 @@ class ServiceMetrics:
             ["service", "method", "code"],
             registry=registry,
         )
+        self.tls_reloads = Counter(
+            "hedui_tls_certificate_reloads_total",
+            "Renewed TLS files looked at while serving, by role and outcome: installed (used for new handshakes from "
+            "then on) or refused (the previous certificate stays; see hedui_tls_certificate_reload_failing).",
+            ["role", "outcome"],
+            registry=registry,
+        )
+        self.crl_refusals = Counter(
+            "hedui_tls_crl_refusals_total",
+            "Certificate revocation lists refused, by reason: not signed by the CA, older than the one held "
+            "(rollback), unreadable ... The list held stays in force.",
+            ["reason"],
+            registry=registry,
+        )
+        self.revoked_peers = Counter(
+            "hedui_tls_revoked_peers_total",
+            "Peers refused because the CA revoked their TLS certificate, by side: client (a caller of this server) "
+            "or server (a unit's connector the gateway called, found by its certificate check).",
+            ["side"],
+            registry=registry,
+        )
 
     def envelope_rejected(self, error: HasCode) -> None:
         self.envelope_rejections.labels(error.code).inc()
@@ -261,10 +283,41 @@ class ServiceMetrics:
         return RequestCounter(self.grpc_requests)
 
     def watch_certificates(self, not_after: Mapping[str, float], clock: Callable[[], float] = time.time) -> None:
-        """Export the seconds until each TLS certificate the process presents stops being valid, by role ("server",
-        "client"): ``not_after`` holds each one's notAfter as a POSIX time, read once at start as the certificate
-        is; the seconds are counted at scrape time."""
-        self.registry.register(_CertificateCollector(dict(not_after), clock))
+        """Export the seconds until each TLS certificate stops being valid, by role, from fixed notAfter times
+        (POSIX); a serving process uses :meth:`watch_tls`, which follows reloaded certificates."""
+        fixed = dict(not_after)
+        self.registry.register(_CertificateCollector(lambda: fixed, clock))
+
+    def watch_tls(
+        self,
+        sources: Sequence[CertificateSource],
+        revocations: RevocationSource | None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Export the process's TLS state at scrape time: the seconds each certificate in use has left (by role),
+        whether renewed files were refused, and the age and next update of the revocation list in force; count
+        reloads, refused lists and revoked peers from now on (each series starts at 0)."""
+        for source in sources:
+            for outcome in ("installed", "refused"):
+                self.tls_reloads.labels(source.role, outcome)
+        for code in CRL_REFUSAL_CODES:
+            self.crl_refusals.labels(code)
+        self.revoked_peers.labels("client")
+        self.registry.register(_TlsStateCollector(list(sources), revocations, clock))
+
+    def certificate_reloaded(self, role: str, installed: bool) -> None:
+        """A CertificateSource's ``on_reload`` hook."""
+        self.tls_reloads.labels(role, "installed" if installed else "refused").inc()
+
+    def crl_refused(self, code: str) -> None:
+        """A RevocationSource's ``on_refused`` hook (a code outside the known set counts as crl_invalid)."""
+        self.crl_refusals.labels(code if code in CRL_REFUSAL_CODES else "crl_invalid").inc()
+
+    def peer_revoked(self, side: str) -> None:
+        """A peer presented a certificate the CA revoked: side "client" (a caller of this server) or "server" (a
+        unit's connector the gateway called)."""
+        self.revoked_peers.labels(side).inc()
 
     def watch_database(self, reader: DatabaseReader) -> None:
         """Export ``reader``'s series, read at scrape time, with ``hedui_database_up`` and the age of the values:
@@ -275,13 +328,33 @@ class ServiceMetrics:
 
 _CERTIFICATE_EXPIRY = (
     "Seconds until the TLS certificate this process presents stops being valid (its notAfter), by role: server "
-    "(the gRPC server's certificate) or client (the gateway's certificate towards the connectors). Certificates are "
-    "read at start: after renewing one, restart the service, or this keeps counting down to the old one's end."
+    "(the gRPC server's certificate) or client (the gateway's certificate towards the connectors). Follows renewed "
+    "certificates as the process reloads them (common/tlsreload.py); negative once ended."
+)
+_RELOAD_FAILING = (
+    "1 when the TLS files of this role on disk were changed but refused (key not the certificate's, not signed by "
+    "the CA, expired, wrong party or usage): the process keeps presenting the previous certificate; 0 otherwise."
+)
+_CRL_NEXT_UPDATE = (
+    "Seconds until the next update the CA promised in the revocation list this process enforces (negative: overdue; "
+    "the list stays in force). Absent when the process holds no list."
+)
+_CRL_AGE = "Seconds since the revocation list this process enforces was signed (its thisUpdate)."
+_CRL_NUMBER = "The CRL number of the revocation list this process enforces (never goes down)."
+#: Reason codes of a refused revocation list (keys/crl.py), the label values of hedui_tls_crl_refusals_total.
+CRL_REFUSAL_CODES = (
+    "crl_unreadable",
+    "crl_wrong_issuer",
+    "crl_bad_signature",
+    "crl_unnumbered",
+    "crl_rollback",
+    "crl_number_reused",
+    "crl_invalid",
 )
 
 
 class _CertificateCollector(Collector):
-    def __init__(self, not_after: dict[str, float], clock: Callable[[], float]) -> None:
+    def __init__(self, not_after: Callable[[], Mapping[str, float]], clock: Callable[[], float]) -> None:
         self.not_after = not_after
         self.clock = clock
 
@@ -291,9 +364,56 @@ class _CertificateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         family = GaugeMetricFamily("hedui_tls_certificate_expiry_seconds", _CERTIFICATE_EXPIRY, labels=["role"])
         now = self.clock()
-        for role, end in sorted(self.not_after.items()):
+        for role, end in sorted(self.not_after().items()):
             family.add_metric([role], end - now)
         yield family
+
+
+class _TlsStateCollector(Collector):
+    """The certificates in use (seconds left) and reload failures by role, and the revocation list's number, age
+    and next update, read at scrape time."""
+
+    def __init__(
+        self, sources: Sequence[CertificateSource], revocations: RevocationSource | None, clock: Callable[[], float]
+    ) -> None:
+        self.sources = sources
+        self.revocations = revocations
+        self.clock = clock
+
+    @staticmethod
+    def _families() -> tuple[
+        GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily
+    ]:
+        return (
+            GaugeMetricFamily("hedui_tls_certificate_expiry_seconds", _CERTIFICATE_EXPIRY, labels=["role"]),
+            GaugeMetricFamily("hedui_tls_certificate_reload_failing", _RELOAD_FAILING, labels=["role"]),
+            GaugeMetricFamily("hedui_tls_crl_next_update_seconds", _CRL_NEXT_UPDATE),
+            GaugeMetricFamily("hedui_tls_crl_age_seconds", _CRL_AGE),
+            GaugeMetricFamily("hedui_tls_crl_number", _CRL_NUMBER),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        expiry, failing, next_update, age, number = self._families()
+        now = self.clock()
+        for source in sorted(self.sources, key=lambda s: s.role):
+            source.refresh()  # a server without new connections has not asked its fetcher lately
+            expiry.add_metric([source.role], source.identity.not_after.timestamp() - now)
+            failing.add_metric([source.role], 1.0 if source.failing else 0.0)
+        revocations = self.revocations
+        if revocations is not None:
+            revocations.refresh()
+            held = revocations.held
+            seconds, old = revocations.seconds_to_next_update(), revocations.age_seconds()
+            if seconds is not None:
+                next_update.add_metric([], seconds)
+            if old is not None:
+                age.add_metric([], old)
+            if held is not None:
+                number.add_metric([], held.number)
+        yield from (expiry, failing, next_update, age, number)
 
 
 _DATABASE_UP = (

@@ -7,6 +7,7 @@ hedui-connector delay --config FILE BATCH --until YYYY-MM-DD --reason technical
                                                    written delay notice (clause 12: at most 5 working days)
 hedui-connector test-query --config FILE --category tax [--from YYYY-MM --to YYYY-MM] < ids.txt
                                                    what the unit would answer for these people (before going live)
+hedui-connector tls install-crl --config FILE CRL  install the CA's revocation list by hand (the gateway sends it too)
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from common.config import ConfigError, describe
 from common.idnumber import InvalidIdNumber, parse_id_number
 from connectors.adapters.base import LookupContext
 from connectors.config import ConnectorConfig
-from connectors.server import build_adapter, build_connector, serve
+from connectors.server import build_adapter, build_connector, revocation_source, serve
+from keys._files import read_bounded
+from keys.crl import MAX_CRL_BYTES, CrlError
 from keys.tls import check_tls
 
 log = logging.getLogger("hedui.connector")
@@ -67,10 +70,29 @@ def _check(args: argparse.Namespace) -> None:
             "id, or import that gateway's bundle first ('hedui-keys import BUNDLE --fingerprint ...')"
         )
     warnings = [w for w in (identity.expiry_warning() for identity in identities) if w] + adapter_warnings
+    if identities:  # a list the CA did not sign stops serve too
+        overdue = revocation_source(config, lambda: identities[0].ca_pem).overdue_warning()
+        warnings += [overdue] if overdue else []
     for warning in warnings:
         print(f"hedui-connector: warning: {warning}", file=sys.stderr)
     noted = f" ({len(warnings)} warning{'s' if len(warnings) > 1 else ''})" if warnings else ""
     print(f"config OK: {config.unit.party_id} ({config.unit.category}), adapter {config.adapter.kind}{noted}")
+
+
+def _install_crl(args: argparse.Namespace) -> None:
+    config = ConnectorConfig.load(Path(args.config))
+    identities = check_tls(config.tls_files())
+    if not identities:
+        raise ConfigError("insecure_plaintext: without TLS there are no certificates to revoke")
+    try:
+        data = read_bounded(args.file, MAX_CRL_BYTES, CrlError, what="certificate revocation list")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {args.file}: {exc.strerror}") from None
+    installed = revocation_source(config, lambda: identities[0].ca_pem).put(data)
+    if installed is None:
+        print(f"{args.file} is the list in place already ({config.crl_path})")
+    else:
+        print(f"installed {installed.summary()} as {config.crl_path}; the running connector enforces it")
 
 
 def _keys(args: argparse.Namespace) -> None:
@@ -190,6 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     test.add_argument("--to", dest="income_to", help="last month of the income period, YYYY-MM (default: last month)")
     test.add_argument("--as-of", help="date assets are reported for, YYYY-MM-DD (default: today)")
     test.set_defaults(func=_test_query)
+    tls_command = sub.add_parser("tls", help="the CA's certificate revocation list (install-crl)")
+    tls_sub = tls_command.add_subparsers(dest="tls_command", required=True, metavar="TLS_COMMAND")
+    install = tls_sub.add_parser("install-crl", help="check a revocation list and install it (by hand)")
+    install.add_argument("--config", required=True)
+    install.add_argument("file", help="the CRL file (DER or PEM)")
+    install.set_defaults(func=_install_crl)
     args = parser.parse_args(argv)
     return run("hedui-connector", args)
 

@@ -40,6 +40,25 @@ class ServerSection:
 
 
 @dataclass(frozen=True)
+class TlsSection:
+    crl_file: Path | None = doc(
+        "Where the connector keeps the private CA's certificate revocation list, which the gateway sends over the "
+        "wire (or 'hedui-connector tls install-crl FILE' installs); gateways whose client certificate it lists are "
+        "refused. Unset: crl.der in the keystore's folder (the service writes it).",
+        default=None,
+    )
+    check_interval_seconds: float = doc(
+        "How often the certificate, key and CA files and the revocation list are looked at (one stat each); renewed "
+        "files that pass every check are used for new handshakes from then on, without a restart.",
+        default=5.0,
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.1 <= self.check_interval_seconds <= 3600:
+            raise ValueError("tls.check_interval_seconds must be 0.1-3600")
+
+
+@dataclass(frozen=True)
 class KeysSection:
     keystore: Path = doc("Keystore file made by 'hedui-keys init' (holds our keys and trusted gateways).")
     passphrase_file: Path = doc(
@@ -122,6 +141,7 @@ class ConnectorConfig:
     database: DatabaseSection
     adapter: AdapterSection
     server: ServerSection = field(default_factory=ServerSection)
+    tls: TlsSection = field(default_factory=TlsSection)
     exchange: ExchangeSection = field(default_factory=ExchangeSection)
     metrics: ConnectorMetricsSection = field(default_factory=ConnectorMetricsSection)
     staff: tuple[StaffEntry, ...] = doc(
@@ -150,6 +170,11 @@ class ConnectorConfig:
         if not (server.tls_cert and server.tls_key and server.tls_ca):
             raise ConfigError("server.tls_cert, server.tls_key and server.tls_ca are required (or insecure_plaintext)")
         return [TlsFiles("server", "server", self.unit.party_id, server.tls_cert, server.tls_key, server.tls_ca)]
+
+    @property
+    def crl_path(self) -> Path:
+        """The revocation list's file: tls.crl_file, else crl.der beside the keystore."""
+        return self.tls.crl_file or self.keys.keystore.parent / "crl.der"
 
     @classmethod
     def load(cls, path: Path) -> ConnectorConfig:

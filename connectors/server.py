@@ -31,6 +31,7 @@ from common.rpc import (
     reserve_port,
     start_server,
 )
+from common.tlsreload import CERTIFICATE_REVOKED, CertificateSource, RevocationSource, dynamic_server_credentials
 from common.workdays import CalendarSource
 from connectors.adapters.base import Adapter
 from connectors.adapters.csv_files import CsvAdapter
@@ -53,15 +54,20 @@ MAX_MESSAGE_BYTES = 33 * 1024 * 1024
 
 
 class ExchangeGate(RequestGate):
-    """The connector's request gate (common/rpc.py): over mutual TLS, a caller whose certificate names no party, or
-    a party this unit has no keys of (it could not send an envelope the unit accepts), is UNAUTHENTICATED before its
-    request is decoded; an undecodable body is INVALID_ARGUMENT. Refusals carry their reason code in the trailing
-    metadata, and are logged as WARNING lines rate-limited per peer and reason."""
+    """The connector's request gate (common/rpc.py): over mutual TLS, a caller whose certificate the CA revoked
+    (``certificate_revoked``), whose certificate names no party, or a party this unit has no keys of (it could not send
+    an envelope the unit accepts), is UNAUTHENTICATED before its request is decoded; an undecodable body is
+    INVALID_ARGUMENT. Refusals carry their reason code in the trailing metadata, and are logged as WARNING lines
+    rate-limited per peer and reason."""
 
-    def __init__(self, connector: Connector, *, require_tls_identity: bool) -> None:
+    def __init__(
+        self, connector: Connector, *, require_tls_identity: bool, revocations: RevocationSource | None = None
+    ) -> None:
         super().__init__(RefusalLog(log), reason_key=REFUSAL_REASON_KEY)
         self.connector = connector
         self.require_tls_identity = require_tls_identity
+        #: The CA's revocation list: a caller whose certificate it lists is refused before anything else.
+        self.revocations = revocations
 
     def handle(self, call: IncomingCall) -> Any:
         """Name the TLS peer and refuse an unknown one, then decode and run, under a request id."""
@@ -69,7 +75,18 @@ class ExchangeGate(RequestGate):
             return super().handle(call)  # health, reflection
         with log_context(request_id=new_request_id()):  # on every log line written while this call is handled
             if self.require_tls_identity:
-                party = party_from_auth_context(call.context.auth_context())
+                auth = call.context.auth_context()
+                if self.revocations is not None and self.revocations.revokes_peer(auth):
+                    if self.connector.metrics is not None:
+                        self.connector.metrics.service.peer_revoked("client")
+                    call.refuse(
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        "client certificate is revoked",
+                        reason=CERTIFICATE_REVOKED,
+                        message="request refused",
+                        caller=party_from_auth_context(auth),
+                    )
+                party = party_from_auth_context(auth)
                 if party is None:
                     call.refuse(
                         grpc.StatusCode.UNAUTHENTICATED,
@@ -225,6 +242,10 @@ class RunningConnector:
     worker: AnswerWorker | None
     health: health.HealthServicer
     metrics_server: MetricsServer | None = None
+    #: The server certificate in use, reloaded from its files (None: plaintext, or fixed credentials in tests).
+    certificates: CertificateSource | None = None
+    #: The CA's revocation list the gate enforces; its ``trust_item_handler()`` installs lists the gateway sends.
+    revocations: RevocationSource | None = None
 
     def stop(self, grace: float | None = 1.0) -> None:
         self.health.enter_graceful_shutdown()
@@ -313,10 +334,12 @@ def start(
     max_workers: int = 8,
     worker_interval: float | None = 2.0,
     retention_days: int = 30,
+    revocations: RevocationSource | None = None,
 ) -> RunningConnector:
     """Start serving on ``listen`` (port 0 picks a free one). ``credentials=None`` serves plaintext and is only
     allowed on loopback; ``worker_interval=None`` starts no worker (tests drive ``answer_pending`` themselves).
-    When the connector has metrics, every call is counted by method and status."""
+    When the connector has metrics, every call is counted by method and status. ``revocations``: callers whose
+    client certificate the CA's list revokes are refused (``certificate_revoked``)."""
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -324,7 +347,7 @@ def start(
     interceptors: list[grpc.ServerInterceptor[Any, Any]] = []
     if connector.metrics is not None:
         interceptors.append(connector.metrics.service.interceptor())  # outermost: refused calls are counted too
-    interceptors.append(ExchangeGate(connector, require_tls_identity=credentials is not None))
+    interceptors.append(ExchangeGate(connector, require_tls_identity=credentials is not None, revocations=revocations))
     # At start: provisional due dates that a calendar loaded with a new holiday file can now fix.
     connector.settle_due_dates()
     server = new_server(max_workers=max_workers, options=options, interceptors=interceptors)
@@ -335,7 +358,9 @@ def start(
         worker = AnswerWorker(connector, worker_interval, retention_days)
         worker.start()
     log.info("connector serving", extra={"port": port, "party": connector.party_id})
-    return RunningConnector(server=server, port=port, connector=connector, worker=worker, health=health_servicer)
+    return RunningConnector(
+        server=server, port=port, connector=connector, worker=worker, health=health_servicer, revocations=revocations
+    )
 
 
 def check_certificates(config: ConnectorConfig) -> TlsIdentity | None:
@@ -350,20 +375,28 @@ def check_certificates(config: ConnectorConfig) -> TlsIdentity | None:
     return identities[0] if identities else None
 
 
+def revocation_source(config: ConnectorConfig, ca_pem: Callable[[], bytes]) -> RevocationSource:
+    """The revocation list the connector enforces, from its file (tls.crl_file, else crl.der beside the keystore);
+    raises CrlError when the file holds a list the CA did not sign (``check-config`` says the same)."""
+    return RevocationSource(config.crl_path, ca_pem, interval=config.tls.check_interval_seconds)
+
+
 def serve(config: ConnectorConfig) -> RunningConnector:
     """Start the connector the config describes.
 
     The ports come before the store: the gRPC port is reserved (bound, not listening) and the metrics endpoint
     started before the database is opened, so that a second connector told to use a port another process holds
-    stops with PortInUse having created, migrated or changed nothing."""
+    stops with PortInUse having created, migrated or changed nothing. The server certificate is reloaded from its
+    files when they are renewed (common/tlsreload.py); the CA's revocation list is enforced on every caller."""
     server = config.server
     # Certificates first: with a wrong one the connector would start and refuse every gateway's handshake.
     identity = check_certificates(config)
     credentials = None
+    source = revocations = None
     if identity is not None:
-        credentials = grpc.ssl_server_credentials(
-            [(identity.key_pem, identity.cert_pem)], root_certificates=identity.ca_pem, require_client_auth=True
-        )
+        source = CertificateSource(identity.files, initial=identity, interval=config.tls.check_interval_seconds)
+        credentials = dynamic_server_credentials(source)
+        revocations = revocation_source(config, lambda: source.identity.ca_pem)
     check_plaintext(server.listen, credentials)
     reserved = reserve_port(server.listen)
     try:
@@ -373,8 +406,11 @@ def serve(config: ConnectorConfig) -> RunningConnector:
         release_port(reserved)
         raise
     try:
-        if identity is not None:
-            metrics.service.watch_certificates({identity.role: identity.not_after.timestamp()})
+        if source is not None:
+            source.on_reload = metrics.service.certificate_reloaded
+            metrics.service.watch_tls([source], revocations)
+        if revocations is not None:
+            revocations.on_refused = metrics.service.crl_refused
         connector = build_connector(config, metrics=metrics, require_database=False)
         release_port(reserved)  # start() binds it for good now
         running = start(
@@ -384,6 +420,7 @@ def serve(config: ConnectorConfig) -> RunningConnector:
             max_workers=server.max_workers,
             worker_interval=config.exchange.answer_interval_seconds,
             retention_days=config.exchange.retention_days,
+            revocations=revocations,
         )
     except BaseException:
         release_port(reserved)
@@ -391,4 +428,5 @@ def serve(config: ConnectorConfig) -> RunningConnector:
             metrics_server.stop()
         raise
     running.metrics_server = metrics_server
+    running.certificates = source
     return running

@@ -13,6 +13,7 @@ hedui-gateway archive verify --config FILE      re-check every archived envelope
 hedui-gateway archive steps COMMISSION --config FILE   who signed each step and approval (Procedure V.(一)(二))
 hedui-gateway backup --config FILE --out DIR|FILE.tar   database, keystore and audit head, while the gateway runs
 hedui-gateway restore --config FILE --from BACKUP [--force]   check a backup whole, then put it in place
+hedui-gateway tls install-crl --config FILE CRL   check the CA's revocation list, install it, send it to the units
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from common.errors import HeduiError
 from common.workdays import CalendarError, WorkdayCalendar
 from gateway.archive.audit import AuditHead, AuditLog
 from gateway.archive.commands import add_audit_commands
+from gateway.certificates import install_crl, publish_crl, revocation_source, units_to_tell
 from gateway.config import GatewayConfig
 from gateway.db import schema
 from gateway.db.database import current_revision, head_revision, open_database, upgrade
@@ -51,8 +53,10 @@ from gateway.ops.restore import restore
 from gateway.procedure.staff import StaffError, StaffMember, StaffRegister
 from gateway.server import build
 from keys import keystore
+from keys._files import read_bounded
 from keys.announcements import MAX_BUNDLE_BYTES, dearmor, read_bundle
 from keys.clock import SystemClock
+from keys.crl import MAX_CRL_BYTES, CrlError
 from keys.fingerprint import Algorithm
 from keys.keyring import Keyring
 from keys.party import is_party_id
@@ -112,10 +116,37 @@ def _check(args: argparse.Namespace) -> None:
     engine = open_database(config.database.url)
     engine.dispose()
     warnings = [w for w in (identity.expiry_warning() for identity in identities) if w]
+    revocations = revocation_source(config)  # a list the CA did not sign stops serve too
+    if revocations is not None and revocations.overdue_warning():
+        warnings.append(str(revocations.overdue_warning()))
     for warning in warnings:
         print(f"hedui-gateway: warning: {warning}", file=sys.stderr)
     noted = f" ({len(warnings)} warning{'s' if len(warnings) > 1 else ''})" if warnings else ""
     print(f"config OK: {party.party_id}, {len(config.units)} units, schema at {head_revision()}{noted}")
+
+
+def _install_crl(args: argparse.Namespace) -> None:
+    config = GatewayConfig.load(Path(args.config))
+    try:
+        data = read_bounded(args.file, MAX_CRL_BYTES, CrlError, what="certificate revocation list")
+    except OSError as exc:
+        raise HeduiError(f"cannot read {args.file}: {exc.strerror}") from None
+    installed, new = install_crl(config, data)
+    if new:
+        print(f"installed {installed.summary()} as {config.tls.crl_file}; the running gateway enforces it")
+    else:
+        print(f"{args.file} is the list in place already ({config.tls.crl_file})")
+    der = installed.der
+    units = units_to_tell(config)
+    engine = open_database(config.database.url)
+    try:
+        queued = publish_crl(engine, der, SystemClock().now_ms(), units)
+    finally:
+        engine.dispose()
+    if queued is None:
+        print("not sent to the units: this build has no trust item store; install it at each unit by hand")
+    else:
+        print(f"queued for {len(units)} units; each acknowledges it at its next trust synchronisation")
 
 
 def _backup(args: argparse.Namespace) -> None:
@@ -509,6 +540,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     back.add_argument("--expected-head", help="SEQ:HEX recorded off the machine: the restored chain must hold it")
     back.add_argument("--force", action="store_true", help="replace a database and keystore that are not empty")
     back.set_defaults(func=_restore)
+    tls_command = sub.add_parser("tls", help="the CA's certificate revocation list (install-crl)")
+    tls_sub = tls_command.add_subparsers(dest="tls_command", required=True, metavar="TLS_COMMAND")
+    install = tls_sub.add_parser(
+        "install-crl", help="check a revocation list ('hedui-keys ca crl'), install it over [tls] crl_file, send it on"
+    )
+    install.add_argument("--config", required=True)
+    install.add_argument("file", help="the CRL file (DER or PEM)")
+    install.set_defaults(func=_install_crl)
     args = parser.parse_args(argv)
     return run("hedui-gateway", args)
 

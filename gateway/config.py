@@ -70,6 +70,32 @@ class ClientTlsSection:
 
 
 @dataclass(frozen=True)
+class TlsSection:
+    crl_file: Path | None = doc(
+        "The private CA's certificate revocation list (DER or PEM), enforced on agency API callers and on the units' "
+        "server certificates, and sent to every unit. Install it with 'hedui-gateway tls install-crl FILE' (checked, "
+        "never older than the one in place); the running gateway picks it up. Unset: no list.",
+        default=None,
+    )
+    check_interval_seconds: float = doc(
+        "How often the certificate, key and CA files and the revocation list are looked at (one stat each); renewed "
+        "files that pass every check are used for new handshakes from then on, without a restart.",
+        default=5.0,
+    )
+    server_check_seconds: float = doc(
+        "With a revocation list: how long a unit's server certificate, fetched by a TLS handshake of the gateway's "
+        "own and found not revoked, is believed before it is checked again (also at once when the list changes).",
+        default=300.0,
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.1 <= self.check_interval_seconds <= 3600:
+            raise ValueError("tls.check_interval_seconds must be 0.1-3600")
+        if not 1 <= self.server_check_seconds <= 86_400:
+            raise ValueError("tls.server_check_seconds must be 1-86400")
+
+
+@dataclass(frozen=True)
 class KeysSection:
     keystore: Path = doc("Keystore file made by 'hedui-keys init' (our keys, the units' keys).")
     passphrase_file: Path = doc(
@@ -199,6 +225,7 @@ class GatewayConfig:
     database: DatabaseSection
     server: ServerSection = field(default_factory=ServerSection)
     client_tls: ClientTlsSection = field(default_factory=ClientTlsSection)
+    tls: TlsSection = field(default_factory=TlsSection)
     exchange: ExchangeSection = field(default_factory=ExchangeSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     archive: ArchiveSection = field(default_factory=ArchiveSection)

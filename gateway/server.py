@@ -22,24 +22,27 @@ from common.db import make_engine
 from common.memory import tune_allocator
 from common.metrics import MetricsServer, process_registry, serve_metrics
 from common.rpc import check_plaintext, new_server, release_port, reserve_port, start_server
+from common.tlsreload import CertificateSource, RevocationSource, dynamic_server_credentials
 from common.workdays import CalendarSource
 from gateway.api.agency import SERVER_OPTIONS as AGENCY_OPTIONS
 from gateway.api.agency import SERVICE as AGENCY_SERVICE
 from gateway.api.agency import AgencyServicer, AuthInterceptor
 from gateway.archive.audit import AuditLog
 from gateway.archive.checkpoints import Checkpointer
+from gateway.certificates import publish_crl, revocation_source, units_to_tell
 from gateway.config import GatewayConfig
 from gateway.db.database import open_database
 from gateway.exchange.engine import EngineSettings, ExchangeEngine, UnitWorkers
 from gateway.exchange.schedule import GatewayScheduler, JobIntervals, SchedulePolicy
 from gateway.exchange.store import GatewayStore
-from gateway.exchange.transport import ClientTls, UnitClient
+from gateway.exchange.transport import UnitClient
 from gateway.metrics import GatewayMetrics
 from gateway.ops.replica import ReplicaLease, ReplicaLock
 from gateway.procedure.staff import StaffRegister
 from gateway.procedure.workflow import Workflow
 from keys import keystore
 from keys.clock import DAY_MS, Clock, SystemClock
+from keys.crl import RevocationList
 from keys.envelope import Courier
 from keys.identity import PartyKeys
 from keys.keyring import KeyRecord, KeyState
@@ -149,6 +152,11 @@ def build(config: GatewayConfig, *, on_lease_lost: Callable[[], None] | None = N
     tune_allocator()
     # Certificates first: a wrong one would otherwise start a gateway that reaches no unit.
     identities = check_certificates(config)
+    sources = {
+        role: CertificateSource(identity.files, initial=identity, interval=config.tls.check_interval_seconds)
+        for role, identity in identities.items()
+    }
+    revocations = revocation_source(config, lambda: b"".join(s.identity.ca_pem for s in sources.values()))
     passphrase = keystore.read_passphrase_file(config.keys.passphrase_file)
     party, trust = keystore.load(config.keys.keystore, passphrase)
     if party.party_id != config.agency.party_id:
@@ -164,7 +172,7 @@ def build(config: GatewayConfig, *, on_lease_lost: Callable[[], None] | None = N
         lock = ReplicaLock(config.keys.keystore.parent, ex.replica_id)
         lock.acquire()
         undo.callback(lock.release)
-        check_plaintext(config.server.listen, _server_credentials(identities))
+        check_plaintext(config.server.listen, _server_credentials(sources.get("server")))
         reserved = reserve_port(config.server.listen)
         undo.callback(release_port, reserved)
         metrics = GatewayMetrics(process_registry())
@@ -182,7 +190,7 @@ def build(config: GatewayConfig, *, on_lease_lost: Callable[[], None] | None = N
             config,
             party=party,
             trust=trust,
-            identities=identities,
+            tls=GatewayTls(sources, revocations),
             engine=engine,
             metrics=metrics,
             reserved=reserved,
@@ -199,7 +207,7 @@ def _start(
     *,
     party: PartyKeys,
     trust: TrustStore,
-    identities: Mapping[str, TlsIdentity],
+    tls: GatewayTls,
     engine: Engine,
     metrics: GatewayMetrics,
     reserved: Sequence[socket.socket],
@@ -217,11 +225,19 @@ def _start(
     courier = Courier(party, trust, replay=store.replay, clock=clock)
     courier.on_reject = metrics.service.counting_rejections(courier.on_reject)
     metrics.watch_store(engine)
-    metrics.service.watch_certificates({role: identity.not_after.timestamp() for role, identity in identities.items()})
-    client = identities.get("client")
-    tls = ClientTls(client.cert_pem, client.key_pem, client.ca_pem) if client else None
+    tls.watch(metrics, engine, units_to_tell(config))
     ex = config.exchange
-    clients = {u.party_id: UnitClient(u.endpoint, tls, ex.request_timeout_seconds) for u in config.units}
+    clients = {
+        u.party_id: UnitClient(
+            u.endpoint,
+            tls.sources.get("client"),
+            ex.request_timeout_seconds,
+            revocations=tls.revocations,
+            on_revoked=lambda: metrics.service.peer_revoked("server"),
+            recheck_seconds=config.tls.server_check_seconds,
+        )
+        for u in config.units
+    }
     settings = EngineSettings(
         replica=ex.replica_id,
         batch_size=ex.batch_size,
@@ -268,12 +284,40 @@ def _start(
     scheduler.start()
     try:
         release_port(reserved)  # grpcio binds it now; nothing else on this host took it meanwhile but by a fluke
-        server, port, health_servicer = _grpc_server(config, workflow, metrics, identities.get("server"))
+        server, port, health_servicer = _grpc_server(config, workflow, metrics, tls)
     except BaseException:
         scheduler.shutdown()
         workers.shutdown()
         raise
     return RunningGateway(server, port, store, exchange, workers, scheduler, health_servicer, clients, metrics)
+
+
+@dataclass
+class GatewayTls:
+    """The gateway's TLS identities as they are reloaded (by role: "server" for the agency API, "client" towards
+    the units), and the CA's revocation list it enforces (None: no ``[tls] crl_file``)."""
+
+    sources: dict[str, CertificateSource]
+    revocations: RevocationSource | None
+
+    def watch(self, metrics: GatewayMetrics, engine: Engine, units: Sequence[str]) -> None:
+        """Export the TLS metrics, count reloads and refused lists, and send every newer list to ``units`` (the list
+        held at start too: queuing it again is a no-op)."""
+        for source in self.sources.values():
+            source.on_reload = metrics.service.certificate_reloaded
+        metrics.service.watch_tls(list(self.sources.values()), self.revocations)
+        metrics.service.revoked_peers.labels("server")
+        revocations = self.revocations
+        if revocations is None:
+            return
+        revocations.on_refused = metrics.service.crl_refused
+
+        def send_on(crl: RevocationList) -> None:
+            publish_crl(engine, crl.der, SystemClock().now_ms(), units)
+
+        revocations.on_installed = send_on
+        if revocations.held is not None:
+            send_on(revocations.held)
 
 
 def serve_api(
@@ -284,10 +328,15 @@ def serve_api(
     credentials: grpc.ServerCredentials | None,
     max_workers: int = 8,
     metrics: GatewayMetrics | None = None,
+    revocations: RevocationSource | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Start the agency API (with health checking and reflection) on ``listen``; ``credentials=None`` serves
-    plaintext, which is only allowed on loopback. With ``metrics``, every call is counted by method and status."""
-    interceptors: list[grpc.ServerInterceptor[Any, Any]] = [AuthInterceptor(clients)]
+    plaintext, which is only allowed on loopback. With ``metrics``, every call is counted by method and status;
+    with ``revocations``, callers whose client certificate the CA revoked are refused."""
+    on_revoked = (lambda: metrics.service.peer_revoked("client")) if metrics is not None else None
+    interceptors: list[grpc.ServerInterceptor[Any, Any]] = [
+        AuthInterceptor(clients, revocations=revocations, on_revoked=on_revoked)
+    ]
     if metrics is not None:
         interceptors.insert(0, metrics.service.interceptor())  # outermost: refused calls are counted too
     server = new_server(max_workers=max_workers, interceptors=interceptors, options=AGENCY_OPTIONS)
@@ -296,17 +345,13 @@ def serve_api(
     return server, port, health_servicer
 
 
-def _server_credentials(identities: Mapping[str, TlsIdentity]) -> grpc.ServerCredentials | None:
-    identity = identities.get("server")
-    if identity is None:
-        return None
-    return grpc.ssl_server_credentials(
-        [(identity.key_pem, identity.cert_pem)], root_certificates=identity.ca_pem, require_client_auth=True
-    )
+def _server_credentials(source: CertificateSource | None) -> grpc.ServerCredentials | None:
+    """The agency API's credentials, following renewed files (None: plaintext)."""
+    return None if source is None else dynamic_server_credentials(source)
 
 
 def _grpc_server(
-    config: GatewayConfig, workflow: Workflow, metrics: GatewayMetrics, identity: TlsIdentity | None
+    config: GatewayConfig, workflow: Workflow, metrics: GatewayMetrics, tls: GatewayTls
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     section = config.server
     clients = {c.party_id: c.role for c in config.clients}
@@ -314,7 +359,8 @@ def _grpc_server(
         workflow,
         clients,
         listen=section.listen,
-        credentials=_server_credentials({"server": identity} if identity else {}),
+        credentials=_server_credentials(tls.sources.get("server")),
         max_workers=section.max_workers,
         metrics=metrics,
+        revocations=tls.revocations,
     )

@@ -18,16 +18,18 @@ import hashlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
+from cryptography import x509
 from hedui.v1 import agency_pb2
 
 from common.cli import add_version
-from keys import keystore, tls
+from keys import crl, keystore, tls
 from keys._files import read_bounded
 from keys.announcements import ANNOUNCEMENT_LABEL, armor, dearmor, read_bundle
 from keys.clock import DAY_MS, SystemClock, from_ms, iso
+from keys.crl import write_atomically
 from keys.envelope import Courier
 from keys.errors import EnvelopeError, KeysError
 from keys.fingerprint import Algorithm
@@ -499,16 +501,7 @@ def cmd_ca_issue(session: _Session, args: argparse.Namespace) -> None:
     ca_dir, out_dir = Path(args.dir), Path(args.out_dir)
     key_path = ca_dir / CA_KEY_FILE
     ca_cert = _read(str(ca_dir / CA_CERT_FILE), MAX_PEM_BYTES, what="CA certificate")
-    try:
-        mode = key_path.stat().st_mode & 0o777
-    except OSError as exc:
-        raise CliError(f"cannot read {key_path}: {exc.strerror}") from exc
-    if mode & 0o077:
-        raise CliError(
-            f"{key_path} is readable or writable by other users (mode {mode:o}); "
-            f"run chmod 600 {key_path} after checking who could have read it"
-        )
-    ca_key = _read(str(key_path), MAX_PEM_BYTES, what="CA key")
+    ca_key = _ca_key(ca_dir)
     cert_path, leaf_key_path, ca_copy = out_dir / f"{party_id}.crt", out_dir / f"{party_id}.key", out_dir / CA_CERT_FILE
     for path in (cert_path, leaf_key_path):
         if path.exists() or path.is_symlink():
@@ -544,9 +537,131 @@ def cmd_ca_issue(session: _Session, args: argparse.Namespace) -> None:
     print(tls.certificate_summary(cert_pem), end="")
 
 
+def _ca_key(ca_dir: Path) -> bytes:
+    """The CA key file, refused when others may read it."""
+    key_path = ca_dir / CA_KEY_FILE
+    try:
+        mode = key_path.stat().st_mode & 0o777
+    except OSError as exc:
+        raise CliError(f"cannot read {key_path}: {exc.strerror}") from exc
+    if mode & 0o077:
+        raise CliError(
+            f"{key_path} is readable or writable by other users (mode {mode:o}); "
+            f"run chmod 600 {key_path} after checking who could have read it"
+        )
+    return _read(str(key_path), MAX_PEM_BYTES, what="CA key")
+
+
+def _replace_keeping_owner(path: Path, data: bytes, *, private: bool) -> None:
+    """Write ``data`` over ``path`` by rename (a reader sees the old file or the new one), with the old file's
+    owner and group where this user may set them (a service reads its files as its own user)."""
+    try:
+        old = path.stat()
+    except OSError:
+        old = None
+    try:
+        write_atomically(path, data, mode=0o600 if private else 0o644)
+        if old is not None and (old.st_uid, old.st_gid) != (os.getuid(), os.getgid()):
+            try:
+                os.chown(path, old.st_uid, old.st_gid)
+            except PermissionError:
+                print(f"note: could not give {path} its previous owner back; check its owner", file=sys.stderr)
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def cmd_ca_renew(session: _Session, args: argparse.Namespace) -> None:
+    """Renew a party's TLS certificate: a new key and certificate with the names and usages of OUT_DIR/PARTY.crt,
+    written over PARTY.key and then PARTY.crt, each by rename; a service using them picks them up."""
+    party_id = check_party_id(args.party)
+    ca_dir, out_dir = Path(args.dir), Path(args.out_dir)
+    ca_cert = _read(str(ca_dir / CA_CERT_FILE), MAX_PEM_BYTES, what="CA certificate")
+    ca_key = _ca_key(ca_dir)
+    cert_path, key_path = out_dir / f"{party_id}.crt", out_dir / f"{party_id}.key"
+    current = _read(str(cert_path), MAX_PEM_BYTES, what="PEM certificate")
+    if tls.party_from_certificate(current) != party_id:
+        raise CliError(f"{cert_path} does not name {party_id}")
+    passphrase = session.passphrase(what=str(ca_dir / CA_KEY_FILE))
+    cert_pem, key_pem = tls.renew_certificate(
+        ca_cert, ca_key, current, valid_days=args.valid_days, ca_key_passphrase=passphrase
+    )
+    # The key first, then the certificate: a service that looks between the two renames finds a key of another
+    # certificate, keeps the pair it has and looks again a few seconds later (common/tlsreload.py).
+    _replace_keeping_owner(key_path, key_pem, private=True)
+    _replace_keeping_owner(cert_path, cert_pem, private=False)
+    old_serial = tls.load_certificate(current).serial_number
+    print(f"renewed {cert_path} and {key_path} (mode 0600) for {party_id}; the old serial was {old_serial:x}")
+    print(tls.certificate_summary(cert_pem), end="")
+
+
+def cmd_ca_revoke(session: _Session, args: argparse.Namespace) -> None:
+    """Record that the CA revokes a certificate (by --serial or --cert); 'ca crl' then signs the list to install."""
+    ca_dir = Path(args.dir)
+    ca_cert = tls.load_certificate(_read(str(ca_dir / CA_CERT_FILE), MAX_PEM_BYTES, what="CA certificate"))
+    if bool(args.serial) == bool(args.cert):
+        raise CliError("name the certificate with --serial SERIAL or --cert FILE (one of them)")
+    if args.cert:
+        cert = tls.load_certificate(_read(args.cert, MAX_PEM_BYTES, what="PEM certificate"))
+        if cert.issuer != ca_cert.subject:
+            raise CliError(f"{args.cert} is not issued by this CA ({cert.issuer.rfc4514_string()})")
+        serial = cert.serial_number
+    else:
+        serial = crl.parse_serial(args.serial)
+    record = crl.CaRevocations.load(ca_dir).revoke(serial, args.reason, datetime.now(UTC))
+    record.save(ca_dir)
+    print(f"revoked serial {serial:x} ({args.reason}); {len(record.revoked)} revoked in all")
+    print(f"now sign and install the list: hedui-keys ca crl --dir {ca_dir} --out crl.der")
+
+
+def cmd_ca_crl(session: _Session, args: argparse.Namespace) -> None:
+    """Sign the CA's certificate revocation list (DER) with the next CRL number; install it at the gateway with
+    'hedui-gateway tls install-crl', which sends it to every unit."""
+    ca_dir, out = Path(args.dir), Path(args.out)
+    ca_cert = _read(str(ca_dir / CA_CERT_FILE), MAX_PEM_BYTES, what="CA certificate")
+    ca_key = _ca_key(ca_dir)
+    record = crl.CaRevocations.load(ca_dir)
+    passphrase = session.passphrase(what=str(ca_dir / CA_KEY_FILE))
+    number = record.crl_number + 1
+    der = crl.build_crl(
+        ca_cert,
+        ca_key,
+        record,
+        number=number,
+        now=datetime.now(UTC),
+        next_update_days=args.next_update_days,
+        ca_key_passphrase=passphrase,
+    )
+    try:
+        write_atomically(out, der, mode=0o644)
+    except OSError as exc:
+        raise CliError(f"cannot write {out}: {exc.strerror}") from exc
+    crl.CaRevocations(record.revoked, number).save(ca_dir)
+    listed = crl.verify_crl(der, [tls.load_certificate(ca_cert)])
+    print(f"wrote {out}: {listed.summary()}")
+    print(f"install it at the gateway: hedui-gateway tls install-crl {out} --config /etc/hedui/gateway.toml")
+
+
 def cmd_ca_show(session: _Session, args: argparse.Namespace) -> None:
-    """Show a certificate: subject, party id, names, usages, validity and SHA-256 fingerprint (no keystore needed)."""
-    print(tls.certificate_summary(_read(args.file, MAX_PEM_BYTES, what="PEM certificate")), end="")
+    """Show a certificate (subject, party id, names, usages, validity, serial, SHA-256 fingerprint) or a revocation
+    list (number, dates, revoked serials); no keystore needed."""
+    data = _read(args.file, crl.MAX_CRL_BYTES, what="certificate or revocation list")
+    try:
+        print(tls.certificate_summary(data), end="")
+        return
+    except tls.TlsError:
+        pass
+    try:
+        parsed = x509.load_der_x509_crl(data) if not data.lstrip().startswith(b"-") else x509.load_pem_x509_crl(data)
+    except ValueError:
+        raise CliError(f"{args.file} is not an X.509 certificate, nor a revocation list") from None
+    try:
+        number: int | str = parsed.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        number = "none"
+    print(f"revocation list of {parsed.issuer.rfc4514_string()}, number {number}")
+    print(f"this update {parsed.last_update_utc:%Y-%m-%dT%H:%M:%SZ}, next update {parsed.next_update_utc}")
+    for entry in parsed:
+        print(f"  revoked {entry.serial_number:x} at {entry.revocation_date_utc:%Y-%m-%dT%H:%M:%SZ}")
 
 
 _Commands = argparse._SubParsersAction  # the type of what add_subparsers returns
@@ -580,7 +695,26 @@ def _add_ca_commands(sub: _Commands[argparse.ArgumentParser]) -> None:
     issue.add_argument("--server", action="store_true", help="the certificate may authenticate a server (connector)")
     issue.add_argument("--valid-days", type=int, default=tls.LEAF_VALID_DAYS, help="lifetime of the certificate")
     issue.add_argument("--out-dir", required=True, help="folder for PARTY.crt, PARTY.key and a copy of ca.crt")
-    _command(ca_sub, "show", cmd_ca_show).add_argument("file", help="certificate file (PEM or DER)")
+    _command(ca_sub, "show", cmd_ca_show).add_argument("file", help="certificate or revocation list (PEM or DER)")
+    renew = _command(ca_sub, "renew", cmd_ca_renew)
+    renew.add_argument("--dir", required=True, help="folder holding the CA's ca.crt and ca.key")
+    renew.add_argument("--party", required=True, help="the party whose certificate is renewed")
+    renew.add_argument("--out-dir", required=True, help="folder holding PARTY.crt and PARTY.key (replaced)")
+    renew.add_argument("--valid-days", type=int, default=tls.LEAF_VALID_DAYS, help="lifetime of the new certificate")
+    revoke = _command(ca_sub, "revoke", cmd_ca_revoke)
+    revoke.add_argument("--dir", required=True, help="folder holding the CA's ca.crt (and its revoked.json)")
+    revoke.add_argument("--serial", help="serial number in hex, as 'ca show' prints it")
+    revoke.add_argument("--cert", help="the certificate file to revoke")
+    revoke.add_argument("--reason", required=True, choices=sorted(crl.REASONS), help="why (RFC 5280 CRLReason)")
+    crl_command = _command(ca_sub, "crl", cmd_ca_crl)
+    crl_command.add_argument("--dir", required=True, help="folder holding the CA's ca.crt, ca.key and revoked.json")
+    crl_command.add_argument("--out", required=True, help="the DER file to write (replaced)")
+    crl_command.add_argument(
+        "--next-update-days",
+        type=int,
+        default=crl.DEFAULT_NEXT_UPDATE_DAYS,
+        help="days until the next list is promised; services warn after that (default 7)",
+    )
 
 
 def _add_staff_commands(sub: _Commands[argparse.ArgumentParser]) -> None:

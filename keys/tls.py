@@ -37,7 +37,10 @@ Design:
   signed by the CA, valid now, has the extended key usage of its role and names the configured party. Both
   services' ``check-config`` and ``serve`` run it, so a certificate that would fail the TLS handshakes (and leave
   every peer "unreachable") is refused at once with the file named; a certificate ending within
-  ``EXPIRY_WARNING`` gets a warning. The services read certificates only at start: a renewed file needs a restart.
+  ``EXPIRY_WARNING`` gets a warning. A running service checks its files again every few seconds
+  (common/tlsreload.py): renewed files that pass the same checks are used for new handshakes without a restart.
+- Renewal: ``renew_certificate`` issues a new key and certificate naming the same party, server names and extended
+  key usages as the current certificate (``hedui-keys ca renew``).
 
 Every failure raises :class:`TlsError` with a message fit for an operator; none carries key material.
 """
@@ -180,7 +183,8 @@ def load_certificate(data: bytes) -> x509.Certificate:
         raise TlsError("not an X.509 certificate (expected PEM '-----BEGIN CERTIFICATE-----' or DER)") from exc
 
 
-def _load_ca_key(ca_key_pem: bytes, passphrase: str | None) -> ec.EllipticCurvePrivateKey:
+def load_ca_key(ca_key_pem: bytes, passphrase: str | None) -> ec.EllipticCurvePrivateKey:
+    """The CA's private key from its file (sealed by ``ca init``, or a PEM); TlsError if it cannot be opened."""
     if ca_key_pem.lstrip().startswith(b"{"):
         if not passphrase:
             raise TlsError("the CA key is encrypted: a passphrase is needed")
@@ -253,7 +257,7 @@ def issue_certificate(
     start = _now(now)
     lifetime = _check_days(valid_days)
     ca_cert = load_certificate(ca_cert_pem)
-    ca_key = _load_ca_key(ca_key_pem, ca_key_passphrase)
+    ca_key = load_ca_key(ca_key_pem, ca_key_passphrase)
     if ca_key.public_key().public_numbers() != _public_numbers(ca_cert):
         raise TlsError("the CA key does not belong to the CA certificate")
     try:
@@ -307,6 +311,52 @@ def issue_certificate(
         .sign(ca_key, _HASH())
     )
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def renewal_parameters(cert_pem: bytes) -> tuple[str, list[str], bool, bool]:
+    """(party, server names, client, server) of a current certificate, to issue its successor with; TlsError when
+    it names no party."""
+    cert = load_certificate(cert_pem)
+    party = party_from_certificate(cert_pem)
+    if party is None:
+        raise TlsError("the certificate names no party (no hedui://party/ URI): issue a new one with 'ca issue'")
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = x509.SubjectAlternativeName([])
+    names = [*san.get_values_for_type(x509.DNSName), *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))]
+    usages = _usages(cert)
+    client = usages is None or ExtendedKeyUsageOID.CLIENT_AUTH in usages
+    server = usages is None or ExtendedKeyUsageOID.SERVER_AUTH in usages
+    return party, names, client, server and bool(names)
+
+
+def renew_certificate(
+    ca_cert_pem: bytes,
+    ca_key_pem: bytes,
+    current_cert_pem: bytes,
+    *,
+    valid_days: int = LEAF_VALID_DAYS,
+    now: dt.datetime | None = None,
+    ca_key_passphrase: str | None = None,
+) -> tuple[bytes, bytes]:
+    """A new key and certificate with the party, server names and usages of ``current_cert_pem`` (which must be
+    signed by this CA); return (certificate PEM, private key PEM)."""
+    current = load_certificate(current_cert_pem)
+    if not _issued_by(current, load_certificate(ca_cert_pem)):
+        raise TlsError("the current certificate is not signed by this CA: issue a new one with 'ca issue'")
+    party, names, client, server = renewal_parameters(current_cert_pem)
+    return issue_certificate(
+        ca_cert_pem,
+        ca_key_pem,
+        party,
+        server_names=names,
+        client=client,
+        server=server,
+        valid_days=valid_days,
+        now=now,
+        ca_key_passphrase=ca_key_passphrase,
+    )
 
 
 def _public_numbers(cert: x509.Certificate) -> ec.EllipticCurvePublicNumbers | None:
@@ -489,6 +539,8 @@ class TlsIdentity:
     key_pem: bytes
     ca_pem: bytes
     not_after: dt.datetime
+    #: The certificate's serial number (what a CRL lists, what ``hedui-keys ca show`` prints in hex).
+    serial: int = 0
 
     def __repr__(self) -> str:  # never the key
         return f"TlsIdentity({self.files.section}, {self.files.role} certificate of {self.files.party})"
@@ -508,7 +560,8 @@ class TlsIdentity:
             return None
         return (
             f"{self.files.where(f'{self.role} certificate', self.files.cert)} expires in {days:.1f} days "
-            f"({_utc(self.not_after)}): issue a new one ('hedui-keys ca issue'), install it and restart the service"
+            f"({_utc(self.not_after)}): renew it ('hedui-keys ca renew') and put the new files in place; the running "
+            "service picks them up"
         )
 
 
@@ -522,6 +575,17 @@ def _read_pem(files: TlsFiles, what: str, path: Path) -> bytes:
         raise TlsError(f"{where} cannot be read: {exc.strerror}") from None
     if b"-----BEGIN CERTIFICATE-----" not in data:
         raise TlsError(f"{where} is not a PEM certificate (no '-----BEGIN CERTIFICATE-----'; gRPC reads PEM only)")
+    return data
+
+
+def read_ca_bundle(path: Path) -> bytes:
+    """The PEM CA certificate(s) in ``path``; TlsError when it is missing, unreadable or holds no certificate."""
+    try:
+        data = read_bounded(path, MAX_CERTIFICATE_FILE_BYTES, TlsError, what="PEM certificate")
+    except OSError as exc:
+        raise TlsError(f"CA certificate {path} cannot be read: {exc.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise TlsError(f"CA certificate {path} is not a PEM certificate")
     return data
 
 
@@ -568,15 +632,25 @@ def check_tls_files(files: TlsFiles, *, now: dt.datetime | None = None) -> TlsId
     peers refuse it); a certificate that restricts its extended key usage allows the role's (serverAuth or
     clientAuth); and ``party_from_certificate`` names ``files.party``. Each problem is one line naming the file.
     """
-    moment = _now(now)
-    cert_what = f"{files.role} certificate"
-    cert_pem = _read_pem(files, cert_what, files.cert)
-    cert = _parse_certificates(files, cert_what, files.cert, cert_pem)[0]
+    cert_pem = _read_pem(files, f"{files.role} certificate", files.cert)
     try:
         key_pem = read_private_key(files.key)
     except KeystoreError as exc:
         raise TlsError(f"[{files.section}] {exc}") from None
     ca_pem = _read_pem(files, "CA certificate", files.ca)
+    return check_tls_material(files, cert_pem, key_pem, ca_pem, now=now)
+
+
+def check_tls_material(
+    files: TlsFiles, cert_pem: bytes, key_pem: bytes, ca_pem: bytes, *, now: dt.datetime | None = None
+) -> TlsIdentity:
+    """The checks of ``check_tls_files`` on bytes read already (a service reloading renewed files reads each once,
+    then checks and installs exactly those bytes); ``files`` names them in messages."""
+    moment = _now(now)
+    cert_what = f"{files.role} certificate"
+    if b"-----BEGIN CERTIFICATE-----" not in cert_pem:
+        raise TlsError(f"{files.where(cert_what, files.cert)} is not a PEM certificate")
+    cert = _parse_certificates(files, cert_what, files.cert, cert_pem)[0]
     cas = _parse_certificates(files, "CA certificate", files.ca, ca_pem)
     problems: list[str] = []
     where_cert = files.where(cert_what, files.cert)
@@ -622,7 +696,7 @@ def check_tls_files(files: TlsFiles, *, now: dt.datetime | None = None) -> TlsId
         problems.append(f"{where_cert} names {named}, but must name {files.party}")
     if problems:
         raise TlsError("\n".join(problems))
-    return TlsIdentity(files, cert_pem, key_pem, ca_pem, cert.not_valid_after_utc)
+    return TlsIdentity(files, cert_pem, key_pem, ca_pem, cert.not_valid_after_utc, cert.serial_number)
 
 
 def check_tls(files: Iterable[TlsFiles], *, now: dt.datetime | None = None) -> list[TlsIdentity]:

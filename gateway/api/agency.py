@@ -22,6 +22,7 @@ from hedui.v1 import agency_pb2, agency_pb2_grpc
 from common.dates import from_pb
 from common.logs import database_error, database_error_code, log_context, new_request_id, public_commission_ref
 from common.rpc import IncomingCall, RefusalLog, RequestGate
+from common.tlsreload import CERTIFICATE_REVOKED, RevocationSource
 from gateway.procedure.commission import PB_TO_STATE, Caller, WorkflowError
 from gateway.procedure.intake import InvalidPackage
 from gateway.procedure.queries import ListFilter
@@ -66,14 +67,24 @@ REQUEST_ID_KEY = "hedui-request-id"
 
 
 class AuthInterceptor(RequestGate):
-    """Refuses calls to the AgencyService from unknown parties or roles not allowed for the method, before the
-    request is even decoded: an unlisted client is UNAUTHENTICATED whatever it sends. It is the server's request
-    gate (common/rpc.py): a request body that does not decode is INVALID_ARGUMENT, and refusals are logged as
-    WARNING lines rate-limited per peer and reason."""
+    """Refuses calls to the AgencyService from callers whose certificate the CA revoked, unknown parties or roles not
+    allowed for the method, before the request is even decoded: an unlisted client is UNAUTHENTICATED whatever it sends.
+    It is the server's request gate (common/rpc.py): a request body that does not decode is INVALID_ARGUMENT, and
+    refusals are logged as WARNING lines rate-limited per peer and reason."""
 
-    def __init__(self, clients: Mapping[str, str], refusals: RefusalLog | None = None) -> None:
+    def __init__(
+        self,
+        clients: Mapping[str, str],
+        refusals: RefusalLog | None = None,
+        *,
+        revocations: RevocationSource | None = None,
+        on_revoked: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(refusals if refusals is not None else RefusalLog(log))
         self.clients = dict(clients)
+        #: The CA's revocation list: a caller whose certificate it lists is refused before anything else.
+        self.revocations = revocations
+        self.on_revoked = on_revoked
 
     def handle(self, call: IncomingCall) -> Any:
         """Authenticate and authorise, then decode and run the handler, with the call's request id (and the
@@ -85,7 +96,18 @@ class AuthInterceptor(RequestGate):
         # The caller gets the id its request has in the gateway's journal, to quote when asking why.
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         with log_context(request_id=request_id):
-            party = party_from_auth_context(context.auth_context())
+            auth = context.auth_context()
+            party = party_from_auth_context(auth)
+            if self.revocations is not None and self.revocations.revokes_peer(auth):
+                if self.on_revoked is not None:
+                    self.on_revoked()
+                call.refuse(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "client certificate is revoked",
+                    reason=CERTIFICATE_REVOKED,
+                    message="caller refused: certificate revoked",
+                    caller=party,
+                )
             role = self.clients.get(party or "")
             if party is None or role is None:
                 call.refuse(

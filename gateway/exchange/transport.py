@@ -8,18 +8,34 @@ the gRPC status decides for a connector that sends none.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hedui.v1 import exchange_pb2, exchange_pb2_grpc
 
 from common.errors import HeduiError
 from common.logs import redact
 from common.rpc import REFUSAL_REASON_KEY
+from common.tlsreload import CERTIFICATE_REVOKED, CertificateSource, RevocationSource
+from keys.crl import RevocationList
 from keys.tls import read_private_key
+
+log = logging.getLogger("hedui.gateway.transport")
+if TYPE_CHECKING:
+    _Method = grpc.UnaryUnaryMultiCallable[exchange_pb2.SealedMessage, exchange_pb2.SealedMessage]
 
 MAX_MESSAGE_BYTES = 33 * 1024 * 1024
 #: The service a health check asks about: the connector reports it SERVING while it takes exchange calls.
@@ -113,10 +129,15 @@ class ClientTls:
         return cls(cert.read_bytes(), read_private_key(key), ca.read_bytes())
 
 
-class UnitClient:
-    """The ExchangeService of one unit."""
+#: How long a unit's server certificate, once checked against the revocation list, is believed without a new look.
+SERVER_CHECK_SECONDS = 300.0
 
-    def __init__(self, endpoint: str, tls: ClientTls | None, timeout_seconds: float) -> None:
+
+class _Channel:
+    """One channel to a unit and the calls under way on it: a channel replaced (renewed client certificate) is
+    closed when its last call ends, so that no call fails because of the renewal."""
+
+    def __init__(self, endpoint: str, tls: ClientTls | None) -> None:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -129,15 +150,91 @@ class UnitClient:
             )
             self.channel = grpc.secure_channel(endpoint, credentials, options=options)
         self.stub = exchange_pb2_grpc.ExchangeServiceStub(self.channel)
-        self.timeout = timeout_seconds
+        self.calls = 0
+        self.retired = False
 
-    def _call(
+
+class UnitClient:
+    """The ExchangeService of one unit.
+
+    ``tls`` is fixed client credentials (:class:`ClientTls`), a :class:`~common.tlsreload.CertificateSource` that
+    follows renewed files (a new channel is made for the calls after a renewal; the old one closes once its calls
+    ended), or None for plaintext (loopback tests). With ``revocations`` holding a list, the unit's server
+    certificate is checked against it before calls (:class:`ServerCertificateCheck`): a revoked one makes every call
+    fail with reason ``certificate_revoked`` without reaching the unit.
+    """
+
+    def __init__(
         self,
-        method: grpc.UnaryUnaryMultiCallable[exchange_pb2.SealedMessage, exchange_pb2.SealedMessage],
-        envelope: bytes,
-    ) -> bytes:
+        endpoint: str,
+        tls: ClientTls | CertificateSource | None,
+        timeout_seconds: float,
+        *,
+        revocations: RevocationSource | None = None,
+        on_revoked: Callable[[], None] | None = None,
+        recheck_seconds: float = SERVER_CHECK_SECONDS,
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout_seconds
+        self._source = tls if isinstance(tls, CertificateSource) else None
+        self._fixed = tls if isinstance(tls, ClientTls) else None
+        self._lock = threading.Lock()
+        self._generation = self._source.generation if self._source is not None else 0
+        self._current = _Channel(endpoint, self._tls())
+        self.server_check = (
+            ServerCertificateCheck(
+                endpoint, revocations, timeout_seconds, on_revoked=on_revoked, recheck_seconds=recheck_seconds
+            )
+            if revocations is not None and tls is not None
+            else None
+        )
+
+    def _tls(self) -> ClientTls | None:
+        if self._source is not None:
+            identity = self._source.identity
+            return ClientTls(identity.cert_pem, identity.key_pem, identity.ca_pem)
+        return self._fixed
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The channel new calls use."""
+        return self._current.channel
+
+    @property
+    def stub(self) -> exchange_pb2_grpc.ExchangeServiceStub:
+        return self._current.stub
+
+    @contextmanager
+    def _channel(self) -> Iterator[_Channel]:
+        """The channel for one call: rebuilt first when the client certificate was renewed, and the unit's server
+        certificate checked against the revocation list when that is due."""
+        if self._source is not None:
+            self._source.refresh()
+        with self._lock:
+            if self._source is not None and self._source.generation != self._generation:
+                old, self._current = self._current, _Channel(self.endpoint, self._tls())
+                self._generation = self._source.generation
+                old.retired = True
+                if old.calls == 0:
+                    old.channel.close()
+            current = self._current
+            current.calls += 1
         try:
-            reply = method(exchange_pb2.SealedMessage(envelope=envelope), timeout=self.timeout)
+            if self.server_check is not None:
+                tls = self._tls()
+                assert tls is not None
+                self.server_check.require(tls, self._generation)
+            yield current
+        finally:
+            with self._lock:
+                current.calls -= 1
+                if current.retired and current.calls == 0:
+                    current.channel.close()
+
+    def _call(self, method: Callable[[exchange_pb2_grpc.ExchangeServiceStub], _Method], envelope: bytes) -> bytes:
+        try:
+            with self._channel() as current:
+                reply = method(current.stub)(exchange_pb2.SealedMessage(envelope=envelope), timeout=self.timeout)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
             details = public_detail((exc.details() if hasattr(exc, "details") else "") or "")
@@ -150,11 +247,13 @@ class UnitClient:
 
     def check_health(self) -> None:
         """Ask the connector's standard health service (grpc.health.v1) whether its exchange service is SERVING,
-        over the same channel, so mutual TLS is checked both ways as for an exchange call. Raises TransportFailure
-        when the call fails or the service is not SERVING (``not_serving``: the connector is shutting down)."""
-        stub = health_pb2_grpc.HealthStub(self.channel)
+        over the same channel, so mutual TLS is checked both ways as for an exchange call (and the unit's server
+        certificate against the revocation list). Raises TransportFailure when the call fails or the service is not
+        SERVING (``not_serving``: the connector is shutting down)."""
         try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=EXCHANGE_SERVICE), timeout=self.timeout)
+            with self._channel() as current:
+                stub = health_pb2_grpc.HealthStub(current.channel)
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=EXCHANGE_SERVICE), timeout=self.timeout)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
             details = public_detail((exc.details() if hasattr(exc, "details") else "") or "")
@@ -163,16 +262,134 @@ class UnitClient:
             raise TransportFailure("not_serving", "the connector's exchange service is not serving")
 
     def submit(self, envelope: bytes) -> bytes:
-        return self._call(self.stub.SubmitBatch, envelope)
+        return self._call(lambda stub: stub.SubmitBatch, envelope)
 
     def fetch(self, envelope: bytes) -> bytes:
-        return self._call(self.stub.FetchAnswers, envelope)
+        return self._call(lambda stub: stub.FetchAnswers, envelope)
 
     def acknowledge(self, envelope: bytes) -> bytes:
-        return self._call(self.stub.AcknowledgeAnswers, envelope)
+        return self._call(lambda stub: stub.AcknowledgeAnswers, envelope)
 
     def close(self) -> None:
-        self.channel.close()
+        with self._lock:
+            self._current.retired = True
+            if self._current.calls == 0:
+                self._current.channel.close()
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    key: tuple[bytes, int]
+    revoked: bool
+    at: float
+    serial: int
+
+
+def _load_client_certificate(context: ssl.SSLContext, tls: ClientTls) -> None:
+    """Give ``context`` the client certificate and key held in memory: Python's ssl reads them only from a path,
+    so they go into an anonymous memory file (memfd, never on disk) named by /proc/self/fd."""
+    fd = os.memfd_create("hedui-client-tls", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, tls.key + b"\n" + tls.cert)
+        context.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+def fetch_server_certificate(endpoint: str, tls: ClientTls, timeout_seconds: float) -> bytes:
+    """The DER certificate the server at ``endpoint`` presents, over a TLS handshake made as grpc makes it: TLS 1.2+,
+    ALPN h2, the CA as only root, the host name checked, our client certificate presented. Raises OSError
+    (ssl.SSLError for a handshake that fails)."""
+    host, _, port = endpoint.rpartition(":")
+    host = host.strip("[]")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_verify_locations(cadata=tls.ca.decode("ascii", "replace"))
+    _load_client_certificate(context, tls)
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((host, int(port)), timeout=timeout_seconds) as raw,
+        context.wrap_socket(raw, server_hostname=host) as wrapped,
+    ):
+        der = wrapped.getpeercert(binary_form=True)
+    if not der:
+        raise ssl.SSLError("the server presented no certificate")
+    return der
+
+
+class ServerCertificateCheck:
+    """The unit's server certificate, checked against the CA's revocation list.
+
+    grpcio does not show a client the certificate its channel's server presented, so the gateway looks itself: a
+    TLS handshake of its own to the unit's endpoint (:func:`fetch_server_certificate`) fetches the certificate and
+    the revocation list judges it. It is done before the first call, again whenever the list or the gateway's client
+    certificate changed, and at least every ``recheck_seconds``. Fail-closed: until a check has succeeded, calls
+    fail (a unit whose gRPC port answers answers this handshake too); a revoked certificate makes every call fail
+    with reason ``certificate_revoked`` without reaching the unit, until the unit presents another certificate.
+    With no list held nothing is checked.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        revocations: RevocationSource,
+        timeout_seconds: float,
+        *,
+        on_revoked: Callable[[], None] | None = None,
+        recheck_seconds: float = SERVER_CHECK_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.endpoint = endpoint
+        self.revocations = revocations
+        self.timeout = timeout_seconds
+        self.on_revoked = on_revoked
+        self.recheck_seconds = recheck_seconds
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._verdict: _Verdict | None = None
+
+    @property
+    def serial(self) -> int | None:
+        """The serial of the server certificate last checked (None before the first check)."""
+        verdict = self._verdict
+        return None if verdict is None else verdict.serial
+
+    def require(self, tls: ClientTls, generation: int) -> None:
+        """Return when the unit's server certificate is not revoked; raise TransportFailure otherwise."""
+        held = self.revocations.held
+        if held is None:
+            return
+        key = (held.sha256, generation)
+        with self._lock:
+            verdict = self._verdict
+            if verdict is None or verdict.key != key or self.clock() - verdict.at >= self.recheck_seconds:
+                verdict = self._check(tls, key, held)
+        if verdict.revoked:
+            raise TransportFailure(
+                "unavailable", "the unit's server certificate is revoked by the CA", CERTIFICATE_REVOKED
+            )
+
+    def _check(self, tls: ClientTls, key: tuple[bytes, int], held: RevocationList) -> _Verdict:
+        self._verdict = None
+        try:
+            der = fetch_server_certificate(self.endpoint, tls, self.timeout)
+        except ssl.SSLError:
+            raise TransportFailure(
+                "unavailable", "TLS handshake with the unit failed", "server_certificate_unchecked"
+            ) from None
+        except (OSError, ValueError, UnicodeError):
+            raise TransportFailure("unavailable", "the unit cannot be reached") from None
+        cert = x509.load_der_x509_certificate(der)
+        verdict = _Verdict(key, held.revokes(cert), self.clock(), cert.serial_number)
+        if verdict.revoked:
+            log.warning(
+                "unit presents a revoked TLS certificate; not calling it",
+                extra={"endpoint": self.endpoint, "serial": format(cert.serial_number, "x"), "crl": held.number},
+            )
+            if self.on_revoked is not None:
+                self.on_revoked()
+        self._verdict = verdict
+        return verdict
 
 
 def _reason(exc: grpc.RpcError) -> str | None:

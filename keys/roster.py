@@ -565,28 +565,31 @@ class RosterHistory:
     def _check_admin(self, signed: SignedRoster) -> None:
         roster = signed.roster
         admin_id, issued = roster.admin_staff_id, roster.issued_at_ms
-        judge = self.in_force(issued)
-        if judge is None:
-            # Bootstrap: nothing in force yet when it was issued, so the admins of version 1 (for version 1: its own)
-            # speak for the party; their windows may not have begun.
-            first = self._versions[0].roster if self._versions else roster
-            admin = first.member(admin_id)
-            ended = admin is not None and any(
-                end is not None and end <= issued for end in (admin.revoked_at_ms, admin.valid_until_ms)
+        first = self._versions[0].roster if self._versions else roster
+        if first.effective_at_ms > issued:
+            # Bootstrap: version 1 was not in force yet when this was issued, so its admins speak for the party
+            # (their windows may not have begun), unless a version since ended or revoked them.
+            listed = first.member(admin_id)
+            current = (self._versions[-1].roster if self._versions else roster).member(admin_id)
+            ended = current is None or any(
+                end is not None and end <= issued for end in (current.revoked_at_ms, current.valid_until_ms)
             )
-            if admin is None or ended or not admin.has_role("admin"):
+            if listed is None or ended or not listed.has_role("admin"):
                 raise RosterError(
                     "roster_not_admin",
                     f"{admin_id} is not an admin of version 1 of {self.party_id}'s roster at the issue time",
                 )
+            admin = listed
         else:
-            admin, reason = self.member_at(admin_id, issued)
-            if admin is None or not admin.has_role("admin"):
+            member, reason = self.member_at(admin_id, issued)
+            if member is None or not member.has_role("admin"):
+                judge = self.in_force(issued)
                 raise RosterError(
                     "roster_not_admin",
                     f"{admin_id} is not an active admin of the roster in force at the issue time "
-                    f"(version {judge.version}: {reason or 'no admin role'})",
+                    f"(version {judge.version if judge else 0}: {reason or 'no admin role'})",
                 )
+            admin = member
         if not admin.public_key.verify(signed.admin_signature, ROSTER_ADMIN_DOMAIN + signed.roster_bytes):
             raise RosterError("roster_bad_admin_signature", f"the admin signature of {admin_id} is not valid")
 

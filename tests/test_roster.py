@@ -393,3 +393,30 @@ def test_member_window_before_valid_from_is_not_yet_effective(party: RosterParty
     assert history.member_at("S-0002", later)[1] is None
     assert history.member_at("S-0099", later) == (None, "approver_unknown")
     assert isinstance(history.member_at("S-0002", later)[0], RosterMember)
+
+
+def test_before_version_one_takes_effect_its_admins_speak_unless_since_revoked(party: RosterParty) -> None:
+    members = [
+        party.member("S-0001", ("admin",), MONDAY),
+        party.member("S-0002", ("admin",), MONDAY),
+        party.member("S-0003", ("exchange",), MONDAY),
+    ]
+    v1 = party.version(members, issued_at_ms=MONDAY)
+    history = RosterHistory(PARTY)
+    history.accept(party.sign(v1), keyring=party.keyring(), now_ms=MONDAY, notice=NOTICE)
+    soon = MONDAY + HOUR_MS
+    # An immediate version is in force before version 1 is: its members still count only from version 1's time.
+    v2 = party.version(party.changed(v1, "S-0003", revoked_at_ms=soon), issued_at_ms=soon, effective_at_ms=soon)
+    assert history.accept(party.sign(v2), keyring=party.keyring(), now_ms=soon, notice=NOTICE)
+    assert history.member_at("S-0001", soon + 1) == (None, "approver_not_yet_effective")
+    later = soon + MINUTE_MS
+    v3 = party.version(
+        party.changed(v2, "S-0002", revoked_at_ms=later), issued_at_ms=later, effective_at_ms=later, admin="S-0001"
+    )
+    assert history.accept(party.sign(v3), keyring=party.keyring(), now_ms=later, notice=NOTICE)
+    last = later + MINUTE_MS
+    v4 = party.version(
+        party.changed(v3, "S-0001", valid_until_ms=TUESDAY + DAY_MS), issued_at_ms=last, effective_at_ms=last,
+        admin="S-0002",
+    )  # fmt: skip
+    _refused(history, party.sign(v4), "roster_not_admin", party, last)  # S-0002 was revoked by version 3

@@ -169,13 +169,22 @@ def _history_of(ctx: _Context, party: str | None) -> tuple[str, RosterHistory]:
     return party_id, history
 
 
+def member_state(member: RosterMember, history: RosterHistory, now_ms: int) -> str:
+    """active, pending (announced, not yet in force), expired or revoked, as of ``now_ms``."""
+    if member.revoked_at_ms is not None and member.revoked_at_ms <= now_ms:
+        return "revoked"
+    if member.valid_until_ms is not None and member.valid_until_ms <= now_ms:
+        return "expired"
+    starts = max(member.valid_from_ms, history.listed_since(member.staff_id) or 0)
+    return "pending" if starts > now_ms else "active"
+
+
 def _member_line(member: RosterMember, history: RosterHistory, now_ms: int) -> str:
-    _, reason = history.member_at(member.staff_id, now_ms)
-    state = "active" if reason is None else reason.removeprefix("approver_")
+    state = member_state(member, history, now_ms)
     window = f"{_show(member.valid_from_ms)} .. {_show(member.valid_until_ms)}"
     revoked = f"; revoked {_show(member.revoked_at_ms)}" if member.revoked_at_ms else ""
     return (
-        f"{member.staff_id:12} {state:18} {','.join(member.roles):24} {window}{revoked}\n"
+        f"{member.staff_id:12} {state:8} {','.join(member.roles):24} {window}{revoked}\n"
         f"             {member.name}; key {member.public_key.fingerprint}"
     )
 

@@ -151,18 +151,11 @@ def test_ending_and_urgent_revocation_are_announced_at_once(agency: Agency) -> N
 def test_a_member_off_the_roster_changes_the_register_only(agency: Agency) -> None:
     agency.own.publish("A-0001", agency.keys["A-0001"], now_ms=MONDAY)
     before = _counts(agency.register.engine)
-    assert (
-        agency.own.add(
-            "A-0001",
-            agency.keys["A-0001"],
-            "S-0002",
-            name="初审员",
-            roles="intake",
-            public_key=agency.keys["S-0002"].public.raw,
-            now_ms=MONDAY + HOUR_MS,
-        )  # fmt: skip
-        is None
-    )
+    made = agency.own.add(
+        "A-0001", agency.keys["A-0001"], "S-0002", name="初审员", roles="intake",
+        public_key=agency.keys["S-0002"].public.raw, now_ms=MONDAY + HOUR_MS,
+    )  # fmt: skip
+    assert made is None
     after = _counts(agency.register.engine)
     assert after[0] == before[0] + 1 and after[1:4] == before[1:4]
 

@@ -7,6 +7,9 @@ hedui-connector delay --config FILE BATCH --until YYYY-MM-DD --reason technical
                                                    written delay notice (clause 12: at most 5 working days)
 hedui-connector test-query --config FILE --category tax [--from YYYY-MM --to YYYY-MM] < ids.txt
                                                    what the unit would answer for these people (before going live)
+hedui-connector roster init-admin|add|end|revoke|list|history|pending|on-duty|migrate-check --config FILE ...
+                                                   the unit's exchange staff, registered with the gateways in
+                                                   advance (Procedure V.(三)), and the gateways' rosters
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from common.idnumber import InvalidIdNumber, parse_id_number
 from connectors.adapters.base import LookupContext
 from connectors.config import ConnectorConfig
 from connectors.server import build_adapter, build_connector, serve
+from connectors.trust.commands import add_roster_commands
 from keys.tls import check_tls
 
 log = logging.getLogger("hedui.connector")
@@ -190,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     test.add_argument("--to", dest="income_to", help="last month of the income period, YYYY-MM (default: last month)")
     test.add_argument("--as-of", help="date assets are reported for, YYYY-MM-DD (default: today)")
     test.set_defaults(func=_test_query)
+    add_roster_commands(sub)
     args = parser.parse_args(argv)
     return run("hedui-connector", args)
 

@@ -475,6 +475,18 @@ class RosterHistory:
             reason = APPROVER_NOT_YET_EFFECTIVE
         return (member, None) if reason is None else (None, reason)
 
+    def status(self, staff_id: str, at_ms: int) -> str:
+        """For operators' listings: ``active``, ``pending`` (announced, not yet in force), ``expired``, ``revoked``
+        as the latest version held lists the member at ``at_ms``, or ``unknown`` (never listed)."""
+        member = self.latest.roster.member(staff_id) if self.latest is not None else None
+        if member is None:
+            return "unknown"
+        if member.revoked_at_ms is not None and member.revoked_at_ms <= at_ms:
+            return "revoked"
+        if member.valid_until_ms is not None and member.valid_until_ms <= at_ms:
+            return "expired"
+        return "pending" if max(member.valid_from_ms, self._listed_since[staff_id]) > at_ms else "active"
+
     def pending(self, now_ms: int) -> list[Roster]:
         """Versions held that are not yet in force at ``now_ms`` (changes announced, waiting for their time)."""
         return [s.roster for s in self._versions if s.roster.effective_at_ms > now_ms]

@@ -19,14 +19,14 @@ import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import Engine, select
 
+from common.dates import beijing_moment_ms, beijing_text
 from common.db import reading
 from common.errors import HeduiError
-from common.workdays import CHINA_TZ, WorkdayCalendar
+from common.workdays import WorkdayCalendar
 from gateway.archive.audit import AuditLog
 from gateway.config import GatewayConfig
 from gateway.db import schema as s
@@ -76,29 +76,21 @@ def _context(args: argparse.Namespace) -> Iterator[_Context]:
 
 
 def _moment(text: str) -> int:
-    """YYYY-MM-DD (the start of that day) or YYYY-MM-DDTHH:MM, Beijing time."""
     try:
-        if "T" in text:
-            moment = datetime.fromisoformat(text).replace(tzinfo=CHINA_TZ)
-        else:
-            day = date.fromisoformat(text)
-            moment = datetime(day.year, day.month, day.day, tzinfo=CHINA_TZ)
-    except ValueError:
-        raise RosterCommandError(
-            f"a time is YYYY-MM-DD or YYYY-MM-DDTHH:MM (Beijing time), not {text[:20]!r}"
-        ) from None
-    return int(moment.timestamp() * 1000)
+        return beijing_moment_ms(text)
+    except ValueError as exc:
+        raise RosterCommandError(str(exc)) from None
 
 
 def _day_end(text: str) -> int:
     """--valid-until YYYY-MM-DD: through the end of that day."""
-    return _moment(text) + (0 if "T" in text else int(timedelta(days=1).total_seconds() * 1000))
+    try:
+        return beijing_moment_ms(text, end_of_day=True)
+    except ValueError as exc:
+        raise RosterCommandError(str(exc)) from None
 
 
-def _show(ms: int | None) -> str:
-    if ms is None:
-        return "open"
-    return datetime.fromtimestamp(ms / 1000, CHINA_TZ).strftime("%Y-%m-%d %H:%M")
+_show = beijing_text
 
 
 def _admin_key(args: argparse.Namespace, now_ms: int) -> SigningKey:
@@ -169,18 +161,8 @@ def _history_of(ctx: _Context, party: str | None) -> tuple[str, RosterHistory]:
     return party_id, history
 
 
-def member_state(member: RosterMember, history: RosterHistory, now_ms: int) -> str:
-    """active, pending (announced, not yet in force), expired or revoked, as of ``now_ms``."""
-    if member.revoked_at_ms is not None and member.revoked_at_ms <= now_ms:
-        return "revoked"
-    if member.valid_until_ms is not None and member.valid_until_ms <= now_ms:
-        return "expired"
-    starts = max(member.valid_from_ms, history.listed_since(member.staff_id) or 0)
-    return "pending" if starts > now_ms else "active"
-
-
 def _member_line(member: RosterMember, history: RosterHistory, now_ms: int) -> str:
-    state = member_state(member, history, now_ms)
+    state = history.status(member.staff_id, now_ms)
     window = f"{_show(member.valid_from_ms)} .. {_show(member.valid_until_ms)}"
     revoked = f"; revoked {_show(member.revoked_at_ms)}" if member.revoked_at_ms else ""
     return (

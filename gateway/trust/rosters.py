@@ -13,7 +13,9 @@ advance and report changes in advance; docs/exchange.md, "Rosters (Procedure V.(
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hedui.v1 import trust_pb2
@@ -35,13 +37,22 @@ from keys.truststore import TrustStore
 if TYPE_CHECKING:
     from gateway.procedure.staff import StaffMember, StaffRegister
 
-__all__ = ["ROSTER_ROLES", "OwnRoster", "PeerRosters", "RosterChangeRefused", "RosterHandler"]
+__all__ = [
+    "ROSTER_ROLES",
+    "AnswerStaffVerdict",
+    "OwnRoster",
+    "PeerRosters",
+    "RosterChangeRefused",
+    "RosterHandler",
+    "judge_answer_staff",
+]
 
 log = logging.getLogger("hedui.gateway.rosters")
 
 #: Register members holding one of these roles are on the roster the units hold.
 ROSTER_ROLES = frozenset({"exchange", "admin"})
 ROSTER_ITEM = trust_pb2.TRUST_ITEM_KIND_ROSTER
+_STAFF_ID_RE = re.compile(r"[A-Za-z0-9-]{1,32}")
 
 
 class RosterChangeRefused(HeduiError):
@@ -307,6 +318,16 @@ class PeerRosters:
             ).all()
         return {str(r[0]): int(r[1]) for r in rows}
 
+    def metrics(self, now_ms: int) -> tuple[dict[str, int], dict[str, float]]:
+        """For gateway.metrics (RosterReader): versions not yet in force per party, and per unit the seconds since
+        the oldest version of our roster it has not acknowledged was published."""
+        ages = {
+            peer: age_ms / 1000
+            for peer, kind, age_ms in TrustItems(self.engine).unacknowledged(now_ms)
+            if kind == ROSTER_ITEM
+        }
+        return self.pending(now_ms), ages
+
     def own(self) -> RosterHistory | None:
         """The gateway's own roster history; None before its first version."""
         with reading(self.engine) as conn:
@@ -317,3 +338,61 @@ class PeerRosters:
     ) -> RosterHandler:
         """The ROSTER trust item handler for the syncer (see :class:`RosterHandler`)."""
         return RosterHandler(self.engine, trust=trust, notice=notice, own_party_id=own_party_id)
+
+
+#: At most this many staff may be named on one answer set (the connector names up to 8).
+MAX_ANSWER_STAFF = 8
+#: How far past the gateway's clock (or before the batch's receipt) an answer's time may lie.
+ANSWER_TIME_SKEW_MS = 5 * 60 * 1000
+
+
+@dataclass(frozen=True)
+class AnswerStaffVerdict:
+    """The gateway's judgement of the staff an answer set names (BatchAnswer.responsible_staff, Procedure V.(二))."""
+
+    staff_ids: tuple[str, ...]
+    #: The unit's roster version in force at the answer's time the names were checked against; None: unverified (no
+    #: version of the unit's roster in force at that time yet), stored and counted.
+    roster_version: int | None = None
+    #: Why the answer set is refused (not stored, polled again), or None.
+    reason: str | None = None
+    #: The staff id the refusal is about.
+    staff_id: str = ""
+
+
+def judge_answer_staff(
+    history: RosterHistory | None,
+    staff_ids: Sequence[str],
+    answered_at_ms: int,
+    *,
+    now_ms: int,
+    received_at_ms: int | None,
+) -> AnswerStaffVerdict:
+    """Judge the unit staff an answer set names by the unit's roster in force at the answer's time.
+
+    Refused: an answer time in the future or before the unit received the batch (``answer_time_invalid``), no staff
+    named although the unit's roster is in force (``answer_staff_missing``), malformed or repeated ids
+    (``answer_staff_malformed``), or a name that is not an active exchange member then (``approver_unknown``,
+    ``approver_not_yet_effective``, ``approver_expired``, ``approver_revoked``, ``approver_not_exchange_staff``).
+    """
+    named = tuple(staff_ids)
+    if answered_at_ms > now_ms + ANSWER_TIME_SKEW_MS or (
+        received_at_ms is not None and answered_at_ms < received_at_ms - ANSWER_TIME_SKEW_MS
+    ):
+        return AnswerStaffVerdict(named, reason="answer_time_invalid")
+    if history is None or history.in_force(answered_at_ms) is None:
+        return AnswerStaffVerdict(named)
+    roster = history.in_force(answered_at_ms)
+    assert roster is not None
+    if not named:
+        return AnswerStaffVerdict(named, reason="answer_staff_missing")
+    well_formed = all(_STAFF_ID_RE.fullmatch(s) for s in named)
+    if len(named) > MAX_ANSWER_STAFF or len(set(named)) != len(named) or not well_formed:
+        return AnswerStaffVerdict(named, reason="answer_staff_malformed")
+    for staff_id in named:
+        member, reason = history.member_at(staff_id, answered_at_ms)
+        if member is None:
+            return AnswerStaffVerdict(named, reason=reason, staff_id=staff_id)
+        if not member.has_role("exchange"):
+            return AnswerStaffVerdict(named, reason="approver_not_exchange_staff", staff_id=staff_id)
+    return AnswerStaffVerdict(named, roster_version=roster.version)

@@ -224,6 +224,13 @@ class UnitRoster:
             history = _load(conn, self.party.party_id) or RosterHistory(self.party.party_id)
             previous = history.latest.roster if history.latest is not None else None
             members, effective = change(previous)
+            listed = next((m for m in members if m.staff_id == admin_id), None)
+            if listed is None or not listed.has_role("admin"):
+                raise RosterChangeRefused(f"{admin_id[:32]} is not an admin on the unit's roster (roster_not_admin)")
+            if listed.public_key.raw != admin_key.public.raw:
+                raise RosterChangeRefused(
+                    f"the staff keystore given is not {admin_id}'s: its signing key is not the key on the roster"
+                )
             _keep_an_admin(members, admin_id, now_ms)
             try:
                 roster = build_roster(

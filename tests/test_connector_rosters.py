@@ -304,3 +304,56 @@ def test_answer_staff_checked_by_the_gateway_end_to_end(tmp_path: Path) -> None:
         settle(world)
         late = {r.batch_id: r for r in rows(world, select(schema.answer_staff))}
         assert all(late[p.batch_id].staff_ids == "U-02" and late[p.batch_id].roster_version == 2 for p in pending)
+
+
+# -- the command lines, as the unit's admin runs them ---------------------------------------------------------------
+
+
+def test_cli_unit_roster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from connectors.cli import main  # noqa: PLC0415
+    from demo.localnet import free_port  # noqa: PLC0415
+    from tests.test_connector_cli import _setup  # noqa: PLC0415
+    from tests.test_staff import Keystore, bundle_fingerprint  # noqa: PLC0415
+
+    config, _, _ = _setup(tmp_path, free_port())
+    people = {s: Keystore(tmp_path, f"staff.220100.{s.lower()}") for s in ("U-01", "U-02")}
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(["roster", *args, "--config", str(config)])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    def signed(person: str = "U-01") -> list[str]:
+        return ["--admin-keystore", str(people[person].path), "--passphrase-file", str(people[person].passfile)]
+
+    code, out, err = run("init-admin", "--staff-id", "U-01", "--name", "赵管理", *signed())
+    assert code == 0, err
+    assert "roster version 1" in out and "published to 1 gateways" in out
+    code, _, err = run("init-admin", "--staff-id", "U-01", "--name", "赵管理", *signed())
+    assert code == 1 and "has a roster already" in err
+    fingerprint = bundle_fingerprint(capsys, people["U-02"].bundle)
+    add = ["--staff-id", "U-02", "--name", "钱交换", "--roles", "exchange", "--public-key-file",
+           str(people["U-02"].bundle), "--fingerprint", fingerprint]  # fmt: skip
+    code, _, err = run("add", "--admin", "U-02", *signed("U-02"), *add)
+    assert code == 1 and "not an admin" in err
+    code, out, err = run("add", "--admin", "U-01", *signed(), *add)
+    assert code == 0, err
+    assert "roster version 2" in out
+    code, out, err = run("list")
+    assert code == 0 and "钱交换" in out and "U-02         pending" in out
+    assert "钱交换" not in err and "赵管理" not in err
+    code, out, _ = run("history")
+    assert code == 0 and "v1" in out and "v2" in out
+    code, out, _ = run("pending")
+    assert code == 0 and "unit.220100.tax" in out
+    code, out, err = run("on-duty", "--set", "U-02")
+    assert code == 0, err
+    assert "on duty: U-02" in out and "not in force yet" in out
+    code, out, _ = run("migrate-check")
+    assert code == 0 and "no roster received: the [[staff]] ids decide" in out and "S-1, S-2" in out
+    code, out, err = run("revoke", "--admin", "U-01", *signed(), "--staff-id", "U-02", "--urgent")
+    assert code == 0, err
+    assert "roster version 3" in out and "revoked now" in out
+    code, _, err = run("list", "--party", "agency.220100")
+    assert code == 1 and "no roster held" in err

@@ -205,22 +205,24 @@ class StaffRegister:
         member = self.active(staff_id, at_ms, conn=conn) if _STAFF_ID_RE.fullmatch(staff_id) else None
         if member is None or (role is not None and not member.has_role(role)):
             return False
-        if not self.on_roster(staff_id, at_ms, conn=conn):
+        if not self.on_roster(member, at_ms, conn=conn):
             return False
         return member.public_key.verify(signature, message)
 
-    def on_roster(self, staff_id: str, at_ms: int, *, conn: Connection | None = None) -> bool:
-        """Whether the gateway's own roster, as its peers hold it, agrees that ``staff_id`` may act at ``at_ms``
-        (Procedure V.(三)): an active member of the version in force then. True while no version of the roster is in
-        force yet at ``at_ms`` (before the first one takes effect the register alone decides, as it did before
-        rosters existed), so that what the gateway accepts and what a unit verifies never differ once there is one."""
+    def on_roster(self, member: StaffMember, at_ms: int, *, conn: Connection | None = None) -> bool:
+        """Whether the gateway's own roster, as its peers hold it, agrees that ``member`` may act at ``at_ms``
+        (Procedure V.(三)): an active member of the version in force then, with the same key. True while no version
+        of the roster is in force yet at ``at_ms`` (before the first one takes effect the register alone decides, as
+        it did before rosters existed), so that what the gateway accepts and what a unit verifies never differ once
+        there is one."""
         if conn is None:
             with reading(self.engine) as own:
-                return self.on_roster(staff_id, at_ms, conn=own)
+                return self.on_roster(member, at_ms, conn=own)
         history = own_history(conn)
         if history is None or history.in_force(at_ms) is None:
             return True
-        return history.member_at(staff_id, at_ms)[1] is None
+        listed, _ = history.member_at(member.staff_id, at_ms)
+        return listed is not None and listed.public_key.raw == member.public_key.raw
 
     # -- changing --------------------------------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ import dataclasses
 
 import pytest
 from hedui.v1 import trust_pb2
+from hypothesis import given
+from hypothesis import strategies as st
 
 from keys import _canonical
 from keys.clock import DAY_MS, HOUR_MS, MAX_TIME_MS, MINUTE_MS
@@ -27,6 +29,7 @@ from keys.roster import (
 )
 from tests.exchange_world import beijing_ms
 from tests.roster_world import CALENDAR, NOTICE, RosterParty
+from tests.test_fuzz_parsers import FUZZ, mutated, only
 
 PARTY = "agency.220100"
 #: Monday 2 March 2026, 10:00 Beijing time: an ordinary working day.
@@ -420,3 +423,20 @@ def test_before_version_one_takes_effect_its_admins_speak_unless_since_revoked(p
         admin="S-0002",
     )  # fmt: skip
     _refused(history, party.sign(v4), "roster_not_admin", party, last)  # S-0002 was revoked by version 3
+
+
+# -- fuzzing: only RosterError, and nothing changed -------------------------------------------------------------------
+
+_FUZZ_PARTY = RosterParty.create(PARTY, MONDAY)
+_FUZZ_V1 = _FUZZ_PARTY.version([_FUZZ_PARTY.member("S-0001", ("admin",), MONDAY)], issued_at_ms=MONDAY)
+_FUZZ_DATA = _FUZZ_PARTY.sign(_FUZZ_V1)
+
+
+@FUZZ
+@given(st.binary(max_size=512) | st.deferred(lambda: mutated(_FUZZ_DATA)))
+def test_a_damaged_roster_raises_only_roster_error_and_changes_nothing(data: bytes) -> None:
+    history = RosterHistory(PARTY)
+    only(RosterError, lambda: read_signed_roster(data))
+    only(RosterError, lambda: history.accept(data, keyring=_FUZZ_PARTY.keyring(), now_ms=MONDAY, notice=NOTICE))
+    if data != _FUZZ_DATA:
+        assert history.held_version == 0 or history.versions[0].roster == _FUZZ_V1

@@ -357,3 +357,28 @@ def test_cli_unit_roster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "roster version 3" in out and "revoked now" in out
     code, _, err = run("list", "--party", "agency.220100")
     assert code == 1 and "no roster held" in err
+
+
+def test_the_start_log_says_what_the_toml_ids_still_do(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from connectors.server import legacy_staff_warnings  # noqa: PLC0415
+
+    with exchange_world(tmp_path, now_ms=MONDAY) as world:
+        connector = world.connector
+        connector.rosters = PeerRosters(connector.store.engine)
+        assert legacy_staff_warnings(connector) == [
+            f"[[staff]] ids of {GATEWAY} are checked until its signed roster is in force (deprecated)"
+        ]
+        staff = SigningKey.generate()
+        member = RosterMember("S-0001", "员工", ("admin", "exchange"), staff.public, MONDAY)
+        v1 = build_roster(
+            None, party_id=GATEWAY, issued_at_ms=MONDAY, effective_at_ms=notice_ends_at(MONDAY, 1, CALENDAR),
+            admin_staff_id="S-0001", members=[member],
+        )  # fmt: skip
+        handler = connector.rosters.handler(
+            trust=lambda: connector.courier.trust, notice=lambda: NOTICE, own_party_id=UNIT
+        )
+        assert handler(GATEWAY, sign_roster(v1, world.gateway.me.signing_key(MONDAY), staff), MONDAY) is None
+        world.clock.set(v1.effective_at_ms)
+        caplog.clear()
+        assert legacy_staff_warnings(connector) == [f"the roster of {GATEWAY} lacks [[staff]] ids S-0002"]
+        assert "员工" not in caplog.text

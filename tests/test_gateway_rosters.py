@@ -300,3 +300,35 @@ def test_cli_roster_add_end_revoke_and_show(tmp_path: Path, capsys: pytest.Captu
     code, _, err = gateway("roster", "show", "--version", "9")
     assert code == 1 and "not held" in err
     assert gateway_main(["audit", "verify", "--config", str(config)]) == 0
+
+
+# -- the unit staff an answer set names ---------------------------------------------------------------------------
+
+
+def test_answer_staff_are_judged_by_the_unit_roster_at_the_answer_time() -> None:
+    from gateway.trust.rosters import judge_answer_staff  # noqa: PLC0415
+
+    unit = RosterParty.create(UNITS[0], MONDAY)
+    v1 = unit.version(
+        [unit.member("U-01", ("admin", "exchange"), MONDAY), unit.member("U-02", ("admin",), MONDAY)],
+        issued_at_ms=MONDAY,
+        admin="U-01",
+    )
+    history = RosterHistory(UNITS[0])
+    history.accept(unit.sign(v1), keyring=unit.keyring(), now_ms=MONDAY, notice=NOTICE)
+    at = v1.effective_at_ms + HOUR_MS
+
+    def judge(staff: list[str], answered_at: int = at, received: int | None = MONDAY) -> tuple[int | None, str | None]:
+        verdict = judge_answer_staff(history, staff, answered_at, now_ms=at, received_at_ms=received)
+        return verdict.roster_version, verdict.reason
+
+    assert judge(["U-01"]) == (1, None)
+    assert judge(["U-01"], answered_at=MONDAY + HOUR_MS) == (None, None)  # no version in force then: unverified
+    assert judge_answer_staff(None, [], at, now_ms=at, received_at_ms=None).reason is None
+    assert judge([]) == (None, "answer_staff_missing")
+    assert judge(["U-01", "U-01"]) == (None, "answer_staff_malformed")
+    assert judge(["U 01"]) == (None, "answer_staff_malformed")
+    assert judge(["U-02"]) == (None, "approver_not_exchange_staff")
+    assert judge(["U-09"]) == (None, "approver_unknown")
+    assert judge(["U-01"], answered_at=at + HOUR_MS) == (None, "answer_time_invalid")  # in the gateway's future
+    assert judge(["U-01"], received=at + HOUR_MS) == (None, "answer_time_invalid")  # before the unit's receipt

@@ -332,3 +332,17 @@ def test_answer_staff_are_judged_by_the_unit_roster_at_the_answer_time() -> None
     assert judge(["U-09"]) == (None, "approver_unknown")
     assert judge(["U-01"], answered_at=at + HOUR_MS) == (None, "answer_time_invalid")  # in the gateway's future
     assert judge(["U-01"], received=at + HOUR_MS) == (None, "answer_time_invalid")  # before the unit's receipt
+
+
+def test_a_peer_holding_an_older_version_is_sent_what_follows(agency: Agency) -> None:
+    agency.own.publish("A-0001", agency.keys["A-0001"], now_ms=MONDAY)
+    agency.own.end("A-0001", agency.keys["A-0001"], "S-0001", now_ms=MONDAY + HOUR_MS)
+    peers = PeerRosters(agency.register.engine)
+    assert len(peers.signed_versions(GATEWAY)) == 2
+    later = peers.signed_versions(GATEWAY, after=1)
+    assert len(later) == 1 and later == agency.own.signed_versions(after=1)
+    # A unit enrolled later applies them in order from nothing.
+    history = RosterHistory(GATEWAY)
+    for data in peers.signed_versions(GATEWAY):
+        history.accept(data, keyring=Keyring(agency.own.party.records()), now_ms=MONDAY + HOUR_MS, notice=NOTICE)
+    assert history.held_version == 2

@@ -353,7 +353,19 @@ class PeerRosters:
             value = conn.execute(select(func.max(rosters.c.version)).where(rosters.c.party_id == gateway)).scalar()
         return int(value or 0)
 
+    def signed_versions(self, party_id: str, after: int = 0) -> list[bytes]:
+        """SignedRoster bytes of ``party_id``'s versions after version ``after``, in order: what a gateway holding
+        ``after`` of the unit's roster (TrustSync.peer_roster_version) still needs."""
+        with reading(self.engine) as conn:
+            rows = conn.execute(
+                select(rosters.c.signed)
+                .where(rosters.c.party_id == party_id, rosters.c.version > after)
+                .order_by(rosters.c.version)
+            ).all()
+        return [r.signed for r in rows]
+
     def parties(self) -> list[str]:
+        """Every party whose roster is held (the unit's own included once it has one)."""
         with reading(self.engine) as conn:
             return [r[0] for r in conn.execute(select(rosters.c.party_id).distinct().order_by(rosters.c.party_id))]
 

@@ -223,13 +223,7 @@ class OwnRoster:
 
     def signed_versions(self, after: int = 0) -> list[bytes]:
         """SignedRoster bytes of the versions after version ``after`` (for a peer that holds ``after``)."""
-        with reading(self.engine) as conn:
-            rows = conn.execute(
-                select(s.rosters.c.signed)
-                .where(s.rosters.c.party_id == self.party.party_id, s.rosters.c.version > after)
-                .order_by(s.rosters.c.version)
-            ).all()
-        return [r.signed for r in rows]
+        return PeerRosters(self.engine).signed_versions(self.party.party_id, after)
 
 
 class RosterHandler:
@@ -302,6 +296,17 @@ class PeerRosters:
                 select(func.max(s.rosters.c.version)).where(s.rosters.c.party_id == party_id)
             ).scalar_one()
         return int(value or 0)
+
+    def signed_versions(self, party_id: str, after: int = 0) -> list[bytes]:
+        """SignedRoster bytes of ``party_id``'s versions after version ``after``, in order: what a peer holding
+        ``after`` of our roster (TrustSync.peer_roster_version) still needs."""
+        with reading(self.engine) as conn:
+            rows = conn.execute(
+                select(s.rosters.c.signed)
+                .where(s.rosters.c.party_id == party_id, s.rosters.c.version > after)
+                .order_by(s.rosters.c.version)
+            ).all()
+        return [r.signed for r in rows]
 
     def parties(self) -> list[str]:
         """Every party whose roster is held (the gateway's own included once it has one)."""

@@ -8,6 +8,9 @@ hedui-connector delay --config FILE BATCH --until YYYY-MM-DD --reason technical
 hedui-connector test-query --config FILE --category tax [--from YYYY-MM --to YYYY-MM] < ids.txt
                                                    what the unit would answer for these people (before going live)
 hedui-connector tls install-crl --config FILE CRL  install the CA's revocation list by hand (the gateway sends it too)
+hedui-connector roster init-admin|add|end|revoke|list|history|pending|on-duty|migrate-check --config FILE ...
+                                                   the unit's exchange staff, registered with the gateways in
+                                                   advance (Procedure V.(三)), and the gateways' rosters
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from common.idnumber import InvalidIdNumber, parse_id_number
 from connectors.adapters.base import LookupContext
 from connectors.config import ConnectorConfig
 from connectors.server import build_adapter, build_connector, revocation_source, serve
+from connectors.trust.commands import add_roster_commands
 from keys._files import read_bounded
 from keys.crl import MAX_CRL_BYTES, CrlError
 from keys.tls import check_tls
@@ -218,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     install.add_argument("--config", required=True)
     install.add_argument("file", help="the CRL file (DER or PEM)")
     install.set_defaults(func=_install_crl)
+    add_roster_commands(sub)
     args = parser.parse_args(argv)
     return run("hedui-connector", args)
 

@@ -113,6 +113,31 @@ class ExchangeSection:
         "TOML with official holiday schedules of years the built-in calendar lacks (common/workdays.py).",
         default=None,
     )
+    answer_staff: int = doc(
+        "Procedure V.(二): how many of the unit's exchange staff, on duty ('hedui-connector roster on-duty') and "
+        "on the unit's roster in force, each answer set names as responsible (1-8; 2 for the two-person rule on the "
+        "unit's side). With fewer on duty the worker answers nothing and says why (log, metric, alert). Applies once "
+        "the unit's own roster is in force.",
+        default=1,
+    )
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.answer_staff <= 8:
+            raise ValueError("exchange.answer_staff must be 1-8")
+
+
+@dataclass(frozen=True)
+class RosterSection:
+    notice_working_days: int = doc(
+        "Procedure V.(三): working days of notice (Beijing time) before a roster change that adds staff takes "
+        "effect, for the unit's own changes and for the gateways' rosters it receives (shorter: refused, "
+        "roster_notice_too_short). Ending or revoking staff takes effect at once. 0-20; agree it with the gateways.",
+        default=1,
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.notice_working_days <= 20:
+            raise ValueError("roster.notice_working_days must be 0-20")
 
 
 @dataclass(frozen=True)
@@ -144,8 +169,11 @@ class ConnectorConfig:
     tls: TlsSection = field(default_factory=TlsSection)
     exchange: ExchangeSection = field(default_factory=ExchangeSection)
     metrics: ConnectorMetricsSection = field(default_factory=ConnectorMetricsSection)
+    roster: RosterSection = field(default_factory=RosterSection)
     staff: tuple[StaffEntry, ...] = doc(
-        "Exchange staff registered in advance by each gateway; queries naming others are refused.", default=()
+        "Deprecated: a migration source only. Exchange staff ids of a gateway, checked only while no version of that "
+        "gateway's signed roster is in force (then the roster decides; 'hedui-connector roster migrate-check').",
+        default=(),
     )
 
     def __post_init__(self) -> None:

@@ -20,12 +20,14 @@ from hedui.v1 import exchange_pb2
 
 from common.categories import UNIT_DATA
 from common.dates import from_pb, to_pb, year_month
-from common.logs import public_commission_ref
+from common.logs import LogThrottle, public_commission_ref
 from common.workdays import CHINA_TZ, CalendarSource, Deadline, WorkdayCalendar
 from connectors.adapters.base import Adapter, AdapterError, LookupContext
 from connectors.answering import answer_subjects, is_authorised
 from connectors.errors import DelayRefused, Refusal, envelope_refusal
 from connectors.store import BatchExists, ConnectorStore, StoredBatch
+from connectors.trust.duty import OnDuty, Responsible
+from connectors.trust.rosters import PeerRosters
 from keys.clock import DAY_MS, MINUTE_MS, from_ms
 from keys.envelope import Courier, Opened
 from keys.errors import EnvelopeError, ReplayedEnvelope
@@ -89,6 +91,16 @@ class Connector:
         #: Where a running service re-reads its holiday file (set by connectors.server.build_connector); None: the
         #: calendar given here stays.
         self.calendar_source: CalendarSource | None = None
+        #: The rosters the unit holds (set by build_connector): a gateway's staff are judged by its roster in force
+        #: when the batch was made; None: by the deprecated [[staff]] ids (``staff``) alone.
+        self.rosters: PeerRosters | None = None
+        #: Who is on duty (set by build_connector); once the unit's own roster is in force, each answer set names at
+        #: least ``answer_staff`` of them (Procedure V.(二)) or is not made. None: answers name nobody.
+        self.duty: OnDuty | None = None
+        self.answer_staff = 1
+        #: The worker is holding answers back for want of registered staff on duty (a metric and an alert).
+        self.short_of_staff = False
+        self._staff_log = LogThrottle(60.0)
 
     @property
     def party_id(self) -> str:
@@ -158,7 +170,7 @@ class Connector:
             existing = self.store.get(batch.batch_id) if _BATCH_ID_RE.match(batch.batch_id) else None
             if existing is not None:
                 return self._same_batch_receipt(existing, gateway, digest, opened)
-            self._validate(batch, gateway)
+            self._validate(batch, gateway, opened.header.created_at_ms)
             received_at = self._now()
             # Never refused for the calendar: a due date across a year without its official schedule is given
             # provisionally and fixed by settle_due_dates once the schedule is installed.
@@ -254,7 +266,7 @@ class Connector:
                 )
         return fixed
 
-    def _validate(self, batch: exchange_pb2.QueryBatch, gateway: str) -> None:
+    def _validate(self, batch: exchange_pb2.QueryBatch, gateway: str, created_at_ms: int) -> None:
         """Whole-batch checks; any failure refuses the batch. Per-subject problems are answered, not refused."""
         if not _BATCH_ID_RE.match(batch.batch_id):
             raise _invalid("batch_id must be 1-64 characters of A-Z a-z 0-9 . _ : -", "bad_batch_id")
@@ -290,15 +302,7 @@ class Connector:
             raise _invalid(f"income period or asset date: {exc}", "bad_period") from exc
         if start > end:
             raise _invalid("income period ends before it starts", "bad_period")
-        staff = set(batch.staff_ids)
-        registered = self.staff.get(gateway, frozenset())
-        if len(staff) < MIN_EXCHANGE_STAFF or not staff <= registered:
-            # Procedure V.(二) and V.(三): two or more staff members, registered with us in advance.
-            raise Refusal(
-                grpc.StatusCode.PERMISSION_DENIED,
-                "an exchange needs at least two staff members registered with this unit in advance",
-                "staff_not_registered",
-            )
+        self._check_staff(batch, gateway, created_at_ms)
         refs = [s.subject_ref for s in batch.subjects]
         if any(not 0 < len(r) <= MAX_REF_LENGTH for r in refs) or len(set(refs)) != len(refs):
             raise _invalid("every subject needs a unique subject_ref of 1-64 characters", "bad_subject_ref")
@@ -311,7 +315,38 @@ class Connector:
                 "no_authorisation",
             )
 
+    def _check_staff(self, batch: exchange_pb2.QueryBatch, gateway: str, created_at_ms: int) -> None:
+        """Procedure V.(二) and V.(三): two or more staff members, registered with us in advance: on the gateway's
+        roster in force when the batch was made (its envelope's created-at), or, while none is, among the
+        deprecated [[staff]] ids of the config."""
+        staff = sorted(set(batch.staff_ids))
+        if len(staff) < MIN_EXCHANGE_STAFF:
+            raise Refusal(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "an exchange needs at least two staff members registered with this unit in advance",
+                "staff_not_registered",
+            )
+        if self.rosters is None:
+            refused = next((("staff_not_registered", s) for s in staff if s not in self.staff.get(gateway, ())), None)
+        else:
+            refused = self.rosters.staff_refusal(gateway, staff, created_at_ms, self.staff)
+        if refused is not None:
+            reason, staff_id = refused
+            detail = staff_id if len(staff_id) <= 32 and staff_id.isascii() and staff_id.isprintable() else "-"
+            raise Refusal(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"staff member {detail} is not registered with this unit for that time ({reason}); an exchange needs "
+                "at least two staff members registered in advance",
+                reason,
+            )
+
     # -- answering ---------------------------------------------------------------------------------------------
+
+    def responsible_staff(self, at_ms: int) -> Responsible:
+        """The unit's staff to name on an answer made at ``at_ms`` (see connectors/trust/duty.py)."""
+        if self.duty is None or self.rosters is None:
+            return Responsible((), legacy=True)
+        return self.duty.responsible(self.rosters.history(self.party_id), at_ms, self.answer_staff)
 
     def answer_pending(self, limit: int = 16) -> int:
         """Answer up to ``limit`` pending batches; returns how many were answered. Adapter failures leave a batch
@@ -320,6 +355,23 @@ class Connector:
         answered = 0
         now = self._now()
         waiting = {batch_id for batch_id, (_, next_ms) in self._retry.items() if next_ms > now}
+        responsible = self.responsible_staff(now)
+        self.short_of_staff = responsible.reason is not None
+        if responsible.reason is not None:
+            held_back = self._staff_log.admit(responsible.reason)
+            if held_back is not None:
+                # Procedure V.(二): the unit's side of the exchange names its responsible staff; it answers nothing
+                # rather than an answer set the gateway would refuse.
+                log.warning(
+                    "answers held back: too few registered exchange staff on duty",
+                    extra={
+                        "reason": responsible.reason,
+                        "on_duty": len(responsible.staff_ids),
+                        "required": self.answer_staff,
+                        "repeated": held_back or None,
+                    },
+                )
+            return 0
         for stored, content in self.store.pending(limit, exclude=waiting):
             batch = exchange_pb2.QueryBatch.FromString(content)
             try:
@@ -346,6 +398,12 @@ class Connector:
                 self._delay_if_due(stored)
                 continue
             self._retry.pop(stored.batch_id, None)
+            # Named as of the answer's own time, which is what the gateway judges them by.
+            named = self.responsible_staff(answer.answered_at_ms)
+            if named.reason is not None:
+                self.short_of_staff = True
+                break
+            answer.responsible_staff.extend(named.staff_ids)
             if self.store.store_answer(stored.batch_id, answer.SerializeToString(deterministic=True), self._now()):
                 answered += 1
                 if self.metrics is not None:

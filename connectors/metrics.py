@@ -10,17 +10,23 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from hedui.v1 import exchange_pb2
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from common.db import reading
 from common.metrics import CalendarCollector, ServiceMetrics
 from common.workdays import WorkdayCalendar
 from connectors import store as cstore
 from keys.errors import ENVELOPE_ERRORS
+
+if TYPE_CHECKING:
+    from connectors.connector import Connector
 
 log = logging.getLogger("hedui.connector.metrics")
 
@@ -85,6 +91,11 @@ class ConnectorMetrics:
         """Export ``hedui_calendar_known_until`` of the calendar ``calendar()`` returns at scrape time."""
         self.registry.register(CalendarCollector(calendar, clock))
 
+    def watch_rosters(self, connector: Connector) -> None:
+        """Export roster changes not yet in force (per party, the unit's own included), the gateways that have not
+        acknowledged the unit's roster, and whether answers are held back for want of staff on duty."""
+        self.registry.register(_RosterCollector(connector))
+
     def answered(self, statuses: Iterable[int]) -> None:
         # One increment per status rather than per subject: a batch of thousands has a handful of statuses, and a
         # labelled increment costs more than counting in a dict.
@@ -112,3 +123,54 @@ class _PendingReader:
         with reading(self.engine) as conn:
             pending = int(conn.execute(query).scalar_one())
         return [GaugeMetricFamily("hedui_connector_pending_batches", _PENDING, value=pending)]
+
+
+_ROSTER_PENDING = (
+    "Roster versions held (the unit's own and each gateway's) that are not yet in force (Procedure V.(三))."
+)
+_ROSTER_UNACKED = (
+    "Seconds since the oldest version of the unit's roster that the gateway has not acknowledged was published."
+)
+_STAFF_SHORT = (
+    "1 while the answer worker holds answers back because fewer registered exchange staff are on duty than "
+    "[exchange] answer_staff ('hedui-connector roster on-duty')."
+)
+
+
+class _RosterCollector(Collector):
+    """Roster series read at scrape time from the connector's store."""
+
+    def __init__(self, connector: Connector) -> None:
+        from connectors.trust.items import TrustItems  # noqa: PLC0415 - the trust wing imports this package's store
+
+        self.connector = connector
+        self.items = TrustItems(connector.store.engine)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily("hedui_connector_roster_changes_pending", _ROSTER_PENDING, labels=["party"]),
+            GaugeMetricFamily("hedui_connector_roster_unacknowledged_seconds", _ROSTER_UNACKED, labels=["gateway"]),
+            GaugeMetricFamily("hedui_connector_answer_staff_short", _STAFF_SHORT),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        from connectors.trust.rosters import ROSTER_ITEM  # noqa: PLC0415
+
+        pending, unacked, short = self._families()
+        connector = self.connector
+        now = connector.courier.clock.now_ms()
+        try:
+            if connector.rosters is not None:
+                for party, count in sorted(connector.rosters.pending(now).items()):
+                    pending.add_metric([party], float(count))
+            for peer, kind, age_ms in self.items.unacknowledged(now):
+                if kind == ROSTER_ITEM:
+                    unacked.add_metric([peer], age_ms / 1000)
+        except SQLAlchemyError as exc:  # a store that cannot be read is hedui_database_up's business
+            log.debug("roster metrics not read", extra={"error": type(exc).__name__})
+        short.add_metric([], 1.0 if connector.short_of_staff else 0.0)
+        yield from (pending, unacked, short)

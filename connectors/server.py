@@ -42,6 +42,8 @@ from connectors.errors import Refusal
 from connectors.metrics import ConnectorMetrics
 from connectors.store import ConnectorStore
 from connectors.synthetic import Population, SyntheticAdapter
+from connectors.trust.duty import OnDuty
+from connectors.trust.rosters import PeerRosters
 from keys import keystore
 from keys.envelope import Courier, Policy
 from keys.tls import TlsIdentity, check_tls, party_from_auth_context, read_private_key
@@ -321,9 +323,43 @@ def build_connector(
         metrics=metrics,
     )
     connector.calendar_source = calendar
+    connector.rosters, connector.duty = PeerRosters(store.engine), OnDuty(store.engine)
+    connector.answer_staff = config.exchange.answer_staff
+    legacy_staff_warnings(connector)
     if metrics is not None:
         metrics.watch_calendar(lambda: connector.calendar, lambda: connector.courier.clock.now_ms() / 1000)
+        metrics.watch_rosters(connector)
     return connector
+
+
+def legacy_staff_warnings(connector: Connector) -> list[str]:
+    """Say at start what the deprecated [[staff]] ids still do (Procedure V.(三) moved to signed rosters): which
+    gateways they still serve (no roster of theirs in force), and which ids a received roster lacks. Returns the
+    lines logged."""
+    assert connector.rosters is not None
+    lines = []
+    now = connector.courier.clock.now_ms()
+    for gateway in sorted(connector.staff):
+        history = connector.rosters.history(gateway)
+        if history is None or history.in_force(now) is None:
+            lines.append(f"[[staff]] ids of {gateway} are checked until its signed roster is in force (deprecated)")
+            log.warning(
+                "deprecated [[staff]] list in use: no roster of the gateway in force yet", extra={"gateway": gateway}
+            )
+        else:
+            log.info("[[staff]] list ignored: the gateway's signed roster is in force", extra={"gateway": gateway})
+    for gateway, missing in connector.rosters.missing_from_roster(connector.staff).items():
+        lines.append(f"the roster of {gateway} lacks [[staff]] ids {', '.join(missing)}")
+        log.warning(
+            "[[staff]] ids the gateway's roster lacks", extra={"gateway": gateway, "staff_ids": ",".join(missing)}
+        )
+    own = connector.rosters.history(connector.party_id)
+    if own is None or own.in_force(now) is None:
+        log.warning(
+            "the unit's own roster is not in force yet: answers name no responsible staff "
+            "('hedui-connector roster init-admin', docs/operations.md)"
+        )
+    return lines
 
 
 def start(

@@ -8,6 +8,8 @@ hedui-gateway status --config FILE             units, their health, and batches 
 hedui-gateway retry --config FILE --unit UNIT | --all   end a unit's backoff: its next cycle calls it at once
 hedui-gateway resend --config FILE --unit UNIT [--batch ID ...]   put a unit's failed batches back into the outbox
 hedui-gateway staff bootstrap-admin|add|revoke|list --config FILE ...   the staff register (Procedure V)
+hedui-gateway roster add|end|revoke|publish|list|show|history|pending --config FILE ...   staff registered with
+                                                the units in advance, signed and announced (Procedure V.(三))
 hedui-gateway audit verify|head|checkpoint|export-head --config FILE   the audit chain and its signed checkpoints
 hedui-gateway archive verify --config FILE      re-check every archived envelope and its place in the chain
 hedui-gateway archive steps COMMISSION --config FILE   who signed each step and approval (Procedure V.(一)(二))
@@ -52,6 +54,8 @@ from gateway.ops.replica import ReplicaLeaseLost, check_replica_id
 from gateway.ops.restore import restore
 from gateway.procedure.staff import StaffError, StaffMember, StaffRegister
 from gateway.server import build
+from gateway.trust.commands import add_roster_commands
+from gateway.trust.rosters import PeerRosters
 from keys import keystore
 from keys._files import read_bounded
 from keys.announcements import MAX_BUNDLE_BYTES, dearmor, read_bundle
@@ -427,11 +431,23 @@ def _staff_bootstrap(args: argparse.Namespace) -> None:
     print(f"registered the first admin {member.staff_id} ({member.roles_text})")
 
 
+def _no_roster_yet(register: StaffRegister, command: str) -> None:
+    """Once the gateway has a roster, members change only with it: a change the units were not told of would make
+    the gateway accept what they refuse (Procedure V.(三))."""
+    if PeerRosters(register.engine).own() is not None:
+        raise StaffError(
+            f"the staff register is announced to the units as a signed roster: use 'hedui-gateway roster {command}' "
+            "with the admin's staff keystore instead (docs/operations.md, 'Registering exchange staff with each "
+            "other')"
+        )
+
+
 def _staff_add(args: argparse.Namespace) -> None:
     now = SystemClock().now_ms()
     valid_from, valid_until = _window(args, now)
     public_key = _staff_key(args, now)
     with _staff_register(args.config) as register:
+        _no_roster_yet(register, "add")
         member = register.register(
             args.admin,
             args.staff_id,
@@ -447,6 +463,7 @@ def _staff_add(args: argparse.Namespace) -> None:
 
 def _staff_revoke(args: argparse.Namespace) -> None:
     with _staff_register(args.config) as register:
+        _no_roster_yet(register, "revoke")
         member = register.revoke(args.admin, args.staff_id, now_ms=SystemClock().now_ms(), reason=args.reason)
     print(f"revoked {member.staff_id} ({args.reason}); their approvals are refused from now on")
 
@@ -496,6 +513,7 @@ def _add_staff_and_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser
         command.add_argument("--config", required=True)
 
     add_audit_commands(sub)
+    add_roster_commands(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

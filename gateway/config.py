@@ -177,6 +177,21 @@ class ArchiveSection:
 
 
 @dataclass(frozen=True)
+class StaffSection:
+    roster_notice_working_days: int = doc(
+        "Procedure V.(三): working days of notice (Beijing time, the working-day calendar) before a roster change "
+        "that adds staff takes effect. Applies to the changes 'hedui-gateway roster' makes and to the rosters the "
+        "units send (a shorter notice is refused: roster_notice_too_short). Ending or revoking staff takes effect "
+        "at once. 0-20; agree the same value with the units.",
+        default=1,
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.roster_notice_working_days <= 20:
+            raise ValueError("staff.roster_notice_working_days must be 0-20")
+
+
+@dataclass(frozen=True)
 class UnitEntry:
     party_id: str = doc("The unit's party id (its keys must be in the keystore's trust store).")
     category: str = doc("Unit category (clause 7): tax, land, housing, financial_institution, ...")
@@ -230,6 +245,7 @@ class GatewayConfig:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     archive: ArchiveSection = field(default_factory=ArchiveSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    staff: StaffSection = field(default_factory=StaffSection)
     units: tuple[UnitEntry, ...] = doc("The sharing units this gateway exchanges with.", default=())
     clients: tuple[ClientEntry, ...] = doc("Who may call the agency API, and in which role.", default=())
 

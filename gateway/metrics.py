@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from common.db import reading
 from common.metrics import CalendarCollector, ServiceMetrics
@@ -50,6 +51,8 @@ def _decision_name(value: int) -> str:
 
 DECISIONS = tuple(_decision_name(v) for v in agency_pb2.Decision.values() if v)
 
+#: Roster state at scrape time: (versions not in force per party, seconds each unit has not acknowledged our roster).
+RosterReader = Callable[[], tuple[dict[str, int], dict[str, float]]]
 #: Key expiry as (party id, algorithm name, days until the key stops being valid).
 KeyExpiries = Callable[[], Iterable[tuple[str, str, float]]]
 
@@ -122,6 +125,20 @@ class GatewayMetrics:
         )
         for decision in DECISIONS:
             self.approval_feedback.labels(decision)
+        self.answers_staff_unverified = Counter(
+            "hedui_answers_staff_unverified_total",
+            "Answer sets stored without checking the unit staff they name (Procedure V.(二)): the gateway held no "
+            "version of the unit's roster in force at the answer's time.",
+            ["unit"],
+            registry=registry,
+        )
+        self.answers_staff_refused = Counter(
+            "hedui_answers_staff_refused_total",
+            "Answer sets not stored because the unit staff they name are not on the unit's roster, active, at the "
+            "answer's time (or none are named, or the time is impossible), by reason; the batch is polled again.",
+            ["unit", "reason"],
+            registry=registry,
+        )
         self._seen_delays: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -140,6 +157,7 @@ class GatewayMetrics:
                 family.labels(unit)
             self.batch_round_trip.labels(unit)
             self.answer_latency.labels(unit)
+            self.answers_staff_unverified.labels(unit)
             for accepted in ("true", "false"):
                 self.delay_notices.labels(unit, accepted)
 
@@ -185,6 +203,17 @@ class GatewayMetrics:
             if len(self._seen_delays) > _SEEN_DELAYS_LIMIT:
                 self._seen_delays.popitem(last=False)
         self.delay_notices.labels(unit, "true" if accepted else "false").inc()
+
+    def answer_staff_unverified(self, unit: str) -> None:
+        self.answers_staff_unverified.labels(unit).inc()
+
+    def answer_staff_refused(self, unit: str, reason: str) -> None:
+        self.answers_staff_refused.labels(unit, reason).inc()
+
+    def watch_rosters(self, reader: RosterReader) -> None:
+        """Export roster changes not yet in force per party (ours and the units') and the units that have not
+        acknowledged our roster, read at scrape time."""
+        self.registry.register(_RosterCollector(reader))
 
     def unit_failed(self, unit: str) -> None:
         self.unit_retries.labels(unit).inc()
@@ -298,3 +327,36 @@ class _KeyCollector(Collector):
         for (party, algorithm), days in sorted(soonest.items()):
             family.add_metric([party, algorithm], days * 86_400)
         yield family
+
+
+_ROSTER_PENDING = "Roster versions held (ours and each unit's) that are not yet in force (Procedure V.(三))."
+_ROSTER_UNACKED = "Seconds since the oldest version of our roster that the unit has not acknowledged was published."
+
+
+class _RosterCollector(Collector):
+    def __init__(self, reader: RosterReader) -> None:
+        self.reader = reader
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily("hedui_roster_changes_pending", _ROSTER_PENDING, labels=["party"]),
+            GaugeMetricFamily("hedui_roster_unacknowledged_seconds", _ROSTER_UNACKED, labels=["unit"]),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        pending, unacked = self._families()
+        try:
+            by_party, ages = self.reader()
+        except SQLAlchemyError as exc:  # the database's state is hedui_database_up's business
+            log.debug("roster metrics not read", extra={"error": type(exc).__name__})
+            by_party, ages = {}, {}
+        for party, count in sorted(by_party.items()):
+            pending.add_metric([party], float(count))
+        for unit, seconds in sorted(ages.items()):
+            unacked.add_metric([unit], seconds)
+        yield pending
+        yield unacked

@@ -40,6 +40,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.ops.replica import ReplicaLease, ReplicaLock
 from gateway.procedure.staff import StaffRegister
 from gateway.procedure.workflow import Workflow
+from gateway.trust.rosters import PeerRosters
 from keys import keystore
 from keys.clock import DAY_MS, Clock, SystemClock
 from keys.crl import RevocationList
@@ -260,6 +261,8 @@ def _start(
     sched = config.schedule
     key_watch = KeyWatch(config, party, trust, clock)
     metrics.watch_keys(key_watch.expiries)
+    rosters = PeerRosters(engine)
+    metrics.watch_rosters(lambda: rosters.metrics(clock.now_ms()))
     scheduler = GatewayScheduler(
         store=store,
         engine=exchange,

@@ -35,6 +35,7 @@ from keys.identity import PartyKeys
 from keys.keyring import KeyRecord, Keyring, KeyState
 from keys.keystore import KdfParams
 from keys.replay import FileReplayCache, MemoryReplayCache, ReplayCache
+from keys.roster import RosterError, RosterHistory, RosterMember
 from keys.truststore import TrustStore
 
 __all__ = [
@@ -70,6 +71,9 @@ __all__ = [
     "ReplayStoreError",
     "ReplayedEnvelope",
     "RevokedKey",
+    "RosterError",
+    "RosterHistory",
+    "RosterMember",
     "SealedFileError",
     "SigningKey",
     "SystemClock",

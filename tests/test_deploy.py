@@ -70,6 +70,10 @@ GATEWAY_METRICS = frozenset(
         "hedui_database_up",
         "hedui_database_scrape_age_seconds",
         "hedui_calendar_known_until",
+        "hedui_roster_changes_pending",
+        "hedui_roster_unacknowledged_seconds",
+        "hedui_answers_staff_unverified_total",
+        "hedui_answers_staff_refused_total",
     }
 )
 CONNECTOR_METRICS = frozenset(
@@ -93,6 +97,9 @@ CONNECTOR_METRICS = frozenset(
         "hedui_database_up",
         "hedui_database_scrape_age_seconds",
         "hedui_calendar_known_until",
+        "hedui_connector_roster_changes_pending",
+        "hedui_connector_roster_unacknowledged_seconds",
+        "hedui_connector_answer_staff_short",
     }
 )
 HISTOGRAMS = ("hedui_batch_round_trip_seconds", "hedui_answer_latency_seconds")
@@ -109,6 +116,7 @@ REQUIRED_GROUPS = (
     "hedui-dispatch-stalled",
     "hedui-report-deadline",
     "hedui-calendar",
+    "hedui-rosters",
 )
 ANNOTATIONS = ("summary", "description", "summary_zh", "description_zh", "runbook_url")
 CJK = re.compile(r"[\u4e00-\u9fff]")

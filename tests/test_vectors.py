@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from google.protobuf.message import Message
 from hedui.v1 import agency_pb2, media_pb2
 
+from common.workdays import WorkdayCalendar
 from keys import _canonical, errors
 from keys import steps as steps_module
 from keys.announcements import armor, dearmor, read_bundle
@@ -34,9 +35,11 @@ from keys.handles import PrivateKey, PublicKey, _load_private
 from keys.identity import PartyKeys
 from keys.keyring import KeyRecord, Keyring, KeyState
 from keys.replay import MemoryReplayCache
+from keys.roster import REFUSALS as ROSTER_REFUSALS
+from keys.roster import Notice, RosterError, RosterHistory
 from keys.sealedfile import open_sealed_file
 from keys.truststore import TrustStore
-from tests import vectorgen, vectorgen_formats, vectorgen_steps
+from tests import vectorgen, vectorgen_formats, vectorgen_rosters, vectorgen_steps
 
 Json = dict[str, Any]
 
@@ -537,3 +540,129 @@ def test_worked_example_of_signed_steps_in_the_specification_is_a_vector() -> No
     assert _steps_key("S-0001")["seed"] in section and _steps_key("S-0001")["public"] in section
     assert f"step={vector['step_sha256']}" in section
     assert f"is the {len(bytes.fromhex(vector['step']))} bytes" in section
+# --- rosters_v1.json: signed staff rosters (docs/exchange.md, "Rosters (Procedure V.(三))") ----------------------
+
+ROSTERS_FILE = ROOT / "tests" / "vectors" / "rosters_v1.json"
+
+
+@functools.cache
+def load_rosters() -> Json:
+    """The committed roster vector document."""
+    document: Json = json.loads(ROSTERS_FILE.read_text(encoding="utf-8"))
+    return document
+
+
+def rosters(kind: str) -> list[Any]:
+    return [pytest.param(vector, id=vector.get("name", f"{kind}-{i}")) for i, vector in enumerate(load_rosters()[kind])]
+
+
+def test_committed_roster_vectors_are_what_the_generator_builds() -> None:
+    expected = vectorgen_rosters.render(vectorgen_rosters.build_vectors()).encode()
+    assert ROSTERS_FILE.read_bytes() == expected, (
+        "tests/vectors/rosters_v1.json is not what tests/vectorgen_rosters.py builds: regenerate with "
+        "`python scripts/make_vectors.py` if the change is on purpose"
+    )
+
+
+def _roster_bytes(fields: Json) -> bytes:
+    """docs/exchange.md, "Rosters": the canonical Roster from its fields with the protobuf wire rules alone."""
+    members = b""
+    for m in fields["members"]:
+        member = _len_field(1, m["staff_id"].encode()) + _len_field(2, m["name"].encode())
+        member += b"".join(_len_field(3, role.encode()) for role in m["roles"])
+        member += _len_field(4, bytes.fromhex(m["public_key"])) + _int_field(5, m["valid_from_ms"])
+        member += _int_field(6, m["valid_until_ms"]) + _int_field(7, m["revoked_at_ms"])
+        members += _len_field(6, member)
+    return (
+        _len_field(1, fields["party_id"].encode())
+        + _int_field(2, fields["version"])
+        + _len_field(3, bytes.fromhex(fields["previous_digest"]))
+        + _int_field(4, fields["issued_at_ms"])
+        + _int_field(5, fields["effective_at_ms"])
+        + members
+        + _len_field(7, fields["admin_staff_id"].encode())
+    )
+
+
+@pytest.mark.parametrize("vector", rosters("versions"))
+def test_roster_version_follows_from_the_specification(vector: Json) -> None:
+    """Bytes, digest, chain and both signatures, checked with hashlib, the wire rules and pyca's Ed25519."""
+    document = load_rosters()
+    domains = document["constants"]
+    roster = bytes.fromhex(vector["roster_bytes"])
+    assert _roster_bytes(vector["roster"]) == roster
+    assert hashlib.sha256(roster).hexdigest() == vector["roster_sha256"]
+    party = document["party"]
+    assert _key_id(1, bytes.fromhex(party["public"])).hex() == party["key_id"] == vector["signer_key_id"]
+    ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(party["public"])).verify(
+        bytes.fromhex(vector["party_signature"]), bytes.fromhex(domains["roster_domain"]) + roster
+    )
+    admin = next(s for s in document["staff"] if s["staff_id"] == vector["roster"]["admin_staff_id"])
+    ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(admin["public"])).verify(
+        bytes.fromhex(vector["admin_signature"]), bytes.fromhex(domains["roster_admin_domain"]) + roster
+    )
+    signed = (
+        _len_field(1, roster)
+        + _len_field(2, bytes.fromhex(vector["signer_key_id"]))
+        + _len_field(3, bytes.fromhex(vector["party_signature"]))
+        + _len_field(4, bytes.fromhex(vector["admin_signature"]))
+    )
+    assert signed.hex() == vector["signed_roster"]
+    assert hashlib.sha256(signed).hexdigest() == vector["item_sha256"]
+    version = vector["roster"]["version"]
+    if version > 1:
+        previous = document["versions"][version - 2]
+        assert vector["roster"]["previous_digest"] == previous["roster_sha256"]
+    for member in vector["roster"]["members"]:
+        seed = next(s["seed"] for s in document["staff"] if s["staff_id"] == member["staff_id"])
+        public = ed25519.Ed25519PrivateKey.from_private_bytes(bytes.fromhex(seed)).public_key()
+        assert public.public_bytes_raw().hex() == member["public_key"]
+
+
+def _roster_receiver(held: list[str]) -> RosterHistory:
+    document = load_rosters()
+    party = document["party"]
+    history = RosterHistory(party["party_id"])
+    for name in held:
+        version = next(v for v in document["versions"] if v["name"] == name)
+        assert history.accept(
+            bytes.fromhex(version["signed_roster"]),
+            keyring=_roster_keyring(),
+            now_ms=version["roster"]["issued_at_ms"],
+            notice=Notice(WorkdayCalendar(), document["constants"]["notice_working_days"]),
+        )
+    return history
+
+
+def _roster_keyring() -> Keyring:
+    party = load_rosters()["party"]
+    public = PublicKey(Algorithm.ED25519, bytes.fromhex(party["public"]))
+    return Keyring([KeyRecord(public, KeyState.ACTIVE, party["not_before_ms"])])
+
+
+def test_roster_member_at_vectors() -> None:
+    history = _roster_receiver(["v1", "v2", "v3"])
+    for check in load_rosters()["member_at"]:
+        member, reason = history.member_at(check["staff_id"], check["at_ms"])
+        in_force = history.in_force(check["at_ms"])
+        assert (member is not None, reason) == (check["active"], check["reason"]), check
+        assert (in_force.version if in_force else 0) == check["version_in_force"]
+
+
+@pytest.mark.parametrize("vector", rosters("refusals"))
+def test_roster_refusal_vector(vector: Json) -> None:
+    history = _roster_receiver(vector["held"])
+    with pytest.raises(RosterError) as caught:
+        history.accept(
+            bytes.fromhex(vector["signed_roster"]),
+            keyring=_roster_keyring(),
+            now_ms=vector["now_ms"],
+            notice=Notice(WorkdayCalendar(), vector["notice_working_days"]),
+        )
+    assert caught.value.code == vector["code"]
+    assert [v.roster.version for v in history.versions] == [int(n[1:]) for n in vector["held"]]
+
+
+def test_every_roster_refusal_reason_has_a_vector() -> None:
+    covered = {v["code"] for v in load_rosters()["refusals"]}
+    assert covered == set(ROSTER_REFUSALS) - {"roster_unknown_party"}  # no keys at all: nothing to put in a vector

@@ -309,3 +309,57 @@ replicas = Table(
     Column("heartbeat_ms", BigInteger, nullable=False),
     Column("lease_until_ms", BigInteger, nullable=False),
 )
+
+#: Trust items to deliver to peers over SyncTrust (docs/exchange.md, "Trust synchronisation"): rosters, key
+#: announcements, revocation lists. Migration 0011. (A minimal stand-in on the roster branch for helper SYNC's tables,
+#: with exactly the columns the shared design names; SYNC's migration 0011 replaces it when the branches meet.)
+trust_items = Table(
+    "trust_items",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", Integer, nullable=False),  # TrustItemKind
+    Column("payload", LargeBinary, nullable=False),
+    Column("sha256", LargeBinary(32), nullable=False, unique=True),
+    Column("created_at_ms", BigInteger, nullable=False),
+)
+
+#: One row per item and peer: re-sent until the peer acknowledged it (applied, or refused with a reason).
+trust_deliveries = Table(
+    "trust_deliveries",
+    metadata,
+    Column("item_id", Integer, ForeignKey("trust_items.id"), primary_key=True),
+    Column("peer", String(64), primary_key=True),
+    Column("acked_at_ms", BigInteger, nullable=True),
+    Column("applied", Boolean, nullable=True),
+    Column("reason", String(40), nullable=True),
+)
+
+#: Signed staff rosters (Procedure V.(三), keys/roster.py), migration 0012: the versions of our own roster (``own``)
+#: and those of the units, each as the SignedRoster bytes accepted, with its history. A version is never changed or
+#: deleted: an old message is judged by the roster of its day.
+rosters = Table(
+    "rosters",
+    metadata,
+    Column("party_id", String(64), primary_key=True),
+    Column("version", BigInteger, primary_key=True, autoincrement=False),
+    Column("own", Boolean, nullable=False),
+    Column("signed", LargeBinary, nullable=False),
+    # SHA-256 of ``signed``: the trust item's digest its receipt names.
+    Column("sha256", LargeBinary(32), nullable=False),
+    Column("issued_at_ms", BigInteger, nullable=False),
+    Column("effective_at_ms", BigInteger, nullable=False),
+    Column("admin_staff_id", String(32), nullable=False),
+    Column("stored_at_ms", BigInteger, nullable=False),
+)
+
+#: The unit's staff an answer set names as responsible (BatchAnswer.responsible_staff, Procedure V.(二)), migration
+#: 0012: comma-separated staff ids, and the version of the unit's roster in force at the answer's time that they
+#: were checked against; NULL while the gateway held no roster of the unit (stored unverified).
+answer_staff = Table(
+    "answer_staff",
+    metadata,
+    Column("batch_id", String(40), ForeignKey("batches.batch_id"), primary_key=True),
+    Column("staff_ids", String(300), nullable=False),
+    Column("roster_version", BigInteger, nullable=True),
+    Column("answered_at_ms", BigInteger, nullable=False),
+)

@@ -63,6 +63,16 @@ class ResentBatch:
     last_error: str | None
 
 
+@dataclass(frozen=True)
+class ResponsibleStaff:
+    """The unit's staff an answer set names (BatchAnswer.responsible_staff, Procedure V.(二)) as the gateway recorded
+    them: checked against ``roster_version`` of the unit's roster, or unverified (None) when it held none in force."""
+
+    staff_ids: tuple[str, ...]
+    roster_version: int | None
+    answered_at_ms: int
+
+
 class ResendRefused(HeduiError):
     """A resend that names an unknown unit, or batches that are unknown, of another unit or not failed; nothing
     was changed."""
@@ -370,11 +380,17 @@ class BatchLedger:
             return {r.id for r in conn.execute(query)}
 
     def store_answers(
-        self, batch_id: str, subjects: Sequence[exchange_pb2.SubjectAnswer], envelope: Envelope, now_ms: int
+        self,
+        batch_id: str,
+        subjects: Sequence[exchange_pb2.SubjectAnswer],
+        envelope: Envelope,
+        now_ms: int,
+        *,
+        staff: ResponsibleStaff | None = None,
     ) -> int:
         """Store one answer per item (again: ignored, so exactly one answer per item) and mark the batch
-        answered, with its ``batch.answered`` chain entry and the answer set ``envelope`` archived, in one
-        transaction; returns the number of answers newly stored."""
+        answered, with its ``batch.answered`` chain entry, the answer set ``envelope`` archived and the unit staff
+        it names (``staff``), in one transaction; returns the number of answers newly stored."""
         rows = [
             (int(a.subject_ref), batch_id, a.status, a.SerializeToString(deterministic=True), now_ms) for a in subjects
         ]
@@ -400,7 +416,25 @@ class BatchLedger:
                     .where(s.batches.c.batch_id == batch_id)
                     .values(answer_message_id=envelope.message_id)
                 )
+                held = select(s.answer_staff.c.batch_id).where(s.answer_staff.c.batch_id == batch_id)
+                if staff is not None and conn.execute(held).first() is None:  # the first answer set's names stay
+                    conn.execute(
+                        s.answer_staff.insert().values(
+                            batch_id=batch_id,
+                            staff_ids=",".join(staff.staff_ids),
+                            roster_version=staff.roster_version,
+                            answered_at_ms=staff.answered_at_ms,
+                        )
+                    )
         return added
+
+    def responsible_staff(self, batch_id: str) -> ResponsibleStaff | None:
+        """The unit staff the batch's stored answer set named, and the roster version they were checked against."""
+        with reading(self.engine) as conn:
+            row = conn.execute(select(s.answer_staff).where(s.answer_staff.c.batch_id == batch_id)).first()
+        if row is None:
+            return None
+        return ResponsibleStaff(tuple(x for x in row.staff_ids.split(",") if x), row.roster_version, row.answered_at_ms)
 
     def acknowledged(self, batch_ids: Sequence[str], now_ms: int) -> None:
         """The unit was told these batches' answers are stored; it may forget them."""

@@ -28,10 +28,11 @@ from common.logs import LogThrottle, database_error, database_error_code, public
 from common.workdays import CHINA_TZ, CalendarSource, Deadline, WorkdayCalendar
 from gateway.archive.audit import AuditLog
 from gateway.archive.messages import Envelope
-from gateway.exchange.batches import BatchWork
+from gateway.exchange.batches import BatchWork, ResponsibleStaff
 from gateway.exchange.store import GatewayStore
 from gateway.exchange.transport import TransportFailure, UnitClient, UnitRefusal
 from gateway.exchange.units import UnitRow
+from gateway.trust.rosters import PeerRosters, judge_answer_staff
 from keys.clock import from_ms
 from keys.envelope import Courier, Opened, message_id_of
 from keys.errors import EnvelopeError
@@ -121,6 +122,8 @@ class ExchangeEngine:
         self.metrics = metrics
         #: Where the deadline sweep re-reads the holiday file (None: ``calendar`` stays as given).
         self.calendar_source = calendar_source
+        #: The units' rosters, which name who may answer for them (Procedure V.(二), V.(三)).
+        self.rosters = PeerRosters(store.engine)
         if metrics is not None:
             metrics.add_units(clients)
 
@@ -415,7 +418,33 @@ class ExchangeEngine:
                 "answer does not match its batch; not stored", extra={"unit": batch.unit_id, "batch_id": batch.batch_id}
             )
             return None
-        stored = self.store.batches.store_answers(batch.batch_id, answer.subjects, envelope, self._now())
+        verdict = judge_answer_staff(
+            self.rosters.history(batch.unit_id),
+            answer.responsible_staff,
+            answer.answered_at_ms,
+            now_ms=self._now(),
+            received_at_ms=batch.received_at_ms,
+        )
+        if verdict.reason is not None:
+            # Procedure V.(三): the unit's staff are registered in advance; an answer naming others is not taken.
+            # Polled again: a roster version still on its way may yet make it valid.
+            self.store.batches.still_pending_later(batch.batch_id, self._now() + self.settings.poll_interval_ms)
+            log.error(
+                "answer names unit staff not registered for its time; not stored",
+                extra={
+                    "unit": batch.unit_id,
+                    "batch_id": batch.batch_id,
+                    "reason": verdict.reason,
+                    "staff_id": verdict.staff_id or "-",
+                },
+            )
+            if self.metrics is not None:
+                self.metrics.answer_staff_refused(batch.unit_id, verdict.reason)
+            return None
+        staff = ResponsibleStaff(verdict.staff_ids, verdict.roster_version, answer.answered_at_ms)
+        stored = self.store.batches.store_answers(batch.batch_id, answer.subjects, envelope, self._now(), staff=staff)
+        if self.metrics is not None and verdict.roster_version is None:
+            self.metrics.answer_staff_unverified(batch.unit_id)
         if self.metrics is not None and stored:
             received = batch.received_at_ms
             latency = None if received is None else (self._now() - received) / 1000

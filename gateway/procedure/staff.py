@@ -17,7 +17,8 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from common.errors import HeduiError
 from gateway.archive.audit import AuditError, AuditLog
 from gateway.archive.audit import lock as audit_lock
 from gateway.db import schema
+from gateway.trust._store import own_history
 from keys.fingerprint import Algorithm
 from keys.handles import PublicKey
 from keys.statements import APPROVAL_DOMAIN, approval_message, staff_public_key
@@ -172,6 +174,10 @@ class StaffRegister:
             rows = conn.execute(select(schema.staff).order_by(schema.staff.c.staff_id)).all()
         return [_member(row) for row in rows]
 
+    def members(self, *, conn: Connection) -> builtins.list[StaffMember]:
+        """Every member ever registered, by staff id, read in ``conn``'s transaction."""
+        return sorted(self._all(conn), key=lambda m: m.staff_id)
+
     def active(self, staff_id: str, at_ms: int, *, conn: Connection | None = None) -> StaffMember | None:
         """The member with ``staff_id`` if they are active at ``at_ms``, else None (``conn``: see :meth:`get`)."""
         member = self.get(staff_id, conn=conn)
@@ -199,7 +205,24 @@ class StaffRegister:
         member = self.active(staff_id, at_ms, conn=conn) if _STAFF_ID_RE.fullmatch(staff_id) else None
         if member is None or (role is not None and not member.has_role(role)):
             return False
+        if not self.on_roster(member, at_ms, conn=conn):
+            return False
         return member.public_key.verify(signature, message)
+
+    def on_roster(self, member: StaffMember, at_ms: int, *, conn: Connection | None = None) -> bool:
+        """Whether the gateway's own roster, as its peers hold it, agrees that ``member`` may act at ``at_ms``
+        (Procedure V.(三)): an active member of the version in force then, with the same key. True while no version
+        of the roster is in force yet at ``at_ms`` (before the first one takes effect the register alone decides, as
+        it did before rosters existed), so that what the gateway accepts and what a unit verifies never differ once
+        there is one."""
+        if conn is None:
+            with reading(self.engine) as own:
+                return self.on_roster(member, at_ms, conn=own)
+        history = own_history(conn)
+        if history is None or history.in_force(at_ms) is None:
+            return True
+        listed, _ = history.member_at(member.staff_id, at_ms)
+        return listed is not None and listed.public_key.raw == member.public_key.raw
 
     # -- changing --------------------------------------------------------------------------------------------------
 
@@ -248,11 +271,14 @@ class StaffRegister:
         valid_from_ms: int,
         valid_until_ms: int | None = None,
         now_ms: int,
+        conn: Connection | None = None,
     ) -> StaffMember:
         """Register a staff member; ``actor_admin_id`` must be an admin active at ``now_ms``.
 
         Staff ids are never reused: a member who leaves is revoked, and a successor gets a new id. Raises
-        StaffError, with nothing changed, for bad input, a missing permission or a staff id already taken.
+        StaffError, with nothing changed, for bad input, a missing permission or a staff id already taken. With
+        ``conn`` the change joins that transaction (which must hold the audit lock: gateway/trust/rosters.py makes
+        the roster version in the same transaction).
         """
         member = self._validated(
             staff_id,
@@ -264,48 +290,117 @@ class StaffRegister:
             now_ms=now_ms,
             registered_by=actor_admin_id,
         )
-        with self.engine.begin() as conn:
-            audit_lock(conn)  # the admin check and the insert must not race a revocation of the admin
-            self._require_admin(conn, actor_admin_id, now_ms)
-            if self._get(conn, staff_id) is not None:
+        # The admin check and the insert must not race a revocation of the admin: under the audit lock.
+        with self._transaction(conn) as tx:
+            self._require_admin(tx, actor_admin_id, now_ms)
+            if self._get(tx, staff_id) is not None:
                 raise StaffError(f"staff id {staff_id} is registered already; staff ids are never reused")
-            self._insert(conn, member)
+            self._insert(tx, member)
         return member
 
-    def revoke(self, actor_admin_id: str, staff_id: str, *, now_ms: int, reason: str) -> StaffMember:
-        """Revoke a member from ``now_ms`` on; ``reason`` is a short code such as ``left`` or ``key-lost``.
+    def revoke(
+        self,
+        actor_admin_id: str,
+        staff_id: str,
+        *,
+        now_ms: int,
+        reason: str,
+        at_ms: int | None = None,
+        conn: Connection | None = None,
+    ) -> StaffMember:
+        """Revoke a member from ``at_ms`` (default ``now_ms``, never earlier) on; ``reason`` is a short code such as
+        ``left`` or ``key-lost``.
 
         Refused for an unknown or already revoked member, and for the last active admin (nobody could change
-        the register any more: the bootstrap works on an empty register only).
+        the register any more: the bootstrap works on an empty register only). ``conn``: see :meth:`register`.
         """
         check_staff_id(staff_id)
         if not _REASON_RE.fullmatch(reason):
             raise StaffError("reason must be a short lower-case code such as left, moved or key-lost")
-        with self.engine.begin() as conn:
-            audit_lock(conn)
-            self._require_admin(conn, actor_admin_id, now_ms)
-            member = self._get(conn, staff_id)
+        revoked_at = now_ms if at_ms is None else at_ms
+        if revoked_at < now_ms:
+            raise StaffError("a revocation takes effect now or later, never in the past")
+        with self._transaction(conn) as tx:
+            self._require_admin(tx, actor_admin_id, now_ms)
+            member = self._get(tx, staff_id)
             if member is None:
                 raise StaffError(f"no staff member {staff_id} in the register")
             if member.revoked_at_ms is not None:
                 raise StaffError(f"staff member {staff_id} is revoked already")
-            if member.has_role("admin") and member.active_at(now_ms):
-                others = [
-                    m for m in self._all(conn) if m.staff_id != staff_id and m.has_role("admin") and m.active_at(now_ms)
-                ]
-                if not others:
-                    raise StaffError(f"{staff_id} is the last active admin; register another admin first")
-            conn.execute(update(schema.staff).where(schema.staff.c.staff_id == staff_id).values(revoked_at_ms=now_ms))
+            self._keep_an_admin(tx, member, revoked_at)
+            tx.execute(update(schema.staff).where(schema.staff.c.staff_id == staff_id).values(revoked_at_ms=revoked_at))
             self.audit.append(
-                conn,
+                tx,
                 at_ms=now_ms,
                 actor=actor_admin_id,
                 action="staff.revoke",
                 before="active" if member.active_at(now_ms) else "inactive",
                 after="revoked",
-                detail=f"staff={staff_id};reason={reason}",
+                detail=f"staff={staff_id};reason={reason}" + (f";at={revoked_at}" if revoked_at != now_ms else ""),
             )
-        return dataclasses.replace(member, revoked_at_ms=now_ms)
+        return dataclasses.replace(member, revoked_at_ms=revoked_at)
+
+    def end(
+        self,
+        actor_admin_id: str,
+        staff_id: str,
+        *,
+        valid_until_ms: int,
+        now_ms: int,
+        conn: Connection | None = None,
+    ) -> StaffMember:
+        """End a member's validity at ``valid_until_ms`` (now or later, and never later than an end already set):
+        the member acts until then, not after (a departure announced with notice, Procedure V.(三)). Refused like
+        :meth:`revoke`; ``conn``: see :meth:`register`."""
+        check_staff_id(staff_id)
+        if valid_until_ms < now_ms:
+            raise StaffError("a member's validity ends now or later, never in the past")
+        with self._transaction(conn) as tx:
+            self._require_admin(tx, actor_admin_id, now_ms)
+            member = self._get(tx, staff_id)
+            if member is None:
+                raise StaffError(f"no staff member {staff_id} in the register")
+            if member.revoked_at_ms is not None:
+                raise StaffError(f"staff member {staff_id} is revoked already")
+            if member.valid_until_ms is not None and member.valid_until_ms <= valid_until_ms:
+                raise StaffError(f"staff member {staff_id} ends already at or before that time; a window never grows")
+            if valid_until_ms <= member.valid_from_ms:
+                raise StaffError(f"staff member {staff_id} would end before their validity begins; revoke them")
+            self._keep_an_admin(tx, member, valid_until_ms)
+            tx.execute(
+                update(schema.staff).where(schema.staff.c.staff_id == staff_id).values(valid_until_ms=valid_until_ms)
+            )
+            self.audit.append(
+                tx,
+                at_ms=now_ms,
+                actor=actor_admin_id,
+                action="staff.end",
+                before="open" if member.valid_until_ms is None else str(member.valid_until_ms),
+                after=str(valid_until_ms),
+                detail=f"staff={staff_id}",
+            )
+        return dataclasses.replace(member, valid_until_ms=valid_until_ms)
+
+    def _keep_an_admin(self, conn: Connection, member: StaffMember, from_ms: int) -> None:
+        """StaffError if ``member`` is an admin and no other admin is active at ``from_ms``, when they stop."""
+        if not member.has_role("admin"):
+            return
+        others = [
+            m for m in self._all(conn) if m.staff_id != member.staff_id and m.has_role("admin") and m.active_at(from_ms)
+        ]
+        if not others:
+            raise StaffError(f"{member.staff_id} is the last active admin; register another admin first")
+
+    @contextmanager
+    def _transaction(self, conn: Connection | None) -> Iterator[Connection]:
+        """``conn`` (whose owner holds the audit lock), or a transaction of our own that takes it."""
+        if conn is not None:
+            audit_lock(conn)  # re-entrant within a transaction
+            yield conn
+            return
+        with self.engine.begin() as own:
+            audit_lock(own)
+            yield own
 
     # -- internals -------------------------------------------------------------------------------------------------
 

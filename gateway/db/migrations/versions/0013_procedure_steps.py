@@ -7,7 +7,7 @@ that ``hedui-gateway archive steps`` can prove later who took each step. Commiss
 no rows here: their steps were recorded unsigned. Creating a table rewrites nothing.
 
 Revision ID: 0013
-Revises: 0010
+Revises: 0012
 Create Date: 2026-12-02
 """
 
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0013"
-down_revision = "0010"
+down_revision = "0012"
 branch_labels = None
 depends_on = None
 

@@ -540,6 +540,8 @@ def test_worked_example_of_signed_steps_in_the_specification_is_a_vector() -> No
     assert _steps_key("S-0001")["seed"] in section and _steps_key("S-0001")["public"] in section
     assert f"step={vector['step_sha256']}" in section
     assert f"is the {len(bytes.fromhex(vector['step']))} bytes" in section
+
+
 # --- rosters_v1.json: signed staff rosters (docs/exchange.md, "Rosters (Procedure V.(三))") ----------------------
 
 ROSTERS_FILE = ROOT / "tests" / "vectors" / "rosters_v1.json"

@@ -39,6 +39,10 @@ class _TrustItemKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TrustIt
     """payload: SignedKeyAnnouncement bytes (keys.proto)."""
     TRUST_ITEM_KIND_REVOCATION_LIST: _TrustItemKind.ValueType  # 3
     """payload: DER X.509 CRL signed by the network's private CA (gateway to unit only)."""
+    TRUST_ITEM_KIND_CERTIFICATE_REQUEST: _TrustItemKind.ValueType  # 4
+    """payload: a PKCS#10 certificate signing request (DER) for the sender's renewed TLS certificate (unit to gateway)."""
+    TRUST_ITEM_KIND_CERTIFICATE: _TrustItemKind.ValueType  # 5
+    """payload: the X.509 certificate (DER) the network CA issued for a request (gateway to unit)."""
 
 class TrustItemKind(_TrustItemKind, metaclass=_TrustItemKindEnumTypeWrapper): ...
 
@@ -49,6 +53,10 @@ TRUST_ITEM_KIND_KEY_ANNOUNCEMENT: TrustItemKind.ValueType  # 2
 """payload: SignedKeyAnnouncement bytes (keys.proto)."""
 TRUST_ITEM_KIND_REVOCATION_LIST: TrustItemKind.ValueType  # 3
 """payload: DER X.509 CRL signed by the network's private CA (gateway to unit only)."""
+TRUST_ITEM_KIND_CERTIFICATE_REQUEST: TrustItemKind.ValueType  # 4
+"""payload: a PKCS#10 certificate signing request (DER) for the sender's renewed TLS certificate (unit to gateway)."""
+TRUST_ITEM_KIND_CERTIFICATE: TrustItemKind.ValueType  # 5
+"""payload: the X.509 certificate (DER) the network CA issued for a request (gateway to unit)."""
 Global___TrustItemKind: _TypeAlias = TrustItemKind  # noqa: Y015
 
 @_typing.final

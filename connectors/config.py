@@ -94,6 +94,14 @@ class ExchangeSection:
         "TOML with official holiday schedules of years the built-in calendar lacks (common/workdays.py).",
         default=None,
     )
+    allow_unverified_approvals: bool = doc(
+        "Migration only. The unit verifies every batch's exchange approvals (two staff signatures) against the "
+        "gateway's roster it holds, and refuses batches it cannot verify. True: while it holds no roster of a "
+        "gateway, or for a batch that carries no approval proof (from a gateway, or a commission, older than "
+        "approval proofs), it accepts a batch whose staff ids are all in [[staff]] instead, without checking any "
+        "signature. Turn it off once every gateway's roster has arrived (docs/operations.md).",
+        default=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,9 @@ class ConnectorConfig:
     exchange: ExchangeSection = field(default_factory=ExchangeSection)
     metrics: ConnectorMetricsSection = field(default_factory=ConnectorMetricsSection)
     staff: tuple[StaffEntry, ...] = doc(
-        "Exchange staff registered in advance by each gateway; queries naming others are refused.", default=()
+        "Migration only (with exchange.allow_unverified_approvals): exchange staff ids registered by hand for each "
+        "gateway whose roster the unit does not hold yet; a batch naming others is refused.",
+        default=(),
     )
 
     def __post_init__(self) -> None:

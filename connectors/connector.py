@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import Message
-from hedui.v1 import exchange_pb2
+from hedui.v1 import exchange_pb2, trust_pb2
 
 from common.categories import UNIT_DATA
 from common.dates import from_pb, to_pb, year_month
@@ -24,11 +24,12 @@ from common.logs import public_commission_ref
 from common.workdays import CHINA_TZ, CalendarSource, Deadline, WorkdayCalendar
 from connectors.adapters.base import Adapter, AdapterError, LookupContext
 from connectors.answering import answer_subjects, is_authorised
+from connectors.approvals import ApprovalCheck, GatewayRosters, NoRosters
 from connectors.errors import DelayRefused, Refusal, envelope_refusal
 from connectors.store import BatchExists, ConnectorStore, StoredBatch
 from keys.clock import DAY_MS, MINUTE_MS, from_ms
 from keys.envelope import Courier, Opened
-from keys.errors import EnvelopeError, ReplayedEnvelope
+from keys.errors import EnvelopeError, KeysError, ReplayedEnvelope
 
 if TYPE_CHECKING:
     from connectors.metrics import ConnectorMetrics
@@ -45,7 +46,9 @@ MAX_NAME_LENGTH = 64
 MAX_IDS_PER_REQUEST = 100
 #: Answers are returned until the response would pass this size; the gateway asks again for the rest.
 MAX_ANSWER_BYTES = 24 * 1024 * 1024
-MIN_EXCHANGE_STAFF = 2  # Procedure V.(二): an exchange needs at least two staff members
+#: A signed refusal's detail: printable ASCII, at most this long (a staff id; never personal data).
+MAX_DETAIL_CHARS = 64
+_DETAIL_RE = re.compile(r"[ -~]{0,64}")
 
 _QUERY = {exchange_pb2.QueryBatch.DESCRIPTOR.full_name: exchange_pb2.QueryBatch}
 _FETCH = {exchange_pb2.FetchAnswers.DESCRIPTOR.full_name: exchange_pb2.FetchAnswers}
@@ -72,13 +75,20 @@ class Connector:
         max_subjects: int = 5000,
         envelope_ttl_ms: int = 60 * MINUTE_MS,
         metrics: ConnectorMetrics | None = None,
+        rosters: GatewayRosters | None = None,
+        allow_unverified_approvals: bool = False,
     ) -> None:
+        """``rosters``: the gateways' rosters the unit holds, which exchange approvals are verified against (none:
+        every approver is unknown); ``staff`` (``[[staff]]``, gateway -> staff ids) and
+        ``allow_unverified_approvals``: the migration rule of connectors/approvals.py."""
         self.courier = courier
         self.store = store
         self.adapter = adapter
         self.served = frozenset(UNIT_DATA[unit_category])
         self.calendar = calendar
-        self.staff = staff
+        self.approvals = ApprovalCheck(
+            rosters=rosters or NoRosters(), legacy_staff=staff, allow_unverified=allow_unverified_approvals
+        )
         self.threshold_categories = threshold_categories
         self.max_subjects = max_subjects
         self.envelope_ttl_ms = envelope_ttl_ms
@@ -118,8 +128,20 @@ class Connector:
             message, opened.header.sender, ttl_ms=self.envelope_ttl_ms, correlation_id=opened.header.message_id
         )
 
-    def _refuse(self, refusal: Refusal, gateway: str | None, batch_id: str | None = None) -> Refusal:
+    def _refuse(
+        self,
+        refusal: Refusal,
+        gateway: str | None,
+        batch_id: str | None = None,
+        *,
+        opened: Opened | None = None,
+        batch_digest: bytes = b"",
+    ) -> Refusal:
+        """Record, count and log a refusal; for a request whose envelope opened (``opened``: the gateway is
+        authenticated), attach the signed refusal the server sends along (docs/exchange.md, "Signed refusals")."""
         self.store.record(self._now(), "refused", gateway=gateway, batch_id=batch_id, reason=refusal.reason)
+        if opened is not None:
+            refusal.signed = self._signed_refusal(refusal, opened, batch_id, batch_digest)
         if self.metrics is not None:
             self.metrics.refusals.labels(refusal.reason).inc()
             if isinstance(refusal.__cause__, EnvelopeError):
@@ -128,6 +150,27 @@ class Connector:
                 self.metrics.service.envelope_rejected(refusal.__cause__)
         log.warning("request refused", extra={"reason": refusal.reason, "gateway": gateway or "-"})
         return refusal
+
+    def _signed_refusal(
+        self, refusal: Refusal, opened: Opened, batch_id: str | None, batch_digest: bytes
+    ) -> bytes | None:
+        """trust.proto Refusal, signed by us and sealed for the gateway, answering ``opened``'s envelope."""
+        message = trust_pb2.Refusal(
+            request_message_id=opened.header.message_id,
+            request_type=opened.header.message_type,
+            batch_id=batch_id if batch_id is not None and _BATCH_ID_RE.match(batch_id) else "",
+            batch_digest=batch_digest,
+            reason=refusal.reason,
+            detail=refusal.detail if _DETAIL_RE.fullmatch(refusal.detail) else "",
+            refused_at_ms=self._now(),
+        )
+        try:
+            return self.courier.seal(
+                message, opened.header.sender, ttl_ms=self.envelope_ttl_ms, correlation_id=opened.header.message_id
+            )
+        except KeysError as exc:  # never let the receipt of a refusal stand in the way of the refusal itself
+            log.warning("signed refusal not made", extra={"reason": refusal.reason, "error": exc.code})
+            return None
 
     def submit(self, data: bytes, tls_party: str | None) -> bytes:
         """A sealed QueryBatch in, a sealed BatchReceipt out (the same receipt for the same batch, always)."""
@@ -152,13 +195,13 @@ class Connector:
         batch = opened.message
         assert isinstance(batch, exchange_pb2.QueryBatch)
         gateway = opened.header.sender
+        content = batch.SerializeToString(deterministic=True)
+        digest = hashlib.sha256(content).digest()
         try:
-            content = batch.SerializeToString(deterministic=True)
-            digest = hashlib.sha256(content).digest()
             existing = self.store.get(batch.batch_id) if _BATCH_ID_RE.match(batch.batch_id) else None
             if existing is not None:
                 return self._same_batch_receipt(existing, gateway, digest, opened)
-            self._validate(batch, gateway)
+            self._validate(batch, gateway, opened.header.created_at_ms)
             received_at = self._now()
             # Never refused for the calendar: a due date across a year without its official schedule is given
             # provisionally and fixed by settle_due_dates once the schedule is installed.
@@ -187,7 +230,7 @@ class Connector:
                 assert existing is not None
                 return self._same_batch_receipt(existing, gateway, digest, opened)
         except Refusal as refusal:
-            raise self._refuse(refusal, gateway, batch.batch_id or None) from None
+            raise self._refuse(refusal, gateway, batch.batch_id or None, opened=opened, batch_digest=digest) from None
         if self.metrics is not None:
             self.metrics.batches_received.inc()
         log.info(
@@ -254,8 +297,9 @@ class Connector:
                 )
         return fixed
 
-    def _validate(self, batch: exchange_pb2.QueryBatch, gateway: str) -> None:
-        """Whole-batch checks; any failure refuses the batch. Per-subject problems are answered, not refused."""
+    def _validate(self, batch: exchange_pb2.QueryBatch, gateway: str, created_at_ms: int) -> None:
+        """Whole-batch checks; any failure refuses the batch. Per-subject problems are answered, not refused. The
+        exchange approvals are verified here (connectors/approvals.py; Procedure V.(二) and V.(三))."""
         if not _BATCH_ID_RE.match(batch.batch_id):
             raise _invalid("batch_id must be 1-64 characters of A-Z a-z 0-9 . _ : -", "bad_batch_id")
         if not 0 < len(batch.commission_ref) <= MAX_REF_LENGTH:
@@ -290,15 +334,7 @@ class Connector:
             raise _invalid(f"income period or asset date: {exc}", "bad_period") from exc
         if start > end:
             raise _invalid("income period ends before it starts", "bad_period")
-        staff = set(batch.staff_ids)
-        registered = self.staff.get(gateway, frozenset())
-        if len(staff) < MIN_EXCHANGE_STAFF or not staff <= registered:
-            # Procedure V.(二) and V.(三): two or more staff members, registered with us in advance.
-            raise Refusal(
-                grpc.StatusCode.PERMISSION_DENIED,
-                "an exchange needs at least two staff members registered with this unit in advance",
-                "staff_not_registered",
-            )
+        self.approvals.check(batch, gateway=gateway, unit=self.party_id, created_at_ms=created_at_ms)
         refs = [s.subject_ref for s in batch.subjects]
         if any(not 0 < len(r) <= MAX_REF_LENGTH for r in refs) or len(set(refs)) != len(refs):
             raise _invalid("every subject needs a unique subject_ref of 1-64 characters", "bad_subject_ref")
@@ -394,12 +430,13 @@ class Connector:
         """A sealed FetchAnswers in, a sealed AnswerSet out."""
         try:
             opened = self._open(data, _FETCH, tls_party)
-            request = opened.message
-            assert isinstance(request, exchange_pb2.FetchAnswers)
-            if not 0 < len(request.batch_ids) <= MAX_IDS_PER_REQUEST:
-                raise _invalid(f"ask for 1 to {MAX_IDS_PER_REQUEST} batch ids at a time", "bad_fetch")
         except Refusal as refusal:
             raise self._refuse(refusal, tls_party) from None
+        request = opened.message
+        assert isinstance(request, exchange_pb2.FetchAnswers)
+        if not 0 < len(request.batch_ids) <= MAX_IDS_PER_REQUEST:
+            refused = _invalid(f"ask for 1 to {MAX_IDS_PER_REQUEST} batch ids at a time", "bad_fetch")
+            raise self._refuse(refused, opened.header.sender, opened=opened)
         found = self.store.answers_for(opened.header.sender, list(dict.fromkeys(request.batch_ids)))
         result, size = exchange_pb2.AnswerSet(), 0
         for batch_id in dict.fromkeys(request.batch_ids):
@@ -433,12 +470,13 @@ class Connector:
         """A sealed AcknowledgeAnswers in, a sealed AcknowledgeReceipt out."""
         try:
             opened = self._open(data, _ACK, tls_party)
-            request = opened.message
-            assert isinstance(request, exchange_pb2.AcknowledgeAnswers)
-            if not 0 < len(request.batch_ids) <= MAX_IDS_PER_REQUEST:
-                raise _invalid(f"acknowledge 1 to {MAX_IDS_PER_REQUEST} batch ids at a time", "bad_ack")
         except Refusal as refusal:
             raise self._refuse(refusal, tls_party) from None
+        request = opened.message
+        assert isinstance(request, exchange_pb2.AcknowledgeAnswers)
+        if not 0 < len(request.batch_ids) <= MAX_IDS_PER_REQUEST:
+            refused = _invalid(f"acknowledge 1 to {MAX_IDS_PER_REQUEST} batch ids at a time", "bad_ack")
+            raise self._refuse(refused, opened.header.sender, opened=opened)
         now = self._now()
         done = self.store.acknowledge(opened.header.sender, list(dict.fromkeys(request.batch_ids)), now)
         return self._reply(exchange_pb2.AcknowledgeReceipt(batch_ids=done, acknowledged_at_ms=now), opened)

@@ -20,14 +20,19 @@ from keys.errors import (
 
 
 class Refusal(HeduiError):
-    """A request the connector will not carry out; nothing about it was stored as accepted."""
+    """A request the connector will not carry out; nothing about it was stored as accepted.
+
+    ``detail`` is a short printable note without personal data (a staff id) for the signed refusal; ``signed`` the
+    sealed trust.proto Refusal envelope for the gateway, once the connector made it (connectors/connector.py)."""
 
     code = "refused"
 
-    def __init__(self, status: grpc.StatusCode, message: str, reason: str) -> None:
+    def __init__(self, status: grpc.StatusCode, message: str, reason: str, *, detail: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
+        self.detail = detail
+        self.signed: bytes | None = None
 
 
 _ENVELOPE_STATUS: dict[type[EnvelopeError], grpc.StatusCode] = {

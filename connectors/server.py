@@ -21,7 +21,9 @@ from common.db import make_engine
 from common.logs import LogThrottle, database_error, database_error_code, log_context, new_request_id
 from common.metrics import MetricsServer, process_registry, serve_metrics
 from common.rpc import (
+    MAX_SIGNED_REFUSAL_BYTES,
     REFUSAL_REASON_KEY,
+    REFUSAL_SIGNED_KEY,
     IncomingCall,
     RefusalLog,
     RequestGate,
@@ -35,6 +37,7 @@ from common.workdays import CalendarSource
 from connectors.adapters.base import Adapter
 from connectors.adapters.csv_files import CsvAdapter
 from connectors.adapters.sql import SqlAdapter
+from connectors.approvals import NoRosters
 from connectors.config import ConnectorConfig
 from connectors.connector import Connector
 from connectors.errors import Refusal
@@ -110,7 +113,12 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServiceServicer):
             # The reason code travels too, so the gateway can say why (docs/exchange.md, "Refusals"); envelope
             # failures stay one opaque "invalid envelope" to the caller, their precise reason stays here.
             public = "invalid_envelope" if refusal.reason.startswith("envelope_") else refusal.reason
-            context.set_trailing_metadata(((REFUSAL_REASON_KEY, public),))
+            trailing: list[tuple[str, str | bytes]] = [(REFUSAL_REASON_KEY, public)]
+            if refusal.signed is not None and len(refusal.signed) <= MAX_SIGNED_REFUSAL_BYTES:
+                # The same reason, signed by the unit and sealed for the gateway that asked (docs/exchange.md,
+                # "Signed refusals"): made only for a request whose envelope opened, so never for a stranger.
+                trailing.append((REFUSAL_SIGNED_KEY, refusal.signed))
+            context.set_trailing_metadata(tuple(trailing))
             context.abort(refusal.status, str(refusal))
         except Exception as exc:
             if database_error(exc) is None:
@@ -298,6 +306,10 @@ def build_connector(
         max_subjects=config.exchange.max_subjects_per_batch,
         envelope_ttl_ms=config.exchange.envelope_ttl_minutes * 60_000,
         metrics=metrics,
+        # The gateways' rosters the unit holds (connectors.trust.rosters.PeerRosters, issue 11): approvals are
+        # verified against them.
+        rosters=NoRosters(),
+        allow_unverified_approvals=config.exchange.allow_unverified_approvals,
     )
     connector.calendar_source = calendar
     if metrics is not None:

@@ -114,6 +114,14 @@ class GatewayMetrics:
             ["task", "outcome"],
             registry=registry,
         )
+        self.unit_refusals = Counter(
+            "hedui_unit_refusals_total",
+            "Query batches a unit refused, by the unit's reason code (docs/exchange.md, Refusals; approval_* and "
+            "approver_*: the unit did not accept our staff's exchange approvals). Every refusal counts, a batch "
+            "refused again after a retry too; codes outside the known set are counted as other.",
+            ["unit", "reason"],
+            registry=registry,
+        )
         self.approval_feedback = Counter(
             "hedui_approval_feedback_total",
             "Approval feedback decisions recorded (Procedure IV), by decision.",
@@ -185,6 +193,10 @@ class GatewayMetrics:
             if len(self._seen_delays) > _SEEN_DELAYS_LIMIT:
                 self._seen_delays.popitem(last=False)
         self.delay_notices.labels(unit, "true" if accepted else "false").inc()
+
+    def unit_refused(self, unit: str, reason: str) -> None:
+        """A unit refused a batch (``reason``: a label from gateway.exchange.transport.reason_label)."""
+        self.unit_refusals.labels(unit, reason).inc()
 
     def unit_failed(self, unit: str) -> None:
         self.unit_retries.labels(unit).inc()

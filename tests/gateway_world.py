@@ -30,6 +30,7 @@ from keys.clock import FixedClock
 from keys.envelope import Courier
 from keys.identity import PartyKeys
 from keys.truststore import TrustStore
+from tests.approval_kit import StaffKit, approve
 from tests.exchange_world import GATEWAY, SEED, STAFF, Pki, enrol
 
 #: Three units of different categories, as in a small county.
@@ -54,12 +55,20 @@ class GatewayWorld:
     engine: ExchangeEngine
     workers: UnitWorkers
     connectors: dict[str, RunningConnector]
+    #: The gateway's exchange staff with their keys, and the roster of them every connector holds.
+    staff: StaffKit
 
     def commission(self, ref: str, households: int, start: int = 0, *, staff: tuple[str, ...] = STAFF) -> int:
-        """Enqueue households ``start`` .. ``start + households - 1`` as commission ``ref`` for every unit."""
+        """Enqueue households ``start`` .. ``start + households - 1`` as commission ``ref`` for every unit, approved
+        for exchange by ``staff`` (each signing its exchange digest with their own key, now)."""
         subjects = subjects_of(self.population, ref, households, start)
         units = route(CATEGORIES, self.store.units.all())
-        return self.store.outbox.enqueue(commission_input(ref, staff=staff), subjects, units, self.clock.now_ms())
+        now = self.clock.now_ms()
+        commission_id = self.store.outbox.enqueue(
+            commission_input(ref, staff=staff), subjects, units, now, gateway=GATEWAY
+        )
+        approve(self.store.engine, commission_id, self.staff, staff, at_ms=now)
+        return commission_id
 
 
 def subjects_of(population: Population, ref: str, households: int, start: int = 0) -> list[SubjectInput]:
@@ -118,6 +127,9 @@ def gateway_world(
     cert, key = pki.issue(GATEWAY)
     gateway = (PartyKeys.create(GATEWAY, now_ms=now_ms - 1), TrustStore())
     population = Population(SEED)
+    staff = StaffKit(GATEWAY, now_ms)
+    for staff_id in STAFF:
+        staff.enrol(staff_id)
     engine = make_engine(database_url or f"sqlite:///{root / 'gateway.db'}")
     upgrade(engine)
     store = GatewayStore(engine)
@@ -142,6 +154,7 @@ def gateway_world(
                     calendar=WorkdayCalendar(),
                     staff={GATEWAY: frozenset(STAFF)},
                     metrics=(unit_metrics or {}).get(unit_id),
+                    rosters=staff.rosters(),
                 )
                 if connector.metrics is not None:
                     connector.metrics.watch_store(cstore.engine)
@@ -168,4 +181,4 @@ def gateway_world(
         workers = UnitWorkers(exchange)
         stack.callback(workers.shutdown)
         stack.callback(engine.dispose)
-        yield GatewayWorld(clock, pki, population, store, exchange, workers, running)
+        yield GatewayWorld(clock, pki, population, store, exchange, workers, running, staff)

@@ -137,11 +137,12 @@ class Outbox:
                     chunk = []
             if chunk:
                 self._enqueue_chunk(conn, commission_id, chunk, unit_ids, now_ms, leaves=leaves)
-            categories = dict(
-                conn.execute(select(s.units.c.unit_id, s.units.c.category).where(s.units.c.unit_id.in_(unit_ids)))
-                .tuples()
-                .all()
-            )
+            categories = {
+                r.unit_id: r.category
+                for r in conn.execute(
+                    select(s.units.c.unit_id, s.units.c.category).where(s.units.c.unit_id.in_(unit_ids))
+                )
+            }
             facts = CommissionFacts(
                 gateway=gateway,
                 ref=commission.ref,

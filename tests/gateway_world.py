@@ -118,18 +118,21 @@ def gateway_world(
     down: frozenset[str] = frozenset(),
     metrics: GatewayMetrics | None = None,
     unit_metrics: Mapping[str, ConnectorMetrics] | None = None,
+    staff: StaffKit | None = None,
 ) -> Iterator[GatewayWorld]:
     """Connectors for UNITS (those in ``down`` are configured but not started) and a migrated gateway store;
-    with ``metrics`` / ``unit_metrics`` (per unit id) the gateway and connectors report to them."""
+    with ``metrics`` / ``unit_metrics`` (per unit id) the gateway and connectors report to them. ``staff``: the
+    gateway's staff of an earlier world on the same database (the same people, the same keys, after a restart)."""
     root.mkdir(parents=True, exist_ok=True)
     clock = FixedClock(now_ms)
     pki = Pki(root)
     cert, key = pki.issue(GATEWAY)
     gateway = (PartyKeys.create(GATEWAY, now_ms=now_ms - 1), TrustStore())
     population = Population(SEED)
-    staff = StaffKit(GATEWAY, now_ms)
-    for staff_id in STAFF:
-        staff.enrol(staff_id)
+    if staff is None:
+        staff = StaffKit(GATEWAY, now_ms)
+        for staff_id in STAFF:
+            staff.enrol(staff_id)
     engine = make_engine(database_url or f"sqlite:///{root / 'gateway.db'}")
     upgrade(engine)
     store = GatewayStore(engine)

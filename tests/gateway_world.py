@@ -4,7 +4,7 @@ loopback with synthetic data, and the gateway's store, engine and workers on a r
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import date
@@ -63,11 +63,21 @@ class GatewayWorld:
         for exchange by ``staff`` (each signing its exchange digest with their own key, now)."""
         subjects = subjects_of(self.population, ref, households, start)
         units = route(CATEGORIES, self.store.units.all())
+        return self.enqueue(commission_input(ref, staff=staff), subjects, units)
+
+    def enqueue(
+        self,
+        commission: CommissionInput,
+        subjects: Sequence[SubjectInput],
+        units: Sequence[str],
+        *,
+        store: GatewayStore | None = None,
+    ) -> int:
+        """The outbox's ``enqueue`` (of ``store``, this world's by default), then the exchange approvals of the
+        commission's ``staff_ids``, each signed with the member's own key now."""
         now = self.clock.now_ms()
-        commission_id = self.store.outbox.enqueue(
-            commission_input(ref, staff=staff), subjects, units, now, gateway=GATEWAY
-        )
-        approve(self.store.engine, commission_id, self.staff, staff, at_ms=now)
+        commission_id = (store or self.store).outbox.enqueue(commission, subjects, units, now, gateway=GATEWAY)
+        approve((store or self.store).engine, commission_id, self.staff, commission.staff_ids, at_ms=now)
         return commission_id
 
 

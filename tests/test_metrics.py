@@ -467,7 +467,8 @@ def test_serving_gateway_and_connectors_export_metrics_on_their_configured_ports
             staff_ids=NET_STAFF,
             categories=categories,
         )
-        store.outbox.enqueue(commission, subjects, route(categories, store.units.all()), int(time.time() * 1000))
+        now = int(time.time() * 1000)
+        store.outbox.enqueue(commission, subjects, route(categories, store.units.all()), now, gateway=net.gateway_party)
         assert _wait(lambda: store.batches.answer_count() == len(subjects) * len(units), 60)
 
         def answered() -> bool:

@@ -98,7 +98,35 @@ def subject_leaf_bytes(salt: bytes, id_number: str, name: str, auth_number: str,
 
 def subject_leaf(salt: bytes, id_number: str, name: str, auth_number: str, auth_sha256: bytes) -> bytes:
     """The hash of a subject's leaf: SHA-256(0x00 || :func:`subject_leaf_bytes`)."""
-    return _sha256(LEAF_PREFIX + subject_leaf_bytes(salt, id_number, name, auth_number, auth_sha256))
+    if len(salt) != SALT_BYTES:
+        raise ApprovalProofError(f"a leaf salt is {SALT_BYTES} bytes, not {len(salt)}")
+    return _subject_hash(
+        salt,
+        _text(id_number, "ID number"),
+        _text(name, "name"),
+        _text(auth_number, "authorisation number"),
+        bytes(auth_sha256),
+    )
+
+
+_SUBJECT_HEAD = LEAF_PREFIX + SUBJECT_DOMAIN
+
+
+def _subject_hash(salt: bytes, id_number: bytes, name: bytes, auth_number: bytes, auth_sha256: bytes) -> bytes:
+    """:func:`subject_leaf` of checked parts, in one concatenation: a unit hashes thousands per batch."""
+    pack = _U32.pack
+    return hashlib.sha256(
+        _SUBJECT_HEAD
+        + salt
+        + pack(len(id_number))
+        + id_number
+        + pack(len(name))
+        + name
+        + pack(len(auth_number))
+        + auth_number
+        + pack(len(auth_sha256))
+        + auth_sha256
+    ).digest()
 
 
 def unit_leaf_bytes(party_id: str, categories: Iterable[int], thresholds: Mapping[int, int]) -> bytes:
@@ -314,16 +342,18 @@ def batch_root(gateway: str, unit: str, batch: exchange_pb2.QueryBatch) -> bytes
         raise ApprovalProofError("the batch has no subjects")
     subject_leaves: dict[int, bytes] = {}
     for position, subject in enumerate(batch.subjects):
-        if subject.share_index in subject_leaves:
-            raise ApprovalProofError(f"two subjects of the batch have share index {subject.share_index}")
-        if len(subject.leaf_salt) != SALT_BYTES:
+        index, salt, authorisation = subject.share_index, subject.leaf_salt, subject.authorisation
+        if index in subject_leaves:
+            raise ApprovalProofError(f"two subjects of the batch have share index {index}")
+        if len(salt) != SALT_BYTES:
             raise ApprovalProofError(f"subject {position + 1} of the batch has no {SALT_BYTES}-byte leaf salt")
-        subject_leaves[subject.share_index] = subject_leaf(
-            subject.leaf_salt,
-            subject.id_number,
-            subject.name,
-            subject.authorisation.number,
-            subject.authorisation.scan_sha256,
+        # Parsed protobuf strings are valid UTF-8: they always encode.
+        subject_leaves[index] = _subject_hash(
+            salt,
+            subject.id_number.encode(),
+            subject.name.encode(),
+            authorisation.number.encode(),
+            authorisation.scan_sha256,
         )
     if proof.unit_index >= proof.unit_count:
         raise ApprovalProofError("the unit index lies outside the unit tree")

@@ -315,8 +315,8 @@ def test_an_approver_the_units_do_not_know_yet_is_tried_again_until_the_roster_n
         settle(world)  # refused again: counted, but no second chain entry
         assert {(b.state, b.attempts) for b in batch_rows(world, waiting)} == {("ready", 2)}
         deferred = [e for e in AuditLog(world.store.engine).entries() if e.action == "batch.deferred"]
-        assert sorted(e.detail.split(";")[0] for e in deferred) == sorted(f"batch={b.batch_id}" for b in held)
-        assert all(";env=" in e.detail and e.before == e.after == "ready" for e in deferred)
+        assert sorted((e.detail or "").split(";")[0] for e in deferred) == sorted(f"batch={b.batch_id}" for b in held)
+        assert all(";env=" in (e.detail or "") and e.before == e.after == "ready" for e in deferred)
 
         world.staff.enrol("S-0003")  # the roster that names S-0003 has reached the units
         world.clock.advance(3_600_000)
@@ -367,7 +367,7 @@ def test_refused_batches_show_and_are_sent_again_once_the_unit_registers_the_sta
         # Each refusal is in the audit chain (clause 17), with the unit's status and reason code.
         exchanged = audit.entries()
         # The units signed their refusals: each entry names the signed refusal kept in the archive.
-        refusals = [(e.actor, e.detail.split(";env=")[0]) for e in exchanged if e.action == "batch.refused"]
+        refusals = [(e.actor, (e.detail or "").split(";env=")[0]) for e in exchanged if e.action == "batch.refused"]
         assert sorted(refusals) == sorted(
             (b.unit_id, f"batch={b.batch_id};items={b.subject_count};status=permission_denied;"
              "reason=staff_not_registered") for b in failed

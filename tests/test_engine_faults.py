@@ -246,7 +246,9 @@ def test_gateway_restart_resumes_where_it_stopped(tmp_path: Path, database_url: 
         assert {k for stages in world.store.outbox.progress(commission_id).values() for k in stages} == {"answered"}
 
 
-def test_a_refused_batch_fails_visibly_and_alone(tmp_path: Path, database_url: str | None) -> None:
+def test_a_refused_batch_fails_visibly_and_alone(
+    tmp_path: Path, database_url: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
     """An approver the units' roster lists without the exchange role (Procedure V.(三)): every unit refuses that
     commission's batches for good, each with a signed refusal naming the approver; they are failed with the reason,
     shown as failed, never retried, and nothing else is affected."""
@@ -286,10 +288,22 @@ def test_a_refused_batch_fails_visibly_and_alone(tmp_path: Path, database_url: s
                 (b.batch_id, "approver_not_exchange_staff") for b in failed if b.unit_id == unit_id
             }
         assert world.store.batches.answer_count() == sum(b.subject_count for b in batch_rows(world, good))
+        capsys.readouterr()
+        assert gateway_main(["status", "--config", str(operator_config(tmp_path, world, database_url))]) == 0
+        out = capsys.readouterr().out
+        for unit_id in UNITS:
+            n, items = (
+                len(counts_of := [b for b in failed if b.unit_id == unit_id]),
+                sum(b.subject_count for b in counts_of),
+            )
+            assert (
+                f"refused: {n} batches/{items} items, permission_denied: approver_not_exchange_staff (S-0003) (signed"
+                in out
+            )
 
 
 def test_an_approver_the_units_do_not_know_yet_is_tried_again_until_the_roster_names_them(
-    tmp_path: Path, database_url: str | None
+    tmp_path: Path, database_url: str | None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """approver_unknown: the units do not hold a roster naming S-0003 yet (rosters travel by SyncTrust). The
     commission's batches stay ready and are sent again after their own backoff, once recorded in the chain with the
@@ -317,6 +331,18 @@ def test_an_approver_the_units_do_not_know_yet_is_tried_again_until_the_roster_n
         deferred = [e for e in AuditLog(world.store.engine).entries() if e.action == "batch.deferred"]
         assert sorted((e.detail or "").split(";")[0] for e in deferred) == sorted(f"batch={b.batch_id}" for b in held)
         assert all(";env=" in (e.detail or "") and e.before == e.after == "ready" for e in deferred)
+
+        # hedui-gateway status shows them per unit, with the unit's signed reason.
+        capsys.readouterr()
+        assert gateway_main(["status", "--config", str(operator_config(tmp_path, world, database_url))]) == 0
+        out = capsys.readouterr().out
+        for unit_id in UNITS:
+            n = len([b for b in held if b.unit_id == unit_id])
+            items = sum(b.subject_count for b in held if b.unit_id == unit_id)
+            assert (
+                f"refused for now, retried: {n} batches/{items} items, permission_denied: approver_unknown (S-0003) "
+                "(signed by the unit)"
+            ) in out
 
         world.staff.enrol("S-0003")  # the roster that names S-0003 has reached the units
         world.clock.advance(3_600_000)

@@ -292,10 +292,8 @@ def test_a_refused_batch_fails_visibly_and_alone(
         assert gateway_main(["status", "--config", str(operator_config(tmp_path, world, database_url))]) == 0
         out = capsys.readouterr().out
         for unit_id in UNITS:
-            n, items = (
-                len(counts_of := [b for b in failed if b.unit_id == unit_id]),
-                sum(b.subject_count for b in counts_of),
-            )
+            mine = [b for b in failed if b.unit_id == unit_id]
+            n, items = len(mine), sum(b.subject_count for b in mine)
             assert (
                 f"refused: {n} batches/{items} items, permission_denied: approver_not_exchange_staff (S-0003) (signed"
                 in out

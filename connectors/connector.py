@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import Message
-from hedui.v1 import exchange_pb2, trust_pb2
+from hedui.v1 import exchange_pb2
 
 from common.categories import UNIT_DATA
 from common.dates import from_pb, to_pb, year_month
@@ -25,11 +25,11 @@ from common.workdays import CHINA_TZ, CalendarSource, Deadline, WorkdayCalendar
 from connectors.adapters.base import Adapter, AdapterError, LookupContext
 from connectors.answering import answer_subjects, is_authorised
 from connectors.approvals import ApprovalCheck, GatewayRosters, NoRosters
-from connectors.errors import DelayRefused, Refusal, envelope_refusal
+from connectors.errors import DelayRefused, Refusal, envelope_refusal, sign_refusal
 from connectors.store import BatchExists, ConnectorStore, StoredBatch
 from keys.clock import DAY_MS, MINUTE_MS, from_ms
 from keys.envelope import Courier, Opened
-from keys.errors import EnvelopeError, KeysError, ReplayedEnvelope
+from keys.errors import EnvelopeError, ReplayedEnvelope
 
 if TYPE_CHECKING:
     from connectors.metrics import ConnectorMetrics
@@ -46,9 +46,6 @@ MAX_NAME_LENGTH = 64
 MAX_IDS_PER_REQUEST = 100
 #: Answers are returned until the response would pass this size; the gateway asks again for the rest.
 MAX_ANSWER_BYTES = 24 * 1024 * 1024
-#: A signed refusal's detail: printable ASCII, at most this long (a staff id; never personal data).
-MAX_DETAIL_CHARS = 64
-_DETAIL_RE = re.compile(r"[ -~]{0,64}")
 
 _QUERY = {exchange_pb2.QueryBatch.DESCRIPTOR.full_name: exchange_pb2.QueryBatch}
 _FETCH = {exchange_pb2.FetchAnswers.DESCRIPTOR.full_name: exchange_pb2.FetchAnswers}
@@ -141,7 +138,10 @@ class Connector:
         authenticated), attach the signed refusal the server sends along (docs/exchange.md, "Signed refusals")."""
         self.store.record(self._now(), "refused", gateway=gateway, batch_id=batch_id, reason=refusal.reason)
         if opened is not None:
-            refusal.signed = self._signed_refusal(refusal, opened, batch_id, batch_digest)
+            refusal.signed = sign_refusal(
+                self.courier, refusal, opened, batch_id=batch_id if batch_id and _BATCH_ID_RE.match(batch_id) else "",
+                batch_digest=batch_digest, now_ms=self._now(), ttl_ms=self.envelope_ttl_ms,
+            )  # fmt: skip
         if self.metrics is not None:
             self.metrics.refusals.labels(refusal.reason).inc()
             if isinstance(refusal.__cause__, EnvelopeError):
@@ -150,27 +150,6 @@ class Connector:
                 self.metrics.service.envelope_rejected(refusal.__cause__)
         log.warning("request refused", extra={"reason": refusal.reason, "gateway": gateway or "-"})
         return refusal
-
-    def _signed_refusal(
-        self, refusal: Refusal, opened: Opened, batch_id: str | None, batch_digest: bytes
-    ) -> bytes | None:
-        """trust.proto Refusal, signed by us and sealed for the gateway, answering ``opened``'s envelope."""
-        message = trust_pb2.Refusal(
-            request_message_id=opened.header.message_id,
-            request_type=opened.header.message_type,
-            batch_id=batch_id if batch_id is not None and _BATCH_ID_RE.match(batch_id) else "",
-            batch_digest=batch_digest,
-            reason=refusal.reason,
-            detail=refusal.detail if _DETAIL_RE.fullmatch(refusal.detail) else "",
-            refused_at_ms=self._now(),
-        )
-        try:
-            return self.courier.seal(
-                message, opened.header.sender, ttl_ms=self.envelope_ttl_ms, correlation_id=opened.header.message_id
-            )
-        except KeysError as exc:  # never let the receipt of a refusal stand in the way of the refusal itself
-            log.warning("signed refusal not made", extra={"reason": refusal.reason, "error": exc.code})
-            return None
 
     def submit(self, data: bytes, tls_party: str | None) -> bytes:
         """A sealed QueryBatch in, a sealed BatchReceipt out (the same receipt for the same batch, always)."""

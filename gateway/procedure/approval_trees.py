@@ -55,7 +55,10 @@ def complete_trees(engine: Engine, audit: AuditLog, *, gateway: str, units: Sequ
         ]
     for commission_id in todo:
         with engine.begin() as conn:
-            row = conn.execute(select(s.commissions).where(c.id == commission_id)).one()
+            query = select(s.commissions).where(c.id == commission_id)
+            if engine.dialect.name == "postgresql":
+                query = query.with_for_update()  # replicas starting together: one builds, the other waits and skips
+            row = conn.execute(query).one()
             if row.subject_root is not None:
                 continue  # another replica did it meanwhile
             subjects = conn.execute(

@@ -300,6 +300,11 @@ def root_from_proof(count: int, leaves: Mapping[int, bytes], proof: Sequence[byt
     hashes = [leaves[i] for i in known]
     width, taken = count, 0
     while width > 1:
+        if known[-1] - known[0] == len(known) - 1:
+            # A run of consecutive nodes (a batch of one unit usually is): the same walk, pairs hashed in one go.
+            known, hashes, taken = _run_up(known[0], hashes, width, proof, taken)
+            width = (width + 1) >> 1
+            continue
         upper_known: list[int] = []
         upper_hashes: list[bytes] = []
         j = 0
@@ -324,6 +329,34 @@ def root_from_proof(count: int, leaves: Mapping[int, bytes], proof: Sequence[byt
     if taken != len(proof):
         raise ApprovalProofError("the proof has hashes left over")
     return hashes[0]
+
+
+def _run_up(
+    first: int, hashes: list[bytes], width: int, proof: Sequence[bytes], taken: int
+) -> tuple[list[int], list[bytes], int]:
+    """One level of :func:`root_from_proof` for the known nodes ``first``, ``first + 1``, ... (``hashes``): a proof
+    hash for the left end when it is a right child, the pairs, then the right end (its sibling from the proof, or
+    promoted at the end of an odd level). Returns the next level's positions, hashes and proof hashes used."""
+    last = first + len(hashes) - 1
+    head: list[bytes] = []
+    start = 0
+    if first & 1:
+        if taken >= len(proof):
+            raise ApprovalProofError("the proof has too few hashes")
+        head.append(_sha256(NODE_PREFIX + proof[taken] + hashes[0]))
+        taken, start = taken + 1, 1
+    paired_end = start + ((len(hashes) - start) & ~1)
+    sha, node_prefix = hashlib.sha256, NODE_PREFIX
+    upper = head + [sha(node_prefix + hashes[j] + hashes[j + 1]).digest() for j in range(start, paired_end, 2)]
+    if paired_end < len(hashes):  # the right end is a left child without its sibling
+        if last + 1 >= width:
+            upper.append(hashes[-1])
+        else:
+            if taken >= len(proof):
+                raise ApprovalProofError("the proof has too few hashes")
+            upper.append(_sha256(NODE_PREFIX + hashes[-1] + proof[taken]))
+            taken += 1
+    return list(range(first >> 1, (last >> 1) + 1)), upper, taken
 
 
 # -- a query batch -----------------------------------------------------------------------------------------------------

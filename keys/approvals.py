@@ -265,6 +265,15 @@ def proof_positions(count: int, indices: Iterable[int]) -> list[tuple[int, int]]
     known = _check_indices(count, indices)
     width, level, out = count, 0, []
     while width > 1:
+        first, last = known[0], known[-1]
+        if last - first == len(known) - 1:  # a run: only its ends can lack their siblings
+            if first & 1:
+                out.append((level, first - 1))
+            if not last & 1 and last + 1 < width:
+                out.append((level, last + 1))
+            known = list(range(first >> 1, (last >> 1) + 1))
+            width, level = (width + 1) >> 1, level + 1
+            continue
         upper: list[int] = []
         j = 0
         while j < len(known):

@@ -25,6 +25,7 @@ from common.db import reading
 from common.metrics import CalendarCollector, ServiceMetrics
 from common.workdays import WorkdayCalendar
 from gateway.db import schema as s
+from gateway.exchange.transport import APPROVAL_REASONS, DEFERRED_REASONS
 from gateway.procedure.commission import STATE_TO_PB
 from keys.errors import ENVELOPE_ERRORS
 
@@ -150,6 +151,9 @@ class GatewayMetrics:
             self.answer_latency.labels(unit)
             for accepted in ("true", "false"):
                 self.delay_notices.labels(unit, accepted)
+            # At zero, so that the first approval refusal of a unit is an increase its alert sees.
+            for reason in sorted(APPROVAL_REASONS | DEFERRED_REASONS):
+                self.unit_refusals.labels(unit, reason)
 
     def add_jobs(self, names: Iterable[str]) -> None:
         for name in names:

@@ -120,6 +120,14 @@ class ExchangeSection:
         "the unit's own roster is in force.",
         default=1,
     )
+    allow_unverified_approvals: bool = doc(
+        "Migration only. The unit verifies every batch's exchange approvals (two staff signatures) against the "
+        "gateway's roster it holds, and refuses batches it cannot verify. True: while it holds no roster of a "
+        "gateway, or for a batch that carries no approval proof (from a gateway, or a commission, older than "
+        "approval proofs), it accepts a batch whose staff ids are all in [[staff]] instead, without checking any "
+        "signature. Turn it off once every gateway's roster has arrived (docs/operations.md).",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.answer_staff <= 8:
@@ -171,8 +179,9 @@ class ConnectorConfig:
     metrics: ConnectorMetricsSection = field(default_factory=ConnectorMetricsSection)
     roster: RosterSection = field(default_factory=RosterSection)
     staff: tuple[StaffEntry, ...] = doc(
-        "Deprecated: a migration source only. Exchange staff ids of a gateway, checked only while no version of that "
-        "gateway's signed roster is in force (then the roster decides; 'hedui-connector roster migrate-check').",
+        "Deprecated: a migration source only, with exchange.allow_unverified_approvals. Exchange staff ids of a "
+        "gateway, checked only while the unit holds no roster of that gateway (then the roster decides; "
+        "'hedui-connector roster migrate-check').",
         default=(),
     )
 

@@ -21,7 +21,9 @@ from common.db import make_engine
 from common.logs import LogThrottle, database_error, database_error_code, log_context, new_request_id
 from common.metrics import MetricsServer, process_registry, serve_metrics
 from common.rpc import (
+    MAX_SIGNED_REFUSAL_BYTES,
     REFUSAL_REASON_KEY,
+    REFUSAL_SIGNED_KEY,
     IncomingCall,
     RefusalLog,
     RequestGate,
@@ -129,7 +131,12 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServiceServicer):
             # The reason code travels too, so the gateway can say why (docs/exchange.md, "Refusals"); envelope
             # failures stay one opaque "invalid envelope" to the caller, their precise reason stays here.
             public = "invalid_envelope" if refusal.reason.startswith("envelope_") else refusal.reason
-            context.set_trailing_metadata(((REFUSAL_REASON_KEY, public),))
+            trailing: list[tuple[str, str | bytes]] = [(REFUSAL_REASON_KEY, public)]
+            if refusal.signed is not None and len(refusal.signed) <= MAX_SIGNED_REFUSAL_BYTES:
+                # The same reason, signed by the unit and sealed for the gateway that asked (docs/exchange.md,
+                # "Signed refusals"): made only for a request whose envelope opened, so never for a stranger.
+                trailing.append((REFUSAL_SIGNED_KEY, refusal.signed))
+            context.set_trailing_metadata(tuple(trailing))
             context.abort(refusal.status, str(refusal))
         except Exception as exc:
             if database_error(exc) is None:
@@ -321,6 +328,9 @@ def build_connector(
         max_subjects=config.exchange.max_subjects_per_batch,
         envelope_ttl_ms=config.exchange.envelope_ttl_minutes * 60_000,
         metrics=metrics,
+        # The gateways' rosters the unit holds (issue 11): exchange approvals are verified against them.
+        rosters=PeerRosters(store.engine),
+        allow_unverified_approvals=config.exchange.allow_unverified_approvals,
     )
     connector.calendar_source = calendar
     connector.rosters, connector.duty = PeerRosters(store.engine), OnDuty(store.engine)
@@ -339,16 +349,21 @@ def legacy_staff_warnings(connector: Connector) -> list[str]:
     assert connector.rosters is not None
     lines = []
     now = connector.courier.clock.now_ms()
-    for gateway in sorted(connector.staff):
+    legacy = connector.approvals.legacy_staff
+    for gateway in sorted(legacy):
         history = connector.rosters.history(gateway)
-        if history is None or history.in_force(now) is None:
-            lines.append(f"[[staff]] ids of {gateway} are checked until its signed roster is in force (deprecated)")
-            log.warning(
-                "deprecated [[staff]] list in use: no roster of the gateway in force yet", extra={"gateway": gateway}
-            )
+        if history is None:
+            if connector.approvals.allow_unverified:
+                lines.append(f"[[staff]] ids of {gateway} decide until its signed roster arrives (deprecated)")
+                log.warning(
+                    "deprecated [[staff]] list in use: no roster of the gateway held yet", extra={"gateway": gateway}
+                )
+            else:
+                lines.append(f"no roster of {gateway} held yet: its batches are refused (approver_unknown)")
+                log.warning("no roster of the gateway held yet: its batches are refused", extra={"gateway": gateway})
         else:
             log.info("[[staff]] list ignored: the gateway's signed roster is in force", extra={"gateway": gateway})
-    for gateway, missing in connector.rosters.missing_from_roster(connector.staff).items():
+    for gateway, missing in connector.rosters.missing_from_roster(legacy).items():
         lines.append(f"the roster of {gateway} lacks [[staff]] ids {', '.join(missing)}")
         log.warning(
             "[[staff]] ids the gateway's roster lacks", extra={"gateway": gateway, "staff_ids": ",".join(missing)}

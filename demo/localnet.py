@@ -275,6 +275,8 @@ seed = {seed}
 [exchange]
 answer_interval_seconds = {answer_interval}
 max_subjects_per_batch = {max(batch_size, 1)}
+# Until the gateway's roster reaches this unit over SyncTrust, its approvals are judged by [[staff]] ids.
+allow_unverified_approvals = true
 
 [metrics]
 listen = "127.0.0.1:{metrics_ports[unit]}"

@@ -26,6 +26,7 @@ from common.db import reading
 from common.metrics import CalendarCollector, ServiceMetrics
 from common.workdays import WorkdayCalendar
 from gateway.db import schema as s
+from gateway.exchange.transport import APPROVAL_REASONS, DEFERRED_REASONS
 from gateway.procedure.commission import STATE_TO_PB
 from keys.errors import ENVELOPE_ERRORS
 
@@ -117,6 +118,14 @@ class GatewayMetrics:
             ["task", "outcome"],
             registry=registry,
         )
+        self.unit_refusals = Counter(
+            "hedui_unit_refusals_total",
+            "Query batches a unit refused, by the unit's reason code (docs/exchange.md, Refusals; approval_* and "
+            "approver_*: the unit did not accept our staff's exchange approvals). Every refusal counts, a batch "
+            "refused again after a retry too; codes outside the known set are counted as other.",
+            ["unit", "reason"],
+            registry=registry,
+        )
         self.approval_feedback = Counter(
             "hedui_approval_feedback_total",
             "Approval feedback decisions recorded (Procedure IV), by decision.",
@@ -160,6 +169,9 @@ class GatewayMetrics:
             self.answers_staff_unverified.labels(unit)
             for accepted in ("true", "false"):
                 self.delay_notices.labels(unit, accepted)
+            # At zero, so that the first approval refusal of a unit is an increase its alert sees.
+            for reason in sorted(APPROVAL_REASONS | DEFERRED_REASONS):
+                self.unit_refusals.labels(unit, reason)
 
     def add_jobs(self, names: Iterable[str]) -> None:
         for name in names:
@@ -214,6 +226,10 @@ class GatewayMetrics:
         """Export roster changes not yet in force per party (ours and the units') and the units that have not
         acknowledged our roster, read at scrape time."""
         self.registry.register(_RosterCollector(reader))
+
+    def unit_refused(self, unit: str, reason: str) -> None:
+        """A unit refused a batch (``reason``: a label from gateway.exchange.transport.reason_label)."""
+        self.unit_refusals.labels(unit, reason).inc()
 
     def unit_failed(self, unit: str) -> None:
         self.unit_retries.labels(unit).inc()

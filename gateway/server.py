@@ -38,6 +38,7 @@ from gateway.exchange.store import GatewayStore
 from gateway.exchange.transport import UnitClient
 from gateway.metrics import GatewayMetrics
 from gateway.ops.replica import ReplicaLease, ReplicaLock
+from gateway.procedure.approval_trees import complete_trees
 from gateway.procedure.staff import StaffRegister
 from gateway.procedure.workflow import Workflow
 from gateway.trust.rosters import PeerRosters
@@ -223,6 +224,8 @@ def _start(
     # (A live process with our id was refused above, so these are no one else's.)
     store.batches.release_claims(config.exchange.replica_id)
     clock = SystemClock()
+    # Commissions stored before approval trees, not yet approved: their trees, before staff can read a digest.
+    complete_trees(engine, AuditLog(engine), gateway=party.party_id, units=store.units.all(), now_ms=clock.now_ms())
     courier = Courier(party, trust, replay=store.replay, clock=clock)
     courier.on_reject = metrics.service.counting_rejections(courier.on_reject)
     metrics.watch_store(engine)

@@ -299,18 +299,18 @@ def test_batch_without_any_authorisation_is_refused(world: World) -> None:
     _refused(world, world.batch("B-10", subjects), grpc.StatusCode.FAILED_PRECONDITION, "no_authorisation")
 
 
-def test_unregistered_or_single_staff_is_refused(world: World) -> None:
+def test_unregistered_or_single_approver_is_refused(world: World) -> None:
     _refused(
         world,
         world.batch("B-11", world.subjects(2), staff_ids=["S-0001", "S-9999"]),
         grpc.StatusCode.PERMISSION_DENIED,
-        "staff_not_registered",
+        "approver_unknown",
     )
     _refused(
         world,
         world.batch("B-12", world.subjects(2), staff_ids=["S-0001"]),
         grpc.StatusCode.PERMISSION_DENIED,
-        "staff_not_registered",
+        "approvals_too_few",
     )
 
 

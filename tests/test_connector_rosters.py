@@ -113,8 +113,6 @@ def test_a_gateway_roster_decides_once_in_force_and_the_toml_ids_before(tmp_path
     peers = PeerRosters(engine)
     handler = peers.handler(trust=lambda: _trust(GATEWAY, trust_ring), notice=lambda: NOTICE, own_party_id=UNIT)
     legacy = {GATEWAY: frozenset({"S-0001", "S-0002", "S-0009"})}
-    assert peers.staff_refusal(GATEWAY, ["S-0001", "S-0002"], MONDAY, legacy) is None
-    assert peers.staff_refusal(GATEWAY, ["S-0001", "S-0003"], MONDAY, legacy) == ("staff_not_registered", "S-0003")
     v1 = gateway.version(
         [
             gateway.member("S-0001", ("admin", "exchange"), MONDAY),
@@ -127,15 +125,13 @@ def test_a_gateway_roster_decides_once_in_force_and_the_toml_ids_before(tmp_path
     assert handler(GATEWAY, gateway.sign(v1), MONDAY) is None
     assert handler(UNIT, gateway.sign(v1), MONDAY) == "roster_wrong_party"
     assert handler(GATEWAY, gateway.sign(v1)[:-3], MONDAY) == "roster_malformed"
-    # Held but not in force yet: the [[staff]] ids still decide; then the roster, by the batch's time.
-    assert peers.staff_refusal(GATEWAY, ["S-0001", "S-0009"], MONDAY + HOUR_MS, legacy) is None
-    in_force = v1.effective_at_ms
-    assert peers.staff_refusal(GATEWAY, ["S-0001", "S-0009"], in_force, legacy) == ("approver_unknown", "S-0009")
-    assert peers.staff_refusal(GATEWAY, ["S-0001", "S-0004"], in_force, legacy) == (
-        "approver_not_exchange_staff",
-        "S-0004",
-    )
-    assert peers.staff_refusal(GATEWAY, ["S-0001", "S-0002"], in_force, legacy) is None
+    # Judged by the roster in force at the batch's time (the approval check, connectors/approvals.py).
+    history = peers.history(GATEWAY)
+    assert history is not None
+    assert history.member_at("S-0009", v1.effective_at_ms) == (None, "approver_unknown")
+    assert history.member_at("S-0002", MONDAY + HOUR_MS)[1] is not None
+    member, reason = history.member_at("S-0004", v1.effective_at_ms)
+    assert reason is None and member is not None and not member.has_role("exchange")
     assert peers.missing_from_roster(legacy) == {GATEWAY: ["S-0009"]}
     assert peers.held_version(GATEWAY) == 1 and peers.pending(MONDAY) == {GATEWAY: 1}
 

@@ -51,6 +51,7 @@ GATEWAY_METRICS = frozenset(
         "hedui_envelope_rejections_total",
         "hedui_unit_retries_total",
         "hedui_unit_cycle_errors_total",
+        "hedui_unit_refusals_total",
         "hedui_unit_up",
         "hedui_outbox_depth",
         "hedui_batches_failed",

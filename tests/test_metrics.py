@@ -38,6 +38,7 @@ from gateway.db import schema
 from gateway.exchange.outbox import CommissionInput, SubjectInput
 from gateway.exchange.schedule import GatewayScheduler, JobIntervals, SchedulePolicy
 from gateway.exchange.store import GatewayStore
+from gateway.exchange.transport import KNOWN_REASONS
 from gateway.metrics import GatewayMetrics
 from gateway.procedure.routing import route
 from gateway.server import KeyWatch, build
@@ -376,12 +377,13 @@ def test_the_endpoint_serves_every_metric_with_fixed_label_values(tmp_path: Path
         "hedui_answer_latency_seconds", "hedui_receipts", "hedui_delay_notices", "hedui_envelope_rejections",
         "hedui_unit_retries", "hedui_unit_up", "hedui_outbox_depth", "hedui_key_expiry_seconds",
         "hedui_scheduler_job_runs", "hedui_grpc_server_requests", "hedui_commissions", "hedui_approval_feedback",
-        "hedui_batches_failed",
+        "hedui_batches_failed", "hedui_unit_refusals",
     }  # fmt: skip
     assert expected <= set(families)
     allowed = {
         "unit": set(UNITS),
-        "reason": {e.code for e in ENVELOPE_ERRORS},
+        # Envelope failures; the units' refusal codes (a fixed list, anything else is "other").
+        "reason": {e.code for e in ENVELOPE_ERRORS} | KNOWN_REASONS | {"other", "unspecified"},
         "accepted": {"true", "false"},
         "decision": {"approved", "refused", "withdrawn"},
     }
@@ -467,7 +469,8 @@ def test_serving_gateway_and_connectors_export_metrics_on_their_configured_ports
             staff_ids=NET_STAFF,
             categories=categories,
         )
-        store.outbox.enqueue(commission, subjects, route(categories, store.units.all()), int(time.time() * 1000))
+        now = int(time.time() * 1000)
+        store.outbox.enqueue(commission, subjects, route(categories, store.units.all()), now, gateway=net.gateway_party)
         assert _wait(lambda: store.batches.answer_count() == len(subjects) * len(units), 60)
 
         def answered() -> bool:

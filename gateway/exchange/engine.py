@@ -29,8 +29,9 @@ from common.workdays import CHINA_TZ, CalendarSource, Deadline, WorkdayCalendar
 from gateway.archive.audit import AuditLog
 from gateway.archive.messages import Envelope
 from gateway.exchange.batches import BatchWork, ResponsibleStaff
+from gateway.exchange.refusals import signed_refusal
 from gateway.exchange.store import GatewayStore
-from gateway.exchange.transport import TransportFailure, UnitClient, UnitRefusal
+from gateway.exchange.transport import TransportFailure, UnitClient, UnitDeferral, UnitRefusal, reason_label
 from gateway.exchange.units import UnitRow
 from gateway.trust.rosters import PeerRosters, judge_answer_staff
 from keys.clock import from_ms
@@ -47,6 +48,7 @@ _ANSWERS: Mapping[str, type[Message]] = {exchange_pb2.AnswerSet.DESCRIPTOR.full_
 _ACK: Mapping[str, type[Message]] = {
     exchange_pb2.AcknowledgeReceipt.DESCRIPTOR.full_name: exchange_pb2.AcknowledgeReceipt
 }
+
 #: Batch ids a connector takes in one FetchAnswers or AcknowledgeAnswers (docs/exchange.md); more are refused.
 MAX_IDS_PER_CALL = 100
 #: Subjects asked for in one FetchAnswers call at most (see ExchangeEngine._fetch_limit).
@@ -279,21 +281,7 @@ class ExchangeEngine:
             raise
         except UnitRefusal as refusal:
             report.reached = True
-            # Kept in the batch row and shown (hedui_batches_failed, hedui-gateway status); once the cause is fixed,
-            # ``hedui-gateway resend`` puts the batch back into the outbox.
-            self.store.batches.refused(
-                batch.batch_id, refusal.summary, status=refusal.status, code=refusal.reason, now_ms=self._now()
-            )
-            log.error(
-                "unit refused a batch",
-                extra={
-                    "unit": batch.unit_id,
-                    "batch_id": batch.batch_id,
-                    "status": refusal.status,
-                    "reason": refusal.reason or "-",
-                    "detail": str(refusal),
-                },
-            )
+            self._refused(batch, refusal, envelope)
             return
         report.reached = True
         try:
@@ -332,6 +320,37 @@ class ExchangeEngine:
                 "due_provisional": receipt.due_date_provisional,
             },
         )
+
+    def _refused(self, batch: BatchWork, refusal: UnitRefusal, request: bytes) -> None:
+        """The unit refused the batch: for now (UnitDeferral: sent again after the batch's own backoff, the unit
+        is not backed off, it answers), or for good (failed, kept in the batch row and shown in
+        hedui_batches_failed and ``hedui-gateway status``; once the cause is fixed ``hedui-gateway resend`` puts it
+        back). Its signed refusal, when it checks out, is kept with the refusal's chain entry."""
+        signed, detail = signed_refusal(self.courier, batch, refusal, request)
+        summary = refusal.summary if not detail else f"{refusal.summary} ({detail})"[:64]
+        now = self._now()
+        if self.metrics is not None:
+            self.metrics.unit_refused(batch.unit_id, reason_label(refusal.reason))
+        extra = {
+            "unit": batch.unit_id,
+            "batch_id": batch.batch_id,
+            "status": refusal.status,
+            "reason": refusal.reason or "-",
+            "signed": signed is not None,
+            "detail": str(refusal),
+        }
+        if isinstance(refusal, UnitDeferral):
+            retry_at = now + self._backoff_ms(batch.attempts + 1)
+            self.store.refusals.deferred(
+                batch.batch_id, summary, status=refusal.status, code=refusal.reason, retry_at_ms=retry_at,
+                now_ms=now, signed=signed,
+            )  # fmt: skip
+            log.warning("unit refused a batch for now; sent again later", extra={**extra, "retry_at_ms": retry_at})
+            return
+        self.store.refusals.refused(
+            batch.batch_id, summary, status=refusal.status, code=refusal.reason, now_ms=now, signed=signed
+        )
+        log.error("unit refused a batch", extra=extra)
 
     def _poll(self, unit_id: str, client: UnitClient, report: CycleReport | None = None) -> tuple[int, int]:
         """Fetch the answers of the unit's receipted batches that are due for a poll; returns (batches answered,

@@ -35,8 +35,8 @@ def agency(tmp_path: Path) -> Iterator[Agency]:
 def _reviewed(agency: Agency, households: int, start: int = 0) -> agency_pb2.Commission:
     commissioner, office = agency.stub(COMMISSIONER), agency.stub(BACKOFFICE)
     cid = commissioner.SubmitCommission(agency.package(households, start)).commission_id
-    office.RecordIntake(agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0001", passed=True))
-    return office.RecordReview(agency_pb2.StaffDecision(commission_id=cid, staff_id="S-0002", passed=True))
+    office.RecordIntake(agency.intake(cid, "S-0001"))
+    return office.RecordReview(agency.review(cid, "S-0002"))
 
 
 def _approve(agency: Agency, commission: agency_pb2.Commission, staff: tuple[str, ...] = ("S-0003", "S-0004")) -> None:

@@ -6,6 +6,8 @@ other side's ROSTER handler directly, as the syncer will."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import grpc
@@ -142,12 +144,15 @@ def _trust(party: str, ring: Keyring) -> TrustStore:
     return trust
 
 
-def test_a_batch_naming_revoked_staff_is_refused_by_the_unit(tmp_path: Path) -> None:
+def test_approvals_are_judged_by_the_signed_gateway_roster_the_unit_holds(tmp_path: Path) -> None:
+    """The approval check of a real connector reads the gateway's signed roster from its own store (PeerRosters):
+    a member revoked by a later version can no longer approve from the revocation on, the others still can."""
     with exchange_world(tmp_path, now_ms=MONDAY) as world:
         connector = world.connector
         connector.rosters = PeerRosters(connector.store.engine)
+        connector.approvals = dataclasses.replace(connector.approvals, rosters=connector.rosters)
         gateway = world.gateway.me
-        staff = {s: SigningKey.generate() for s in (*STAFF, "S-0003")}
+        staff = {s: world.staff.key(s) for s in (*STAFF, "S-0003")}
         members = [RosterMember(s, "员工", ("admin", "exchange"), k.public, MONDAY) for s, k in staff.items()]
         v1 = build_roster(
             None, party_id=GATEWAY, members=members, issued_at_ms=MONDAY,
@@ -156,7 +161,14 @@ def test_a_batch_naming_revoked_staff_is_refused_by_the_unit(tmp_path: Path) -> 
         handler = connector.rosters.handler(
             trust=lambda: connector.courier.trust, notice=lambda: NOTICE, own_party_id=UNIT
         )
+        world.clock.set(MONDAY + HOUR_MS)
+        with pytest.raises(grpc.RpcError) as unknown:  # no roster of the gateway held yet
+            world.submit(world.batch("B-early", world.subjects(2)))
+        assert unknown.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert handler(GATEWAY, sign_roster(v1, gateway.signing_key(MONDAY), staff["S-0001"]), MONDAY) is None
+        with pytest.raises(grpc.RpcError) as early:  # held, not yet in force when the approvals were given
+            world.submit(world.batch("B-early-2", world.subjects(2)))
+        assert "approver_unknown" in (early.value.details() or "")
         world.clock.set(v1.effective_at_ms + HOUR_MS)
         receipt = world.submit(world.batch("B-ok", world.subjects(2)))
         assert receipt.batch_id == "B-ok"
@@ -362,7 +374,11 @@ def test_the_start_log_says_what_the_toml_ids_still_do(tmp_path: Path, caplog: p
         connector = world.connector
         connector.rosters = PeerRosters(connector.store.engine)
         assert legacy_staff_warnings(connector) == [
-            f"[[staff]] ids of {GATEWAY} are checked until its signed roster is in force (deprecated)"
+            f"no roster of {GATEWAY} held yet: its batches are refused (approver_unknown)"
+        ]
+        connector.approvals = dataclasses.replace(connector.approvals, allow_unverified=True)
+        assert legacy_staff_warnings(connector) == [
+            f"[[staff]] ids of {GATEWAY} decide until its signed roster arrives (deprecated)"
         ]
         staff = SigningKey.generate()
         member = RosterMember("S-0001", "员工", ("admin", "exchange"), staff.public, MONDAY)

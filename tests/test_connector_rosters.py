@@ -7,7 +7,6 @@ other side's ROSTER handler directly, as the syncer will."""
 from __future__ import annotations
 
 import dataclasses
-
 from pathlib import Path
 
 import grpc

@@ -158,6 +158,14 @@ class SealedFileError(KeysError):
 
 
 class TrustError(KeysError):
-    """A bundle, announcement or fingerprint failed a trust check; nothing was imported or changed."""
+    """A bundle, announcement or fingerprint failed a trust check; nothing was imported or changed.
+
+    ``reason`` is a short code (``a-z 0-9 _``) naming the check that failed, for acknowledgements, metrics and audit
+    entries (docs/exchange.md, "Trust synchronisation"); the message says it in words.
+    """
 
     code = "trust"
+
+    def __init__(self, message: str, *, reason: str = "not_trusted") -> None:
+        super().__init__(message)
+        self.reason = reason

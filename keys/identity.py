@@ -96,6 +96,11 @@ class PartyKeys:
         with self._write:
             self._state = other._state
 
+    def same_as(self, other: PartyKeys) -> bool:
+        """True if ``other`` holds exactly this object's keys now (one was copied from the other and neither changed
+        since)."""
+        return self._state is other._state
+
     def records(self) -> Iterator[KeyRecord]:
         """Every key record, both algorithms."""
         return iter(self._state.keyring)

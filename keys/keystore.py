@@ -355,13 +355,19 @@ def lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
+class KeystoreBusy(KeystoreError):
+    """Another program holds the keystore's lock (:func:`locked`) longer than the caller would wait."""
+
+    code = "keystore_busy"
+
+
 @contextlib.contextmanager
 def locked(path: Path, *, timeout_s: float = 30.0) -> Iterator[None]:
     """Hold the keystore's lock file (an exclusive ``flock``) for a read-change-write of the keystore at ``path``.
 
     Every program that changes a keystore (``hedui-keys``, a running gateway or connector) takes it, so that two of
     them never both read the same version and the second write loses the first one's change. Waits up to
-    ``timeout_s`` (0: not at all), then raises KeystoreError. The kernel drops the lock when its holder dies.
+    ``timeout_s`` (0: not at all), then raises KeystoreBusy. The kernel drops the lock when its holder dies.
     """
     target = lock_path(path)
     try:
@@ -376,7 +382,7 @@ def locked(path: Path, *, timeout_s: float = 30.0) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise KeystoreError(
+                    raise KeystoreBusy(
                         f"the keystore {path} is being changed by another program (lock {target}); try again"
                     ) from None
                 time.sleep(0.05)

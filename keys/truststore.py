@@ -56,6 +56,12 @@ class TrustStore:
         with self._write:
             self._peers = dict(other._peers)
 
+    def same_as(self, other: TrustStore) -> bool:
+        """True if ``other`` holds the very keyrings this store holds (one was copied from the other and neither
+        changed since)."""
+        mine, theirs = self._peers, other._peers
+        return mine.keys() == theirs.keys() and all(mine[p] is theirs[p] for p in mine)
+
     def set_keyring(self, party_id: str, keyring: Keyring) -> None:
         """Install a peer's keyring as loaded from our own keystore (already trusted)."""
         with self._write:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health
@@ -41,9 +41,11 @@ from connectors.errors import Refusal
 from connectors.metrics import ConnectorMetrics
 from connectors.store import ConnectorStore
 from connectors.synthetic import Population, SyntheticAdapter
-from keys import keystore
+from connectors.trust import ConnectorKeys, TrustDesk, TrustItems, default_handlers
 from keys.envelope import Courier, Policy
+from keys.live import LiveKeystore, RotationPolicy, Watcher
 from keys.tls import TlsIdentity, check_tls, party_from_auth_context, read_private_key
+from keys.trustsync import ANNOUNCEMENTS_METADATA_KEY, Handler
 
 log = logging.getLogger("hedui.connector")
 
@@ -103,15 +105,21 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServiceServicer):
         request: exchange_pb2.SealedMessage,
         context: grpc.ServicerContext,
     ) -> exchange_pb2.SealedMessage:
+        return self._serve(
+            lambda sealed, party: exchange_pb2.SealedMessage(envelope=handler(sealed.envelope, party)), request, context
+        )
+
+    def _serve(
+        self,
+        handler: Callable[[exchange_pb2.SealedMessage, str | None], exchange_pb2.SealedMessage],
+        request: exchange_pb2.SealedMessage,
+        context: grpc.ServicerContext,
+    ) -> exchange_pb2.SealedMessage:
         party = party_from_auth_context(context.auth_context())
         try:
-            return exchange_pb2.SealedMessage(envelope=handler(request.envelope, party))
+            return handler(request, party)
         except Refusal as refusal:
-            # The reason code travels too, so the gateway can say why (docs/exchange.md, "Refusals"); envelope
-            # failures stay one opaque "invalid envelope" to the caller, their precise reason stays here.
-            public = "invalid_envelope" if refusal.reason.startswith("envelope_") else refusal.reason
-            context.set_trailing_metadata(((REFUSAL_REASON_KEY, public),))
-            context.abort(refusal.status, str(refusal))
+            self._abort(refusal, context)
         except Exception as exc:
             if database_error(exc) is None:
                 raise
@@ -129,6 +137,22 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServiceServicer):
             context.set_trailing_metadata(((REFUSAL_REASON_KEY, "database_unavailable"),))
             context.abort(grpc.StatusCode.UNAVAILABLE, "the unit's exchange server cannot use its database just now")
         raise AssertionError("unreachable")  # context.abort raises
+
+    @staticmethod
+    def _abort(refusal: Refusal, context: grpc.ServicerContext) -> NoReturn:
+        # The reason code travels too, so the gateway can say why (docs/exchange.md, "Refusals"); envelope
+        # failures stay one opaque "invalid envelope" (or "refresh keys") to the caller, their precise reason here.
+        public = refusal.public_reason or refusal.reason
+        metadata: list[tuple[str, str | bytes]] = [(REFUSAL_REASON_KEY, public)]
+        metadata += [(ANNOUNCEMENTS_METADATA_KEY, a) for a in refusal.announcements]
+        context.set_trailing_metadata(tuple(metadata))
+        context.abort(refusal.status, str(refusal))
+
+    def SyncTrust(
+        self, request: exchange_pb2.SealedMessage, context: grpc.ServicerContext
+    ) -> exchange_pb2.SealedMessage:
+        """TrustSync in, TrustSync out (connectors/trust/sync.py), with announcements beside both envelopes."""
+        return self._serve(self.connector.sync_trust, request, context)
 
     def SubmitBatch(
         self, request: exchange_pb2.SealedMessage, context: grpc.ServicerContext
@@ -225,11 +249,15 @@ class RunningConnector:
     worker: AnswerWorker | None
     health: health.HealthServicer
     metrics_server: MetricsServer | None = None
+    #: The key job (keystore reload, retirement, scheduled rotation): connectors/trust/keys.py.
+    key_job: Watcher | None = None
 
     def stop(self, grace: float | None = 1.0) -> None:
         self.health.enter_graceful_shutdown()
         if self.worker is not None:
             self.worker.stop()
+        if self.key_job is not None:
+            self.key_job.stop()
         self.server.stop(grace).wait()
         if self.metrics_server is not None:
             self.metrics_server.stop()
@@ -271,14 +299,14 @@ def build_connector(
     require_database: bool = True,
 ) -> Connector:
     """Wire a Connector from its config: keystore, store, adapter, calendar, staff register (and its metrics)."""
+    live = None
     if courier is None:
-        passphrase = keystore.read_passphrase_file(config.keys.passphrase_file)
-        party, trust = keystore.load(config.keys.keystore, passphrase)
-        if party.party_id != config.unit.party_id:
-            raise ConfigError(f"keystore belongs to {party.party_id}, config says {config.unit.party_id}")
+        live = LiveKeystore.open(config.keys.keystore, config.keys.passphrase_file)
+        if live.party.party_id != config.unit.party_id:
+            raise ConfigError(f"keystore belongs to {live.party.party_id}, config says {config.unit.party_id}")
         engine = make_engine(config.database.url)
         store = ConnectorStore(engine)
-        courier = Courier(party, trust, replay=store.replay, policy=Policy())
+        courier = Courier(live.party, live.trust, replay=store.replay, clock=live.clock, policy=Policy())
     else:
         store = ConnectorStore(make_engine(config.database.url))
     if metrics is not None:
@@ -302,7 +330,36 @@ def build_connector(
     connector.calendar_source = calendar
     if metrics is not None:
         metrics.watch_calendar(lambda: connector.calendar, lambda: connector.courier.clock.now_ms() / 1000)
+    if live is not None:
+        attach_trust(connector, live, config.keys.rotation_policy())
     return connector
+
+
+def attach_trust(
+    connector: Connector,
+    live: LiveKeystore,
+    policy: RotationPolicy | None,
+    *,
+    handlers: Mapping[int, Handler] | None = None,
+    held_roster_version: Callable[[str], int] = lambda peer: 0,
+) -> ConnectorKeys:
+    """Give ``connector`` its live keys and the SyncTrust handler (connectors/trust/): key announcements handled
+    here, rosters and revocation lists by the handlers their owners register through ``handlers``."""
+    keys = ConnectorKeys(live, TrustItems(connector.store.engine), policy)
+    connector.keys = keys
+    connector.trust_desk = TrustDesk(
+        connector,
+        live,
+        handlers={**default_handlers(live), **(handlers or {})},
+        held_roster_version=held_roster_version,
+    )
+    if connector.metrics is not None:
+        connector.metrics.trust.add_peers(live.trust.parties(), ("peer",))
+        connector.metrics.trust.watch_keys(lambda: [
+            (r.party, r.key_id, r.algorithm.name.lower(), r.owner, r.days_left, r.rotation_due_days)
+            for r in keys.expiries()
+        ])  # fmt: skip
+    return keys
 
 
 def start(
@@ -313,6 +370,7 @@ def start(
     max_workers: int = 8,
     worker_interval: float | None = 2.0,
     retention_days: int = 30,
+    key_interval: float = 5.0,
 ) -> RunningConnector:
     """Start serving on ``listen`` (port 0 picks a free one). ``credentials=None`` serves plaintext and is only
     allowed on loopback; ``worker_interval=None`` starts no worker (tests drive ``answer_pending`` themselves).
@@ -334,8 +392,15 @@ def start(
     if worker_interval is not None:
         worker = AnswerWorker(connector, worker_interval, retention_days)
         worker.start()
+    key_job = None
+    if connector.keys is not None:
+        key_job = Watcher("hedui-key-job", connector.keys.turn, key_interval)
+        key_job.run_once()  # keys due at start are retired or rotated before the first call
+        key_job.start()
     log.info("connector serving", extra={"port": port, "party": connector.party_id})
-    return RunningConnector(server=server, port=port, connector=connector, worker=worker, health=health_servicer)
+    running = RunningConnector(server=server, port=port, connector=connector, worker=worker, health=health_servicer)
+    running.key_job = key_job
+    return running
 
 
 def check_certificates(config: ConnectorConfig) -> TlsIdentity | None:
@@ -384,6 +449,7 @@ def serve(config: ConnectorConfig) -> RunningConnector:
             max_workers=server.max_workers,
             worker_interval=config.exchange.answer_interval_seconds,
             retention_days=config.exchange.retention_days,
+            key_interval=config.keys.watch_interval_seconds,
         )
     except BaseException:
         release_port(reserved)

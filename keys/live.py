@@ -72,6 +72,26 @@ class RotationPolicy:
             if period and period <= self.lead_ms:
                 raise ValueError("a rotation period must be longer than the rotation lead")
 
+    @classmethod
+    def from_config(
+        cls, *, agreement_days: float, signing_days: float, lead_hours: float, overlap_days: float
+    ) -> RotationPolicy | None:
+        """The policy a [keys] section describes; None when both periods are 0 (no automatic rotation). Raises
+        ValueError, in the config's terms, for values that do not fit together."""
+        if agreement_days < 0 or signing_days < 0:
+            raise ValueError("keys.rotate_agreement_days and keys.rotate_signing_days must be 0 (off) or more")
+        if not 0 < lead_hours <= MAX_LEAD_MS / HOUR_MS:
+            raise ValueError("keys.rotation_lead_hours must be more than 0 and at most 720 (30 days)")
+        if not 0 < overlap_days <= MAX_OVERLAP_MS / DAY_MS:
+            raise ValueError("keys.rotation_overlap_days must be more than 0 and at most 90")
+        lead_ms = int(lead_hours * HOUR_MS)
+        periods = (int(agreement_days * DAY_MS), int(signing_days * DAY_MS))
+        if any(0 < period <= lead_ms for period in periods):
+            raise ValueError("a rotation period (keys.rotate_*_days) must be longer than keys.rotation_lead_hours")
+        if not any(periods):
+            return None
+        return cls(periods[0], periods[1], lead_ms, int(overlap_days * DAY_MS))
+
     def period_ms(self, algorithm: Algorithm) -> int:
         return self.signing_ms if algorithm is Algorithm.ED25519 else self.agreement_ms
 

@@ -27,8 +27,8 @@ from keys.identity import PartyKeys
 from keys.keyring import Keyring
 from keys.truststore import TrustStore
 
-#: Chain entries that name an archived envelope (gateway/archive/events.py).
-ENVELOPE_ACTIONS = ("batch.sent", "batch.receipted", "batch.answered", "batch.delay")
+#: Chain entries that name an archived envelope (gateway/archive/events.py, gateway/trust/events.py).
+ENVELOPE_ACTIONS = ("batch.sent", "batch.receipted", "batch.answered", "batch.delay", "trust.sent", "trust.received")
 _REF_RE = re.compile(r"(?:^|;)env=([0-9a-f]{32});sha256=([0-9a-f]{64})(?:;|$)")
 _ROWS_PER_READ = 16  # envelopes are up to a few MiB each
 _LOOKUP_CHUNK = 500

@@ -24,6 +24,7 @@ from sqlalchemy import (
 )
 
 from common.replaystore import replay_table
+from common.trustitems import trust_tables
 
 metadata = MetaData(
     naming_convention={
@@ -292,3 +293,7 @@ replicas = Table(
     Column("heartbeat_ms", BigInteger, nullable=False),
     Column("lease_until_ms", BigInteger, nullable=False),
 )
+
+#: Trust items (rosters, key announcements, revocation lists) this gateway publishes for units, and each unit's
+#: acknowledgement of each (migration 0011; common/trustitems.py, docs/exchange.md "Trust synchronisation").
+trust_items, trust_deliveries = trust_tables(metadata)

@@ -89,6 +89,7 @@ class GatewayScheduler:
         metrics: GatewayMetrics | None = None,
         log_clock: Callable[[], float] = time.monotonic,
         checkpoint: Callable[[], None] | None = None,
+        trust_sync: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -101,6 +102,8 @@ class GatewayScheduler:
         self.key_check = key_check
         #: Signs a checkpoint of the audit chain (gateway/archive/checkpoints.py).
         self.checkpoint = checkpoint
+        #: Starts the trust synchronisations that are due (gateway/trust/schedule.py), every dispatch interval.
+        self.trust_sync = trust_sync
         self.scheduler = BackgroundScheduler(timezone=CHINA_TZ)
         self.runs: dict[str, int] = {}
         self.failures: dict[str, int] = {}
@@ -197,6 +200,8 @@ class GatewayScheduler:
         }
         if self.checkpoint is not None:
             jobs["audit-checkpoint"] = (self.intervals.checkpoint_seconds, self.checkpoint)
+        if self.trust_sync is not None:
+            jobs["trust-sync"] = (self.intervals.dispatch_seconds, self.trust_sync)
         return jobs
 
     def start(self) -> None:

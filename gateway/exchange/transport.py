@@ -9,6 +9,7 @@ the gRPC status decides for a connector that sends none.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from hedui.v1 import exchange_pb2, exchange_pb2_grpc
 from common.errors import HeduiError
 from common.logs import redact
 from common.rpc import REFUSAL_REASON_KEY
+from keys.live import MAX_ATTACHMENTS
 from keys.tls import read_private_key
+from keys.trustsync import ANNOUNCEMENTS_METADATA_KEY, MAX_METADATA_ANNOUNCEMENTS
 
 MAX_MESSAGE_BYTES = 33 * 1024 * 1024
 #: The service a health check asks about: the connector reports it SERVING while it takes exchange calls.
@@ -75,11 +78,15 @@ class TransportFailure(HeduiError):
 
     code = "transport"
 
-    def __init__(self, status: str, message: str, reason: str | None = None) -> None:
+    def __init__(
+        self, status: str, message: str, reason: str | None = None, announcements: Sequence[bytes] = ()
+    ) -> None:
         super().__init__(message)
         self.status = status
         #: The unit's reason code (e.g. ``calendar_year_unknown``) when it sent one.
         self.reason = reason
+        #: With ``refresh_keys``: the unit's own key announcements it sent beside the refusal (keys/trustsync.py).
+        self.announcements = tuple(announcements)
 
 
 class UnitRefusal(HeduiError):
@@ -136,17 +143,23 @@ class UnitClient:
         method: grpc.UnaryUnaryMultiCallable[exchange_pb2.SealedMessage, exchange_pb2.SealedMessage],
         envelope: bytes,
     ) -> bytes:
+        return bytes(self._rpc(method, exchange_pb2.SealedMessage(envelope=envelope)).envelope)
+
+    def _rpc(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[exchange_pb2.SealedMessage, exchange_pb2.SealedMessage],
+        request: exchange_pb2.SealedMessage,
+    ) -> exchange_pb2.SealedMessage:
         try:
-            reply = method(exchange_pb2.SealedMessage(envelope=envelope), timeout=self.timeout)
+            return method(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
             details = public_detail((exc.details() if hasattr(exc, "details") else "") or "")
             name = code.name.lower() if code is not None else "unknown"
             reason = _reason(exc)
             if is_transient(code, reason):
-                raise TransportFailure(name, details, reason) from None
+                raise TransportFailure(name, details, reason, _announcements(exc)) from None
             raise UnitRefusal(name, details, reason) from None
-        return bytes(reply.envelope)
 
     def check_health(self) -> None:
         """Ask the connector's standard health service (grpc.health.v1) whether its exchange service is SERVING,
@@ -171,8 +184,26 @@ class UnitClient:
     def acknowledge(self, envelope: bytes) -> bytes:
         return self._call(self.stub.AcknowledgeAnswers, envelope)
 
+    def sync_trust(self, envelope: bytes, announcements: Sequence[bytes]) -> tuple[bytes, list[bytes]]:
+        """SyncTrust: our TrustSync envelope with our own key announcements beside it; the unit's TrustSync envelope
+        and its announcements (docs/exchange.md, "Trust synchronisation")."""
+        request = exchange_pb2.SealedMessage(envelope=envelope, key_announcements=list(announcements))
+        reply = self._rpc(self.stub.SyncTrust, request)
+        return bytes(reply.envelope), [bytes(a) for a in reply.key_announcements[:MAX_ATTACHMENTS]]
+
     def close(self) -> None:
         self.channel.close()
+
+
+def _announcements(exc: grpc.RpcError) -> list[bytes]:
+    """The key announcements a unit put beside a ``refresh_keys`` refusal (at most a few, each a small blob)."""
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    found = [
+        bytes(item.value)
+        for item in trailing or ()
+        if item.key == ANNOUNCEMENTS_METADATA_KEY and isinstance(item.value, bytes)
+    ]
+    return found[:MAX_METADATA_ANNOUNCEMENTS]
 
 
 def _reason(exc: grpc.RpcError) -> str | None:

@@ -312,14 +312,12 @@ class ExchangeEngine:
             due = from_pb(receipt.due_date)
         except (EnvelopeError, AnswerMismatch, ValueError) as exc:
             # A receipt we cannot trust does not start the clock: send again later (at once after a key refresh).
-            retry = (
-                self._now()
-                if self.refresh.after_reply(exc, batch.unit_id, report)
-                else self._now() + self.settings.poll_interval_ms
-            )
+            refreshed = self.refresh.after_reply(exc, batch.unit_id, report)
+            retry = self._now() if refreshed else self._now() + self.settings.poll_interval_ms
             self.store.batches.send_failed(batch.batch_id, "bad_receipt", retry)
-            log.error(
-                "receipt rejected",
+            log.log(
+                logging.WARNING if refreshed else logging.ERROR,
+                "receipt rejected; keys refreshed, sending again" if refreshed else "receipt rejected",
                 extra={"unit": batch.unit_id, "batch_id": batch.batch_id, "reason": type(exc).__name__},
             )
             return

@@ -39,6 +39,8 @@ class GatewayKeys:
         #: Units reached online: they get our announcements as trust items (media-only units by file).
         self.units = list(units)
         self.policy = policy
+        #: Keys already warned about (once each: the key job may run every few seconds).
+        self._warned: set[str] = set()
         live.on_announcements(self.publish)
 
     def publish(self, announcements: Sequence[bytes]) -> None:
@@ -62,7 +64,8 @@ class GatewayKeys:
         self.live.refresh(wait_s=5.0)
         self.live.maintain(self.policy)
         for row in self.expiries():
-            if row.days_left <= KEY_WARNING_DAYS and row.state is KeyState.RETIRING:
+            if row.days_left <= KEY_WARNING_DAYS and row.state is KeyState.RETIRING and row.key_id not in self._warned:
+                self._warned.add(row.key_id)
                 log.warning(
                     "key retires soon",
                     extra={"key": f"{row.party}/{row.key_id}", "days_left": round(row.days_left, 1)},

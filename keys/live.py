@@ -112,12 +112,13 @@ class RotationPolicy:
         return current.not_before_ms + period - self.lead_ms
 
     def rotate_due(self, party: PartyKeys, now_ms: int) -> list[bytes]:
-        """Rotate the keys of ``party`` that are due (call after ``party.advance``); returns the announcements.
+        """Let time move ``party``'s key states on, then rotate the keys that are due; returns the announcements.
 
         The key-agreement key goes first, and waits while a signing-key successor is pending: its announcement is
         then signed by a signing key that peers still hold as current, whenever they apply it (a retiring key whose
         successor has taken over may not speak for the party, docs/keys.md "Lifecycle").
         """
+        party.advance(now_ms)  # a successor whose takeover has come is the key to rotate next
         made = []
         for algorithm in (Algorithm.X25519, Algorithm.ED25519):
             due = self.due_at(party, algorithm, now_ms)

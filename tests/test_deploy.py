@@ -63,6 +63,12 @@ GATEWAY_METRICS = frozenset(
         "hedui_database_up",
         "hedui_database_scrape_age_seconds",
         "hedui_calendar_known_until",
+        "hedui_key_expiry_days",
+        "hedui_key_rotation_due_days",
+        "hedui_trust_syncs_total",
+        "hedui_trust_items_received_total",
+        "hedui_trust_unacknowledged",
+        "hedui_trust_unacknowledged_oldest_seconds",
     }
 )
 CONNECTOR_METRICS = frozenset(
@@ -79,6 +85,12 @@ CONNECTOR_METRICS = frozenset(
         "hedui_database_up",
         "hedui_database_scrape_age_seconds",
         "hedui_calendar_known_until",
+        "hedui_key_expiry_days",
+        "hedui_key_rotation_due_days",
+        "hedui_trust_syncs_total",
+        "hedui_trust_items_received_total",
+        "hedui_trust_unacknowledged",
+        "hedui_trust_unacknowledged_oldest_seconds",
     }
 )
 HISTOGRAMS = ("hedui_batch_round_trip_seconds", "hedui_answer_latency_seconds")

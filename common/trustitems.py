@@ -219,9 +219,7 @@ class TrustItemStore:
     def has_pending(self, peer: str) -> bool:
         d = self._deliveries.c
         with reading(self.engine) as conn:
-            row = conn.execute(
-                select(d.item_id).where(and_(d.peer == peer, d.acked_at_ms.is_(None))).limit(1)
-            ).first()
+            row = conn.execute(select(d.item_id).where(and_(d.peer == peer, d.acked_at_ms.is_(None))).limit(1)).first()
         return row is not None
 
     def deliveries(self, *, kind: int | None = None) -> list[Delivery]:

@@ -1,4 +1,4 @@
-"""Write the test vectors to tests/vectors/: envelope_v1.json and formats_v1.json.
+"""Write the test vectors to tests/vectors/: envelope_v1.json, formats_v1.json and trust_sync_v1.json.
 
 Usage: python scripts/make_vectors.py [--check]
 
@@ -25,11 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # tests/ is not an installed package
-    from tests import vectorgen, vectorgen_formats  # noqa: PLC0415 - needs the path set above
+    from tests import vectorgen, vectorgen_formats, vectorgen_trust  # noqa: PLC0415 - needs the path set above
 
     outputs = {
         VECTORS / "envelope_v1.json": vectorgen.render(vectorgen.build_vectors()).encode(),
         VECTORS / "formats_v1.json": vectorgen_formats.render(vectorgen_formats.build_vectors()).encode(),
+        VECTORS / "trust_sync_v1.json": vectorgen_trust.render(vectorgen_trust.build_vectors()).encode(),
     }
     if args.check:
         stale = [path for path, data in outputs.items() if not path.exists() or path.read_bytes() != data]

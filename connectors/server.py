@@ -297,8 +297,11 @@ def build_connector(
     courier: Courier | None = None,
     metrics: ConnectorMetrics | None = None,
     require_database: bool = True,
+    serving: bool = False,
 ) -> Connector:
-    """Wire a Connector from its config: keystore, store, adapter, calendar, staff register (and its metrics)."""
+    """Wire a Connector from its config: keystore, store, adapter, calendar, staff register (and its metrics).
+    ``serving``: also its live keys and the SyncTrust handler (connectors/trust/), which publish the connector's own
+    announcements for its gateways; commands that only look (check-config) leave the store as it is."""
     live = None
     if courier is None:
         live = LiveKeystore.open(config.keys.keystore, config.keys.passphrase_file)
@@ -330,7 +333,7 @@ def build_connector(
     connector.calendar_source = calendar
     if metrics is not None:
         metrics.watch_calendar(lambda: connector.calendar, lambda: connector.courier.clock.now_ms() / 1000)
-    if live is not None:
+    if live is not None and serving:
         attach_trust(connector, live, config.keys.rotation_policy())
     return connector
 
@@ -440,7 +443,7 @@ def serve(config: ConnectorConfig) -> RunningConnector:
     try:
         if identity is not None:
             metrics.service.watch_certificates({identity.role: identity.not_after.timestamp()})
-        connector = build_connector(config, metrics=metrics, require_database=False)
+        connector = build_connector(config, metrics=metrics, require_database=False, serving=True)
         release_port(reserved)  # start() binds it for good now
         running = start(
             connector,

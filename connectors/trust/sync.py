@@ -85,11 +85,6 @@ class TrustDesk:
         except TrustSyncError as exc:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc), "bad_trust_sync") from exc
         now = self._now()
-        header = opened.header
-        store.keep(
-            message_id=header.message_id, peer=gateway, direction="in", message_type=header.message_type,
-            envelope=opened.raw, at_ms=now,
-        )  # fmt: skip
         acks = [Ack(a.kind, bytes(a.item_sha256), a.applied, a.reason) for a in message.acks]
         acknowledged = self.items.acked(gateway, acks, now)
         for ack in acks:
@@ -116,10 +111,17 @@ class TrustDesk:
             peer_roster_version=max(0, self.held_roster_version(gateway)),
         )
         sealed = self.connector.reply_to(reply, opened)
-        store.keep(
-            message_id=message_id_of(sealed), peer=gateway, direction="out", message_type=reply.DESCRIPTOR.full_name,
-            envelope=sealed, at_ms=now,
-        )  # fmt: skip
+        if message.items or message.acks or reply.items or reply.acks:
+            # Both envelopes, the signed receipts of what was delivered; a round with nothing either way is not kept.
+            header = opened.header
+            store.keep(
+                message_id=header.message_id, peer=gateway, direction="in", message_type=header.message_type,
+                envelope=opened.raw, at_ms=now,
+            )  # fmt: skip
+            store.keep(
+                message_id=message_id_of(sealed), peer=gateway, direction="out",
+                message_type=reply.DESCRIPTOR.full_name, envelope=sealed, at_ms=now,
+            )  # fmt: skip
         if metrics is not None:
             metrics.trust.synced(gateway, "peer", "ok")
         if acknowledged or owed:

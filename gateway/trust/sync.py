@@ -6,8 +6,8 @@ version of the unit's roster it holds; beside the envelope go the gateway's own 
 them and answers, in the same call, with its verdicts on the gateway's items and with its own pending items and its
 own announcements. The gateway applies the unit's announcements (before it opens the reply), records the unit's
 verdicts, and hands each of the unit's items to the handler of its kind; when it then owes verdicts, it runs the next
-round at once (at most MAX_ROUNDS). Both envelopes of every round are kept in the message archive with chain
-entries (gateway/trust/events.py).
+round at once (at most MAX_ROUNDS). Both envelopes of every round that carries items or acknowledgements either way
+are kept in the message archive with chain entries (gateway/trust/events.py).
 
 With several replicas on one database, a synchronisation with a unit runs under the job lease ``trust:<unit>``
 (gateway/exchange/jobs.py), so one replica at a time talks trust to a unit; the lease's run history says when each
@@ -33,7 +33,7 @@ from gateway.exchange.store import GatewayStore
 from gateway.exchange.transport import TransportFailure, UnitClient, UnitRefusal
 from gateway.trust.events import TrustEvents
 from gateway.trust.items import TrustItems
-from keys.envelope import Courier, message_id_of
+from keys.envelope import Courier, Opened, message_id_of
 from keys.errors import EnvelopeError
 from keys.live import LiveKeystore
 from keys.trustsync import (
@@ -179,10 +179,11 @@ class TrustSyncer:
                 peer_roster_version=max(0, self.held_roster_version(unit_id)),
             )
             envelope = self.courier.seal(body, unit_id, ttl_ms=self.envelope_ttl_ms)
-            self.events.envelope(
-                Envelope(message_id_of(envelope), self.courier.me.party_id, body.DESCRIPTOR.full_name, envelope),
-                unit_id=unit_id, direction="out", items=len(body.items), acks=len(owed), now_ms=self._now(),
-            )  # fmt: skip
+            sent = Envelope(message_id_of(envelope), self.courier.me.party_id, body.DESCRIPTOR.full_name, envelope)
+            # Kept before it leaves when it carries anything; a round with nothing either way is not archived (it
+            # proves only that both sides were there, which the metrics say).
+            if body.items or body.acks:
+                self._keep_sent(sent, unit_id, body)
             report.offered += len(pending)
             try:
                 reply, announcements = client.sync_trust(envelope, self.keys.attachments())
@@ -190,12 +191,26 @@ class TrustSyncer:
                 self.apply_announcements(unit_id, failure.announcements)
                 raise
             self.apply_announcements(unit_id, announcements, report)
-            message = self._open(reply, unit_id=unit_id, request=envelope)
+            message, opened = self._open(reply, unit_id=unit_id, request=envelope)
+            if message.items or message.acks:
+                if not (body.items or body.acks):
+                    self._keep_sent(sent, unit_id, body)
+                header = opened.header
+                self.events.envelope(
+                    Envelope(header.message_id, header.sender, header.message_type, opened.raw),
+                    unit_id=unit_id, direction="in", items=len(message.items), acks=len(message.acks),
+                    now_ms=self._now(),
+                )  # fmt: skip
             owed = self._take(unit_id, message, report)
             if not owed:
                 return
 
-    def _open(self, reply: bytes, *, unit_id: str, request: bytes) -> trust_pb2.TrustSync:
+    def _keep_sent(self, sent: Envelope, unit_id: str, body: trust_pb2.TrustSync) -> None:
+        self.events.envelope(
+            sent, unit_id=unit_id, direction="out", items=len(body.items), acks=len(body.acks), now_ms=self._now()
+        )
+
+    def _open(self, reply: bytes, *, unit_id: str, request: bytes) -> tuple[trust_pb2.TrustSync, Opened]:
         try:
             opened = self.courier.open(reply, expect=_TRUST_SYNC)
             if opened.header.sender != unit_id or opened.header.correlation_id != message_id_of(request):
@@ -205,12 +220,7 @@ class TrustSyncer:
             check_sync(message)
         except (EnvelopeError, TrustSyncError) as exc:
             raise SyncRefused(f"the unit's TrustSync reply was refused ({exc.code})") from exc
-        header = opened.header
-        self.events.envelope(
-            Envelope(header.message_id, header.sender, header.message_type, opened.raw),
-            unit_id=unit_id, direction="in", items=len(message.items), acks=len(message.acks), now_ms=self._now(),
-        )  # fmt: skip
-        return message
+        return message, opened
 
     def _take(self, unit_id: str, message: trust_pb2.TrustSync, report: SyncReport) -> list[trust_pb2.TrustItemAck]:
         """Record the unit's verdicts on our items, apply its items; returns the verdicts we owe it."""

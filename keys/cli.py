@@ -97,7 +97,7 @@ class _Session:
 
     def load(self) -> tuple[PartyKeys, TrustStore]:
         passphrase = self.passphrase()  # before the lock: a prompt must not hold up a running service
-        self.held.enter_context(keystore.locked(self.path))
+        self.held.enter_context(keystore.locked(self.path, required=False))
         party, trust = keystore.load(self.path, passphrase)
         now = self.clock.now_ms()
         if party.advance(now):

@@ -362,17 +362,22 @@ class KeystoreBusy(KeystoreError):
 
 
 @contextlib.contextmanager
-def locked(path: Path, *, timeout_s: float = 30.0) -> Iterator[None]:
+def locked(path: Path, *, timeout_s: float = 30.0, required: bool = True) -> Iterator[None]:
     """Hold the keystore's lock file (an exclusive ``flock``) for a read-change-write of the keystore at ``path``.
 
     Every program that changes a keystore (``hedui-keys``, a running gateway or connector) takes it, so that two of
     them never both read the same version and the second write loses the first one's change. Waits up to
     ``timeout_s`` (0: not at all), then raises KeystoreBusy. The kernel drops the lock when its holder dies.
+    ``required=False``: where the lock file cannot be created at all (a keystore on a read-only stick, in a folder
+    this user may not write), go on without it: no program can be writing that keystore either.
     """
     target = lock_path(path)
     try:
         fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
+        if not required:
+            yield
+            return
         raise KeystoreError(f"cannot open the keystore lock {target}: {exc.strerror}") from exc
     try:
         deadline = time.monotonic() + timeout_s

@@ -1,8 +1,9 @@
 """Trust synchronisation as audit chain entries and archived envelopes (clause 17: the archive is complete).
 
 Every TrustSync envelope the gateway sends and every one it accepts from a unit is kept in the message archive with
-the chain entry that names it, when its round carries items or acknowledgements either way; each item applied or refused, and each acknowledgement a unit gave, is an entry of its
-own. Ids, kinds, digests, counts and reason codes only: a roster's names never enter the chain.
+the chain entry that names it, when its round carries items or acknowledgements either way; each item applied or
+refused, and each acknowledgement a unit gave, is an entry of its own. Ids, kinds, digests, counts and reason codes
+only: a roster's names never enter the chain.
 
 ======================  ========  ====================================================================
 action                  actor     detail

@@ -2,7 +2,8 @@
 
 ``monthly`` (Procedure IV): commissions are taken in on days 1-10, batches are sent to units on days 11-20 (the
 exchange window), results go back by the 27th. ``continuous`` (clause 8, real-time verification): batches are sent
-whenever there are queued items. Under both, receipted batches are polled and deadlines swept every day.
+whenever there are queued items. Under both, receipted batches are polled and deadlines swept every day, and the
+``trust-sync`` job starts the trust synchronisations with units that are due (gateway/trust/schedule.py).
 
 The jobs are APScheduler 3 interval jobs. Whether a job may run is decided in the database, not in the process:
 each run takes the job's lease in the ``jobs`` table, so replicas sharing a database never run the same job at the

@@ -411,8 +411,8 @@ _KEY_ROTATION_DUE = (
     "automatic rotation of that key is off."
 )
 
-#: (peer, kind name, age in seconds) of one unacknowledged delivery.
-TrustBacklog = Iterable[tuple[str, str, float]]
+#: (peer, kind name, how many, age in seconds of the oldest) of the items a peer has not acknowledged.
+TrustBacklog = Iterable[tuple[str, str, int, float]]
 #: (party, key id hex, algorithm name, owner "own"/"peer", days left, days until rotation due or None).
 KeyRows = Callable[[], Iterable[tuple[str, str, str, str, float, float | None]]]
 
@@ -423,9 +423,9 @@ def trust_backlog_families(backlog: TrustBacklog) -> list[Metric]:
     count = GaugeMetricFamily("hedui_trust_unacknowledged", _TRUST_UNACKNOWLEDGED, labels=["peer", "kind"])
     oldest = GaugeMetricFamily("hedui_trust_unacknowledged_oldest_seconds", _TRUST_OLDEST, labels=["peer", "kind"])
     tally: dict[tuple[str, str], tuple[int, float]] = {}
-    for peer, kind, age in backlog:
-        number, age_max = tally.get((peer, kind), (0, 0.0))
-        tally[(peer, kind)] = (number + 1, max(age_max, age))
+    for peer, kind, number, age in backlog:
+        known, age_max = tally.get((peer, kind), (0, 0.0))
+        tally[(peer, kind)] = (known + number, max(age_max, age))
     for (peer, kind), (number, age_max) in sorted(tally.items()):
         count.add_metric([peer, kind], float(number))
         oldest.add_metric([peer, kind], age_max)

@@ -18,6 +18,7 @@ logged); nothing else here holds personal data.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -82,6 +83,10 @@ class PendingItem:
     payload: bytes
     sha256: bytes
     created_at_ms: int
+
+    @property
+    def item_id(self) -> int:
+        return self.id
 
 
 @dataclass(frozen=True)
@@ -192,17 +197,24 @@ class TrustItemStore:
         return done
 
     def unacknowledged(self, now_ms: int | None = None) -> list[tuple[str, int, int]]:
-        """(peer, kind, age in ms) of every delivery not yet acknowledged, for the metrics. The age is counted from
-        the item's publication to ``now_ms`` (the item's own time when None)."""
+        """(peer, kind, age in ms) of the oldest item each peer has not acknowledged, per kind, for the metrics; the
+        age is counted to ``now_ms`` (the system clock when None)."""
+        return [(peer, kind, age) for peer, kind, _, age in self.backlog(now_ms)]
+
+    def backlog(self, now_ms: int | None = None) -> list[tuple[str, int, int, int]]:
+        """(peer, kind, how many, age in ms of the oldest) of the items each peer has not acknowledged, per kind."""
         i, d = self._items.c, self._deliveries.c
         query = (
-            select(d.peer, i.kind, i.created_at_ms)
+            select(d.peer, i.kind, func.count(), func.min(i.created_at_ms))
             .join_from(self._deliveries, self._items, d.item_id == i.id)
             .where(d.acked_at_ms.is_(None))
+            .group_by(d.peer, i.kind)
+            .order_by(d.peer, i.kind)
         )
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
         with reading(self.engine) as conn:
             rows = conn.execute(query).all()
-        return [(r.peer, r.kind, 0 if now_ms is None else max(0, now_ms - r.created_at_ms)) for r in rows]
+        return [(peer, kind, int(count), max(0, now - int(oldest))) for peer, kind, count, oldest in rows]
 
     def newest_pending(self) -> dict[str, int]:
         """Peer -> publication time of the newest item it has not acknowledged (decides when to synchronise)."""

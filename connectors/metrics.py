@@ -123,6 +123,6 @@ class _PendingReader:
         with reading(self.engine) as conn:
             pending = int(conn.execute(query).scalar_one())
         items = TrustItemStore(self.engine, cstore.trust_items, cstore.trust_deliveries)
-        backlog = items.unacknowledged(int(time.time() * 1000))
-        trust = trust_backlog_families((peer, kind_name(kind), age / 1000) for peer, kind, age in backlog)
+        backlog = items.backlog(int(time.time() * 1000))
+        trust = trust_backlog_families((p, kind_name(k), n, age / 1000) for p, k, n, age in backlog)
         return [GaugeMetricFamily("hedui_connector_pending_batches", _PENDING, value=pending), *trust]

@@ -253,7 +253,7 @@ class _StoreReader:
     def read(self) -> list[Metric]:
         up, outbox, overdue, commissions, failed = self._families()
         items = TrustItemStore(self.engine, s.trust_items, s.trust_deliveries)
-        backlog = items.unacknowledged(int(time.time() * 1000))
+        backlog = items.backlog(int(time.time() * 1000))
         with reading(self.engine) as conn:
             units = conn.execute(
                 select(s.units.c.unit_id, s.units.c.consecutive_failures).where(
@@ -290,7 +290,7 @@ class _StoreReader:
             failed.add_metric([unit_id], float(failures.get(unit_id, 0)))
         for state in sorted(set(STATE_TO_PB) | set(states)):
             commissions.add_metric([state], float(states.get(state, 0)))
-        trust = trust_backlog_families((peer, kind_name(kind), age / 1000) for peer, kind, age in backlog)
+        trust = trust_backlog_families((p, kind_name(k), n, age / 1000) for p, k, n, age in backlog)
         return [up, outbox, overdue, commissions, failed, *trust]
 
 

@@ -345,6 +345,7 @@ def attach_trust(
     *,
     handlers: Mapping[int, Handler] | None = None,
     held_roster_version: Callable[[str], int] = lambda peer: 0,
+    peer_roster_version: Callable[[str, int], None] | None = None,
 ) -> ConnectorKeys:
     """Give ``connector`` its live keys and the SyncTrust handler (connectors/trust/): key announcements handled
     here, rosters and revocation lists by the handlers their owners register through ``handlers``."""

@@ -257,6 +257,7 @@ def _trust(
     exchange: ExchangeEngine,
     handlers: Mapping[int, Handler] | None = None,
     held_roster_version: Callable[[str], int] = lambda peer: 0,
+    peer_roster_version: Callable[[str, int], None] | None = None,
 ) -> tuple[GatewayKeys, TrustSchedule]:
     """The live keys and the trust synchronisations with units (gateway/trust/): our own announcements published
     for every unit reached online, the item handlers (key announcements; rosters and revocation lists are
@@ -270,6 +271,7 @@ def _trust(
         keys=live,
         handlers={**default_handlers(live), **(handlers or {})},
         held_roster_version=held_roster_version,
+        peer_roster_version=peer_roster_version,
         envelope_ttl_ms=config.exchange.envelope_ttl_minutes * 60_000,
         replica=config.exchange.replica_id,
         lease_ms=int(config.exchange.lease_seconds * 1000),

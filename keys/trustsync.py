@@ -45,10 +45,12 @@ REFRESH_KEYS = "refresh_keys"
 MAX_METADATA_ANNOUNCEMENTS = 8
 
 _REASON_RE = re.compile(r"[a-z0-9_]{1,40}")
+#: Every kind trust.proto defines, by number: ``key_announcement`` for TRUST_ITEM_KIND_KEY_ANNOUNCEMENT (kinds added to
+#: the enum later are known here as soon as the generated code has them; their handlers come with them).
 KIND_NAMES: dict[int, str] = {
-    trust_pb2.TRUST_ITEM_KIND_ROSTER: "roster",
-    trust_pb2.TRUST_ITEM_KIND_KEY_ANNOUNCEMENT: "key_announcement",
-    trust_pb2.TRUST_ITEM_KIND_REVOCATION_LIST: "revocation_list",
+    number: name.removeprefix("TRUST_ITEM_KIND_").lower()
+    for name, number in trust_pb2.TrustItemKind.items()
+    if number != trust_pb2.TRUST_ITEM_KIND_UNSPECIFIED
 }
 
 

@@ -306,3 +306,15 @@ def _sealed_with(world: TrustWorld, signer: SigningKey) -> bytes:
 
 def test_trust_error_reasons_are_codes() -> None:
     assert TrustError("x").reason == "not_trusted"
+
+
+def test_each_side_learns_which_version_of_its_roster_the_other_holds(world: TrustWorld) -> None:
+    heard: list[tuple[str, str, int]] = []
+    desk = world.connector.trust_desk
+    assert desk is not None
+    world.syncer.held_roster_version = lambda unit: 7
+    world.syncer.peer_roster_version = lambda unit, version: heard.append(("gateway", unit, version))
+    desk.held_roster_version = lambda gateway: 3
+    desk.peer_roster_version = lambda gateway, version: heard.append(("unit", gateway, version))
+    world.syncer.sync(UNIT)
+    assert heard == [("unit", GATEWAY, 7), ("gateway", UNIT, 3)]

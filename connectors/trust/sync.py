@@ -59,11 +59,14 @@ class TrustDesk:
         *,
         handlers: Mapping[int, Handler] | None = None,
         held_roster_version: Callable[[str], int] = lambda peer: 0,
+        peer_roster_version: Callable[[str, int], None] | None = None,
     ) -> None:
         self.connector = connector
         self.keys = keys
         self.handlers: dict[int, Handler] = dict(handlers) if handlers is not None else default_handlers(keys)
         self.held_roster_version = held_roster_version
+        #: Told (gateway, version) of each TrustSync received: the highest version of our roster the gateway holds.
+        self.peer_roster_version = peer_roster_version
         self.items = TrustItems(connector.store.engine)
 
     def _now(self) -> int:
@@ -85,6 +88,8 @@ class TrustDesk:
         except TrustSyncError as exc:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc), "bad_trust_sync") from exc
         now = self._now()
+        if self.peer_roster_version is not None:
+            self.peer_roster_version(gateway, message.peer_roster_version)
         acks = [Ack(a.kind, bytes(a.item_sha256), a.applied, a.reason) for a in message.acks]
         acknowledged = self.items.acked(gateway, acks, now)
         for ack in acks:

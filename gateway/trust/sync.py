@@ -115,6 +115,7 @@ class TrustSyncer:
         keys: LiveKeystore,
         handlers: Mapping[int, Handler] | None = None,
         held_roster_version: Callable[[str], int] = lambda peer: 0,
+        peer_roster_version: Callable[[str, int], None] | None = None,
         envelope_ttl_ms: int = 3_600_000,
         replica: str = "gateway-1",
         lease_ms: int = 120_000,
@@ -126,6 +127,8 @@ class TrustSyncer:
         self.keys = keys
         self.handlers: dict[int, Handler] = dict(handlers) if handlers is not None else default_handlers(keys)
         self.held_roster_version = held_roster_version
+        #: Told (unit, version) of each TrustSync received: the highest version of our roster the unit holds.
+        self.peer_roster_version = peer_roster_version
         self.envelope_ttl_ms = envelope_ttl_ms
         self.replica = replica
         self.lease_ms = lease_ms
@@ -225,6 +228,8 @@ class TrustSyncer:
     def _take(self, unit_id: str, message: trust_pb2.TrustSync, report: SyncReport) -> list[trust_pb2.TrustItemAck]:
         """Record the unit's verdicts on our items, apply its items; returns the verdicts we owe it."""
         now = self._now()
+        if self.peer_roster_version is not None:
+            self.peer_roster_version(unit_id, message.peer_roster_version)
         acks = [Ack(a.kind, bytes(a.item_sha256), a.applied, a.reason) for a in message.acks]
         report.acknowledged += self.items.acked(unit_id, acks, now)
         self.events.acknowledged(unit_id, [(a.kind, a.sha256, a.applied, a.reason) for a in acks], now_ms=now)

@@ -21,6 +21,7 @@ import hashlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 from sqlalchemy import (
     BigInteger,
@@ -177,22 +178,49 @@ class TrustItemStore:
             chosen.append(PendingItem(row.id, row.kind, bytes(row.payload), bytes(row.sha256), row.created_at_ms))
         return chosen
 
-    def acked(self, peer: str, acks: Iterable[Ack], now_ms: int) -> int:
-        """Record ``peer``'s acknowledgements of items offered to it; acks of items it was not offered, of another
-        kind, or acknowledged before change nothing. Returns how many deliveries were acknowledged now."""
+    @overload
+    def acked(self, peer: str, acks: Iterable[Ack], now_ms: int) -> int: ...
+
+    @overload
+    def acked(self, peer: str, acks: bytes, *, applied: bool, reason: str | None, at_ms: int) -> bool: ...
+
+    def acked(
+        self,
+        peer: str,
+        acks: Iterable[Ack] | bytes,
+        now_ms: int | None = None,
+        *,
+        applied: bool | None = None,
+        reason: str | None = None,
+        at_ms: int | None = None,
+    ) -> int | bool:
+        """Record ``peer``'s acknowledgements of items offered to it, at ``now_ms``; acks of items it was not
+        offered, of another kind, or acknowledged before change nothing. Returns how many deliveries were
+        acknowledged now. One acknowledgement may also be given by the item's SHA-256 (``acked(peer, sha256,
+        applied=…, reason=…, at_ms=…)``, whatever its kind), which returns whether it was waiting."""
+        if isinstance(acks, bytes):
+            if applied is None or at_ms is None:
+                raise TypeError("acked(peer, sha256, ...) needs applied= and at_ms=")
+            return self._acked(peer, [(None, acks, applied, reason or "refused")], at_ms) == 1
+        if now_ms is None:
+            raise TypeError("acked(peer, acks, now_ms) needs now_ms")
+        return self._acked(peer, [(a.kind, a.sha256, a.applied, a.reason) for a in acks], now_ms)
+
+    def _acked(self, peer: str, acks: Sequence[tuple[int | None, bytes, bool, str]], now_ms: int) -> int:
         i, d = self._items.c, self._deliveries.c
         done = 0
         with self.engine.begin() as conn:
-            for ack in acks:
-                item_id = conn.execute(
-                    select(i.id).where(i.sha256 == ack.sha256, i.kind == ack.kind)
-                ).scalar_one_or_none()
+            for kind, sha, applied, reason in acks:
+                query = select(i.id).where(i.sha256 == sha)
+                if kind is not None:
+                    query = query.where(i.kind == kind)
+                item_id = conn.execute(query).scalar_one_or_none()
                 if item_id is None:
                     continue
                 done += conn.execute(
                     update(self._deliveries)
                     .where(d.item_id == item_id, d.peer == peer, d.acked_at_ms.is_(None))
-                    .values(acked_at_ms=now_ms, applied=ack.applied, reason=None if ack.applied else ack.reason[:40])
+                    .values(acked_at_ms=now_ms, applied=applied, reason=None if applied else reason[:40])
                 ).rowcount
         return done
 

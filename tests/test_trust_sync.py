@@ -76,6 +76,11 @@ def test_trust_items_are_published_once_offered_until_acknowledged_and_counted(w
     assert items.acked(UNIT, [Ack(KEY_ANNOUNCEMENT, one, False, "unknown_key")], NOW) == 1
     assert items.acked(UNIT, [Ack(KEY_ANNOUNCEMENT, one, True, "")], NOW) == 0  # acknowledged before
     assert [p.payload for p in items.pending(UNIT)] == [b"two"]
+    # One ack by the item's digest (as a command line acknowledges by hand).
+    two = hashlib.sha256(b"two").digest()
+    assert items.acked(UNIT, two, applied=True, reason=None, at_ms=NOW)
+    assert not items.acked(UNIT, two, applied=True, reason=None, at_ms=NOW)
+    assert items.pending(UNIT) == []
     (refused,) = [d for d in items.deliveries() if d.peer == UNIT and d.sha256 == one]
     assert (refused.applied, refused.reason) == (False, "unknown_key")
 

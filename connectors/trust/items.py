@@ -8,7 +8,10 @@ from sqlalchemy import Engine
 from common.trustitems import Ack, Delivery, PendingItem, TrustItemStore
 from connectors import store
 
-__all__ = ["Ack", "Delivery", "PendingItem", "TrustItems"]
+__all__ = ["Ack", "Delivery", "PendingItem", "TrustItems", "trust_deliveries", "trust_items"]
+
+#: The tables (defined with the rest of the store, connectors/store.py).
+trust_items, trust_deliveries = store.trust_items, store.trust_deliveries
 
 
 class TrustItems(TrustItemStore):

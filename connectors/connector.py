@@ -32,9 +32,13 @@ from connectors.trust.rosters import PeerRosters
 from keys.clock import DAY_MS, MINUTE_MS, from_ms
 from keys.envelope import Courier, Opened
 from keys.errors import EnvelopeError, ReplayedEnvelope
+from keys.live import ATTACHMENT_WINDOW_MS
+from keys.trustsync import MAX_METADATA_ANNOUNCEMENTS, REFRESH_KEYS
 
 if TYPE_CHECKING:
     from connectors.metrics import ConnectorMetrics
+    from connectors.trust.keys import ConnectorKeys
+    from connectors.trust.sync import TrustDesk
 
 log = logging.getLogger("hedui.connector")
 
@@ -108,6 +112,10 @@ class Connector:
         #: The worker is holding answers back for want of registered staff on duty (a metric and an alert).
         self.short_of_staff = False
         self._staff_log = LogThrottle(60.0)
+        #: The trust synchronisation's handler (connectors/trust/sync.py); None: SyncTrust is refused.
+        self.trust_desk: TrustDesk | None = None
+        #: The live keys and their job (connectors/trust/keys.py), run by the server; None: keys as given, fixed.
+        self.keys: ConnectorKeys | None = None
 
     @property
     def party_id(self) -> str:
@@ -125,12 +133,40 @@ class Connector:
         try:
             opened = self.courier.open(data, expect=expect)
         except EnvelopeError as error:
-            raise envelope_refusal(error) from error
+            refusal = envelope_refusal(error)
+            if refusal.public_reason == REFRESH_KEYS:
+                # Our own announcements go beside the refusal: they may be the only way the caller can learn a key
+                # of ours it must seal for before it can talk to us at all (docs/exchange.md, "Refresh keys").
+                since = self._now() - ATTACHMENT_WINDOW_MS
+                refusal.announcements = tuple(
+                    self.courier.me.announcements(since_ms=since, limit=MAX_METADATA_ANNOUNCEMENTS)
+                )
+            raise refusal from error
         if tls_party is not None and opened.header.sender != tls_party:
             raise Refusal(
                 grpc.StatusCode.PERMISSION_DENIED, "TLS identity does not match the envelope sender", "tls_mismatch"
             )
         return opened
+
+    def open_request(self, data: bytes, expect: Mapping[str, type[Message]], tls_party: str | None) -> Opened:
+        """Open an envelope from a gateway as every call does: a Refusal (``refresh_keys`` included) if it does not
+        open, or if its sender is not the TLS peer."""
+        return self._open(data, expect, tls_party)
+
+    def reply_to(self, message: Message, opened: Opened) -> bytes:
+        """Seal ``message`` for the sender of ``opened``, correlated with it."""
+        return self._reply(message, opened)
+
+    def sync_trust(self, request: exchange_pb2.SealedMessage, tls_party: str | None) -> exchange_pb2.SealedMessage:
+        """SyncTrust (connectors/trust/sync.py): a sealed TrustSync and the gateway's announcements in, ours out."""
+        try:
+            if self.trust_desk is None:
+                raise Refusal(
+                    grpc.StatusCode.UNIMPLEMENTED, "this connector takes no trust synchronisation", "trust_unsupported"
+                )
+            return self.trust_desk.sync(request, tls_party)
+        except Refusal as refusal:
+            raise self._refuse(refusal, tls_party) from None
 
     def _reply(self, message: Message, opened: Opened) -> bytes:
         return self.courier.seal(

@@ -23,6 +23,7 @@ from keys.errors import (
     UnknownKey,
     WrongRecipient,
 )
+from keys.trustsync import REFRESH_KEYS
 
 
 class Refusal(HeduiError):
@@ -33,12 +34,26 @@ class Refusal(HeduiError):
 
     code = "refused"
 
-    def __init__(self, status: grpc.StatusCode, message: str, reason: str, *, detail: str = "") -> None:
+    def __init__(
+        self,
+        status: grpc.StatusCode,
+        message: str,
+        reason: str,
+        *,
+        detail: str = "",
+        public_reason: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
+        #: A staff id or the like (never personal data) that the signed refusal names.
         self.detail = detail
+        #: The reason code the caller is told, when it differs from ``reason`` (kept for the audit table and logs).
+        self.public_reason = public_reason
+        #: The sealed, signed Refusal sent beside the status (docs/exchange.md, "Signed refusals").
         self.signed: bytes | None = None
+        #: Our own key announcements, sent beside a ``refresh_keys`` refusal (docs/exchange.md, "Refresh keys").
+        self.announcements: tuple[bytes, ...] = ()
 
 
 _ENVELOPE_STATUS: dict[type[EnvelopeError], grpc.StatusCode] = {
@@ -54,9 +69,15 @@ _ENVELOPE_STATUS: dict[type[EnvelopeError], grpc.StatusCode] = {
 
 
 def envelope_refusal(error: EnvelopeError) -> Refusal:
-    """The opaque refusal for an envelope that failed to open; the precise reason stays in ``reason``."""
+    """The opaque refusal for an envelope that failed to open; the precise reason stays in ``reason``. The caller is
+    told ``invalid_envelope``, or ``refresh_keys`` (UNAUTHENTICATED) when the envelope names a signing or recipient
+    key this unit does not hold as usable: unknown, retired or revoked (keys/errors.py ``refresh_keys``)."""
+    if error.refresh_keys:
+        return Refusal(
+            grpc.StatusCode.UNAUTHENTICATED, error.public_message, f"envelope_{error.code}", public_reason=REFRESH_KEYS
+        )
     status = _ENVELOPE_STATUS.get(type(error), grpc.StatusCode.INVALID_ARGUMENT)
-    return Refusal(status, error.public_message, f"envelope_{error.code}")
+    return Refusal(status, error.public_message, f"envelope_{error.code}", public_reason="invalid_envelope")
 
 
 log = logging.getLogger("hedui.connector")

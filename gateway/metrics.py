@@ -23,12 +23,20 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from common.db import reading
-from common.metrics import CalendarCollector, ServiceMetrics
+from common.metrics import (
+    CalendarCollector,
+    ServiceMetrics,
+    TrustMetrics,
+    trust_backlog_described,
+    trust_backlog_families,
+)
+from common.trustitems import TrustItemStore
 from common.workdays import WorkdayCalendar
 from gateway.db import schema as s
 from gateway.exchange.transport import APPROVAL_REASONS, DEFERRED_REASONS
 from gateway.procedure.commission import STATE_TO_PB
 from keys.errors import ENVELOPE_ERRORS
+from keys.trustsync import kind_name
 
 log = logging.getLogger("hedui.gateway.metrics")
 
@@ -42,6 +50,8 @@ ANSWER_BUCKETS = (
     16 * _DAY, 21 * _DAY,
 )  # fmt: skip
 JOB_OUTCOMES = ("ok", "failed", "skipped")
+#: What starts a trust synchronisation with a unit (gateway/trust/schedule.py; refresh: gateway/exchange/engine.py).
+TRUST_TRIGGERS = ("start", "interval", "items", "requested", "refresh")
 #: Delay notices already counted, remembered per process (a pending batch carries its notice on every poll).
 _SEEN_DELAYS_LIMIT = 10_000
 
@@ -148,6 +158,8 @@ class GatewayMetrics:
             ["unit", "reason"],
             registry=registry,
         )
+        #: Trust synchronisations with units and the keys' lifetimes (common/metrics.py).
+        self.trust = TrustMetrics(registry)
         self._seen_delays: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -155,6 +167,7 @@ class GatewayMetrics:
 
     def add_units(self, unit_ids: Iterable[str]) -> None:
         """Create the per-unit series at zero, so that rates and alerts see a unit before its first event."""
+        unit_ids = list(unit_ids)
         for unit in unit_ids:
             for family in (
                 self.queries_sent,
@@ -172,6 +185,7 @@ class GatewayMetrics:
             # At zero, so that the first approval refusal of a unit is an increase its alert sees.
             for reason in sorted(APPROVAL_REASONS | DEFERRED_REASONS):
                 self.unit_refusals.labels(unit, reason)
+        self.trust.add_peers(unit_ids, TRUST_TRIGGERS)
 
     def add_jobs(self, names: Iterable[str]) -> None:
         for name in names:
@@ -279,10 +293,12 @@ class _StoreReader:
         )
 
     def describe(self) -> Iterator[Metric]:
-        return iter(self._families())
+        return iter([*self._families(), *trust_backlog_described()])
 
     def read(self) -> list[Metric]:
         up, outbox, overdue, commissions, failed = self._families()
+        items = TrustItemStore(self.engine, s.trust_items, s.trust_deliveries)
+        backlog = items.backlog(int(time.time() * 1000))
         with reading(self.engine) as conn:
             units = conn.execute(
                 select(s.units.c.unit_id, s.units.c.consecutive_failures).where(
@@ -319,7 +335,8 @@ class _StoreReader:
             failed.add_metric([unit_id], float(failures.get(unit_id, 0)))
         for state in sorted(set(STATE_TO_PB) | set(states)):
             commissions.add_metric([state], float(states.get(state, 0)))
-        return [up, outbox, overdue, commissions, failed]
+        trust = trust_backlog_families((p, kind_name(k), n, age / 1000) for p, k, n, age in backlog)
+        return [up, outbox, overdue, commissions, failed, *trust]
 
 
 _KEY_EXPIRY = (

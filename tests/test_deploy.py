@@ -75,6 +75,12 @@ GATEWAY_METRICS = frozenset(
         "hedui_roster_unacknowledged_seconds",
         "hedui_answers_staff_unverified_total",
         "hedui_answers_staff_refused_total",
+        "hedui_key_expiry_days",
+        "hedui_key_rotation_due_days",
+        "hedui_trust_syncs_total",
+        "hedui_trust_items_received_total",
+        "hedui_trust_unacknowledged",
+        "hedui_trust_unacknowledged_oldest_seconds",
     }
 )
 CONNECTOR_METRICS = frozenset(
@@ -101,6 +107,12 @@ CONNECTOR_METRICS = frozenset(
         "hedui_connector_roster_changes_pending",
         "hedui_connector_roster_unacknowledged_seconds",
         "hedui_connector_answer_staff_short",
+        "hedui_key_expiry_days",
+        "hedui_key_rotation_due_days",
+        "hedui_trust_syncs_total",
+        "hedui_trust_items_received_total",
+        "hedui_trust_unacknowledged",
+        "hedui_trust_unacknowledged_oldest_seconds",
     }
 )
 HISTOGRAMS = ("hedui_batch_round_trip_seconds", "hedui_answer_latency_seconds")

@@ -27,8 +27,8 @@ from keys.identity import PartyKeys
 from keys.keyring import Keyring
 from keys.truststore import TrustStore
 
-#: Chain entries that name an archived envelope (gateway/archive/events.py).
-ENVELOPE_ACTIONS = ("batch.sent", "batch.receipted", "batch.answered", "batch.delay")
+#: Chain entries that name an archived envelope (gateway/archive/events.py, gateway/trust/events.py).
+ENVELOPE_ACTIONS = ("batch.sent", "batch.receipted", "batch.answered", "batch.delay", "trust.sent", "trust.received")
 #: Chain entries that name one when the unit signed its refusal (connectors older than issue 11 sign none).
 SIGNED_REFUSAL_ACTIONS = ("batch.refused", "batch.deferred")
 _REF_RE = re.compile(r"(?:^|;)env=([0-9a-f]{32});sha256=([0-9a-f]{64})(?:;|$)")

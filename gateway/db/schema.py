@@ -24,6 +24,7 @@ from sqlalchemy import (
 )
 
 from common.replaystore import replay_table
+from common.trustitems import trust_tables
 
 metadata = MetaData(
     naming_convention={
@@ -347,29 +348,9 @@ replicas = Table(
     Column("lease_until_ms", BigInteger, nullable=False),
 )
 
-#: Trust items to deliver to peers over SyncTrust (docs/exchange.md, "Trust synchronisation"): rosters, key
-#: announcements, revocation lists. Migration 0011. (A minimal stand-in on the roster branch for helper SYNC's tables,
-#: with exactly the columns the shared design names; SYNC's migration 0011 replaces it when the branches meet.)
-trust_items = Table(
-    "trust_items",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("kind", Integer, nullable=False),  # TrustItemKind
-    Column("payload", LargeBinary, nullable=False),
-    Column("sha256", LargeBinary(32), nullable=False, unique=True),
-    Column("created_at_ms", BigInteger, nullable=False),
-)
-
-#: One row per item and peer: re-sent until the peer acknowledged it (applied, or refused with a reason).
-trust_deliveries = Table(
-    "trust_deliveries",
-    metadata,
-    Column("item_id", Integer, ForeignKey("trust_items.id"), primary_key=True),
-    Column("peer", String(64), primary_key=True),
-    Column("acked_at_ms", BigInteger, nullable=True),
-    Column("applied", Boolean, nullable=True),
-    Column("reason", String(40), nullable=True),
-)
+#: Trust items (rosters, key announcements, revocation lists) this gateway publishes for units, and each unit's
+#: acknowledgement of each (migration 0011; common/trustitems.py, docs/exchange.md "Trust synchronisation").
+trust_items, trust_deliveries = trust_tables(metadata)
 
 #: Signed staff rosters (Procedure V.(三), keys/roster.py), migration 0012: the versions of our own roster (``own``)
 #: and those of the units, each as the SignedRoster bytes accepted, with its history. A version is never changed or

@@ -15,7 +15,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,9 @@ from common.logs import redact
 from common.rpc import MAX_SIGNED_REFUSAL_BYTES, REFUSAL_REASON_KEY, REFUSAL_SIGNED_KEY
 from common.tlsreload import CERTIFICATE_REVOKED, CertificateSource, RevocationSource
 from keys.crl import RevocationList
+from keys.live import MAX_ATTACHMENTS
 from keys.tls import read_private_key
+from keys.trustsync import ANNOUNCEMENTS_METADATA_KEY, MAX_METADATA_ANNOUNCEMENTS
 
 log = logging.getLogger("hedui.gateway.transport")
 if TYPE_CHECKING:
@@ -150,13 +152,22 @@ class TransportFailure(HeduiError):
 
     code = "transport"
 
-    def __init__(self, status: str, message: str, reason: str | None = None, signed: bytes | None = None) -> None:
+    def __init__(
+        self,
+        status: str,
+        message: str,
+        reason: str | None = None,
+        signed: bytes | None = None,
+        announcements: Sequence[bytes] = (),
+    ) -> None:
         super().__init__(message)
         self.status = status
         #: The unit's reason code (e.g. ``calendar_year_unknown``) when it sent one.
         self.reason = reason
         #: The unit's signed refusal (a sealed trust.proto Refusal, not yet opened) when it sent one.
         self.signed = signed
+        #: With ``refresh_keys``: the unit's own key announcements it sent beside the refusal (keys/trustsync.py).
+        self.announcements = tuple(announcements)
 
 
 class UnitRefusal(HeduiError):
@@ -303,9 +314,14 @@ class UnitClient:
                     current.channel.close()
 
     def _call(self, method: Callable[[exchange_pb2_grpc.ExchangeServiceStub], _Method], envelope: bytes) -> bytes:
+        return bytes(self._rpc(method, exchange_pb2.SealedMessage(envelope=envelope)).envelope)
+
+    def _rpc(
+        self, method: Callable[[exchange_pb2_grpc.ExchangeServiceStub], _Method], request: exchange_pb2.SealedMessage
+    ) -> exchange_pb2.SealedMessage:
         try:
             with self._channel() as current:
-                reply = method(current.stub)(exchange_pb2.SealedMessage(envelope=envelope), timeout=self.timeout)
+                return method(current.stub)(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
             details = public_detail((exc.details() if hasattr(exc, "details") else "") or "")
@@ -314,9 +330,8 @@ class UnitClient:
             if reason in DEFERRED_REASONS:
                 raise UnitDeferral(name, details, reason, signed) from None
             if is_transient(code, reason):
-                raise TransportFailure(name, details, reason, signed) from None
+                raise TransportFailure(name, details, reason, signed, _announcements(exc)) from None
             raise UnitRefusal(name, details, reason, signed) from None
-        return bytes(reply.envelope)
 
     def check_health(self) -> None:
         """Ask the connector's standard health service (grpc.health.v1) whether its exchange service is SERVING,
@@ -342,6 +357,13 @@ class UnitClient:
 
     def acknowledge(self, envelope: bytes) -> bytes:
         return self._call(lambda stub: stub.AcknowledgeAnswers, envelope)
+
+    def sync_trust(self, envelope: bytes, announcements: Sequence[bytes]) -> tuple[bytes, list[bytes]]:
+        """SyncTrust: our TrustSync envelope with our own key announcements beside it; the unit's TrustSync envelope
+        and its announcements (docs/exchange.md, "Trust synchronisation")."""
+        request = exchange_pb2.SealedMessage(envelope=envelope, key_announcements=list(announcements))
+        reply = self._rpc(lambda stub: stub.SyncTrust, request)
+        return bytes(reply.envelope), [bytes(a) for a in reply.key_announcements[:MAX_ATTACHMENTS]]
 
     def close(self) -> None:
         with self._lock:
@@ -463,6 +485,17 @@ class ServerCertificateCheck:
                 self.on_revoked()
         self._verdict = verdict
         return verdict
+
+
+def _announcements(exc: grpc.RpcError) -> list[bytes]:
+    """The key announcements a unit put beside a ``refresh_keys`` refusal (at most a few, each a small blob)."""
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    found = [
+        bytes(item.value)
+        for item in trailing or ()
+        if item.key == ANNOUNCEMENTS_METADATA_KEY and isinstance(item.value, bytes)
+    ]
+    return found[:MAX_METADATA_ANNOUNCEMENTS]
 
 
 def _refusal(exc: grpc.RpcError) -> tuple[str | None, bytes | None]:

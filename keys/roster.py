@@ -578,9 +578,10 @@ class RosterHistory:
         roster = signed.roster
         admin_id, issued = roster.admin_staff_id, roster.issued_at_ms
         first = self._versions[0].roster if self._versions else roster
-        if first.effective_at_ms > issued:
-            # Bootstrap: version 1 was not in force yet when this was issued, so its admins speak for the party
-            # (their windows may not have begun), unless a version since ended or revoked them.
+        if not self._versions or first.effective_at_ms > issued:
+            # Bootstrap: version 1 was not in force yet when this was issued (or this is version 1, which may take
+            # effect at its issue time with a notice of 0 days), so its admins speak for the party (their windows
+            # may not have begun), unless a version since ended or revoked them.
             listed = first.member(admin_id)
             current = (self._versions[-1].roster if self._versions else roster).member(admin_id)
             ended = current is None or any(

@@ -142,6 +142,34 @@ def test_version_one_needs_the_notice_too(party: RosterParty) -> None:
     _refused(RosterHistory(PARTY), party.sign(v1), "roster_notice_too_short", party, MONDAY)
 
 
+def test_version_one_without_notice_is_signed_by_its_own_admin(party: RosterParty) -> None:
+    """With a notice of 0 working days, version 1 takes effect at its issue time: `hedui-connector roster
+    init-admin` and the gateway's first `roster add` were refused (roster_not_admin), because the admin was looked up in
+    the roster in force at the issue time, which is version 1 itself and was not held yet. Version 1's own admins speak
+    for the party whenever nothing is held yet."""
+    zero = Notice(CALENDAR, 0)
+    v1 = party.version([party.member("S-0001", ("admin",), MONDAY)], issued_at_ms=MONDAY, effective_at_ms=MONDAY)
+    history = RosterHistory(PARTY)
+    assert history.accept(party.sign(v1), keyring=party.keyring(), now_ms=MONDAY, notice=zero)
+    v2 = party.version(
+        [*v1.members, party.member("S-0002", ("exchange",), MONDAY + MINUTE_MS)],
+        issued_at_ms=MONDAY + MINUTE_MS,
+        effective_at_ms=MONDAY + MINUTE_MS,
+    )
+    assert history.accept(party.sign(v2), keyring=party.keyring(), now_ms=MONDAY + MINUTE_MS, notice=zero)
+    # Still only version 1's admins: a member it does not list as an admin cannot sign it.
+    other = RosterParty.create(PARTY, MONDAY)
+    v1_other = other.version(
+        [other.member("S-0001", ("admin",), MONDAY), other.member("S-0002", ("exchange",), MONDAY)],
+        issued_at_ms=MONDAY,
+        effective_at_ms=MONDAY,
+        admin="S-0002",
+    )
+    with pytest.raises(RosterError) as caught:
+        RosterHistory(PARTY).accept(other.sign(v1_other), keyring=other.keyring(), now_ms=MONDAY, notice=zero)
+    assert caught.value.code == "roster_not_admin"
+
+
 def test_ending_or_revoking_members_may_take_effect_at_once(party: RosterParty) -> None:
     history, v1, _ = _first_two(party)
     party.versions.pop()

@@ -207,10 +207,18 @@ def build_network(
     keys: Mapping[str, float] | None = None,
     trust_sync_interval: float | None = None,
     key_check_interval: float = 60.0,
+    legacy_staff: bool = False,
 ) -> Network:
     """Write a network for ``units`` (party id -> unit category name) into ``root``. ``keys`` sets [keys] values of
     every config (rotate_agreement_days, rotate_signing_days, rotation_lead_hours, rotation_overlap_days,
-    watch_interval_seconds), ``trust_sync_interval`` the gateway's [trust] sync_interval_seconds."""
+    watch_interval_seconds), ``trust_sync_interval`` the gateway's [trust] sync_interval_seconds.
+
+    The units verify every batch's two exchange approvals against the gateway's signed roster they hold, as in
+    production: register the staff on both sides with the roster commands (demo/rosters.py) before approving. Roster
+    changes take effect at once (notice 0 working days) so that a run takes minutes, not a working day.
+    ``legacy_staff`` writes the migration rule instead (``allow_unverified_approvals = true`` and a ``[[staff]]``
+    list of STAFF): for tests and benchmarks that put commissions straight into the gateway's outbox, without
+    approvals, because they are about transport, crashes or keys rather than staff."""
     key_lines = "".join(f"{name} = {value!r}\n" for name, value in (keys or {}).items())
     trust_lines = f"\n[trust]\nsync_interval_seconds = {trust_sync_interval}\n" if trust_sync_interval else ""
     root.mkdir(parents=True, exist_ok=True)
@@ -248,7 +256,22 @@ def build_network(
 
     connector_configs, ports, metrics_ports = {}, {}, {}
     gateway_port, gateway_metrics_port, *unit_ports = free_ports(2 + 2 * len(units))
-    staff = "".join(f'\n[[staff]]\ngateway = "{gateway_party}"\nstaff_id = "{s}"\n' for s in STAFF)
+    if legacy_staff:
+        approvals = (
+            "# The migration rule (deprecated): approvals judged by the [[staff]] ids below, no signature checked.\n"
+            "allow_unverified_approvals = true\n"
+        )
+        staff = "".join(f'\n[[staff]]\ngateway = "{gateway_party}"\nstaff_id = "{s}"\n' for s in STAFF)
+    else:
+        approvals = (
+            "# Every batch's two approvals are verified against the gateway's signed roster (Procedure V.(三)).\n"
+            "allow_unverified_approvals = false\n"
+        )
+        staff = (
+            "\n[roster]\n# Procedure V.(三): changes are registered in advance. Production keeps the default, 1\n"
+            "# working day; this loopback network takes them at once so that a run takes minutes.\n"
+            "notice_working_days = 0\n"
+        )
     for unit, category in units.items():
         port = ports[unit] = unit_ports.pop()
         metrics_ports[unit] = unit_ports.pop()
@@ -282,9 +305,7 @@ seed = {seed}
 [exchange]
 answer_interval_seconds = {answer_interval}
 max_subjects_per_batch = {max(batch_size, 1)}
-# Until the gateway's roster reaches this unit over SyncTrust, its approvals are judged by [[staff]] ids.
-allow_unverified_approvals = true
-
+{approvals}
 [metrics]
 listen = "127.0.0.1:{metrics_ports[unit]}"
 {staff}""",
@@ -301,6 +322,12 @@ listen = "127.0.0.1:{metrics_ports[unit]}"
     ) + "".join(
         f'\n[[units]]\nparty_id = "{unit}"\ncategory = "{category}"\nendpoint = "127.0.0.1:{ports[unit]}"\n'
         for unit, category in units.items()
+    )
+    staff_lines = (
+        ""
+        if legacy_staff
+        else "\n[staff]\n# Procedure V.(三): production keeps the default notice, 1 working day (see the units').\n"
+        "roster_notice_working_days = 0\n"
     )
     gateway_config = root / "gateway.toml"
     _write(
@@ -347,7 +374,7 @@ key_check_interval_seconds = {key_check_interval}
 
 [metrics]
 listen = "127.0.0.1:{gateway_metrics_port}"
-{trust_lines}{unit_lines}""",
+{staff_lines}{trust_lines}{unit_lines}""",
     )
     return Network(
         root,

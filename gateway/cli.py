@@ -193,12 +193,15 @@ def _status(args: argparse.Namespace) -> None:
         print(f"calendar: {exc}")
     provisional = _provisional_lines(store, today)
     refusals = _refusal_lines(store)
+    answer_staff = _answer_staff_lines(store)
     for unit in store.units.all():
         print(f"{unit.unit_id:32} {unit.endpoint:24} {_health(unit, now)}")
         print(f"    {_health_detail(unit, now)}")
         for line in by_unit.get(unit.unit_id, []):
             print(f"    {line}")
         for line in refusals.get(unit.unit_id, []):
+            print(f"    {line}")
+        for line in answer_staff.get(unit.unit_id, []):
             print(f"    {line}")
         if unit.unit_id in provisional:
             print(f"    {provisional[unit.unit_id]}")
@@ -228,6 +231,30 @@ def _refusal_lines(store: GatewayStore) -> dict[str, list[str]]:
         lines.setdefault(unit_id, []).append(
             f"{kind}: {batches} batches/{items} items, {reason or 'no reason kept'} ({proof})"
         )
+    return lines
+
+
+def _answer_staff_lines(store: GatewayStore) -> dict[str, list[str]]:
+    """Per unit, the staff its stored answer sets named as responsible (Procedure V.(二)) and the version of the
+    unit's roster the gateway checked them against, or that they are unverified (no roster of the unit in force when
+    they answered). Staff ids and counts only."""
+    a, b = schema.answer_staff.c, schema.batches.c
+    query = (
+        select(b.unit_id, a.staff_ids, a.roster_version, func.count())
+        .join_from(schema.answer_staff, schema.batches, a.batch_id == b.batch_id)
+        .group_by(b.unit_id, a.staff_ids, a.roster_version)
+        .order_by(b.unit_id, a.roster_version, a.staff_ids)
+    )
+    with reading(store.engine) as conn:
+        rows = conn.execute(query).all()
+    lines: dict[str, list[str]] = {}
+    for unit_id, staff_ids, version, batches in rows:
+        count = f"{batches} batch{'es' if batches != 1 else ''}"
+        if version is None:
+            text = f"answer staff unverified: {count} (no roster of the unit in force when answered)"
+        else:
+            text = f"answer staff {staff_ids}: {count}, checked against the unit's roster v{version}"
+        lines.setdefault(unit_id, []).append(text)
     return lines
 
 

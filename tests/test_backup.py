@@ -86,7 +86,9 @@ class Taken:
 
 
 def take(root: Path, database_url: str | None = None) -> Taken:
-    net = build_network(root / "net", UNITS, database_url=database_url, clients={COMMISSIONER: "commissioner"})
+    net = build_network(
+        root / "net", UNITS, database_url=database_url, clients={COMMISSIONER: "commissioner"}, legacy_staff=True
+    )
     try:
         net.start_connectors()
         net.start_gateway()

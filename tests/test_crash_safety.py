@@ -281,6 +281,7 @@ def network(root: Path) -> Iterator[tuple[Network, Databases]]:
         # Claims of a killed gateway expire after this; the restarted one then takes those batches up again.
         lease_seconds=LEASE_SECONDS,
         kdf=FAST_FOR_TESTS,
+        legacy_staff=True,  # commissions go straight into the outbox, without approvals
     )
     dbs = Databases(net)
     try:

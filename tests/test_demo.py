@@ -21,11 +21,14 @@ from pathlib import Path
 
 import pytest
 from hedui.v1 import records_pb2
+from sqlalchemy import select
 
+from common.db import make_engine
 from connectors.synthetic import Population
 from demo import run as demo
 from demo.console import Console
 from demo.folders import console_script, point_latest, shown
+from gateway.db import schema
 from keys.announcements import dearmor, read_bundle
 from keys.cli import main as keys_main
 
@@ -104,9 +107,11 @@ def test_printed_verify_command_works_when_pasted_into_a_shell(runs: DemoRuns) -
     env = {**os.environ, "PATH": path}
     for printed in runs.printed:
         commands = [line.strip().removeprefix("$ ") for line in printed.splitlines() if line.strip().startswith("$ ")]
-        assert len(commands) == 3 and "verify-report" in commands[0] and "audit verify" in commands[1]
-        assert "archive steps" in commands[2]
-        assert "--fingerprint '" in commands[0]
+        # Each side's view of the other's roster, then the report, the audit chain and the signed steps.
+        assert len(commands) == 5 and "roster list --party agency.220100" in commands[0]
+        assert "roster list --party unit.220100.tax" in commands[1]
+        assert "verify-report" in commands[2] and "audit verify" in commands[3] and "archive steps" in commands[4]
+        assert "--fingerprint '" in commands[2]
         for command in commands:
             result = subprocess.run(
                 command, shell=True, cwd=runs.cwd, env=env, capture_output=True, text=True, check=False
@@ -114,6 +119,35 @@ def test_printed_verify_command_works_when_pasted_into_a_shell(runs: DemoRuns) -
             assert result.returncode == 0, (command, result.stdout, result.stderr)
         # The second run was started with a relative --out: its paths are printed relative to where it ran.
     assert " demo-out/run-" in runs.printed[1]
+
+
+@pytest.mark.slow
+def test_staff_are_registered_both_ways_and_every_unit_verifies_the_approvals(runs: DemoRuns) -> None:
+    """The demo's units were configured with `allow_unverified_approvals = true` and a [[staff]] id list, so none of
+    them verified an approval against a roster. Now both sides register their staff with the roster commands, the
+    rosters travel by trust synchronisation, the units verify the two approvals against the agency's roster, and
+    every answer set names the unit's responsible staff member, checked by the gateway against the unit's roster."""
+    for printed, folder in zip(runs.printed, _run_folders(runs.out), strict=True):
+        assert "17/17 units applied the agency's roster version 2 and acknowledged it" in printed
+        assert "the gateway holds 17/17 units' rosters, in force" in printed
+        assert "production keeps the default notice, 1 working day" in printed
+        assert "names the unit's responsible staff (U-0001); the gateway checked them against the unit's roster for " \
+            "16 of 16 units" in printed  # fmt: skip
+        configs = list((folder / "net").glob("unit.*.toml"))
+        assert len(configs) == 17
+        for config in configs:
+            text = config.read_text(encoding="utf-8")
+            assert "allow_unverified_approvals = false" in text and "[[staff]]" not in text
+            assert "notice_working_days = 0" in text
+        engine = make_engine(f"sqlite:///{folder / 'net' / 'data' / 'gateway.db'}")
+        try:
+            with engine.connect() as conn:
+                batches = conn.execute(select(schema.batches.c.batch_id, schema.batches.c.state)).all()
+                staff = {r.batch_id: r for r in conn.execute(select(schema.answer_staff))}
+        finally:
+            engine.dispose()
+        assert len(batches) == 16 and {b.state for b in batches} <= {"answered", "acknowledged"}
+        assert all(staff[b.batch_id].staff_ids == "U-0001" and staff[b.batch_id].roster_version == 1 for b in batches)
 
 
 @pytest.mark.slow

@@ -62,7 +62,7 @@ def wait_until(predicate: object, timeout: float) -> bool:
 
 
 def test_gateway_and_connectors_as_processes_answer_every_item(tmp_path: Path) -> None:
-    net = build_network(tmp_path / "net", UNITS, batch_size=100)
+    net = build_network(tmp_path / "net", UNITS, batch_size=100, legacy_staff=True)
     try:
         net.start_connectors()
         net.start_gateway()

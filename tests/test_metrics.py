@@ -476,7 +476,7 @@ def test_serving_gateway_and_connectors_export_metrics_on_their_configured_ports
     """``build`` and ``serve`` from the files localnet writes: each endpoint on its own port, filled by a real
     exchange between the serving gateway and connectors."""
     units = {TAX: "tax", LAND: "land"}
-    net = build_network(tmp_path / "net", units, batch_size=50, kdf=FAST_FOR_TESTS)
+    net = build_network(tmp_path / "net", units, batch_size=50, kdf=FAST_FOR_TESTS, legacy_staff=True)
     assert len({net.gateway_metrics_port, *net.connector_metrics_ports.values()}) == 3
     with ExitStack() as stack:
         for config in net.connector_configs.values():

@@ -23,7 +23,7 @@ from tests.test_gateway_process import UNITS, enqueue, wait_until
 @pytest.mark.slow
 def test_two_gateway_processes_share_one_database_without_sending_a_batch_twice(tmp_path: Path) -> None:
     with postgres_schema() as url:
-        net = build_network(tmp_path / "net", UNITS, database_url=url, batch_size=20)
+        net = build_network(tmp_path / "net", UNITS, database_url=url, batch_size=20, legacy_staff=True)
         try:
             net.start_connectors()
             net.start_gateway("replica-1.log", {"HEDUI_GATEWAY_REPLICA_ID": "replica-1"})

@@ -153,18 +153,24 @@ def unit_commands(net: Network, unit: str, admin: StaffKeystore, name: str) -> l
 
 
 def agency_commands(
-    net: Network, admin: StaffKeystore, admin_name: str, staff: Sequence[tuple[StaffKeystore, str, str]]
+    net: Network,
+    admin: StaffKeystore,
+    admin_name: str,
+    staff: Sequence[tuple[StaffKeystore, str, str]],
+    *,
+    admin_roles: str = "admin",
 ) -> list[Command]:
-    """The agency admin's commands: their own registration into the empty staff register, then ``roster add`` for
-    each of ``staff`` (keystore, name, comma-separated roles). A member with the exchange or admin role makes a new
-    signed version of the gateway's roster, published to every unit; the others are registered only."""
+    """The agency admin's commands: their own registration into the empty staff register (with ``admin_roles``),
+    then ``roster add`` for each of ``staff`` (keystore, name, comma-separated roles). A member with the exchange or
+    admin role makes a new signed version of the gateway's roster, published to every unit; the others are
+    registered only."""
 
     def key(member: StaffKeystore) -> list[str]:
         return ["--public-key-file", shown(member.bundle), "--fingerprint", member.fingerprint]
 
     commands = [
         gateway_command(net, "staff", "bootstrap-admin", "--staff-id", admin.staff_id, "--name", admin_name,
-                        "--roles", "admin", *key(admin))
+                        "--roles", admin_roles, *key(admin))
     ]  # fmt: skip
     for member, name, roles in staff:
         commands.append(

@@ -224,6 +224,21 @@ class TrustItemStore:
                 ).rowcount
         return done
 
+    def receipts(self) -> dict[bytes, dict[str, str]]:
+        """Per item SHA-256, each peer's receipt as ``roster history`` shows it: ``applied``, ``refused: REASON`` or
+        ``not yet acknowledged``."""
+        i, d = self._items.c, self._deliveries.c
+        query = select(i.sha256, d.peer, d.acked_at_ms, d.applied, d.reason).join_from(
+            self._deliveries, self._items, d.item_id == i.id
+        )
+        with reading(self.engine) as conn:
+            rows = conn.execute(query).all()
+        out: dict[bytes, dict[str, str]] = {}
+        for sha, peer, acked, applied, reason in rows:
+            state = "not yet acknowledged" if acked is None else "applied" if applied else f"refused: {reason}"
+            out.setdefault(bytes(sha), {})[peer] = state
+        return out
+
     def unacknowledged(self, now_ms: int | None = None) -> list[tuple[str, int, int]]:
         """(peer, kind, age in ms) of the oldest item each peer has not acknowledged, per kind, for the metrics; the
         age is counted to ``now_ms`` (the system clock when None)."""

@@ -241,6 +241,9 @@ def test_rosters_travel_both_ways_and_the_bank_refuses_too_short_a_notice(world:
     assert all(f"{s:12} active" in at_tax for s in ("A-0001", "S-0001", "S-0002")) and "S-0003" not in at_tax
     at_gateway = run_command(gateway_command(world.net, "roster", "list", "--party", LAND))
     assert "version 1 held, 1 in force now" in at_gateway and "U-0001       active" in at_gateway
+    # The unit's admin sees the gateway's receipt of the unit's own version.
+    own_history = run_command(connector_command(world.net, LAND, "roster", "history"))
+    assert own_history.splitlines()[0].startswith("v1 ") and f"{GATEWAY:32} applied" in own_history
 
 
 def test_an_approved_commission_is_answered_naming_each_units_verified_staff(world: TrustNetwork) -> None:

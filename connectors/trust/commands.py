@@ -9,7 +9,7 @@ trust synchronisation):
   roster end            end a member's validity, by default when the notice ends
   roster revoke         revoke a member at the notice's end, or with --urgent at once (a lost or stolen key)
   roster list           members of a roster, with names: on this terminal only, never in a log
-  roster history        every version held
+  roster history        every version held, and for the unit's own each gateway's receipt
   roster pending        versions not yet in force, the unit's own and the gateways'
   roster on-duty        show or set the exchange staff on duty, whom every answer set names
   roster migrate-check  what the deprecated [[staff]] ids still do, and which ids the gateways' rosters lack
@@ -30,6 +30,7 @@ from common.workdays import WorkdayCalendar
 from connectors.config import ConnectorConfig
 from connectors.store import ConnectorStore
 from connectors.trust.duty import OnDuty
+from connectors.trust.items import TrustItems
 from connectors.trust.rosters import PeerRosters, UnitRoster
 from keys import keystore
 from keys.clock import SystemClock
@@ -166,12 +167,16 @@ def _list(args: argparse.Namespace) -> None:
 
 def _history(args: argparse.Namespace) -> None:
     with _context(args) as ctx:
-        _, history = _history_of(ctx, args.party)
+        party, history = _history_of(ctx, args.party)
+        # For the unit's own roster, each gateway's receipt of each version (from its trust synchronisations).
+        acks = TrustItems(ctx.store.engine).receipts() if party == ctx.party.party_id else {}
     for signed in history.versions:
         roster = signed.roster
         print(f"v{roster.version:<4} issued {beijing_text(roster.issued_at_ms)}  effective "
               f"{beijing_text(roster.effective_at_ms)}  admin {roster.admin_staff_id:10} {len(roster.members)} "
               f"members  {signed.digest.hex()[:16]}")  # fmt: skip
+        for peer, state in sorted(acks.get(signed.item_sha256, {}).items()):
+            print(f"      {peer:32} {state}")
 
 
 def _pending(args: argparse.Namespace) -> None:
@@ -265,7 +270,7 @@ def add_roster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     revoke.set_defaults(func=_revoke)
     for name, func, text in (
         ("list", _list, "members with state and names (this terminal only)"),
-        ("history", _history, "every version held"),
+        ("history", _history, "every version held, with the gateways' receipts of the unit's own"),
         ("pending", _pending, "versions not yet in force"),
         ("migrate-check", _migrate_check, "what the deprecated [[staff]] ids still do"),
     ):

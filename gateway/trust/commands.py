@@ -21,17 +21,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from common.dates import beijing_moment_ms, beijing_text
-from common.db import reading
 from common.errors import HeduiError
 from common.workdays import WorkdayCalendar
 from gateway.archive.audit import AuditLog
 from gateway.config import GatewayConfig
-from gateway.db import schema as s
 from gateway.db.database import open_database
 from gateway.procedure.staff import StaffRegister
+from gateway.trust.items import TrustItems
 from gateway.trust.rosters import OwnRoster, PeerRosters
 from keys import keystore
 from keys.clock import SystemClock
@@ -208,7 +207,7 @@ def _show_version(args: argparse.Namespace) -> None:
 def _history(args: argparse.Namespace) -> None:
     with _context(args) as ctx:
         party, history = _history_of(ctx, args.party)
-        acks = _acks(ctx.engine) if party == ctx.config.agency.party_id else {}
+        acks = TrustItems(ctx.engine).receipts() if party == ctx.config.agency.party_id else {}
     for signed in history.versions:
         roster = signed.roster
         times = f"issued {_show(roster.issued_at_ms)}  effective {_show(roster.effective_at_ms)}"
@@ -216,22 +215,6 @@ def _history(args: argparse.Namespace) -> None:
               f"{signed.digest.hex()[:16]}")  # fmt: skip
         for peer, state in sorted(acks.get(signed.item_sha256, {}).items()):
             print(f"      {peer:32} {state}")
-
-
-def _acks(engine: Engine) -> dict[bytes, dict[str, str]]:
-    """Per trust item digest, each unit's receipt: applied, refused (reason) or not yet acknowledged."""
-    i, d = s.trust_items.c, s.trust_deliveries.c
-    with reading(engine) as conn:
-        rows = conn.execute(
-            select(i.sha256, d.peer, d.acked_at_ms, d.applied, d.reason).join_from(
-                s.trust_items, s.trust_deliveries, d.item_id == i.id
-            )
-        ).all()
-    out: dict[bytes, dict[str, str]] = {}
-    for sha, peer, acked, applied, reason in rows:
-        state = "not yet acknowledged" if acked is None else "applied" if applied else f"refused: {reason}"
-        out.setdefault(bytes(sha), {})[peer] = state
-    return out
 
 
 def _pending(args: argparse.Namespace) -> None:

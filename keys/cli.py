@@ -256,8 +256,9 @@ def cmd_import(session: _Session, args: argparse.Namespace) -> None:
 
 
 _DELIVERY = (
-    "a gateway or connector serving with this keystore notices the change within a minute and delivers the "
-    'announcement to every peer over the exchange protocol (docs/keys.md, "Keys over the wire")'
+    "a gateway or connector serving with this keystore notices the change within [keys] watch_interval_seconds "
+    '(5 s) and delivers the announcement to every peer at its next trust synchronisation (docs/keys.md, "Keys '
+    'over the wire")'
 )
 
 

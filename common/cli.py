@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
+import re
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -12,6 +14,17 @@ from common.logs import configure_logging
 
 #: The distribution the programs are installed from (pyproject.toml).
 DISTRIBUTION = "hedui"
+_LOGIN_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
+
+
+def operator() -> str:
+    """Who runs the command, for an audit log: the login behind sudo (the helpers in docs/operations.md run the
+    programs as hedui), else the current user; ``operator`` when neither is a plain login name."""
+    try:
+        login = os.environ.get("SUDO_USER") or getpass.getuser()
+    except (KeyError, OSError):
+        login = ""
+    return f"operator:{login}" if _LOGIN_RE.fullmatch(login) else "operator"
 
 
 def add_version(parser: argparse.ArgumentParser) -> None:

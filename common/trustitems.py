@@ -224,6 +224,26 @@ class TrustItemStore:
                 ).rowcount
         return done
 
+    def resend(self, conn: Connection, peer: str, kind: int) -> list[bytes]:
+        """Offer ``peer`` again, in ``conn``'s transaction, every item of ``kind`` it refused (once the cause of the
+        refusal is fixed: a roster version refused makes every later one a gap). Their deliveries become
+        unacknowledged, so the next synchronisation carries them in their first order; the refusals themselves stay
+        in the signed acknowledgements both sides archived. Returns the items' SHA-256, oldest first."""
+        i, d = self._items.c, self._deliveries.c
+        refused = conn.execute(
+            select(i.id, i.sha256)
+            .join_from(self._deliveries, self._items, d.item_id == i.id)
+            .where(d.peer == peer, i.kind == kind, d.applied.is_(False))
+            .order_by(i.id)
+        ).all()
+        if refused:
+            conn.execute(
+                update(self._deliveries)
+                .where(d.peer == peer, d.item_id.in_([r.id for r in refused]))
+                .values(acked_at_ms=None, applied=None, reason=None)
+            )
+        return [bytes(r.sha256) for r in refused]
+
     def receipts(self) -> dict[bytes, dict[str, str]]:
         """Per item SHA-256, each peer's receipt as ``roster history`` shows it: ``applied``, ``refused: REASON`` or
         ``not yet acknowledged``."""

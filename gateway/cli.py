@@ -21,10 +21,7 @@ hedui-gateway tls install-crl --config FILE CRL   check the CA's revocation list
 from __future__ import annotations
 
 import argparse
-import getpass
 import logging
-import os
-import re
 import signal
 import sys
 import threading
@@ -35,7 +32,7 @@ from pathlib import Path
 
 from sqlalchemy import and_, func, or_, select
 
-from common.cli import run, service_parser
+from common.cli import operator, run, service_parser
 from common.config import describe
 from common.db import make_engine, reading
 from common.errors import HeduiError
@@ -321,19 +318,6 @@ def _moment(moment_ms: int) -> str:
     return datetime.fromtimestamp(moment_ms / 1000, CHINA_TIME).strftime("%Y-%m-%d %H:%M:%S")
 
 
-_LOGIN_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
-
-
-def _operator() -> str:
-    """Who runs the command, for the audit log: the login behind sudo (the helpers in docs/operations.md run us as
-    hedui), else the current user."""
-    try:
-        login = os.environ.get("SUDO_USER") or getpass.getuser()
-    except (KeyError, OSError):
-        login = ""
-    return f"operator:{login}" if _LOGIN_RE.fullmatch(login) else "operator"
-
-
 def _resend(args: argparse.Namespace) -> None:
     config = GatewayConfig.load(Path(args.config))
     unit = next((u for u in config.units if u.party_id == args.unit), None)
@@ -343,9 +327,7 @@ def _resend(args: argparse.Namespace) -> None:
     store = GatewayStore(open_database(config.database.url))
     try:
         audit, now = AuditLog(store.engine), SystemClock().now_ms()
-        resent = store.batches.resend_failed(
-            unit.party_id, args.batch or [], audit=audit, actor=_operator(), now_ms=now
-        )
+        resent = store.batches.resend_failed(unit.party_id, args.batch or [], audit=audit, actor=operator(), now_ms=now)
     finally:
         store.engine.dispose()
     if not resent:
@@ -372,7 +354,7 @@ def _retry(args: argparse.Namespace) -> None:
     store = GatewayStore(open_database(config.database.url))
     try:
         audit, now = AuditLog(store.engine), SystemClock().now_ms()
-        retried, up = store.units.retry(wanted, audit=audit, actor=_operator(), now_ms=now)
+        retried, up = store.units.retry(wanted, audit=audit, actor=operator(), now_ms=now)
     finally:
         store.engine.dispose()
     for unit in retried:

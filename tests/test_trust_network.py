@@ -21,6 +21,7 @@ tests/test_connector_rosters.py and tests/test_connector_approvals.py; this is t
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +88,7 @@ class TrustNetwork:
     net: Network
     staff: dict[str, StaffKeystore]
     gateway: Engine
+    connectors: dict[str, subprocess.Popen[bytes]]
 
     def stub(self, party: str) -> agency_pb2_grpc.AgencyServiceStub:
         tls = self.net.root / "tls"
@@ -136,7 +138,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrustNetwork]:
     admins = {u: staff_keystore(net, u, "U-0001", now_ms=now, kdf=FAST_FOR_TESTS) for u in (TAX, LAND)}
     gateway = make_engine(f"sqlite:///{root / 'data' / 'gateway.db'}")
     try:
-        net.start_connectors()
+        connectors = net.start_connectors()
         net.start_gateway()
         # The units' admins and the agency's work at the same time, each side with its own commands.
         members = [(staff["S-0001"], "核对员1", "exchange"), (staff["S-0002"], "核对员2", "exchange"),
@@ -151,7 +153,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrustNetwork]:
                 run_command(command)
             units_done.result()
         wait_for_rosters(net, [TAX, LAND], timeout=30)
-        yield TrustNetwork(net, {**staff, **{f"{u}/U-0001": admins[u] for u in admins}}, gateway)
+        yield TrustNetwork(net, {**staff, **{f"{u}/U-0001": admins[u] for u in admins}}, gateway, connectors)
     finally:
         net.stop_all()
         gateway.dispose()
@@ -222,6 +224,17 @@ def _receipts(engine: Engine, tables: tuple[Table, Table], payloads: list[bytes]
     return {bytes(r.sha256): "applied" if r.applied else str(r.reason) for r in rows if r.acked_at_ms is not None}
 
 
+def _acked_at(engine: Engine, payload: bytes) -> int | None:
+    """When the gateway acknowledged the unit's item (None: not yet)."""
+    i, d = cstore.trust_items.c, cstore.trust_deliveries.c
+    with engine.connect() as conn:
+        return conn.execute(
+            select(d.acked_at_ms)
+            .join_from(cstore.trust_deliveries, cstore.trust_items, d.item_id == i.id)
+            .where(i.sha256 == hashlib.sha256(payload).digest())
+        ).scalar_one_or_none()
+
+
 def test_rosters_travel_both_ways_and_the_bank_refuses_too_short_a_notice(world: TrustNetwork) -> None:
     assert wait_until(lambda: roster_state(world.net, _now()).receipts.get(BANK, "").startswith("refused"), 15)
     history = run_command(gateway_command(world.net, "roster", "history"))
@@ -236,6 +249,20 @@ def test_rosters_travel_both_ways_and_the_bank_refuses_too_short_a_notice(world:
     # Refused: nothing changed at the bank.
     with pytest.raises(CommandFailed, match=f"no roster held: {GATEWAY}"):
         run_command(connector_command(world.net, BANK, "roster", "history", "--party", GATEWAY))
+    # The bank agrees the agency's notice and restarts; the agency's operator offers it the refused versions again.
+    bank = world.connectors[BANK]
+    bank.terminate()
+    bank.wait(20)
+    config = world.net.connector_configs[BANK]
+    config.write_text(config.read_text().replace("notice_working_days = 1", "notice_working_days = 0"))
+    world.connectors.update(world.net.start_connectors(only=[BANK]))
+    resent = run_command(gateway_command(world.net, "roster", "resend", "--unit", BANK))
+    assert "2 refused version(s) (v1, v2) offered to unit.220100.bank again" in resent
+    assert wait_until(lambda: roster_state(world.net, _now()).receipts.get(BANK) == "applied", 20)
+    at_bank = run_command(connector_command(world.net, BANK, "roster", "history", "--party", GATEWAY))
+    assert [line.split()[0] for line in at_bank.splitlines()] == ["v1", "v2"]
+    again = run_command(gateway_command(world.net, "roster", "resend", "--unit", BANK))
+    assert "refused no version of our roster: nothing to send again" in again
     at_tax = run_command(connector_command(world.net, TAX, "roster", "list", "--party", GATEWAY))
     assert "version 2 held, 2 in force now" in at_tax
     assert all(f"{s:12} active" in at_tax for s in ("A-0001", "S-0001", "S-0002")) and "S-0003" not in at_tax
@@ -385,6 +412,12 @@ def test_roster_versions_a_peer_must_refuse_are_refused_over_the_wire_and_change
             UnitItems(unit_engine).publish(conn, ROSTER, payload, _now(), [GATEWAY])
         sha = hashlib.sha256(payload).digest()
         assert wait_until(lambda: sha in _receipts(unit_engine, UNIT_TABLES, [payload]), 15)
+        assert _receipts(unit_engine, UNIT_TABLES, [payload])[sha] == "roster_rollback"
+        # Offered again by the unit's operator, it is refused again for the same reason: resending fixes nothing.
+        refused_at = _acked_at(unit_engine, payload)
+        resent = run_command(connector_command(world.net, TAX, "roster", "resend", "--gateway", GATEWAY))
+        assert f"1 refused version(s) offered to {GATEWAY} again" in resent
+        assert wait_until(lambda: (_acked_at(unit_engine, payload) or 0) > (refused_at or 0), 15)
         assert _receipts(unit_engine, UNIT_TABLES, [payload])[sha] == "roster_rollback"
     finally:
         unit_engine.dispose()

@@ -85,6 +85,29 @@ def test_trust_items_are_published_once_offered_until_acknowledged_and_counted(w
     assert (refused.applied, refused.reason) == (False, "unknown_key")
 
 
+def test_refused_items_of_one_kind_are_offered_again_only_to_that_peer(world: TrustWorld) -> None:
+    """A roster version refused for a cause since fixed (a notice the two sides had not agreed) was never offered
+    again, and every later version was a gap: `roster resend` reopens the refused deliveries of one kind to one peer
+    (applied ones, other peers and other kinds stay as they are)."""
+    items, roster = world.gateway_items, trust_pb2.TRUST_ITEM_KIND_ROSTER
+    land = "unit.220100.land"
+    with world.store.engine.begin() as conn:
+        for payload in (b"v1", b"v2", b"v3"):
+            items.publish(conn, roster, payload, NOW, [UNIT, land])
+        items.publish(conn, KEY_ANNOUNCEMENT, b"key", NOW, [UNIT])
+    sha = {p: hashlib.sha256(p).digest() for p in (b"v1", b"v2", b"v3", b"key")}
+    items.acked(UNIT, [Ack(roster, sha[b"v1"], False, "roster_notice_too_short"), Ack(roster, sha[b"v2"], False,
+                "roster_gap"), Ack(roster, sha[b"v3"], True, ""), Ack(KEY_ANNOUNCEMENT, sha[b"key"], False, "x")],
+                NOW)  # fmt: skip
+    items.acked(land, [Ack(roster, sha[b"v1"], False, "roster_notice_too_short")], NOW)
+    with world.store.engine.begin() as conn:
+        assert items.resend(conn, UNIT, roster) == [sha[b"v1"], sha[b"v2"]]  # oldest first
+    assert [p.payload for p in items.pending(UNIT)] == [b"v1", b"v2"]
+    assert [p.payload for p in items.pending(land)] == [b"v2", b"v3"]  # land's refusal of v1 stays
+    with world.store.engine.begin() as conn:
+        assert items.resend(conn, UNIT, roster) == []  # nothing refused any more
+
+
 def test_a_gateway_rotation_reaches_the_unit_is_acknowledged_and_archived(world: TrustWorld) -> None:
     announcement = _rotate(world.gateway_keys, Algorithm.ED25519, now_ms=NOW, activate_in_ms=DAY_MS)
     assert [p.payload for p in world.gateway_items.pending(UNIT)] == [announcement]  # published when saved

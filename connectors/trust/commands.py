@@ -13,6 +13,7 @@ trust synchronisation):
   roster pending        versions not yet in force, the unit's own and the gateways'
   roster on-duty        show or set the exchange staff on duty, whom every answer set names
   roster migrate-check  what the deprecated [[staff]] ids still do, and which ids the gateways' rosters lack
+  roster resend         offer a gateway again the versions it refused, once the cause is fixed
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from connectors.config import ConnectorConfig
 from connectors.store import ConnectorStore
 from connectors.trust.duty import OnDuty
 from connectors.trust.items import TrustItems
-from connectors.trust.rosters import PeerRosters, UnitRoster
+from connectors.trust.rosters import ROSTER_ITEM, PeerRosters, UnitRoster, record_event
 from keys import keystore
 from keys.clock import SystemClock
 from keys.handles import SigningKey
@@ -193,6 +194,26 @@ def _pending(args: argparse.Namespace) -> None:
         print("no roster change is waiting to take effect")
 
 
+def _resend(args: argparse.Namespace) -> None:
+    now = SystemClock().now_ms()
+    with _context(args) as ctx:
+        if args.gateway not in ctx.gateways():
+            raise ConfigError(f"{args.gateway[:64]} is not a gateway in the keystore's trust store")
+        engine = ctx.store.engine
+        with engine.begin() as conn:
+            again = TrustItems(engine).resend(conn, args.gateway, ROSTER_ITEM)
+            if again:
+                record_event(conn, now, "roster_resend", args.gateway, f"items={len(again)}")
+        own = PeerRosters(engine).history(ctx.party.party_id)
+    if not again:
+        print(f"{args.gateway} refused no version of the unit's roster: nothing to send again")
+        return
+    versions = [s.roster.version for s in (own.versions if own else []) if s.item_sha256 in set(again)]
+    shown = f" ({', '.join(f'v{v}' for v in versions)})" if versions else ""
+    print(f"{len(again)} refused version(s){shown} offered to {args.gateway} again; the gateway takes them "
+          "at its next trust synchronisation with this unit ('roster history' shows the receipts)")  # fmt: skip
+
+
 def _on_duty(args: argparse.Namespace) -> None:
     now = SystemClock().now_ms()
     with _context(args) as ctx:
@@ -278,6 +299,9 @@ def add_roster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         if name in ("list", "history"):
             command.add_argument("--party", help="a gateway's party id (default: the unit's own roster)")
         command.set_defaults(func=func)
+    resend = commands.add_parser("resend", help="offer a gateway again the versions it refused (cause fixed)")
+    resend.add_argument("--gateway", required=True, help="the gateway's party id")
+    resend.set_defaults(func=_resend)
     duty = commands.add_parser("on-duty", help="show or set the exchange staff on duty (named on every answer set)")
     which = duty.add_mutually_exclusive_group()
     which.add_argument("--set", help="comma-separated staff ids of the unit's roster (replaces the list)")

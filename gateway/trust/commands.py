@@ -11,6 +11,7 @@ version and published to every unit in [[units]] (delivered by the running gatew
   roster show     one version in full
   roster history  every version held, and for our own which units have acknowledged it
   roster pending  versions not yet in force, ours and the units'
+  roster resend   offer a unit again the versions it refused, once the cause is fixed
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
+from common.cli import operator
 from common.dates import beijing_moment_ms, beijing_text
 from common.errors import HeduiError
 from common.workdays import WorkdayCalendar
 from gateway.archive.audit import AuditLog
+from gateway.archive.audit import lock as audit_lock
 from gateway.config import GatewayConfig
 from gateway.db.database import open_database
 from gateway.procedure.staff import StaffRegister
 from gateway.trust.items import TrustItems
-from gateway.trust.rosters import OwnRoster, PeerRosters
+from gateway.trust.rosters import ROSTER_ITEM, OwnRoster, PeerRosters
 from keys import keystore
 from keys.clock import SystemClock
 from keys.handles import SigningKey
@@ -217,6 +220,30 @@ def _history(args: argparse.Namespace) -> None:
             print(f"      {peer:32} {state}")
 
 
+def _resend(args: argparse.Namespace) -> None:
+    now = SystemClock().now_ms()
+    with _context(args) as ctx:
+        if args.unit not in {u.party_id for u in ctx.config.units}:
+            raise RosterCommandError(f"{args.unit[:64]} is not a unit in [[units]]")
+        with ctx.engine.begin() as conn:
+            audit_lock(conn)
+            again = TrustItems(ctx.engine).resend(conn, args.unit, ROSTER_ITEM)
+            if again:
+                AuditLog(ctx.engine).append(
+                    conn, at_ms=now, actor=operator(), action="roster.resend", after=args.unit,
+                    detail=f"items={len(again)}",
+                )  # fmt: skip
+        ours = PeerRosters(ctx.engine).own()
+    if not again:
+        print(f"{args.unit} refused no version of our roster: nothing to send again")
+        return
+    versions = [s.roster.version for s in (ours.versions if ours else []) if s.item_sha256 in set(again)]
+    shown = f" ({', '.join(f'v{v}' for v in versions)})" if versions else ""
+    print(f"{len(again)} refused version(s){shown} offered to {args.unit} again; the running gateway "
+          "sends them at its next trust synchronisation with the unit ('hedui-gateway roster history' shows the "
+          "receipts)")  # fmt: skip
+
+
 def _pending(args: argparse.Namespace) -> None:
     now = SystemClock().now_ms()
     shown = 0
@@ -262,6 +289,9 @@ def add_roster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     revoke.add_argument("--urgent", action="store_true", help="from now on (a lost or stolen key cannot wait)")
     revoke.set_defaults(func=_revoke)
     signed("publish", "sign the register as it is as the next version").set_defaults(func=_publish)
+    resend = commands.add_parser("resend", help="offer a unit again the versions it refused (once the cause is fixed)")
+    resend.add_argument("--unit", required=True, help="the unit's party id")
+    resend.set_defaults(func=_resend)
     for name, func, text in (
         ("list", _list, "members with state and names (this terminal only)"),
         ("show", _show_version, "one version in full"),

@@ -9,11 +9,13 @@ from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
+import pytest
 from hedui.v1 import exchange_pb2, records_pb2
 
 from common.db import make_engine
 from connectors.synthetic import Population
 from demo.localnet import STAFF, build_network
+from gateway.cli import main as gateway_main
 from gateway.exchange.outbox import CommissionInput, SubjectInput
 from gateway.exchange.store import GatewayStore
 from gateway.procedure.routing import route
@@ -61,7 +63,9 @@ def wait_until(predicate: object, timeout: float) -> bool:
     return False
 
 
-def test_gateway_and_connectors_as_processes_answer_every_item(tmp_path: Path) -> None:
+def test_gateway_and_connectors_as_processes_answer_every_item(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     net = build_network(tmp_path / "net", UNITS, batch_size=100, legacy_staff=True)
     try:
         net.start_connectors()
@@ -71,6 +75,10 @@ def test_gateway_and_connectors_as_processes_answer_every_item(tmp_path: Path) -
         items = enqueue(store, "WT-P-1", 60, seed=20261127)
         assert wait_until(lambda: store.batches.answer_count() == items, 60), (store.batches.answer_count(), items)
         assert store.outbox.item_count() == items
+        # The units have no roster of their own: their answers name nobody, and status says they are unverified.
+        assert gateway_main(["status", "--config", str(net.gateway_config)]) == 0
+        status = capsys.readouterr().out
+        assert status.count("answer staff unverified: 2 batches (no roster of the unit in force when answered)") == 3
     finally:
         net.stop_all()
     assert all(p.returncode == 0 for p in net.processes) or not net.processes

@@ -53,9 +53,43 @@ class TlsSection:
         default=5.0,
     )
 
+    renew_before_days: int = doc(
+        "The connector asks for a new server certificate this many days before the one in use ends: a new key made "
+        "here (never leaving the host) and a certificate request sent to the gateways, which sign it with the "
+        "network CA; the certificate comes back over the wire and is installed without a restart "
+        "(docs/operations.md, 'Renewing certificates'). 0: only on demand ('hedui-connector tls request-renewal').",
+        default=30,
+    )
+    renewal_timeout_days: int = doc(
+        "How long a certificate request may wait for its certificate before the next check makes a new one (with a "
+        "new key; the old request's certificate is refused if it comes later).",
+        default=7,
+    )
+    renewal_check_seconds: float = doc(
+        "How often the running connector checks whether its certificate is due for renewal.", default=3600.0
+    )
+    renewal_key_file: Path | None = doc(
+        "Where the new key waits for its certificate (mode 0600; written by the connector, so its folder must be "
+        "writable by the connector's user). Unset: the server key's file name with '.pending' added.",
+        default=None,
+    )
+    renewal_gateways: tuple[str, ...] = doc(
+        "The gateways a certificate request is sent to (party ids). Empty: every gateway in the trust store. With "
+        "several gateways, name the one whose agency signs the network's certificates.",
+        default=(),
+    )
+
     def __post_init__(self) -> None:
         if not 0.1 <= self.check_interval_seconds <= 3600:
             raise ValueError("tls.check_interval_seconds must be 0.1-3600")
+        if not 0 <= self.renew_before_days <= 365:
+            raise ValueError("tls.renew_before_days must be 0-365")
+        if not 1 <= self.renewal_timeout_days <= 90:
+            raise ValueError("tls.renewal_timeout_days must be 1-90")
+        if not 1 <= self.renewal_check_seconds <= 86_400:
+            raise ValueError("tls.renewal_check_seconds must be 1-86400")
+        for party in self.renewal_gateways:
+            check_party_id(party)
 
 
 @dataclass(frozen=True)
@@ -198,6 +232,14 @@ class ConnectorConfig:
         if not (server.tls_cert and server.tls_key and server.tls_ca):
             raise ConfigError("server.tls_cert, server.tls_key and server.tls_ca are required (or insecure_plaintext)")
         return [TlsFiles("server", "server", self.unit.party_id, server.tls_cert, server.tls_key, server.tls_ca)]
+
+    @property
+    def renewal_key_path(self) -> Path | None:
+        """Where a renewal's new key waits: tls.renewal_key_file, else the server key's name + '.pending' (None
+        under insecure_plaintext)."""
+        if self.server.insecure_plaintext or self.server.tls_key is None:
+            return None
+        return self.tls.renewal_key_file or self.server.tls_key.with_name(self.server.tls_key.name + ".pending")
 
     @property
     def crl_path(self) -> Path:

@@ -43,10 +43,13 @@ from connectors.metrics import ConnectorMetrics
 from connectors.store import ConnectorStore
 from connectors.synthetic import Population, SyntheticAdapter
 from connectors.trust.duty import OnDuty
+from connectors.trust.renewal import CertificateRenewal, RenewalJob
 from connectors.trust.rosters import PeerRosters
 from keys import keystore
 from keys.envelope import Courier, Policy
+from keys.staffkeys import STAFF_PARTY_PREFIX
 from keys.tls import TlsIdentity, check_tls, party_from_auth_context, read_private_key
+from keys.truststore import TrustStore
 
 log = logging.getLogger("hedui.connector")
 
@@ -248,9 +251,14 @@ class RunningConnector:
     certificates: CertificateSource | None = None
     #: The CA's revocation list the gate enforces; its ``trust_item_handler()`` installs lists the gateway sends.
     revocations: RevocationSource | None = None
+    #: The server certificate's renewal; its ``handler()`` is the CERTIFICATE trust item handler.
+    renewal: CertificateRenewal | None = None
+    renewal_job: RenewalJob | None = None
 
     def stop(self, grace: float | None = 1.0) -> None:
         self.health.enter_graceful_shutdown()
+        if self.renewal_job is not None:
+            self.renewal_job.stop()
         if self.worker is not None:
             self.worker.stop()
         self.server.stop(grace).wait()
@@ -411,6 +419,37 @@ def check_certificates(config: ConnectorConfig) -> TlsIdentity | None:
     return identities[0] if identities else None
 
 
+def gateways_of(trust: TrustStore) -> list[str]:
+    """The gateways the unit serves: the parties in its trust store (staff keys excepted)."""
+    return [party for party in trust.parties() if not party.startswith(STAFF_PARTY_PREFIX)]
+
+
+def certificate_renewal(
+    config: ConnectorConfig,
+    connector: Connector,
+    *,
+    on_installed: Callable[[], object] | None = None,
+) -> CertificateRenewal | None:
+    """The server certificate's renewal as the config describes it (None under insecure_plaintext): requests go
+    to ``tls.renewal_gateways``, else to every gateway in the trust store."""
+    files = config.tls_files()
+    pending = config.renewal_key_path
+    if not files or pending is None:
+        return None
+    named = config.tls.renewal_gateways
+    trust = connector.courier.trust
+    return CertificateRenewal(
+        connector.store.engine,
+        files[0],
+        pending_key=pending,
+        gateways=(lambda: list(named)) if named else (lambda: gateways_of(trust)),
+        renew_before_days=config.tls.renew_before_days,
+        timeout_days=config.tls.renewal_timeout_days,
+        clock=connector.courier.clock,
+        on_installed=on_installed,
+    )
+
+
 def revocation_source(config: ConnectorConfig, ca_pem: Callable[[], bytes]) -> RevocationSource:
     """The revocation list the connector enforces, from its file (tls.crl_file, else crl.der beside the keystore);
     raises CrlError when the file holds a list the CA did not sign (``check-config`` says the same)."""
@@ -465,4 +504,12 @@ def serve(config: ConnectorConfig) -> RunningConnector:
         raise
     running.metrics_server = metrics_server
     running.certificates = source
+    if source is not None:
+        certificates = source
+        renewal = certificate_renewal(config, connector, on_installed=lambda: certificates.refresh(force=True))
+        if renewal is not None:
+            metrics.watch_renewal(renewal)
+            running.renewal = renewal
+            running.renewal_job = RenewalJob(renewal, config.tls.renewal_check_seconds)
+            running.renewal_job.start()
     return running

@@ -11,7 +11,7 @@ from common.categories import unit_category_by_name
 from common.config import ConfigError, DatabaseUrl, doc, load_file
 from common.metrics import MetricsSection
 from keys.party import check_party_id
-from keys.tls import TlsFiles
+from keys.tls import TlsFiles, server_name
 
 LEVELS = ("province", "city", "county")
 EXCHANGE_MODES = ("system", "media", "both")
@@ -198,11 +198,19 @@ class UnitEntry:
     endpoint: str = doc("host:port of the unit's connector.")
     exchange_mode: str = doc("system, media, or both (Procedure III.3).", default="system")
     enabled: bool = doc("Whether batches are sent to this unit.", default=True)
+    server_names: tuple[str, ...] = doc(
+        "DNS names and IP addresses the unit's server certificate may name besides the host of endpoint, checked in "
+        "its certificate requests: a request naming other hosts than its current certificate must stay within "
+        "these (docs/operations.md, 'Renewing certificates').",
+        default=(),
+    )
 
     def __post_init__(self) -> None:
         check_party_id(self.party_id)
         unit_category_by_name(self.category)
         check_endpoint(self.endpoint)
+        for name in self.server_names:
+            server_name(name)
         if self.exchange_mode not in EXCHANGE_MODES:
             raise ValueError(f"units.exchange_mode must be one of {', '.join(EXCHANGE_MODES)}")
 

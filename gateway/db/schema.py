@@ -363,3 +363,30 @@ answer_staff = Table(
     Column("roster_version", BigInteger, nullable=True),
     Column("answered_at_ms", BigInteger, nullable=False),
 )
+
+#: The units' requests for a renewed TLS server certificate (CERTIFICATE_REQUEST trust items, keys/csr.py), migration
+#: 0015: ``pending`` until the agency's operator signs it with the network CA, then ``issued`` with the certificate
+#: (sent back as a CERTIFICATE trust item); ``superseded`` by a newer request of the same unit, or ``dropped`` by the
+#: operator. Public material only: never a private key.
+certificate_requests = Table(
+    "certificate_requests",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("party_id", String(64), nullable=False),
+    # SHA-256 of the DER request: the trust item's digest.
+    Column("sha256", LargeBinary(32), nullable=False, unique=True),
+    # SHA-256 of the requested public key's SubjectPublicKeyInfo (keys.csr.key_sha256).
+    Column("key_sha256", LargeBinary(32), nullable=False),
+    Column("csr", LargeBinary, nullable=False),
+    # The DNS names and IP addresses asked for, comma-separated; the usages (clientAuth, serverAuth) likewise.
+    Column("names", String(1100), nullable=False),
+    Column("usages", String(24), nullable=False),
+    Column("received_at_ms", BigInteger, nullable=False),
+    Column("state", String(12), nullable=False),
+    Column("decided_at_ms", BigInteger, nullable=True),
+    Column("decided_by", String(64), nullable=True),
+    Column("serial", String(40), nullable=True),
+    # The DER certificate issued for the request.
+    Column("certificate", LargeBinary, nullable=True),
+    Index("ix_certificate_requests_party_id_state", "party_id", "state"),
+)

@@ -30,12 +30,13 @@ from gateway.api.agency import AgencyServicer, AuthInterceptor
 from gateway.archive.audit import AuditLog
 from gateway.archive.checkpoints import Checkpointer
 from gateway.certificates import publish_crl, revocation_source, units_to_tell
+from gateway.certificates.requests import CertificateRequests, unit_policies
 from gateway.config import GatewayConfig
 from gateway.db.database import open_database
 from gateway.exchange.engine import EngineSettings, ExchangeEngine, UnitWorkers
 from gateway.exchange.schedule import GatewayScheduler, JobIntervals, SchedulePolicy
 from gateway.exchange.store import GatewayStore
-from gateway.exchange.transport import UnitClient
+from gateway.exchange.transport import ClientTls, UnitClient, fetch_server_certificate
 from gateway.metrics import GatewayMetrics
 from gateway.ops.replica import ReplicaLease, ReplicaLock
 from gateway.procedure.staff import StaffRegister
@@ -122,6 +123,8 @@ class RunningGateway:
     metrics_server: MetricsServer | None = None
     lease: ReplicaLease | None = None
     lock: ReplicaLock | None = None
+    #: The units' certificate requests; ``.handler()`` is the CERTIFICATE_REQUEST trust item handler.
+    certificate_requests: CertificateRequests | None = None
 
     def stop(self, grace: float | None = 2.0) -> None:
         self.health.enter_graceful_shutdown()
@@ -263,6 +266,9 @@ def _start(
     metrics.watch_keys(key_watch.expiries)
     rosters = PeerRosters(engine)
     metrics.watch_rosters(lambda: rosters.metrics(clock.now_ms()))
+    requests = certificate_requests(config, engine, tls.sources.get("client"))
+    requests.on_refused = metrics.certificate_request_refused
+    metrics.watch_certificate_requests(lambda: requests.ages(clock.now_ms()))
     scheduler = GatewayScheduler(
         store=store,
         engine=exchange,
@@ -292,7 +298,36 @@ def _start(
         scheduler.shutdown()
         workers.shutdown()
         raise
-    return RunningGateway(server, port, store, exchange, workers, scheduler, health_servicer, clients, metrics)
+    running = RunningGateway(server, port, store, exchange, workers, scheduler, health_servicer, clients, metrics)
+    running.certificate_requests = requests
+    return running
+
+
+def certificate_requests(
+    config: GatewayConfig, engine: Engine, client: CertificateSource | None
+) -> CertificateRequests:
+    """The units' certificate requests (the CERTIFICATE_REQUEST handler: ``.handler()``), judged by [[units]] and
+    each unit's current certificate: the last one issued through the gateway, else the one its connector presents
+    to a TLS handshake of the gateway's own (with the client certificate of ``client``)."""
+    requests = CertificateRequests(engine)
+    endpoints = {u.party_id: u.endpoint for u in config.units}
+    timeout = config.exchange.request_timeout_seconds
+
+    def presented(party: str) -> bytes | None:
+        if client is None or party not in endpoints:
+            return None
+        identity = client.identity
+        try:
+            return fetch_server_certificate(
+                endpoints[party], ClientTls(identity.cert_pem, identity.key_pem, identity.ca_pem), timeout
+            )
+        except OSError:
+            return None  # judged without it: only configured names are accepted
+
+    requests.policy = unit_policies(
+        ((u.party_id, u.endpoint, u.server_names) for u in config.units), requests, presented
+    )
+    return requests
 
 
 @dataclass

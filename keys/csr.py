@@ -69,6 +69,14 @@ MAX_CERTIFICATE_BYTES = 16 * 1024
 #: More names than this in one request is not a connector's server certificate.
 MAX_NAMES = 16
 
+#: What cryptography raises for bytes that are not a well-formed request or certificate.
+_UNREADABLE = (
+    ValueError,
+    UnsupportedAlgorithm,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
 _USAGES = {ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth", ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth"}
 
 
@@ -285,7 +293,7 @@ def parse_request(der: bytes) -> CertificateRequest:
         public_key = csr.public_key()
         extensions = csr.extensions
         signature_hash = csr.signature_hash_algorithm
-    except (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+    except _UNREADABLE:
         raise _refuse("not a DER PKCS#10 certificate request", "csr_unreadable") from None
     key = _p256(public_key)
     if key is None:
@@ -360,7 +368,7 @@ def check_issued(
         cert = load_certificate(cert_bytes)
         extensions = cert.extensions
         public_key = cert.public_key()
-    except (TlsError, ValueError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+    except (TlsError, *_UNREADABLE):
         raise _refuse("not an X.509 certificate", "certificate_unreadable") from None
     try:
         cas = x509.load_pem_x509_certificates(ca_pem)

@@ -88,6 +88,11 @@ class Net:
 
 @pytest.fixture
 def net(tmp_path: Path) -> Net:
+    return make_net(tmp_path)
+
+
+def make_net(tmp_path: Path) -> Net:
+    """The site of the ``net`` fixture (tests/test_certificate_requests.py builds its own from it)."""
     site = _site(tmp_path)
     for name, party, server in (("api", API, True), ("gw", GATEWAY, False), ("tax", UNIT, True)):
         site.install(party, party, server=server)

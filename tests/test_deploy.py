@@ -74,6 +74,8 @@ GATEWAY_METRICS = frozenset(
         "hedui_roster_unacknowledged_seconds",
         "hedui_answers_staff_unverified_total",
         "hedui_answers_staff_refused_total",
+        "hedui_certificate_request_age_seconds",
+        "hedui_certificate_requests_refused_total",
     }
 )
 CONNECTOR_METRICS = frozenset(
@@ -100,6 +102,9 @@ CONNECTOR_METRICS = frozenset(
         "hedui_connector_roster_changes_pending",
         "hedui_connector_roster_unacknowledged_seconds",
         "hedui_connector_answer_staff_short",
+        "hedui_connector_certificate_request_pending",
+        "hedui_connector_certificate_request_age_seconds",
+        "hedui_connector_certificates_refused_total",
     }
 )
 HISTOGRAMS = ("hedui_batch_round_trip_seconds", "hedui_answer_latency_seconds")

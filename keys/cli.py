@@ -595,6 +595,36 @@ def cmd_ca_renew(session: _Session, args: argparse.Namespace) -> None:
     print(tls.certificate_summary(cert_pem), end="")
 
 
+def cmd_ca_request(session: _Session, args: argparse.Namespace) -> None:
+    """Make a key and a certificate request on this host (a unit's first certificate, without carrying a key): writes
+    PARTY.key (mode 0600, stays here) and PARTY.csr (public: send it to the CA operator, who signs it with 'ca
+    sign-requests'; put the PARTY.crt that comes back beside the key)."""
+    party_id = check_party_id(args.party)
+    if not (args.client or args.server):
+        raise CliError("say what the certificate is for: --client (a gateway), --server (a connector) or both")
+    out_dir = Path(args.out_dir)
+    key_path, request_path = out_dir / f"{party_id}.key", out_dir / f"{party_id}.csr"
+    for path in (key_path, request_path):
+        if path.exists() or path.is_symlink():
+            raise CliError(f"{path} exists; remove it first to make a new request for {party_id}")
+    names = tuple(args.server_name or ())
+    for name in names:
+        tls.server_name(name)
+    if args.server and not names:
+        raise CliError("a server certificate needs at least one --server-name (DNS name or IP address clients dial)")
+    profile = csr.CertificateProfile(party_id, names, client=args.client, server=args.server)
+    request, key_pem = csr.make_request(profile)
+    _mkdir(out_dir)
+    _write_new_private(key_path, key_pem)
+    try:
+        _write_new(request_path, request.pem())
+    except CliError:
+        key_path.unlink(missing_ok=True)
+        raise
+    print(f"wrote {key_path} (mode 0600; it stays on this host) and {request_path} (public)")
+    print(f"key fingerprint {request.key_fingerprint} (read it to the CA operator when they sign the request)")
+
+
 def cmd_ca_sign_requests(session: _Session, args: argparse.Namespace) -> None:
     """Sign the certificate requests (.csr, PEM or DER) in --in with the CA in --dir, each as ca issue would, and
     write NAME.crt beside each NAME.csr (or into --out-dir): for a CA kept offline, the requests the gateway exported
@@ -745,6 +775,12 @@ def _add_ca_commands(sub: _Commands[argparse.ArgumentParser]) -> None:
     renew.add_argument("--party", required=True, help="the party whose certificate is renewed")
     renew.add_argument("--out-dir", required=True, help="folder holding PARTY.crt and PARTY.key (replaced)")
     renew.add_argument("--valid-days", type=int, default=tls.LEAF_VALID_DAYS, help="lifetime of the new certificate")
+    asking = _command(ca_sub, "request", cmd_ca_request)
+    asking.add_argument("--party", required=True, help="this host's party id, e.g. unit.220100.tax")
+    asking.add_argument("--server-name", action="append", help="DNS name or IP address clients dial (repeat)")
+    asking.add_argument("--client", action="store_true", help="for a client (gateway)")
+    asking.add_argument("--server", action="store_true", help="for a server (connector)")
+    asking.add_argument("--out-dir", required=True, help="folder for PARTY.key and PARTY.csr")
     signing = _command(ca_sub, "sign-requests", cmd_ca_sign_requests)
     signing.add_argument("--dir", required=True, help="folder holding the CA's ca.crt and ca.key")
     signing.add_argument("--in", dest="in_dir", required=True, help="folder of .csr files (tls export-requests)")

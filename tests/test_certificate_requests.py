@@ -38,9 +38,10 @@ from gateway.db.database import open_database
 from gateway.exchange.transport import fetch_server_certificate
 from gateway.server import RunningGateway
 from gateway.trust.items import TrustItems as GatewayItems
+from keys.cli import main as keys_main
 from keys.clock import SystemClock
 from keys.csr import CertificateProfile, issue_for_request, make_request, parse_request
-from keys.tls import PARTY_URI_PREFIX, create_ca
+from keys.tls import PARTY_URI_PREFIX, TlsFiles, check_tls_files, create_ca
 from tests.exchange_world import GATEWAY, UNIT
 from tests.test_tls_reload import COMMISSIONER, Net, connector, gateway, make_net, served_serial, wait_for
 
@@ -446,3 +447,26 @@ def _stored_csr(renewal: CertificateRenewal, request_id: int) -> bytes:
     with renewal.engine.connect() as conn:
         row = conn.execute(select(certificate_requests.c.csr).where(certificate_requests.c.id == request_id)).one()
     return bytes(row.csr)
+
+
+def test_a_first_certificate_is_requested_without_carrying_a_key(net: Net, capsys: pytest.CaptureFixture[str]) -> None:
+    """Enrolment: the unit makes its key and request ('hedui-keys ca request'), only the request goes to the CA and
+    only the certificate comes back; the pair passes the connector's own checks."""
+    unit_host, carried = net.root / "unit-host", net.root / "carried"
+    carried.mkdir()
+    net.keys("ca", "request", "--party", UNIT, "--server", "--server-name", "localhost", "--server-name",
+             "127.0.0.1", "--out-dir", str(unit_host))  # fmt: skip
+    key = unit_host / f"{UNIT}.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    fingerprint = re.search(r"key fingerprint (\S+)", capsys.readouterr().out)
+    assert fingerprint is not None
+    (carried / f"{UNIT}.csr").write_bytes((unit_host / f"{UNIT}.csr").read_bytes())
+    net.keys("ca", "sign-requests", "--dir", str(net.ca_dir), "--in", str(carried))
+    assert fingerprint.group(1) in capsys.readouterr().out  # the CA operator compares it with the one read aloud
+    assert sorted(p.name for p in carried.iterdir()) == [f"{UNIT}.crt", f"{UNIT}.csr"]
+    identity = check_tls_files(TlsFiles("server", "server", UNIT, carried / f"{UNIT}.crt", key, net.root / "ca.crt"))
+    assert CertificateProfile.of_certificate(identity.cert_pem).names == ("localhost", "127.0.0.1")
+    # Asked again, the unit's key is never overwritten.
+    assert keys_main(["ca", "request", "--party", UNIT, "--server", "--server-name", "localhost", "--out-dir",
+                      str(unit_host)]) == 1  # fmt: skip
+    assert key.read_bytes() == identity.key_pem

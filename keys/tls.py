@@ -39,8 +39,10 @@ Design:
   every peer "unreachable") is refused at once with the file named; a certificate ending within
   ``EXPIRY_WARNING`` gets a warning. A running service checks its files again every few seconds
   (common/tlsreload.py): renewed files that pass the same checks are used for new handshakes without a restart.
-- Renewal: ``renew_certificate`` issues a new key and certificate naming the same party, server names and extended
-  key usages as the current certificate (``hedui-keys ca renew``).
+- Renewal: a party makes its new key itself and only a certificate request travels (keys/csr.py; ``sign_leaf`` signs
+  it with the issuing code here). ``renew_certificate`` issues a new key and certificate naming the same party,
+  server names and extended key usages as the current certificate where the CA is (``hedui-keys ca renew``, the
+  fallback whose key must then be carried).
 
 Every failure raises :class:`TlsError` with a message fit for an operator; none carries key material.
 """
@@ -592,8 +594,8 @@ class TlsIdentity:
             return None
         return (
             f"{self.files.where(f'{self.role} certificate', self.files.cert)} expires in {days:.1f} days "
-            f"({_utc(self.not_after)}): renew it ('hedui-keys ca renew') and put the new files in place; the running "
-            "service picks them up"
+            f"({_utc(self.not_after)}): renew it (a connector asks its gateway by itself, 'hedui-connector tls "
+            "renewal-status'; the gateway's: 'hedui-gateway tls renew'); the running service picks it up"
         )
 
 

@@ -1,10 +1,12 @@
-"""Write the test vectors to tests/vectors/: envelope_v1.json, formats_v1.json, steps_v1.json and rosters_v1.json.
+"""Write the test vectors to tests/vectors/: envelope_v1.json, formats_v1.json, steps_v1.json, rosters_v1.json and
+certificate_requests_v1.json.
 
 Usage: python scripts/make_vectors.py [--check]
 
 The vectors are built by tests/vectorgen.py (the sealed envelope), tests/vectorgen_formats.py (fingerprints,
 armour, parser strictness, the payload limit, sealed files), tests/vectorgen_steps.py (signed procedure steps) and
-tests/vectorgen_rosters.py (signed staff rosters); tests/test_vectors.py imports them too. They are deterministic, so
+tests/vectorgen_rosters.py (signed staff rosters) and tests/vectorgen_csr.py (certificate requests); the tests import
+them too. They are deterministic, so
 running this twice gives the same file. Regenerate them only when the format or the reference implementation changed
 on purpose, and say so in the commit: other implementations test against this file. With --check nothing is written;
 the script exits 1 when a committed file differs from what it would write.
@@ -26,13 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # tests/ is not an installed package
-    from tests import vectorgen, vectorgen_formats, vectorgen_rosters, vectorgen_steps  # noqa: PLC0415 - needs the path set above
+    from tests import (  # noqa: PLC0415 - needs the path set above
+        vectorgen,
+        vectorgen_csr,
+        vectorgen_formats,
+        vectorgen_rosters,
+        vectorgen_steps,
+    )
 
     outputs = {
         VECTORS / "envelope_v1.json": vectorgen.render(vectorgen.build_vectors()).encode(),
         VECTORS / "formats_v1.json": vectorgen_formats.render(vectorgen_formats.build_vectors()).encode(),
         VECTORS / "steps_v1.json": vectorgen_steps.render(vectorgen_steps.build_vectors()).encode(),
         VECTORS / "rosters_v1.json": vectorgen_rosters.render(vectorgen_rosters.build_vectors()).encode(),
+        VECTORS / "certificate_requests_v1.json": vectorgen_csr.render(vectorgen_csr.build_vectors()).encode(),
     }
     if args.check:
         stale = [path for path, data in outputs.items() if not path.exists() or path.read_bytes() != data]

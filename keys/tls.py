@@ -595,7 +595,8 @@ class TlsIdentity:
         return (
             f"{self.files.where(f'{self.role} certificate', self.files.cert)} expires in {days:.1f} days "
             f"({_utc(self.not_after)}): renew it (a connector asks its gateway by itself, 'hedui-connector tls "
-            "renewal-status'; the gateway's: 'hedui-gateway tls renew'); the running service picks it up"
+            "renewal-status'; the gateway's: 'hedui-gateway tls renew'; else 'hedui-keys ca renew'); the running "
+            "service picks it up"
         )
 
 

@@ -38,7 +38,7 @@ from gateway.db import schema
 from gateway.exchange.outbox import CommissionInput, SubjectInput
 from gateway.exchange.schedule import GatewayScheduler, JobIntervals, SchedulePolicy
 from gateway.exchange.store import GatewayStore
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import CSR_REFUSALS, GatewayMetrics
 from gateway.procedure.routing import route
 from gateway.server import KeyWatch, build
 from keys.clock import DAY_MS, FixedClock
@@ -381,7 +381,7 @@ def test_the_endpoint_serves_every_metric_with_fixed_label_values(tmp_path: Path
     assert expected <= set(families)
     allowed = {
         "unit": set(UNITS),
-        "reason": {e.code for e in ENVELOPE_ERRORS},
+        "reason": {e.code for e in ENVELOPE_ERRORS} | set(CSR_REFUSALS),
         "accepted": {"true", "false"},
         "decision": {"approved", "refused", "withdrawn"},
     }

@@ -13,8 +13,8 @@ K units and ``hedui-gateway serve`` as separate processes, exactly as an operato
 a fresh SQLite file or a fresh PostgreSQL database (created for the run and dropped after it). Then:
 
 1. enqueue: one commission with N = size / K synthetic people, asking every data category of the K units, is
-   stored with GatewayStore.enqueue (one transaction: N subjects and N x K items) — the agency API's part of a
-   cycle, timed on its own;
+   stored with GatewayStore.enqueue (one transaction: N subjects, their approval trees and N x K items) — the agency
+   API's part of a cycle, timed on its own;
 2. exchange: the gateway (policy continuous, short intervals) forms batches, seals and sends them over gRPC, the
    connectors answer from the synthetic adapter, the gateway fetches, verifies and stores every answer and
    acknowledges it. The clock stops when every item has an answer (and, reported separately, every batch is
@@ -491,7 +491,9 @@ def _drive(
         )
         cpu0, (busy0, steal0), own0 = watch.cpu(), machine_cpu_s(), own_cpu_s()
         start = time.perf_counter()
-        store.outbox.enqueue(commission, subjects, unit_ids, int(time.time() * 1000))
+        # With the commission's approval trees (its batches carry their proofs, which the units check); the units
+        # judge the approvers by the migration rule (demo/localnet.py), so no approvals are recorded here.
+        store.outbox.enqueue(commission, subjects, unit_ids, int(time.time() * 1000), gateway=network.gateway_party)
         enqueued = time.perf_counter()
         run.enqueue_s = enqueued - start
         run.enqueue_cpu_s = own_cpu_s() - own0

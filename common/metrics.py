@@ -508,3 +508,110 @@ class CalendarCollector(Collector):
         today = datetime.fromtimestamp(self.clock(), tz=CHINA_TZ).date()
         value = self.calendar().known_until_timestamp(today)
         yield GaugeMetricFamily("hedui_calendar_known_until", _CALENDAR_KNOWN_UNTIL, value=value)
+
+
+# -- trust that travels (both services) ---------------------------------------------------------------------------
+
+_TRUST_UNACKNOWLEDGED = (
+    "Trust items this party published (rosters, key announcements, revocation lists) that the peer has not "
+    "acknowledged yet, by peer and kind (docs/exchange.md, 'Trust synchronisation')."
+)
+_TRUST_OLDEST = (
+    "Seconds since the oldest trust item the peer has not acknowledged was published, by peer and kind; absent when "
+    "the peer has acknowledged everything."
+)
+_KEY_EXPIRY_DAYS = (
+    "Days until a key stops being valid, for every key that is neither retired nor revoked: own keys (owner=own) "
+    "and peers' keys (owner=peer); +Inf for a key without an end (in use, no successor announced). A party whose "
+    "every key of an algorithm has a finite value here has no successor for it."
+)
+_KEY_ROTATION_DUE = (
+    "Days until the own key in use of each algorithm is due for its scheduled rotation ([keys] rotate_*_days); "
+    "negative when it is overdue (the key job cannot rotate). Absent while a successor is waiting to take over or "
+    "automatic rotation of that key is off."
+)
+
+#: (peer, kind name, how many, age in seconds of the oldest) of the items a peer has not acknowledged.
+TrustBacklog = Iterable[tuple[str, str, int, float]]
+#: (party, key id hex, algorithm name, owner "own"/"peer", days left, days until rotation due or None).
+KeyRows = Callable[[], Iterable[tuple[str, str, str, str, float, float | None]]]
+
+
+def trust_backlog_families(backlog: TrustBacklog) -> list[Metric]:
+    """``hedui_trust_unacknowledged`` and ``hedui_trust_unacknowledged_oldest_seconds`` from the deliveries not yet
+    acknowledged; a side's database reader adds them to what it reads at scrape time."""
+    count = GaugeMetricFamily("hedui_trust_unacknowledged", _TRUST_UNACKNOWLEDGED, labels=["peer", "kind"])
+    oldest = GaugeMetricFamily("hedui_trust_unacknowledged_oldest_seconds", _TRUST_OLDEST, labels=["peer", "kind"])
+    tally: dict[tuple[str, str], tuple[int, float]] = {}
+    for peer, kind, number, age in backlog:
+        known, age_max = tally.get((peer, kind), (0, 0.0))
+        tally[(peer, kind)] = (known + number, max(age_max, age))
+    for (peer, kind), (number, age_max) in sorted(tally.items()):
+        count.add_metric([peer, kind], float(number))
+        oldest.add_metric([peer, kind], age_max)
+    return [count, oldest]
+
+
+def trust_backlog_described() -> list[Metric]:
+    return trust_backlog_families(())
+
+
+class TrustMetrics:
+    """Trust synchronisations and the items they carried, and the keys' lifetimes (gateway and connector)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.syncs = Counter(
+            "hedui_trust_syncs_total",
+            "Trust synchronisations (SyncTrust) by peer, what started them (start, interval, items, requested, "
+            "refresh; at a connector: peer, the gateway called) and outcome (ok, failed).",
+            ["peer", "trigger", "outcome"],
+            registry=registry,
+        )
+        self.items = Counter(
+            "hedui_trust_items_received_total",
+            "Trust items received from a peer, by kind and verdict (applied, or refused: a reason code).",
+            ["peer", "kind", "verdict"],
+            registry=registry,
+        )
+
+    def add_peers(self, peers: Iterable[str], triggers: Sequence[str]) -> None:
+        """Create the series of each peer at zero, so that rates and alerts see a peer before its first sync."""
+        for peer in peers:
+            for trigger in triggers:
+                for outcome in ("ok", "failed"):
+                    self.syncs.labels(peer, trigger, outcome)
+
+    def synced(self, peer: str, trigger: str, outcome: str) -> None:
+        self.syncs.labels(peer, trigger, outcome).inc()
+
+    def item_received(self, peer: str, kind: str, reason: str | None) -> None:
+        self.items.labels(peer, kind, "applied" if reason is None else reason).inc()
+
+    def watch_keys(self, rows: KeyRows) -> None:
+        """Export ``hedui_key_expiry_days`` and ``hedui_key_rotation_due_days`` from ``rows()`` at scrape time."""
+        self.registry.register(_KeyCollector(rows))
+
+
+class _KeyCollector(Collector):
+    def __init__(self, rows: KeyRows) -> None:
+        self.rows = rows
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily("hedui_key_expiry_days", _KEY_EXPIRY_DAYS, labels=["party", "key", "algorithm", "owner"]),
+            GaugeMetricFamily("hedui_key_rotation_due_days", _KEY_ROTATION_DUE, labels=["party", "algorithm"]),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        expiry, due = self._families()
+        for party, key, algorithm, owner, days_left, rotation_due in self.rows():
+            expiry.add_metric([party, key, algorithm, owner], days_left)
+            if rotation_due is not None:
+                due.add_metric([party, algorithm], rotation_due)
+        yield expiry
+        yield due

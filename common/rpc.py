@@ -33,6 +33,11 @@ _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 #: Trailing metadata key of a refusal's reason code (a short lower-case code such as ``staff_not_registered``), sent
 #: by the connector next to the gRPC status so that the gateway can keep and show why a unit refused a batch.
 REFUSAL_REASON_KEY = "hedui-refusal-reason"
+#: Trailing metadata key (binary) of the refusing party's signed refusal: a sealed envelope carrying trust.proto
+#: Refusal, signed by the unit and sealed for the caller (docs/exchange.md, "Signed refusals"). Below
+#: MAX_SIGNED_REFUSAL_BYTES, well inside gRPC's default metadata limit.
+REFUSAL_SIGNED_KEY = "hedui-refusal-bin"
+MAX_SIGNED_REFUSAL_BYTES = 4096
 #: The reflection service current tools ask first (grpcurl 1.9+, Postman, grpcui); older ones ask v1alpha.
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 _REFLECTION_V1_FILE = "grpc/reflection/v1/reflection.proto"

@@ -38,6 +38,7 @@ from common.idnumber import InvalidIdNumber, parse_id_number
 from connectors.adapters.base import LookupContext
 from connectors.config import ConnectorConfig
 from connectors.server import build_adapter, build_connector, gateways_of, revocation_source, serve
+from connectors.store import ConnectorStore
 from connectors.trust.commands import add_roster_commands
 from connectors.trust.renewal import CertificateRenewal
 from keys import keystore
@@ -116,7 +117,7 @@ def _renewal(config: ConnectorConfig) -> CertificateRenewal:
         _, trust = keystore.load(config.keys.keystore, keystore.read_passphrase_file(config.keys.passphrase_file))
         gateways = gateways_of(trust)
     return CertificateRenewal(
-        make_engine(config.database.url),
+        ConnectorStore(make_engine(config.database.url)).engine,  # its tables (trust items among them) made if new
         config.tls_files()[0],
         pending_key=pending,
         gateways=lambda: gateways,

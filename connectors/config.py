@@ -9,6 +9,7 @@ from typing import ClassVar
 from common.categories import UNIT_DATA, data_category_by_name, unit_category_by_name
 from common.config import ConfigError, DatabaseUrl, doc, load_file
 from common.metrics import METRICS_LISTEN_DOC, MetricsSection
+from keys.live import RotationPolicy
 from keys.party import check_party_id
 from keys.tls import TlsFiles
 
@@ -98,6 +99,43 @@ class KeysSection:
     passphrase_file: Path = doc(
         "File holding the keystore passphrase on one line; refused unless mode 0600 (owner only)."
     )
+    rotate_agreement_days: float = doc(
+        "Days our key-agreement key is used before the connector rotates it by itself and announces the new one to "
+        "every gateway (0: never automatically).",
+        default=30.0,
+    )
+    rotate_signing_days: float = doc(
+        "Days our signing key is used before the connector rotates it by itself (0: never automatically).",
+        default=180.0,
+    )
+    rotation_lead_hours: float = doc(
+        "How long before it takes over a new key is announced, so that every gateway has applied it first; more "
+        "than twice the gateways' trust.sync_interval_seconds (5 minutes by default).",
+        default=24.0,
+    )
+    rotation_overlap_days: float = doc(
+        "How long an automatically rotated key stays valid after its successor took over (at most 90).",
+        default=14.0,
+    )
+    watch_interval_seconds: float = doc(
+        "How often the keystore file is checked for changes made by another program ('hedui-keys rotate', "
+        "'revoke', 'import') and keys are retired or rotated when due; changes are loaded without a restart.",
+        default=5.0,
+    )
+
+    def __post_init__(self) -> None:
+        self.rotation_policy()
+        if not 0 < self.watch_interval_seconds <= 3600:
+            raise ValueError("keys.watch_interval_seconds must be more than 0 and at most 3600")
+
+    def rotation_policy(self) -> RotationPolicy | None:
+        """Automatic rotation as configured (None: off)."""
+        return RotationPolicy.from_config(
+            agreement_days=self.rotate_agreement_days,
+            signing_days=self.rotate_signing_days,
+            lead_hours=self.rotation_lead_hours,
+            overlap_days=self.rotation_overlap_days,
+        )
 
 
 @dataclass(frozen=True)
@@ -154,6 +192,14 @@ class ExchangeSection:
         "the unit's own roster is in force.",
         default=1,
     )
+    allow_unverified_approvals: bool = doc(
+        "Migration only. The unit verifies every batch's exchange approvals (two staff signatures) against the "
+        "gateway's roster it holds, and refuses batches it cannot verify. True: while it holds no roster of a "
+        "gateway, or for a batch that carries no approval proof (from a gateway, or a commission, older than "
+        "approval proofs), it accepts a batch whose staff ids are all in [[staff]] instead, without checking any "
+        "signature. Turn it off once every gateway's roster has arrived (docs/operations.md).",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.answer_staff <= 8:
@@ -205,8 +251,9 @@ class ConnectorConfig:
     metrics: ConnectorMetricsSection = field(default_factory=ConnectorMetricsSection)
     roster: RosterSection = field(default_factory=RosterSection)
     staff: tuple[StaffEntry, ...] = doc(
-        "Deprecated: a migration source only. Exchange staff ids of a gateway, checked only while no version of that "
-        "gateway's signed roster is in force (then the roster decides; 'hedui-connector roster migrate-check').",
+        "Deprecated: a migration source only, with exchange.allow_unverified_approvals. Exchange staff ids of a "
+        "gateway, checked only while the unit holds no roster of that gateway (then the roster decides; "
+        "'hedui-connector roster migrate-check').",
         default=(),
     )
 

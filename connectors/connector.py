@@ -24,16 +24,21 @@ from common.logs import LogThrottle, public_commission_ref
 from common.workdays import CHINA_TZ, CalendarSource, Deadline, WorkdayCalendar
 from connectors.adapters.base import Adapter, AdapterError, LookupContext
 from connectors.answering import answer_subjects, is_authorised
-from connectors.errors import DelayRefused, Refusal, envelope_refusal
+from connectors.approvals import ApprovalCheck, GatewayRosters, NoRosters
+from connectors.errors import DelayRefused, Refusal, envelope_refusal, sign_refusal
 from connectors.store import BatchExists, ConnectorStore, StoredBatch
 from connectors.trust.duty import OnDuty, Responsible
 from connectors.trust.rosters import PeerRosters
 from keys.clock import DAY_MS, MINUTE_MS, from_ms
 from keys.envelope import Courier, Opened
 from keys.errors import EnvelopeError, ReplayedEnvelope
+from keys.live import ATTACHMENT_WINDOW_MS
+from keys.trustsync import MAX_METADATA_ANNOUNCEMENTS, REFRESH_KEYS
 
 if TYPE_CHECKING:
     from connectors.metrics import ConnectorMetrics
+    from connectors.trust.keys import ConnectorKeys
+    from connectors.trust.sync import TrustDesk
 
 log = logging.getLogger("hedui.connector")
 
@@ -47,7 +52,6 @@ MAX_NAME_LENGTH = 64
 MAX_IDS_PER_REQUEST = 100
 #: Answers are returned until the response would pass this size; the gateway asks again for the rest.
 MAX_ANSWER_BYTES = 24 * 1024 * 1024
-MIN_EXCHANGE_STAFF = 2  # Procedure V.(二): an exchange needs at least two staff members
 
 _QUERY = {exchange_pb2.QueryBatch.DESCRIPTOR.full_name: exchange_pb2.QueryBatch}
 _FETCH = {exchange_pb2.FetchAnswers.DESCRIPTOR.full_name: exchange_pb2.FetchAnswers}
@@ -74,13 +78,20 @@ class Connector:
         max_subjects: int = 5000,
         envelope_ttl_ms: int = 60 * MINUTE_MS,
         metrics: ConnectorMetrics | None = None,
+        rosters: GatewayRosters | None = None,
+        allow_unverified_approvals: bool = False,
     ) -> None:
+        """``rosters``: the gateways' rosters the unit holds, which exchange approvals are verified against (none:
+        every approver is unknown); ``staff`` (``[[staff]]``, gateway -> staff ids) and
+        ``allow_unverified_approvals``: the migration rule of connectors/approvals.py."""
         self.courier = courier
         self.store = store
         self.adapter = adapter
         self.served = frozenset(UNIT_DATA[unit_category])
         self.calendar = calendar
-        self.staff = staff
+        self.approvals = ApprovalCheck(
+            rosters=rosters or NoRosters(), legacy_staff=staff, allow_unverified=allow_unverified_approvals
+        )
         self.threshold_categories = threshold_categories
         self.max_subjects = max_subjects
         self.envelope_ttl_ms = envelope_ttl_ms
@@ -101,6 +112,10 @@ class Connector:
         #: The worker is holding answers back for want of registered staff on duty (a metric and an alert).
         self.short_of_staff = False
         self._staff_log = LogThrottle(60.0)
+        #: The trust synchronisation's handler (connectors/trust/sync.py); None: SyncTrust is refused.
+        self.trust_desk: TrustDesk | None = None
+        #: The live keys and their job (connectors/trust/keys.py), run by the server; None: keys as given, fixed.
+        self.keys: ConnectorKeys | None = None
 
     @property
     def party_id(self) -> str:
@@ -118,20 +133,63 @@ class Connector:
         try:
             opened = self.courier.open(data, expect=expect)
         except EnvelopeError as error:
-            raise envelope_refusal(error) from error
+            refusal = envelope_refusal(error)
+            if refusal.public_reason == REFRESH_KEYS:
+                # Our own announcements go beside the refusal: they may be the only way the caller can learn a key
+                # of ours it must seal for before it can talk to us at all (docs/exchange.md, "Refresh keys").
+                since = self._now() - ATTACHMENT_WINDOW_MS
+                refusal.announcements = tuple(
+                    self.courier.me.announcements(since_ms=since, limit=MAX_METADATA_ANNOUNCEMENTS)
+                )
+            raise refusal from error
         if tls_party is not None and opened.header.sender != tls_party:
             raise Refusal(
                 grpc.StatusCode.PERMISSION_DENIED, "TLS identity does not match the envelope sender", "tls_mismatch"
             )
         return opened
 
+    def open_request(self, data: bytes, expect: Mapping[str, type[Message]], tls_party: str | None) -> Opened:
+        """Open an envelope from a gateway as every call does: a Refusal (``refresh_keys`` included) if it does not
+        open, or if its sender is not the TLS peer."""
+        return self._open(data, expect, tls_party)
+
+    def reply_to(self, message: Message, opened: Opened) -> bytes:
+        """Seal ``message`` for the sender of ``opened``, correlated with it."""
+        return self._reply(message, opened)
+
+    def sync_trust(self, request: exchange_pb2.SealedMessage, tls_party: str | None) -> exchange_pb2.SealedMessage:
+        """SyncTrust (connectors/trust/sync.py): a sealed TrustSync and the gateway's announcements in, ours out."""
+        try:
+            if self.trust_desk is None:
+                raise Refusal(
+                    grpc.StatusCode.UNIMPLEMENTED, "this connector takes no trust synchronisation", "trust_unsupported"
+                )
+            return self.trust_desk.sync(request, tls_party)
+        except Refusal as refusal:
+            raise self._refuse(refusal, tls_party) from None
+
     def _reply(self, message: Message, opened: Opened) -> bytes:
         return self.courier.seal(
             message, opened.header.sender, ttl_ms=self.envelope_ttl_ms, correlation_id=opened.header.message_id
         )
 
-    def _refuse(self, refusal: Refusal, gateway: str | None, batch_id: str | None = None) -> Refusal:
+    def _refuse(
+        self,
+        refusal: Refusal,
+        gateway: str | None,
+        batch_id: str | None = None,
+        *,
+        opened: Opened | None = None,
+        batch_digest: bytes = b"",
+    ) -> Refusal:
+        """Record, count and log a refusal; for a request whose envelope opened (``opened``: the gateway is
+        authenticated), attach the signed refusal the server sends along (docs/exchange.md, "Signed refusals")."""
         self.store.record(self._now(), "refused", gateway=gateway, batch_id=batch_id, reason=refusal.reason)
+        if opened is not None:
+            refusal.signed = sign_refusal(
+                self.courier, refusal, opened, batch_id=batch_id if batch_id and _BATCH_ID_RE.match(batch_id) else "",
+                batch_digest=batch_digest, now_ms=self._now(), ttl_ms=self.envelope_ttl_ms,
+            )  # fmt: skip
         if self.metrics is not None:
             self.metrics.refusals.labels(refusal.reason).inc()
             if isinstance(refusal.__cause__, EnvelopeError):
@@ -164,9 +222,9 @@ class Connector:
         batch = opened.message
         assert isinstance(batch, exchange_pb2.QueryBatch)
         gateway = opened.header.sender
+        content = batch.SerializeToString(deterministic=True)
+        digest = hashlib.sha256(content).digest()
         try:
-            content = batch.SerializeToString(deterministic=True)
-            digest = hashlib.sha256(content).digest()
             existing = self.store.get(batch.batch_id) if _BATCH_ID_RE.match(batch.batch_id) else None
             if existing is not None:
                 return self._same_batch_receipt(existing, gateway, digest, opened)
@@ -199,7 +257,7 @@ class Connector:
                 assert existing is not None
                 return self._same_batch_receipt(existing, gateway, digest, opened)
         except Refusal as refusal:
-            raise self._refuse(refusal, gateway, batch.batch_id or None) from None
+            raise self._refuse(refusal, gateway, batch.batch_id or None, opened=opened, batch_digest=digest) from None
         if self.metrics is not None:
             self.metrics.batches_received.inc()
         log.info(
@@ -267,7 +325,8 @@ class Connector:
         return fixed
 
     def _validate(self, batch: exchange_pb2.QueryBatch, gateway: str, created_at_ms: int) -> None:
-        """Whole-batch checks; any failure refuses the batch. Per-subject problems are answered, not refused."""
+        """Whole-batch checks; any failure refuses the batch. Per-subject problems are answered, not refused. The
+        exchange approvals are verified here (connectors/approvals.py; Procedure V.(二) and V.(三))."""
         if not _BATCH_ID_RE.match(batch.batch_id):
             raise _invalid("batch_id must be 1-64 characters of A-Z a-z 0-9 . _ : -", "bad_batch_id")
         if not 0 < len(batch.commission_ref) <= MAX_REF_LENGTH:
@@ -302,7 +361,7 @@ class Connector:
             raise _invalid(f"income period or asset date: {exc}", "bad_period") from exc
         if start > end:
             raise _invalid("income period ends before it starts", "bad_period")
-        self._check_staff(batch, gateway, created_at_ms)
+        self.approvals.check(batch, gateway=gateway, unit=self.party_id, created_at_ms=created_at_ms)
         refs = [s.subject_ref for s in batch.subjects]
         if any(not 0 < len(r) <= MAX_REF_LENGTH for r in refs) or len(set(refs)) != len(refs):
             raise _invalid("every subject needs a unique subject_ref of 1-64 characters", "bad_subject_ref")
@@ -313,31 +372,6 @@ class Connector:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "no subject carries an authorisation reference; nobody may be queried without one",
                 "no_authorisation",
-            )
-
-    def _check_staff(self, batch: exchange_pb2.QueryBatch, gateway: str, created_at_ms: int) -> None:
-        """Procedure V.(二) and V.(三): two or more staff members, registered with us in advance: on the gateway's
-        roster in force when the batch was made (its envelope's created-at), or, while none is, among the
-        deprecated [[staff]] ids of the config."""
-        staff = sorted(set(batch.staff_ids))
-        if len(staff) < MIN_EXCHANGE_STAFF:
-            raise Refusal(
-                grpc.StatusCode.PERMISSION_DENIED,
-                "an exchange needs at least two staff members registered with this unit in advance",
-                "staff_not_registered",
-            )
-        if self.rosters is None:
-            refused = next((("staff_not_registered", s) for s in staff if s not in self.staff.get(gateway, ())), None)
-        else:
-            refused = self.rosters.staff_refusal(gateway, staff, created_at_ms, self.staff)
-        if refused is not None:
-            reason, staff_id = refused
-            detail = staff_id if len(staff_id) <= 32 and staff_id.isascii() and staff_id.isprintable() else "-"
-            raise Refusal(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"staff member {detail} is not registered with this unit for that time ({reason}); an exchange needs "
-                "at least two staff members registered in advance",
-                reason,
             )
 
     # -- answering ---------------------------------------------------------------------------------------------
@@ -452,12 +486,13 @@ class Connector:
         """A sealed FetchAnswers in, a sealed AnswerSet out."""
         try:
             opened = self._open(data, _FETCH, tls_party)
-            request = opened.message
-            assert isinstance(request, exchange_pb2.FetchAnswers)
-            if not 0 < len(request.batch_ids) <= MAX_IDS_PER_REQUEST:
-                raise _invalid(f"ask for 1 to {MAX_IDS_PER_REQUEST} batch ids at a time", "bad_fetch")
         except Refusal as refusal:
             raise self._refuse(refusal, tls_party) from None
+        request = opened.message
+        assert isinstance(request, exchange_pb2.FetchAnswers)
+        if not 0 < len(request.batch_ids) <= MAX_IDS_PER_REQUEST:
+            refused = _invalid(f"ask for 1 to {MAX_IDS_PER_REQUEST} batch ids at a time", "bad_fetch")
+            raise self._refuse(refused, opened.header.sender, opened=opened)
         found = self.store.answers_for(opened.header.sender, list(dict.fromkeys(request.batch_ids)))
         result, size = exchange_pb2.AnswerSet(), 0
         for batch_id in dict.fromkeys(request.batch_ids):
@@ -491,12 +526,13 @@ class Connector:
         """A sealed AcknowledgeAnswers in, a sealed AcknowledgeReceipt out."""
         try:
             opened = self._open(data, _ACK, tls_party)
-            request = opened.message
-            assert isinstance(request, exchange_pb2.AcknowledgeAnswers)
-            if not 0 < len(request.batch_ids) <= MAX_IDS_PER_REQUEST:
-                raise _invalid(f"acknowledge 1 to {MAX_IDS_PER_REQUEST} batch ids at a time", "bad_ack")
         except Refusal as refusal:
             raise self._refuse(refusal, tls_party) from None
+        request = opened.message
+        assert isinstance(request, exchange_pb2.AcknowledgeAnswers)
+        if not 0 < len(request.batch_ids) <= MAX_IDS_PER_REQUEST:
+            refused = _invalid(f"acknowledge 1 to {MAX_IDS_PER_REQUEST} batch ids at a time", "bad_ack")
+            raise self._refuse(refused, opened.header.sender, opened=opened)
         now = self._now()
         done = self.store.acknowledge(opened.header.sender, list(dict.fromkeys(request.batch_ids)), now)
         return self._reply(exchange_pb2.AcknowledgeReceipt(batch_ids=done, acknowledged_at_ms=now), opened)

@@ -20,10 +20,18 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from common.db import reading
-from common.metrics import CalendarCollector, ServiceMetrics
+from common.metrics import (
+    CalendarCollector,
+    ServiceMetrics,
+    TrustMetrics,
+    trust_backlog_described,
+    trust_backlog_families,
+)
+from common.trustitems import TrustItemStore
 from common.workdays import WorkdayCalendar
 from connectors import store as cstore
 from keys.errors import ENVELOPE_ERRORS
+from keys.trustsync import kind_name
 
 if TYPE_CHECKING:
     from connectors.connector import Connector
@@ -85,6 +93,8 @@ class ConnectorMetrics:
             registry=registry,
         )
 
+        #: Trust synchronisations with gateways and the keys' lifetimes (common/metrics.py).
+        self.trust = TrustMetrics(registry)
         self.adapter_failures = Counter(
             "hedui_connector_adapter_failures_total",
             "Attempts to answer a batch from the unit's data that failed (database down, a query that no longer fits "
@@ -151,12 +161,16 @@ class _PendingReader:
 
     def describe(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("hedui_connector_pending_batches", _PENDING)
+        yield from trust_backlog_described()
 
     def read(self) -> list[Metric]:
         query = select(func.count()).select_from(cstore.batches).where(cstore.batches.c.state == "pending")
         with reading(self.engine) as conn:
             pending = int(conn.execute(query).scalar_one())
-        return [GaugeMetricFamily("hedui_connector_pending_batches", _PENDING, value=pending)]
+        items = TrustItemStore(self.engine, cstore.trust_items, cstore.trust_deliveries)
+        backlog = items.backlog(int(time.time() * 1000))
+        trust = trust_backlog_families((p, kind_name(k), n, age / 1000) for p, k, n, age in backlog)
+        return [GaugeMetricFamily("hedui_connector_pending_batches", _PENDING, value=pending), *trust]
 
 
 _ROSTER_PENDING = (

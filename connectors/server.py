@@ -6,14 +6,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health
-from hedui.v1 import exchange_pb2, exchange_pb2_grpc
+from hedui.v1 import exchange_pb2, exchange_pb2_grpc, trust_pb2
 
 from common.categories import data_category_by_name
 from common.config import ConfigError
@@ -21,7 +21,9 @@ from common.db import make_engine
 from common.logs import LogThrottle, database_error, database_error_code, log_context, new_request_id
 from common.metrics import MetricsServer, process_registry, serve_metrics
 from common.rpc import (
+    MAX_SIGNED_REFUSAL_BYTES,
     REFUSAL_REASON_KEY,
+    REFUSAL_SIGNED_KEY,
     IncomingCall,
     RefusalLog,
     RequestGate,
@@ -42,14 +44,17 @@ from connectors.errors import Refusal
 from connectors.metrics import ConnectorMetrics
 from connectors.store import ConnectorStore
 from connectors.synthetic import Population, SyntheticAdapter
+from connectors.trust import ConnectorKeys, TrustDesk, TrustItems, default_handlers
 from connectors.trust.duty import OnDuty
-from connectors.trust.renewal import CertificateRenewal, RenewalJob
-from connectors.trust.rosters import PeerRosters
-from keys import keystore
+from connectors.trust.renewal import CERTIFICATE_ITEM, CertificateRenewal, RenewalJob
+from connectors.trust.rosters import ROSTER_ITEM, PeerRosters
 from keys.envelope import Courier, Policy
+from keys.live import LiveKeystore, RotationPolicy, Watcher
+from keys.roster import Notice
 from keys.staffkeys import STAFF_PARTY_PREFIX
 from keys.tls import TlsIdentity, check_tls, party_from_auth_context, read_private_key
 from keys.truststore import TrustStore
+from keys.trustsync import ANNOUNCEMENTS_METADATA_KEY, Handler
 
 log = logging.getLogger("hedui.connector")
 
@@ -125,15 +130,21 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServiceServicer):
         request: exchange_pb2.SealedMessage,
         context: grpc.ServicerContext,
     ) -> exchange_pb2.SealedMessage:
+        return self._serve(
+            lambda sealed, party: exchange_pb2.SealedMessage(envelope=handler(sealed.envelope, party)), request, context
+        )
+
+    def _serve(
+        self,
+        handler: Callable[[exchange_pb2.SealedMessage, str | None], exchange_pb2.SealedMessage],
+        request: exchange_pb2.SealedMessage,
+        context: grpc.ServicerContext,
+    ) -> exchange_pb2.SealedMessage:
         party = party_from_auth_context(context.auth_context())
         try:
-            return exchange_pb2.SealedMessage(envelope=handler(request.envelope, party))
+            return handler(request, party)
         except Refusal as refusal:
-            # The reason code travels too, so the gateway can say why (docs/exchange.md, "Refusals"); envelope
-            # failures stay one opaque "invalid envelope" to the caller, their precise reason stays here.
-            public = "invalid_envelope" if refusal.reason.startswith("envelope_") else refusal.reason
-            context.set_trailing_metadata(((REFUSAL_REASON_KEY, public),))
-            context.abort(refusal.status, str(refusal))
+            self._abort(refusal, context)
         except Exception as exc:
             if database_error(exc) is None:
                 raise
@@ -151,6 +162,26 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServiceServicer):
             context.set_trailing_metadata(((REFUSAL_REASON_KEY, "database_unavailable"),))
             context.abort(grpc.StatusCode.UNAVAILABLE, "the unit's exchange server cannot use its database just now")
         raise AssertionError("unreachable")  # context.abort raises
+
+    @staticmethod
+    def _abort(refusal: Refusal, context: grpc.ServicerContext) -> NoReturn:
+        # The reason code travels too, so the gateway can say why (docs/exchange.md, "Refusals"); envelope
+        # failures stay one opaque "invalid envelope" (or "refresh keys") to the caller, their precise reason here.
+        public = refusal.public_reason or refusal.reason
+        metadata: list[tuple[str, str | bytes]] = [(REFUSAL_REASON_KEY, public)]
+        if refusal.signed is not None and len(refusal.signed) <= MAX_SIGNED_REFUSAL_BYTES:
+            # The same reason, signed by the unit and sealed for the gateway that asked (docs/exchange.md,
+            # "Signed refusals"): made only for a request whose envelope opened, so never for a stranger.
+            metadata.append((REFUSAL_SIGNED_KEY, refusal.signed))
+        metadata += [(ANNOUNCEMENTS_METADATA_KEY, a) for a in refusal.announcements]
+        context.set_trailing_metadata(tuple(metadata))
+        context.abort(refusal.status, str(refusal))
+
+    def SyncTrust(
+        self, request: exchange_pb2.SealedMessage, context: grpc.ServicerContext
+    ) -> exchange_pb2.SealedMessage:
+        """TrustSync in, TrustSync out (connectors/trust/sync.py), with announcements beside both envelopes."""
+        return self._serve(self.connector.sync_trust, request, context)
 
     def SubmitBatch(
         self, request: exchange_pb2.SealedMessage, context: grpc.ServicerContext
@@ -251,6 +282,8 @@ class RunningConnector:
     certificates: CertificateSource | None = None
     #: The CA's revocation list the gate enforces; its ``trust_item_handler()`` installs lists the gateway sends.
     revocations: RevocationSource | None = None
+    #: The key job (keystore reload, retirement, scheduled rotation): connectors/trust/keys.py.
+    key_job: Watcher | None = None
     #: The server certificate's renewal; its ``handler()`` is the CERTIFICATE trust item handler.
     renewal: CertificateRenewal | None = None
     renewal_job: RenewalJob | None = None
@@ -261,6 +294,8 @@ class RunningConnector:
             self.renewal_job.stop()
         if self.worker is not None:
             self.worker.stop()
+        if self.key_job is not None:
+            self.key_job.stop()
         self.server.stop(grace).wait()
         if self.metrics_server is not None:
             self.metrics_server.stop()
@@ -300,16 +335,20 @@ def build_connector(
     courier: Courier | None = None,
     metrics: ConnectorMetrics | None = None,
     require_database: bool = True,
+    serving: bool = False,
+    handlers: Mapping[int, Handler] | None = None,
 ) -> Connector:
-    """Wire a Connector from its config: keystore, store, adapter, calendar, staff register (and its metrics)."""
+    """Wire a Connector from its config: keystore, store, adapter, calendar, staff register (and its metrics).
+    ``serving``: also its live keys and the SyncTrust handler (connectors/trust/), which publish the connector's own
+    announcements for its gateways; commands that only look (check-config) leave the store as it is."""
+    live = None
     if courier is None:
-        passphrase = keystore.read_passphrase_file(config.keys.passphrase_file)
-        party, trust = keystore.load(config.keys.keystore, passphrase)
-        if party.party_id != config.unit.party_id:
-            raise ConfigError(f"keystore belongs to {party.party_id}, config says {config.unit.party_id}")
+        live = LiveKeystore.open(config.keys.keystore, config.keys.passphrase_file)
+        if live.party.party_id != config.unit.party_id:
+            raise ConfigError(f"keystore belongs to {live.party.party_id}, config says {config.unit.party_id}")
         engine = make_engine(config.database.url)
         store = ConnectorStore(engine)
-        courier = Courier(party, trust, replay=store.replay, policy=Policy())
+        courier = Courier(live.party, live.trust, replay=store.replay, clock=live.clock, policy=Policy())
     else:
         store = ConnectorStore(make_engine(config.database.url))
     if metrics is not None:
@@ -329,6 +368,9 @@ def build_connector(
         max_subjects=config.exchange.max_subjects_per_batch,
         envelope_ttl_ms=config.exchange.envelope_ttl_minutes * 60_000,
         metrics=metrics,
+        # The gateways' rosters the unit holds (issue 11): exchange approvals are verified against them.
+        rosters=PeerRosters(store.engine),
+        allow_unverified_approvals=config.exchange.allow_unverified_approvals,
     )
     connector.calendar_source = calendar
     connector.rosters, connector.duty = PeerRosters(store.engine), OnDuty(store.engine)
@@ -337,6 +379,15 @@ def build_connector(
     if metrics is not None:
         metrics.watch_calendar(lambda: connector.calendar, lambda: connector.courier.clock.now_ms() / 1000)
         metrics.watch_rosters(connector)
+    if live is not None and serving:
+        attach_trust(
+            connector,
+            live,
+            config.keys.rotation_policy(),
+            handlers={ROSTER_ITEM: roster_handler(connector, live, config), **(handlers or {})},
+            held_roster_version=connector.rosters.held_version if connector.rosters else (lambda peer: 0),
+            peer_roster_version=roster_catch_up(connector),
+        )
     return connector
 
 
@@ -347,16 +398,21 @@ def legacy_staff_warnings(connector: Connector) -> list[str]:
     assert connector.rosters is not None
     lines = []
     now = connector.courier.clock.now_ms()
-    for gateway in sorted(connector.staff):
+    legacy = connector.approvals.legacy_staff
+    for gateway in sorted(legacy):
         history = connector.rosters.history(gateway)
-        if history is None or history.in_force(now) is None:
-            lines.append(f"[[staff]] ids of {gateway} are checked until its signed roster is in force (deprecated)")
-            log.warning(
-                "deprecated [[staff]] list in use: no roster of the gateway in force yet", extra={"gateway": gateway}
-            )
+        if history is None:
+            if connector.approvals.allow_unverified:
+                lines.append(f"[[staff]] ids of {gateway} decide until its signed roster arrives (deprecated)")
+                log.warning(
+                    "deprecated [[staff]] list in use: no roster of the gateway held yet", extra={"gateway": gateway}
+                )
+            else:
+                lines.append(f"no roster of {gateway} held yet: its batches are refused (approver_unknown)")
+                log.warning("no roster of the gateway held yet: its batches are refused", extra={"gateway": gateway})
         else:
             log.info("[[staff]] list ignored: the gateway's signed roster is in force", extra={"gateway": gateway})
-    for gateway, missing in connector.rosters.missing_from_roster(connector.staff).items():
+    for gateway, missing in connector.rosters.missing_from_roster(legacy).items():
         lines.append(f"the roster of {gateway} lacks [[staff]] ids {', '.join(missing)}")
         log.warning(
             "[[staff]] ids the gateway's roster lacks", extra={"gateway": gateway, "staff_ids": ",".join(missing)}
@@ -370,6 +426,65 @@ def legacy_staff_warnings(connector: Connector) -> list[str]:
     return lines
 
 
+def roster_handler(connector: Connector, live: LiveKeystore, config: ConnectorConfig) -> Handler:
+    """The ROSTER trust item handler: a gateway's signed roster version, judged with the trust store as it is now and
+    the unit's notice (connectors/trust/rosters.py)."""
+    assert connector.rosters is not None
+    days = config.roster.notice_working_days
+    # The calendar as it is now: a holiday file installed while serving counts from then on.
+    return connector.rosters.handler(
+        trust=lambda: live.trust, notice=lambda: Notice(connector.calendar, days), own_party_id=connector.party_id
+    )
+
+
+def roster_catch_up(connector: Connector) -> Callable[[str, int], None] | None:
+    """What a gateway's TrustSync.peer_roster_version asks for: every version of the unit's roster after the one it
+    holds is (again) published for it, in version order; a version it acknowledged stays acknowledged."""
+    rosters = connector.rosters
+    if rosters is None:
+        return None
+    items = TrustItems(connector.store.engine)
+
+    def catch_up(gateway: str, held: int) -> None:
+        versions = rosters.signed_versions(connector.party_id, after=max(0, held))
+        if not versions:
+            return
+        now = connector.courier.clock.now_ms()
+        with connector.store.engine.begin() as conn:
+            for data in versions:
+                items.publish(conn, ROSTER_ITEM, data, now, [gateway])
+
+    return catch_up
+
+
+def attach_trust(
+    connector: Connector,
+    live: LiveKeystore,
+    policy: RotationPolicy | None,
+    *,
+    handlers: Mapping[int, Handler] | None = None,
+    held_roster_version: Callable[[str], int] = lambda peer: 0,
+    peer_roster_version: Callable[[str, int], None] | None = None,
+) -> ConnectorKeys:
+    """Give ``connector`` its live keys and the SyncTrust handler (connectors/trust/): key announcements handled
+    here, rosters and revocation lists by the handlers their owners register through ``handlers``."""
+    keys = ConnectorKeys(live, TrustItems(connector.store.engine), policy)
+    connector.keys = keys
+    connector.trust_desk = TrustDesk(
+        connector,
+        live,
+        handlers={**default_handlers(live), **(handlers or {})},
+        held_roster_version=held_roster_version,
+    )
+    if connector.metrics is not None:
+        connector.metrics.trust.add_peers(live.trust.parties(), ("peer",))
+        connector.metrics.trust.watch_keys(lambda: [
+            (r.party, r.key_id, r.algorithm.name.lower(), r.owner, r.days_left, r.rotation_due_days)
+            for r in keys.expiries()
+        ])  # fmt: skip
+    return keys
+
+
 def start(
     connector: Connector,
     *,
@@ -379,6 +494,7 @@ def start(
     worker_interval: float | None = 2.0,
     retention_days: int = 30,
     revocations: RevocationSource | None = None,
+    key_interval: float = 5.0,
 ) -> RunningConnector:
     """Start serving on ``listen`` (port 0 picks a free one). ``credentials=None`` serves plaintext and is only
     allowed on loopback; ``worker_interval=None`` starts no worker (tests drive ``answer_pending`` themselves).
@@ -401,10 +517,17 @@ def start(
     if worker_interval is not None:
         worker = AnswerWorker(connector, worker_interval, retention_days)
         worker.start()
+    key_job = None
+    if connector.keys is not None:
+        key_job = Watcher("hedui-key-job", connector.keys.turn, key_interval)
+        key_job.run_once()  # keys due at start are retired or rotated before the first call
+        key_job.start()
     log.info("connector serving", extra={"port": port, "party": connector.party_id})
-    return RunningConnector(
+    running = RunningConnector(
         server=server, port=port, connector=connector, worker=worker, health=health_servicer, revocations=revocations
     )
+    running.key_job = key_job
+    return running
 
 
 def check_certificates(config: ConnectorConfig) -> TlsIdentity | None:
@@ -486,7 +609,22 @@ def serve(config: ConnectorConfig) -> RunningConnector:
             metrics.service.watch_tls([source], revocations)
         if revocations is not None:
             revocations.on_refused = metrics.service.crl_refused
-        connector = build_connector(config, metrics=metrics, require_database=False)
+        crl = revocations.trust_item_handler() if revocations is not None else None
+        connector = build_connector(
+            config,
+            metrics=metrics,
+            require_database=False,
+            serving=True,
+            handlers={trust_pb2.TRUST_ITEM_KIND_REVOCATION_LIST: crl} if crl is not None else None,
+        )
+        renewal = None
+        if source is not None:
+            certificates = source
+            renewal = certificate_renewal(config, connector, on_installed=lambda: certificates.refresh(force=True))
+        if renewal is not None:
+            metrics.watch_renewal(renewal)
+            if connector.trust_desk is not None:  # before the first call: certificates sent to us are installed
+                connector.trust_desk.handlers[CERTIFICATE_ITEM] = renewal.handler()
         release_port(reserved)  # start() binds it for good now
         running = start(
             connector,
@@ -496,6 +634,7 @@ def serve(config: ConnectorConfig) -> RunningConnector:
             worker_interval=config.exchange.answer_interval_seconds,
             retention_days=config.exchange.retention_days,
             revocations=revocations,
+            key_interval=config.keys.watch_interval_seconds,
         )
     except BaseException:
         release_port(reserved)
@@ -504,12 +643,8 @@ def serve(config: ConnectorConfig) -> RunningConnector:
         raise
     running.metrics_server = metrics_server
     running.certificates = source
-    if source is not None:
-        certificates = source
-        renewal = certificate_renewal(config, connector, on_installed=lambda: certificates.refresh(force=True))
-        if renewal is not None:
-            metrics.watch_renewal(renewal)
-            running.renewal = renewal
-            running.renewal_job = RenewalJob(renewal, config.tls.renewal_check_seconds)
-            running.renewal_job.start()
+    if renewal is not None:
+        running.renewal = renewal
+        running.renewal_job = RenewalJob(renewal, config.tls.renewal_check_seconds)
+        running.renewal_job.start()
     return running

@@ -13,6 +13,7 @@ delay notice) rewrote megabytes. Written once and deleted once in their own tabl
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from common.db import reading
 from common.replaystore import SqlReplayCache, replay_table
+from common.trustitems import trust_tables
 
 log = logging.getLogger("hedui.connector.store")
 
@@ -102,6 +104,25 @@ batch_answers = Table(
 )
 
 seen_messages = replay_table(metadata)
+
+#: Trust items this connector publishes for its gateways (its key announcements, later its roster), and each
+#: gateway's acknowledgement (common/trustitems.py; docs/exchange.md "Trust synchronisation").
+trust_items, trust_deliveries = trust_tables(metadata)
+
+#: Envelopes of the trust synchronisation, as received from a gateway and as sent to it: the signed receipts of what
+#: was delivered (clause 17). Codes and signed bytes; a roster inside is readable only by its recipient.
+archive = Table(
+    "archive",
+    metadata,
+    Column("message_id", LargeBinary(16), primary_key=True),
+    Column("peer", String(64), nullable=False),
+    # "in" (from the gateway) or "out" (ours, to it)
+    Column("direction", String(3), nullable=False),
+    Column("message_type", String(128), nullable=False),
+    Column("at_ms", BigInteger, nullable=False, index=True),
+    Column("envelope", LargeBinary, nullable=False),
+    Column("sha256", LargeBinary(32), nullable=False),
+)
 
 #: The blob columns databases made by earlier versions have in ``batches`` (nullable; emptied by the upgrade step,
 #: left in place because older SQLite versions cannot drop a column). Not on ``metadata``: nothing creates them.
@@ -316,6 +337,29 @@ class ConnectorStore:
                 conn.execute(delete(batch_answers).where(batch_answers.c.batch_id.in_(ids)))
                 conn.execute(insert(audit), [{"at_ms": at_ms, "event": "purged", "batch_id": i} for i in ids])
         return len(ids)
+
+    def keep(
+        self, *, message_id: bytes, peer: str, direction: str, message_type: str, envelope: bytes, at_ms: int
+    ) -> None:
+        """Keep an envelope in the archive as it crossed the wire (idempotent by message id)."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    insert(archive).values(
+                        message_id=message_id, peer=peer, direction=direction, message_type=message_type,
+                        at_ms=at_ms, envelope=envelope, sha256=hashlib.sha256(envelope).digest(),
+                    )
+                )  # fmt: skip
+        except IntegrityError:
+            pass  # kept before
+
+    def archived(self, *, peer: str | None = None) -> list[dict[str, object]]:
+        """The archive's rows (oldest first), of one peer when given."""
+        query = select(archive).order_by(archive.c.at_ms, archive.c.message_id)
+        if peer is not None:
+            query = query.where(archive.c.peer == peer)
+        with reading(self.engine) as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
 
     def audit_entries(self) -> Iterator[dict[str, object]]:
         with reading(self.engine) as conn:

@@ -204,8 +204,15 @@ def build_network(
     lease_seconds: float = 10.0,
     kdf: keystore.KdfParams | None = None,
     clients: Mapping[str, str] | None = None,
+    keys: Mapping[str, float] | None = None,
+    trust_sync_interval: float | None = None,
+    key_check_interval: float = 60.0,
 ) -> Network:
-    """Write a network for ``units`` (party id -> unit category name) into ``root``."""
+    """Write a network for ``units`` (party id -> unit category name) into ``root``. ``keys`` sets [keys] values of
+    every config (rotate_agreement_days, rotate_signing_days, rotation_lead_hours, rotation_overlap_days,
+    watch_interval_seconds), ``trust_sync_interval`` the gateway's [trust] sync_interval_seconds."""
+    key_lines = "".join(f"{name} = {value!r}\n" for name, value in (keys or {}).items())
+    trust_lines = f"\n[trust]\nsync_interval_seconds = {trust_sync_interval}\n" if trust_sync_interval else ""
     root.mkdir(parents=True, exist_ok=True)
     for sub in ("tls", "keys", "logs", "data"):
         (root / sub).mkdir(exist_ok=True)
@@ -264,7 +271,7 @@ tls_ca = {_toml_str(str(root / "tls" / "ca.crt"))}
 [keys]
 keystore = {_toml_str(str(store_path))}
 passphrase_file = {_toml_str(str(pass_path))}
-
+{key_lines}
 [database]
 url = {_toml_str("sqlite:///" + str(root / "data" / f"{unit}.db"))}
 
@@ -275,6 +282,8 @@ seed = {seed}
 [exchange]
 answer_interval_seconds = {answer_interval}
 max_subjects_per_batch = {max(batch_size, 1)}
+# Until the gateway's roster reaches this unit over SyncTrust, its approvals are judged by [[staff]] ids.
+allow_unverified_approvals = true
 
 [metrics]
 listen = "127.0.0.1:{metrics_ports[unit]}"
@@ -316,7 +325,7 @@ ca = {_toml_str(str(root / "tls" / "ca.crt"))}
 [keys]
 keystore = {_toml_str(str(store_path))}
 passphrase_file = {_toml_str(str(pass_path))}
-
+{key_lines}
 [database]
 url = {_toml_str(database_url or "sqlite:///" + str(root / "data" / "gateway.db"))}
 migrate_on_start = true
@@ -334,11 +343,11 @@ lease_seconds = {lease_seconds}
 policy = "{policy}"
 dispatch_interval_seconds = {dispatch_interval}
 sweep_interval_seconds = 5
-key_check_interval_seconds = 60
+key_check_interval_seconds = {key_check_interval}
 
 [metrics]
 listen = "127.0.0.1:{gateway_metrics_port}"
-{unit_lines}""",
+{trust_lines}{unit_lines}""",
     )
     return Network(
         root,

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 
 from common.cli import run, service_parser
 from common.config import describe
@@ -148,13 +148,10 @@ def _install_crl(args: argparse.Namespace) -> None:
     units = units_to_tell(config)
     engine = open_database(config.database.url)
     try:
-        queued = publish_crl(engine, der, SystemClock().now_ms(), units)
+        publish_crl(engine, der, SystemClock().now_ms(), units)
     finally:
         engine.dispose()
-    if queued is None:
-        print("not sent to the units: this build has no trust item store; install it at each unit by hand")
-    else:
-        print(f"queued for {len(units)} units; each acknowledges it at its next trust synchronisation")
+    print(f"queued for {len(units)} units; each acknowledges it at its next trust synchronisation")
 
 
 def _backup(args: argparse.Namespace) -> None:
@@ -199,14 +196,43 @@ def _status(args: argparse.Namespace) -> None:
     except CalendarError as exc:
         print(f"calendar: {exc}")
     provisional = _provisional_lines(store, today)
+    refusals = _refusal_lines(store)
     for unit in store.units.all():
         print(f"{unit.unit_id:32} {unit.endpoint:24} {_health(unit, now)}")
         print(f"    {_health_detail(unit, now)}")
         for line in by_unit.get(unit.unit_id, []):
             print(f"    {line}")
+        for line in refusals.get(unit.unit_id, []):
+            print(f"    {line}")
         if unit.unit_id in provisional:
             print(f"    {provisional[unit.unit_id]}")
     store.engine.dispose()
+
+
+def _refusal_lines(store: GatewayStore) -> dict[str, list[str]]:
+    """Per unit, its batches refused for good (failed) and those refused for now (approver_unknown, retried), by the
+    unit's reason as the batch keeps it (``status: reason``, with the staff id concerned), and whether the unit
+    signed its refusal (docs/exchange.md, "Signed refusals"). Codes and staff ids only, never personal data."""
+    b = schema.batches.c
+    retried = and_(b.state == "ready", b.last_error.like("%approver_unknown%"))
+    query = (
+        select(
+            b.unit_id, b.state, b.last_error, func.count(), func.sum(b.subject_count), func.count(b.refusal_message_id)
+        )
+        .where(or_(b.state == "failed", retried))
+        .group_by(b.unit_id, b.state, b.last_error)
+        .order_by(b.unit_id, b.state, b.last_error)
+    )
+    with reading(store.engine) as conn:
+        rows = conn.execute(query).all()
+    lines: dict[str, list[str]] = {}
+    for unit_id, state, reason, batches, items, signed in rows:
+        kind = "refused" if state == "failed" else "refused for now, retried"
+        proof = "signed by the unit" if signed == batches else f"{signed} signed by the unit"
+        lines.setdefault(unit_id, []).append(
+            f"{kind}: {batches} batches/{items} items, {reason or 'no reason kept'} ({proof})"
+        )
+    return lines
 
 
 #: ``status`` warns this many days before the calendar runs out, as the HeduiCalendarRunningOut alert does.

@@ -10,6 +10,7 @@ from typing import ClassVar
 from common.categories import unit_category_by_name
 from common.config import ConfigError, DatabaseUrl, doc, load_file
 from common.metrics import MetricsSection
+from keys.live import RotationPolicy
 from keys.party import check_party_id
 from keys.tls import TlsFiles, server_name
 
@@ -101,6 +102,56 @@ class KeysSection:
     passphrase_file: Path = doc(
         "File holding the keystore passphrase on one line; refused unless mode 0600 (owner only)."
     )
+    rotate_agreement_days: float = doc(
+        "Days our key-agreement key is used before the gateway rotates it by itself and announces the new one to "
+        "every unit (0: never automatically).",
+        default=30.0,
+    )
+    rotate_signing_days: float = doc(
+        "Days our signing key is used before the gateway rotates it by itself (0: never automatically).",
+        default=180.0,
+    )
+    rotation_lead_hours: float = doc(
+        "How long before it takes over a new key is announced, so that every unit has applied it first; more than "
+        "twice trust.sync_interval_seconds.",
+        default=24.0,
+    )
+    rotation_overlap_days: float = doc(
+        "How long an automatically rotated key stays valid after its successor took over (at most 90).",
+        default=14.0,
+    )
+    watch_interval_seconds: float = doc(
+        "How often the keystore file is checked for changes made by another program ('hedui-keys rotate', "
+        "'revoke', 'import'; another replica's rotation), which are then loaded without a restart.",
+        default=5.0,
+    )
+
+    def __post_init__(self) -> None:
+        self.rotation_policy()
+        if not 0 < self.watch_interval_seconds <= 3600:
+            raise ValueError("keys.watch_interval_seconds must be more than 0 and at most 3600")
+
+    def rotation_policy(self) -> RotationPolicy | None:
+        """Automatic rotation as configured (None: off)."""
+        return RotationPolicy.from_config(
+            agreement_days=self.rotate_agreement_days,
+            signing_days=self.rotate_signing_days,
+            lead_hours=self.rotation_lead_hours,
+            overlap_days=self.rotation_overlap_days,
+        )
+
+
+@dataclass(frozen=True)
+class TrustSection:
+    sync_interval_seconds: float = doc(
+        "How often the gateway synchronises trust (rosters, key announcements, revocation lists) with each unit; "
+        "also at start and within a dispatch interval of an item being published (docs/exchange.md).",
+        default=300.0,
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 < self.sync_interval_seconds <= 86_400:
+            raise ValueError("trust.sync_interval_seconds must be more than 0 and at most 86400 (a day)")
 
 
 @dataclass(frozen=True)
@@ -252,6 +303,7 @@ class GatewayConfig:
     exchange: ExchangeSection = field(default_factory=ExchangeSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     archive: ArchiveSection = field(default_factory=ArchiveSection)
+    trust: TrustSection = field(default_factory=TrustSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     staff: StaffSection = field(default_factory=StaffSection)
     units: tuple[UnitEntry, ...] = doc("The sharing units this gateway exchanges with.", default=())
@@ -264,6 +316,11 @@ class GatewayConfig:
         clients = [c.party_id for c in self.clients]
         if len(set(clients)) != len(clients):
             raise ValueError("a client is listed twice in [[clients]]")
+        if self.keys.rotation_policy() is not None and (
+            self.keys.rotation_lead_hours * 3600 <= 2 * self.trust.sync_interval_seconds
+        ):
+            # A rotation must reach every unit before the new key takes over: at least two synchronisations.
+            raise ValueError("keys.rotation_lead_hours must be more than twice trust.sync_interval_seconds")
 
     def tls_files(self) -> list[TlsFiles]:
         """The TLS identities ``serve`` uses, to check (keys/tls.py ``check_tls``): the agency API's server

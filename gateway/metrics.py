@@ -23,11 +23,20 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from common.db import reading
-from common.metrics import CalendarCollector, ServiceMetrics
+from common.metrics import (
+    CalendarCollector,
+    ServiceMetrics,
+    TrustMetrics,
+    trust_backlog_described,
+    trust_backlog_families,
+)
+from common.trustitems import TrustItemStore
 from common.workdays import WorkdayCalendar
 from gateway.db import schema as s
+from gateway.exchange.transport import APPROVAL_REASONS, DEFERRED_REASONS
 from gateway.procedure.commission import STATE_TO_PB
 from keys.errors import ENVELOPE_ERRORS
+from keys.trustsync import kind_name
 
 log = logging.getLogger("hedui.gateway.metrics")
 
@@ -41,6 +50,8 @@ ANSWER_BUCKETS = (
     16 * _DAY, 21 * _DAY,
 )  # fmt: skip
 JOB_OUTCOMES = ("ok", "failed", "skipped")
+#: What starts a trust synchronisation with a unit (gateway/trust/schedule.py; refresh: gateway/exchange/engine.py).
+TRUST_TRIGGERS = ("start", "interval", "items", "requested", "refresh")
 #: Delay notices already counted, remembered per process (a pending batch carries its notice on every poll).
 _SEEN_DELAYS_LIMIT = 10_000
 
@@ -132,6 +143,14 @@ class GatewayMetrics:
             ["task", "outcome"],
             registry=registry,
         )
+        self.unit_refusals = Counter(
+            "hedui_unit_refusals_total",
+            "Query batches a unit refused, by the unit's reason code (docs/exchange.md, Refusals; approval_* and "
+            "approver_*: the unit did not accept our staff's exchange approvals). Every refusal counts, a batch "
+            "refused again after a retry too; codes outside the known set are counted as other.",
+            ["unit", "reason"],
+            registry=registry,
+        )
         self.approval_feedback = Counter(
             "hedui_approval_feedback_total",
             "Approval feedback decisions recorded (Procedure IV), by decision.",
@@ -154,6 +173,8 @@ class GatewayMetrics:
             ["unit", "reason"],
             registry=registry,
         )
+        #: Trust synchronisations with units and the keys' lifetimes (common/metrics.py).
+        self.trust = TrustMetrics(registry)
         self.certificate_requests_refused = Counter(
             "hedui_certificate_requests_refused_total",
             "Units' certificate requests refused at receipt (unreadable, not signed by their key, another party, "
@@ -170,6 +191,7 @@ class GatewayMetrics:
 
     def add_units(self, unit_ids: Iterable[str]) -> None:
         """Create the per-unit series at zero, so that rates and alerts see a unit before its first event."""
+        unit_ids = list(unit_ids)
         for unit in unit_ids:
             for family in (
                 self.queries_sent,
@@ -184,6 +206,10 @@ class GatewayMetrics:
             self.answers_staff_unverified.labels(unit)
             for accepted in ("true", "false"):
                 self.delay_notices.labels(unit, accepted)
+            # At zero, so that the first approval refusal of a unit is an increase its alert sees.
+            for reason in sorted(APPROVAL_REASONS | DEFERRED_REASONS):
+                self.unit_refusals.labels(unit, reason)
+        self.trust.add_peers(unit_ids, TRUST_TRIGGERS)
 
     def add_jobs(self, names: Iterable[str]) -> None:
         for name in names:
@@ -248,6 +274,10 @@ class GatewayMetrics:
         acknowledged our roster, read at scrape time."""
         self.registry.register(_RosterCollector(reader))
 
+    def unit_refused(self, unit: str, reason: str) -> None:
+        """A unit refused a batch (``reason``: a label from gateway.exchange.transport.reason_label)."""
+        self.unit_refusals.labels(unit, reason).inc()
+
     def unit_failed(self, unit: str) -> None:
         self.unit_retries.labels(unit).inc()
 
@@ -296,10 +326,12 @@ class _StoreReader:
         )
 
     def describe(self) -> Iterator[Metric]:
-        return iter(self._families())
+        return iter([*self._families(), *trust_backlog_described()])
 
     def read(self) -> list[Metric]:
         up, outbox, overdue, commissions, failed = self._families()
+        items = TrustItemStore(self.engine, s.trust_items, s.trust_deliveries)
+        backlog = items.backlog(int(time.time() * 1000))
         with reading(self.engine) as conn:
             units = conn.execute(
                 select(s.units.c.unit_id, s.units.c.consecutive_failures).where(
@@ -336,7 +368,8 @@ class _StoreReader:
             failed.add_metric([unit_id], float(failures.get(unit_id, 0)))
         for state in sorted(set(STATE_TO_PB) | set(states)):
             commissions.add_metric([state], float(states.get(state, 0)))
-        return [up, outbox, overdue, commissions, failed]
+        trust = trust_backlog_families((p, kind_name(k), n, age / 1000) for p, k, n, age in backlog)
+        return [up, outbox, overdue, commissions, failed, *trust]
 
 
 _KEY_EXPIRY = (

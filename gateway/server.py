@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from gateway.api.agency import AgencyServicer, AuthInterceptor
 from gateway.archive.audit import AuditLog
 from gateway.archive.checkpoints import Checkpointer
 from gateway.certificates import publish_crl, revocation_source, units_to_tell
-from gateway.certificates.requests import CertificateRequests, unit_policies
+from gateway.certificates.requests import CERTIFICATE_REQUEST_ITEM, CertificateRequests, unit_policies
 from gateway.config import GatewayConfig
 from gateway.db.database import open_database
 from gateway.exchange.engine import EngineSettings, ExchangeEngine, UnitWorkers
@@ -39,22 +38,20 @@ from gateway.exchange.store import GatewayStore
 from gateway.exchange.transport import ClientTls, UnitClient, fetch_server_certificate
 from gateway.metrics import GatewayMetrics
 from gateway.ops.replica import ReplicaLease, ReplicaLock
+from gateway.procedure.approval_trees import complete_trees
 from gateway.procedure.staff import StaffRegister
 from gateway.procedure.workflow import Workflow
-from gateway.trust.rosters import PeerRosters
-from keys import keystore
-from keys.clock import DAY_MS, Clock, SystemClock
+from gateway.trust import GatewayKeys, TrustItems, TrustSchedule, TrustSyncer, default_handlers
+from gateway.trust.rosters import ROSTER_ITEM, PeerRosters
+from keys.clock import Clock, SystemClock
 from keys.crl import RevocationList
 from keys.envelope import Courier
-from keys.identity import PartyKeys
-from keys.keyring import KeyRecord, KeyState
+from keys.live import LiveKeystore, Watcher
+from keys.roster import Notice
 from keys.tls import TlsIdentity, check_tls
-from keys.truststore import TrustStore
+from keys.trustsync import Handler
 
 log = logging.getLogger("hedui.gateway")
-
-#: Warn this long before a retiring key's overlap ends.
-KEY_WARNING_DAYS = 7
 
 
 def check_certificates(config: GatewayConfig) -> dict[str, TlsIdentity]:
@@ -68,45 +65,6 @@ def check_certificates(config: GatewayConfig) -> dict[str, TlsIdentity]:
                 "TLS certificate expires soon", extra={"role": identity.role, "days_left": round(identity.days_left())}
             )
     return identities
-
-
-class KeyWatch:
-    """The key-expiry job: lets time retire keys whose overlap ended, saves the keystore, warns ahead."""
-
-    def __init__(self, config: GatewayConfig, party: PartyKeys, trust: TrustStore, clock: Clock) -> None:
-        self.config, self.party, self.trust, self.clock = config, party, trust, clock
-        self.lock = threading.Lock()
-
-    def _retiring(self) -> list[tuple[str, KeyRecord, float]]:
-        now = self.clock.now_ms()
-        records = [(self.party.party_id, r) for r in self.party.records()]
-        records += [(party, r) for party, ring in self.trust for r in ring]
-        return [
-            (party, record, (record.not_after_ms - now) / DAY_MS)
-            for party, record in records
-            if record.state is KeyState.RETIRING and record.not_after_ms is not None
-        ]
-
-    def days_left(self) -> dict[str, float]:
-        """Days until each retiring key (ours and peers') stops being valid."""
-        return {f"{party}/{record.key_id.hex()}": days for party, record, days in self._retiring()}
-
-    def expiries(self) -> list[tuple[str, str, float]]:
-        """(party, algorithm, days left) of each retiring key, for the metrics."""
-        with self.lock:
-            return [(party, record.algorithm.name.lower(), days) for party, record, days in self._retiring()]
-
-    def __call__(self) -> None:
-        with self.lock:
-            now = self.clock.now_ms()
-            if self.party.advance(now):
-                passphrase = keystore.read_passphrase_file(self.config.keys.passphrase_file)
-                keystore.save(self.config.keys.keystore, self.party, self.trust, passphrase)
-                log.info("retired keys whose overlap ended; keystore saved")
-            self.trust.advance(now)
-            for key, days in self.days_left().items():
-                if days <= KEY_WARNING_DAYS:
-                    log.warning("key retires soon", extra={"key": key, "days_left": round(days, 1)})
 
 
 @dataclass
@@ -123,12 +81,20 @@ class RunningGateway:
     metrics_server: MetricsServer | None = None
     lease: ReplicaLease | None = None
     lock: ReplicaLock | None = None
+    #: The live keystore, its watch, and the trust synchronisations with units (gateway/trust/).
+    keys: GatewayKeys | None = None
+    trust: TrustSchedule | None = None
+    key_watch: Watcher | None = None
     #: The units' certificate requests; ``.handler()`` is the CERTIFICATE_REQUEST trust item handler.
     certificate_requests: CertificateRequests | None = None
 
     def stop(self, grace: float | None = 2.0) -> None:
         self.health.enter_graceful_shutdown()
         self.scheduler.shutdown()
+        if self.key_watch is not None:
+            self.key_watch.stop()
+        if self.trust is not None:
+            self.trust.shutdown()
         self.workers.shutdown()
         self.server.stop(grace).wait()
         if self.metrics_server is not None:
@@ -161,8 +127,8 @@ def build(config: GatewayConfig, *, on_lease_lost: Callable[[], None] | None = N
         for role, identity in identities.items()
     }
     revocations = revocation_source(config, lambda: b"".join(s.identity.ca_pem for s in sources.values()))
-    passphrase = keystore.read_passphrase_file(config.keys.passphrase_file)
-    party, trust = keystore.load(config.keys.keystore, passphrase)
+    live = LiveKeystore.open(config.keys.keystore, config.keys.passphrase_file)
+    party, trust = live.party, live.trust
     if party.party_id != config.agency.party_id:
         raise ConfigError(f"keystore belongs to {party.party_id}, config says {config.agency.party_id}")
     for unit in config.units:
@@ -192,8 +158,7 @@ def build(config: GatewayConfig, *, on_lease_lost: Callable[[], None] | None = N
         undo.callback(lease.release)
         running = _start(
             config,
-            party=party,
-            trust=trust,
+            live=live,
             tls=GatewayTls(sources, revocations),
             engine=engine,
             metrics=metrics,
@@ -209,8 +174,7 @@ def build(config: GatewayConfig, *, on_lease_lost: Callable[[], None] | None = N
 def _start(
     config: GatewayConfig,
     *,
-    party: PartyKeys,
-    trust: TrustStore,
+    live: LiveKeystore,
     tls: GatewayTls,
     engine: Engine,
     metrics: GatewayMetrics,
@@ -225,8 +189,11 @@ def _start(
     # Claims under our replica id are a previous run's, killed mid-step: release them now rather than after the lease.
     # (A live process with our id was refused above, so these are no one else's.)
     store.batches.release_claims(config.exchange.replica_id)
-    clock = SystemClock()
-    courier = Courier(party, trust, replay=store.replay, clock=clock)
+    clock = live.clock
+    party = live.party
+    # Commissions stored before approval trees, not yet approved: their trees, before staff can read a digest.
+    complete_trees(engine, AuditLog(engine), gateway=party.party_id, units=store.units.all(), now_ms=clock.now_ms())
+    courier = Courier(party, live.trust, replay=store.replay, clock=clock)
     courier.on_reject = metrics.service.counting_rejections(courier.on_reject)
     metrics.watch_store(engine)
     tls.watch(metrics, engine, units_to_tell(config))
@@ -262,13 +229,26 @@ def _start(
     metrics.watch_calendar(lambda: exchange.calendar)
     workers = UnitWorkers(exchange, max_workers=max(4, len(clients)))
     sched = config.schedule
-    key_watch = KeyWatch(config, party, trust, clock)
-    metrics.watch_keys(key_watch.expiries)
     rosters = PeerRosters(engine)
     metrics.watch_rosters(lambda: rosters.metrics(clock.now_ms()))
     requests = certificate_requests(config, engine, tls.sources.get("client"))
     requests.on_refused = metrics.certificate_request_refused
     metrics.watch_certificate_requests(lambda: requests.ages(clock.now_ms()))
+    keys, trust_schedule = _trust(
+        config,
+        live=live,
+        store=store,
+        courier=courier,
+        clients=clients,
+        metrics=metrics,
+        exchange=exchange,
+        handlers={
+            ROSTER_ITEM: roster_handler(rosters, live, config, calendar),
+            CERTIFICATE_REQUEST_ITEM: requests.handler(),
+        },
+        held_roster_version=rosters.held_version,
+        peer_roster_version=roster_catch_up(rosters, TrustItems(engine), party.party_id, clock),
+    )
     scheduler = GatewayScheduler(
         store=store,
         engine=exchange,
@@ -284,23 +264,98 @@ def _start(
         clock=clock,
         replica=ex.replica_id,
         lease_ms=settings.lease_ms,
-        key_check=key_watch,
+        key_check=keys.key_job,
         metrics=metrics,
         checkpoint=Checkpointer(AuditLog(engine), party, clock),
+        trust_sync=trust_schedule.start_due,
     )
     audit = AuditLog(engine)
     workflow = Workflow(store=store, audit=audit, staff=StaffRegister(engine, audit), clock=clock, agency=party)
+    key_watch = Watcher("hedui-keystore-watch", keys.watch, config.keys.watch_interval_seconds)
     scheduler.start()
+    key_watch.start()
     try:
         release_port(reserved)  # grpcio binds it now; nothing else on this host took it meanwhile but by a fluke
         server, port, health_servicer = _grpc_server(config, workflow, metrics, tls)
     except BaseException:
         scheduler.shutdown()
+        key_watch.stop()
+        trust_schedule.shutdown()
         workers.shutdown()
         raise
     running = RunningGateway(server, port, store, exchange, workers, scheduler, health_servicer, clients, metrics)
+    running.keys, running.trust, running.key_watch = keys, trust_schedule, key_watch
     running.certificate_requests = requests
     return running
+
+
+def _trust(
+    config: GatewayConfig,
+    *,
+    live: LiveKeystore,
+    store: GatewayStore,
+    courier: Courier,
+    clients: Mapping[str, UnitClient],
+    metrics: GatewayMetrics,
+    exchange: ExchangeEngine,
+    handlers: Mapping[int, Handler] | None = None,
+    held_roster_version: Callable[[str], int] = lambda peer: 0,
+    peer_roster_version: Callable[[str, int], None] | None = None,
+) -> tuple[GatewayKeys, TrustSchedule]:
+    """The live keys and the trust synchronisations with units (gateway/trust/): our own announcements published
+    for every unit reached online, the item handlers (key announcements; rosters and revocation lists are
+    registered by their owners through ``handlers``), "refresh keys" for the exchange, and the metrics."""
+    online = [u.party_id for u in config.units if u.exchange_mode != "media"]
+    keys = GatewayKeys(live, TrustItems(store.engine), online, config.keys.rotation_policy())
+    syncer = TrustSyncer(
+        store=store,
+        courier=courier,
+        clients=clients,
+        keys=live,
+        handlers={**default_handlers(live), **(handlers or {})},
+        held_roster_version=held_roster_version,
+        peer_roster_version=peer_roster_version,
+        envelope_ttl_ms=config.exchange.envelope_ttl_minutes * 60_000,
+        replica=config.exchange.replica_id,
+        lease_ms=int(config.exchange.lease_seconds * 1000),
+        metrics=metrics,
+    )
+    exchange.refresh.refresher = syncer.refresh
+    metrics.watch_keys(keys.retiring)
+    metrics.trust.watch_keys(lambda: [
+        (r.party, r.key_id, r.algorithm.name.lower(), r.owner, r.days_left, r.rotation_due_days)
+        for r in keys.expiries()
+    ])  # fmt: skip
+    return keys, TrustSchedule(syncer, interval_ms=int(config.trust.sync_interval_seconds * 1000))
+
+
+def roster_handler(
+    rosters: PeerRosters, live: LiveKeystore, config: GatewayConfig, calendar: CalendarSource
+) -> Handler:
+    """The ROSTER trust item handler: a unit's signed roster version, judged with the trust store as it is now and
+    the agency's notice (gateway/trust/rosters.py)."""
+    days = config.staff.roster_notice_working_days
+    return rosters.handler(
+        trust=lambda: live.trust,
+        notice=lambda: Notice(calendar.current(), days),
+        own_party_id=live.party.party_id,
+    )
+
+
+def roster_catch_up(
+    rosters: PeerRosters, items: TrustItems, own_party: str, clock: Clock
+) -> Callable[[str, int], None]:
+    """What a unit's TrustSync.peer_roster_version asks for: every version of our roster after the one it holds is
+    (again) published for it, in version order; a version it acknowledged stays acknowledged."""
+
+    def catch_up(unit: str, held: int) -> None:
+        versions = rosters.signed_versions(own_party, after=max(0, held))
+        if versions:
+            with rosters.engine.begin() as conn:
+                for data in versions:
+                    items.publish(conn, ROSTER_ITEM, data, clock.now_ms(), [unit])
+
+    return catch_up
 
 
 def certificate_requests(

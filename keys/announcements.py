@@ -170,7 +170,7 @@ def sign_announcement(
 def read_announcement(data: bytes) -> Announcement:
     """Parse a SignedKeyAnnouncement (structure only; the trust store checks signatures against what it knows)."""
     if len(data) > MAX_BUNDLE_BYTES:
-        raise TrustError("key announcement is too large")
+        raise TrustError("key announcement is too large", reason="announcement_malformed")
     try:
         signed = _canonical.parse_canonical(keys_pb2.SignedKeyAnnouncement, data)
         message = _canonical.parse_canonical(keys_pb2.KeyAnnouncement, signed.announcement)
@@ -185,5 +185,5 @@ def read_announcement(data: bytes) -> Announcement:
         check_time_ms(message.issued_at_ms, "issued_at_ms")
         check_time_ms(message.overlap_until_ms, "overlap_until_ms")
     except ValueError as exc:
-        raise TrustError(f"not a valid key announcement: {exc}") from exc
+        raise TrustError(f"not a valid key announcement: {exc}", reason="announcement_malformed") from exc
     return announcement

@@ -13,6 +13,7 @@ verification reports with ``verify-report``; with the staff members' keys (``--s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import hashlib
 import os
@@ -80,6 +81,9 @@ class _Session:
         self._replay_path: str | None = args.replay_store or os.environ.get("HEDUI_REPLAY_STORE")
         self.passphrase_file: str | None = args.passphrase_file
         self.clock = SystemClock()
+        #: The keystore's lock, held from load() until the command ends (keystore.locked): a running gateway or
+        #: connector that changes the same keystore meanwhile waits, instead of one of the two changes being lost.
+        self.held = contextlib.ExitStack()
 
     @property
     def path(self) -> Path:
@@ -107,7 +111,9 @@ class _Session:
         return first
 
     def load(self) -> tuple[PartyKeys, TrustStore]:
-        party, trust = keystore.load(self.path, self.passphrase())
+        passphrase = self.passphrase()  # before the lock: a prompt must not hold up a running service
+        self.held.enter_context(keystore.locked(self.path, required=False))
+        party, trust = keystore.load(self.path, passphrase)
         now = self.clock.now_ms()
         if party.advance(now):
             self.save(party, trust)
@@ -250,12 +256,26 @@ def cmd_import(session: _Session, args: argparse.Namespace) -> None:
     print(f"imported {len(bundle.keys)} keys of {bundle.party_id}")
 
 
-def cmd_rotate(session: _Session, args: argparse.Namespace) -> None:
-    """Replace our current signing or agreement key; writes the announcement for peers."""
-    party, trust = session.load()
+_DELIVERY = (
+    "a gateway or connector serving with this keystore notices the change within a minute and delivers the "
+    'announcement to every peer over the exchange protocol (docs/keys.md, "Keys over the wire")'
+)
+
+
+def _announcement_out(args: argparse.Namespace) -> Path | None:
+    """The --out file for an announcement, refused before anything changes if it exists."""
+    if not args.out:
+        return None
     out = Path(args.out)
     if out.exists():
         raise CliError(f"{out} exists; choose another name for the announcement")
+    return out
+
+
+def cmd_rotate(session: _Session, args: argparse.Namespace) -> None:
+    """Replace our current signing or agreement key; a running service delivers the announcement to every peer."""
+    party, trust = session.load()
+    out = _announcement_out(args)
     algorithm = _ALGORITHMS[args.which]
     now = session.clock.now_ms()
     takeover = now + int(args.activate_in_days * DAY_MS)
@@ -263,32 +283,31 @@ def cmd_rotate(session: _Session, args: argparse.Namespace) -> None:
         algorithm, now_ms=now, overlap_ms=int(args.overlap_days * DAY_MS), activate_at_ms=takeover
     )
     session.save(party, trust)
-    _write_new(out, armor(announcement, ANNOUNCEMENT_LABEL))
+    if out is not None:
+        _write_new(out, armor(announcement, ANNOUNCEMENT_LABEL))
     if takeover > now:
         print(
             f"rotated the {args.which} key: the new key takes over at {iso(takeover)}, the old one is used until "
             f"then and retires {args.overlap_days:g} days later"
         )
-        print(f"send {out} to every peer before then: they run 'hedui-keys apply {out.name}'")
     else:
         print(f"rotated the {args.which} key; old key retires in {args.overlap_days:g} days")
-        print(f"send {out} to every peer: they run 'hedui-keys apply {out.name}'")
+    print(f"{_DELIVERY}" + (f"; {out} is for a peer reached otherwise ('hedui-keys apply {out.name}')" if out else ""))
 
 
 def cmd_revoke(session: _Session, args: argparse.Namespace) -> None:
-    """Revoke one of our keys now; writes the announcement for peers."""
+    """Revoke one of our keys now; a running service delivers the announcement to every peer."""
     party, trust = session.load()
-    out = Path(args.out)
-    if out.exists():
-        raise CliError(f"{out} exists; choose another name for the announcement")
+    out = _announcement_out(args)
     try:
         key_id = bytes.fromhex(args.key_id)
     except ValueError as exc:
         raise CliError("key id must be 32 hexadecimal characters (see 'hedui-keys list')") from exc
     announcement = party.revoke(key_id, now_ms=session.clock.now_ms(), reason=args.reason)
     session.save(party, trust)
-    _write_new(out, armor(announcement, ANNOUNCEMENT_LABEL))
-    print(f"revoked {args.key_id}; send {out} to every peer at once")
+    if out is not None:
+        _write_new(out, armor(announcement, ANNOUNCEMENT_LABEL))
+    print(f"revoked {args.key_id}; {_DELIVERY}" + (f"; {out} is for a peer reached otherwise" if out else ""))
 
 
 def cmd_apply(session: _Session, args: argparse.Namespace) -> None:
@@ -865,11 +884,11 @@ def _parser() -> argparse.ArgumentParser:
         default=0.0,
         help="when the new key takes over (0: at once; up to 30): time for peers to apply the announcement first",
     )
-    rotate.add_argument("--out", required=True, help="announcement file to write")
+    rotate.add_argument("--out", help="also write the announcement to this file (for a peer reached by media only)")
     revoke = add("revoke", cmd_revoke)
     revoke.add_argument("key_id", help="key id (hex) as shown by 'list'")
     revoke.add_argument("--reason", required=True, help="short code, e.g. compromised or superseded")
-    revoke.add_argument("--out", required=True, help="announcement file to write")
+    revoke.add_argument("--out", help="also write the announcement to this file (for a peer reached by media only)")
     add("apply", cmd_apply).add_argument("announcement", help="a peer's announcement file")
     seal = add("seal", cmd_seal)
     seal.add_argument("file")
@@ -888,8 +907,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the hedui-keys console script."""
     args = _parser().parse_args(argv)
+    session = _Session(args)
     try:
-        args.func(_Session(args), args)
+        with session.held:
+            args.func(session, args)
     except (KeysError, ValueError) as exc:
         message = exc.diagnostics() if isinstance(exc, KeysError) else str(exc)
         print(f"hedui-keys: error: {message}", file=sys.stderr)

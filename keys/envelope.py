@@ -41,6 +41,7 @@ from keys.errors import (
     TypeMismatch,
     UndecryptableEnvelope,
     UnknownKey,
+    UnknownRecipientKey,
     UnsupportedEnvelope,
     WrongRecipient,
 )
@@ -288,7 +289,7 @@ def open_at(
         raise RevokedKey("envelope is sealed for one of our keys that has been revoked")
     agreement = me.agreement_secret(header.recipient_key_id)
     if agreement is None:
-        raise WrongRecipient("envelope is sealed for a key we do not hold (unknown or retired)")
+        raise UnknownRecipientKey("envelope is sealed for a key we do not hold (unknown or retired)")
     # Steps 5-6: a trusted sender key, then its signature. Nothing below runs for a forged envelope.
     sender = _sender_key(trust, header)
     if not sender.public.verify(outer.signature, signature_input(outer.header, outer.ciphertext)):

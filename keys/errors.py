@@ -23,6 +23,10 @@ class EnvelopeError(KeysError):
     code = "invalid"
     #: What a caller outside the trust boundary may be told, whatever the reason.
     public_message = "invalid envelope"
+    #: The envelope names a key of a known party that the receiver does not hold as usable (unknown, retired or
+    #: revoked, the signer's or the recipient's): the two sides' views of the keys differ, and a trust
+    #: synchronisation may cure it ("refresh keys", docs/exchange.md).
+    refresh_keys = False
 
 
 class MalformedEnvelope(EnvelopeError):
@@ -43,22 +47,31 @@ class WrongRecipient(EnvelopeError):
     code = "wrong_recipient"
 
 
+class UnknownRecipientKey(WrongRecipient):
+    """Addressed to us, but sealed for a key-agreement key we do not hold (never known, or retired and erased)."""
+
+    refresh_keys = True
+
+
 class UnknownKey(EnvelopeError):
     """The sender's signing key id is not in the trust store for that sender."""
 
     code = "unknown_key"
+    refresh_keys = True
 
 
 class RevokedKey(EnvelopeError):
     """The signing key (or our key-agreement key it was sealed for) has been revoked."""
 
     code = "revoked_key"
+    refresh_keys = True
 
 
 class KeyNotValidThen(EnvelopeError):
     """The sender's key exists but its validity window does not contain the envelope's created-at time."""
 
     code = "key_not_valid"
+    refresh_keys = True
 
 
 class BadSignature(EnvelopeError):
@@ -158,6 +171,14 @@ class SealedFileError(KeysError):
 
 
 class TrustError(KeysError):
-    """A bundle, announcement or fingerprint failed a trust check; nothing was imported or changed."""
+    """A bundle, announcement or fingerprint failed a trust check; nothing was imported or changed.
+
+    ``reason`` is a short code (``a-z 0-9 _``) naming the check that failed, for acknowledgements, metrics and audit
+    entries (docs/exchange.md, "Trust synchronisation"); the message says it in words.
+    """
 
     code = "trust"
+
+    def __init__(self, message: str, *, reason: str = "not_trusted") -> None:
+        super().__init__(message)
+        self.reason = reason

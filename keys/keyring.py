@@ -125,6 +125,10 @@ class Keyring:
     def __len__(self) -> int:
         return len(self._records)
 
+    def copy(self) -> Keyring:
+        """A keyring with the same records (records are immutable: changing the copy leaves this one as it is)."""
+        return Keyring(self._records.values())
+
     def get(self, key_id: bytes) -> KeyRecord | None:
         return self._records.get(key_id)
 

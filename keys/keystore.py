@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import stat
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,8 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from keys import _primitives as prim
 from keys._files import read_bounded
-from keys.errors import KeystoreError, WrongPassphraseOrCorrupt
+from keys.announcements import read_announcement
+from keys.errors import KeystoreError, TrustError, WrongPassphraseOrCorrupt
 from keys.fingerprint import Algorithm
 from keys.handles import PrivateKey, PublicKey, RandomSource, _load_private
 from keys.identity import PartyKeys
@@ -147,6 +153,9 @@ def save(
         {
             "keys": [_record_to_json(r, party.secret(r.key_id)) for r in party.records()],
             "peers": {pid: [_record_to_json(r, None) for r in ring] for pid, ring in trust},
+            # The party's own signed announcements, so that a running service delivers what 'hedui-keys rotate'
+            # made while it ran (docs/keys.md, "Keys over the wire").
+            "announcements": [_b64(a) for a in party.announcements()],
         },
         sort_keys=True,
     ).encode()
@@ -286,8 +295,24 @@ def read_passphrase_file(path: Path) -> str:
     return passphrase
 
 
+@dataclass(frozen=True)
+class LoadedKeystore:
+    """A keystore as read: the keys, the KDF parameters it is sealed with, and the SHA-256 of the file's bytes."""
+
+    party: PartyKeys
+    trust: TrustStore
+    kdf: KdfParams
+    sha256: bytes
+
+
 def load(path: Path, passphrase: str) -> tuple[PartyKeys, TrustStore]:
     """Read and decrypt a keystore. Raises KeystoreError (or WrongPassphraseOrCorrupt) and nothing else."""
+    loaded = read(path, passphrase)
+    return loaded.party, loaded.trust
+
+
+def read(path: Path, passphrase: str) -> LoadedKeystore:
+    """Like :func:`load`, also giving the file's KDF parameters (a service saves with the same ones) and SHA-256."""
     path = Path(path)
     try:
         raw = _read_private_file(path, what="keystore", limit=MAX_KEYSTORE_BYTES)
@@ -304,11 +329,68 @@ def load(path: Path, passphrase: str) -> tuple[PartyKeys, TrustStore]:
             records.append(record)
             if secret is not None:
                 secrets[record.key_id] = secret
-        party = PartyKeys(str(doc["party_id"]), Keyring(records), secrets)
+        announcements = [_unb64(text) for text in body.get("announcements", [])]
+        for announcement in announcements:
+            read_announcement(announcement)
+        party = PartyKeys(str(doc["party_id"]), Keyring(records), secrets, announcements)
         trust = TrustStore()
         for party_id, items in body["peers"].items():
             trust.set_keyring(party_id, Keyring(_record_from_json(item)[0] for item in items))
-    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+        kdf_doc = doc["kdf"]
+        kdf = KdfParams(
+            memory_kib=int(kdf_doc["memory_kib"]),
+            iterations=int(kdf_doc["iterations"]),
+            lanes=int(kdf_doc["lanes"]),
+            unsafe_allow_weak=True,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError, TrustError) as exc:
         # Authenticated but inconsistent: written by a broken or foreign program.
         raise KeystoreError(f"{path} decrypted but its content is inconsistent") from exc
-    return party, trust
+    return LoadedKeystore(party, trust, kdf, hashlib.sha256(raw).digest())
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file of a keystore: ``<keystore file>.lock`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+class KeystoreBusy(KeystoreError):
+    """Another program holds the keystore's lock (:func:`locked`) longer than the caller would wait."""
+
+    code = "keystore_busy"
+
+
+@contextlib.contextmanager
+def locked(path: Path, *, timeout_s: float = 30.0, required: bool = True) -> Iterator[None]:
+    """Hold the keystore's lock file (an exclusive ``flock``) for a read-change-write of the keystore at ``path``.
+
+    Every program that changes a keystore (``hedui-keys``, a running gateway or connector) takes it, so that two of
+    them never both read the same version and the second write loses the first one's change. Waits up to
+    ``timeout_s`` (0: not at all), then raises KeystoreBusy. The kernel drops the lock when its holder dies.
+    ``required=False``: where the lock file cannot be created at all (a keystore on a read-only stick, in a folder
+    this user may not write), go on without it: no program can be writing that keystore either.
+    """
+    target = lock_path(path)
+    try:
+        fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if not required:
+            yield
+            return
+        raise KeystoreError(f"cannot open the keystore lock {target}: {exc.strerror}") from exc
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise KeystoreBusy(
+                        f"the keystore {path} is being changed by another program (lock {target}); try again"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

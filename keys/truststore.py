@@ -8,7 +8,8 @@ changes what the store trusts; every refusal leaves the store as it was.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 
 from hedui.v1 import keys_pb2
 
@@ -24,10 +25,16 @@ ANNOUNCEMENT_SKEW_MS = 5 * 60 * 1000
 
 
 class TrustStore:
-    """Public keys of every peer this party exchanges with."""
+    """Public keys of every peer this party exchanges with.
+
+    Safe to share between threads: the keyrings it hands out are never changed afterwards. Every change builds new
+    keyrings under a lock and swaps the whole peer table in one step, so a thread opening an envelope sees the
+    store before or after an announcement, never half of one. Callers must not change a keyring they are given.
+    """
 
     def __init__(self) -> None:
-        self._peers: dict[str, Keyring] = {}
+        self._peers: Mapping[str, Keyring] = {}
+        self._write = threading.Lock()
 
     def parties(self) -> list[str]:
         return sorted(self._peers)
@@ -38,9 +45,27 @@ class TrustStore:
     def __iter__(self) -> Iterator[tuple[str, Keyring]]:
         return iter(sorted(self._peers.items()))
 
+    def copy(self) -> TrustStore:
+        """An independent trust store holding the same keys now."""
+        other = TrustStore()
+        other._peers = dict(self._peers)
+        return other
+
+    def adopt(self, other: TrustStore) -> None:
+        """Take over ``other``'s keys at once, as one step (a keystore reloaded, or changed and saved)."""
+        with self._write:
+            self._peers = dict(other._peers)
+
+    def same_as(self, other: TrustStore) -> bool:
+        """True if ``other`` holds the very keyrings this store holds (one was copied from the other and neither
+        changed since)."""
+        mine, theirs = self._peers, other._peers
+        return mine.keys() == theirs.keys() and all(mine[p] is theirs[p] for p in mine)
+
     def set_keyring(self, party_id: str, keyring: Keyring) -> None:
         """Install a peer's keyring as loaded from our own keystore (already trusted)."""
-        self._peers[party_id] = keyring
+        with self._write:
+            self._peers = {**self._peers, party_id: keyring}
 
     def signing_record(self, party_id: str, key_id: bytes) -> KeyRecord | None:
         """The record of ``party_id``'s signing key ``key_id``, or None if the store does not know it."""
@@ -59,8 +84,15 @@ class TrustStore:
         return record
 
     def advance(self, now_ms: int) -> None:
-        for keyring in self._peers.values():
-            keyring.advance(now_ms)
+        with self._write:
+            peers = dict(self._peers)
+            changed = False
+            for party_id, keyring in peers.items():
+                moved = keyring.copy()
+                if moved.advance(now_ms):
+                    peers[party_id], changed = moved, True
+            if changed:
+                self._peers = peers
 
     def import_bundle(
         self,
@@ -89,6 +121,10 @@ class TrustStore:
         bundle.require_fingerprint(expected_fingerprint)
         if bundle.party_id == own_party_id:
             raise TrustError("this bundle is our own party's; a party does not import itself")
+        with self._write:
+            return self._import(bundle, now_ms)
+
+    def _import(self, bundle: Bundle, now_ms: int | None) -> Bundle:
         held = self._peers.get(bundle.party_id)
         if held is not None and all(held.get(record.key_id) is not None for record in bundle.keys):
             # Nothing new to vouch for: the bundle is the party speaking about its keys, like an announcement.
@@ -100,31 +136,45 @@ class TrustStore:
                     "not signed by the party's current signing key: it can only repeat or roll back what the trust "
                     "store knows. Nothing was imported; apply the party's announcements instead."
                 )
-        self._peers[bundle.party_id] = _merged(held, bundle.keys)
+        self._peers = {**self._peers, bundle.party_id: _merged(held, bundle.keys)}
         return bundle
 
     def apply_announcement(self, data: bytes, *, now_ms: int) -> KeyRecord:
-        """Apply a peer's signed rotation or revocation. Idempotent; returns the record it changed or added."""
+        """Apply a peer's signed rotation or revocation. Idempotent; returns the record it changed or added.
+
+        Raises TrustError, with a ``reason`` code naming the check, and changes nothing when it refuses.
+        """
         ann = read_announcement(data)
+        with self._write:
+            return self._apply(ann, now_ms)
+
+    def _apply(self, ann: Announcement, now_ms: int) -> KeyRecord:
         msg = ann.message
         keyring = self._peers.get(msg.party_id)
         if keyring is None:
-            raise TrustError(f"announcement from party {msg.party_id}, which is not in the trust store")
+            raise TrustError(
+                f"announcement from party {msg.party_id}, which is not in the trust store", reason="unknown_party"
+            )
         if msg.issued_at_ms > now_ms + ANNOUNCEMENT_SKEW_MS:
-            raise TrustError("announcement is dated in the future")
+            raise TrustError("announcement is dated in the future", reason="announcement_in_future")
         target = keyring.get(msg.old_key_id)
         if target is None:
-            raise TrustError("announcement names a key the trust store does not hold")
+            raise TrustError("announcement names a key the trust store does not hold", reason="unknown_key")
         signer = keyring.get(ann.signer_key_id)
         if signer is None or signer.algorithm is not Algorithm.ED25519:
-            raise TrustError("announcement is not signed by a known signing key of that party")
+            raise TrustError("announcement is not signed by a known signing key of that party", reason="unknown_signer")
         if not signer.public.verify(ann.signature, ANNOUNCEMENT_DOMAIN + ann.body):
-            raise TrustError("announcement signature does not verify")
+            raise TrustError("announcement signature does not verify", reason="bad_signature")
+        work = keyring.copy()  # changed below, swapped in only if the announcement passes every check
         if msg.kind == keys_pb2.ANNOUNCEMENT_KIND_REVOCATION:
-            return self._revoke(keyring, target, signer, msg, now_ms)
-        if msg.kind == keys_pb2.ANNOUNCEMENT_KIND_ROTATION:
-            return self._rotate(keyring, target, signer, ann, now_ms)
-        raise TrustError("announcement kind is not known")
+            record = self._revoke(work, target, signer, msg, now_ms)
+        elif msg.kind == keys_pb2.ANNOUNCEMENT_KIND_ROTATION:
+            record = self._rotate(work, target, signer, ann, now_ms)
+        else:
+            raise TrustError("announcement kind is not known", reason="unknown_kind")
+        if list(work) != list(keyring):
+            self._peers = {**self._peers, msg.party_id: work}
+        return record
 
     @staticmethod
     def _trusted_signer(keyring: Keyring, signer: KeyRecord, issued_at_ms: int, now_ms: int) -> bool:
@@ -153,7 +203,8 @@ class TrustStore:
         if signer.key_id != target.key_id and not cls._trusted_signer(keyring, signer, msg.issued_at_ms, now_ms):
             raise TrustError(
                 "revocation of another key is not signed by the party's current signing key, valid now and "
-                "when it was issued"
+                "when it was issued",
+                reason="signer_not_current",
             )
         return keyring.transition(target.key_id, KeyState.REVOKED, revoked_at_ms=msg.issued_at_ms)
 
@@ -161,33 +212,40 @@ class TrustStore:
     def _rotate(cls, keyring: Keyring, old: KeyRecord, signer: KeyRecord, ann: Announcement, now_ms: int) -> KeyRecord:
         msg, new_key = ann.message, ann.new_key
         if new_key is None or new_key.algorithm is not old.algorithm:
-            raise TrustError("rotation must carry a new key of the same algorithm as the old one")
+            raise TrustError(
+                "rotation must carry a new key of the same algorithm as the old one", reason="bad_rotation"
+            )
         known = keyring.get(new_key.key_id)
         if known is not None:
             return known  # already applied
         if not cls._trusted_signer(keyring, signer, msg.issued_at_ms, now_ms):
             raise TrustError(
-                "rotation is not signed by the party's current signing key, valid now and when it was issued"
+                "rotation is not signed by the party's current signing key, valid now and when it was issued",
+                reason="signer_not_current",
             )
         if old.algorithm is Algorithm.ED25519:
             if signer.key_id != old.key_id:
-                raise TrustError("a signing-key rotation must be signed by the key it replaces")
+                raise TrustError("a signing-key rotation must be signed by the key it replaces", reason="bad_rotation")
             if not new_key.public.verify(ann.new_key_signature, ANNOUNCEMENT_DOMAIN + ann.body):
-                raise TrustError("rotation lacks a valid proof of possession by the new key")
+                raise TrustError(
+                    "rotation lacks a valid proof of possession by the new key", reason="no_proof_of_possession"
+                )
         # The new key takes over at its not_before (a staged rotation) or when the announcement was issued.
         takes_over = max(msg.issued_at_ms, new_key.not_before_ms)
         if takes_over - msg.issued_at_ms > MAX_LEAD_MS:
-            raise TrustError("rotation schedules the new key more than 30 days ahead")
+            raise TrustError("rotation schedules the new key more than 30 days ahead", reason="bad_rotation")
         if not 0 < msg.overlap_until_ms - takes_over <= MAX_OVERLAP_MS:
-            raise TrustError("rotation overlap must be longer than zero and at most 90 days")
+            raise TrustError("rotation overlap must be longer than zero and at most 90 days", reason="bad_rotation")
         if old.state is KeyState.REVOKED:
-            raise TrustError("rotation of a revoked key; enrol the party again with a new bundle")
+            raise TrustError("rotation of a revoked key; enrol the party again with a new bundle", reason="key_revoked")
         if old.state is not KeyState.ACTIVE:
-            raise TrustError(f"only an active key can be rotated; this one is {old.state.name.lower()}")
+            raise TrustError(
+                f"only an active key can be rotated; this one is {old.state.name.lower()}", reason="key_not_active"
+            )
         try:
             keyring.transition(old.key_id, KeyState.RETIRING, not_after_ms=msg.overlap_until_ms)
         except KeyStateError as exc:
-            raise TrustError(str(exc)) from exc
+            raise TrustError(str(exc), reason="key_not_active") from exc
         record = KeyRecord(new_key.public, KeyState.PENDING if takes_over > now_ms else KeyState.ACTIVE, takes_over)
         keyring.put(record)
         return record

@@ -45,14 +45,15 @@ def agency_world(
         )
         staff_keys = {}
         for staff_id, roles in STAFF_ROLES.items():
-            keys = PartyKeys.create(f"staff.220100.{staff_id.lower()}", now_ms=NOW - 1)
-            staff_keys[staff_id] = keys
+            # The same person as the units' roster lists (issue 11: rosters are registered with each other).
+            world.staff.enrol(staff_id, roles)
+            staff_keys[staff_id] = world.staff.keys[staff_id]
             register.register(
                 "A-0001",
                 staff_id,
                 name=f"工作人员{staff_id[-1]}",
                 roles=roles,
-                public_key=keys.signing_key(NOW).public.raw,
+                public_key=world.staff.public_key(staff_id),
                 valid_from_ms=NOW - 1,
                 now_ms=NOW - 1,
             )

@@ -7,12 +7,13 @@ import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import grpc
 from hedui.v1 import exchange_pb2, exchange_pb2_grpc, records_pb2
 
+from common.categories import UNIT_DATA
 from common.db import make_engine
 from common.workdays import CHINA_TZ, WorkdayCalendar
 from connectors.adapters.base import Adapter
@@ -20,6 +21,7 @@ from connectors.connector import Connector
 from connectors.server import RunningConnector, server_credentials, start
 from connectors.store import ConnectorStore
 from connectors.synthetic import Population, SyntheticAdapter
+from gateway.exchange.approvals import TreeUnit
 from keys.announcements import read_bundle
 from keys.clock import FixedClock, to_ms
 from keys.envelope import Courier, Opened
@@ -27,11 +29,14 @@ from keys.identity import PartyKeys
 from keys.replay import MemoryReplayCache
 from keys.tls import create_ca, issue_certificate
 from keys.truststore import TrustStore
+from tests.approval_kit import StaffKit, prove
 
 GATEWAY = "agency.220100"
 UNIT = "unit.220100.tax"
 STAFF = ("S-0001", "S-0002")
 SEED = 20261127
+#: Another unit of the same commission, so that a batch's unit proof is not empty.
+NEIGHBOUR = TreeUnit("unit.220100.land", tuple(sorted(UNIT_DATA[records_pb2.UNIT_CATEGORY_LAND])))
 
 
 def beijing_ms(year: int, month: int, day: int, hour: int = 10) -> int:
@@ -97,6 +102,8 @@ class World:
     channel: grpc.Channel
     stub: exchange_pb2_grpc.ExchangeServiceStub
     population: Population
+    #: The gateway's exchange staff with their keys, and the roster of them the connector holds.
+    staff: StaffKit
 
     def seal(
         self, message: exchange_pb2.QueryBatch | exchange_pb2.FetchAnswers | exchange_pb2.AcknowledgeAnswers
@@ -160,7 +167,39 @@ class World:
                 getattr(batch, name).CopyFrom(value)
             else:
                 setattr(batch, name, value)
+        if "approval" not in overrides:
+            self.approve(batch)
         return batch
+
+    def approve(self, batch: exchange_pb2.QueryBatch, staff: list[str] | None = None, *, at_ms: int = 0) -> None:
+        """Give ``batch`` a valid approval proof for what it carries, as if its subjects were a whole commission
+        asking this unit and NEIGHBOUR, with approvals of ``staff`` (its ``staff_ids`` by default) signed with
+        their keys at ``at_ms`` (now by default). A batch whose content cannot have a proof (a threshold for a
+        category not asked: refused before approvals are looked at) is left without one."""
+        staff = list(batch.staff_ids) if staff is None else staff
+        limits = {int(t.category): int(t.limit_fen) for t in batch.thresholds}
+        mine = TreeUnit(UNIT, tuple(sorted(set(batch.categories))), tuple(sorted(limits.items())))
+        if len(set(batch.categories)) != len(batch.categories) or not set(limits) <= set(mine.categories):
+            return
+        proved = prove(
+            GATEWAY,
+            batch.commission_ref,
+            list(batch.subjects),
+            [mine, NEIGHBOUR],
+            programme=batch.purpose,
+            income_from=(batch.income_from.year, batch.income_from.month),
+            income_to=(batch.income_to.year, batch.income_to.month),
+            assets_as_of=date(batch.assets_as_of.year, batch.assets_as_of.month, batch.assets_as_of.day),
+        )
+        made = proved.batch(
+            batch.batch_id,
+            UNIT,
+            range(len(batch.subjects)),
+            self.staff.approvals(proved.root, staff, at_ms or self.clock.now_ms()),
+        )
+        batch.ClearField("subjects")
+        batch.subjects.extend(made.subjects)
+        batch.approval.CopyFrom(made.approval)
 
 
 REPLY_TYPES = {
@@ -192,6 +231,9 @@ def exchange_world(
     enrol(gateway_side, unit_side, now_ms)
     store = ConnectorStore(make_engine(database_url or f"sqlite:///{root / 'connector.db'}"))
     population = Population(SEED)
+    staff = StaffKit(GATEWAY, now_ms)
+    for staff_id in STAFF:
+        staff.enrol(staff_id)
     connector = Connector(
         courier=Courier(unit_side[0], unit_side[1], replay=store.replay, clock=clock),
         store=store,
@@ -201,6 +243,7 @@ def exchange_world(
         staff={GATEWAY: frozenset(STAFF)},
         threshold_categories=threshold_categories,
         max_subjects=max_subjects,
+        rosters=staff.rosters(),
     )
     running = start(
         connector,
@@ -219,6 +262,7 @@ def exchange_world(
             channel=channel,
             stub=exchange_pb2_grpc.ExchangeServiceStub(channel),
             population=population,
+            staff=staff,
         )
     finally:
         channel.close()

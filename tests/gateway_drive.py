@@ -134,6 +134,7 @@ def bring_up(world: GatewayWorld, unit_id: str, stack: ExitStack) -> RunningConn
         unit_category=UNITS[unit_id],
         calendar=WorkdayCalendar(),
         staff={GATEWAY: frozenset(STAFF)},
+        rosters=world.staff.rosters(),
     )
     running = start(
         connector,

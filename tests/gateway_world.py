@@ -4,7 +4,7 @@ loopback with synthetic data, and the gateway's store, engine and workers on a r
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import date
@@ -30,6 +30,7 @@ from keys.clock import FixedClock
 from keys.envelope import Courier
 from keys.identity import PartyKeys
 from keys.truststore import TrustStore
+from tests.approval_kit import StaffKit, approve
 from tests.exchange_world import GATEWAY, SEED, STAFF, Pki, enrol
 
 #: Three units of different categories, as in a small county.
@@ -54,12 +55,30 @@ class GatewayWorld:
     engine: ExchangeEngine
     workers: UnitWorkers
     connectors: dict[str, RunningConnector]
+    #: The gateway's exchange staff with their keys, and the roster of them every connector holds.
+    staff: StaffKit
 
     def commission(self, ref: str, households: int, start: int = 0, *, staff: tuple[str, ...] = STAFF) -> int:
-        """Enqueue households ``start`` .. ``start + households - 1`` as commission ``ref`` for every unit."""
+        """Enqueue households ``start`` .. ``start + households - 1`` as commission ``ref`` for every unit, approved
+        for exchange by ``staff`` (each signing its exchange digest with their own key, now)."""
         subjects = subjects_of(self.population, ref, households, start)
         units = route(CATEGORIES, self.store.units.all())
-        return self.store.outbox.enqueue(commission_input(ref, staff=staff), subjects, units, self.clock.now_ms())
+        return self.enqueue(commission_input(ref, staff=staff), subjects, units)
+
+    def enqueue(
+        self,
+        commission: CommissionInput,
+        subjects: Sequence[SubjectInput],
+        units: Sequence[str],
+        *,
+        store: GatewayStore | None = None,
+    ) -> int:
+        """The outbox's ``enqueue`` (of ``store``, this world's by default), then the exchange approvals of the
+        commission's ``staff_ids``, each signed with the member's own key now."""
+        now = self.clock.now_ms()
+        commission_id = (store or self.store).outbox.enqueue(commission, subjects, units, now, gateway=GATEWAY)
+        approve((store or self.store).engine, commission_id, self.staff, commission.staff_ids, at_ms=now)
+        return commission_id
 
 
 def subjects_of(population: Population, ref: str, households: int, start: int = 0) -> list[SubjectInput]:
@@ -109,15 +128,21 @@ def gateway_world(
     down: frozenset[str] = frozenset(),
     metrics: GatewayMetrics | None = None,
     unit_metrics: Mapping[str, ConnectorMetrics] | None = None,
+    staff: StaffKit | None = None,
 ) -> Iterator[GatewayWorld]:
     """Connectors for UNITS (those in ``down`` are configured but not started) and a migrated gateway store;
-    with ``metrics`` / ``unit_metrics`` (per unit id) the gateway and connectors report to them."""
+    with ``metrics`` / ``unit_metrics`` (per unit id) the gateway and connectors report to them. ``staff``: the
+    gateway's staff of an earlier world on the same database (the same people, the same keys, after a restart)."""
     root.mkdir(parents=True, exist_ok=True)
     clock = FixedClock(now_ms)
     pki = Pki(root)
     cert, key = pki.issue(GATEWAY)
     gateway = (PartyKeys.create(GATEWAY, now_ms=now_ms - 1), TrustStore())
     population = Population(SEED)
+    if staff is None:
+        staff = StaffKit(GATEWAY, now_ms)
+        for staff_id in STAFF:
+            staff.enrol(staff_id)
     engine = make_engine(database_url or f"sqlite:///{root / 'gateway.db'}")
     upgrade(engine)
     store = GatewayStore(engine)
@@ -142,6 +167,7 @@ def gateway_world(
                     calendar=WorkdayCalendar(),
                     staff={GATEWAY: frozenset(STAFF)},
                     metrics=(unit_metrics or {}).get(unit_id),
+                    rosters=staff.rosters(),
                 )
                 if connector.metrics is not None:
                     connector.metrics.watch_store(cstore.engine)
@@ -168,4 +194,4 @@ def gateway_world(
         workers = UnitWorkers(exchange)
         stack.callback(workers.shutdown)
         stack.callback(engine.dispose)
-        yield GatewayWorld(clock, pki, population, store, exchange, workers, running)
+        yield GatewayWorld(clock, pki, population, store, exchange, workers, running, staff)

@@ -176,9 +176,9 @@ def agency(tmp_path: Path) -> Iterator[Agency]:
                                  valid_from_ms=NOW - 1, now_ms=NOW - 1)  # fmt: skip
         staff_keys = {}
         for staff_id, roles in STAFF_ROLES.items():
-            keys = PartyKeys.create(f"staff.220100.{staff_id.lower()}", now_ms=NOW - 1)
-            staff_keys[staff_id] = keys
-            public = keys.signing_key(NOW).public.raw
+            world.staff.enrol(staff_id, roles)  # the units hold the same roster (issue 11)
+            staff_keys[staff_id] = world.staff.keys[staff_id]
+            public = world.staff.public_key(staff_id)
             register.register("A-0001", staff_id, name=f"工作人员{staff_id[-1]}", roles=roles,
                               public_key=public, valid_from_ms=NOW - 1, now_ms=NOW - 1)  # fmt: skip
         agency_keys = world.engine.courier.me

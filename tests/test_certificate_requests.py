@@ -3,9 +3,9 @@ request, the agency's CA signs it, and the unit installs the certificate it is s
 
 Real parts: the connector serving on loopback with its dynamic TLS credentials, the gateway built from its config
 with its SQLite database, both command-line tools, and new TLS handshakes to see which certificate is served.
-SyncTrust (the transport of trust items) is not on this branch: where it would carry an item, the test takes the
-item from the sender's outgoing queue (its TrustItems table) and hands it to the receiver's registered handler, as
-the syncer does.
+The first test lets SyncTrust carry both items between the running gateway and connector; the others take an item
+from the sender's outgoing queue (its TrustItems table) and hand it to the receiver's registered handler, as the
+syncer does, to look at each step and each refusal on its own.
 """
 
 from __future__ import annotations
@@ -99,6 +99,41 @@ def _ca_args(net: Net) -> list[str]:
 
 def _files_state(net: Net) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in net.root.iterdir() if p.suffix in {".crt", ".key", ".pending"}}
+
+
+def test_a_unit_renews_its_certificate_through_trust_synchronisation(
+    net: Net, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The whole flow over SyncTrust between the running gateway and connector: the request goes up with the unit's
+    reply, the certificate comes down in the gateway's next call, each acknowledged as applied; new handshakes show
+    the new serial, nothing restarted."""
+    with unit_and_gateway(net) as (unit, gw):
+        assert gw.trust is not None and gw.certificate_requests is not None
+        old_serial = served_serial(net, unit.port)
+        _request_renewal(net, capsys)
+        report = gw.trust.syncer.sync(UNIT, trigger="test")
+        assert report.outcome == "ok" and report.applied >= 1, report
+        [pending] = gw.certificate_requests.pending()
+        assert pending.party_id == UNIT
+        assert not _sent(unit.connector.store.engine, GATEWAY, REQUEST)  # acknowledged as applied: not re-sent
+        assert _gateway(net, "sign-requests", *_ca_args(net)) == 0
+        capsys.readouterr()
+        [cert_der] = _sent(gw.store.engine, UNIT, CERTIFICATE)
+        new_serial = x509.load_der_x509_certificate(cert_der).serial_number
+        report = gw.trust.syncer.sync(UNIT, trigger="test")
+        assert report.outcome == "ok", report
+        wait_for(lambda: served_serial(net, unit.port) == new_serial, "new handshakes showing the new serial")
+        assert new_serial != old_serial and net.serial(UNIT) == new_serial
+        assert not _sent(gw.store.engine, UNIT, CERTIFICATE)  # the unit acknowledged it
+        with gw.store.engine.connect() as conn:
+            applied = conn.execute(
+                select(schema.trust_deliveries.c.applied, schema.trust_deliveries.c.reason)
+                .join(schema.trust_items, schema.trust_items.c.id == schema.trust_deliveries.c.item_id)
+                .where(schema.trust_items.c.kind == CERTIFICATE)
+            ).one()
+        assert applied.applied and applied.reason is None
+        # The next synchronisations still work: under the new certificate.
+        assert gw.trust.syncer.sync(UNIT, trigger="test").outcome == "ok"
 
 
 def test_a_unit_renews_its_certificate_over_the_wire_without_restart(

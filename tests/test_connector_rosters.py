@@ -6,6 +6,7 @@ other side's ROSTER handler directly, as the syncer will."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import grpc
@@ -113,8 +114,6 @@ def test_a_gateway_roster_decides_once_in_force_and_the_toml_ids_before(tmp_path
     peers = PeerRosters(engine)
     handler = peers.handler(trust=lambda: _trust(GATEWAY, trust_ring), notice=lambda: NOTICE, own_party_id=UNIT)
     legacy = {GATEWAY: frozenset({"S-0001", "S-0002", "S-0009"})}
-    assert peers.staff_refusal(GATEWAY, ["S-0001", "S-0002"], MONDAY, legacy) is None
-    assert peers.staff_refusal(GATEWAY, ["S-0001", "S-0003"], MONDAY, legacy) == ("staff_not_registered", "S-0003")
     v1 = gateway.version(
         [
             gateway.member("S-0001", ("admin", "exchange"), MONDAY),
@@ -127,15 +126,13 @@ def test_a_gateway_roster_decides_once_in_force_and_the_toml_ids_before(tmp_path
     assert handler(GATEWAY, gateway.sign(v1), MONDAY) is None
     assert handler(UNIT, gateway.sign(v1), MONDAY) == "roster_wrong_party"
     assert handler(GATEWAY, gateway.sign(v1)[:-3], MONDAY) == "roster_malformed"
-    # Held but not in force yet: the [[staff]] ids still decide; then the roster, by the batch's time.
-    assert peers.staff_refusal(GATEWAY, ["S-0001", "S-0009"], MONDAY + HOUR_MS, legacy) is None
-    in_force = v1.effective_at_ms
-    assert peers.staff_refusal(GATEWAY, ["S-0001", "S-0009"], in_force, legacy) == ("approver_unknown", "S-0009")
-    assert peers.staff_refusal(GATEWAY, ["S-0001", "S-0004"], in_force, legacy) == (
-        "approver_not_exchange_staff",
-        "S-0004",
-    )
-    assert peers.staff_refusal(GATEWAY, ["S-0001", "S-0002"], in_force, legacy) is None
+    # Judged by the roster in force at the batch's time (the approval check, connectors/approvals.py).
+    history = peers.history(GATEWAY)
+    assert history is not None
+    assert history.member_at("S-0009", v1.effective_at_ms) == (None, "approver_unknown")
+    assert history.member_at("S-0002", MONDAY + HOUR_MS)[1] is not None
+    member, reason = history.member_at("S-0004", v1.effective_at_ms)
+    assert reason is None and member is not None and not member.has_role("exchange")
     assert peers.missing_from_roster(legacy) == {GATEWAY: ["S-0009"]}
     assert peers.held_version(GATEWAY) == 1 and peers.pending(MONDAY) == {GATEWAY: 1}
 
@@ -146,12 +143,15 @@ def _trust(party: str, ring: Keyring) -> TrustStore:
     return trust
 
 
-def test_a_batch_naming_revoked_staff_is_refused_by_the_unit(tmp_path: Path) -> None:
+def test_approvals_are_judged_by_the_signed_gateway_roster_the_unit_holds(tmp_path: Path) -> None:
+    """The approval check of a real connector reads the gateway's signed roster from its own store (PeerRosters):
+    a member revoked by a later version can no longer approve from the revocation on, the others still can."""
     with exchange_world(tmp_path, now_ms=MONDAY) as world:
         connector = world.connector
         connector.rosters = PeerRosters(connector.store.engine)
+        connector.approvals = dataclasses.replace(connector.approvals, rosters=connector.rosters)
         gateway = world.gateway.me
-        staff = {s: SigningKey.generate() for s in (*STAFF, "S-0003")}
+        staff = {s: world.staff.key(s) for s in (*STAFF, "S-0003")}
         members = [RosterMember(s, "员工", ("admin", "exchange"), k.public, MONDAY) for s, k in staff.items()]
         v1 = build_roster(
             None, party_id=GATEWAY, members=members, issued_at_ms=MONDAY,
@@ -160,7 +160,14 @@ def test_a_batch_naming_revoked_staff_is_refused_by_the_unit(tmp_path: Path) -> 
         handler = connector.rosters.handler(
             trust=lambda: connector.courier.trust, notice=lambda: NOTICE, own_party_id=UNIT
         )
+        world.clock.set(MONDAY + HOUR_MS)
+        with pytest.raises(grpc.RpcError) as unknown:  # no roster of the gateway held yet
+            world.submit(world.batch("B-early", world.subjects(2)))
+        assert unknown.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert handler(GATEWAY, sign_roster(v1, gateway.signing_key(MONDAY), staff["S-0001"]), MONDAY) is None
+        with pytest.raises(grpc.RpcError) as early:  # held, not yet in force when the approvals were given
+            world.submit(world.batch("B-early-2", world.subjects(2)))
+        assert "approver_unknown" in (early.value.details() or "")
         world.clock.set(v1.effective_at_ms + HOUR_MS)
         receipt = world.submit(world.batch("B-ok", world.subjects(2)))
         assert receipt.batch_id == "B-ok"
@@ -366,7 +373,11 @@ def test_the_start_log_says_what_the_toml_ids_still_do(tmp_path: Path, caplog: p
         connector = world.connector
         connector.rosters = PeerRosters(connector.store.engine)
         assert legacy_staff_warnings(connector) == [
-            f"[[staff]] ids of {GATEWAY} are checked until its signed roster is in force (deprecated)"
+            f"no roster of {GATEWAY} held yet: its batches are refused (approver_unknown)"
+        ]
+        connector.approvals = dataclasses.replace(connector.approvals, allow_unverified=True)
+        assert legacy_staff_warnings(connector) == [
+            f"[[staff]] ids of {GATEWAY} decide until its signed roster arrives (deprecated)"
         ]
         staff = SigningKey.generate()
         member = RosterMember("S-0001", "员工", ("admin", "exchange"), staff.public, MONDAY)

@@ -93,7 +93,7 @@ def enqueue_with_mark(world: GatewayWorld, ref: str, households: int) -> None:
     subjects = subjects_of(world.population, ref, households)
     subjects[0] = dataclasses.replace(subjects[0], name=MARK)
     units = route(CATEGORIES, world.store.units.all())
-    world.store.outbox.enqueue(commission_input(ref), subjects, units, world.clock.now_ms())
+    world.enqueue(commission_input(ref), subjects, units)
 
 
 def make_scheduler(world: GatewayWorld, metrics: GatewayMetrics, ticker: Ticker) -> GatewayScheduler:

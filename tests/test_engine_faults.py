@@ -3,6 +3,7 @@ a unit back after a day, a gateway restart, and a unit that refuses a batch for 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from hedui.v1 import exchange_pb2
 from prometheus_client import CollectorRegistry
 from sqlalchemy import func, select
 
+from connectors.approvals import ApprovalCheck, NoRosters
 from gateway.archive.audit import AuditLog
 from gateway.cli import main as gateway_main
 from gateway.db import schema
@@ -222,12 +224,13 @@ def test_gateway_restart_resumes_where_it_stopped(tmp_path: Path, database_url: 
     url = database_url or f"sqlite:///{tmp_path / 'gateway.db'}"
     with gateway_world(tmp_path, now_ms=MONDAY, database_url=url, down=frozenset({BANK})) as world:
         commission_id = world.commission("WT-1", households=40)
+        staff = world.staff
         world.workers.run_once(dispatch=True)  # tax and land receipted; nobody answered yet
         drain(world)  # the connectors answer, the gateway is gone before it fetches
         before = {b.batch_id: (b.unit_id, b.state, b.attempts) for b in batch_rows(world)}
     assert {s for _, s, _ in before.values()} == {"receipted", "ready"}
     later = MONDAY + 2 * 3_600_000
-    with gateway_world(tmp_path, now_ms=later, database_url=url) as world:
+    with gateway_world(tmp_path, now_ms=later, database_url=url, staff=staff) as world:
         assert unit_row(world, BANK).consecutive_failures == 1  # health kept: the bank is tried after backoff
         assert unit_row(world, BANK).next_attempt_ms < later  # its backoff ended while the gateway was down
         settle(world)
@@ -243,20 +246,34 @@ def test_gateway_restart_resumes_where_it_stopped(tmp_path: Path, database_url: 
         assert {k for stages in world.store.outbox.progress(commission_id).values() for k in stages} == {"answered"}
 
 
-def test_a_refused_batch_fails_visibly_and_alone(tmp_path: Path, database_url: str | None) -> None:
-    """Staff not registered with the units (Procedure V.(三)): every unit refuses that commission's batches for
-    good; they are failed with the reason, shown as failed, never retried, and nothing else is affected."""
+def test_a_refused_batch_fails_visibly_and_alone(
+    tmp_path: Path, database_url: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An approver the units' roster lists without the exchange role (Procedure V.(三)): every unit refuses that
+    commission's batches for good, each with a signed refusal naming the approver; they are failed with the reason,
+    shown as failed, never retried, and nothing else is affected."""
     with gateway_world(tmp_path, now_ms=MONDAY, database_url=database_url) as world:
+        world.staff.enrol("S-0003", ("review",))
         good = enqueue(world, "WT-OK", households=20)
-        bad = enqueue(world, "WT-BAD", households=20, start=20, staff=("S-0001", "S-9999"))
+        bad = enqueue(world, "WT-BAD", households=20, start=20, staff=("S-0001", "S-0003"))
         settle(world)
         world.clock.advance(DAY_MS)
         settle(world)
         failed = batch_rows(world, bad)
         assert failed and {(b.state, b.last_error, b.attempts) for b in failed} == {
-            ("failed", "permission_denied: staff_not_registered", 1)
+            ("failed", "permission_denied: approver_not_exchange_staff (S-0003)", 1)
         }
         assert all(b.received_at_ms is None and b.claimed_by is None for b in failed)
+        # Each batch names the unit's signed refusal, kept in the archive (clause 17).
+        archived = {
+            r.message_id: r
+            for r in rows(
+                world, select(schema.archive.c.message_id, schema.archive.c.sender, schema.archive.c.message_type)
+            )
+        }
+        for b in failed:
+            kept = archived[b.refusal_message_id]
+            assert (kept.sender, kept.message_type) == (b.unit_id, "hedui.v1.Refusal")
         counts: dict[str, int] = {}
         for b in failed:
             counts[b.unit_id] = counts.get(b.unit_id, 0) + b.subject_count
@@ -268,19 +285,84 @@ def test_a_refused_batch_fails_visibly_and_alone(tmp_path: Path, database_url: s
             assert unit_row(world, unit_id).consecutive_failures == 0
             refused = [e for e in world.connectors[unit_id].connector.store.audit_entries() if e["event"] == "refused"]
             assert {(e["batch_id"], e["reason"]) for e in refused} == {
-                (b.batch_id, "staff_not_registered") for b in failed if b.unit_id == unit_id
+                (b.batch_id, "approver_not_exchange_staff") for b in failed if b.unit_id == unit_id
             }
         assert world.store.batches.answer_count() == sum(b.subject_count for b in batch_rows(world, good))
+        capsys.readouterr()
+        assert gateway_main(["status", "--config", str(operator_config(tmp_path, world, database_url))]) == 0
+        out = capsys.readouterr().out
+        for unit_id in UNITS:
+            mine = [b for b in failed if b.unit_id == unit_id]
+            n, items = len(mine), sum(b.subject_count for b in mine)
+            assert (
+                f"refused: {n} batches/{items} items, permission_denied: approver_not_exchange_staff (S-0003) (signed"
+                in out
+            )
+
+
+def test_an_approver_the_units_do_not_know_yet_is_tried_again_until_the_roster_names_them(
+    tmp_path: Path, database_url: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """approver_unknown: the units do not hold a roster naming S-0003 yet (rosters travel by SyncTrust). The
+    commission's batches stay ready and are sent again after their own backoff, once recorded in the chain with the
+    unit's signed refusal; the units are not backed off and the other commission is answered meanwhile. Once the
+    roster naming S-0003 (effective before the approval) has reached the units, the batches go through."""
+    metrics = GatewayMetrics(CollectorRegistry())
+    with gateway_world(tmp_path, now_ms=MONDAY, database_url=database_url, metrics=metrics) as world:
+        good = enqueue(world, "WT-OK", households=10)
+        waiting = enqueue(world, "WT-WAIT", households=10, start=10, staff=("S-0001", "S-0003"))
+        settle(world)
+        held = batch_rows(world, waiting)
+        assert held and {(b.state, b.last_error, b.attempts) for b in held} == {
+            ("ready", "permission_denied: approver_unknown (S-0003)", 1)
+        }
+        assert all(b.next_attempt_ms > world.clock.now_ms() for b in held)
+        assert {k for stages in world.store.outbox.progress(good).values() for k in stages} == {"answered"}
+        for unit_id in UNITS:
+            assert unit_row(world, unit_id).consecutive_failures == 0
+            assert metrics.registry.get_sample_value(
+                "hedui_unit_refusals_total", {"unit": unit_id, "reason": "approver_unknown"}
+            ) == len([b for b in held if b.unit_id == unit_id])
+        world.clock.advance(60_000)
+        settle(world)  # refused again: counted, but no second chain entry
+        assert {(b.state, b.attempts) for b in batch_rows(world, waiting)} == {("ready", 2)}
+        deferred = [e for e in AuditLog(world.store.engine).entries() if e.action == "batch.deferred"]
+        assert sorted((e.detail or "").split(";")[0] for e in deferred) == sorted(f"batch={b.batch_id}" for b in held)
+        assert all(";env=" in (e.detail or "") and e.before == e.after == "ready" for e in deferred)
+
+        # hedui-gateway status shows them per unit, with the unit's signed reason.
+        capsys.readouterr()
+        assert gateway_main(["status", "--config", str(operator_config(tmp_path, world, database_url))]) == 0
+        out = capsys.readouterr().out
+        for unit_id in UNITS:
+            n = len([b for b in held if b.unit_id == unit_id])
+            items = sum(b.subject_count for b in held if b.unit_id == unit_id)
+            assert (
+                f"refused for now, retried: {n} batches/{items} items, permission_denied: approver_unknown (S-0003) "
+                "(signed by the unit)"
+            ) in out
+
+        world.staff.enrol("S-0003")  # the roster that names S-0003 has reached the units
+        world.clock.advance(3_600_000)
+        settle(world)
+        assert {(b.state, b.attempts, b.last_error) for b in batch_rows(world, waiting)} == {("acknowledged", 3, None)}
+        assert_exactly_one_answer_per_item(world)
+        assert AuditLog(world.store.engine).verify() == []
 
 
 def test_refused_batches_show_and_are_sent_again_once_the_unit_registers_the_staff(
     tmp_path: Path, database_url: str | None, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The on-call report: a unit whose [[staff]] lacks one of ours refuses a commission's batches for good. The
-    refusal's reason is kept and logged, hedui_batches_failed shows it while the unit stays up, and after the unit
-    fixes its list ``hedui-gateway resend`` puts the batches back: everything is answered exactly once."""
+    """The on-call report: a unit that judges approvals by the migration rule (no roster of ours yet, unverified
+    approvals allowed) and whose [[staff]] lacks one of ours refuses a commission's batches for good. The refusal's
+    reason is kept and logged, hedui_batches_failed shows it while the unit stays up, and after the unit fixes its
+    list ``hedui-gateway resend`` puts the batches back: everything is answered exactly once."""
     metrics = GatewayMetrics(CollectorRegistry())
     with gateway_world(tmp_path, now_ms=MONDAY, database_url=database_url, metrics=metrics) as world:
+        for running in world.connectors.values():
+            running.connector.approvals = ApprovalCheck(
+                NoRosters(), legacy_staff={GATEWAY: frozenset({"S-0001", "S-0002"})}, allow_unverified=True
+            )
         good = enqueue(world, "WT-OK", households=10)
         bad = enqueue(world, "WT-TYPO", households=30, start=10, staff=("S-0001", "S-0003"))
         with caplog.at_level(logging.INFO, logger="hedui"):
@@ -308,7 +390,9 @@ def test_refused_batches_show_and_are_sent_again_once_the_unit_registers_the_sta
         audit = AuditLog(world.store.engine)
         # Each refusal is in the audit chain (clause 17), with the unit's status and reason code.
         exchanged = audit.entries()
-        assert sorted((e.actor, e.detail) for e in exchanged if e.action == "batch.refused") == sorted(
+        # The units signed their refusals: each entry names the signed refusal kept in the archive.
+        refusals = [(e.actor, (e.detail or "").split(";env=")[0]) for e in exchanged if e.action == "batch.refused"]
+        assert sorted(refusals) == sorted(
             (b.unit_id, f"batch={b.batch_id};items={b.subject_count};status=permission_denied;"
              "reason=staff_not_registered") for b in failed
         )  # fmt: skip
@@ -341,7 +425,9 @@ def test_refused_batches_show_and_are_sent_again_once_the_unit_registers_the_sta
         # The units fix their [[staff]] (and restart); the operator sends the batches again: one by id, the rest
         # per unit. The units' health and backoff are not touched.
         for running in world.connectors.values():
-            running.connector.staff = {GATEWAY: frozenset({"S-0001", "S-0002", "S-0003"})}
+            running.connector.approvals = dataclasses.replace(
+                running.connector.approvals, legacy_staff={GATEWAY: frozenset({"S-0001", "S-0002", "S-0003"})}
+            )
         health = [(u.unit_id, u.consecutive_failures, u.next_attempt_ms) for u in world.store.units.all()]
         assert resend("--unit", TAX, "--batch", tax_failed[0]) == 0
         assert "re-queued 1 batches" in capsys.readouterr().out

@@ -18,6 +18,8 @@ from gateway.exchange.outbox import CommissionInput, SubjectInput
 from gateway.exchange.store import GatewayStore
 from gateway.procedure.routing import route
 
+#: build_network's gateway party id.
+NETWORK_GATEWAY = "agency.220100"
 UNITS = {"unit.220100.tax": "tax", "unit.220100.land": "land", "unit.220100.bank": "financial_institution"}
 CATEGORIES = (records_pb2.DATA_CATEGORY_TAX, records_pb2.DATA_CATEGORY_REAL_ESTATE, records_pb2.DATA_CATEGORY_LOANS)
 
@@ -44,7 +46,9 @@ def enqueue_subjects(store: GatewayStore, ref: str, subjects: Sequence[SubjectIn
         staff_ids=STAFF,
         categories=CATEGORIES,
     )
-    store.outbox.enqueue(commission, subjects, route(CATEGORIES, store.units.all()), int(time.time() * 1000))
+    now = int(time.time() * 1000)
+    # No approvals: the loopback network's units judge them by the migration rule (demo/localnet.py).
+    store.outbox.enqueue(commission, subjects, route(CATEGORIES, store.units.all()), now, gateway=NETWORK_GATEWAY)
     return len(subjects)
 
 

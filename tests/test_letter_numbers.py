@@ -19,7 +19,7 @@ from common.db import make_engine
 from gateway.db import schema
 from gateway.db.database import upgrade
 from gateway.procedure.intake import MAX_NUMBER_CHARS, SPACES, letter_key, number_problem, trim
-from gateway.procedure.workflow import exchange_digest
+from gateway.procedure.workflow import package_digest
 from tests.agency_world import agency_world
 from tests.test_agency import COMMISSIONER, OTHER_COMMISSIONER, Agency
 
@@ -182,21 +182,22 @@ def test_a_retry_under_a_differently_written_letter_number_gets_the_first_commis
 def test_a_commission_whose_digest_covers_the_number_as_sent_is_still_found_by_its_exact_retry(
     agency: Agency,
 ) -> None:
-    """Commissions stored before the fix hold a digest over the letter number as it was sent (spaces around it
-    included); that digest is what staff sign, so it is kept, and the package sent exactly alike is still a retry."""
+    """Commissions stored before the fix hold a package digest over the letter number as it was sent (spaces
+    around it included); it is kept (it was what staff signed before approval trees), and the package sent exactly
+    alike is still a retry."""
     package = agency.package(1, start=90)
     package.letter.number = "吉民核〔2026〕第10号 "
     commissioner = agency.stub(COMMISSIONER)
     made = commissioner.SubmitCommission(package)
-    old_digest = exchange_digest(made.commission_id, package)  # as the gateway computed it before the fix
+    old_digest = package_digest(made.commission_id, package)  # as the gateway computed it before the fix
     with agency.world.store.engine.begin() as conn:
         conn.execute(
             schema.commissions.update()
             .where(schema.commissions.c.ref == made.commission_id)
-            .values(exchange_digest=old_digest)
+            .values(package_digest=old_digest)
         )
     again = commissioner.SubmitCommission(package)
-    assert again.commission_id == made.commission_id and again.exchange_digest == old_digest
+    assert again.commission_id == made.commission_id and again.exchange_digest == made.exchange_digest
     assert agency.commissions() == 1
 
 

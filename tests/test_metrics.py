@@ -23,7 +23,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, update
 
-from common.config import DatabaseUrl
 from common.db import make_engine
 from common.metrics import MetricsSection, MetricsServer, serve_metrics, split_listen
 from connectors import store as cstore
@@ -33,19 +32,24 @@ from connectors.server import serve
 from connectors.synthetic import Population
 from demo.localnet import STAFF as NET_STAFF
 from demo.localnet import build_network, free_port
-from gateway.config import AgencySection, DatabaseSection, GatewayConfig, KeysSection
+from gateway.config import GatewayConfig
 from gateway.db import schema
+from gateway.db.database import open_database
 from gateway.exchange.outbox import CommissionInput, SubjectInput
 from gateway.exchange.schedule import GatewayScheduler, JobIntervals, SchedulePolicy
 from gateway.exchange.store import GatewayStore
+from gateway.exchange.transport import KNOWN_REASONS
 from gateway.metrics import CSR_REFUSALS, GatewayMetrics
 from gateway.procedure.routing import route
-from gateway.server import KeyWatch, build
+from gateway.server import build
+from gateway.trust import GatewayKeys, TrustItems
+from keys import keystore
 from keys.clock import DAY_MS, FixedClock
 from keys.errors import ENVELOPE_ERRORS, BadSignature, ReplayedEnvelope
 from keys.fingerprint import Algorithm
 from keys.identity import PartyKeys
 from keys.keystore import FAST_FOR_TESTS
+from keys.live import LiveKeystore, RotationPolicy
 from keys.truststore import TrustStore
 from tests.agency_world import agency_world, whole_procedure
 from tests.exchange_world import GATEWAY, beijing_ms, enrol
@@ -311,18 +315,33 @@ def test_days_until_retiring_keys_end(tmp_path: Path) -> None:
     trust = TrustStore()
     unit = (PartyKeys.create(TAX, now_ms=MONDAY - 1), TrustStore())
     enrol((ours, trust), unit, MONDAY)
-    config = GatewayConfig(
-        agency=AgencySection(party_id=GATEWAY, region_code="220100", level="city"),
-        keys=KeysSection(keystore=tmp_path / "keystore.json", passphrase_file=tmp_path / "passphrase"),
-        database=DatabaseSection(url=DatabaseUrl(f"sqlite:///{tmp_path / 'gateway.db'}")),
-    )
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text("a passphrase of the test\n")
+    passphrase.chmod(0o600)
+    keystore.save(tmp_path / "keystore.json", ours, trust, "a passphrase of the test", kdf=FAST_FOR_TESTS)
+    live = LiveKeystore.open(tmp_path / "keystore.json", passphrase, clock=clock)
+    engine = open_database(f"sqlite:///{tmp_path / 'gateway.db'}", migrate=True)
+    policy = RotationPolicy(agreement_ms=30 * DAY_MS, signing_ms=180 * DAY_MS, lead_ms=DAY_MS, overlap_ms=14 * DAY_MS)
+    keys = GatewayKeys(live, TrustItems(engine), [TAX], policy)
     metrics = GatewayMetrics(CollectorRegistry())
-    metrics.watch_keys(KeyWatch(config, ours, trust, clock).expiries)
+    metrics.watch_keys(keys.retiring)
+    metrics.trust.watch_keys(
+        lambda: [
+            (r.party, r.key_id, r.algorithm.name.lower(), r.owner, r.days_left, r.rotation_due_days)
+            for r in keys.expiries()
+        ]
+    )
     expiry = metrics.registry.get_sample_value
     assert expiry("hedui_key_expiry_seconds", {"party": GATEWAY, "algorithm": "ed25519"}) is None
+    own_signing = ours.current(Algorithm.ED25519, MONDAY)
+    assert own_signing is not None
+    labels = {"party": GATEWAY, "key": own_signing.key_id.hex(), "algorithm": "ed25519", "owner": "own"}
+    assert expiry("hedui_key_expiry_days", labels) == float("inf")  # in use, no end yet
+    # Due 180 days after it took over, less the lead of a day.
+    assert expiry("hedui_key_rotation_due_days", {"party": GATEWAY, "algorithm": "ed25519"}) == pytest.approx(179)
 
-    ours.rotate(Algorithm.ED25519, now_ms=MONDAY, overlap_ms=14 * DAY_MS)
-    trust.apply_announcement(unit[0].rotate(Algorithm.X25519, now_ms=MONDAY, overlap_ms=7 * DAY_MS), now_ms=MONDAY)
+    live.change(lambda party, _: party.rotate(Algorithm.ED25519, now_ms=MONDAY, overlap_ms=14 * DAY_MS))
+    live.apply_announcement(unit[0].rotate(Algorithm.X25519, now_ms=MONDAY, overlap_ms=7 * DAY_MS), now_ms=MONDAY)
     clock.advance(DAY_MS // 2)
 
     def days(party: str, algorithm: str) -> float | None:
@@ -332,6 +351,20 @@ def test_days_until_retiring_keys_end(tmp_path: Path) -> None:
     assert days(GATEWAY, "ed25519") == 13.5
     assert days(TAX, "x25519") == 6.5
     assert days(GATEWAY, "x25519") is None and days(TAX, "ed25519") is None  # open-ended active keys
+    assert expiry("hedui_key_expiry_days", labels) == 13.5  # the old key, retiring
+    old_tax = {"party": TAX, "algorithm": "x25519", "owner": "peer"}
+    tax_days = [
+        m.value
+        for family in metrics.registry.collect()
+        if family.name == "hedui_key_expiry_days"
+        for m in family.samples
+        if all(m.labels[k] == v for k, v in old_tax.items())
+    ]
+    assert sorted(tax_days) == [6.5, float("inf")]  # the retiring key and its successor
+    # Our rotation was saved in the keystore and published for the unit.
+    saved, _ = keystore.load(tmp_path / "keystore.json", "a passphrase of the test")
+    assert len([r for r in saved.records() if r.algorithm is Algorithm.ED25519]) == 2
+    assert [d.peer for d in TrustItems(engine).deliveries()] == [TAX]
 
 
 def _scrape(port: int) -> tuple[str, str]:
@@ -376,12 +409,13 @@ def test_the_endpoint_serves_every_metric_with_fixed_label_values(tmp_path: Path
         "hedui_answer_latency_seconds", "hedui_receipts", "hedui_delay_notices", "hedui_envelope_rejections",
         "hedui_unit_retries", "hedui_unit_up", "hedui_outbox_depth", "hedui_key_expiry_seconds",
         "hedui_scheduler_job_runs", "hedui_grpc_server_requests", "hedui_commissions", "hedui_approval_feedback",
-        "hedui_batches_failed",
+        "hedui_batches_failed", "hedui_unit_refusals",
     }  # fmt: skip
     assert expected <= set(families)
     allowed = {
         "unit": set(UNITS),
-        "reason": {e.code for e in ENVELOPE_ERRORS} | set(CSR_REFUSALS),
+        # Envelope failures; the units' refusal codes (a fixed list, anything else is "other").
+        "reason": {e.code for e in ENVELOPE_ERRORS} | KNOWN_REASONS | {"other", "unspecified"} | set(CSR_REFUSALS),
         "accepted": {"true", "false"},
         "decision": {"approved", "refused", "withdrawn"},
     }
@@ -467,7 +501,8 @@ def test_serving_gateway_and_connectors_export_metrics_on_their_configured_ports
             staff_ids=NET_STAFF,
             categories=categories,
         )
-        store.outbox.enqueue(commission, subjects, route(categories, store.units.all()), int(time.time() * 1000))
+        now = int(time.time() * 1000)
+        store.outbox.enqueue(commission, subjects, route(categories, store.units.all()), now, gateway=net.gateway_party)
         assert _wait(lambda: store.batches.answer_count() == len(subjects) * len(units), 60)
 
         def answered() -> bool:

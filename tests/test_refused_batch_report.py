@@ -27,8 +27,9 @@ def test_report_refused_for_a_refused_batch_says_resend_not_wait(agency: Agency)
     cid = commissioner.SubmitCommission(agency.package(2)).commission_id
     office.RecordIntake(agency.intake(cid, "S-0001"))
     reviewed = office.RecordReview(agency.review(cid, "S-0002"))
-    # S-0003 and S-0004 may approve at the agency but are not registered with the units (Procedure V.(三)): every
-    # unit refuses the batches for good (staff_not_registered).
+    # S-0003 and S-0004 may approve at the agency, but the roster the units hold lists S-0004 without the exchange
+    # role (Procedure V.(三)): every unit refuses the batches for good (approver_not_exchange_staff).
+    agency.world.staff.enrol("S-0004", ("review",))
     for staff_id in ("S-0003", "S-0004"):
         signature = agency.sign(staff_id, reviewed.exchange_digest)
         office.ApproveExchange(agency_pb2.ExchangeApproval(commission_id=cid, staff_id=staff_id, signature=signature))

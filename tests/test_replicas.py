@@ -27,7 +27,7 @@ from gateway.exchange.outbox import CommissionInput, SubjectInput
 from gateway.exchange.store import GatewayStore
 from gateway.exchange.transport import UnitClient
 from keys.envelope import Courier
-from tests.exchange_world import SEED, beijing_ms
+from tests.exchange_world import GATEWAY, SEED, beijing_ms
 from tests.gateway_drive import (
     BANK,
     LAND,
@@ -146,7 +146,10 @@ def test_replicas_enqueue_at_the_same_time(tmp_path: Path, database_url: str | N
         refs = ["WT-A", "WT-B", "WT-C", "WT-A"]
         given = {ref: _subjects(ref, 30, start=10 * n) for n, ref in enumerate(dict.fromkeys(refs))}
         ids = _together(
-            len(refs), lambda i: stores[i % 2].outbox.enqueue(_commission(refs[i]), given[refs[i]], list(UNITS), MONDAY)
+            len(refs),
+            lambda i: stores[i % 2].outbox.enqueue(
+                _commission(refs[i]), given[refs[i]], list(UNITS), MONDAY, gateway=GATEWAY
+            ),
         )
         assert ids[0] == ids[3] and len(set(ids)) == 3
         by_commission = _subject_refs_by_commission(stores[0].engine)

@@ -83,7 +83,7 @@ def _submit(
     ]
     commission = commission_input(ref, thresholds=thresholds)
     units = route(CATEGORIES, world.store.units.all())
-    commission_id = world.store.outbox.enqueue(commission, subjects, units, world.clock.now_ms())
+    commission_id = world.enqueue(commission, subjects, units)
     execute(
         world,
         update(schema.commissions)

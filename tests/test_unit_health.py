@@ -22,7 +22,14 @@ from gateway.archive.audit import AuditLog
 from gateway.cli import CHINA_TIME
 from gateway.cli import main as gateway_main
 from gateway.exchange.outbox import SubjectInput
-from gateway.exchange.transport import ClientTls, UnitClient, is_transient
+from gateway.exchange.transport import (
+    DEFERRED_REASONS,
+    PERMANENT_REASONS,
+    ClientTls,
+    UnitClient,
+    is_transient,
+    reason_label,
+)
 from gateway.metrics import GatewayMetrics
 from keys.tls import issue_certificate
 from tests.exchange_world import GATEWAY, beijing_ms
@@ -277,8 +284,21 @@ def test_reason_codes_decide_over_the_status_and_the_status_decides_without_one(
         (code.PERMISSION_DENIED, "staff_not_registered"): False,
         (code.INVALID_ARGUMENT, "invalid_envelope"): False,
         (code.PERMISSION_DENIED, None): False,
+        # The unit's check of our staff's approvals: what does not verify never will (judged at approval time);
+        # an approver it does not know yet is tried again per batch (UnitDeferral), never by backing the unit off.
+        (code.PERMISSION_DENIED, "approval_signature_invalid"): False,
+        (code.INVALID_ARGUMENT, "approval_proof_invalid"): False,
+        (code.UNAVAILABLE, "approver_revoked"): False,
+        (code.PERMISSION_DENIED, "approver_unknown"): False,
+        (code.UNAVAILABLE, "approver_unknown"): False,
     }
     assert {case: is_transient(*case) for case in cases} == cases
+    assert set(DEFERRED_REASONS) == {"approver_unknown"} and not DEFERRED_REASONS & PERMANENT_REASONS
+    assert {reason_label(r) for r in ("approver_unknown", "something_new", None)} == {
+        "approver_unknown",
+        "other",
+        "unspecified",
+    }
 
 
 def _unauthorised(subjects: list[SubjectInput]) -> list[SubjectInput]:
@@ -297,7 +317,7 @@ def test_permanent_refusals_fail_the_batch_and_the_unit_stays_up(
     with gateway_world(tmp_path, now_ms=MONDAY, database_url=database_url, metrics=metrics) as world:
         world.connectors[BANK].connector.max_subjects = limit
         unauthorised = _unauthorised(subjects_of(world.population, "WT-NOAUTH", 2)[:3])
-        bad = world.store.outbox.enqueue(commission_input("WT-NOAUTH"), unauthorised, list(UNITS), MONDAY)
+        bad = world.enqueue(commission_input("WT-NOAUTH"), unauthorised, list(UNITS))
         large = enqueue(world, "WT-LARGE", households=20, start=2)
         with caplog.at_level(logging.INFO, logger="hedui"):
             settle(world)

@@ -179,7 +179,9 @@ def test_negative_vector_is_refused_for_its_reason(vector: Json) -> None:
     assert expected.code == vector["code"]
     with pytest.raises(errors.EnvelopeError) as caught:
         open_vector(vector)
-    assert type(caught.value) is expected, f"refused as {caught.value.code}: {caught.value}"
+    # A subclass may refine a reason without changing its code (UnknownRecipientKey: a wrong recipient that a trust
+    # synchronisation may cure, docs/exchange.md "Refresh keys").
+    assert isinstance(caught.value, expected), f"refused as {caught.value.code}: {caught.value}"
     assert caught.value.code == vector["code"]
     assert caught.value.public_message == "invalid envelope"
 

@@ -384,29 +384,6 @@ class PeerRosters:
     ) -> RosterHandler:
         return RosterHandler(self.engine, trust=trust, notice=notice, own_party_id=own_party_id)
 
-    def staff_refusal(
-        self, gateway: str, staff_ids: Iterable[str], at_ms: int, legacy: Mapping[str, frozenset[str]]
-    ) -> tuple[str, str] | None:
-        """Why the gateway's staff named in a batch made at ``at_ms`` are not registered with the unit, as
-        ``(reason, staff id)``; None when all are.
-
-        Judged by the gateway's roster in force at ``at_ms`` (an active member with the exchange role). While no
-        version of that roster is in force then, by the deprecated ``[[staff]]`` ids of the config (``legacy``).
-        The signatures behind the names are the approval check's (keys/approvals.py).
-        """
-        history = self.history(gateway)
-        if history is None or history.in_force(at_ms) is None:
-            registered = legacy.get(gateway, frozenset())
-            missing = next((s for s in staff_ids if s not in registered), None)
-            return None if missing is None else ("staff_not_registered", missing)
-        for staff_id in staff_ids:
-            member, reason = history.member_at(staff_id, at_ms)
-            if member is None:
-                return reason or "approver_unknown", staff_id
-            if not member.has_role("exchange"):
-                return "approver_not_exchange_staff", staff_id
-        return None
-
     def missing_from_roster(self, legacy: Mapping[str, frozenset[str]]) -> dict[str, list[str]]:
         """Per gateway whose roster is held, the ``[[staff]]`` ids of the config its latest version lacks."""
         out: dict[str, list[str]] = {}

@@ -11,12 +11,16 @@ action               actor     before → after           detail
 ``batch.receipted``  the unit  ready → receipted        ``batch``, ``items``, ``due``, ``env``, ``sha256``
 ``batch.answered``   the unit  receipted → answered     ``batch``, ``answers``, ``env``, ``sha256``
 ``batch.delay``      the unit  old due → new due        ``batch``, ``reason``, ``env``, ``sha256``
-``batch.refused``    the unit  ready → failed           ``batch``, ``items``, ``status``, ``reason``
+``batch.refused``    the unit  ready → failed           ``batch``, ``items``, ``status``, ``reason`` (+ env)
+``batch.deferred``   the unit  ready → ready            ``batch``, ``items``, ``status``, ``reason`` (+ env)
 ``batch.overdue``    exchange  receipted → overdue      ``unit``, ``batch``, ``items``, ``due``
 ===================  ========  =======================  =====================================================
 
 ``env`` is the message id (32 hex digits) and ``sha256`` the SHA-256 (64 hex digits) of the envelope kept in the
-archive: the query batch envelope sent, the unit's receipt, or its answer set. Dates are ``YYYY-MM-DD``; ``items``
+archive: the query batch envelope sent, the unit's receipt, its answer set, or its signed refusal (a refusal names
+one, "(+ env)", when the unit signed it: docs/exchange.md, "Signed refusals"). ``batch.deferred`` is a refusal the
+batch is sent again after (``approver_unknown``: the unit may not hold our roster yet), written when the batch is
+first so refused for that reason, not at every retry. Dates are ``YYYY-MM-DD``; ``items``
 counts the batch's subjects, ``answers`` the answers newly stored; ``reason`` and ``status`` are codes (a unit's
 free-text delay reason that is not a code is recorded as ``other``). The commission is the entry's commission_id.
 """
@@ -115,14 +119,24 @@ class ExchangeEvents:
 
     def refused(
         self, conn: Connection, *, unit_id: str, batch_id: str, commission_id: int, items: int, status: str,
-        reason: str | None, now_ms: int,
+        reason: str | None, now_ms: int, envelope: Envelope | None = None, deferred: bool = False,
     ) -> int:  # fmt: skip
-        """The unit refused the batch for good (a gRPC status and its reason code; no envelope comes back)."""
+        """The unit refused the batch: for good (``batch.refused``), or for now (``deferred``: ``batch.deferred``,
+        sent again later). A gRPC status and the unit's reason code, and the unit's signed refusal ``envelope`` when
+        it sent one that checked out."""
+        action, after = ("batch.deferred", "ready") if deferred else ("batch.refused", "failed")
+        fields: list[tuple[str, str | int]] = [
+            ("batch", batch_id), ("items", items), ("status", _code(status, "other")),
+            ("reason", _code(reason, "unspecified")),
+        ]  # fmt: skip
+        if envelope is not None:
+            return self._with_envelope(
+                conn, envelope, direction="in", now_ms=now_ms, action=action, actor=unit_id,
+                commission_id=commission_id, before="ready", after=after, fields=fields,
+            )  # fmt: skip
         return self.audit.append_generated(
-            conn, at_ms=now_ms, actor=unit_id, action="batch.refused", commission_id=commission_id,
-            before="ready", after="failed",
-            fields=[("batch", batch_id), ("items", items), ("status", _code(status, "other")),
-                    ("reason", _code(reason, "unspecified"))],
+            conn, at_ms=now_ms, actor=unit_id, action=action, commission_id=commission_id,
+            before="ready", after=after, fields=fields,
         )  # fmt: skip
 
     def overdue(

@@ -27,8 +27,10 @@ from keys.identity import PartyKeys
 from keys.keyring import Keyring
 from keys.truststore import TrustStore
 
-#: Chain entries that name an archived envelope (gateway/archive/events.py).
-ENVELOPE_ACTIONS = ("batch.sent", "batch.receipted", "batch.answered", "batch.delay")
+#: Chain entries that name an archived envelope (gateway/archive/events.py, gateway/trust/events.py).
+ENVELOPE_ACTIONS = ("batch.sent", "batch.receipted", "batch.answered", "batch.delay", "trust.sent", "trust.received")
+#: Chain entries that name one when the unit signed its refusal (connectors older than issue 11 sign none).
+SIGNED_REFUSAL_ACTIONS = ("batch.refused", "batch.deferred")
 _REF_RE = re.compile(r"(?:^|;)env=([0-9a-f]{32});sha256=([0-9a-f]{64})(?:;|$)")
 _ROWS_PER_READ = 16  # envelopes are up to a few MiB each
 _LOOKUP_CHUNK = 500
@@ -132,7 +134,7 @@ def _check_envelope(row: Any, keys: TrustStore, own: str, report: ArchiveReport)
         report.problems.append(f"{name}{sender}) differs from its recorded SHA-256: its bytes were changed")
     if row.seq is None:
         report.problems.append(f"{name}{sender}) points at chain entry {row.audit_seq}, which is missing")
-    elif row.action not in ENVELOPE_ACTIONS or _reference(row.detail) != (message_id, digest):
+    elif row.action not in ENVELOPE_ACTIONS + SIGNED_REFUSAL_ACTIONS or _reference(row.detail) != (message_id, digest):
         report.problems.append(
             f"{name}{sender}) is not the envelope chain entry {row.audit_seq} names: its bytes were changed"
         )
@@ -162,11 +164,13 @@ def _check_references(conn: Any, report: ArchiveReport) -> None:
                 report.references += 1
         pending.clear()
 
-    entries = select(e.seq, e.action, e.detail).where(e.action.in_(ENVELOPE_ACTIONS)).order_by(e.seq)
+    actions = ENVELOPE_ACTIONS + SIGNED_REFUSAL_ACTIONS
+    entries = select(e.seq, e.action, e.detail).where(e.action.in_(actions)).order_by(e.seq)
     for row in conn.execution_options(yield_per=1000).execute(entries):
         reference = _reference(row.detail)
         if reference is None:
-            report.problems.append(f"chain entry {row.seq} ({row.action}) names no envelope")
+            if row.action not in SIGNED_REFUSAL_ACTIONS:
+                report.problems.append(f"chain entry {row.seq} ({row.action}) names no envelope")
             continue
         pending.append((row.seq, *reference))
         if len(pending) >= _LOOKUP_CHUNK:

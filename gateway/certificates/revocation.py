@@ -10,7 +10,6 @@ signature itself and acknowledges the item.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,13 +20,13 @@ from sqlalchemy import Engine
 from common.config import ConfigError
 from common.tlsreload import RevocationSource
 from gateway.config import GatewayConfig
+from gateway.trust.items import TrustItems
 from keys.crl import CrlError, RevocationList
 from keys.tls import read_ca_bundle
 
 log = logging.getLogger("hedui.gateway.certificates")
 
 #: SYNC's outgoing trust items (gateway/trust/items.py), imported by name: the list is queued there for delivery.
-TRUST_ITEMS_MODULE = "gateway.trust.items"
 
 
 def units_to_tell(config: GatewayConfig) -> list[str]:
@@ -35,16 +34,10 @@ def units_to_tell(config: GatewayConfig) -> list[str]:
     return [u.party_id for u in config.units if u.enabled and u.exchange_mode != "media"]
 
 
-def publish_crl(engine: Engine, der: bytes, now_ms: int, peers: Sequence[str]) -> bool | None:
+def publish_crl(engine: Engine, der: bytes, now_ms: int, peers: Sequence[str]) -> bool:
     """Queue the list for ``peers`` as a REVOCATION_LIST trust item, delivered by the next SyncTrust with each and
-    re-sent until acknowledged. True when the item is new, False when queued already; None (and a warning) when this
-    build has no trust item store."""
-    try:
-        items_module = importlib.import_module(TRUST_ITEMS_MODULE)
-    except ModuleNotFoundError:
-        log.warning("no trust item store in this build: the revocation list is not sent to the units")
-        return None
-    items = items_module.TrustItems(engine)
+    re-sent until acknowledged. True when the item is new, False when queued already."""
+    items = TrustItems(engine)
     with engine.begin() as conn:
         new = items.publish(
             conn, kind=trust_pb2.TRUST_ITEM_KIND_REVOCATION_LIST, payload=der, now_ms=now_ms, peers=list(peers)

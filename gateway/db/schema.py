@@ -24,6 +24,7 @@ from sqlalchemy import (
 )
 
 from common.replaystore import replay_table
+from common.trustitems import trust_tables
 
 metadata = MetaData(
     naming_convention={
@@ -82,6 +83,12 @@ commissions = Table(
     # The letter number as the one-letter-one-commission rule compares it (gateway.procedure.intake.letter_key;
     # migration 0009), and the orders ListCommissions pages in: newest first, by created time then id.
     Column("letter_key", String(64), nullable=True),
+    # The approval tree (migration 0014, gateway/exchange/approvals.py): ``exchange_digest`` is its root, what the
+    # staff sign; ``package_digest`` the agency-only commitment to the whole package (the exchange digest of before);
+    # the roots of the subject tree and of the unit tree. NULL for commissions made before 0014.
+    Column("package_digest", LargeBinary(32), nullable=True),
+    Column("subject_root", LargeBinary(32), nullable=True),
+    Column("unit_root", LargeBinary(32), nullable=True),
     Index("ix_commissions_letter", "commissioner", "letter_key"),
     Index("ix_commissions_listing", "commissioner", "created_at_ms", "id"),
     Index("ix_commissions_created", "created_at_ms", "id"),
@@ -101,6 +108,34 @@ subjects = Table(
     Column("member_index", Integer, nullable=True),
     Column("relation", Integer, nullable=True),
     Column("id_copy_digest", LargeBinary(32), nullable=True),
+    # The subject's leaf in the approval tree (migration 0014): its position in the commission's subject list and
+    # its random 16-byte salt. NULL for subjects of commissions made before 0014.
+    Column("share_index", Integer, nullable=True),
+    Column("leaf_salt", LargeBinary(16), nullable=True),
+)
+
+#: The units of a commission's approval tree, in tree order (party id order): the units asked, the data categories
+#: asked of each (comma-separated numbers) and its leaf hash (migration 0014).
+approval_units = Table(
+    "approval_units",
+    metadata,
+    Column("commission_id", Integer, ForeignKey("commissions.id"), primary_key=True),
+    Column("unit_index", Integer, primary_key=True, autoincrement=False),
+    Column("unit_id", String(64), nullable=False),
+    Column("categories", String(255), nullable=False),
+    Column("leaf", LargeBinary(32), nullable=False),
+)
+
+#: The nodes of a commission's subject tree, level by level (0: the leaves), each level cut into chunks of
+#: ``gateway.exchange.approvals.NODE_CHUNK`` 32-byte hashes: a batch's proof reads a few chunks, never the whole tree
+#: (migration 0014).
+approval_nodes = Table(
+    "approval_nodes",
+    metadata,
+    Column("commission_id", Integer, ForeignKey("commissions.id"), primary_key=True),
+    Column("level", Integer, primary_key=True, autoincrement=False),
+    Column("chunk", Integer, primary_key=True, autoincrement=False),
+    Column("hashes", LargeBinary, nullable=False),
 )
 
 #: Exchange approvals: a staff signature over the commission's exchange digest (Procedure V.(二): two distinct).
@@ -232,6 +267,9 @@ batches = Table(
     Column("answered_at_ms", BigInteger, nullable=True),
     Column("acknowledged_at_ms", BigInteger, nullable=True),
     Column("next_poll_ms", BigInteger, nullable=False, default=0),
+    # The unit's signed refusal of the batch (trust.proto Refusal, sealed for us), kept in the archive (migration
+    # 0014): the latest one, permanent or to be retried.
+    Column("refusal_message_id", LargeBinary(16), ForeignKey("archive.message_id"), nullable=True),
     Index("ix_batches_work", "unit_id", "state", "next_attempt_ms"),
 )
 
@@ -310,29 +348,9 @@ replicas = Table(
     Column("lease_until_ms", BigInteger, nullable=False),
 )
 
-#: Trust items to deliver to peers over SyncTrust (docs/exchange.md, "Trust synchronisation"): rosters, key
-#: announcements, revocation lists. Migration 0011. (A minimal stand-in on the roster branch for helper SYNC's tables,
-#: with exactly the columns the shared design names; SYNC's migration 0011 replaces it when the branches meet.)
-trust_items = Table(
-    "trust_items",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("kind", Integer, nullable=False),  # TrustItemKind
-    Column("payload", LargeBinary, nullable=False),
-    Column("sha256", LargeBinary(32), nullable=False, unique=True),
-    Column("created_at_ms", BigInteger, nullable=False),
-)
-
-#: One row per item and peer: re-sent until the peer acknowledged it (applied, or refused with a reason).
-trust_deliveries = Table(
-    "trust_deliveries",
-    metadata,
-    Column("item_id", Integer, ForeignKey("trust_items.id"), primary_key=True),
-    Column("peer", String(64), primary_key=True),
-    Column("acked_at_ms", BigInteger, nullable=True),
-    Column("applied", Boolean, nullable=True),
-    Column("reason", String(40), nullable=True),
-)
+#: Trust items (rosters, key announcements, revocation lists) this gateway publishes for units, and each unit's
+#: acknowledgement of each (migration 0011; common/trustitems.py, docs/exchange.md "Trust synchronisation").
+trust_items, trust_deliveries = trust_tables(metadata)
 
 #: Signed staff rosters (Procedure V.(三), keys/roster.py), migration 0012: the versions of our own roster (``own``)
 #: and those of the units, each as the SignedRoster bytes accepted, with its history. A version is never changed or

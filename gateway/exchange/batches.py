@@ -250,22 +250,6 @@ class BatchLedger:
                 next_attempt_ms=retry_at_ms,
             )
 
-    def refused(self, batch_id: str, reason: str, *, status: str, code: str | None, now_ms: int) -> None:
-        """The unit refused the batch for a reason a retry cannot cure: an operator must look at it, and once the
-        cause is fixed puts it back with :meth:`resend_failed`. ``reason`` is kept in ``last_error``; the chain
-        entry ``batch.refused`` records the gRPC ``status`` and the unit's reason ``code``."""
-        with self.engine.begin() as conn:
-            lock(conn)
-            changed = self._finish(
-                conn, batch_id, ("ready",), state="failed", attempts=s.batches.c.attempts + 1, last_error=reason[:64]
-            )
-            if changed:
-                unit_id, commission_id, items = self._facts(conn, batch_id)
-                self.events.refused(
-                    conn, unit_id=unit_id, batch_id=batch_id, commission_id=commission_id, items=items,
-                    status=status, reason=code, now_ms=now_ms,
-                )  # fmt: skip
-
     def resend_failed(
         self, unit_id: str, batch_ids: Sequence[str], *, audit: AuditLog, actor: str, now_ms: int
     ) -> list[ResentBatch]:

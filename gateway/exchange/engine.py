@@ -29,13 +29,16 @@ from common.workdays import CHINA_TZ, CalendarSource, Deadline, WorkdayCalendar
 from gateway.archive.audit import AuditLog
 from gateway.archive.messages import Envelope
 from gateway.exchange.batches import BatchWork, ResponsibleStaff
+from gateway.exchange.refresh import KeyRefresh
+from gateway.exchange.refusals import signed_refusal
 from gateway.exchange.store import GatewayStore
-from gateway.exchange.transport import TransportFailure, UnitClient, UnitRefusal
+from gateway.exchange.transport import TransportFailure, UnitClient, UnitDeferral, UnitRefusal, reason_label
 from gateway.exchange.units import UnitRow
 from gateway.trust.rosters import PeerRosters, judge_answer_staff
 from keys.clock import from_ms
 from keys.envelope import Courier, Opened, message_id_of
 from keys.errors import EnvelopeError
+from keys.trustsync import REFRESH_KEYS
 
 if TYPE_CHECKING:
     from gateway.metrics import GatewayMetrics
@@ -47,6 +50,7 @@ _ANSWERS: Mapping[str, type[Message]] = {exchange_pb2.AnswerSet.DESCRIPTOR.full_
 _ACK: Mapping[str, type[Message]] = {
     exchange_pb2.AcknowledgeReceipt.DESCRIPTOR.full_name: exchange_pb2.AcknowledgeReceipt
 }
+
 #: Batch ids a connector takes in one FetchAnswers or AcknowledgeAnswers (docs/exchange.md); more are refused.
 MAX_IDS_PER_CALL = 100
 #: Subjects asked for in one FetchAnswers call at most (see ExchangeEngine._fetch_limit).
@@ -91,6 +95,8 @@ class CycleReport:
     reached: bool = False
     #: The cycle called the unit's health check (nothing else reached it, and it was due).
     probed: bool = False
+    #: The cycle synchronised trust with the unit because their keys disagreed ("refresh keys"; once a cycle).
+    refreshed: bool = False
     error: str | None = None
 
 
@@ -124,6 +130,8 @@ class ExchangeEngine:
         self.calendar_source = calendar_source
         #: The units' rosters, which name who may answer for them (Procedure V.(二), V.(三)).
         self.rosters = PeerRosters(store.engine)
+        #: "Refresh keys" (gateway/exchange/refresh.py); its refresher is set once the trust syncer exists.
+        self.refresh = KeyRefresh()
         if metrics is not None:
             metrics.add_units(clients)
 
@@ -274,26 +282,16 @@ class ExchangeEngine:
         started = time.monotonic()
         try:
             reply = client.submit(envelope)
-        except TransportFailure:
+        except TransportFailure as failure:
+            if self.refresh.after_refusal(failure, batch.unit_id, report):
+                # Sealed afresh and sent again at once: the dispatch loop claims it again.
+                self.store.batches.send_failed(batch.batch_id, REFRESH_KEYS, self._now())
+                return
             self.store.batches.send_failed(batch.batch_id, "transport", self._now())
             raise
         except UnitRefusal as refusal:
             report.reached = True
-            # Kept in the batch row and shown (hedui_batches_failed, hedui-gateway status); once the cause is fixed,
-            # ``hedui-gateway resend`` puts the batch back into the outbox.
-            self.store.batches.refused(
-                batch.batch_id, refusal.summary, status=refusal.status, code=refusal.reason, now_ms=self._now()
-            )
-            log.error(
-                "unit refused a batch",
-                extra={
-                    "unit": batch.unit_id,
-                    "batch_id": batch.batch_id,
-                    "status": refusal.status,
-                    "reason": refusal.reason or "-",
-                    "detail": str(refusal),
-                },
-            )
+            self._refused(batch, refusal, envelope)
             return
         report.reached = True
         try:
@@ -304,10 +302,13 @@ class ExchangeEngine:
                 raise AnswerMismatch("receipt names another batch")
             due = from_pb(receipt.due_date)
         except (EnvelopeError, AnswerMismatch, ValueError) as exc:
-            # A receipt we cannot trust does not start the clock: send again later.
-            self.store.batches.send_failed(batch.batch_id, "bad_receipt", self._now() + self.settings.poll_interval_ms)
-            log.error(
-                "receipt rejected",
+            # A receipt we cannot trust does not start the clock: send again later (at once after a key refresh).
+            refreshed = self.refresh.after_reply(exc, batch.unit_id, report)
+            retry = self._now() if refreshed else self._now() + self.settings.poll_interval_ms
+            self.store.batches.send_failed(batch.batch_id, "bad_receipt", retry)
+            log.log(
+                logging.WARNING if refreshed else logging.ERROR,
+                "receipt rejected; keys refreshed, sending again" if refreshed else "receipt rejected",
                 extra={"unit": batch.unit_id, "batch_id": batch.batch_id, "reason": type(exc).__name__},
             )
             return
@@ -333,6 +334,37 @@ class ExchangeEngine:
             },
         )
 
+    def _refused(self, batch: BatchWork, refusal: UnitRefusal, request: bytes) -> None:
+        """The unit refused the batch: for now (UnitDeferral: sent again after the batch's own backoff, the unit
+        is not backed off, it answers), or for good (failed, kept in the batch row and shown in
+        hedui_batches_failed and ``hedui-gateway status``; once the cause is fixed ``hedui-gateway resend`` puts it
+        back). Its signed refusal, when it checks out, is kept with the refusal's chain entry."""
+        signed, detail = signed_refusal(self.courier, batch, refusal, request)
+        summary = refusal.summary if not detail else f"{refusal.summary} ({detail})"[:64]
+        now = self._now()
+        if self.metrics is not None:
+            self.metrics.unit_refused(batch.unit_id, reason_label(refusal.reason))
+        extra = {
+            "unit": batch.unit_id,
+            "batch_id": batch.batch_id,
+            "status": refusal.status,
+            "reason": refusal.reason or "-",
+            "signed": signed is not None,
+            "detail": str(refusal),
+        }
+        if isinstance(refusal, UnitDeferral):
+            retry_at = now + self._backoff_ms(batch.attempts + 1)
+            self.store.refusals.deferred(
+                batch.batch_id, summary, status=refusal.status, code=refusal.reason, retry_at_ms=retry_at,
+                now_ms=now, signed=signed,
+            )  # fmt: skip
+            log.warning("unit refused a batch for now; sent again later", extra={**extra, "retry_at_ms": retry_at})
+            return
+        self.store.refusals.refused(
+            batch.batch_id, summary, status=refusal.status, code=refusal.reason, now_ms=now, signed=signed
+        )
+        log.error("unit refused a batch", extra=extra)
+
     def _poll(self, unit_id: str, client: UnitClient, report: CycleReport | None = None) -> tuple[int, int]:
         """Fetch the answers of the unit's receipted batches that are due for a poll; returns (batches answered,
         answers stored) and marks ``report`` reached once the unit replies."""
@@ -355,15 +387,25 @@ class ExchangeEngine:
             )
             try:
                 reply = client.fetch(request)
-            except (TransportFailure, UnitRefusal):
+            except (TransportFailure, UnitRefusal) as failure:
                 for batch in work:
                     self.store.batches.release(batch.batch_id, self.settings.replica)
+                if (
+                    report is not None
+                    and isinstance(failure, TransportFailure)
+                    and self.refresh.after_refusal(failure, unit_id, report)
+                ):
+                    continue  # asked again, sealed afresh
                 raise
             if report is not None:
                 report.reached = True
             try:
                 opened = self._open(reply, _ANSWERS, unit_id=unit_id, request=request)
             except (EnvelopeError, AnswerMismatch) as exc:
+                if report is not None and self.refresh.after_reply(exc, unit_id, report):
+                    for batch in work:
+                        self.store.batches.release(batch.batch_id, self.settings.replica)
+                    continue
                 for batch in work:
                     self.store.batches.still_pending_later(batch.batch_id, self._now() + self.settings.poll_interval_ms)
                 log.error("answer set rejected", extra={"unit": unit_id, "reason": type(exc).__name__})
@@ -492,11 +534,18 @@ class ExchangeEngine:
             request = self.courier.seal(
                 exchange_pb2.AcknowledgeAnswers(batch_ids=ids), unit_id, ttl_ms=self.settings.envelope_ttl_ms
             )
-            reply = client.acknowledge(request)
+            try:
+                reply = client.acknowledge(request)
+            except TransportFailure as failure:
+                if self.refresh.after_refusal(failure, unit_id, report):
+                    continue
+                raise
             report.reached = True
             try:
                 opened = self._open(reply, _ACK, unit_id=unit_id, request=request)
             except (EnvelopeError, AnswerMismatch) as exc:
+                if self.refresh.after_reply(exc, unit_id, report):
+                    continue
                 log.error("acknowledgement receipt rejected", extra={"unit": unit_id, "reason": type(exc).__name__})
                 return done
             assert isinstance(opened.message, exchange_pb2.AcknowledgeReceipt)

@@ -23,6 +23,15 @@ from common.dates import to_pb
 from common.db import reading
 from gateway.db import schema as s
 from gateway.db.statements import bulk_insert
+from gateway.exchange.approvals import (
+    CommissionFacts,
+    batch_share,
+    engine_package_digest,
+    leaf_of,
+    new_salts,
+    tree_units,
+    write_tree,
+)
 
 #: Rows per executemany chunk and ids per IN list (well below SQLite's variable limit).
 CHUNK = 5000
@@ -86,8 +95,13 @@ class Outbox:
         subjects: Iterable[SubjectInput],
         unit_ids: Sequence[str],
         now_ms: int,
+        *,
+        gateway: str,
     ) -> int:
-        """Store a commission's subjects and one query item per subject and unit; returns the commission id.
+        """Store a commission's subjects, its approval trees (its exchange digest is their root; ``gateway``: our
+        party id, which the root names) and one query item per subject and unit; returns the commission id. Its
+        batches carry the approvals recorded for it (none until someone records them: tests and benchmarks sign the
+        exchange digest as staff would, see tests/approval_kit.py).
 
         Idempotent per commission ref: enqueueing the same ref again changes nothing and returns the same id.
         """
@@ -114,26 +128,81 @@ class Outbox:
             ).inserted_primary_key
             assert key is not None
             commission_id = int(key[0])
+            leaves: list[bytes] = []
             chunk: list[SubjectInput] = []
             for subject in subjects:
                 chunk.append(subject)
                 if len(chunk) >= CHUNK:
-                    self._enqueue_chunk(conn, commission_id, chunk, unit_ids, now_ms)
+                    self._enqueue_chunk(conn, commission_id, chunk, unit_ids, now_ms, leaves=leaves)
                     chunk = []
             if chunk:
-                self._enqueue_chunk(conn, commission_id, chunk, unit_ids, now_ms)
+                self._enqueue_chunk(conn, commission_id, chunk, unit_ids, now_ms, leaves=leaves)
+            categories = {
+                r.unit_id: r.category
+                for r in conn.execute(
+                    select(s.units.c.unit_id, s.units.c.category).where(s.units.c.unit_id.in_(unit_ids))
+                )
+            }
+            facts = CommissionFacts(
+                gateway=gateway,
+                ref=commission.ref,
+                programme=commission.purpose,
+                income_from=commission.income_from,
+                income_to=commission.income_to,
+                assets_as_of=commission.assets_as_of,
+                package_digest=engine_package_digest(commission.ref),
+            )
+            units = tree_units(
+                {u: categories.get(u, 0) for u in unit_ids}, commission.categories, commission.thresholds
+            )
+            write_tree(conn, commission_id, facts, leaves, units)
         return int(commission_id)
 
     def _enqueue_chunk(
-        self, conn: Connection, commission_id: int, chunk: list[SubjectInput], unit_ids: Sequence[str], now_ms: int
+        self,
+        conn: Connection,
+        commission_id: int,
+        chunk: list[SubjectInput],
+        unit_ids: Sequence[str],
+        now_ms: int,
+        *,
+        leaves: list[bytes],
     ) -> None:
+        """Store a chunk of subjects (share indices from ``len(leaves)`` on) and their items; their leaves are
+        appended to ``leaves``."""
         first = conn.execute(select(func.coalesce(func.max(s.subjects.c.id), 0))).scalar_one() + 1
+        start = len(leaves)
+        salts = new_salts(len(chunk))
+        leaves.extend(
+            leaf_of(salt, x.id_number, x.name, x.auth_number, x.auth_digest)
+            for salt, x in zip(salts, chunk, strict=True)
+        )
         bulk_insert(
             conn,
             s.subjects,
-            ("id", "commission_id", "subject_ref", "id_number", "name", "auth_number", "auth_digest"),
+            (
+                "id",
+                "commission_id",
+                "subject_ref",
+                "id_number",
+                "name",
+                "auth_number",
+                "auth_digest",
+                "share_index",
+                "leaf_salt",
+            ),
             [
-                (first + i, commission_id, x.subject_ref, x.id_number, x.name, x.auth_number, x.auth_digest)
+                (
+                    first + i,
+                    commission_id,
+                    x.subject_ref,
+                    x.id_number,
+                    x.name,
+                    x.auth_number,
+                    x.auth_digest,
+                    start + i,
+                    salts[i],
+                )
                 for i, x in enumerate(chunk)
             ],
         )
@@ -178,6 +247,8 @@ class Outbox:
                         s.subjects.c.name,
                         s.subjects.c.auth_number,
                         s.subjects.c.auth_digest,
+                        s.subjects.c.share_index,
+                        s.subjects.c.leaf_salt,
                     )
                     .join(s.subjects, s.subjects.c.id == s.items.c.subject_id)
                     .where(
@@ -195,7 +266,7 @@ class Outbox:
                 if not rows:
                     return formed
                 batch_id = new_batch_id()
-                content = self._batch_content(conn, batch_id, commission_id, rows, unit_category_data)
+                content = self._batch_content(conn, batch_id, commission_id, unit_id, rows, served=unit_category_data)
                 conn.execute(
                     insert(s.batches).values(
                         batch_id=batch_id,
@@ -233,11 +304,21 @@ class Outbox:
         conn: Connection,
         batch_id: str,
         commission_id: int,
+        unit_id: str,
         rows: Sequence[Sequence[Any]],
+        *,
         served: frozenset[int],
     ) -> bytes:
         c = conn.execute(select(s.commissions).where(s.commissions.c.id == commission_id)).one()
-        categories = [int(x) for x in c.categories.split(",") if int(x) in served]
+        share = None
+        if c.subject_root is not None and all(r[5] is not None for r in rows):
+            share = batch_share(conn, c, unit_id, [r[5] for r in rows])
+        if share is not None:
+            # As the unit's leaf in the approval tree has them.
+            wanted = set(share.categories)
+            categories = [int(x) for x in c.categories.split(",") if int(x) in wanted]
+        else:
+            categories = [int(x) for x in c.categories.split(",") if int(x) in served]
         thresholds = [tuple(int(v) for v in t.split(":")) for t in c.thresholds.split(",") if t]
         batch = exchange_pb2.QueryBatch(
             batch_id=batch_id,
@@ -247,6 +328,7 @@ class Outbox:
             income_from=_parse_ym(c.income_from),
             income_to=_parse_ym(c.income_to),
             assets_as_of=to_pb(c.assets_as_of),
+            # The approvers' ids, as connectors that do not verify approvals read them.
             staff_ids=c.staff_ids.split(","),
             thresholds=[
                 exchange_pb2.ThresholdRequest(category=cat, limit_fen=limit)  # type: ignore[arg-type]
@@ -254,12 +336,17 @@ class Outbox:
                 if cat in categories
             ],
         )
+        if share is not None:
+            batch.approval.CopyFrom(share.proof)
         add = batch.subjects.add
-        for item_id, id_number, name, auth_number, auth_digest in rows:
+        for item_id, id_number, name, auth_number, auth_digest, share_index, leaf_salt in rows:
             # Setting the nested fields in place is about twice as fast as building an Authorisation to copy in.
             subject = add(subject_ref=str(item_id), id_number=id_number, name=name)
             subject.authorisation.number = auth_number
             subject.authorisation.scan_sha256 = auth_digest
+            if share is not None:
+                subject.share_index = share_index
+                subject.leaf_salt = leaf_salt
         return batch.SerializeToString(deterministic=True)
 
     # -- progress --------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 ``monthly`` (Procedure IV): commissions are taken in on days 1-10, batches are sent to units on days 11-20 (the
 exchange window), results go back by the 27th. ``continuous`` (clause 8, real-time verification): batches are sent
-whenever there are queued items. Under both, receipted batches are polled and deadlines swept every day.
+whenever there are queued items. Under both, receipted batches are polled and deadlines swept every day, and the
+``trust-sync`` job starts the trust synchronisations with units that are due (gateway/trust/schedule.py).
 
 The jobs are APScheduler 3 interval jobs. Whether a job may run is decided in the database, not in the process:
 each run takes the job's lease in the ``jobs`` table, so replicas sharing a database never run the same job at the
@@ -89,6 +90,7 @@ class GatewayScheduler:
         metrics: GatewayMetrics | None = None,
         log_clock: Callable[[], float] = time.monotonic,
         checkpoint: Callable[[], None] | None = None,
+        trust_sync: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -101,6 +103,8 @@ class GatewayScheduler:
         self.key_check = key_check
         #: Signs a checkpoint of the audit chain (gateway/archive/checkpoints.py).
         self.checkpoint = checkpoint
+        #: Starts the trust synchronisations that are due (gateway/trust/schedule.py), every dispatch interval.
+        self.trust_sync = trust_sync
         self.scheduler = BackgroundScheduler(timezone=CHINA_TZ)
         self.runs: dict[str, int] = {}
         self.failures: dict[str, int] = {}
@@ -197,6 +201,8 @@ class GatewayScheduler:
         }
         if self.checkpoint is not None:
             jobs["audit-checkpoint"] = (self.intervals.checkpoint_seconds, self.checkpoint)
+        if self.trust_sync is not None:
+            jobs["trust-sync"] = (self.intervals.dispatch_seconds, self.trust_sync)
         return jobs
 
     def start(self) -> None:

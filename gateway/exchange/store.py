@@ -15,12 +15,13 @@ from gateway.exchange.batches import BatchLedger
 from gateway.exchange.jobs import JobLeases
 from gateway.exchange.outbox import Outbox
 from gateway.exchange.provisional import ProvisionalDueDates
+from gateway.exchange.refusals import RefusedBatches
 from gateway.exchange.units import UnitStore
 
 
 class GatewayStore:
-    """The gateway's database, by concern: units, outbox, batches and their provisional due dates, job leases,
-    archived messages, seen messages."""
+    """The gateway's database, by concern: units, outbox, batches, their provisional due dates and the units'
+    refusals of them, job leases, archived messages, seen messages."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -29,6 +30,7 @@ class GatewayStore:
         self.outbox = Outbox(engine)
         self.batches = BatchLedger(engine)
         self.provisional = ProvisionalDueDates(engine)
+        self.refusals = RefusedBatches(engine)
         self.jobs = JobLeases(engine)
         self.messages = MessageArchive(engine)
         self.replay = SqlReplayCache(engine, s.seen_messages)

@@ -15,7 +15,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +28,12 @@ from hedui.v1 import exchange_pb2, exchange_pb2_grpc
 
 from common.errors import HeduiError
 from common.logs import redact
-from common.rpc import REFUSAL_REASON_KEY
+from common.rpc import MAX_SIGNED_REFUSAL_BYTES, REFUSAL_REASON_KEY, REFUSAL_SIGNED_KEY
 from common.tlsreload import CERTIFICATE_REVOKED, CertificateSource, RevocationSource
 from keys.crl import RevocationList
+from keys.live import MAX_ATTACHMENTS
 from keys.tls import read_private_key
+from keys.trustsync import ANNOUNCEMENTS_METADATA_KEY, MAX_METADATA_ANNOUNCEMENTS
 
 log = logging.getLogger("hedui.gateway.transport")
 if TYPE_CHECKING:
@@ -62,14 +64,73 @@ _TRANSIENT = {
 #: ``batch_too_large`` (RESOURCE_EXHAUSTED: more subjects than the unit's max_subjects_per_batch). The other
 #: FAILED_PRECONDITION causes (``calendar_year_unknown``, an envelope expired in flight: ``invalid_envelope``) and
 #: RESOURCE_EXHAUSTED without a code (gRPC's own limits) stay transient.
-PERMANENT_REASONS = frozenset({"no_authorisation", "batch_too_large"})
+#: The unit's check of the exchange approvals (docs/exchange.md, "Approvals a unit verifies"): a proof, a signature
+#: or an approver that does not pass stays so whatever is retried (the approvals are judged at the time they were
+#: given), so the batch fails and waits for an operator. Listed here whatever status a connector sends them with.
+APPROVAL_REASONS = frozenset(
+    {
+        "approval_missing",
+        "approval_proof_invalid",
+        "approval_signature_invalid",
+        "approval_time_invalid",
+        "approver_not_yet_effective",
+        "approver_expired",
+        "approver_revoked",
+        "approver_not_exchange_staff",
+        "approver_duplicate",
+        "approvals_too_few",
+    }
+)
+PERMANENT_REASONS = frozenset({"no_authorisation", "batch_too_large"}) | APPROVAL_REASONS
+#: Refusals of one batch that a change at the unit may cure without anyone touching the batch: ``approver_unknown``
+#: (the unit does not hold our roster, or not the version that names the approver, yet: rosters travel by
+#: SyncTrust). The batch is tried again with its own backoff; the unit is not backed off, as it answers.
+DEFERRED_REASONS = frozenset({"approver_unknown"})
+#: Every reason code a connector sends (docs/exchange.md, "Refusals"): the values of the reason label of
+#: hedui_unit_refusals_total; any other code is counted as "other", none as "unspecified".
+KNOWN_REASONS = (
+    APPROVAL_REASONS
+    | DEFERRED_REASONS
+    | PERMANENT_REASONS
+    | {
+        "invalid_envelope",
+        "tls_mismatch",
+        "no_tls_identity",
+        "unknown_party",
+        "undecodable",
+        "bad_batch_id",
+        "bad_commission_ref",
+        "no_purpose",
+        "empty_batch",
+        "bad_categories",
+        "category_not_served",
+        "threshold_missing",
+        "bad_period",
+        "bad_subject_ref",
+        "field_too_long",
+        "batch_id_reused",
+        "staff_not_registered",
+        "calendar_year_unknown",
+        "database_unavailable",
+        "bad_fetch",
+        "bad_ack",
+        "refresh_keys",
+    }
+)
 
 
 def is_transient(code: grpc.StatusCode | None, reason: str | None) -> bool:
     """Whether a call that failed with ``code`` and the unit's ``reason`` code may succeed later unchanged."""
-    if reason in PERMANENT_REASONS:
+    if reason in PERMANENT_REASONS or reason in DEFERRED_REASONS:
         return False
     return code in _TRANSIENT
+
+
+def reason_label(reason: str | None) -> str:
+    """A unit's reason code as a metric label: from KNOWN_REASONS, else ``other`` (``unspecified`` for none)."""
+    if reason is None:
+        return "unspecified"
+    return reason if reason in KNOWN_REASONS else "other"
 
 
 #: A reason code as connectors send it (``staff_not_registered``); anything else from the peer is dropped.
@@ -91,29 +152,50 @@ class TransportFailure(HeduiError):
 
     code = "transport"
 
-    def __init__(self, status: str, message: str, reason: str | None = None) -> None:
+    def __init__(
+        self,
+        status: str,
+        message: str,
+        reason: str | None = None,
+        signed: bytes | None = None,
+        announcements: Sequence[bytes] = (),
+    ) -> None:
         super().__init__(message)
         self.status = status
         #: The unit's reason code (e.g. ``calendar_year_unknown``) when it sent one.
         self.reason = reason
+        #: The unit's signed refusal (a sealed trust.proto Refusal, not yet opened) when it sent one.
+        self.signed = signed
+        #: With ``refresh_keys``: the unit's own key announcements it sent beside the refusal (keys/trustsync.py).
+        self.announcements = tuple(announcements)
 
 
 class UnitRefusal(HeduiError):
-    """The unit refused the request for good (bad batch, staff not registered, batch id reused ...)."""
+    """The unit refused the request for good (bad batch, approvals that do not verify, batch id reused ...)."""
 
     code = "refused"
 
-    def __init__(self, status: str, message: str, reason: str | None = None) -> None:
+    def __init__(self, status: str, message: str, reason: str | None = None, signed: bytes | None = None) -> None:
         super().__init__(message)
         self.status = status
-        #: The unit's reason code (e.g. ``staff_not_registered``); None from a connector that sends none.
+        #: The unit's reason code (e.g. ``approval_signature_invalid``); None from a connector that sends none.
         self.reason = reason
+        #: The unit's signed refusal (a sealed trust.proto Refusal, not yet opened: the engine checks it) when it
+        #: sent one (docs/exchange.md, "Signed refusals").
+        self.signed = signed
 
     @property
     def summary(self) -> str:
         """What the batch row keeps (at most 64 characters): ``status: reason``, or ``status: message`` from a
         connector that sends no reason code."""
         return f"{self.status}: {self.reason or str(self)}"[:64]
+
+
+class UnitDeferral(UnitRefusal):
+    """The unit refused the batch for a reason that may pass later without anyone touching the batch
+    (DEFERRED_REASONS): the batch is sent again after its own backoff."""
+
+    code = "deferred"
 
 
 @dataclass(frozen=True)
@@ -232,18 +314,24 @@ class UnitClient:
                     current.channel.close()
 
     def _call(self, method: Callable[[exchange_pb2_grpc.ExchangeServiceStub], _Method], envelope: bytes) -> bytes:
+        return bytes(self._rpc(method, exchange_pb2.SealedMessage(envelope=envelope)).envelope)
+
+    def _rpc(
+        self, method: Callable[[exchange_pb2_grpc.ExchangeServiceStub], _Method], request: exchange_pb2.SealedMessage
+    ) -> exchange_pb2.SealedMessage:
         try:
             with self._channel() as current:
-                reply = method(current.stub)(exchange_pb2.SealedMessage(envelope=envelope), timeout=self.timeout)
+                return method(current.stub)(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
             details = public_detail((exc.details() if hasattr(exc, "details") else "") or "")
             name = code.name.lower() if code is not None else "unknown"
-            reason = _reason(exc)
+            reason, signed = _refusal(exc)
+            if reason in DEFERRED_REASONS:
+                raise UnitDeferral(name, details, reason, signed) from None
             if is_transient(code, reason):
-                raise TransportFailure(name, details, reason) from None
-            raise UnitRefusal(name, details, reason) from None
-        return bytes(reply.envelope)
+                raise TransportFailure(name, details, reason, signed, _announcements(exc)) from None
+            raise UnitRefusal(name, details, reason, signed) from None
 
     def check_health(self) -> None:
         """Ask the connector's standard health service (grpc.health.v1) whether its exchange service is SERVING,
@@ -269,6 +357,13 @@ class UnitClient:
 
     def acknowledge(self, envelope: bytes) -> bytes:
         return self._call(lambda stub: stub.AcknowledgeAnswers, envelope)
+
+    def sync_trust(self, envelope: bytes, announcements: Sequence[bytes]) -> tuple[bytes, list[bytes]]:
+        """SyncTrust: our TrustSync envelope with our own key announcements beside it; the unit's TrustSync envelope
+        and its announcements (docs/exchange.md, "Trust synchronisation")."""
+        request = exchange_pb2.SealedMessage(envelope=envelope, key_announcements=list(announcements))
+        reply = self._rpc(lambda stub: stub.SyncTrust, request)
+        return bytes(reply.envelope), [bytes(a) for a in reply.key_announcements[:MAX_ATTACHMENTS]]
 
     def close(self) -> None:
         with self._lock:
@@ -392,11 +487,26 @@ class ServerCertificateCheck:
         return verdict
 
 
-def _reason(exc: grpc.RpcError) -> str | None:
-    """The reason code the connector sent in the trailing metadata, if it is one."""
+def _announcements(exc: grpc.RpcError) -> list[bytes]:
+    """The key announcements a unit put beside a ``refresh_keys`` refusal (at most a few, each a small blob)."""
     trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    found = [
+        bytes(item.value)
+        for item in trailing or ()
+        if item.key == ANNOUNCEMENTS_METADATA_KEY and isinstance(item.value, bytes)
+    ]
+    return found[:MAX_METADATA_ANNOUNCEMENTS]
+
+
+def _refusal(exc: grpc.RpcError) -> tuple[str | None, bytes | None]:
+    """The reason code the connector sent in the trailing metadata, if it is one, and its signed refusal, if it sent
+    one of a plausible size (opened and checked by the engine)."""
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    reason = signed = None
     for item in trailing or ():
         key, value = item.key, item.value
         if key == REFUSAL_REASON_KEY and isinstance(value, str) and _REASON_RE.fullmatch(value):
-            return value
-    return None
+            reason = value
+        elif key == REFUSAL_SIGNED_KEY and isinstance(value, bytes) and len(value) <= MAX_SIGNED_REFUSAL_BYTES:
+            signed = value
+    return reason, signed

@@ -8,7 +8,9 @@
   (Procedure V.(一)); a return or a termination always carries a reason.
 * A commission from a lower-level agency skips intake and enters at review (Procedure III.(二)2).
 * The exchange needs two distinct staff members (Procedure V.(二)), each signing the commission's exchange digest
-  with their registered key; the second approval queues the query items for the engine.
+  with their registered key; the second approval queues the query items for the engine. The exchange digest is the
+  root of the commission's approval trees, built at submission (gateway/exchange/approvals.py): each unit asked can
+  verify the two signatures over its own share of the commission (docs/exchange.md, "Approvals a unit verifies").
 
 Every transition and its audit entry are one transaction: a refused request changes nothing.
 """
@@ -21,7 +23,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from hedui.v1 import agency_pb2
@@ -33,6 +35,15 @@ from common.workdays import CHINA_TZ
 from gateway.archive.audit import AuditLog
 from gateway.archive.checkpoints import write_checkpoint
 from gateway.db import schema as s
+from gateway.exchange.approvals import (
+    PACKAGE_DOMAIN,
+    CommissionFacts,
+    leaf_of,
+    new_salts,
+    tree_unit_ids,
+    tree_units,
+    write_tree,
+)
 from gateway.exchange.store import GatewayStore
 from gateway.procedure.commission import (
     EXCHANGE_APPROVED,
@@ -60,20 +71,20 @@ from keys.clock import Clock, from_ms
 from keys.identity import PartyKeys
 from keys.steps import StepKind
 
-EXCHANGE_DIGEST_DOMAIN = b"hedui.v1.exchange-digest\x00"
 APPROVALS_NEEDED = 2  # Procedure V.(二)
 
 #: PostgreSQL advisory lock under which submissions take turns (see Workflow.submit).
 SUBMIT_LOCK = 0x4845_4455_4902
 
 
-def exchange_digest(ref: str, request: agency_pb2.SubmitCommissionRequest) -> bytes:
-    """What exchange approvals sign: the commission id and the complete package. A commission stores it once, at
-    submission, over :func:`stored_package` (the package with its letter number as stored); what the staff sign for
-    a stored commission is that column, never recomputed."""
-    return hashlib.sha256(
-        EXCHANGE_DIGEST_DOMAIN + ref.encode() + b"\x00" + request.SerializeToString(deterministic=True)
-    ).digest()
+def package_digest(ref: str, request: agency_pb2.SubmitCommissionRequest) -> bytes:
+    """The agency-only commitment to a commission's whole package (letter, households, relations, everything): the
+    commission id and the package. A commission stores it once, at submission, over :func:`stored_package` (the
+    package with its letter number as stored); a package sent again is recognised as a retry by it. Until approval
+    trees existed this was the exchange digest staff signed; now the approval root binds it (as ``package_digest``,
+    opaque to units), and the root is the exchange digest (gateway/exchange/approvals.py)."""
+    package = request.SerializeToString(deterministic=True)
+    return hashlib.sha256(PACKAGE_DOMAIN + ref.encode() + b"\x00" + package).digest()
 
 
 def stored_package(
@@ -146,7 +157,8 @@ class Workflow:
             raise denied("only commissioners and lower-level agencies submit commissions")
         validate_package(request, today=self._today())
         letter_number = trim(request.letter.number)
-        missing = unserved(request.categories, self.store.units.all())
+        units = self.store.units.all()
+        missing = unserved(request.categories, units)
         if missing:
             raise WorkflowError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -159,6 +171,8 @@ class Workflow:
         lower = caller.role == "lower_agency"
         state = INTAKE_PASSED if lower else RECEIVED  # Procedure III.(二)2: straight to second review
         now = self._now()
+        members = [(h, i, m) for h in request.households for i, m in enumerate(h.members)]
+        salts = new_salts(len(members))
         subjects = [
             {
                 "subject_ref": f"{h.household_ref}/{i + 1}",
@@ -171,11 +185,17 @@ class Workflow:
                 "member_index": i + 1,
                 "relation": m.relation,
                 "id_copy_digest": m.id_copy_sha256,
+                # The subject's leaf in the approval tree: its place in the commission and a random salt.
+                "share_index": share_index,
+                "leaf_salt": salts[share_index],
             }
-            for h in request.households
-            for i, m in enumerate(h.members)
+            for share_index, (h, i, m) in enumerate(members)
         ]
         start, end = year_month(request.income_from), year_month(request.income_to)
+        # The units asked are fixed now, in the approval tree the staff sign (Procedure V.(二)).
+        targets = set(route(request.categories, units))
+        asked = {u.unit_id: u.category for u in units if u.unit_id in targets}
+        thresholds = [(int(t.category), int(t.limit_fen)) for t in request.thresholds]
         with self.engine.begin() as conn:
             if self.store.is_postgres:
                 # Replicas share the database: submissions take turns so that the letter check below sees a
@@ -202,7 +222,6 @@ class Workflow:
                         commissioner=caller.party_id,
                         state=state,
                         from_lower_agency=lower,
-                        exchange_digest=exchange_digest(ref, stored_package(request, letter_number)),
                         household_count=len(request.households),
                         subject_count=len(subjects),
                     )
@@ -214,6 +233,26 @@ class Workflow:
                     insert(s.subjects),
                     [{"id": first + i, "commission_id": commission_id, **row} for i, row in enumerate(subjects)],
                 )
+                facts = CommissionFacts(
+                    gateway=self.agency.party_id,
+                    ref=ref,
+                    programme=request.programme,
+                    income_from=start,
+                    income_to=end,
+                    assets_as_of=from_pb(request.assets_as_of),
+                    package_digest=package_digest(ref, stored_package(request, letter_number)),
+                )
+                leaves = [
+                    leaf_of(
+                        cast(bytes, x["leaf_salt"]),
+                        cast(str, x["id_number"]),
+                        cast(str, x["name"]),
+                        cast(str, x["auth_number"]),
+                        cast(bytes, x["auth_digest"]),
+                    )
+                    for x in subjects
+                ]
+                write_tree(conn, commission_id, facts, leaves, tree_units(asked, request.categories, thresholds))
                 self.audit.append(
                     conn,
                     at_ms=now,
@@ -234,19 +273,19 @@ class Workflow:
         (full-width digits, case, spaces and the bracket kind do not make another letter), and so is a retry: the
         package is compared with the letter number replaced by the one the earlier commission stored."""
         rows = conn.execute(
-            select(s.commissions.c.ref, s.commissions.c.exchange_digest, s.commissions.c.letter_number).where(
+            select(s.commissions.c.ref, s.commissions.c.package_digest, s.commissions.c.letter_number).where(
                 s.commissions.c.commissioner == caller.party_id,
                 s.commissions.c.letter_key == letter_key(request.letter.number),
                 s.commissions.c.state != RETURNED,
             )
         ).all()
         for earlier in rows:
-            stored_digest = bytes(earlier.exchange_digest)
-            retry = exchange_digest(earlier.ref, stored_package(request, earlier.letter_number))
+            stored_digest = bytes(earlier.package_digest or b"")
+            retry = package_digest(earlier.ref, stored_package(request, earlier.letter_number))
             # Commissions stored before the digest was taken over the stored number hold one over the number as it
             # was sent then, spaces around it included: the same package sent exactly alike is still a retry.
             if hmac.compare_digest(stored_digest, retry) or hmac.compare_digest(
-                stored_digest, exchange_digest(earlier.ref, request)
+                stored_digest, package_digest(earlier.ref, request)
             ):
                 return str(earlier.ref)
         if rows:
@@ -387,6 +426,15 @@ class Workflow:
                     f"no enabled sharing unit holds {category_names(missing)} now: enable the unit that holds "
                     "them, or return the commission; the approval was not recorded"
                 )
+            asked = tree_unit_ids(conn, row.id)
+            enabled = {u.unit_id for u in units if u.enabled}
+            gone = [u for u in asked or () if u not in enabled]
+            if gone:
+                # The approval tree names the units asked: the exchange goes to exactly those, or not at all.
+                raise illegal(
+                    f"sharing unit {', '.join(gone)} of this commission's approval is not enabled now: enable it "
+                    "again, or return the commission; the approval was not recorded"
+                )
             if not self.staff.verify_approval(staff_id, row.exchange_digest, signature, now, conn=conn):
                 raise WorkflowError(grpc.StatusCode.UNAUTHENTICATED, "approval signature does not verify")
             existing = [
@@ -418,8 +466,8 @@ class Workflow:
                     values={"staff_ids": ",".join(approvers)},
                 )  # fmt: skip
                 row = find_commission(conn, ref, caller)
-                categories = [int(c) for c in row.categories.split(",")]
-                targets = route(categories, units)
+                # The units of the approval tree (a commission made before approval trees: routed now).
+                targets = asked or route([int(c) for c in row.categories.split(",")], units)
                 items = self._enqueue(conn, row.id, targets, now)
                 self._transition(
                     conn, row, actor=staff_id, action="commission.exchange_started", after=EXCHANGING, values={},
@@ -430,7 +478,10 @@ class Workflow:
     @staticmethod
     def _enqueue(conn: Connection, commission_id: int, unit_ids: Sequence[str], now_ms: int) -> int:
         subject_ids = [
-            r.id for r in conn.execute(select(s.subjects.c.id).where(s.subjects.c.commission_id == commission_id))
+            r.id
+            for r in conn.execute(
+                select(s.subjects.c.id).where(s.subjects.c.commission_id == commission_id).order_by(s.subjects.c.id)
+            )
         ]
         rows = [
             {"commission_id": commission_id, "subject_id": sid, "unit_id": unit, "created_at_ms": now_ms}

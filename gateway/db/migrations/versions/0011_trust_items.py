@@ -1,12 +1,12 @@
-"""trust_items, trust_deliveries: items each peer is sent over SyncTrust until it acknowledged them
+"""trust items: what the gateway delivers to units over SyncTrust, and their acknowledgements
 
-A minimal stand-in written on the roster branch (helper ROSTER) with exactly the tables the shared design of issue 11
-names, so that roster versions can be published; helper SYNC owns this migration, and its file replaces this one
-when the branches are merged.
+Rosters, key announcements and revocation lists are published once, for a set of units, and offered to each unit in
+every trust synchronisation until it acknowledged them (gateway/trust/, docs/exchange.md "Trust synchronisation").
+A command-line process can publish an item that the running gateway delivers.
 
 Revision ID: 0011
 Revises: 0010
-Create Date: 2026-12-02
+Create Date: 2026-12-03
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["item_id"], ["trust_items.id"], name=op.f("fk_trust_deliveries_item_id_trust_items")),
         sa.PrimaryKeyConstraint("item_id", "peer", name=op.f("pk_trust_deliveries")),
     )
+    op.create_index("ix_trust_deliveries_pending", "trust_deliveries", ["peer", "acked_at_ms"], unique=False)
 
 
 def downgrade() -> None:
+    op.drop_index("ix_trust_deliveries_pending", table_name="trust_deliveries")
     op.drop_table("trust_deliveries")
     op.drop_table("trust_items")

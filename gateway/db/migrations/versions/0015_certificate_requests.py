@@ -7,7 +7,7 @@ export-requests / import-certificates for a CA kept offline), and then the certi
 public material only: requests and certificates, never a private key. Creating a table rewrites nothing.
 
 Revision ID: 0015
-Revises: 0013
+Revises: 0014
 Create Date: 2026-12-02
 """
 
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0015"
-down_revision = "0013"
+down_revision = "0014"
 branch_labels = None
 depends_on = None
 

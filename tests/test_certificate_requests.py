@@ -116,7 +116,11 @@ def test_a_unit_renews_its_certificate_through_trust_synchronisation(
         [pending] = gw.certificate_requests.pending()
         assert pending.party_id == UNIT
         assert not _sent(unit.connector.store.engine, GATEWAY, REQUEST)  # acknowledged as applied: not re-sent
+        assert gw.metrics is not None
+        age = gw.metrics.registry.get_sample_value("hedui_certificate_request_age_seconds", {"unit": UNIT})
+        assert age is not None and 0 <= age < 60
         assert _gateway(net, "sign-requests", *_ca_args(net)) == 0
+        assert gw.metrics.registry.get_sample_value("hedui_certificate_request_age_seconds", {"unit": UNIT}) is None
         capsys.readouterr()
         [cert_der] = _sent(gw.store.engine, UNIT, CERTIFICATE)
         new_serial = x509.load_der_x509_certificate(cert_der).serial_number

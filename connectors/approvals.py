@@ -21,8 +21,9 @@ Every failure is PERMISSION_DENIED except ``approval_missing`` and ``approval_pr
 
 A unit that holds no roster of the gateway refuses with ``approver_unknown`` (the gateway retries: the roster may be
 on its way). Only where the unit's operator allows unverified approvals during migration
-(``[exchange] allow_unverified_approvals``) is such a batch, or a batch without any proof (from a gateway or a
-commission older than approval trees), judged by the old rule instead: two or more staff ids listed in ``[[staff]]``.
+(``[exchange] allow_unverified_approvals``) AND the unit holds no roster of that gateway at all is a batch (with or
+without a proof) judged by the old rule instead: two or more staff ids listed in ``[[staff]]``. Once a roster of the
+gateway is held, the old rule never applies: a batch without a proof is refused ``approval_missing``.
 """
 
 from __future__ import annotations
@@ -124,8 +125,8 @@ class ApprovalCheck:
     rosters: GatewayRosters = field(default_factory=NoRosters)
     #: ``[[staff]]``: gateway party id -> staff ids registered by hand (the migration rule only).
     legacy_staff: Mapping[str, frozenset[str]] = field(default_factory=dict)
-    #: Migration only: judge a batch by ``legacy_staff`` when the unit holds no roster of its gateway, or when the
-    #: batch carries no approval proof.
+    #: Migration only: judge a batch by ``legacy_staff`` while the unit holds no roster of its gateway (never once
+    #: one is held: then a batch without an approval proof is refused ``approval_missing``).
     allow_unverified: bool = False
     #: Slack between the gateway's clock at approval and at sealing (both the gateway's).
     clock_skew_ms: int = 5 * MINUTE_MS
@@ -135,7 +136,9 @@ class ApprovalCheck:
         the Refusal of the first check that fails."""
         history = self.rosters.history(gateway)
         has_proof = batch.HasField("approval")
-        if self.allow_unverified and (history is None or not has_proof):
+        if self.allow_unverified and history is None:
+            # Only while no roster of this gateway is held: once one is, every batch must carry approvals that
+            # verify against it (a batch stripped of its proof must not fall back to the unsigned rule).
             return self._legacy(batch, gateway, unit, check_proof=has_proof)
         if not has_proof or not batch.approval.approvals:
             raise refusal(APPROVAL_MISSING, "the batch carries no exchange approvals (Procedure V.(二))")

@@ -194,10 +194,11 @@ class ExchangeSection:
     )
     allow_unverified_approvals: bool = doc(
         "Migration only. The unit verifies every batch's exchange approvals (two staff signatures) against the "
-        "gateway's roster it holds, and refuses batches it cannot verify. True: while it holds no roster of a "
-        "gateway, or for a batch that carries no approval proof (from a gateway, or a commission, older than "
-        "approval proofs), it accepts a batch whose staff ids are all in [[staff]] instead, without checking any "
-        "signature. Turn it off once every gateway's roster has arrived (docs/operations.md).",
+        "gateway's roster it holds, and refuses batches it cannot verify. True: only while it holds no roster of a "
+        "gateway at all, it accepts that gateway's batches (with or without an approval proof) whose staff ids are "
+        "all in [[staff]] instead, without checking any signature. Once it holds a roster of the gateway, every "
+        "batch is verified against it and a batch without an approval proof is refused (approval_missing). Turn it "
+        "off once every gateway's roster has arrived (docs/operations.md).",
         default=False,
     )
 

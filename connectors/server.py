@@ -393,8 +393,8 @@ def build_connector(
 
 def legacy_staff_warnings(connector: Connector) -> list[str]:
     """Say at start what the deprecated [[staff]] ids still do (Procedure V.(三) moved to signed rosters): which
-    gateways they still serve (no roster of theirs in force), and which ids a received roster lacks. Returns the
-    lines logged."""
+    gateways they still serve (no roster of theirs held at all, and only with ``allow_unverified_approvals``), and
+    which ids a received roster lacks. Returns the warning lines logged."""
     assert connector.rosters is not None
     lines = []
     now = connector.courier.clock.now_ms()
@@ -403,15 +403,24 @@ def legacy_staff_warnings(connector: Connector) -> list[str]:
         history = connector.rosters.history(gateway)
         if history is None:
             if connector.approvals.allow_unverified:
-                lines.append(f"[[staff]] ids of {gateway} decide until its signed roster arrives (deprecated)")
+                lines.append(
+                    f"[[staff]] ids of {gateway} decide only while no roster of it is held (deprecated); "
+                    "once one arrives every batch is verified against it"
+                )
                 log.warning(
-                    "deprecated [[staff]] list in use: no roster of the gateway held yet", extra={"gateway": gateway}
+                    "deprecated [[staff]] list in use while no roster of the gateway is held; once one arrives "
+                    "every batch is verified against it and batches without an approval proof are refused",
+                    extra={"gateway": gateway},
                 )
             else:
                 lines.append(f"no roster of {gateway} held yet: its batches are refused (approver_unknown)")
                 log.warning("no roster of the gateway held yet: its batches are refused", extra={"gateway": gateway})
         else:
-            log.info("[[staff]] list ignored: the gateway's signed roster is in force", extra={"gateway": gateway})
+            log.info(
+                "[[staff]] list ignored: a roster of the gateway is held, every batch is verified against it "
+                "(a batch without an approval proof is refused: approval_missing)",
+                extra={"gateway": gateway},
+            )
     for gateway, missing in connector.rosters.missing_from_roster(legacy).items():
         lines.append(f"the roster of {gateway} lacks [[staff]] ids {', '.join(missing)}")
         log.warning(

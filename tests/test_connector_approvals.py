@@ -326,6 +326,18 @@ def test_the_migration_rule_checks_staff_ids_only_where_allowed(world: World) ->
     expect(world, forged, "approval_signature_invalid", "S-0001")
 
 
+def test_a_batch_stripped_of_its_proof_is_refused_once_the_gateways_roster_is_held(world: World) -> None:
+    """Security review 4: with the migration flag on and the gateway's roster held, a batch without an approval
+    proof must not fall back to the unsigned [[staff]] rule."""
+    world.connector.approvals = ApprovalCheck(
+        world.staff.rosters(), legacy_staff={GATEWAY: frozenset(STAFF)}, allow_unverified=True
+    )
+    assert world.connector.approvals.rosters.history(GATEWAY) is not None
+    stripped = world.batch("B-STRIPPED", world.subjects(2))
+    stripped.ClearField("approval")
+    expect(world, stripped, "approval_missing")
+
+
 # -- signed refusals of other requests, metrics --------------------------------------------------------------------
 
 

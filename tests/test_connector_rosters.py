@@ -377,7 +377,8 @@ def test_the_start_log_says_what_the_toml_ids_still_do(tmp_path: Path, caplog: p
         ]
         connector.approvals = dataclasses.replace(connector.approvals, allow_unverified=True)
         assert legacy_staff_warnings(connector) == [
-            f"[[staff]] ids of {GATEWAY} decide until its signed roster arrives (deprecated)"
+            f"[[staff]] ids of {GATEWAY} decide only while no roster of it is held (deprecated); "
+            "once one arrives every batch is verified against it"
         ]
         staff = SigningKey.generate()
         member = RosterMember("S-0001", "员工", ("admin", "exchange"), staff.public, MONDAY)

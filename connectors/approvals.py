@@ -10,9 +10,10 @@ it was when the approval was given. It refuses the batch with the first failing 
 2. ``approval_proof_invalid``: the proof does not have the shape the batch needs (counts, indices, salts, hash
    lengths, hashes missing or left over), or ``staff_ids`` does not name exactly the approvers;
 3. for each approval in turn: ``approver_duplicate`` (a staff id given twice), ``approval_time_invalid`` (approved
-   after the envelope was made), ``approver_unknown`` / ``approver_not_yet_effective`` / ``approver_expired`` /
-   ``approver_revoked`` (the roster in force at the approval's time), ``approver_not_exchange_staff`` (no exchange
-   role), ``approver_duplicate`` (a key already used by another approver), ``approval_signature_invalid`` (the
+   after the envelope was made, or more than ``max_age_ms`` before it), ``approver_unknown`` /
+   ``approver_not_yet_effective`` / ``approver_expired`` / ``approver_revoked`` (the roster in force at the
+   approval's time), ``approver_not_exchange_staff`` (no exchange role), ``approver_duplicate`` (a key already
+   used by another approver), ``approval_signature_invalid`` (the
    signature does not verify over the recomputed root: forged, made for another commission, or made over other
    content than the batch carries — a unit cannot tell these apart);
 4. ``approvals_too_few``: fewer than two approvals (all of which passed).
@@ -38,7 +39,7 @@ from hedui.v1 import exchange_pb2
 
 from connectors.errors import Refusal
 from keys.approvals import ApprovalProofError, batch_root
-from keys.clock import MINUTE_MS
+from keys.clock import DAY_MS, MINUTE_MS
 from keys.roster import RosterMember
 from keys.statements import approval_message
 
@@ -53,6 +54,9 @@ APPROVER_REVOKED = "approver_revoked"
 APPROVER_NOT_EXCHANGE_STAFF = "approver_not_exchange_staff"
 APPROVER_DUPLICATE = "approver_duplicate"
 APPROVALS_TOO_FEW = "approvals_too_few"
+#: Subjects (share indices of a commission) received before in another batch: approved subjects are queried once
+#: (clause 16). Checked when the batch is stored (connectors/store.py ``batch_shares``), after every check here.
+SUBJECT_ALREADY_QUERIED = "subject_already_queried"
 #: The old rule's refusal (a batch judged by ``[[staff]]`` ids during migration).
 STAFF_NOT_REGISTERED = "staff_not_registered"
 
@@ -70,6 +74,7 @@ REASONS: Mapping[str, grpc.StatusCode] = {
     APPROVER_DUPLICATE: grpc.StatusCode.PERMISSION_DENIED,
     APPROVALS_TOO_FEW: grpc.StatusCode.PERMISSION_DENIED,
     STAFF_NOT_REGISTERED: grpc.StatusCode.PERMISSION_DENIED,
+    SUBJECT_ALREADY_QUERIED: grpc.StatusCode.PERMISSION_DENIED,
 }
 #: What a roster says of a staff member who may not act at a moment (keys/roster.py RosterHistory.member_at).
 ROSTER_REASONS = frozenset({APPROVER_UNKNOWN, APPROVER_NOT_YET_EFFECTIVE, APPROVER_EXPIRED, APPROVER_REVOKED})
@@ -130,6 +135,9 @@ class ApprovalCheck:
     allow_unverified: bool = False
     #: Slack between the gateway's clock at approval and at sealing (both the gateway's).
     clock_skew_ms: int = 5 * MINUTE_MS
+    #: ``[exchange] approval_max_age_days``: an approval given longer than this before the envelope was made is
+    #: refused, so a key revoked since cannot date approvals before its revocation without limit.
+    max_age_ms: int = 45 * DAY_MS
 
     def check(self, batch: exchange_pb2.QueryBatch, *, gateway: str, unit: str, created_at_ms: int) -> Verdict:
         """The approvers of ``batch`` (sent by ``gateway`` to ``unit`` in an envelope made at ``created_at_ms``), or
@@ -158,6 +166,13 @@ class ApprovalCheck:
             if not 0 < approval.approved_at_ms <= created_at_ms + self.clock_skew_ms:
                 raise refusal(
                     APPROVAL_TIME_INVALID, f"the approval of {shown} is dated after the batch was sent", shown
+                )
+            if approval.approved_at_ms < created_at_ms - self.max_age_ms:
+                raise refusal(
+                    APPROVAL_TIME_INVALID,
+                    f"the approval of {shown} was given more than {self.max_age_ms // DAY_MS} days before the batch "
+                    "was sent",
+                    shown,
                 )
             if history is None:
                 raise refusal(

@@ -201,10 +201,19 @@ class ExchangeSection:
         "off once every gateway's roster has arrived (docs/operations.md).",
         default=False,
     )
+    approval_max_age_days: int = doc(
+        "Oldest exchange approval accepted: a batch whose approvals were given more than this many days before "
+        "the gateway sent it is refused (approval_time_invalid), so an approval signed with a key since revoked "
+        "cannot be backdated to before its revocation forever (docs/exchange.md). 1-366; agree it with the "
+        "gateways (an exchange approved but not sent within it is approved again).",
+        default=45,
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.answer_staff <= 8:
             raise ValueError("exchange.answer_staff must be 1-8")
+        if not 1 <= self.approval_max_age_days <= 366:
+            raise ValueError("exchange.approval_max_age_days must be 1-366")
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,10 @@ from common.logs import LogThrottle, public_commission_ref
 from common.workdays import CHINA_TZ, CalendarSource, Deadline, WorkdayCalendar
 from connectors.adapters.base import Adapter, AdapterError, LookupContext
 from connectors.answering import answer_subjects, is_authorised
-from connectors.approvals import ApprovalCheck, GatewayRosters, NoRosters
+from connectors.approvals import SUBJECT_ALREADY_QUERIED, ApprovalCheck, GatewayRosters, NoRosters
+from connectors.approvals import refusal as approval_refusal
 from connectors.errors import DelayRefused, Refusal, envelope_refusal, sign_refusal
-from connectors.store import BatchExists, ConnectorStore, StoredBatch
+from connectors.store import BatchExists, ConnectorStore, Shares, SharesQueried, StoredBatch
 from connectors.trust.duty import OnDuty, Responsible
 from connectors.trust.rosters import PeerRosters
 from keys.clock import DAY_MS, MINUTE_MS, from_ms
@@ -80,6 +81,7 @@ class Connector:
         metrics: ConnectorMetrics | None = None,
         rosters: GatewayRosters | None = None,
         allow_unverified_approvals: bool = False,
+        approval_max_age_ms: int = 45 * DAY_MS,
     ) -> None:
         """``rosters``: the gateways' rosters the unit holds, which exchange approvals are verified against (none:
         every approver is unknown); ``staff`` (``[[staff]]``, gateway -> staff ids) and
@@ -90,7 +92,10 @@ class Connector:
         self.served = frozenset(UNIT_DATA[unit_category])
         self.calendar = calendar
         self.approvals = ApprovalCheck(
-            rosters=rosters or NoRosters(), legacy_staff=staff, allow_unverified=allow_unverified_approvals
+            rosters=rosters or NoRosters(),
+            legacy_staff=staff,
+            allow_unverified=allow_unverified_approvals,
+            max_age_ms=approval_max_age_ms,
         )
         self.threshold_categories = threshold_categories
         self.max_subjects = max_subjects
@@ -250,7 +255,13 @@ class Connector:
                 due_provisional=due.provisional,
             )
             try:
-                self.store.insert(stored, content)
+                self.store.insert(stored, content, Shares.of(batch))
+            except SharesQueried as exc:
+                # Clause 16: approved subjects are queried once; the same ones again under another batch id (a
+                # replay of an approved batch) are refused, whatever the approvals say.
+                raise approval_refusal(
+                    SUBJECT_ALREADY_QUERIED, f"subjects of this batch were received before in batch {exc.batch_id}"
+                ) from None
             except BatchExists:
                 # Lost a race with a concurrent submission of the same batch id.
                 existing = self.store.get(batch.batch_id)

@@ -48,6 +48,7 @@ from connectors.trust import ConnectorKeys, TrustDesk, TrustItems, default_handl
 from connectors.trust.duty import OnDuty
 from connectors.trust.renewal import CERTIFICATE_ITEM, CertificateRenewal, RenewalJob
 from connectors.trust.rosters import ROSTER_ITEM, PeerRosters
+from keys.clock import DAY_MS
 from keys.envelope import Courier, Policy
 from keys.live import LiveKeystore, RotationPolicy, Watcher
 from keys.roster import Notice
@@ -371,6 +372,7 @@ def build_connector(
         # The gateways' rosters the unit holds (issue 11): exchange approvals are verified against them.
         rosters=PeerRosters(store.engine),
         allow_unverified_approvals=config.exchange.allow_unverified_approvals,
+        approval_max_age_ms=config.exchange.approval_max_age_days * DAY_MS,
     )
     connector.calendar_source = calendar
     connector.rosters, connector.duty = PeerRosters(store.engine), OnDuty(store.engine)

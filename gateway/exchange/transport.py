@@ -81,7 +81,9 @@ APPROVAL_REASONS = frozenset(
         "approvals_too_few",
     }
 )
-PERMANENT_REASONS = frozenset({"no_authorisation", "batch_too_large"}) | APPROVAL_REASONS
+#: ``subject_already_queried``: the unit received some of the batch's subjects before in another batch (clause 16:
+#: approved subjects are queried once); sending the same batch again changes nothing.
+PERMANENT_REASONS = frozenset({"no_authorisation", "batch_too_large", "subject_already_queried"}) | APPROVAL_REASONS
 #: Refusals of one batch that a change at the unit may cure without anyone touching the batch: ``approver_unknown``
 #: (the unit does not hold our roster, or not the version that names the approver, yet: rosters travel by
 #: SyncTrust). The batch is tried again with its own backoff; the unit is not backed off, as it answers.

@@ -21,6 +21,7 @@ from connectors.approvals import REASONS, ApprovalCheck, NoRosters
 from connectors.metrics import ConnectorMetrics
 from connectors.store import ConnectorStore
 from gateway.exchange.approvals import TreeUnit
+from gateway.exchange.transport import is_transient
 from keys.clock import DAY_MS, MINUTE_MS
 from keys.envelope import message_id_of
 from keys.identity import PartyKeys
@@ -440,3 +441,9 @@ def test_the_unit_remembers_queried_subjects_after_purging_and_restarting(world:
     again.CopyFrom(first)
     again.batch_id = "B-LATER"
     expect(world, again, "subject_already_queried")
+
+
+def test_the_gateway_takes_a_repeat_refusal_as_final() -> None:
+    """``subject_already_queried`` fails the batch for good: sending it again changes nothing."""
+    assert not is_transient(REASONS["subject_already_queried"], "subject_already_queried")
+    assert not is_transient(grpc.StatusCode.UNAVAILABLE, "subject_already_queried")

@@ -180,7 +180,12 @@ class ExchangeSection:
     retention_days: int = doc(
         "Days an acknowledged batch's content and answer are kept before they are purged.", default=30
     )
-    envelope_ttl_minutes: int = doc("Lifetime of the envelopes the connector sends.", default=60)
+    envelope_ttl_minutes: int = doc(
+        "Lifetime of the envelopes the connector sends, and the oldest envelope it takes from a gateway (created "
+        "longer ago than this plus the clock skew: expired, docs/envelope.md step 7c). Keep it equal to the "
+        "gateway's.",
+        default=60,
+    )
     holiday_file: Path | None = doc(
         "TOML with official holiday schedules of years the built-in calendar lacks (common/workdays.py).",
         default=None,

@@ -48,7 +48,7 @@ from connectors.trust import ConnectorKeys, TrustDesk, TrustItems, default_handl
 from connectors.trust.duty import OnDuty
 from connectors.trust.renewal import CERTIFICATE_ITEM, CertificateRenewal, RenewalJob
 from connectors.trust.rosters import ROSTER_ITEM, PeerRosters
-from keys.clock import DAY_MS
+from keys.clock import DAY_MS, MINUTE_MS
 from keys.envelope import Courier, Policy
 from keys.live import LiveKeystore, RotationPolicy, Watcher
 from keys.roster import Notice
@@ -349,7 +349,9 @@ def build_connector(
             raise ConfigError(f"keystore belongs to {live.party.party_id}, config says {config.unit.party_id}")
         engine = make_engine(config.database.url)
         store = ConnectorStore(engine)
-        courier = Courier(live.party, live.trust, replay=store.replay, clock=live.clock, policy=Policy())
+        # Online: an envelope older than our envelope lifetime (plus skew) is expired (docs/envelope.md step 7c).
+        policy = Policy.online(config.exchange.envelope_ttl_minutes * MINUTE_MS)
+        courier = Courier(live.party, live.trust, replay=store.replay, clock=live.clock, policy=policy)
     else:
         store = ConnectorStore(make_engine(config.database.url))
     if metrics is not None:

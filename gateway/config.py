@@ -177,7 +177,11 @@ class ExchangeSection:
     )
     poll_interval_seconds: float = doc("How often receipted batches are asked for answers.", default=60.0)
     fetch_group: int = doc("Batch ids per FetchAnswers call (at most 100).", default=20)
-    envelope_ttl_minutes: int = doc("Lifetime of the envelopes the gateway sends.", default=60)
+    envelope_ttl_minutes: int = doc(
+        "Lifetime of the envelopes the gateway sends, and the oldest envelope it takes from a unit (created longer "
+        "ago than this plus the clock skew: expired, docs/envelope.md step 7c). Keep it equal to the units'.",
+        default=60,
+    )
     holiday_file: Path | None = doc("Official holiday schedules of years the built-in calendar lacks.", default=None)
     replica_id: str = doc("Name of this gateway process among replicas sharing one database.", default="gateway-1")
     lease_seconds: float = doc("How long a replica's claim on a batch or job lasts without renewal.", default=120.0)

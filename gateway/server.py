@@ -43,9 +43,9 @@ from gateway.procedure.staff import StaffRegister
 from gateway.procedure.workflow import Workflow
 from gateway.trust import GatewayKeys, TrustItems, TrustSchedule, TrustSyncer, default_handlers
 from gateway.trust.rosters import ROSTER_ITEM, PeerRosters
-from keys.clock import Clock, SystemClock
+from keys.clock import MINUTE_MS, Clock, SystemClock
 from keys.crl import RevocationList
-from keys.envelope import Courier
+from keys.envelope import Courier, Policy
 from keys.live import LiveKeystore, Watcher
 from keys.roster import Notice
 from keys.tls import TlsIdentity, check_tls
@@ -193,7 +193,9 @@ def _start(
     party = live.party
     # Commissions stored before approval trees, not yet approved: their trees, before staff can read a digest.
     complete_trees(engine, AuditLog(engine), gateway=party.party_id, units=store.units.all(), now_ms=clock.now_ms())
-    courier = Courier(party, live.trust, replay=store.replay, clock=clock)
+    # Online: an envelope older than our envelope lifetime (plus skew) is expired (docs/envelope.md step 7c).
+    policy = Policy.online(config.exchange.envelope_ttl_minutes * MINUTE_MS)
+    courier = Courier(party, live.trust, replay=store.replay, clock=clock, policy=policy)
     courier.on_reject = metrics.service.counting_rejections(courier.on_reject)
     metrics.watch_store(engine)
     tls.watch(metrics, engine, units_to_tell(config))

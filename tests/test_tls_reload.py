@@ -31,6 +31,7 @@ from gateway.config import GatewayConfig
 from gateway.exchange.transport import ClientTls, TransportFailure, UnitClient, fetch_server_certificate
 from gateway.server import RunningGateway, build
 from keys.cli import main as keys_main
+from keys.clock import MINUTE_MS
 from keys.crl import CaRevocations, build_crl
 from keys.tls import TlsFiles, create_ca, issue_certificate, load_certificate
 from tests.conftest import write_passphrase
@@ -374,6 +375,21 @@ def test_the_engine_records_the_unit_unreachable_for_a_revoked_certificate(net: 
             assert running.store.units.all()[0].last_error == "unavailable: certificate_revoked"
             assert running.metrics is not None
             assert running.metrics.registry.get_sample_value("hedui_tls_revoked_peers_total", {"side": "server"}) == 1
+
+
+def test_both_services_cap_the_age_of_envelopes_at_their_lifetime(net: Net) -> None:
+    """Security review 5, through the services' own wiring: their couriers take no envelope created longer ago than
+    ``envelope_ttl_minutes`` plus the skew, whatever lifetime it claims (a retired key's backdated envelope; the
+    refusal itself: test_envelope.py, test_a_retired_key_cannot_backdate_an_online_envelope_weeks_after_retirement).
+    """
+    with connector(net) as unit:
+        net.site.edit(net.site.gateway_config, 'endpoint = "127.0.0.1:', f'endpoint = "127.0.0.1:{unit.port}" #')
+        with gateway(net) as running:
+            for courier, ttl in (
+                (unit.connector.courier, ConnectorConfig.load(net.site.connector_config).exchange.envelope_ttl_minutes),
+                (running.engine.courier, GatewayConfig.load(net.site.gateway_config).exchange.envelope_ttl_minutes),
+            ):
+                assert courier.policy.max_age_ms == ttl * MINUTE_MS
 
 
 def _list(net: Net, *, number: int, revoked: CaRevocations | None = None, days_ago: int = 0, days: int = 7) -> bytes:

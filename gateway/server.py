@@ -411,8 +411,8 @@ class GatewayTls:
             publish_crl(engine, crl.der, SystemClock().now_ms(), units)
 
         revocations.on_installed = send_on
-        if revocations.held is not None:
-            send_on(revocations.held)
+        for crl in revocations.lists:  # one per CA
+            send_on(crl)
 
 
 def serve_api(

@@ -456,7 +456,7 @@ class ServerCertificateCheck:
         held = self.revocations.held
         if held is None:
             return
-        key = (held.sha256, generation)
+        key = (self.revocations.digest, generation)
         with self._lock:
             verdict = self._verdict
             if verdict is None or verdict.key != key or self.clock() - verdict.at >= self.recheck_seconds:
@@ -477,7 +477,7 @@ class ServerCertificateCheck:
         except (OSError, ValueError, UnicodeError):
             raise TransportFailure("unavailable", "the unit cannot be reached") from None
         cert = x509.load_der_x509_certificate(der)
-        verdict = _Verdict(key, held.revokes(cert), self.clock(), cert.serial_number)
+        verdict = _Verdict(key, self.revocations.revokes(cert), self.clock(), cert.serial_number)
         if verdict.revoked:
             log.warning(
                 "unit presents a revoked TLS certificate; not calling it",

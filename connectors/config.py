@@ -45,7 +45,9 @@ class TlsSection:
     crl_file: Path | None = doc(
         "Where the connector keeps the private CA's certificate revocation list, which the gateway sends over the "
         "wire (or 'hedui-connector tls install-crl FILE' installs); gateways whose client certificate it lists are "
-        "refused. Unset: crl.der in the keystore's folder (the service writes it).",
+        "refused. One list per CA of the bundle; the highest number of each is remembered in <file>.numbers.json, and "
+        "once a list was held a missing file is an error at start (docs/keys.md). Unset: crl.der in the keystore's "
+        "folder (the service writes it).",
         default=None,
     )
     check_interval_seconds: float = doc(

@@ -75,7 +75,9 @@ class TlsSection:
     crl_file: Path | None = doc(
         "The private CA's certificate revocation list (DER or PEM), enforced on agency API callers and on the units' "
         "server certificates, and sent to every unit. Install it with 'hedui-gateway tls install-crl FILE' (checked, "
-        "never older than the one in place); the running gateway picks it up. Unset: no list.",
+        "never older than the one in place); the running gateway picks it up. One list per CA of the bundle; the "
+        "highest number of each is remembered in <file>.numbers.json, and once a list was held a missing file is an "
+        "error at start (docs/keys.md). Unset: no list.",
         default=None,
     )
     check_interval_seconds: float = doc(

@@ -272,11 +272,16 @@ class RevocationSource:
         return new
 
     def _record_numbers(self) -> None:
+        assert self.path is not None
         numbers = dict(self._numbers)
+        try:  # another process (an install command) may have recorded a higher number meanwhile: never lower it
+            for key, number in load_numbers(self.path).items():
+                numbers[key] = max(numbers.get(key, 0), number)
+        except CrlError:
+            pass  # damaged: rewritten from what this process knows
         for key, crl in self._lists.items():
             numbers[key] = max(numbers.get(key, 0), crl.number)
         if numbers != self._numbers:
-            assert self.path is not None
             try:
                 save_numbers(self.path, numbers)
             except OSError as exc:

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,8 @@ class CaRevocations:
 def write_atomically(path: Path, data: bytes, *, mode: int) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a part: a temporary file
     in the same folder (``mode``), fsync, rename, fsync of the folder."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Unique per call: two threads of one process (a service and a command run in it) may write the same file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)

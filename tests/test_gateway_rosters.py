@@ -203,6 +203,40 @@ def test_a_unit_roster_is_applied_once_and_a_bad_one_changes_nothing(engine: Eng
     assert peers.pending(MONDAY) == {UNITS[0]: 1} and peers.pending(v1.effective_at_ms) == {}
 
 
+def test_a_backdated_unit_version_is_judged_by_its_receipt_and_histories_are_parsed_once(engine: Engine) -> None:
+    """Security review findings 2 and 7: the receipt time is kept (stored_at_ms) and judges what a unit's version
+    changes; an unchanged version is refused; the parsed history is reused until a version is added."""
+    unit = RosterParty.create(UNITS[0], MONDAY)
+    trust = TrustStore()
+    trust.set_keyring(UNITS[0], unit.keyring())
+    peers = PeerRosters(engine, notice=lambda: NOTICE)
+    handler = peers.handler(trust=lambda: trust, notice=lambda: NOTICE, own_party_id=GATEWAY)
+    v1 = unit.version(
+        [unit.member("U-01", ("admin", "exchange"), MONDAY), unit.member("U-02", ("exchange",), MONDAY)],
+        issued_at_ms=MONDAY,
+        admin="U-01",
+    )
+    assert handler(UNITS[0], unit.sign(v1), MONDAY) is None
+    first = peers.history(UNITS[0])
+    assert first is not None and peers.history(UNITS[0]) is first  # parsed once
+    friday = beijing_ms(2026, 3, 6, 15)
+    unchanged = unit.version(list(v1.members), issued_at_ms=friday, effective_at_ms=friday, admin="U-01")
+    assert handler(UNITS[0], unit.sign(unchanged), friday) == "roster_unchanged"
+    unit.versions.pop()
+    # Made on Friday, stating Monday: revokes U-02 from Monday (which would disown U-02's answers of the week).
+    backdated = unit.version(
+        unit.changed(v1, "U-02", revoked_at_ms=MONDAY), issued_at_ms=MONDAY, effective_at_ms=MONDAY, admin="U-01"
+    )
+    assert handler(UNITS[0], unit.sign(backdated), friday) is None  # late versions are still taken
+    history = peers.history(UNITS[0])
+    assert history is not None and history is not first and history.held_version == 2
+    wednesday = MONDAY + 2 * DAY_MS
+    assert history.member_at("U-02", wednesday)[1] is None
+    assert history.member_at("U-02", friday) == (None, "approver_revoked")
+    # A fresh reader (another process) judges alike from what is stored.
+    assert PeerRosters(engine).history(UNITS[0]).member_at("U-02", wednesday)[1] is None  # type: ignore[union-attr]
+
+
 def test_staff_add_and_revoke_refer_to_the_roster_once_there_is_one(agency: Agency, tmp_path: Path) -> None:
     from gateway.cli import _no_roster_yet  # noqa: PLC0415
 

@@ -248,11 +248,10 @@ class RosterHandler:
             return "roster_wrong_party"
         with self.engine.begin() as conn:
             audit_lock(conn)  # two replicas applying the same peer's versions take turns
-            history = load_history(conn, sender) or RosterHistory(sender)
+            notice = self.notice()
+            history = load_history(conn, sender, notice=notice) or RosterHistory(sender, notice=notice)
             try:
-                signed = history.check(
-                    payload, keyring=self.trust().keyring(sender), now_ms=now_ms, notice=self.notice()
-                )
+                signed = history.check(payload, keyring=self.trust().keyring(sender), now_ms=now_ms, notice=notice)
             except RosterError as exc:
                 log.warning(
                     "roster refused",
@@ -279,15 +278,41 @@ class RosterHandler:
 
 
 class PeerRosters:
-    """The rosters the gateway holds: each unit's history (and its own, for metrics)."""
+    """The rosters the gateway holds: each unit's history (and its own, for metrics).
 
-    def __init__(self, engine: Engine) -> None:
+    ``notice``: the agency's notice rule, by which the members a unit's version adds count from the notice after
+    its receipt at the earliest (keys/roster.py, RECEIPT_GRACE_MS); without it, from the receipt.
+    """
+
+    def __init__(self, engine: Engine, *, notice: Callable[[], Notice] | None = None) -> None:
         self.engine = engine
+        self.notice = notice
+        #: party -> ((latest version, its item digest, notice), the history parsed): a history is parsed once per
+        #: version held, not once per answer set judged.
+        self._cache: dict[str, tuple[tuple[int, bytes, object], RosterHistory]] = {}
 
     def history(self, party_id: str) -> RosterHistory | None:
-        """Every version of ``party_id``'s roster held, or None when none is held."""
+        """Every version of ``party_id``'s roster held, or None when none is held. Parsed once per latest version
+        (cached): callers read it and never change it."""
+        notice = self.notice() if self.notice is not None else None
+        notice_key = None if notice is None else (notice.working_days, id(notice.calendar))
         with reading(self.engine) as conn:
-            return load_history(conn, party_id)
+            head = conn.execute(
+                select(s.rosters.c.version, s.rosters.c.sha256)
+                .where(s.rosters.c.party_id == party_id)
+                .order_by(s.rosters.c.version.desc())
+                .limit(1)
+            ).first()
+            if head is None:
+                return None
+            key = (int(head.version), bytes(head.sha256), notice_key)
+            cached = self._cache.get(party_id)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            history = load_history(conn, party_id, notice=notice)
+        assert history is not None
+        self._cache[party_id] = (key, history)
+        return history
 
     def held_version(self, party_id: str) -> int:
         """The highest version of ``party_id``'s roster held; 0 for none (TrustSync.peer_roster_version)."""

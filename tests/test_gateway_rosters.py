@@ -237,6 +237,58 @@ def test_a_backdated_unit_version_is_judged_by_its_receipt_and_histories_are_par
     assert PeerRosters(engine).history(UNITS[0]).member_at("U-02", wednesday)[1] is None  # type: ignore[union-attr]
 
 
+def test_rows_slipped_into_the_staff_table_never_ride_on_the_next_admin_change(
+    agency: Agency, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Security review finding 1: a database writer adds staff rows directly; the next legitimate change must not
+    sign them. The change is refused naming them, nothing changes; publish shows them before signing."""
+    agency.own.publish("A-0001", agency.keys["A-0001"], now_ms=MONDAY)
+    evil = {sid: SigningKey.generate() for sid in ("X-0001", "X-0002")}
+    with agency.register.engine.begin() as conn:
+        for sid, key in evil.items():
+            conn.execute(
+                s.staff.insert().values(
+                    staff_id=sid, name="某某", roles="exchange", public_key=key.public.raw, valid_from_ms=MONDAY,
+                    valid_until_ms=None, registered_by="A-0001", registered_at_ms=MONDAY, revoked_at_ms=None,
+                )
+            )  # fmt: skip
+    before = _counts(agency.register.engine)
+    tuesday = MONDAY + DAY_MS + HOUR_MS
+    with pytest.raises(RosterChangeRefused, match=r"X-0001 \(added\), X-0002 \(added\)") as caught:
+        agency.own.add(
+            "A-0001", agency.keys["A-0001"], "S-0002", name="新同事", roles="exchange",
+            public_key=agency.keys["S-0002"].public.raw, now_ms=tuesday,
+        )  # fmt: skip
+    assert "某某" not in str(caught.value)
+    with pytest.raises(RosterChangeRefused, match="X-0001"):
+        agency.own.end("A-0001", agency.keys["A-0001"], "S-0001", now_ms=tuesday)
+    assert _counts(agency.register.engine) == before
+    assert _unit_view(agency, tuesday).held_version == 1  # nothing signed, nothing published
+    assert agency.own.unsigned_changes() == [("X-0001", "added"), ("X-0002", "added")]
+    # A changed row (another key for a listed member) is named too.
+    with agency.register.engine.begin() as conn:
+        conn.execute(s.staff.delete().where(s.staff.c.staff_id.in_(list(evil))))
+        conn.execute(
+            s.staff.update().where(s.staff.c.staff_id == "S-0001").values(public_key=evil["X-0001"].public.raw)
+        )
+    assert agency.own.unsigned_changes() == [("S-0001", "changed")]
+    with pytest.raises(RosterChangeRefused, match=r"S-0001 \(changed\)"):
+        agency.own.revoke("A-0001", agency.keys["A-0001"], "A-0001", now_ms=tuesday, reason="key-lost", urgent=True)
+
+
+def test_the_next_version_is_the_signed_one_plus_exactly_the_change(agency: Agency) -> None:
+    agency.own.publish("A-0001", agency.keys["A-0001"], now_ms=MONDAY)
+    tuesday = MONDAY + DAY_MS + HOUR_MS
+    roster = agency.own.add(
+        "A-0001", agency.keys["A-0001"], "S-0002", name="新同事", roles="exchange",
+        public_key=agency.keys["S-0002"].public.raw, now_ms=tuesday,
+    )  # fmt: skip
+    assert roster is not None and [m.staff_id for m in roster.members] == ["A-0001", "S-0001", "S-0002"]
+    history = agency.own.history()
+    assert history is not None and history.versions[0].roster.members == roster.members[:2]
+    assert agency.own.unsigned_changes() == []
+
+
 def test_staff_add_and_revoke_refer_to_the_roster_once_there_is_one(agency: Agency, tmp_path: Path) -> None:
     from gateway.cli import _no_roster_yet  # noqa: PLC0415
 
@@ -305,6 +357,7 @@ def test_cli_roster_add_end_revoke_and_show(tmp_path: Path, capsys: pytest.Captu
     code, out, err = gateway("roster", "publish", *signed())
     assert code == 0, err
     assert "roster version 1" in out and "published to 2 units" in out
+    assert "differs in:\n  A-0001: added\n" in out  # publish shows what it signs
     code, _, err = gateway("roster", "publish", *signed(keystore="S-0001"))
     assert code == 1 and "not A-0001's" in err
     add = ["--staff-id", "S-0001", "--name", "李交换", "--roles", "exchange", "--public-key-file",

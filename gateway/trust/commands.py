@@ -149,6 +149,12 @@ def _publish(args: argparse.Namespace) -> None:
     now = SystemClock().now_ms()
     with _context(args) as ctx:
         own = ctx.own()
+        changes = own.unsigned_changes()
+        print("the next version signs the register as it is; against the latest signed version it differs in:")
+        for staff_id, what in changes:
+            print(f"  {staff_id}: {what}")
+        if not changes:
+            print("  nothing")
         _made(own.publish(args.admin, _admin_key(args, now), now_ms=now), len(own.units), "roster signed")
 
 

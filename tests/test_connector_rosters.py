@@ -374,6 +374,12 @@ def test_cli_unit_roster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
            str(people["U-02"].bundle), "--fingerprint", fingerprint]  # fmt: skip
     code, _, err = run("add", "--admin", "U-02", *signed("U-02"), *add)
     assert code == 1 and "not an admin" in err
+    # Review finding 9: no bundle without the fingerprint of the member's key letter, and only a matching one.
+    with pytest.raises(SystemExit):
+        run("add", "--admin", "U-01", *signed(), *add[:-2])
+    wrong = bundle_fingerprint(capsys, people["U-01"].bundle)
+    code, _, err = run("add", "--admin", "U-01", *signed(), *add[:-2], "--fingerprint", wrong)
+    assert code == 1 and "fingerprint" in err
     code, out, err = run("add", "--admin", "U-01", *signed(), *add)
     assert code == 0, err
     assert "roster version 2" in out

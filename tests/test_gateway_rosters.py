@@ -324,7 +324,7 @@ def test_migration_0012_keeps_existing_staff_and_batches(tmp_path: Path) -> None
 
 def test_cli_roster_add_end_revoke_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from gateway.cli import main as gateway_main  # noqa: PLC0415
-    from tests.test_staff import Keystore  # noqa: PLC0415
+    from tests.test_staff import Keystore, bundle_fingerprint  # noqa: PLC0415
 
     people = {s: Keystore(tmp_path, f"staff.220100.{s.lower()}") for s in ("A-0001", "S-0001", "S-0002")}
     agency = Keystore(tmp_path, GATEWAY)
@@ -362,7 +362,15 @@ def test_cli_roster_add_end_revoke_and_show(tmp_path: Path, capsys: pytest.Captu
     assert code == 1 and "not A-0001's" in err
     add = ["--staff-id", "S-0001", "--name", "李交换", "--roles", "exchange", "--public-key-file",
            str(people["S-0001"].bundle)]  # fmt: skip
-    code, out, err = gateway("roster", "add", *signed(), *add)
+    # Review finding 9: the bundle is taken only with the fingerprint of the member's key letter, and only if it
+    # matches (a bundle file swapped on its way to the admin is refused).
+    with pytest.raises(SystemExit):
+        gateway("roster", "add", *signed(), *add)
+    wrong = bundle_fingerprint(capsys, people["S-0002"].bundle)
+    code, _, err = gateway("roster", "add", *signed(), *add, "--fingerprint", wrong)
+    assert code == 1 and "fingerprint" in err
+    right = bundle_fingerprint(capsys, people["S-0001"].bundle)
+    code, out, err = gateway("roster", "add", *signed(), *add, "--fingerprint", right)
     assert code == 0, err
     assert "roster version 2" in out
     code, _, err = gateway("staff", "add", *add, "--admin", "A-0001")

@@ -7,6 +7,7 @@ judged by the roster in force when it was made.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 from hedui.v1 import trust_pb2
@@ -14,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from keys import _canonical
-from keys.clock import DAY_MS, HOUR_MS, MAX_TIME_MS, MINUTE_MS
+from keys.clock import DAY_MS, HOUR_MS, MAX_TIME_MS, MINUTE_MS, SystemClock
 from keys.fingerprint import Algorithm
 from keys.handles import SigningKey
 from keys.roster import (
@@ -526,3 +527,16 @@ def test_a_version_that_changes_nothing_is_refused(party: RosterParty) -> None:
     with pytest.raises(RosterError) as caught:
         history.accept(party.sign(same), keyring=party.keyring(), now_ms=TUESDAY, notice=NOTICE)
     assert caught.value.code == "roster_unchanged" and history.held_version == 1
+
+
+def test_a_staff_bundle_is_read_only_with_its_key_letter_fingerprint(tmp_path: Path) -> None:
+    """Review finding 9: keys/staffkeys.read_staff_bundle requires the fingerprint (both CLIs' ``roster add``)."""
+    from keys.errors import TrustError  # noqa: PLC0415
+    from keys.staffkeys import read_staff_bundle  # noqa: PLC0415
+    from tests.test_staff import Keystore  # noqa: PLC0415
+
+    person = Keystore(tmp_path, "staff.220100.s-0009")
+    now = SystemClock().now_ms()
+    for missing in (None, "", "  "):
+        with pytest.raises(TrustError, match="--fingerprint"):
+            read_staff_bundle(person.bundle, fingerprint=missing, now_ms=now)

@@ -510,7 +510,8 @@ class RosterHistory:
         before the version that first listed them took effect: approver_not_yet_effective; at or after their
         valid_until: approver_expired. A message is judged at the moment it was made, so a member removed later
         still verifies what they signed before. Times a version states count from its receipt less the grace at
-        the earliest (:data:`RECEIPT_GRACE_MS`), so a backdated version changes nothing before it was received.
+        the earliest (:data:`RECEIPT_GRACE_MS`), so a backdated version changes nothing before it was received; the
+        member returned carries those judged times.
         """
         return self._member_at(staff_id, at_ms, as_received=True)
 
@@ -524,7 +525,7 @@ class RosterHistory:
         since = (self._listed_since if as_received else self._stated_since)[staff_id]
         if reason is None and at_ms < since:
             reason = APPROVER_NOT_YET_EFFECTIVE
-        return (listed, None) if reason is None else (None, reason)
+        return (member, None) if reason is None else (None, reason)
 
     def status(self, staff_id: str, at_ms: int) -> str:
         """For operators' listings: ``active``, ``pending`` (announced, not yet in force), ``expired``, ``revoked``

@@ -360,6 +360,9 @@ def build_connector(
     staff: dict[str, set[str]] = {}
     for entry in config.staff:
         staff.setdefault(entry.gateway, set()).add(entry.staff_id)
+    # The unit's notice rule: a gateway's roster version counts its new members from the notice after its receipt.
+    notice_days = config.roster.notice_working_days
+    rosters = PeerRosters(store.engine, notice=lambda: Notice(connector.calendar, notice_days))
     connector = Connector(
         courier=courier,
         store=store,
@@ -372,12 +375,12 @@ def build_connector(
         envelope_ttl_ms=config.exchange.envelope_ttl_minutes * 60_000,
         metrics=metrics,
         # The gateways' rosters the unit holds (issue 11): exchange approvals are verified against them.
-        rosters=PeerRosters(store.engine),
+        rosters=rosters,
         allow_unverified_approvals=config.exchange.allow_unverified_approvals,
         approval_max_age_ms=config.exchange.approval_max_age_days * DAY_MS,
     )
     connector.calendar_source = calendar
-    connector.rosters, connector.duty = PeerRosters(store.engine), OnDuty(store.engine)
+    connector.rosters, connector.duty = rosters, OnDuty(store.engine)
     connector.answer_staff = config.exchange.answer_staff
     legacy_staff_warnings(connector)
     if metrics is not None:

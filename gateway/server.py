@@ -231,7 +231,10 @@ def _start(
     metrics.watch_calendar(lambda: exchange.calendar)
     workers = UnitWorkers(exchange, max_workers=max(4, len(clients)))
     sched = config.schedule
-    rosters = PeerRosters(engine)
+    # The agency's notice rule: a unit's roster version counts its new members from the notice after its receipt.
+    notice_days = config.staff.roster_notice_working_days
+    rosters = PeerRosters(engine, notice=lambda: Notice(calendar.current(), notice_days))
+    exchange.rosters = rosters  # the answer staff are judged by the units' rosters so read
     metrics.watch_rosters(lambda: rosters.metrics(clock.now_ms()))
     requests = certificate_requests(config, engine, tls.sources.get("client"))
     requests.on_refused = metrics.certificate_request_refused

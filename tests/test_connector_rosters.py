@@ -137,6 +137,36 @@ def test_a_gateway_roster_decides_once_in_force_and_the_toml_ids_before(tmp_path
     assert peers.held_version(GATEWAY) == 1 and peers.pending(MONDAY) == {GATEWAY: 1}
 
 
+def test_a_backdated_gateway_version_is_judged_by_its_receipt_and_parsed_once(tmp_path: Path) -> None:
+    """Security review findings 2 and 7 at the unit: an addition stated as of Monday but received on Friday counts
+    from the notice after Friday; an unchanged version is refused; the history is parsed once per version held."""
+    engine = ConnectorStore(make_engine(f"sqlite:///{tmp_path / 'unit.db'}")).engine
+    gateway = RosterParty.create(GATEWAY, MONDAY)
+    ring = gateway.keyring()
+    peers = PeerRosters(engine, notice=lambda: NOTICE)
+    handler = peers.handler(trust=lambda: _trust(GATEWAY, ring), notice=lambda: NOTICE, own_party_id=UNIT)
+    v1 = gateway.version([gateway.member("S-0001", ("admin", "exchange"), MONDAY)], issued_at_ms=MONDAY)
+    assert handler(GATEWAY, gateway.sign(v1), MONDAY) is None
+    first = peers.history(GATEWAY)
+    assert first is not None and peers.history(GATEWAY) is first
+    friday = beijing_ms(2026, 3, 6, 15)
+    same = gateway.version(list(v1.members), issued_at_ms=friday, effective_at_ms=friday)
+    assert handler(GATEWAY, gateway.sign(same), friday) == "roster_unchanged"
+    gateway.versions.pop()
+    v2 = gateway.version(
+        [*v1.members, gateway.member("S-0002", ("exchange",), v1.effective_at_ms)],
+        issued_at_ms=MONDAY,
+        effective_at_ms=v1.effective_at_ms,
+    )
+    assert handler(GATEWAY, gateway.sign(v2), friday) is None
+    history = peers.history(GATEWAY)
+    assert history is not None and history is not first and history.held_version == 2
+    begins = notice_ends_at(friday - HOUR_MS, 1, CALENDAR)
+    assert history.member_at("S-0002", MONDAY + 2 * DAY_MS) == (None, "approver_not_yet_effective")
+    assert history.member_at("S-0002", friday) == (None, "approver_not_yet_effective")
+    assert history.member_at("S-0002", begins)[1] is None
+
+
 def _trust(party: str, ring: Keyring) -> TrustStore:
     trust = TrustStore()
     trust.set_keyring(party, ring)
@@ -344,6 +374,12 @@ def test_cli_unit_roster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
            str(people["U-02"].bundle), "--fingerprint", fingerprint]  # fmt: skip
     code, _, err = run("add", "--admin", "U-02", *signed("U-02"), *add)
     assert code == 1 and "not an admin" in err
+    # Review finding 9: no bundle without the fingerprint of the member's key letter, and only a matching one.
+    with pytest.raises(SystemExit):
+        run("add", "--admin", "U-01", *signed(), *add[:-2])
+    wrong = bundle_fingerprint(capsys, people["U-01"].bundle)
+    code, _, err = run("add", "--admin", "U-01", *signed(), *add[:-2], "--fingerprint", wrong)
+    assert code == 1 and "fingerprint" in err
     code, out, err = run("add", "--admin", "U-01", *signed(), *add)
     assert code == 0, err
     assert "roster version 2" in out

@@ -106,9 +106,7 @@ def _init_admin(args: argparse.Namespace) -> None:
 def _add(args: argparse.Namespace) -> None:
     now = SystemClock().now_ms()
     bundle, record = read_staff_bundle(Path(args.public_key_file), fingerprint=args.fingerprint, now_ms=now)
-    print(f"key of {bundle.party_id}: bundle fingerprint {bundle.fingerprint}")
-    if not args.fingerprint:
-        print("  compare it with the staff member's key letter ('hedui-keys letter')")
+    print(f"key of {bundle.party_id}: bundle fingerprint {bundle.fingerprint} (matches the key letter)")
     with _context(args) as ctx:
         own = ctx.own()
         roster = own.add(
@@ -251,7 +249,11 @@ def add_roster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     add.add_argument("--name", required=True, help="the member's name (shown to the gateways' operators)")
     add.add_argument("--roles", required=True, help="exchange, admin or both (comma-separated)")
     add.add_argument("--public-key-file", required=True, help="the member's public bundle from 'hedui-keys export'")
-    add.add_argument("--fingerprint", help="the bundle fingerprint from the member's key letter (checked)")
+    add.add_argument(
+        "--fingerprint",
+        required=True,
+        help="the bundle fingerprint from the member's key letter (required: a bundle is taken only when it matches)",
+    )
     add.add_argument("--valid-from", help="YYYY-MM-DD[THH:MM], Beijing time (default and earliest: the notice's end)")
     add.add_argument("--valid-until", help="YYYY-MM-DD, last day of validity (default: open)")
     add.set_defaults(func=_add)

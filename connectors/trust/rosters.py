@@ -95,10 +95,18 @@ def create_tables(engine: Engine) -> None:
     metadata.create_all(engine)
 
 
-def _load(conn: Connection, party_id: str) -> RosterHistory | None:
-    rows = conn.execute(select(rosters.c.signed).where(rosters.c.party_id == party_id).order_by(rosters.c.version))
-    data = [r.signed for r in rows]
-    return RosterHistory.from_stored(party_id, data) if data else None
+def _load(conn: Connection, party_id: str, *, notice: Notice | None = None) -> RosterHistory | None:
+    """Every version of ``party_id``'s roster held; a gateway's versions judged by when they were stored
+    (received), the unit's own by their issue time."""
+    rows = conn.execute(
+        select(rosters.c.signed, rosters.c.own, rosters.c.stored_at_ms)
+        .where(rosters.c.party_id == party_id)
+        .order_by(rosters.c.version)
+    ).all()
+    if not rows:
+        return None
+    versions = [bytes(r.signed) if r.own else (bytes(r.signed), int(r.stored_at_ms)) for r in rows]
+    return RosterHistory.from_stored(party_id, versions, notice=notice)
 
 
 def _store(conn: Connection, signed_roster: bytes, history: RosterHistory, *, own: bool, now_ms: int) -> Roster:
@@ -319,11 +327,10 @@ class RosterHandler:
         if sender == self.own_party_id:
             return "roster_wrong_party"
         with self.engine.begin() as conn:
-            history = _load(conn, sender) or RosterHistory(sender)
+            notice = self.notice()
+            history = _load(conn, sender, notice=notice) or RosterHistory(sender, notice=notice)
             try:
-                appended = history.accept(
-                    payload, keyring=self.trust().keyring(sender), now_ms=now_ms, notice=self.notice()
-                )
+                appended = history.accept(payload, keyring=self.trust().keyring(sender), now_ms=now_ms, notice=notice)
             except RosterError as exc:
                 log.warning("roster refused", extra={"gateway": sender, "reason": exc.code})
                 return exc.code
@@ -336,16 +343,42 @@ class RosterHandler:
 
 
 class PeerRosters:
-    """The rosters the unit holds: each gateway's history (and its own)."""
+    """The rosters the unit holds: each gateway's history (and its own).
 
-    def __init__(self, engine: Engine) -> None:
+    ``notice``: the unit's notice rule, by which the members a gateway's version adds count from the notice after
+    its receipt at the earliest (keys/roster.py, RECEIPT_GRACE_MS); without it, from the receipt.
+    """
+
+    def __init__(self, engine: Engine, *, notice: Callable[[], Notice] | None = None) -> None:
         create_tables(engine)
         self.engine = engine
+        self.notice = notice
+        #: party -> ((latest version, its item digest, notice), the history parsed): a history is parsed once per
+        #: version held, not once per batch judged.
+        self._cache: dict[str, tuple[tuple[int, bytes, object], RosterHistory]] = {}
 
     def history(self, gateway: str) -> RosterHistory | None:
-        """Every version of ``gateway``'s roster held, or None when none is held."""
+        """Every version of ``gateway``'s roster held, or None when none is held. Parsed once per latest version
+        (cached): callers read it and never change it."""
+        notice = self.notice() if self.notice is not None else None
+        notice_key = None if notice is None else (notice.working_days, id(notice.calendar))
         with reading(self.engine) as conn:
-            return _load(conn, gateway)
+            head = conn.execute(
+                select(rosters.c.version, rosters.c.sha256)
+                .where(rosters.c.party_id == gateway)
+                .order_by(rosters.c.version.desc())
+                .limit(1)
+            ).first()
+            if head is None:
+                return None
+            key = (int(head.version), bytes(head.sha256), notice_key)
+            cached = self._cache.get(gateway)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            history = _load(conn, gateway, notice=notice)
+        assert history is not None
+        self._cache[gateway] = (key, history)
+        return history
 
     def held_version(self, gateway: str) -> int:
         """The highest version of ``gateway``'s roster held; 0 for none (TrustSync.peer_roster_version)."""

@@ -7,15 +7,21 @@ from __future__ import annotations
 from sqlalchemy import Connection, select
 
 from gateway.db import schema as s
-from keys.roster import RosterHistory, SignedRoster
+from keys.roster import Notice, RosterHistory, SignedRoster
 
 
-def load_history(conn: Connection, party_id: str) -> RosterHistory | None:
-    """Every version of ``party_id``'s roster held, as a history; None when none is held."""
+def load_history(conn: Connection, party_id: str, *, notice: Notice | None = None) -> RosterHistory | None:
+    """Every version of ``party_id``'s roster held, as a history; None when none is held. A peer's versions are
+    judged by when they were stored (received); the gateway's own by their issue time."""
     rows = conn.execute(
-        select(s.rosters.c.signed).where(s.rosters.c.party_id == party_id).order_by(s.rosters.c.version)
+        select(s.rosters.c.signed, s.rosters.c.own, s.rosters.c.stored_at_ms)
+        .where(s.rosters.c.party_id == party_id)
+        .order_by(s.rosters.c.version)
     ).all()
-    return RosterHistory.from_stored(party_id, (r.signed for r in rows)) if rows else None
+    if not rows:
+        return None
+    versions = [bytes(r.signed) if r.own else (bytes(r.signed), int(r.stored_at_ms)) for r in rows]
+    return RosterHistory.from_stored(party_id, versions, notice=notice)
 
 
 def own_party(conn: Connection) -> str | None:

@@ -92,6 +92,10 @@ class ApproverHistory(Protocol):
         None and the reason: approver_unknown, approver_not_yet_effective, approver_expired or approver_revoked."""
         ...
 
+    def in_force(self, at_ms: int) -> object | None:
+        """The roster version in force at ``at_ms`` (None before the first one takes effect)."""
+        ...
+
 
 class GatewayRosters(Protocol):
     """The gateways' rosters the unit holds (connectors.trust.rosters.PeerRosters)."""
@@ -156,6 +160,7 @@ class ApprovalCheck:
             raise refusal(APPROVAL_PROOF_INVALID, "staff_ids do not name exactly the staff who approved")
         seen_ids: set[str] = set()
         seen_keys: set[bytes] = set()
+        unverified = False
         message = approval_message(root)
         for approval in approvals:
             staff_id = approval.staff_id
@@ -178,6 +183,19 @@ class ApprovalCheck:
                 raise refusal(
                     APPROVER_UNKNOWN, f"this unit holds no roster of {gateway} to check {shown} against", shown
                 )
+            if self.allow_unverified and history.in_force(approval.approved_at_ms) is None:
+                # Migration: the gateway's roster is held but was not in force yet when this approval was given
+                # (its first version waits out its notice), so nothing can verify the signature; the approver
+                # must be in [[staff]], as before rosters. The proof itself was checked above.
+                if staff_id not in self.legacy_staff.get(gateway, frozenset()):
+                    raise refusal(
+                        STAFF_NOT_REGISTERED,
+                        f"staff member {shown} approved before the gateway's roster was in force and is not in "
+                        "[[staff]]",
+                        shown,
+                    )
+                unverified = True
+                continue
             member, reason = history.member_at(staff_id, approval.approved_at_ms)
             if member is None or reason is not None:
                 code = reason if reason in ROSTER_REASONS else APPROVER_UNKNOWN
@@ -201,7 +219,7 @@ class ApprovalCheck:
                 APPROVALS_TOO_FEW,
                 f"an exchange needs at least {MIN_APPROVALS} approvals, the batch has {len(seen_ids)}",
             )
-        return Verdict(tuple(a.staff_id for a in approvals), verified=True)
+        return Verdict(tuple(a.staff_id for a in approvals), verified=not unverified)
 
     @staticmethod
     def _root(batch: exchange_pb2.QueryBatch, gateway: str, unit: str) -> bytes:

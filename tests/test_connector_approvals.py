@@ -22,11 +22,11 @@ from connectors.metrics import ConnectorMetrics
 from connectors.store import ConnectorStore
 from gateway.exchange.approvals import TreeUnit
 from gateway.exchange.transport import is_transient
-from keys.clock import DAY_MS, MINUTE_MS
+from keys.clock import DAY_MS, HOUR_MS, MINUTE_MS
 from keys.envelope import message_id_of
 from keys.identity import PartyKeys
 from keys.statements import approval_message
-from tests.approval_kit import EXCHANGE, MemoryRosters, prove
+from tests.approval_kit import EXCHANGE, MemoryRoster, MemoryRosters, prove
 from tests.exchange_world import GATEWAY, NEIGHBOUR, STAFF, UNIT, World, beijing_ms, exchange_world
 
 MONDAY = beijing_ms(2026, 3, 2)
@@ -447,3 +447,30 @@ def test_the_gateway_takes_a_repeat_refusal_as_final() -> None:
     """``subject_already_queried`` fails the batch for good: sending it again changes nothing."""
     assert not is_transient(REASONS["subject_already_queried"], "subject_already_queried")
     assert not is_transient(grpc.StatusCode.UNAVAILABLE, "subject_already_queried")
+
+
+def test_during_migration_approvals_given_before_the_roster_was_in_force_are_judged_by_the_toml_ids(
+    world: World,
+) -> None:
+    """On-call review H3: the gateway's first roster version is held but waits out its notice. With the migration flag
+    on, approvals given before it was in force are judged by [[staff]] (nothing could verify them), also when the
+    batch is sent after the roster took effect; without the flag, or for someone not in [[staff]], refused."""
+    now = world.clock.now_ms()
+    rosters = MemoryRosters({GATEWAY: MemoryRoster(world.staff.roster.members, effective_at_ms=now + HOUR_MS)})
+
+    def approved_now(batch_id: str) -> exchange_pb2.QueryBatch:
+        batch = world.batch(batch_id, world.subjects(2), approval=exchange_pb2.ApprovalProof())
+        world.approve(batch, at_ms=now)
+        return batch
+
+    world.connector.approvals = ApprovalCheck(rosters, legacy_staff={GATEWAY: frozenset(STAFF)}, allow_unverified=True)
+    assert world.submit(approved_now("B-MIGRATING")).batch_id == "B-MIGRATING"
+    late = approved_now("B-MIGRATING-2")
+    world.clock.advance(2 * HOUR_MS)  # the roster is in force now; the approvals were given before
+    assert world.submit(late).batch_id == "B-MIGRATING-2"
+    world.connector.approvals = ApprovalCheck(
+        rosters, legacy_staff={GATEWAY: frozenset({"S-0001"})}, allow_unverified=True
+    )
+    expect(world, approved_now("B-NOT-LISTED"), "staff_not_registered", "S-0002")
+    world.connector.approvals = ApprovalCheck(rosters, legacy_staff={GATEWAY: frozenset(STAFF)})
+    expect(world, approved_now("B-NO-FLAG"), "approver_unknown", "S-0001")

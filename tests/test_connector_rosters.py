@@ -430,3 +430,25 @@ def test_the_start_log_says_what_the_toml_ids_still_do(tmp_path: Path, caplog: p
         caplog.clear()
         assert legacy_staff_warnings(connector) == [f"the roster of {GATEWAY} lacks [[staff]] ids S-0002"]
         assert "员工" not in caplog.text
+
+
+def test_the_unit_cannot_end_or_revoke_its_last_admin(tmp_path: Path) -> None:
+    """On-call review H1: ending the only admin with a date (however soon) would leave a roster nobody can change."""
+    with exchange_world(tmp_path, now_ms=MONDAY) as world:
+        engine = world.connector.store.engine
+        keys = {s: SigningKey.generate() for s in ("U-01", "U-02")}
+        own = UnitRoster(engine, world.connector.courier.me, notice=NOTICE, gateways=[GATEWAY])
+        own.init_admin("U-01", keys["U-01"], name="管理员", now_ms=MONDAY, roles="admin,exchange")
+        own.add("U-01", keys["U-01"], "U-02", name="交换员", roles="exchange",
+                public_key=keys["U-02"].public.raw, now_ms=MONDAY + MINUTE_MS)  # fmt: skip
+        history = own.history()
+        assert history is not None
+        held = history.held_version
+        for change in (
+            lambda: own.end("U-01", keys["U-01"], "U-01", now_ms=MONDAY + 2 * MINUTE_MS),
+            lambda: own.revoke("U-01", keys["U-01"], "U-01", now_ms=MONDAY + 2 * MINUTE_MS, urgent=True),
+        ):
+            with pytest.raises(RosterChangeRefused, match="no admin"):
+                change()
+        after = own.history()
+        assert after is not None and after.held_version == held

@@ -306,10 +306,9 @@ def _replaced(roster: Roster, staff_id: str, at_ms: int, *, revoke: bool) -> lis
 
 
 def _keep_an_admin(members: list[RosterMember], admin_id: str, now_ms: int) -> None:
-    """A roster nobody can change any more would need a new enrolment: keep one admin who can act after the
-    change (the change's own admin, or another)."""
-    far = now_ms + 1
-    if not any(m.has_role("admin") and m.state_at(max(far, m.valid_from_ms)) is None for m in members):
+    """A roster nobody can change any more would need a new enrolment: keep one admin who stays, with no end and not
+    revoked (the change's own admin, or another); an admin whose end is set, however far, does not count."""
+    if not any(m.has_role("admin") and m.valid_until_ms is None and m.revoked_at_ms is None for m in members):
         raise RosterChangeRefused(f"that would leave no admin on the roster; add another admin before ({admin_id})")
 
 

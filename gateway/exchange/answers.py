@@ -19,7 +19,8 @@ from common.workdays import Deadline
 from gateway.archive.messages import Envelope
 from gateway.exchange.batches import BatchWork, ResponsibleStaff
 from gateway.exchange.cycle import AnswerMismatch, CycleReport, kept, open_reply
-from gateway.exchange.transport import TransportFailure, UnitClient, UnitRefusal
+from gateway.exchange.failures import TransportFailure, UnitRefusal
+from gateway.exchange.transport import UnitClient
 from gateway.trust.rosters import judge_answer_staff
 from keys.errors import EnvelopeError
 

@@ -24,10 +24,11 @@ from common.logs import LogThrottle, database_error, database_error_code
 from common.workdays import CHINA_TZ, CalendarSource, WorkdayCalendar
 from gateway.exchange.answers import AnswerCollector
 from gateway.exchange.cycle import AnswerMismatch, CycleReport
+from gateway.exchange.failures import TransportFailure
 from gateway.exchange.refresh import KeyRefresh
 from gateway.exchange.sending import BatchSender
 from gateway.exchange.store import GatewayStore
-from gateway.exchange.transport import TransportFailure, UnitClient
+from gateway.exchange.transport import UnitClient
 from gateway.exchange.units import UnitRow
 from gateway.trust.rosters import PeerRosters
 from keys.clock import from_ms

@@ -19,8 +19,9 @@ from common.logs import public_commission_ref
 from gateway.archive.messages import Envelope
 from gateway.exchange.batches import BatchWork
 from gateway.exchange.cycle import AnswerMismatch, CycleReport, kept, open_reply
+from gateway.exchange.failures import TransportFailure, UnitDeferral, UnitRefusal, reason_label
 from gateway.exchange.refusals import signed_refusal
-from gateway.exchange.transport import TransportFailure, UnitClient, UnitDeferral, UnitRefusal, reason_label
+from gateway.exchange.transport import UnitClient
 from keys.envelope import message_id_of
 from keys.errors import EnvelopeError
 from keys.trustsync import REFRESH_KEYS

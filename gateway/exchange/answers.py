@@ -54,14 +54,7 @@ class AnswerCollector:
         ex = self.exchange
         answered = stored = 0
         while True:
-            work = ex.store.batches.claim(
-                unit_id,
-                "receipted",
-                replica=ex.settings.replica,
-                now_ms=ex.now_ms(),
-                lease_ms=ex.settings.lease_ms,
-                limit=self.fetch_limit(),
-            )
+            work = ex.claim(unit_id, "receipted", limit=self.fetch_limit())
             if not work:
                 return answered, stored
             request = ex.courier.seal(

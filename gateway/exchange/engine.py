@@ -23,6 +23,7 @@ from common.categories import UNIT_DATA
 from common.logs import LogThrottle, database_error, database_error_code
 from common.workdays import CHINA_TZ, CalendarSource, WorkdayCalendar
 from gateway.exchange.answers import AnswerCollector
+from gateway.exchange.batches import BatchWork
 from gateway.exchange.cycle import AnswerMismatch, CycleReport
 from gateway.exchange.failures import TransportFailure
 from gateway.exchange.refresh import KeyRefresh
@@ -114,6 +115,18 @@ class ExchangeEngine:
         of which a jittered half to all is taken."""
         delay = min(self.settings.max_backoff_ms, self.settings.base_backoff_ms * 2 ** max(0, failures - 1))
         return int(delay * (0.5 + 0.5 * self.jitter()))
+
+    def claim(self, unit_id: str, state: str, limit: int) -> list[BatchWork]:
+        """Claim up to ``limit`` of the unit's batches in ``state`` that are due now, for this replica and one lease
+        (gateway/exchange/batches.py)."""
+        return self.store.batches.claim(
+            unit_id,
+            state,
+            replica=self.settings.replica,
+            now_ms=self.now_ms(),
+            lease_ms=self.settings.lease_ms,
+            limit=limit,
+        )
 
     # -- one unit ------------------------------------------------------------------------------------------------
 

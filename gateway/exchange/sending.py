@@ -48,14 +48,7 @@ class BatchSender:
         ex = self.exchange
         sent = 0
         while sent < (ex.settings.sends_per_cycle if limit is None else limit):
-            work = ex.store.batches.claim(
-                unit_id,
-                "ready",
-                replica=ex.settings.replica,
-                now_ms=ex.now_ms(),
-                lease_ms=ex.settings.lease_ms,
-                limit=1,
-            )
+            work = ex.claim(unit_id, "ready", limit=1)
             if not work:
                 return sent
             self._send(work[0], client, report)

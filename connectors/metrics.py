@@ -27,6 +27,7 @@ from common.metrics import (
     trust_backlog_described,
     trust_backlog_families,
 )
+from common.rosterstore import ROSTER_ITEM
 from common.trustitems import TrustItemStore
 from common.workdays import WorkdayCalendar
 from connectors import store as cstore
@@ -206,8 +207,6 @@ class _RosterCollector(Collector):
         return iter(self._families())
 
     def collect(self) -> Iterator[Metric]:
-        from connectors.trust.rosters import ROSTER_ITEM  # noqa: PLC0415
-
         pending, unacked, short = self._families()
         connector = self.connector
         now = connector.courier.clock.now_ms()

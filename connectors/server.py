@@ -20,6 +20,7 @@ from common.config import ConfigError
 from common.db import make_engine
 from common.logs import LogThrottle, database_error, database_error_code, log_context, new_request_id
 from common.metrics import MetricsServer, process_registry, serve_metrics
+from common.rosterstore import ROSTER_ITEM
 from common.rpc import (
     MAX_SIGNED_REFUSAL_BYTES,
     REFUSAL_REASON_KEY,
@@ -47,7 +48,7 @@ from connectors.synthetic import Population, SyntheticAdapter
 from connectors.trust import ConnectorKeys, TrustDesk, TrustItems, default_handlers
 from connectors.trust.duty import OnDuty
 from connectors.trust.renewal import CERTIFICATE_ITEM, CertificateRenewal, RenewalJob
-from connectors.trust.rosters import ROSTER_ITEM, PeerRosters
+from connectors.trust.rosters import PeerRosters
 from keys.clock import DAY_MS, MINUTE_MS
 from keys.envelope import Courier, Policy
 from keys.live import LiveKeystore, RotationPolicy, Watcher
@@ -455,22 +456,11 @@ def roster_handler(connector: Connector, live: LiveKeystore, config: ConnectorCo
 
 def roster_catch_up(connector: Connector) -> Callable[[str, int], None] | None:
     """What a gateway's TrustSync.peer_roster_version asks for: every version of the unit's roster after the one it
-    holds is (again) published for it, in version order; a version it acknowledged stays acknowledged."""
+    holds is (again) published for it (common/rosterstore.py ``HeldRosters.catch_up``); None without rosters."""
     rosters = connector.rosters
     if rosters is None:
         return None
-    items = TrustItems(connector.store.engine)
-
-    def catch_up(gateway: str, held: int) -> None:
-        versions = rosters.signed_versions(connector.party_id, after=max(0, held))
-        if not versions:
-            return
-        now = connector.courier.clock.now_ms()
-        with connector.store.engine.begin() as conn:
-            for data in versions:
-                items.publish(conn, ROSTER_ITEM, data, now, [gateway])
-
-    return catch_up
+    return rosters.catch_up(TrustItems(connector.store.engine), connector.party_id, connector.courier.clock.now_ms)
 
 
 def attach_trust(

@@ -43,7 +43,7 @@ from gateway.procedure.staff import StaffRegister
 from gateway.procedure.workflow import Workflow
 from gateway.trust import GatewayKeys, TrustItems, TrustSchedule, TrustSyncer, default_handlers
 from gateway.trust.rosters import ROSTER_ITEM, PeerRosters
-from keys.clock import MINUTE_MS, Clock, SystemClock
+from keys.clock import MINUTE_MS, SystemClock
 from keys.crl import RevocationList
 from keys.envelope import Courier, Policy
 from keys.live import LiveKeystore, Watcher
@@ -252,7 +252,7 @@ def _start(
             CERTIFICATE_REQUEST_ITEM: requests.handler(),
         },
         held_roster_version=rosters.held_version,
-        peer_roster_version=roster_catch_up(rosters, TrustItems(engine), party.party_id, clock),
+        peer_roster_version=rosters.catch_up(TrustItems(engine), party.party_id, clock.now_ms),
     )
     scheduler = GatewayScheduler(
         store=store,
@@ -345,22 +345,6 @@ def roster_handler(
         notice=lambda: Notice(calendar.current(), days),
         own_party_id=live.party.party_id,
     )
-
-
-def roster_catch_up(
-    rosters: PeerRosters, items: TrustItems, own_party: str, clock: Clock
-) -> Callable[[str, int], None]:
-    """What a unit's TrustSync.peer_roster_version asks for: every version of our roster after the one it holds is
-    (again) published for it, in version order; a version it acknowledged stays acknowledged."""
-
-    def catch_up(unit: str, held: int) -> None:
-        versions = rosters.signed_versions(own_party, after=max(0, held))
-        if versions:
-            with rosters.engine.begin() as conn:
-                for data in versions:
-                    items.publish(conn, ROSTER_ITEM, data, clock.now_ms(), [unit])
-
-    return catch_up
 
 
 def certificate_requests(

@@ -73,6 +73,36 @@ def test_the_unit_roster_grows_by_signed_versions_published_to_every_gateway(tmp
     assert history is not None and history.member_at("U-02", later + HOUR_MS) == (None, "approver_revoked")
 
 
+def test_a_gateway_behind_on_the_unit_roster_is_sent_the_versions_it_lacks(tmp_path: Path) -> None:
+    """TrustSync.peer_roster_version: a gateway that says it holds version 1 is offered 2 and 3 (in order, as ROSTER
+    items), whatever it was sent before; one that holds the latest is offered nothing new (common/rosterstore.py,
+    the catch-up both sides use)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'unit.db'}")
+    ConnectorStore(engine)
+    party = PartyKeys.create(UNIT, now_ms=MONDAY - DAY_MS)
+    keys = {s: SigningKey.generate() for s in ("U-01", "U-02", "U-03")}
+    own = UnitRoster(engine, party, notice=NOTICE, gateways=[GATEWAY])
+    own.init_admin("U-01", keys["U-01"], name="单位管理员", now_ms=MONDAY)
+    for day, staff_id in ((2, "U-02"), (3, "U-03")):
+        own.add(
+            "U-01", keys["U-01"], staff_id, name="交换员", roles="exchange", public_key=keys[staff_id].public.raw,
+            now_ms=MONDAY + day * DAY_MS,
+        )  # fmt: skip
+    history = own.history()
+    assert history is not None
+    versions = [v.data for v in history.versions]
+    late = "agency.220000"  # a gateway the versions were never published for
+    items = TrustItems(engine)
+    catch_up = PeerRosters(engine).catch_up(items, UNIT, lambda: MONDAY + 4 * DAY_MS)
+    catch_up(late, 3)
+    assert items.pending(late) == []
+    catch_up(late, 1)
+    assert [p.payload for p in items.pending(late)] == versions[1:]
+    catch_up(late, 0)
+    assert sorted(p.payload for p in items.pending(late)) == sorted(versions)
+    assert [p.payload for p in items.pending(GATEWAY)] == versions  # the gateway it was published for: unchanged
+
+
 def test_a_refused_unit_roster_change_changes_nothing(tmp_path: Path) -> None:
     own, keys = _unit(tmp_path)
     own.init_admin("U-01", keys["U-01"], name="单位管理员", now_ms=MONDAY)

@@ -2,7 +2,7 @@
 services on loopback: a connector started by ``serve`` and a gateway started by ``build`` from their config files,
 certificates renewed and revoked with the real ``hedui-keys ca`` commands while calls flow.
 
-The serial a client sees is read with a TLS handshake of its own (gateway/exchange/transport.py
+The serial a client sees is read with a TLS handshake of its own (gateway/exchange/tls.py
 ``fetch_server_certificate``); the certificate a gateway presents is told by revoking the old one: calls that pass a
 connector enforcing that list are made with the new one.
 """

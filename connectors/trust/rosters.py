@@ -17,23 +17,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from hedui.v1 import trust_pb2
-from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    Column,
-    Connection,
-    Engine,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    func,
-    select,
-)
+from sqlalchemy import BigInteger, Column, Connection, Engine, MetaData, String, Table
 
 from common.db import reading
 from common.errors import HeduiError
+from common.rosterstore import ROSTER_ITEM, HeldRosters, load_history, roster_table, store_version
 from connectors import store as cstore
 from connectors.trust.items import TrustItems
 from keys.handles import SigningKey
@@ -56,20 +44,9 @@ log = logging.getLogger("hedui.connector.rosters")
 
 metadata = MetaData()
 
-#: Every version of the unit's own roster (``own``) and of each gateway's, as the SignedRoster bytes accepted.
-rosters = Table(
-    "rosters",
-    metadata,
-    Column("party_id", String(64), primary_key=True),
-    Column("version", BigInteger, primary_key=True, autoincrement=False),
-    Column("own", Boolean, nullable=False),
-    Column("signed", LargeBinary, nullable=False),
-    Column("sha256", LargeBinary(32), nullable=False),
-    Column("issued_at_ms", BigInteger, nullable=False),
-    Column("effective_at_ms", BigInteger, nullable=False),
-    Column("admin_staff_id", String(32), nullable=False),
-    Column("stored_at_ms", BigInteger, nullable=False),
-)
+#: Every version of the unit's own roster (``own``) and of each gateway's, as the SignedRoster bytes accepted
+#: (common/rosterstore.py).
+rosters = roster_table(metadata)
 
 #: The unit's exchange staff on duty: the answer worker names them as responsible for each answer set.
 on_duty = Table(
@@ -79,7 +56,6 @@ on_duty = Table(
     Column("since_ms", BigInteger, nullable=False),
 )
 
-ROSTER_ITEM = trust_pb2.TRUST_ITEM_KIND_ROSTER
 #: Roles on a unit's roster: its exchange staff, and the admins who maintain the roster.
 UNIT_ROLES = ("admin", "exchange")
 
@@ -98,29 +74,14 @@ def create_tables(engine: Engine) -> None:
 def _load(conn: Connection, party_id: str, *, notice: Notice | None = None) -> RosterHistory | None:
     """Every version of ``party_id``'s roster held; a gateway's versions judged by when they were stored
     (received), the unit's own by their issue time."""
-    rows = conn.execute(
-        select(rosters.c.signed, rosters.c.own, rosters.c.stored_at_ms)
-        .where(rosters.c.party_id == party_id)
-        .order_by(rosters.c.version)
-    ).all()
-    if not rows:
-        return None
-    versions = [bytes(r.signed) if r.own else (bytes(r.signed), int(r.stored_at_ms)) for r in rows]
-    return RosterHistory.from_stored(party_id, versions, notice=notice)
+    return load_history(conn, rosters, party_id, notice=notice)
 
 
 def _store(conn: Connection, signed_roster: bytes, history: RosterHistory, *, own: bool, now_ms: int) -> Roster:
     signed = history.versions[-1]
     assert signed.data == signed_roster
-    roster = signed.roster
-    conn.execute(
-        rosters.insert().values(
-            party_id=roster.party_id, version=roster.version, own=own, signed=signed.data, sha256=signed.item_sha256,
-            issued_at_ms=roster.issued_at_ms, effective_at_ms=roster.effective_at_ms,
-            admin_staff_id=roster.admin_staff_id, stored_at_ms=now_ms,
-        )
-    )  # fmt: skip
-    return roster
+    store_version(conn, rosters, signed, own=own, now_ms=now_ms)
+    return signed.roster
 
 
 def record_event(conn: Connection, at_ms: int, event: str, party: str | None, reason: str) -> None:
@@ -341,8 +302,9 @@ class RosterHandler:
         return None
 
 
-class PeerRosters:
-    """The rosters the unit holds: each gateway's history (and its own).
+class PeerRosters(HeldRosters):
+    """The rosters the unit holds: each gateway's history (and its own); ``history``, ``held_version``,
+    ``signed_versions``, ``parties``, ``pending`` and ``catch_up`` as in common/rosterstore.py.
 
     ``notice``: the unit's notice rule, by which the members a gateway's version adds count from the notice after
     its receipt at the earliest (keys/roster.py, RECEIPT_GRACE_MS); without it, from the receipt.
@@ -350,66 +312,7 @@ class PeerRosters:
 
     def __init__(self, engine: Engine, *, notice: Callable[[], Notice] | None = None) -> None:
         create_tables(engine)
-        self.engine = engine
-        self.notice = notice
-        #: party -> ((latest version, its item digest, notice), the history parsed): a history is parsed once per
-        #: version held, not once per batch judged.
-        self._cache: dict[str, tuple[tuple[int, bytes, object], RosterHistory]] = {}
-
-    def history(self, gateway: str) -> RosterHistory | None:
-        """Every version of ``gateway``'s roster held, or None when none is held. Parsed once per latest version
-        (cached): callers read it and never change it."""
-        notice = self.notice() if self.notice is not None else None
-        notice_key = None if notice is None else (notice.working_days, id(notice.calendar))
-        with reading(self.engine) as conn:
-            head = conn.execute(
-                select(rosters.c.version, rosters.c.sha256)
-                .where(rosters.c.party_id == gateway)
-                .order_by(rosters.c.version.desc())
-                .limit(1)
-            ).first()
-            if head is None:
-                return None
-            key = (int(head.version), bytes(head.sha256), notice_key)
-            cached = self._cache.get(gateway)
-            if cached is not None and cached[0] == key:
-                return cached[1]
-            history = _load(conn, gateway, notice=notice)
-        assert history is not None
-        self._cache[gateway] = (key, history)
-        return history
-
-    def held_version(self, gateway: str) -> int:
-        """The highest version of ``gateway``'s roster held; 0 for none (TrustSync.peer_roster_version)."""
-        with reading(self.engine) as conn:
-            value = conn.execute(select(func.max(rosters.c.version)).where(rosters.c.party_id == gateway)).scalar()
-        return int(value or 0)
-
-    def signed_versions(self, party_id: str, after: int = 0) -> list[bytes]:
-        """SignedRoster bytes of ``party_id``'s versions after version ``after``, in order: what a gateway holding
-        ``after`` of the unit's roster (TrustSync.peer_roster_version) still needs."""
-        with reading(self.engine) as conn:
-            rows = conn.execute(
-                select(rosters.c.signed)
-                .where(rosters.c.party_id == party_id, rosters.c.version > after)
-                .order_by(rosters.c.version)
-            ).all()
-        return [r.signed for r in rows]
-
-    def parties(self) -> list[str]:
-        """Every party whose roster is held (the unit's own included once it has one)."""
-        with reading(self.engine) as conn:
-            return [r[0] for r in conn.execute(select(rosters.c.party_id).distinct().order_by(rosters.c.party_id))]
-
-    def pending(self, now_ms: int) -> dict[str, int]:
-        """Per party, roster versions held that are not yet in force at ``now_ms``."""
-        with reading(self.engine) as conn:
-            rows = conn.execute(
-                select(rosters.c.party_id, func.count())
-                .where(rosters.c.effective_at_ms > now_ms)
-                .group_by(rosters.c.party_id)
-            ).all()
-        return {str(r[0]): int(r[1]) for r in rows}
+        super().__init__(engine, rosters, notice=notice)
 
     def handler(
         self, *, trust: Callable[[], TrustStore], notice: Callable[[], Notice], own_party_id: str

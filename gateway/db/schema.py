@@ -24,6 +24,7 @@ from sqlalchemy import (
 )
 
 from common.replaystore import replay_table
+from common.rosterstore import roster_table
 from common.trustitems import trust_tables
 
 metadata = MetaData(
@@ -352,23 +353,10 @@ replicas = Table(
 #: acknowledgement of each (migration 0011; common/trustitems.py, docs/exchange.md "Trust synchronisation").
 trust_items, trust_deliveries = trust_tables(metadata)
 
-#: Signed staff rosters (Procedure V.(三), keys/roster.py), migration 0012: the versions of our own roster (``own``)
-#: and those of the units, each as the SignedRoster bytes accepted, with its history. A version is never changed or
-#: deleted: an old message is judged by the roster of its day.
-rosters = Table(
-    "rosters",
-    metadata,
-    Column("party_id", String(64), primary_key=True),
-    Column("version", BigInteger, primary_key=True, autoincrement=False),
-    Column("own", Boolean, nullable=False),
-    Column("signed", LargeBinary, nullable=False),
-    # SHA-256 of ``signed``: the trust item's digest its receipt names.
-    Column("sha256", LargeBinary(32), nullable=False),
-    Column("issued_at_ms", BigInteger, nullable=False),
-    Column("effective_at_ms", BigInteger, nullable=False),
-    Column("admin_staff_id", String(32), nullable=False),
-    Column("stored_at_ms", BigInteger, nullable=False),
-)
+#: Signed staff rosters (Procedure V.(三), keys/roster.py; the table in common/rosterstore.py), migration 0012: the
+#: versions of our own roster (``own``) and those of the units, each as the SignedRoster bytes accepted, with its
+#: history. A version is never changed or deleted: an old message is judged by the roster of its day.
+rosters = roster_table(metadata)
 
 #: The unit's staff an answer set names as responsible (BatchAnswer.responsible_staff, Procedure V.(二)), migration
 #: 0012: comma-separated staff ids, and the version of the unit's roster in force at the answer's time that they

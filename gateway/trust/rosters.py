@@ -18,11 +18,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hedui.v1 import trust_pb2
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine
 
 from common.db import reading
 from common.errors import HeduiError
+from common.rosterstore import ROSTER_ITEM, HeldRosters
 from gateway.archive.audit import AuditLog
 from gateway.archive.audit import lock as audit_lock
 from gateway.db import schema as s
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from gateway.procedure.staff import StaffMember, StaffRegister
 
 __all__ = [
+    "ROSTER_ITEM",
     "ROSTER_ROLES",
     "AnswerStaffVerdict",
     "OwnRoster",
@@ -51,7 +52,6 @@ log = logging.getLogger("hedui.gateway.rosters")
 
 #: Register members holding one of these roles are on the roster the units hold.
 ROSTER_ROLES = frozenset({"exchange", "admin"})
-ROSTER_ITEM = trust_pb2.TRUST_ITEM_KIND_ROSTER
 _STAFF_ID_RE = re.compile(r"[A-Za-z0-9-]{1,32}")
 
 
@@ -336,76 +336,16 @@ class RosterHandler:
         return None
 
 
-class PeerRosters:
-    """The rosters the gateway holds: each unit's history (and its own, for metrics).
+class PeerRosters(HeldRosters):
+    """The rosters the gateway holds: each unit's history (and its own, for metrics); ``history``, ``held_version``,
+    ``signed_versions``, ``parties``, ``pending`` and ``catch_up`` as in common/rosterstore.py.
 
     ``notice``: the agency's notice rule, by which the members a unit's version adds count from the notice after
     its receipt at the earliest (keys/roster.py, RECEIPT_GRACE_MS); without it, from the receipt.
     """
 
     def __init__(self, engine: Engine, *, notice: Callable[[], Notice] | None = None) -> None:
-        self.engine = engine
-        self.notice = notice
-        #: party -> ((latest version, its item digest, notice), the history parsed): a history is parsed once per
-        #: version held, not once per answer set judged.
-        self._cache: dict[str, tuple[tuple[int, bytes, object], RosterHistory]] = {}
-
-    def history(self, party_id: str) -> RosterHistory | None:
-        """Every version of ``party_id``'s roster held, or None when none is held. Parsed once per latest version
-        (cached): callers read it and never change it."""
-        notice = self.notice() if self.notice is not None else None
-        notice_key = None if notice is None else (notice.working_days, id(notice.calendar))
-        with reading(self.engine) as conn:
-            head = conn.execute(
-                select(s.rosters.c.version, s.rosters.c.sha256)
-                .where(s.rosters.c.party_id == party_id)
-                .order_by(s.rosters.c.version.desc())
-                .limit(1)
-            ).first()
-            if head is None:
-                return None
-            key = (int(head.version), bytes(head.sha256), notice_key)
-            cached = self._cache.get(party_id)
-            if cached is not None and cached[0] == key:
-                return cached[1]
-            history = load_history(conn, party_id, notice=notice)
-        assert history is not None
-        self._cache[party_id] = (key, history)
-        return history
-
-    def held_version(self, party_id: str) -> int:
-        """The highest version of ``party_id``'s roster held; 0 for none (TrustSync.peer_roster_version)."""
-        with reading(self.engine) as conn:
-            value = conn.execute(
-                select(func.max(s.rosters.c.version)).where(s.rosters.c.party_id == party_id)
-            ).scalar_one()
-        return int(value or 0)
-
-    def signed_versions(self, party_id: str, after: int = 0) -> list[bytes]:
-        """SignedRoster bytes of ``party_id``'s versions after version ``after``, in order: what a peer holding
-        ``after`` of our roster (TrustSync.peer_roster_version) still needs."""
-        with reading(self.engine) as conn:
-            rows = conn.execute(
-                select(s.rosters.c.signed)
-                .where(s.rosters.c.party_id == party_id, s.rosters.c.version > after)
-                .order_by(s.rosters.c.version)
-            ).all()
-        return [r.signed for r in rows]
-
-    def parties(self) -> list[str]:
-        """Every party whose roster is held (the gateway's own included once it has one)."""
-        with reading(self.engine) as conn:
-            return [r[0] for r in conn.execute(select(s.rosters.c.party_id).distinct().order_by(s.rosters.c.party_id))]
-
-    def pending(self, now_ms: int) -> dict[str, int]:
-        """Per party, roster versions held that are not yet in force at ``now_ms``."""
-        with reading(self.engine) as conn:
-            rows = conn.execute(
-                select(s.rosters.c.party_id, func.count())
-                .where(s.rosters.c.effective_at_ms > now_ms)
-                .group_by(s.rosters.c.party_id)
-            ).all()
-        return {str(r[0]): int(r[1]) for r in rows}
+        super().__init__(engine, s.rosters, notice=notice)
 
     def metrics(self, now_ms: int) -> tuple[dict[str, int], dict[str, float]]:
         """For gateway.metrics (RosterReader): versions not yet in force per party, and per unit the seconds since

@@ -21,6 +21,7 @@ handshakes without a restart, and peers whose certificate the CA revoked are ref
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import os
 import threading
@@ -33,7 +34,20 @@ import grpc
 from cryptography import x509
 
 from keys._files import read_bounded
-from keys.crl import MAX_CRL_BYTES, CrlError, RevocationList, accept, ca_certificates, write_atomically
+from keys.crl import (
+    MAX_CRL_BYTES,
+    CrlError,
+    RevocationList,
+    ca_certificates,
+    issuer_key,
+    join_lists,
+    judge,
+    load_numbers,
+    save_numbers,
+    split_lists,
+    verify_crl,
+    write_atomically,
+)
 from keys.errors import KeysError
 from keys.tls import TlsError, TlsFiles, TlsIdentity, check_tls_files, load_certificate
 
@@ -189,11 +203,16 @@ def dynamic_server_credentials(source: CertificateSource) -> grpc.ServerCredenti
 
 
 class RevocationSource:
-    """The revocation list a service enforces, from ``path`` (None: the service holds no list and revokes nothing).
+    """The revocation lists a service enforces, one per CA of its bundle, from ``path`` (None: the service holds no
+    list and revokes nothing).
 
-    ``ca_pem()`` gives the CA bundle the list must be signed by (the service's current one). At start a list in the
-    file must verify (CrlError otherwise, like a bad certificate); later a changed file that does not verify, or is
-    older than the list held, is refused and the held list stays. ``on_refused(code)`` counts refusals.
+    ``ca_pem()`` gives the CA bundle the lists must be signed by (the service's current one). The file holds one
+    list (DER) or one per CA (PEM blocks); beside it ``<file>.numbers.json`` remembers the highest CRL number held
+    of each CA, across restarts. At start every list in the file must verify and be no older than that record, and
+    every CA the record names must have its list in the file (CrlError otherwise, like a bad certificate: once a
+    list was held, a missing file is an error, not "no list"). Later a changed file that does not verify, or holds
+    a list older than the one held of its CA, is refused and the held lists stay; a list of one CA never displaces
+    another CA's. ``on_refused(code)`` counts refusals.
     """
 
     def __init__(
@@ -215,15 +234,76 @@ class RevocationSource:
         self.clock = clock
         self.wall = wall
         self._lock = threading.Lock()
+        #: The lists in force, by issuer (keys.crl.issuer_key), and the one taken last (``held``).
+        self._lists: dict[str, RevocationList] = {}
         self._held: RevocationList | None = None
+        #: The highest CRL number ever held of each issuer (the record beside the file).
+        self._numbers: dict[str, int] = {}
         self._seen: _Stamp = ()
         self._next = clock() + interval
         self._parsed: dict[bytes, x509.Certificate] = {}
         self._overdue_logged = clock()
         if path is not None:
+            self._numbers = load_numbers(path)
             self._seen = _stamp([path])
             if self._seen[0] is not None:
-                self._held = accept(self._read(path), self._cas(), None)
+                for new in self._judge_file(self._read(path)):
+                    self._lists[issuer_key(new.issuer)] = self._held = new
+            missing = [key for key in self._numbers if key not in self._lists]
+            if missing:
+                raise CrlError(
+                    f"{path} lacks the revocation list of {len(missing)} CA(s) held before (the file is missing or "
+                    "replaced): restore it, or install the CA's newest list",
+                    "crl_missing",
+                )
+            self._record_numbers()
+
+    def _judge_file(self, data: bytes) -> list[RevocationList]:
+        """The lists in ``data`` newer than those held of their CAs (CrlError, changing nothing, if any is not)."""
+        cas = self._cas()
+        taken: dict[str, RevocationList] = dict(self._lists)
+        new: list[RevocationList] = []
+        for block in split_lists(data):
+            crl = verify_crl(block, cas)
+            key = issuer_key(crl.issuer)
+            if judge(crl, taken.get(key), floor=self._numbers) is not None:
+                taken[key] = crl
+                new.append(crl)
+        return new
+
+    def _record_numbers(self) -> None:
+        assert self.path is not None
+        numbers = dict(self._numbers)
+        try:  # another process (an install command) may have recorded a higher number meanwhile: never lower it
+            for key, number in load_numbers(self.path).items():
+                numbers[key] = max(numbers.get(key, 0), number)
+        except CrlError:
+            pass  # damaged: rewritten from what this process knows
+        for key, crl in self._lists.items():
+            numbers[key] = max(numbers.get(key, 0), crl.number)
+        if numbers != self._numbers:
+            try:
+                save_numbers(self.path, numbers)
+            except OSError as exc:
+                raise CrlError(
+                    f"cannot record the CRL numbers beside {self.path}: {exc.strerror}", "crl_not_written"
+                ) from None
+            self._numbers = numbers
+
+    @property
+    def lists(self) -> tuple[RevocationList, ...]:
+        """Every list in force (one per CA), after a look at the file if ``interval`` has passed."""
+        self.refresh()
+        return tuple(self._lists.values())
+
+    @property
+    def digest(self) -> bytes:
+        """SHA-256 over the lists in force: changes whenever one does."""
+        return hashlib.sha256(b"".join(crl.sha256 for _, crl in sorted(self._lists.items()))).digest()
+
+    def revokes(self, cert: x509.Certificate) -> bool:
+        """Whether a list in force revokes ``cert`` (the list of its issuer)."""
+        return any(crl.revokes(cert) for crl in self._lists.values())
 
     def _cas(self) -> list[x509.Certificate]:
         return ca_certificates(self.ca_pem())
@@ -237,7 +317,8 @@ class RevocationSource:
 
     @property
     def held(self) -> RevocationList | None:
-        """The list in force (None: none held), after a look at the file if ``interval`` has passed."""
+        """The list taken last (None: none held; every list in force: ``lists``), after a look at the file if
+        ``interval`` has passed."""
         self.refresh()
         return self._held
 
@@ -252,10 +333,17 @@ class RevocationSource:
             self._next = now + self.interval
             self._warn_overdue(now)
             stamp = _stamp([self.path])
-            if stamp == self._seen or stamp[0] is None:
-                return  # unchanged, or removed: the held list stays in force
+            if stamp == self._seen:
+                return
+            if stamp[0] is None:
+                # Removed: the held lists stay in force (fail closed), and it is said once.
+                self._seen = stamp
+                if self._lists:
+                    self._refused(CrlError(f"{self.path} was removed; the lists held stay", "crl_missing"))
+                return
             try:
-                new = accept(self._read(self.path), self._cas(), self._held)
+                data = self._read(self.path)
+                taken = self._judge_file(data)
             except CrlError as exc:
                 if self.wall() - _youngest_s(stamp) < SETTLE_SECONDS and exc.code == "crl_unreadable":
                     return
@@ -263,8 +351,13 @@ class RevocationSource:
                 self._refused(exc)
                 return
             self._seen = stamp
-            if new is not None:
+            for new in taken:
                 self._take(new)
+            if self._lists and data != join_lists(self._lists.values()):
+                try:
+                    self._write()  # the file holds every list in force again (another CA's was left out)
+                except CrlError as exc:
+                    log.error("the revocation lists could not be written back", extra={"reason": exc.code})
 
     def _warn_overdue(self, now: float) -> None:
         warning = self.overdue_warning()
@@ -272,8 +365,20 @@ class RevocationSource:
             self._overdue_logged = now + OVERDUE_LOG_INTERVAL_SECONDS
             log.warning("certificate revocation list overdue; it stays in force", extra={"detail": warning})
 
+    def _write(self) -> None:
+        assert self.path is not None
+        try:
+            write_atomically(self.path, join_lists(self._lists.values()), mode=0o644)
+        except OSError as exc:
+            raise CrlError(f"cannot write {self.path}: {exc.strerror}", "crl_not_written") from None
+        self._seen = _stamp([self.path])
+
     def _take(self, new: RevocationList) -> None:
-        self._held = new
+        self._lists[issuer_key(new.issuer)] = self._held = new
+        try:
+            self._record_numbers()
+        except CrlError as exc:
+            log.error("the CRL numbers could not be recorded", extra={"reason": exc.code})
         log.info(
             "certificate revocation list installed",
             extra={"crl_number": new.number, "revoked": len(new.serials)},
@@ -297,19 +402,31 @@ class RevocationSource:
             raise CrlError("no file is configured for the revocation list", "crl_not_configured")
         with self._lock:
             try:
-                new = accept(data, self._cas(), self._held)
+                crl = verify_crl(data, self._cas())
+                new = judge(crl, self._lists.get(issuer_key(crl.issuer)), floor=self._numbers)
             except CrlError as exc:
                 self._refused(exc)
                 raise
             if new is None:
                 return None
+            before = dict(self._lists)
+            self._lists[issuer_key(new.issuer)] = new
             try:
-                write_atomically(self.path, new.der, mode=0o644)
-            except OSError as exc:
-                raise CrlError(f"cannot write {self.path}: {exc.strerror}", "crl_not_written") from None
-            self._seen = _stamp([self.path])
+                self._write()
+            except CrlError:
+                self._lists = before
+                raise
             self._take(new)
         return new
+
+    def holding(self, data: bytes) -> RevocationList | None:
+        """The list in force that ``data`` is (None if it is not one of them)."""
+        try:
+            crl = verify_crl(data, self._cas())
+        except CrlError:
+            return None
+        held = self._lists.get(issuer_key(crl.issuer))
+        return held if held is not None and held.der == crl.der else None
 
     def install(self, data: bytes) -> str | None:
         """:meth:`put` for a caller that wants a reason code: None when installed or held already, else the code
@@ -332,8 +449,7 @@ class RevocationSource:
 
     def revokes_pem(self, cert_pem: bytes) -> bool:
         """Whether the held list revokes the certificate in ``cert_pem`` (False when no list is held)."""
-        held = self.held
-        if held is None:
+        if not self.lists:
             return False
         cert = self._parsed.get(cert_pem)
         if cert is None:
@@ -344,7 +460,7 @@ class RevocationSource:
             if len(self._parsed) >= 256:
                 self._parsed.clear()
             self._parsed[cert_pem] = cert
-        return held.revokes(cert)
+        return self.revokes(cert)
 
     def revokes_peer(self, auth_context: Mapping[str, Iterable[bytes] | bytes]) -> bool:
         """Whether the TLS peer of a gRPC call (``ServicerContext.auth_context()``) presented a revoked certificate."""
@@ -355,20 +471,20 @@ class RevocationSource:
         return any(self.revokes_pem(pem) for pem in pems)
 
     def seconds_to_next_update(self) -> float | None:
-        """Seconds until the held list's next update (negative once overdue), None without a list or date."""
-        held = self._held
-        if held is None or held.next_update is None:
-            return None
-        return held.next_update.timestamp() - self.wall()
+        """Seconds until the next update of the list due first (negative once overdue), None without a list or
+        date."""
+        dates = [crl.next_update.timestamp() for crl in self._lists.values() if crl.next_update is not None]
+        return min(dates) - self.wall() if dates else None
 
     def age_seconds(self) -> float | None:
-        """Seconds since the held list was signed (its thisUpdate), None without a list."""
-        held = self._held
-        return None if held is None else self.wall() - held.this_update.timestamp()
+        """Seconds since the oldest list in force was signed (its thisUpdate), None without a list."""
+        dates = [crl.this_update.timestamp() for crl in self._lists.values()]
+        return self.wall() - min(dates) if dates else None
 
     def overdue_warning(self) -> str | None:
-        """A line for the operator when the held list is past its next update, else None."""
-        held = self._held
-        if held is None or not held.overdue(_utc_now()):
+        """A line for the operator when a list in force is past its next update, else None."""
+        late = [crl for crl in self._lists.values() if crl.overdue(_utc_now())]
+        if not late:
             return None
+        held = late[0]
         return f"the revocation list (number {held.number}) is past its next update: install a newer one"

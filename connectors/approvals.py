@@ -10,9 +10,10 @@ it was when the approval was given. It refuses the batch with the first failing 
 2. ``approval_proof_invalid``: the proof does not have the shape the batch needs (counts, indices, salts, hash
    lengths, hashes missing or left over), or ``staff_ids`` does not name exactly the approvers;
 3. for each approval in turn: ``approver_duplicate`` (a staff id given twice), ``approval_time_invalid`` (approved
-   after the envelope was made), ``approver_unknown`` / ``approver_not_yet_effective`` / ``approver_expired`` /
-   ``approver_revoked`` (the roster in force at the approval's time), ``approver_not_exchange_staff`` (no exchange
-   role), ``approver_duplicate`` (a key already used by another approver), ``approval_signature_invalid`` (the
+   after the envelope was made, or more than ``max_age_ms`` before it), ``approver_unknown`` /
+   ``approver_not_yet_effective`` / ``approver_expired`` / ``approver_revoked`` (the roster in force at the
+   approval's time), ``approver_not_exchange_staff`` (no exchange role), ``approver_duplicate`` (a key already
+   used by another approver), ``approval_signature_invalid`` (the
    signature does not verify over the recomputed root: forged, made for another commission, or made over other
    content than the batch carries — a unit cannot tell these apart);
 4. ``approvals_too_few``: fewer than two approvals (all of which passed).
@@ -21,8 +22,9 @@ Every failure is PERMISSION_DENIED except ``approval_missing`` and ``approval_pr
 
 A unit that holds no roster of the gateway refuses with ``approver_unknown`` (the gateway retries: the roster may be
 on its way). Only where the unit's operator allows unverified approvals during migration
-(``[exchange] allow_unverified_approvals``) is such a batch, or a batch without any proof (from a gateway or a
-commission older than approval trees), judged by the old rule instead: two or more staff ids listed in ``[[staff]]``.
+(``[exchange] allow_unverified_approvals``) AND the unit holds no roster of that gateway at all is a batch (with or
+without a proof) judged by the old rule instead: two or more staff ids listed in ``[[staff]]``. Once a roster of the
+gateway is held, the old rule never applies: a batch without a proof is refused ``approval_missing``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from hedui.v1 import exchange_pb2
 
 from connectors.errors import Refusal
 from keys.approvals import ApprovalProofError, batch_root
-from keys.clock import MINUTE_MS
+from keys.clock import DAY_MS, MINUTE_MS
 from keys.roster import RosterMember
 from keys.statements import approval_message
 
@@ -52,6 +54,9 @@ APPROVER_REVOKED = "approver_revoked"
 APPROVER_NOT_EXCHANGE_STAFF = "approver_not_exchange_staff"
 APPROVER_DUPLICATE = "approver_duplicate"
 APPROVALS_TOO_FEW = "approvals_too_few"
+#: Subjects (share indices of a commission) received before in another batch: approved subjects are queried once
+#: (clause 16). Checked when the batch is stored (connectors/store.py ``batch_shares``), after every check here.
+SUBJECT_ALREADY_QUERIED = "subject_already_queried"
 #: The old rule's refusal (a batch judged by ``[[staff]]`` ids during migration).
 STAFF_NOT_REGISTERED = "staff_not_registered"
 
@@ -69,6 +74,7 @@ REASONS: Mapping[str, grpc.StatusCode] = {
     APPROVER_DUPLICATE: grpc.StatusCode.PERMISSION_DENIED,
     APPROVALS_TOO_FEW: grpc.StatusCode.PERMISSION_DENIED,
     STAFF_NOT_REGISTERED: grpc.StatusCode.PERMISSION_DENIED,
+    SUBJECT_ALREADY_QUERIED: grpc.StatusCode.PERMISSION_DENIED,
 }
 #: What a roster says of a staff member who may not act at a moment (keys/roster.py RosterHistory.member_at).
 ROSTER_REASONS = frozenset({APPROVER_UNKNOWN, APPROVER_NOT_YET_EFFECTIVE, APPROVER_EXPIRED, APPROVER_REVOKED})
@@ -84,6 +90,10 @@ class ApproverHistory(Protocol):
     def member_at(self, staff_id: str, at_ms: int) -> tuple[RosterMember | None, str | None]:
         """The member ``staff_id`` as the roster in force at ``at_ms`` lists them, if they could act then; else
         None and the reason: approver_unknown, approver_not_yet_effective, approver_expired or approver_revoked."""
+        ...
+
+    def in_force(self, at_ms: int) -> object | None:
+        """The roster version in force at ``at_ms`` (None before the first one takes effect)."""
         ...
 
 
@@ -124,18 +134,23 @@ class ApprovalCheck:
     rosters: GatewayRosters = field(default_factory=NoRosters)
     #: ``[[staff]]``: gateway party id -> staff ids registered by hand (the migration rule only).
     legacy_staff: Mapping[str, frozenset[str]] = field(default_factory=dict)
-    #: Migration only: judge a batch by ``legacy_staff`` when the unit holds no roster of its gateway, or when the
-    #: batch carries no approval proof.
+    #: Migration only: judge a batch by ``legacy_staff`` while the unit holds no roster of its gateway (never once
+    #: one is held: then a batch without an approval proof is refused ``approval_missing``).
     allow_unverified: bool = False
     #: Slack between the gateway's clock at approval and at sealing (both the gateway's).
     clock_skew_ms: int = 5 * MINUTE_MS
+    #: ``[exchange] approval_max_age_days``: an approval given longer than this before the envelope was made is
+    #: refused, so a key revoked since cannot date approvals before its revocation without limit.
+    max_age_ms: int = 45 * DAY_MS
 
     def check(self, batch: exchange_pb2.QueryBatch, *, gateway: str, unit: str, created_at_ms: int) -> Verdict:
         """The approvers of ``batch`` (sent by ``gateway`` to ``unit`` in an envelope made at ``created_at_ms``), or
         the Refusal of the first check that fails."""
         history = self.rosters.history(gateway)
         has_proof = batch.HasField("approval")
-        if self.allow_unverified and (history is None or not has_proof):
+        if self.allow_unverified and history is None:
+            # Only while no roster of this gateway is held: once one is, every batch must carry approvals that
+            # verify against it (a batch stripped of its proof must not fall back to the unsigned rule).
             return self._legacy(batch, gateway, unit, check_proof=has_proof)
         if not has_proof or not batch.approval.approvals:
             raise refusal(APPROVAL_MISSING, "the batch carries no exchange approvals (Procedure V.(二))")
@@ -145,6 +160,7 @@ class ApprovalCheck:
             raise refusal(APPROVAL_PROOF_INVALID, "staff_ids do not name exactly the staff who approved")
         seen_ids: set[str] = set()
         seen_keys: set[bytes] = set()
+        unverified = False
         message = approval_message(root)
         for approval in approvals:
             staff_id = approval.staff_id
@@ -156,10 +172,30 @@ class ApprovalCheck:
                 raise refusal(
                     APPROVAL_TIME_INVALID, f"the approval of {shown} is dated after the batch was sent", shown
                 )
+            if approval.approved_at_ms < created_at_ms - self.max_age_ms:
+                raise refusal(
+                    APPROVAL_TIME_INVALID,
+                    f"the approval of {shown} was given more than {self.max_age_ms // DAY_MS} days before the batch "
+                    "was sent",
+                    shown,
+                )
             if history is None:
                 raise refusal(
                     APPROVER_UNKNOWN, f"this unit holds no roster of {gateway} to check {shown} against", shown
                 )
+            if self.allow_unverified and history.in_force(approval.approved_at_ms) is None:
+                # Migration: the gateway's roster is held but was not in force yet when this approval was given
+                # (its first version waits out its notice), so nothing can verify the signature; the approver
+                # must be in [[staff]], as before rosters. The proof itself was checked above.
+                if staff_id not in self.legacy_staff.get(gateway, frozenset()):
+                    raise refusal(
+                        STAFF_NOT_REGISTERED,
+                        f"staff member {shown} approved before the gateway's roster was in force and is not in "
+                        "[[staff]]",
+                        shown,
+                    )
+                unverified = True
+                continue
             member, reason = history.member_at(staff_id, approval.approved_at_ms)
             if member is None or reason is not None:
                 code = reason if reason in ROSTER_REASONS else APPROVER_UNKNOWN
@@ -183,7 +219,7 @@ class ApprovalCheck:
                 APPROVALS_TOO_FEW,
                 f"an exchange needs at least {MIN_APPROVALS} approvals, the batch has {len(seen_ids)}",
             )
-        return Verdict(tuple(a.staff_id for a in approvals), verified=True)
+        return Verdict(tuple(a.staff_id for a in approvals), verified=not unverified)
 
     @staticmethod
     def _root(batch: exchange_pb2.QueryBatch, gateway: str, unit: str) -> bytes:

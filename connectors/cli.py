@@ -8,6 +8,9 @@ hedui-connector delay --config FILE BATCH --until YYYY-MM-DD --reason technical
 hedui-connector test-query --config FILE --category tax [--from YYYY-MM --to YYYY-MM] < ids.txt
                                                    what the unit would answer for these people (before going live)
 hedui-connector tls install-crl --config FILE CRL  install the CA's revocation list by hand (the gateway sends it too)
+hedui-connector tls request-renewal --config FILE  renew the server certificate now: a new key made here, a request
+                                                   sent to the gateways (done by itself before the certificate ends)
+hedui-connector tls renewal-status --config FILE   the certificate in use, the outstanding request, the last ones
 hedui-connector roster init-admin|add|end|revoke|list|history|pending|on-duty|migrate-check --config FILE ...
                                                    the unit's exchange staff, registered with the gateways in
                                                    advance (Procedure V.(三)), and the gateways' rosters
@@ -22,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -30,14 +33,18 @@ from google.protobuf import text_format
 from common.categories import UNIT_DATA, data_category_by_name, data_category_name
 from common.cli import run, service_parser
 from common.config import ConfigError, describe
+from common.db import make_engine
 from common.idnumber import InvalidIdNumber, parse_id_number
 from connectors.adapters.base import LookupContext
 from connectors.config import ConnectorConfig
-from connectors.server import build_adapter, build_connector, revocation_source, serve
+from connectors.server import build_adapter, build_connector, gateways_of, revocation_source, serve
+from connectors.store import ConnectorStore
 from connectors.trust.commands import add_roster_commands
+from connectors.trust.renewal import CertificateRenewal
+from keys import keystore
 from keys._files import read_bounded
 from keys.crl import MAX_CRL_BYTES, CrlError
-from keys.tls import check_tls
+from keys.tls import check_tls, load_certificate
 
 log = logging.getLogger("hedui.connector")
 
@@ -97,6 +104,88 @@ def _install_crl(args: argparse.Namespace) -> None:
         print(f"{args.file} is the list in place already ({config.crl_path})")
     else:
         print(f"installed {installed.summary()} as {config.crl_path}; the running connector enforces it")
+
+
+def _renewal(config: ConnectorConfig) -> CertificateRenewal:
+    """The renewal of the config's server certificate, with the store and the gateways of its keystore."""
+    if not config.tls_files():
+        raise ConfigError("insecure_plaintext: without TLS there is no certificate to renew")
+    pending = config.renewal_key_path
+    assert pending is not None
+    gateways: list[str] = list(config.tls.renewal_gateways)
+    if not gateways:
+        _, trust = keystore.load(config.keys.keystore, keystore.read_passphrase_file(config.keys.passphrase_file))
+        gateways = gateways_of(trust)
+    return CertificateRenewal(
+        ConnectorStore(make_engine(config.database.url)).engine,  # its tables (trust items among them) made if new
+        config.tls_files()[0],
+        pending_key=pending,
+        gateways=lambda: gateways,
+        renew_before_days=config.tls.renew_before_days,
+        timeout_days=config.tls.renewal_timeout_days,
+    )
+
+
+def _request_renewal(args: argparse.Namespace) -> None:
+    config = ConnectorConfig.load(Path(args.config))
+    renewal = _renewal(config)
+    try:
+        outcome = renewal.request()
+    finally:
+        renewal.engine.dispose()
+    request = outcome.outstanding
+    names = ", ".join(request.profile.names) or "none"
+    if not outcome.new:
+        print(
+            f"a request is outstanding since {_moment(request.requested_at_ms)} (key {request.key_fingerprint}), "
+            f"sent to {', '.join(request.gateways)}: waiting for its certificate"
+        )
+        return
+    replaced = f" (the previous one was given up: {outcome.replaced})" if outcome.replaced else ""
+    print(f"requested a certificate for {request.profile.party} ({names}; {request.profile.usages}){replaced}")
+    print(f"  new key {request.key_fingerprint}, kept in {renewal.pending_key} (mode 0600; it never leaves this host)")
+    print(
+        f"  sent to {', '.join(request.gateways)} at the next trust synchronisation; the running connector installs "
+        "the certificate when it comes ('tls renewal-status')"
+    )
+
+
+def _moment(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _renewal_status(args: argparse.Namespace) -> None:
+    config = ConnectorConfig.load(Path(args.config))
+    renewal = _renewal(config)
+    try:
+        now = renewal.clock.now_ms()
+        cert = load_certificate(renewal.current_certificate())
+        ends = _moment(int(cert.not_valid_after_utc.timestamp() * 1000))
+        print(f"certificate {renewal.files.cert}: serial {cert.serial_number:x}, ends {ends}")
+        print(f"  {renewal.days_left(now):.1f} days left", end="")
+        if renewal.renew_before_days:
+            due = " (due now)" if renewal.due(now) else ""
+            print(f"; renewed automatically {renewal.renew_before_days} days before it ends{due}")
+        else:
+            print("; renewed on demand only (tls.renew_before_days = 0)")
+        outstanding = renewal.outstanding()
+        if outstanding is None:
+            print("no request outstanding")
+        else:
+            hours = (now - outstanding.requested_at_ms) / 3_600_000
+            print(f"request outstanding for {hours:.1f} hours: key {outstanding.key_fingerprint}")
+            print(f"  sent to {', '.join(outstanding.gateways)}")
+        for row in renewal.history():
+            line = f"  #{row.request_id} requested {_moment(row.requested_at_ms)}: {row.state}"
+            if row.answered_at_ms is not None:
+                line += f" {_moment(row.answered_at_ms)}"
+            if row.serial:
+                line += f", serial {row.serial} from {row.answered_by}"
+            if row.detail:
+                line += f" ({row.detail})"
+            print(line)
+    finally:
+        renewal.engine.dispose()
 
 
 def _keys(args: argparse.Namespace) -> None:
@@ -216,12 +305,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     test.add_argument("--to", dest="income_to", help="last month of the income period, YYYY-MM (default: last month)")
     test.add_argument("--as-of", help="date assets are reported for, YYYY-MM-DD (default: today)")
     test.set_defaults(func=_test_query)
-    tls_command = sub.add_parser("tls", help="the CA's certificate revocation list (install-crl)")
+    tls_command = sub.add_parser(
+        "tls", help="the server certificate's renewal and the CA's revocation list (request-renewal, install-crl)"
+    )
     tls_sub = tls_command.add_subparsers(dest="tls_command", required=True, metavar="TLS_COMMAND")
     install = tls_sub.add_parser("install-crl", help="check a revocation list and install it (by hand)")
     install.add_argument("--config", required=True)
     install.add_argument("file", help="the CRL file (DER or PEM)")
     install.set_defaults(func=_install_crl)
+    request = tls_sub.add_parser(
+        "request-renewal",
+        help="renew the server certificate now: a new key made here and a certificate request sent to the gateways "
+        "(nothing new while a request is outstanding)",
+    )
+    request.add_argument("--config", required=True)
+    request.set_defaults(func=_request_renewal)
+    status = tls_sub.add_parser("renewal-status", help="the certificate in use and the renewal requests")
+    status.add_argument("--config", required=True)
+    status.set_defaults(func=_renewal_status)
     add_roster_commands(sub)
     args = parser.parse_args(argv)
     return run("hedui-connector", args)

@@ -45,7 +45,9 @@ class TlsSection:
     crl_file: Path | None = doc(
         "Where the connector keeps the private CA's certificate revocation list, which the gateway sends over the "
         "wire (or 'hedui-connector tls install-crl FILE' installs); gateways whose client certificate it lists are "
-        "refused. Unset: crl.der in the keystore's folder (the service writes it).",
+        "refused. One list per CA of the bundle; the highest number of each is remembered in <file>.numbers.json, and "
+        "once a list was held a missing file is an error at start (docs/keys.md). Unset: crl.der in the keystore's "
+        "folder (the service writes it).",
         default=None,
     )
     check_interval_seconds: float = doc(
@@ -54,9 +56,43 @@ class TlsSection:
         default=5.0,
     )
 
+    renew_before_days: int = doc(
+        "The connector asks for a new server certificate this many days before the one in use ends: a new key made "
+        "here (never leaving the host) and a certificate request sent to the gateways, which sign it with the "
+        "network CA; the certificate comes back over the wire and is installed without a restart "
+        "(docs/operations.md, 'Renewing certificates'). 0: only on demand ('hedui-connector tls request-renewal').",
+        default=30,
+    )
+    renewal_timeout_days: int = doc(
+        "How long a certificate request may wait for its certificate before the next check makes a new one (with a "
+        "new key; the old request's certificate is refused if it comes later).",
+        default=7,
+    )
+    renewal_check_seconds: float = doc(
+        "How often the running connector checks whether its certificate is due for renewal.", default=3600.0
+    )
+    renewal_key_file: Path | None = doc(
+        "Where the new key waits for its certificate (mode 0600; written by the connector, so its folder must be "
+        "writable by the connector's user). Unset: the server key's file name with '.pending' added.",
+        default=None,
+    )
+    renewal_gateways: tuple[str, ...] = doc(
+        "The gateways a certificate request is sent to (party ids). Empty: every gateway in the trust store. With "
+        "several gateways, name the one whose agency signs the network's certificates.",
+        default=(),
+    )
+
     def __post_init__(self) -> None:
         if not 0.1 <= self.check_interval_seconds <= 3600:
             raise ValueError("tls.check_interval_seconds must be 0.1-3600")
+        if not 0 <= self.renew_before_days <= 365:
+            raise ValueError("tls.renew_before_days must be 0-365")
+        if not 1 <= self.renewal_timeout_days <= 90:
+            raise ValueError("tls.renewal_timeout_days must be 1-90")
+        if not 1 <= self.renewal_check_seconds <= 86_400:
+            raise ValueError("tls.renewal_check_seconds must be 1-86400")
+        for party in self.renewal_gateways:
+            check_party_id(party)
 
 
 @dataclass(frozen=True)
@@ -146,7 +182,12 @@ class ExchangeSection:
     retention_days: int = doc(
         "Days an acknowledged batch's content and answer are kept before they are purged.", default=30
     )
-    envelope_ttl_minutes: int = doc("Lifetime of the envelopes the connector sends.", default=60)
+    envelope_ttl_minutes: int = doc(
+        "Lifetime of the envelopes the connector sends, and the oldest envelope it takes from a gateway (created "
+        "longer ago than this plus the clock skew: expired, docs/envelope.md step 7c). Keep it equal to the "
+        "gateway's.",
+        default=60,
+    )
     holiday_file: Path | None = doc(
         "TOML with official holiday schedules of years the built-in calendar lacks (common/workdays.py).",
         default=None,
@@ -160,16 +201,26 @@ class ExchangeSection:
     )
     allow_unverified_approvals: bool = doc(
         "Migration only. The unit verifies every batch's exchange approvals (two staff signatures) against the "
-        "gateway's roster it holds, and refuses batches it cannot verify. True: while it holds no roster of a "
-        "gateway, or for a batch that carries no approval proof (from a gateway, or a commission, older than "
-        "approval proofs), it accepts a batch whose staff ids are all in [[staff]] instead, without checking any "
-        "signature. Turn it off once every gateway's roster has arrived (docs/operations.md).",
+        "gateway's roster it holds, and refuses batches it cannot verify. True: only while it holds no roster of a "
+        "gateway at all, it accepts that gateway's batches (with or without an approval proof) whose staff ids are "
+        "all in [[staff]] instead, without checking any signature. Once it holds a roster of the gateway, every "
+        "batch is verified against it and a batch without an approval proof is refused (approval_missing). Turn it "
+        "off once every gateway's roster has arrived (docs/operations.md).",
         default=False,
+    )
+    approval_max_age_days: int = doc(
+        "Oldest exchange approval accepted: a batch whose approvals were given more than this many days before "
+        "the gateway sent it is refused (approval_time_invalid), so an approval signed with a key since revoked "
+        "cannot be backdated to before its revocation forever (docs/exchange.md). 1-366; agree it with the "
+        "gateways (an exchange approved but not sent within it is approved again).",
+        default=45,
     )
 
     def __post_init__(self) -> None:
         if not 1 <= self.answer_staff <= 8:
             raise ValueError("exchange.answer_staff must be 1-8")
+        if not 1 <= self.approval_max_age_days <= 366:
+            raise ValueError("exchange.approval_max_age_days must be 1-366")
 
 
 @dataclass(frozen=True)
@@ -245,6 +296,14 @@ class ConnectorConfig:
         if not (server.tls_cert and server.tls_key and server.tls_ca):
             raise ConfigError("server.tls_cert, server.tls_key and server.tls_ca are required (or insecure_plaintext)")
         return [TlsFiles("server", "server", self.unit.party_id, server.tls_cert, server.tls_key, server.tls_ca)]
+
+    @property
+    def renewal_key_path(self) -> Path | None:
+        """Where a renewal's new key waits: tls.renewal_key_file, else the server key's name + '.pending' (None
+        under insecure_plaintext)."""
+        if self.server.insecure_plaintext or self.server.tls_key is None:
+            return None
+        return self.tls.renewal_key_file or self.server.tls_key.with_name(self.server.tls_key.name + ".pending")
 
     @property
     def crl_path(self) -> Path:

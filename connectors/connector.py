@@ -19,15 +19,17 @@ from google.protobuf.message import Message
 from hedui.v1 import exchange_pb2
 
 from common.categories import UNIT_DATA
-from common.dates import from_pb, to_pb, year_month
-from common.logs import LogThrottle, public_commission_ref
+from common.dates import to_pb
+from common.logs import public_commission_ref
 from common.workdays import CHINA_TZ, CalendarSource, Deadline, WorkdayCalendar
-from connectors.adapters.base import Adapter, AdapterError, LookupContext
-from connectors.answering import answer_subjects, is_authorised
-from connectors.approvals import ApprovalCheck, GatewayRosters, NoRosters
+from connectors.adapters.base import Adapter
+from connectors.answer_queue import ANSWER_RETRY_BASE_MS, ANSWER_RETRY_MAX_MS, AnswerQueue
+from connectors.approvals import SUBJECT_ALREADY_QUERIED, ApprovalCheck, GatewayRosters, NoRosters
+from connectors.approvals import refusal as approval_refusal
+from connectors.batch_rules import BATCH_ID_RE, MAX_NAME_LENGTH, MAX_REF_LENGTH, check_batch, invalid
 from connectors.errors import DelayRefused, Refusal, envelope_refusal, sign_refusal
-from connectors.store import BatchExists, ConnectorStore, StoredBatch
-from connectors.trust.duty import OnDuty, Responsible
+from connectors.store import BatchExists, ConnectorStore, Shares, SharesQueried, StoredBatch
+from connectors.trust.duty import OnDuty
 from connectors.trust.rosters import PeerRosters
 from keys.clock import DAY_MS, MINUTE_MS, from_ms
 from keys.envelope import Courier, Opened
@@ -40,15 +42,18 @@ if TYPE_CHECKING:
     from connectors.trust.keys import ConnectorKeys
     from connectors.trust.sync import TrustDesk
 
+__all__ = [
+    "ANSWER_RETRY_BASE_MS",
+    "ANSWER_RETRY_MAX_MS",
+    "MAX_ANSWER_BYTES",
+    "MAX_IDS_PER_REQUEST",
+    "MAX_NAME_LENGTH",
+    "MAX_REF_LENGTH",
+    "Connector",
+]
+
 log = logging.getLogger("hedui.connector")
 
-#: First pause before an unanswerable batch is tried again, and the longest pause.
-ANSWER_RETRY_BASE_MS = 5_000
-ANSWER_RETRY_MAX_MS = 5 * 60_000
-
-_BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
-MAX_REF_LENGTH = 64
-MAX_NAME_LENGTH = 64
 MAX_IDS_PER_REQUEST = 100
 #: Answers are returned until the response would pass this size; the gateway asks again for the rest.
 MAX_ANSWER_BYTES = 24 * 1024 * 1024
@@ -56,10 +61,6 @@ MAX_ANSWER_BYTES = 24 * 1024 * 1024
 _QUERY = {exchange_pb2.QueryBatch.DESCRIPTOR.full_name: exchange_pb2.QueryBatch}
 _FETCH = {exchange_pb2.FetchAnswers.DESCRIPTOR.full_name: exchange_pb2.FetchAnswers}
 _ACK = {exchange_pb2.AcknowledgeAnswers.DESCRIPTOR.full_name: exchange_pb2.AcknowledgeAnswers}
-
-
-def _invalid(message: str, reason: str) -> Refusal:
-    return Refusal(grpc.StatusCode.INVALID_ARGUMENT, message, reason)
 
 
 class Connector:
@@ -80,6 +81,7 @@ class Connector:
         metrics: ConnectorMetrics | None = None,
         rosters: GatewayRosters | None = None,
         allow_unverified_approvals: bool = False,
+        approval_max_age_ms: int = 45 * DAY_MS,
     ) -> None:
         """``rosters``: the gateways' rosters the unit holds, which exchange approvals are verified against (none:
         every approver is unknown); ``staff`` (``[[staff]]``, gateway -> staff ids) and
@@ -90,15 +92,15 @@ class Connector:
         self.served = frozenset(UNIT_DATA[unit_category])
         self.calendar = calendar
         self.approvals = ApprovalCheck(
-            rosters=rosters or NoRosters(), legacy_staff=staff, allow_unverified=allow_unverified_approvals
+            rosters=rosters or NoRosters(),
+            legacy_staff=staff,
+            allow_unverified=allow_unverified_approvals,
+            max_age_ms=approval_max_age_ms,
         )
         self.threshold_categories = threshold_categories
         self.max_subjects = max_subjects
         self.envelope_ttl_ms = envelope_ttl_ms
         self.metrics = metrics
-        #: Batches whose answering failed: batch id -> (consecutive failures, earliest next try). In memory only:
-        #: a restart tries everything at once, which is what an operator who just fixed the database wants.
-        self._retry: dict[str, tuple[int, int]] = {}
         #: Where a running service re-reads its holiday file (set by connectors.server.build_connector); None: the
         #: calendar given here stays.
         self.calendar_source: CalendarSource | None = None
@@ -109,23 +111,24 @@ class Connector:
         #: least ``answer_staff`` of them (Procedure V.(二)) or is not made. None: answers name nobody.
         self.duty: OnDuty | None = None
         self.answer_staff = 1
-        #: The worker is holding answers back for want of registered staff on duty (a metric and an alert).
-        self.short_of_staff = False
-        self._staff_log = LogThrottle(60.0)
         #: The trust synchronisation's handler (connectors/trust/sync.py); None: SyncTrust is refused.
         self.trust_desk: TrustDesk | None = None
         #: The live keys and their job (connectors/trust/keys.py), run by the server; None: keys as given, fixed.
         self.keys: ConnectorKeys | None = None
+        #: The answering of accepted batches, run by the server's answer worker.
+        self.answers = AnswerQueue(self)
 
     @property
     def party_id(self) -> str:
         return self.courier.me.party_id
 
-    def _now(self) -> int:
+    def now_ms(self) -> int:
+        """The courier's clock: the time every step records."""
         return self.courier.clock.now_ms()
 
-    def _today(self) -> date:
-        return from_ms(self._now()).astimezone(CHINA_TZ).date()
+    def today(self) -> date:
+        """Today in China (clause 12 counts days there)."""
+        return from_ms(self.now_ms()).astimezone(CHINA_TZ).date()
 
     # -- receiving ---------------------------------------------------------------------------------------------
 
@@ -137,7 +140,7 @@ class Connector:
             if refusal.public_reason == REFRESH_KEYS:
                 # Our own announcements go beside the refusal: they may be the only way the caller can learn a key
                 # of ours it must seal for before it can talk to us at all (docs/exchange.md, "Refresh keys").
-                since = self._now() - ATTACHMENT_WINDOW_MS
+                since = self.now_ms() - ATTACHMENT_WINDOW_MS
                 refusal.announcements = tuple(
                     self.courier.me.announcements(since_ms=since, limit=MAX_METADATA_ANNOUNCEMENTS)
                 )
@@ -184,11 +187,11 @@ class Connector:
     ) -> Refusal:
         """Record, count and log a refusal; for a request whose envelope opened (``opened``: the gateway is
         authenticated), attach the signed refusal the server sends along (docs/exchange.md, "Signed refusals")."""
-        self.store.record(self._now(), "refused", gateway=gateway, batch_id=batch_id, reason=refusal.reason)
+        self.store.record(self.now_ms(), "refused", gateway=gateway, batch_id=batch_id, reason=refusal.reason)
         if opened is not None:
             refusal.signed = sign_refusal(
-                self.courier, refusal, opened, batch_id=batch_id if batch_id and _BATCH_ID_RE.match(batch_id) else "",
-                batch_digest=batch_digest, now_ms=self._now(), ttl_ms=self.envelope_ttl_ms,
+                self.courier, refusal, opened, batch_id=batch_id if batch_id and BATCH_ID_RE.match(batch_id) else "",
+                batch_digest=batch_digest, now_ms=self.now_ms(), ttl_ms=self.envelope_ttl_ms,
             )  # fmt: skip
         if self.metrics is not None:
             self.metrics.refusals.labels(refusal.reason).inc()
@@ -225,11 +228,11 @@ class Connector:
         content = batch.SerializeToString(deterministic=True)
         digest = hashlib.sha256(content).digest()
         try:
-            existing = self.store.get(batch.batch_id) if _BATCH_ID_RE.match(batch.batch_id) else None
+            existing = self.store.get(batch.batch_id) if BATCH_ID_RE.match(batch.batch_id) else None
             if existing is not None:
                 return self._same_batch_receipt(existing, gateway, digest, opened)
             self._validate(batch, gateway, opened.header.created_at_ms)
-            received_at = self._now()
+            received_at = self.now_ms()
             # Never refused for the calendar: a due date across a year without its official schedule is given
             # provisionally and fixed by settle_due_dates once the schedule is installed.
             due = self._due(received_at)
@@ -250,7 +253,13 @@ class Connector:
                 due_provisional=due.provisional,
             )
             try:
-                self.store.insert(stored, content)
+                self.store.insert(stored, content, Shares.of(batch))
+            except SharesQueried as exc:
+                # Clause 16: approved subjects are queried once; the same ones again under another batch id (a
+                # replay of an approved batch) are refused, whatever the approvals say.
+                raise approval_refusal(
+                    SUBJECT_ALREADY_QUERIED, f"subjects of this batch were received before in batch {exc.batch_id}"
+                ) from None
             except BatchExists:
                 # Lost a race with a concurrent submission of the same batch id.
                 existing = self.store.get(batch.batch_id)
@@ -294,7 +303,7 @@ class Connector:
         """Clause 12: 7 working days after receipt; provisional across a year the calendar does not know."""
         return self.calendar.deadline(from_ms(received_at_ms))
 
-    def _extension(self, stored: StoredBatch) -> date:
+    def extension(self, stored: StoredBatch) -> date:
         """Clause 12: the latest date a delay notice may move the batch's due date to (provisional with it)."""
         return self.calendar.extension(Deadline(stored.original_due, stored.due_provisional)).day
 
@@ -312,7 +321,7 @@ class Connector:
             if settled is None:
                 continue
             original, due = settled
-            if self.store.settle_due(stored.batch_id, original, due, self._now()):
+            if self.store.settle_due(stored.batch_id, original, due, self.now_ms()):
                 fixed += 1
                 log.info(
                     "provisional due date is final",
@@ -325,142 +334,28 @@ class Connector:
         return fixed
 
     def _validate(self, batch: exchange_pb2.QueryBatch, gateway: str, created_at_ms: int) -> None:
-        """Whole-batch checks; any failure refuses the batch. Per-subject problems are answered, not refused. The
-        exchange approvals are verified here (connectors/approvals.py; Procedure V.(二) and V.(三))."""
-        if not _BATCH_ID_RE.match(batch.batch_id):
-            raise _invalid("batch_id must be 1-64 characters of A-Z a-z 0-9 . _ : -", "bad_batch_id")
-        if not 0 < len(batch.commission_ref) <= MAX_REF_LENGTH:
-            raise _invalid("commission_ref must be 1-64 characters", "bad_commission_ref")
-        if batch.purpose not in exchange_pb2.Programme.values() or batch.purpose == 0:
-            raise _invalid("purpose (assistance programme) is missing", "no_purpose")
-        if not batch.subjects:
-            raise _invalid("batch has no subjects", "empty_batch")
-        if len(batch.subjects) > self.max_subjects:
-            raise Refusal(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"batch has {len(batch.subjects)} subjects; this unit accepts at most {self.max_subjects}",
-                "batch_too_large",
-            )
-        categories = list(batch.categories)
-        if not categories or len(set(categories)) != len(categories):
-            raise _invalid("categories must be listed once each, at least one", "bad_categories")
-        not_served = [c for c in categories if c not in self.served]
-        if not_served:
-            raise _invalid(f"this unit does not hold data categories {sorted(not_served)}", "category_not_served")
-        limits = {int(t.category): t.limit_fen for t in batch.thresholds}
-        for category in self.threshold_categories & set(categories):
-            if limits.get(category, 0) <= 0:
-                raise _invalid(
-                    f"this unit answers data category {category} as a threshold flag; send a positive limit",
-                    "threshold_missing",
-                )
-        try:
-            start, end = year_month(batch.income_from), year_month(batch.income_to)
-            from_pb(batch.assets_as_of)
-        except ValueError as exc:
-            raise _invalid(f"income period or asset date: {exc}", "bad_period") from exc
-        if start > end:
-            raise _invalid("income period ends before it starts", "bad_period")
-        self.approvals.check(batch, gateway=gateway, unit=self.party_id, created_at_ms=created_at_ms)
-        refs = [s.subject_ref for s in batch.subjects]
-        if any(not 0 < len(r) <= MAX_REF_LENGTH for r in refs) or len(set(refs)) != len(refs):
-            raise _invalid("every subject needs a unique subject_ref of 1-64 characters", "bad_subject_ref")
-        if any(len(s.name) > MAX_NAME_LENGTH or len(s.id_number) > MAX_REF_LENGTH for s in batch.subjects):
-            raise _invalid("a subject's name or ID number field is too long", "field_too_long")
-        if not any(is_authorised(s) for s in batch.subjects):
-            raise Refusal(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "no subject carries an authorisation reference; nobody may be queried without one",
-                "no_authorisation",
-            )
+        """Whole-batch checks (connectors/batch_rules.py), with the unit's settings as they are now."""
+        check_batch(
+            batch,
+            served=self.served,
+            max_subjects=self.max_subjects,
+            threshold_categories=self.threshold_categories,
+            approvals=self.approvals,
+            gateway=gateway,
+            unit=self.party_id,
+            created_at_ms=created_at_ms,
+        )
 
-    # -- answering ---------------------------------------------------------------------------------------------
-
-    def responsible_staff(self, at_ms: int) -> Responsible:
-        """The unit's staff to name on an answer made at ``at_ms`` (see connectors/trust/duty.py)."""
-        if self.duty is None or self.rosters is None:
-            return Responsible((), legacy=True)
-        return self.duty.responsible(self.rosters.history(self.party_id), at_ms, self.answer_staff)
+    # -- answering (connectors/answer_queue.py) ----------------------------------------------------------------
 
     def answer_pending(self, limit: int = 16) -> int:
-        """Answer up to ``limit`` pending batches; returns how many were answered. Adapter failures leave a batch
-        pending, tried again after a growing pause (ANSWER_RETRY_BASE_MS doubling up to ANSWER_RETRY_MAX_MS, so a
-        database that is down is not hammered), and issue the clause-12 delay notice when its due date arrives."""
-        answered = 0
-        now = self._now()
-        waiting = {batch_id for batch_id, (_, next_ms) in self._retry.items() if next_ms > now}
-        responsible = self.responsible_staff(now)
-        self.short_of_staff = responsible.reason is not None
-        if responsible.reason is not None:
-            held_back = self._staff_log.admit(responsible.reason)
-            if held_back is not None:
-                # Procedure V.(二): the unit's side of the exchange names its responsible staff; it answers nothing
-                # rather than an answer set the gateway would refuse.
-                log.warning(
-                    "answers held back: too few registered exchange staff on duty",
-                    extra={
-                        "reason": responsible.reason,
-                        "on_duty": len(responsible.staff_ids),
-                        "required": self.answer_staff,
-                        "repeated": held_back or None,
-                    },
-                )
-            return 0
-        for stored, content in self.store.pending(limit, exclude=waiting):
-            batch = exchange_pb2.QueryBatch.FromString(content)
-            try:
-                answer = self._answer(batch, stored)
-            except AdapterError as exc:
-                self.store.count_attempt(stored.batch_id)
-                failures = self._retry.get(stored.batch_id, (0, 0))[0] + 1
-                pause = min(ANSWER_RETRY_MAX_MS, ANSWER_RETRY_BASE_MS * 2 ** (failures - 1))
-                self._retry[stored.batch_id] = (failures, self._now() + pause)
-                # AdapterError messages never carry personal data (connectors/adapters/base.py): the DBA gets the
-                # reason (a refused login, a column that does not fit) without a debugger.
-                log.error(
-                    "adapter failed; batch stays pending",
-                    extra={
-                        "batch_id": stored.batch_id,
-                        "reason": exc.code,
-                        "detail": str(exc),
-                        "failures": failures,
-                        "retry_in_s": pause // 1000,
-                    },
-                )
-                if self.metrics is not None:
-                    self.metrics.adapter_failures.inc()
-                self._delay_if_due(stored)
-                continue
-            self._retry.pop(stored.batch_id, None)
-            # Named as of the answer's own time, which is what the gateway judges them by.
-            named = self.responsible_staff(answer.answered_at_ms)
-            if named.reason is not None:
-                self.short_of_staff = True
-                break
-            answer.responsible_staff.extend(named.staff_ids)
-            if self.store.store_answer(stored.batch_id, answer.SerializeToString(deterministic=True), self._now()):
-                answered += 1
-                if self.metrics is not None:
-                    self.metrics.answered(s.status for s in answer.subjects)
-        return answered
+        """Answer up to ``limit`` pending batches; returns how many were answered (:class:`AnswerQueue`)."""
+        return self.answers.answer_pending(limit)
 
-    def _answer(self, batch: exchange_pb2.QueryBatch, stored: StoredBatch) -> exchange_pb2.BatchAnswer:
-        now = self._now()
-        context = LookupContext(
-            categories=tuple(batch.categories),
-            income_from=year_month(batch.income_from),
-            income_to=year_month(batch.income_to),
-            assets_as_of=from_pb(batch.assets_as_of),
-            produced_at_ms=now,
-        )
-        limits = {int(t.category): t.limit_fen for t in batch.thresholds if t.category in self.threshold_categories}
-        answer = answer_subjects(batch.subjects, self.adapter, context, limits, today=self._today())
-        answer.batch_id, answer.batch_digest, answer.answered_at_ms = batch.batch_id, stored.digest, now
-        return answer
-
-    def _delay_if_due(self, stored: StoredBatch) -> None:
-        if stored.delay_reason is None and self._today() >= stored.due:
-            self.issue_delay(stored.batch_id, self._extension(stored), "technical")
+    @property
+    def short_of_staff(self) -> bool:
+        """The worker is holding answers back for want of registered staff on duty (a metric and an alert)."""
+        return self.answers.short_of_staff
 
     def issue_delay(self, batch_id: str, new_due: date, reason: str) -> None:
         """Clause 12: notify that a pending batch will be answered by ``new_due`` (at most 5 working days past
@@ -470,12 +365,12 @@ class Connector:
             raise DelayRefused("only a pending batch can be delayed")
         if not re.fullmatch(r"[a-z_]{1,32}", reason):
             raise DelayRefused("reason must be a short code such as technical or volume")
-        latest = self._extension(stored)
+        latest = self.extension(stored)
         if new_due > latest:
             raise DelayRefused(f"clause 12 allows at most 5 working days of delay: {new_due} is after {latest}")
         if new_due <= stored.due:
             raise DelayRefused("a delay must move the due date later")
-        self.store.set_delay(batch_id, new_due, reason, self._now())
+        self.store.set_delay(batch_id, new_due, reason, self.now_ms())
         if self.metrics is not None:
             self.metrics.delay_notices.inc()
         log.info("delay notice issued", extra={"batch_id": batch_id, "reason": reason})
@@ -491,7 +386,7 @@ class Connector:
         request = opened.message
         assert isinstance(request, exchange_pb2.FetchAnswers)
         if not 0 < len(request.batch_ids) <= MAX_IDS_PER_REQUEST:
-            refused = _invalid(f"ask for 1 to {MAX_IDS_PER_REQUEST} batch ids at a time", "bad_fetch")
+            refused = invalid(f"ask for 1 to {MAX_IDS_PER_REQUEST} batch ids at a time", "bad_fetch")
             raise self._refuse(refused, opened.header.sender, opened=opened)
         found = self.store.answers_for(opened.header.sender, list(dict.fromkeys(request.batch_ids)))
         result, size = exchange_pb2.AnswerSet(), 0
@@ -531,13 +426,13 @@ class Connector:
         request = opened.message
         assert isinstance(request, exchange_pb2.AcknowledgeAnswers)
         if not 0 < len(request.batch_ids) <= MAX_IDS_PER_REQUEST:
-            refused = _invalid(f"acknowledge 1 to {MAX_IDS_PER_REQUEST} batch ids at a time", "bad_ack")
+            refused = invalid(f"acknowledge 1 to {MAX_IDS_PER_REQUEST} batch ids at a time", "bad_ack")
             raise self._refuse(refused, opened.header.sender, opened=opened)
-        now = self._now()
+        now = self.now_ms()
         done = self.store.acknowledge(opened.header.sender, list(dict.fromkeys(request.batch_ids)), now)
         return self._reply(exchange_pb2.AcknowledgeReceipt(batch_ids=done, acknowledged_at_ms=now), opened)
 
     def purge(self, retention_days: int) -> int:
         """Forget content and answers acknowledged more than ``retention_days`` ago."""
-        now = self._now()
+        now = self.now_ms()
         return self.store.purge(now - retention_days * DAY_MS, now)

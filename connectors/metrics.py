@@ -27,6 +27,7 @@ from common.metrics import (
     trust_backlog_described,
     trust_backlog_families,
 )
+from common.rosterstore import ROSTER_ITEM
 from common.trustitems import TrustItemStore
 from common.workdays import WorkdayCalendar
 from connectors import store as cstore
@@ -35,6 +36,7 @@ from keys.trustsync import kind_name
 
 if TYPE_CHECKING:
     from connectors.connector import Connector
+    from connectors.trust.renewal import CertificateRenewal
 
 log = logging.getLogger("hedui.connector.metrics")
 
@@ -45,6 +47,19 @@ def status_name(status: int) -> str:
 
 
 SUBJECT_STATUSES = tuple(status_name(v) for v in exchange_pb2.SubjectStatus.values() if v)
+#: Reason codes of a refused certificate (keys/csr.py, connectors/trust/renewal.py): the label values of
+#: hedui_connector_certificates_refused_total ("other" for anything else).
+CERTIFICATE_REFUSALS = (
+    "certificate_unreadable",
+    "certificate_wrong_ca",
+    "certificate_not_requested",
+    "certificate_key_missing",
+    "certificate_wrong_names",
+    "certificate_wrong_usage",
+    "certificate_is_ca",
+    "certificate_not_valid",
+    "certificate_not_written",
+)
 
 
 class ConnectorMetrics:
@@ -88,6 +103,14 @@ class ConnectorMetrics:
             registry=registry,
         )
 
+        self.certificates_refused = Counter(
+            "hedui_connector_certificates_refused_total",
+            "Certificates a gateway sent in answer to the unit's certificate request that the unit refused (not our "
+            "CA's, not for the pending key, other names or usages, not valid), by reason; nothing was installed.",
+            ["reason"],
+            registry=registry,
+        )
+
     def watch_store(self, engine: Engine) -> None:
         """Export the number of batches waiting for an answer, read from the store at scrape time, with
         ``hedui_database_up``; while the store cannot be read the last value read stays exported."""
@@ -105,6 +128,18 @@ class ConnectorMetrics:
         """Export roster changes not yet in force (per party, the unit's own included), the gateways that have not
         acknowledged the unit's roster, and whether answers are held back for want of staff on duty."""
         self.registry.register(_RosterCollector(connector))
+
+    def watch_renewal(self, renewal: CertificateRenewal) -> None:
+        """Export the state of the unit's certificate renewal (a request outstanding, how long it has waited) and
+        count the certificates it refused, by reason."""
+        self.registry.register(_RenewalCollector(renewal))
+        for reason in CERTIFICATE_REFUSALS:
+            self.certificates_refused.labels(reason)
+        renewal.on_refused = self.certificate_refused
+
+    def certificate_refused(self, reason: str) -> None:
+        """A certificate sent in answer to our request was refused (keys/csr.py reason codes)."""
+        self.certificates_refused.labels(reason if reason in CERTIFICATE_REFUSALS else "other").inc()
 
     def answered(self, statuses: Iterable[int]) -> None:
         # One increment per status rather than per subject: a batch of thousands has a handful of statuses, and a
@@ -172,8 +207,6 @@ class _RosterCollector(Collector):
         return iter(self._families())
 
     def collect(self) -> Iterator[Metric]:
-        from connectors.trust.rosters import ROSTER_ITEM  # noqa: PLC0415
-
         pending, unacked, short = self._families()
         connector = self.connector
         now = connector.courier.clock.now_ms()
@@ -188,3 +221,37 @@ class _RosterCollector(Collector):
             log.debug("roster metrics not read", extra={"error": type(exc).__name__})
         short.add_metric([], 1.0 if connector.short_of_staff else 0.0)
         yield from (pending, unacked, short)
+
+
+_REQUEST_PENDING = (
+    "1 while the unit's certificate request waits for its certificate (a new key is pending at the unit), else 0."
+)
+_REQUEST_AGE = "Seconds the unit's outstanding certificate request has waited for its certificate."
+
+
+class _RenewalCollector(Collector):
+    """The certificate renewal's state, read at scrape time from the connector's store."""
+
+    def __init__(self, renewal: CertificateRenewal) -> None:
+        self.renewal = renewal
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily("hedui_connector_certificate_request_pending", _REQUEST_PENDING),
+            GaugeMetricFamily("hedui_connector_certificate_request_age_seconds", _REQUEST_AGE),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        pending, age = self._families()
+        try:
+            waiting, seconds = self.renewal.metrics()
+        except SQLAlchemyError as exc:  # a store that cannot be read is hedui_database_up's business
+            log.debug("renewal metrics not read", extra={"error": type(exc).__name__})
+            return
+        pending.add_metric([], float(waiting))
+        age.add_metric([], seconds or 0.0)
+        yield from (pending, age)

@@ -20,6 +20,7 @@ from common.config import ConfigError
 from common.db import make_engine
 from common.logs import LogThrottle, database_error, database_error_code, log_context, new_request_id
 from common.metrics import MetricsServer, process_registry, serve_metrics
+from common.rosterstore import ROSTER_ITEM
 from common.rpc import (
     MAX_SIGNED_REFUSAL_BYTES,
     REFUSAL_REASON_KEY,
@@ -46,11 +47,15 @@ from connectors.store import ConnectorStore
 from connectors.synthetic import Population, SyntheticAdapter
 from connectors.trust import ConnectorKeys, TrustDesk, TrustItems, default_handlers
 from connectors.trust.duty import OnDuty
-from connectors.trust.rosters import ROSTER_ITEM, PeerRosters
+from connectors.trust.renewal import CERTIFICATE_ITEM, CertificateRenewal, RenewalJob
+from connectors.trust.rosters import PeerRosters
+from keys.clock import DAY_MS, MINUTE_MS
 from keys.envelope import Courier, Policy
 from keys.live import LiveKeystore, RotationPolicy, Watcher
 from keys.roster import Notice
+from keys.staffkeys import STAFF_PARTY_PREFIX
 from keys.tls import TlsIdentity, check_tls, party_from_auth_context, read_private_key
+from keys.truststore import TrustStore
 from keys.trustsync import ANNOUNCEMENTS_METADATA_KEY, Handler
 
 log = logging.getLogger("hedui.connector")
@@ -281,9 +286,14 @@ class RunningConnector:
     revocations: RevocationSource | None = None
     #: The key job (keystore reload, retirement, scheduled rotation): connectors/trust/keys.py.
     key_job: Watcher | None = None
+    #: The server certificate's renewal; its ``handler()`` is the CERTIFICATE trust item handler.
+    renewal: CertificateRenewal | None = None
+    renewal_job: RenewalJob | None = None
 
     def stop(self, grace: float | None = 1.0) -> None:
         self.health.enter_graceful_shutdown()
+        if self.renewal_job is not None:
+            self.renewal_job.stop()
         if self.worker is not None:
             self.worker.stop()
         if self.key_job is not None:
@@ -340,7 +350,9 @@ def build_connector(
             raise ConfigError(f"keystore belongs to {live.party.party_id}, config says {config.unit.party_id}")
         engine = make_engine(config.database.url)
         store = ConnectorStore(engine)
-        courier = Courier(live.party, live.trust, replay=store.replay, clock=live.clock, policy=Policy())
+        # Online: an envelope older than our envelope lifetime (plus skew) is expired (docs/envelope.md step 7c).
+        policy = Policy.online(config.exchange.envelope_ttl_minutes * MINUTE_MS)
+        courier = Courier(live.party, live.trust, replay=store.replay, clock=live.clock, policy=policy)
     else:
         store = ConnectorStore(make_engine(config.database.url))
     if metrics is not None:
@@ -349,6 +361,9 @@ def build_connector(
     staff: dict[str, set[str]] = {}
     for entry in config.staff:
         staff.setdefault(entry.gateway, set()).add(entry.staff_id)
+    # The unit's notice rule: a gateway's roster version counts its new members from the notice after its receipt.
+    notice_days = config.roster.notice_working_days
+    rosters = PeerRosters(store.engine, notice=lambda: Notice(connector.calendar, notice_days))
     connector = Connector(
         courier=courier,
         store=store,
@@ -361,11 +376,12 @@ def build_connector(
         envelope_ttl_ms=config.exchange.envelope_ttl_minutes * 60_000,
         metrics=metrics,
         # The gateways' rosters the unit holds (issue 11): exchange approvals are verified against them.
-        rosters=PeerRosters(store.engine),
+        rosters=rosters,
         allow_unverified_approvals=config.exchange.allow_unverified_approvals,
+        approval_max_age_ms=config.exchange.approval_max_age_days * DAY_MS,
     )
     connector.calendar_source = calendar
-    connector.rosters, connector.duty = PeerRosters(store.engine), OnDuty(store.engine)
+    connector.rosters, connector.duty = rosters, OnDuty(store.engine)
     connector.answer_staff = config.exchange.answer_staff
     legacy_staff_warnings(connector)
     if metrics is not None:
@@ -385,8 +401,8 @@ def build_connector(
 
 def legacy_staff_warnings(connector: Connector) -> list[str]:
     """Say at start what the deprecated [[staff]] ids still do (Procedure V.(三) moved to signed rosters): which
-    gateways they still serve (no roster of theirs in force), and which ids a received roster lacks. Returns the
-    lines logged."""
+    gateways they still serve (no roster of theirs held at all, and only with ``allow_unverified_approvals``), and
+    which ids a received roster lacks. Returns the warning lines logged."""
     assert connector.rosters is not None
     lines = []
     now = connector.courier.clock.now_ms()
@@ -395,15 +411,24 @@ def legacy_staff_warnings(connector: Connector) -> list[str]:
         history = connector.rosters.history(gateway)
         if history is None:
             if connector.approvals.allow_unverified:
-                lines.append(f"[[staff]] ids of {gateway} decide until its signed roster arrives (deprecated)")
+                lines.append(
+                    f"[[staff]] ids of {gateway} decide only while no roster of it is held (deprecated); "
+                    "once one arrives every batch is verified against it"
+                )
                 log.warning(
-                    "deprecated [[staff]] list in use: no roster of the gateway held yet", extra={"gateway": gateway}
+                    "deprecated [[staff]] list in use while no roster of the gateway is held; once one arrives "
+                    "every batch is verified against it and batches without an approval proof are refused",
+                    extra={"gateway": gateway},
                 )
             else:
                 lines.append(f"no roster of {gateway} held yet: its batches are refused (approver_unknown)")
                 log.warning("no roster of the gateway held yet: its batches are refused", extra={"gateway": gateway})
         else:
-            log.info("[[staff]] list ignored: the gateway's signed roster is in force", extra={"gateway": gateway})
+            log.info(
+                "[[staff]] list ignored: a roster of the gateway is held, every batch is verified against it "
+                "(a batch without an approval proof is refused: approval_missing)",
+                extra={"gateway": gateway},
+            )
     for gateway, missing in connector.rosters.missing_from_roster(legacy).items():
         lines.append(f"the roster of {gateway} lacks [[staff]] ids {', '.join(missing)}")
         log.warning(
@@ -431,22 +456,11 @@ def roster_handler(connector: Connector, live: LiveKeystore, config: ConnectorCo
 
 def roster_catch_up(connector: Connector) -> Callable[[str, int], None] | None:
     """What a gateway's TrustSync.peer_roster_version asks for: every version of the unit's roster after the one it
-    holds is (again) published for it, in version order; a version it acknowledged stays acknowledged."""
+    holds is (again) published for it (common/rosterstore.py ``HeldRosters.catch_up``); None without rosters."""
     rosters = connector.rosters
     if rosters is None:
         return None
-    items = TrustItems(connector.store.engine)
-
-    def catch_up(gateway: str, held: int) -> None:
-        versions = rosters.signed_versions(connector.party_id, after=max(0, held))
-        if not versions:
-            return
-        now = connector.courier.clock.now_ms()
-        with connector.store.engine.begin() as conn:
-            for data in versions:
-                items.publish(conn, ROSTER_ITEM, data, now, [gateway])
-
-    return catch_up
+    return rosters.catch_up(TrustItems(connector.store.engine), connector.party_id, connector.courier.clock.now_ms)
 
 
 def attach_trust(
@@ -534,6 +548,37 @@ def check_certificates(config: ConnectorConfig) -> TlsIdentity | None:
     return identities[0] if identities else None
 
 
+def gateways_of(trust: TrustStore) -> list[str]:
+    """The gateways the unit serves: the parties in its trust store (staff keys excepted)."""
+    return [party for party in trust.parties() if not party.startswith(STAFF_PARTY_PREFIX)]
+
+
+def certificate_renewal(
+    config: ConnectorConfig,
+    connector: Connector,
+    *,
+    on_installed: Callable[[], object] | None = None,
+) -> CertificateRenewal | None:
+    """The server certificate's renewal as the config describes it (None under insecure_plaintext): requests go
+    to ``tls.renewal_gateways``, else to every gateway in the trust store."""
+    files = config.tls_files()
+    pending = config.renewal_key_path
+    if not files or pending is None:
+        return None
+    named = config.tls.renewal_gateways
+    trust = connector.courier.trust
+    return CertificateRenewal(
+        connector.store.engine,
+        files[0],
+        pending_key=pending,
+        gateways=(lambda: list(named)) if named else (lambda: gateways_of(trust)),
+        renew_before_days=config.tls.renew_before_days,
+        timeout_days=config.tls.renewal_timeout_days,
+        clock=connector.courier.clock,
+        on_installed=on_installed,
+    )
+
+
 def revocation_source(config: ConnectorConfig, ca_pem: Callable[[], bytes]) -> RevocationSource:
     """The revocation list the connector enforces, from its file (tls.crl_file, else crl.der beside the keystore);
     raises CrlError when the file holds a list the CA did not sign (``check-config`` says the same)."""
@@ -578,6 +623,14 @@ def serve(config: ConnectorConfig) -> RunningConnector:
             serving=True,
             handlers={trust_pb2.TRUST_ITEM_KIND_REVOCATION_LIST: crl} if crl is not None else None,
         )
+        renewal = None
+        if source is not None:
+            certificates = source
+            renewal = certificate_renewal(config, connector, on_installed=lambda: certificates.refresh(force=True))
+        if renewal is not None:
+            metrics.watch_renewal(renewal)
+            if connector.trust_desk is not None:  # before the first call: certificates sent to us are installed
+                connector.trust_desk.handlers[CERTIFICATE_ITEM] = renewal.handler()
         release_port(reserved)  # start() binds it for good now
         running = start(
             connector,
@@ -596,4 +649,8 @@ def serve(config: ConnectorConfig) -> RunningConnector:
         raise
     running.metrics_server = metrics_server
     running.certificates = source
+    if renewal is not None:
+        running.renewal = renewal
+        running.renewal_job = RenewalJob(renewal, config.tls.renewal_check_seconds)
+        running.renewal_job.start()
     return running

@@ -19,6 +19,8 @@ from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date
 
+from google.protobuf.message import DecodeError
+from hedui.v1 import exchange_pb2
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -26,6 +28,7 @@ from sqlalchemy import (
     Date,
     Engine,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -103,6 +106,21 @@ batch_answers = Table(
     Column("answer", LargeBinary, nullable=False),
 )
 
+#: Which share indices (docs/exchange.md, "Approvals a unit verifies") of which commission each batch with an approval
+#: proof carried: the lowest and the highest. Kept after the batch is purged (no personal data: a gateway's reference
+#: and two numbers), so that approved subjects are queried once (clause 16), not again under another batch id. The
+#: batches of one commission for one unit cover disjoint, ordered index ranges, so an overlap is a repeat.
+batch_shares = Table(
+    "batch_shares",
+    metadata,
+    Column("batch_id", String(64), ForeignKey("batches.batch_id"), primary_key=True),
+    Column("gateway", String(64), nullable=False),
+    Column("commission_ref", String(64), nullable=False),
+    Column("first_index", BigInteger, nullable=False),
+    Column("last_index", BigInteger, nullable=False),
+    Index("batch_shares_by_commission", "gateway", "commission_ref", "first_index"),
+)
+
 seen_messages = replay_table(metadata)
 
 #: Trust items this connector publishes for its gateways (its key announcements, later its roster), and each
@@ -159,14 +177,42 @@ class BatchExists(Exception):
     """Insert lost a race against the same batch id; the caller re-reads."""
 
 
+@dataclass(frozen=True)
+class Shares:
+    """The share indices a batch carries of its commission: from ``first`` to ``last`` (inclusive)."""
+
+    commission_ref: str
+    first: int
+    last: int
+
+    @staticmethod
+    def of(batch: exchange_pb2.QueryBatch) -> Shares | None:
+        """The batch's shares; None for a batch without an approval proof (its share indices mean nothing)."""
+        if not batch.HasField("approval") or not batch.subjects:
+            return None
+        indices = [s.share_index for s in batch.subjects]
+        return Shares(batch.commission_ref, min(indices), max(indices))
+
+
+class SharesQueried(Exception):
+    """Some of a batch's subjects were received before in another batch (``batch_id``); nothing was stored."""
+
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(batch_id)
+        self.batch_id = batch_id
+
+
 class ConnectorStore:
     """Typed access to the connector's tables."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        shares_new = not inspect(engine).has_table("batch_shares")
         metadata.create_all(engine)
         _move_blobs_out_of_batches(engine)
         _add_due_provisional(engine)
+        if shares_new:
+            _fill_batch_shares(engine)
         self.replay = SqlReplayCache(engine, seen_messages)
 
     def get(self, batch_id: str) -> StoredBatch | None:
@@ -183,12 +229,36 @@ class ConnectorStore:
             row = conn.execute(query).first()
         return StoredBatch(**row._mapping) if row else None
 
-    def insert(self, batch: StoredBatch, content: bytes) -> None:
-        """Store a newly accepted batch and its audit entry in one transaction."""
+    def insert(self, batch: StoredBatch, content: bytes, shares: Shares | None = None) -> None:
+        """Store a newly accepted batch and its audit entry in one transaction. With ``shares``, refuse it
+        (SharesQueried, nothing stored) when another batch of the same gateway and commission carried any share
+        index in that range."""
         try:
             with self.engine.begin() as conn:
-                # The batches row first: the content row's foreign key refers to it.
+                # The batches row first: the content row's foreign key refers to it (and on SQLite the write
+                # takes the database's write lock before the look-up below, so two batches cannot both pass it).
                 conn.execute(insert(batches).values(**batch.__dict__, attempts=0))
+                if shares is not None:
+                    s = batch_shares.c
+                    earlier = conn.execute(
+                        select(s.batch_id)
+                        .where(
+                            s.gateway == batch.gateway,
+                            s.commission_ref == shares.commission_ref,
+                            s.first_index <= shares.last,
+                            s.last_index >= shares.first,
+                            s.batch_id != batch.batch_id,
+                        )
+                        .limit(1)
+                    ).scalar()
+                    if earlier is not None:
+                        raise SharesQueried(earlier)
+                    conn.execute(
+                        insert(batch_shares).values(
+                            batch_id=batch.batch_id, gateway=batch.gateway, commission_ref=shares.commission_ref,
+                            first_index=shares.first, last_index=shares.last,
+                        )
+                    )  # fmt: skip
                 conn.execute(insert(batch_contents).values(batch_id=batch.batch_id, content=content))
                 conn.execute(
                     insert(audit).values(
@@ -413,3 +483,41 @@ def _move_blobs_out_of_batches(engine: Engine) -> None:
         emptied = conn.execute(update(_old_batches).where(still_inline).values({n: None for _, n in moves})).rowcount
     if emptied:
         log.info("connector store upgraded: batch contents and answers moved to their own tables", extra=moved)
+
+
+def _fill_batch_shares(engine: Engine) -> None:
+    """Upgrade a database made before ``batch_shares``: record the shares of every batch whose content is still held
+    (purged ones are gone; their subjects were received long ago). Runs once, when the table was just created; a
+    second process racing to do the same loses harmlessly. Logs a count only."""
+    with reading(engine) as conn:
+        rows = conn.execute(
+            select(batches.c.batch_id, batches.c.gateway, batch_contents.c.content).join(
+                batch_contents, batch_contents.c.batch_id == batches.c.batch_id
+            )
+        ).all()
+    values = []
+    for row in rows:
+        batch = exchange_pb2.QueryBatch()
+        try:
+            batch.ParseFromString(row.content)
+        except DecodeError:
+            continue  # a content we cannot read has no shares to record
+        shares = Shares.of(batch)
+        if shares is not None:
+            values.append(
+                {
+                    "batch_id": row.batch_id,
+                    "gateway": row.gateway,
+                    "commission_ref": shares.commission_ref,
+                    "first_index": shares.first,
+                    "last_index": shares.last,
+                }
+            )
+    if not values:
+        return
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(batch_shares), values)
+    except IntegrityError:
+        return  # another process filled it
+    log.info("connector store upgraded: batch_shares recorded", extra={"batches": len(values)})

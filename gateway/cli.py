@@ -16,6 +16,9 @@ hedui-gateway archive steps COMMISSION --config FILE   who signed each step and 
 hedui-gateway backup --config FILE --out DIR|FILE.tar   database, keystore and audit head, while the gateway runs
 hedui-gateway restore --config FILE --from BACKUP [--force]   check a backup whole, then put it in place
 hedui-gateway tls install-crl --config FILE CRL   check the CA's revocation list, install it, send it to the units
+hedui-gateway tls requests|sign-requests|drop-request|export-requests|import-certificates|renew --config FILE ...
+                                                the units' certificate requests signed and sent back, the gateway's
+                                                own certificates renewed (docs/operations.md, 'Renewing certificates')
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from common.workdays import CalendarError, WorkdayCalendar
 from gateway.archive.audit import AuditHead, AuditLog
 from gateway.archive.commands import add_audit_commands
 from gateway.certificates import install_crl, publish_crl, revocation_source, units_to_tell
+from gateway.certificates.commands import add_certificate_commands
 from gateway.config import GatewayConfig
 from gateway.db import schema
 from gateway.db.database import current_revision, head_revision, open_database, upgrade
@@ -593,7 +597,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     back.add_argument("--expected-head", help="SEQ:HEX recorded off the machine: the restored chain must hold it")
     back.add_argument("--force", action="store_true", help="replace a database and keystore that are not empty")
     back.set_defaults(func=_restore)
-    tls_command = sub.add_parser("tls", help="the CA's certificate revocation list (install-crl)")
+    tls_command = sub.add_parser(
+        "tls",
+        help="certificates renewed over the wire (requests, sign-requests, renew ...) and the CA's revocation list",
+    )
     tls_sub = tls_command.add_subparsers(dest="tls_command", required=True, metavar="TLS_COMMAND")
     install = tls_sub.add_parser(
         "install-crl", help="check a revocation list ('hedui-keys ca crl'), install it over [tls] crl_file, send it on"
@@ -601,6 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     install.add_argument("--config", required=True)
     install.add_argument("file", help="the CRL file (DER or PEM)")
     install.set_defaults(func=_install_crl)
+    add_certificate_commands(tls_sub)
     args = parser.parse_args(argv)
     return run("hedui-gateway", args)
 

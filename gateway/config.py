@@ -12,7 +12,7 @@ from common.config import ConfigError, DatabaseUrl, doc, load_file
 from common.metrics import MetricsSection
 from keys.live import RotationPolicy
 from keys.party import check_party_id
-from keys.tls import TlsFiles
+from keys.tls import TlsFiles, server_name
 
 LEVELS = ("province", "city", "county")
 EXCHANGE_MODES = ("system", "media", "both")
@@ -75,7 +75,9 @@ class TlsSection:
     crl_file: Path | None = doc(
         "The private CA's certificate revocation list (DER or PEM), enforced on agency API callers and on the units' "
         "server certificates, and sent to every unit. Install it with 'hedui-gateway tls install-crl FILE' (checked, "
-        "never older than the one in place); the running gateway picks it up. Unset: no list.",
+        "never older than the one in place); the running gateway picks it up. One list per CA of the bundle; the "
+        "highest number of each is remembered in <file>.numbers.json, and once a list was held a missing file is an "
+        "error at start (docs/keys.md). Unset: no list.",
         default=None,
     )
     check_interval_seconds: float = doc(
@@ -177,7 +179,11 @@ class ExchangeSection:
     )
     poll_interval_seconds: float = doc("How often receipted batches are asked for answers.", default=60.0)
     fetch_group: int = doc("Batch ids per FetchAnswers call (at most 100).", default=20)
-    envelope_ttl_minutes: int = doc("Lifetime of the envelopes the gateway sends.", default=60)
+    envelope_ttl_minutes: int = doc(
+        "Lifetime of the envelopes the gateway sends, and the oldest envelope it takes from a unit (created longer "
+        "ago than this plus the clock skew: expired, docs/envelope.md step 7c). Keep it equal to the units'.",
+        default=60,
+    )
     holiday_file: Path | None = doc("Official holiday schedules of years the built-in calendar lacks.", default=None)
     replica_id: str = doc("Name of this gateway process among replicas sharing one database.", default="gateway-1")
     lease_seconds: float = doc("How long a replica's claim on a batch or job lasts without renewal.", default=120.0)
@@ -249,11 +255,19 @@ class UnitEntry:
     endpoint: str = doc("host:port of the unit's connector.")
     exchange_mode: str = doc("system, media, or both (Procedure III.3).", default="system")
     enabled: bool = doc("Whether batches are sent to this unit.", default=True)
+    server_names: tuple[str, ...] = doc(
+        "DNS names and IP addresses the unit's server certificate may name besides the host of endpoint, checked in "
+        "its certificate requests: a request naming other hosts than its current certificate must stay within "
+        "these (docs/operations.md, 'Renewing certificates').",
+        default=(),
+    )
 
     def __post_init__(self) -> None:
         check_party_id(self.party_id)
         unit_category_by_name(self.category)
         check_endpoint(self.endpoint)
+        for name in self.server_names:
+            server_name(name)
         if self.exchange_mode not in EXCHANGE_MODES:
             raise ValueError(f"units.exchange_mode must be one of {', '.join(EXCHANGE_MODES)}")
 

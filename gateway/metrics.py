@@ -64,6 +64,21 @@ DECISIONS = tuple(_decision_name(v) for v in agency_pb2.Decision.values() if v)
 
 #: Roster state at scrape time: (versions not in force per party, seconds each unit has not acknowledged our roster).
 RosterReader = Callable[[], tuple[dict[str, int], dict[str, float]]]
+#: Reason codes of a refused certificate request: the label values of hedui_certificate_requests_refused_total
+#: ("other" for anything else).
+CSR_REFUSALS = (
+    "csr_unreadable",
+    "csr_bad_signature",
+    "csr_wrong_key_type",
+    "csr_wrong_party",
+    "csr_bad_names",
+    "csr_bad_usage",
+    "csr_usage_changed",
+    "csr_usage_not_allowed",
+    "csr_key_reused",
+    "csr_names_changed",
+    "csr_names_not_allowed",
+)
 #: Key expiry as (party id, algorithm name, days until the key stops being valid).
 KeyExpiries = Callable[[], Iterable[tuple[str, str, float]]]
 
@@ -160,6 +175,15 @@ class GatewayMetrics:
         )
         #: Trust synchronisations with units and the keys' lifetimes (common/metrics.py).
         self.trust = TrustMetrics(registry)
+        self.certificate_requests_refused = Counter(
+            "hedui_certificate_requests_refused_total",
+            "Units' certificate requests refused at receipt (unreadable, not signed by their key, another party, "
+            "other names or usages than allowed, the current key again), by reason; nothing was kept.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in CSR_REFUSALS:
+            self.certificate_requests_refused.labels(reason)
         self._seen_delays: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -235,6 +259,15 @@ class GatewayMetrics:
 
     def answer_staff_refused(self, unit: str, reason: str) -> None:
         self.answers_staff_refused.labels(unit, reason).inc()
+
+    def watch_certificate_requests(self, reader: Callable[[], dict[str, float]]) -> None:
+        """Export, per unit, how long its certificate request has waited to be signed (``reader()``: unit ->
+        seconds, read at scrape time)."""
+        self.registry.register(_CertificateRequestCollector(reader))
+
+    def certificate_request_refused(self, reason: str) -> None:
+        """A unit's certificate request was refused (keys/csr.py and gateway/certificates/requests.py codes)."""
+        self.certificate_requests_refused.labels(reason if reason in CSR_REFUSALS else "other").inc()
 
     def watch_rosters(self, reader: RosterReader) -> None:
         """Export roster changes not yet in force per party (ours and the units') and the units that have not
@@ -393,3 +426,32 @@ class _RosterCollector(Collector):
             unacked.add_metric([unit], seconds)
         yield pending
         yield unacked
+
+
+_REQUEST_AGE = (
+    "Seconds the unit's certificate request has waited to be signed by the agency's CA ('hedui-gateway tls "
+    "sign-requests', or export-requests / import-certificates); no series while none waits."
+)
+
+
+class _CertificateRequestCollector(Collector):
+    def __init__(self, reader: Callable[[], dict[str, float]]) -> None:
+        self.reader = reader
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily("hedui_certificate_request_age_seconds", _REQUEST_AGE, labels=["unit"])
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        try:
+            ages = self.reader()
+        except SQLAlchemyError as exc:  # the database's state is hedui_database_up's business
+            log.debug("certificate request metrics not read", extra={"error": type(exc).__name__})
+            ages = {}
+        for unit, seconds in sorted(ages.items()):
+            family.add_metric([unit], seconds)
+        yield family

@@ -29,12 +29,13 @@ from gateway.api.agency import AgencyServicer, AuthInterceptor
 from gateway.archive.audit import AuditLog
 from gateway.archive.checkpoints import Checkpointer
 from gateway.certificates import publish_crl, revocation_source, units_to_tell
+from gateway.certificates.requests import CERTIFICATE_REQUEST_ITEM, CertificateRequests, unit_policies
 from gateway.config import GatewayConfig
 from gateway.db.database import open_database
 from gateway.exchange.engine import EngineSettings, ExchangeEngine, UnitWorkers
 from gateway.exchange.schedule import GatewayScheduler, JobIntervals, SchedulePolicy
 from gateway.exchange.store import GatewayStore
-from gateway.exchange.transport import UnitClient
+from gateway.exchange.transport import ClientTls, UnitClient, fetch_server_certificate
 from gateway.metrics import GatewayMetrics
 from gateway.ops.replica import ReplicaLease, ReplicaLock
 from gateway.procedure.approval_trees import complete_trees
@@ -42,9 +43,9 @@ from gateway.procedure.staff import StaffRegister
 from gateway.procedure.workflow import Workflow
 from gateway.trust import GatewayKeys, TrustItems, TrustSchedule, TrustSyncer, default_handlers
 from gateway.trust.rosters import ROSTER_ITEM, PeerRosters
-from keys.clock import Clock, SystemClock
+from keys.clock import MINUTE_MS, SystemClock
 from keys.crl import RevocationList
-from keys.envelope import Courier
+from keys.envelope import Courier, Policy
 from keys.live import LiveKeystore, Watcher
 from keys.roster import Notice
 from keys.tls import TlsIdentity, check_tls
@@ -84,6 +85,8 @@ class RunningGateway:
     keys: GatewayKeys | None = None
     trust: TrustSchedule | None = None
     key_watch: Watcher | None = None
+    #: The units' certificate requests; ``.handler()`` is the CERTIFICATE_REQUEST trust item handler.
+    certificate_requests: CertificateRequests | None = None
 
     def stop(self, grace: float | None = 2.0) -> None:
         self.health.enter_graceful_shutdown()
@@ -190,7 +193,9 @@ def _start(
     party = live.party
     # Commissions stored before approval trees, not yet approved: their trees, before staff can read a digest.
     complete_trees(engine, AuditLog(engine), gateway=party.party_id, units=store.units.all(), now_ms=clock.now_ms())
-    courier = Courier(party, live.trust, replay=store.replay, clock=clock)
+    # Online: an envelope older than our envelope lifetime (plus skew) is expired (docs/envelope.md step 7c).
+    policy = Policy.online(config.exchange.envelope_ttl_minutes * MINUTE_MS)
+    courier = Courier(party, live.trust, replay=store.replay, clock=clock, policy=policy)
     courier.on_reject = metrics.service.counting_rejections(courier.on_reject)
     metrics.watch_store(engine)
     tls.watch(metrics, engine, units_to_tell(config))
@@ -226,8 +231,14 @@ def _start(
     metrics.watch_calendar(lambda: exchange.calendar)
     workers = UnitWorkers(exchange, max_workers=max(4, len(clients)))
     sched = config.schedule
-    rosters = PeerRosters(engine)
+    # The agency's notice rule: a unit's roster version counts its new members from the notice after its receipt.
+    notice_days = config.staff.roster_notice_working_days
+    rosters = PeerRosters(engine, notice=lambda: Notice(calendar.current(), notice_days))
+    exchange.rosters = rosters  # the answer staff are judged by the units' rosters so read
     metrics.watch_rosters(lambda: rosters.metrics(clock.now_ms()))
+    requests = certificate_requests(config, engine, tls.sources.get("client"))
+    requests.on_refused = metrics.certificate_request_refused
+    metrics.watch_certificate_requests(lambda: requests.ages(clock.now_ms()))
     keys, trust_schedule = _trust(
         config,
         live=live,
@@ -236,9 +247,12 @@ def _start(
         clients=clients,
         metrics=metrics,
         exchange=exchange,
-        handlers={ROSTER_ITEM: roster_handler(rosters, live, config, calendar)},
+        handlers={
+            ROSTER_ITEM: roster_handler(rosters, live, config, calendar),
+            CERTIFICATE_REQUEST_ITEM: requests.handler(),
+        },
         held_roster_version=rosters.held_version,
-        peer_roster_version=roster_catch_up(rosters, TrustItems(engine), party.party_id, clock),
+        peer_roster_version=rosters.catch_up(TrustItems(engine), party.party_id, clock.now_ms),
     )
     scheduler = GatewayScheduler(
         store=store,
@@ -276,6 +290,7 @@ def _start(
         raise
     running = RunningGateway(server, port, store, exchange, workers, scheduler, health_servicer, clients, metrics)
     running.keys, running.trust, running.key_watch = keys, trust_schedule, key_watch
+    running.certificate_requests = requests
     return running
 
 
@@ -332,20 +347,31 @@ def roster_handler(
     )
 
 
-def roster_catch_up(
-    rosters: PeerRosters, items: TrustItems, own_party: str, clock: Clock
-) -> Callable[[str, int], None]:
-    """What a unit's TrustSync.peer_roster_version asks for: every version of our roster after the one it holds is
-    (again) published for it, in version order; a version it acknowledged stays acknowledged."""
+def certificate_requests(
+    config: GatewayConfig, engine: Engine, client: CertificateSource | None
+) -> CertificateRequests:
+    """The units' certificate requests (the CERTIFICATE_REQUEST handler: ``.handler()``), judged by [[units]] and
+    each unit's current certificate: the last one issued through the gateway, else the one its connector presents
+    to a TLS handshake of the gateway's own (with the client certificate of ``client``)."""
+    requests = CertificateRequests(engine)
+    endpoints = {u.party_id: u.endpoint for u in config.units}
+    timeout = config.exchange.request_timeout_seconds
 
-    def catch_up(unit: str, held: int) -> None:
-        versions = rosters.signed_versions(own_party, after=max(0, held))
-        if versions:
-            with rosters.engine.begin() as conn:
-                for data in versions:
-                    items.publish(conn, ROSTER_ITEM, data, clock.now_ms(), [unit])
+    def presented(party: str) -> bytes | None:
+        if client is None or party not in endpoints:
+            return None
+        identity = client.identity
+        try:
+            return fetch_server_certificate(
+                endpoints[party], ClientTls(identity.cert_pem, identity.key_pem, identity.ca_pem), timeout
+            )
+        except OSError:
+            return None  # judged without it: only configured names are accepted
 
-    return catch_up
+    requests.policy = unit_policies(
+        ((u.party_id, u.endpoint, u.server_names) for u in config.units), requests, presented
+    )
+    return requests
 
 
 @dataclass
@@ -372,8 +398,8 @@ class GatewayTls:
             publish_crl(engine, crl.der, SystemClock().now_ms(), units)
 
         revocations.on_installed = send_on
-        if revocations.held is not None:
-            send_on(revocations.held)
+        for crl in revocations.lists:  # one per CA
+            send_on(crl)
 
 
 def serve_api(

@@ -23,10 +23,11 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from hedui.v1 import agency_pb2
 
 from common.cli import add_version
-from keys import crl, keystore, tls
+from keys import crl, csr, keystore, tls
 from keys._files import read_bounded
 from keys.announcements import ANNOUNCEMENT_LABEL, armor, dearmor, read_bundle
 from keys.clock import DAY_MS, SystemClock, from_ms, iso
@@ -614,6 +615,79 @@ def cmd_ca_renew(session: _Session, args: argparse.Namespace) -> None:
     print(tls.certificate_summary(cert_pem), end="")
 
 
+def cmd_ca_request(session: _Session, args: argparse.Namespace) -> None:
+    """Make a key and a certificate request on this host (a unit's first certificate, without carrying a key): writes
+    PARTY.key (mode 0600, stays here) and PARTY.csr (public: send it to the CA operator, who signs it with 'ca
+    sign-requests'; put the PARTY.crt that comes back beside the key)."""
+    party_id = check_party_id(args.party)
+    if not (args.client or args.server):
+        raise CliError("say what the certificate is for: --client (a gateway), --server (a connector) or both")
+    out_dir = Path(args.out_dir)
+    key_path, request_path = out_dir / f"{party_id}.key", out_dir / f"{party_id}.csr"
+    for path in (key_path, request_path):
+        if path.exists() or path.is_symlink():
+            raise CliError(f"{path} exists; remove it first to make a new request for {party_id}")
+    names = tuple(args.server_name or ())
+    for name in names:
+        tls.server_name(name)
+    if args.server and not names:
+        raise CliError("a server certificate needs at least one --server-name (DNS name or IP address clients dial)")
+    profile = csr.CertificateProfile(party_id, names, client=args.client, server=args.server)
+    request, key_pem = csr.make_request(profile)
+    _mkdir(out_dir)
+    _write_new_private(key_path, key_pem)
+    try:
+        _write_new(request_path, request.pem())
+    except CliError:
+        key_path.unlink(missing_ok=True)
+        raise
+    print(f"wrote {key_path} (mode 0600; it stays on this host) and {request_path} (public)")
+    print(f"key fingerprint {request.key_fingerprint} (read it to the CA operator when they sign the request)")
+
+
+def cmd_ca_sign_requests(session: _Session, args: argparse.Namespace) -> None:
+    """Sign the certificate requests (.csr, PEM or DER) in --in with the CA in --dir, each as ca issue would, and
+    write NAME.crt beside each NAME.csr (or into --out-dir): for a CA kept offline, the requests the gateway exported
+    ('hedui-gateway tls export-requests'); the gateway checked them against the units' current certificates."""
+    ca_dir, in_dir = Path(args.dir), Path(args.in_dir)
+    out_dir = Path(args.out_dir) if args.out_dir else in_dir
+    if not in_dir.is_dir() or not out_dir.is_dir():
+        raise CliError(f"{in_dir if not in_dir.is_dir() else out_dir} is not a folder")
+    requests: list[tuple[Path, csr.CertificateRequest]] = []
+    for path in sorted(p for p in in_dir.iterdir() if p.suffix == ".csr" and p.is_file()):
+        data = _read(str(path), csr.MAX_REQUEST_BYTES * 2, what="certificate request")
+        if data.lstrip().startswith(b"-----BEGIN"):
+            try:
+                data = x509.load_pem_x509_csr(data).public_bytes(serialization.Encoding.DER)
+            except ValueError:
+                raise CliError(f"{path} is not a certificate request") from None
+        try:
+            requests.append((path, csr.parse_request(data)))
+        except csr.CertificateRequestError as exc:
+            raise CliError(f"{path}: {exc} ({exc.code}); nothing was signed") from None
+    if not requests:
+        print(f"no .csr file in {in_dir}")
+        return
+    for path, request in requests:
+        target = out_dir / (path.stem + ".crt")
+        if target.exists():
+            raise CliError(f"{target} exists; nothing was signed (remove it, or sign into another --out-dir)")
+        profile = request.profile
+        print(f"{path.name}: {profile.party}, {', '.join(profile.names) or 'no names'}, {profile.usages}")
+        print(f"    key {request.key_fingerprint}")
+    ca_cert = _read(str(ca_dir / CA_CERT_FILE), MAX_PEM_BYTES, what="CA certificate")
+    ca_key = tls.load_ca_key(_ca_key(ca_dir), session.passphrase(what=str(ca_dir / CA_KEY_FILE)))
+    plain = ca_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    for path, request in requests:
+        cert = csr.issue_for_request(ca_cert, plain, request, valid_days=args.valid_days)
+        target = out_dir / (path.stem + ".crt")
+        _write_new(target, cert.public_bytes(serialization.Encoding.PEM))
+        print(f"signed {target}: serial {cert.serial_number:x}, until {cert.not_valid_after_utc:%Y-%m-%d}")
+    print("bring the .crt files back to the gateway: hedui-gateway tls import-certificates --config FILE DIR")
+
+
 def cmd_ca_revoke(session: _Session, args: argparse.Namespace) -> None:
     """Record that the CA revokes a certificate (by --serial or --cert); 'ca crl' then signs the list to install."""
     ca_dir = Path(args.dir)
@@ -721,6 +795,17 @@ def _add_ca_commands(sub: _Commands[argparse.ArgumentParser]) -> None:
     renew.add_argument("--party", required=True, help="the party whose certificate is renewed")
     renew.add_argument("--out-dir", required=True, help="folder holding PARTY.crt and PARTY.key (replaced)")
     renew.add_argument("--valid-days", type=int, default=tls.LEAF_VALID_DAYS, help="lifetime of the new certificate")
+    asking = _command(ca_sub, "request", cmd_ca_request)
+    asking.add_argument("--party", required=True, help="this host's party id, e.g. unit.220100.tax")
+    asking.add_argument("--server-name", action="append", help="DNS name or IP address clients dial (repeat)")
+    asking.add_argument("--client", action="store_true", help="for a client (gateway)")
+    asking.add_argument("--server", action="store_true", help="for a server (connector)")
+    asking.add_argument("--out-dir", required=True, help="folder for PARTY.key and PARTY.csr")
+    signing = _command(ca_sub, "sign-requests", cmd_ca_sign_requests)
+    signing.add_argument("--dir", required=True, help="folder holding the CA's ca.crt and ca.key")
+    signing.add_argument("--in", dest="in_dir", required=True, help="folder of .csr files (tls export-requests)")
+    signing.add_argument("--out-dir", help="folder for the .crt files (default: beside the requests)")
+    signing.add_argument("--valid-days", type=int, default=tls.LEAF_VALID_DAYS, help="lifetime of each certificate")
     revoke = _command(ca_sub, "revoke", cmd_ca_revoke)
     revoke.add_argument("--dir", required=True, help="folder holding the CA's ca.crt (and its revoked.json)")
     revoke.add_argument("--serial", help="serial number in hex, as 'ca show' prints it")

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,8 @@ class CaRevocations:
 def write_atomically(path: Path, data: bytes, *, mode: int) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a part: a temporary file
     in the same folder (``mode``), fsync, rename, fsync of the folder."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Unique per call: two threads of one process (a service and a command run in it) may write the same file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)
@@ -285,12 +287,27 @@ def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> boo
         return False
 
 
-def accept(data: bytes, ca_certs: Sequence[x509.Certificate], held: RevocationList | None) -> RevocationList | None:
+def accept(
+    data: bytes,
+    ca_certs: Sequence[x509.Certificate],
+    held: RevocationList | None,
+    *,
+    floor: Mapping[str, int] | None = None,
+) -> RevocationList | None:
     """The list in ``data`` if it may replace ``held``; None when it is ``held`` itself (nothing to do).
+
+    ``floor``: issuer key (:func:`issuer_key`) -> the highest CRL number ever held of that issuer (remembered across
+    restarts): a lower one is a rollback even when no list of the issuer is held now.
 
     Raises CrlError: code ``crl_rollback`` for a lower number than held, ``crl_number_reused`` for the same number
     with other contents, or the codes of :func:`verify_crl`."""
-    new = verify_crl(data, ca_certs)
+    return judge(verify_crl(data, ca_certs), held, floor=floor)
+
+
+def judge(
+    new: RevocationList, held: RevocationList | None, *, floor: Mapping[str, int] | None = None
+) -> RevocationList | None:
+    """:func:`accept` for a list verified already (``held``: the list of the same issuer held, if any)."""
     if held is not None and new.issuer == held.issuer:
         if new.number < held.number:
             raise CrlError(
@@ -301,7 +318,71 @@ def accept(data: bytes, ca_certs: Sequence[x509.Certificate], held: RevocationLi
             if new.der == held.der:
                 return None
             raise CrlError(f"CRL number {new.number} is held already with other contents", "crl_number_reused")
+    highest = (floor or {}).get(issuer_key(new.issuer), 0)
+    if new.number < highest:
+        raise CrlError(
+            f"CRL number {new.number} is older than number {highest} held before: a rollback is refused", "crl_rollback"
+        )
     return new
+
+
+def issuer_key(issuer: x509.Name) -> str:
+    """A CA's name as a key of the per-issuer records: SHA-256 (hex) of its DER encoding."""
+    return hashlib.sha256(issuer.public_bytes()).hexdigest()
+
+
+_PEM_CRL_RE = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.S)
+
+
+def split_lists(data: bytes) -> list[bytes]:
+    """The lists of a revocation list file: one DER list, or one or more PEM lists (one per CA)."""
+    if data.lstrip().startswith(b"-----BEGIN"):
+        blocks = _PEM_CRL_RE.findall(data)
+        if not blocks:
+            raise CrlError("no X.509 CRL in the PEM file", "crl_unreadable")
+        return list(blocks)
+    return [data]
+
+
+def join_lists(lists: Iterable[RevocationList]) -> bytes:
+    """The file of ``lists``: one list as DER (as before), several as PEM blocks in issuer order."""
+    ordered = sorted(lists, key=lambda crl: issuer_key(crl.issuer))
+    if len(ordered) == 1:
+        return ordered[0].der
+    return b"".join(x509.load_der_x509_crl(crl.der).public_bytes(serialization.Encoding.PEM) for crl in ordered)
+
+
+#: Beside a service's list file: the highest CRL number held of each issuer, so that neither a restart with an older
+#: file nor a missing file brings revoked certificates back.
+NUMBERS_SUFFIX = ".numbers.json"
+_NUMBERS_FORMAT = "hedui-crl-numbers"
+
+
+def numbers_path(path: Path) -> Path:
+    return path.with_name(path.name + NUMBERS_SUFFIX)
+
+
+def load_numbers(path: Path) -> dict[str, int]:
+    """The highest CRL numbers recorded beside ``path`` (empty when none was ever held); CrlError when damaged."""
+    record = numbers_path(path)
+    try:
+        data = json.loads(read_bounded(record, 1024 * 1024, CrlError, what="revocation list numbers"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise CrlError(f"{record} cannot be read: {exc}", "crl_state_damaged") from None
+    try:
+        if data.get("format") != _NUMBERS_FORMAT:
+            raise ValueError("not a hedui-crl-numbers file")
+        numbers = {str(k): int(v) for k, v in data["numbers"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CrlError(f"{record} is damaged: {exc}", "crl_state_damaged") from None
+    return numbers
+
+
+def save_numbers(path: Path, numbers: Mapping[str, int]) -> None:
+    document = {"format": _NUMBERS_FORMAT, "numbers": dict(sorted(numbers.items()))}
+    write_atomically(numbers_path(path), (json.dumps(document, indent=1) + "\n").encode(), mode=0o644)
 
 
 def ca_certificates(ca_pem: bytes) -> list[x509.Certificate]:

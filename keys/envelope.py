@@ -83,6 +83,17 @@ class Policy:
     clock_skew_ms: int = 5 * MINUTE_MS
     #: Lifetime given to envelopes we seal when the caller names none.
     default_ttl_ms: int = 60 * MINUTE_MS
+    #: Oldest ``created_at_ms`` accepted (step 7c: expired when ``now >= created_at_ms + max_age_ms + skew``),
+    #: whatever lifetime the sender chose; None: only the format's 31 days. The online services set their envelope
+    #: lifetime here, so a retired (erased, possibly leaked) signing key cannot sign a backdated envelope that opens
+    #: weeks after its retirement; sealed files (section 16) keep None.
+    max_age_ms: int | None = None
+
+    @staticmethod
+    def online(envelope_ttl_ms: int) -> Policy:
+        """The policy of an online exchange service whose envelopes live ``envelope_ttl_ms``: envelopes older than
+        that (plus the clock skew) are expired."""
+        return Policy(default_ttl_ms=envelope_ttl_ms, max_age_ms=envelope_ttl_ms)
 
 
 @dataclass(frozen=True)
@@ -274,11 +285,13 @@ def open_at(
     now_ms: int,
     expect: Mapping[str, type[Message]] | None = None,
     clock_skew_ms: int = Policy.clock_skew_ms,
+    max_age_ms: int | None = None,
 ) -> Opened:
     """Open an envelope addressed to ``me`` at time ``now_ms``; raises an EnvelopeError subclass on any failure.
 
     ``expect`` maps the message types the caller accepts to their classes; when given, any other type is a
-    TypeMismatch and the inner message is parsed into the class.
+    TypeMismatch and the inner message is parsed into the class. ``max_age_ms`` (Policy.max_age_ms): an envelope
+    created longer ago than that (plus the skew) is expired, whatever its lifetime.
     """
     outer, header = _parse(data)
     # Step 4: addressed to us, for a key-agreement key we still hold.
@@ -299,6 +312,8 @@ def open_at(
         raise NotYetValidEnvelope("created-at lies in the future beyond the allowed clock skew")
     if now_ms >= header.expires_at_ms + clock_skew_ms:
         raise ExpiredEnvelope("envelope has expired")
+    if max_age_ms is not None and now_ms >= header.created_at_ms + max_age_ms + clock_skew_ms:
+        raise ExpiredEnvelope("envelope is older than this receiver accepts")
     # Step 8: replay.
     if not replay.remember(
         header.sender, header.message_id, keep_until_ms=header.expires_at_ms + clock_skew_ms, now_ms=now_ms
@@ -390,6 +405,7 @@ class Courier:
                 now_ms=self.clock.now_ms(),
                 expect=expect,
                 clock_skew_ms=self.policy.clock_skew_ms,
+                max_age_ms=self.policy.max_age_ms,
             )
         except EnvelopeError as error:
             self.on_reject(error)

@@ -17,6 +17,7 @@ and it answers who was a member, in which state, at any moment (:meth:`RosterHis
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Iterable
@@ -27,7 +28,7 @@ from hedui.v1 import trust_pb2
 
 from common.workdays import CHINA_TZ, WorkdayCalendar
 from keys import _canonical
-from keys.clock import DAY_MS, MINUTE_MS, check_time_ms
+from keys.clock import DAY_MS, HOUR_MS, MINUTE_MS, check_time_ms
 from keys.errors import TrustError
 from keys.fingerprint import KEY_ID_BYTES, Algorithm
 from keys.handles import PublicKey, SigningKey
@@ -51,6 +52,14 @@ MAX_NOTICE_WORKING_DAYS = 20
 ISSUED_AT_SKEW_MS = 5 * MINUTE_MS
 #: How far after its issue a version may take effect.
 MAX_LEAD_MS = 366 * DAY_MS
+#: How long a version may take from its sender to the receiver and still be judged by the times it states. A peer
+#: delivers versions within its TrustSync interval (minutes); the receiver judges a version by when it RECEIVED it,
+#: less this grace, never by the sender-written issue time alone: members it adds count from the notice counted from
+#: (received - GRACE) at the earliest, and an end or revocation it sets counts from (received - GRACE) at the
+#: earliest. So a version cannot be backdated past the notice nor disown what a member signed before it existed
+#: (docs/exchange.md, "Rosters"). A version delivered later than this is still taken (refusing it would block every
+#: later version as a gap); its additions simply count later than the sender asked.
+RECEIPT_GRACE_MS = HOUR_MS
 SIGNATURE_BYTES = 64
 DIGEST_BYTES = 32
 _STAFF_ID_RE = re.compile(r"[A-Za-z0-9-]{1,32}")
@@ -75,6 +84,7 @@ REFUSALS = (
     "roster_time_invalid",
     "roster_member_dropped",
     "roster_member_changed",
+    "roster_unchanged",
     "roster_not_admin",
     "roster_bad_admin_signature",
     "roster_notice_too_short",
@@ -409,26 +419,44 @@ class RosterHistory:
 
     Build it empty (``RosterHistory(party_id)``) or from stored versions (:meth:`from_stored`); :meth:`accept`
     verifies a new version against what is held and appends it, or raises RosterError and changes nothing.
+
+    Each version is judged with the moment the receiver got it (see :data:`RECEIPT_GRACE_MS`); for versions of
+    one's own roster that moment is their issue time. ``notice`` is the receiver's notice rule used to count when
+    the members a version adds begin (the one :meth:`accept` is given replaces it); without one, members count from
+    (received - grace) at the earliest, and the notice is only checked against the stated issue time on accepting.
     """
 
-    def __init__(self, party_id: str) -> None:
+    def __init__(self, party_id: str, *, notice: Notice | None = None) -> None:
         if not is_party_id(party_id):
             raise ValueError("not a party id")
         self.party_id = party_id
+        self.notice = notice
         self._versions: list[SignedRoster] = []
-        #: staff id -> effective time of the first version that listed the member.
+        #: When each version was received (parallel to _versions).
+        self._received: list[int] = []
+        #: staff id -> when the member counts from: the effective time of the first version that listed them, or
+        #: the notice after its receipt (less the grace) when that is later.
         self._listed_since: dict[str, int] = {}
+        #: staff id -> the effective time of the first version that listed them (as the party stated it).
+        self._stated_since: dict[str, int] = {}
+        #: (staff id, "revoked" | "until", the value) -> the earliest moment that end counts from: the receipt (less
+        #: the grace) of the first version that set it.
+        self._end_floor: dict[tuple[str, str, int], int] = {}
 
     @classmethod
-    def from_stored(cls, party_id: str, versions: Iterable[bytes]) -> RosterHistory:
+    def from_stored(
+        cls, party_id: str, versions: Iterable[bytes | tuple[bytes, int]], *, notice: Notice | None = None
+    ) -> RosterHistory:
         """The history of versions accepted earlier (signatures were checked then; the keys that made them may
         have rotated since). Their order, numbering, party and digest chain are checked again: RosterError
-        (roster_chain_mismatch) when the store was changed."""
-        history = cls(party_id)
-        for data in versions:
+        (roster_chain_mismatch) when the store was changed. Each item is the SignedRoster bytes with the moment
+        they were received, or the bytes alone for versions of one's own roster (received when issued)."""
+        history = cls(party_id, notice=notice)
+        for item in versions:
+            data, received = item if isinstance(item, tuple) else (item, None)
             signed = read_signed_roster(data)
             history._require_sequence(signed.roster)
-            history._append(signed)
+            history._append(signed, signed.roster.issued_at_ms if received is None else received)
         return history
 
     # -- reading -----------------------------------------------------------------------------------------------
@@ -453,9 +481,26 @@ class RosterHistory:
                 return signed.roster
         return None
 
+    def received_at(self, version: int) -> int:
+        """When version ``version`` (held) was received."""
+        return self._received[version - 1]
+
     def listed_since(self, staff_id: str) -> int | None:
-        """When the version that first listed ``staff_id`` took (or takes) effect; None if no version lists them."""
+        """When ``staff_id`` counts from as listed: the version that first listed them took (or takes) effect, or
+        the notice after its receipt (less the grace) ended when that is later; None if no version lists them."""
         return self._listed_since.get(staff_id)
+
+    def _judged(self, member: RosterMember) -> RosterMember:
+        """``member`` with the end and revocation a version set counted from its receipt (less the grace) at the
+        earliest: a version cannot disown what the member signed before it was received."""
+        revoked, until = member.revoked_at_ms, member.valid_until_ms
+        if revoked is not None:
+            revoked = max(revoked, self._end_floor.get((member.staff_id, "revoked", revoked), revoked))
+        if until is not None:
+            until = max(until, self._end_floor.get((member.staff_id, "until", until), until))
+        if (revoked, until) == (member.revoked_at_ms, member.valid_until_ms):
+            return member
+        return dataclasses.replace(member, revoked_at_ms=revoked, valid_until_ms=until)
 
     def member_at(self, staff_id: str, at_ms: int) -> tuple[RosterMember | None, str | None]:
         """``(member, None)`` if ``staff_id`` was an active member at ``at_ms``, else ``(None, reason)``.
@@ -464,23 +509,31 @@ class RosterHistory:
         force yet): approver_unknown; revoked at or before ``at_ms``: approver_revoked; before their valid_from, or
         before the version that first listed them took effect: approver_not_yet_effective; at or after their
         valid_until: approver_expired. A message is judged at the moment it was made, so a member removed later
-        still verifies what they signed before.
+        still verifies what they signed before. Times a version states count from its receipt less the grace at
+        the earliest (:data:`RECEIPT_GRACE_MS`), so a backdated version changes nothing before it was received; the
+        member returned carries those judged times.
         """
+        return self._member_at(staff_id, at_ms, as_received=True)
+
+    def _member_at(self, staff_id: str, at_ms: int, *, as_received: bool) -> tuple[RosterMember | None, str | None]:
         roster = self.in_force(at_ms)
-        member = roster.member(staff_id) if roster is not None else None
-        if member is None:
+        listed = roster.member(staff_id) if roster is not None else None
+        if listed is None:
             return None, APPROVER_UNKNOWN
+        member = self._judged(listed) if as_received else listed
         reason = member.state_at(at_ms)
-        if reason is None and at_ms < self._listed_since[staff_id]:
+        since = (self._listed_since if as_received else self._stated_since)[staff_id]
+        if reason is None and at_ms < since:
             reason = APPROVER_NOT_YET_EFFECTIVE
         return (member, None) if reason is None else (None, reason)
 
     def status(self, staff_id: str, at_ms: int) -> str:
         """For operators' listings: ``active``, ``pending`` (announced, not yet in force), ``expired``, ``revoked``
         as the latest version held lists the member at ``at_ms``, or ``unknown`` (never listed)."""
-        member = self.latest.roster.member(staff_id) if self.latest is not None else None
-        if member is None:
+        listed = self.latest.roster.member(staff_id) if self.latest is not None else None
+        if listed is None:
             return "unknown"
+        member = self._judged(listed)
         if member.revoked_at_ms is not None and member.revoked_at_ms <= at_ms:
             return "revoked"
         if member.valid_until_ms is not None and member.valid_until_ms <= at_ms:
@@ -493,13 +546,18 @@ class RosterHistory:
 
     # -- accepting ---------------------------------------------------------------------------------------------
 
-    def accept(self, data: bytes, *, keyring: Keyring | None, now_ms: int, notice: Notice) -> bool:
+    def accept(
+        self, data: bytes, *, keyring: Keyring | None, now_ms: int, notice: Notice, received_at_ms: int | None = None
+    ) -> bool:
         """Verify SignedRoster ``data`` as the next version and append it: True when appended, False when the very
-        same version is held already (a repeated delivery). RosterError, with nothing changed, when refused."""
+        same version is held already (a repeated delivery). RosterError, with nothing changed, when refused.
+        ``received_at_ms``: when it was received (default ``now_ms``; a version of one's own roster: its issue
+        time)."""
         signed = self.check(data, keyring=keyring, now_ms=now_ms, notice=notice)
         if signed is None:
             return False
-        self._append(signed)
+        self.notice = notice
+        self._append(signed, now_ms if received_at_ms is None else received_at_ms)
         return True
 
     def check(self, data: bytes, *, keyring: Keyring | None, now_ms: int, notice: Notice) -> SignedRoster | None:
@@ -522,6 +580,11 @@ class RosterHistory:
         previous = self.latest.roster if self.latest is not None else None
         _check_times(previous, roster, now_ms)
         _check_members(previous, roster)
+        if previous is not None and roster.members == previous.members:
+            # A version must change something: a flood of empty versions would only cost every receiver (finding 7).
+            raise RosterError(
+                "roster_unchanged", f"version {roster.version} lists the members exactly as version {previous.version}"
+            )
         self._check_admin(signed)
         added = adds_members(previous, roster)
         earliest = notice.earliest_effective(roster.issued_at_ms)
@@ -594,7 +657,10 @@ class RosterHistory:
                 )
             admin = listed
         else:
-            member, reason = self.member_at(admin_id, issued)
+            # Who may make the next version is judged by the chain as the party stated it (the party key signs every
+            # version too): a version received late must not make the next one a refused gap. Receipt times judge
+            # what members sign (member_at).
+            member, reason = self._member_at(admin_id, issued, as_received=False)
             if member is None or not member.has_role("admin"):
                 judge = self.in_force(issued)
                 raise RosterError(
@@ -606,10 +672,24 @@ class RosterHistory:
         if not admin.public_key.verify(signed.admin_signature, ROSTER_ADMIN_DOMAIN + signed.roster_bytes):
             raise RosterError("roster_bad_admin_signature", f"the admin signature of {admin_id} is not valid")
 
-    def _append(self, signed: SignedRoster) -> None:
-        for member in signed.roster.members:
-            self._listed_since.setdefault(member.staff_id, signed.roster.effective_at_ms)
+    def _append(self, signed: SignedRoster, received_at_ms: int) -> None:
+        roster = signed.roster
+        floor = received_at_ms - RECEIPT_GRACE_MS
+        previous = self._versions[-1].roster if self._versions else None
+        begins = max(roster.effective_at_ms, floor if self.notice is None else self.notice.earliest_effective(floor))
+        for member in roster.members:
+            self._listed_since.setdefault(member.staff_id, begins)
+            self._stated_since.setdefault(member.staff_id, roster.effective_at_ms)
+            old = previous.member(member.staff_id) if previous is not None else None
+            for kind, value, before in (
+                ("revoked", member.revoked_at_ms, old.revoked_at_ms if old else None),
+                ("until", member.valid_until_ms, old.valid_until_ms if old else None),
+            ):
+                if value is not None and (old is None or value != before):
+                    # Set by this version (a new member's own end counts from when the member does anyway).
+                    self._end_floor.setdefault((member.staff_id, kind, value), floor)
         self._versions.append(signed)
+        self._received.append(received_at_ms)
 
 
 def _check_times(previous: Roster | None, roster: Roster, now_ms: int) -> None:

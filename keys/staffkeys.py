@@ -3,7 +3,8 @@
 A roster change is signed by an admin's staff key (keys/roster.py): the admin runs the command with their own
 keystore (``hedui-keys init --party staff....``), whose passphrase comes from ``--passphrase-file``,
 ``HEDUI_KEYS_PASSPHRASE`` or a prompt, as for every ``hedui-keys`` command. A new member's key comes from the public
-bundle they exported (``hedui-keys export``), checked against the fingerprint of their key letter.
+bundle they exported (``hedui-keys export``), checked against the fingerprint of their key letter: the fingerprint is
+required, since a bundle file alone may have been swapped on its way to the admin (security review, finding 9).
 """
 
 from __future__ import annotations
@@ -50,8 +51,14 @@ def load_staff_signing_key(path: Path, *, passphrase_file: str | None, now_ms: i
 
 
 def read_staff_bundle(path: Path, *, fingerprint: str | None, now_ms: int) -> tuple[Bundle, KeyRecord]:
-    """A staff member's public bundle (``hedui-keys export``) and its signing key valid now; the bundle fingerprint
-    is checked when ``fingerprint`` (from the member's key letter) is given. TrustError for anything else."""
+    """A staff member's public bundle (``hedui-keys export``) and its signing key valid now, the bundle fingerprint
+    checked against ``fingerprint`` (from the member's key letter; required). TrustError for anything else, a
+    missing fingerprint included."""
+    if not fingerprint or not fingerprint.strip():
+        raise TrustError(
+            "the bundle fingerprint from the staff member's key letter is required (--fingerprint): a bundle file "
+            "alone is never taken as the member's key"
+        )
     if path.stat().st_size > 2 * MAX_BUNDLE_BYTES:
         raise TrustError(f"{path} is too large to be a public key bundle")
     bundle = read_bundle(dearmor(path.read_text(encoding="utf-8", errors="replace")))
@@ -62,6 +69,5 @@ def read_staff_bundle(path: Path, *, fingerprint: str | None, now_ms: int) -> tu
     record = Keyring(bundle.keys).current(Algorithm.ED25519, now_ms)
     if record is None:
         raise TrustError(f"the bundle of {bundle.party_id} has no signing key valid now")
-    if fingerprint:
-        bundle.require_fingerprint(fingerprint)
+    bundle.require_fingerprint(fingerprint)
     return bundle, record

@@ -39,8 +39,10 @@ Design:
   every peer "unreachable") is refused at once with the file named; a certificate ending within
   ``EXPIRY_WARNING`` gets a warning. A running service checks its files again every few seconds
   (common/tlsreload.py): renewed files that pass the same checks are used for new handshakes without a restart.
-- Renewal: ``renew_certificate`` issues a new key and certificate naming the same party, server names and extended
-  key usages as the current certificate (``hedui-keys ca renew``).
+- Renewal: a party makes its new key itself and only a certificate request travels (keys/csr.py; ``sign_leaf`` signs
+  it with the issuing code here). ``renew_certificate`` issues a new key and certificate naming the same party,
+  server names and extended key usages as the current certificate where the CA is (``hedui-keys ca renew``, the
+  fallback whose key must then be carried).
 
 Every failure raises :class:`TlsError` with a message fit for an operator; none carries key material.
 """
@@ -206,7 +208,7 @@ def load_ca_key(ca_key_pem: bytes, passphrase: str | None) -> ec.EllipticCurvePr
     return key
 
 
-def _server_name(name: str) -> x509.GeneralName:
+def server_name(name: str) -> x509.GeneralName:
     """A DNS name or an IP address for the subjectAltName; raise TlsError for anything else."""
     try:
         return x509.IPAddress(ipaddress.ip_address(name))
@@ -239,6 +241,39 @@ def issue_certificate(
     ``server_names`` are the DNS names and IP addresses clients dial ("localhost", "127.0.0.1"); a server
     certificate needs at least one. ``client`` and ``server`` choose the extended key usages (at least one).
     """
+    key = ec.generate_private_key(_CURVE())
+    cert = sign_leaf(
+        ca_cert_pem,
+        ca_key_pem,
+        party_id,
+        key.public_key(),
+        server_names=server_names,
+        client=client,
+        server=server,
+        valid_days=valid_days,
+        now=now,
+        ca_key_passphrase=ca_key_passphrase,
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def sign_leaf(
+    ca_cert_pem: bytes,
+    ca_key_pem: bytes,
+    party_id: str,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    server_names: Iterable[str] = (),
+    client: bool,
+    server: bool,
+    valid_days: int = LEAF_VALID_DAYS,
+    now: dt.datetime | None = None,
+    ca_key_passphrase: str | None = None,
+) -> x509.Certificate:
+    """Sign the leaf certificate of ``issue_certificate`` for a public key made elsewhere (a P-256 key; a
+    certificate request's, keys/csr.py): the same names, usages, extensions and lifetime rules."""
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(public_key.curve, _CURVE):
+        raise TlsError("a leaf certificate's key must be an ECDSA P-256 key")
     try:
         check_party_id(party_id)
     except ValueError as exc:
@@ -249,7 +284,7 @@ def issue_certificate(
         raise TlsError("server_names must be a list of names, not one string")
     names: list[x509.GeneralName] = []
     for name in server_names:
-        general = _server_name(name)
+        general = server_name(name)
         if general not in names:
             names.append(general)
     if server and not names:
@@ -276,7 +311,6 @@ def issue_certificate(
         aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
     except x509.ExtensionNotFound:
         aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
-    key = ec.generate_private_key(_CURVE())
     usages = [
         oid
         for oid, wanted in ((ExtendedKeyUsageOID.SERVER_AUTH, server), (ExtendedKeyUsageOID.CLIENT_AUTH, client))
@@ -298,7 +332,7 @@ def issue_certificate(
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, party_id)]))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start - CLOCK_SKEW)
         .not_valid_after(min(start + lifetime, ca_cert.not_valid_after_utc))
@@ -306,11 +340,11 @@ def issue_certificate(
         .add_extension(key_usage, critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(san, critical=False)
-        .add_extension(_ski(key), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(aki, critical=False)
         .sign(ca_key, _HASH())
     )
-    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+    return cert
 
 
 def renewal_parameters(cert_pem: bytes) -> tuple[str, list[str], bool, bool]:
@@ -560,8 +594,9 @@ class TlsIdentity:
             return None
         return (
             f"{self.files.where(f'{self.role} certificate', self.files.cert)} expires in {days:.1f} days "
-            f"({_utc(self.not_after)}): renew it ('hedui-keys ca renew') and put the new files in place; the running "
-            "service picks them up"
+            f"({_utc(self.not_after)}): renew it (a connector asks its gateway by itself, 'hedui-connector tls "
+            "renewal-status'; the gateway's: 'hedui-gateway tls renew'; else 'hedui-keys ca renew'); the running "
+            "service picks it up"
         )
 
 

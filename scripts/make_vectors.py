@@ -1,13 +1,14 @@
 """Write the test vectors to tests/vectors/: envelope_v1.json, formats_v1.json, steps_v1.json, rosters_v1.json,
-approvals_v1.json and trust_sync_v1.json.
+approvals_v1.json, trust_sync_v1.json and certificate_requests_v1.json.
 
 Usage: python scripts/make_vectors.py [--check]
 
 The vectors are built by tests/vectorgen.py (the sealed envelope), tests/vectorgen_formats.py (fingerprints,
 armour, parser strictness, the payload limit, sealed files), tests/vectorgen_steps.py (signed procedure steps),
-tests/vectorgen_rosters.py (signed staff rosters), tests/vectorgen_approvals.py (approvals a unit verifies) and
-tests/vectorgen_trust.py (trust synchronisation); tests/test_vectors.py, tests/test_approval_vectors.py and
-tests/test_trust_vectors.py import them too. They are deterministic, so running this
+tests/vectorgen_rosters.py (signed staff rosters), tests/vectorgen_approvals.py (approvals a unit verifies),
+tests/vectorgen_trust.py (trust synchronisation) and tests/vectorgen_csr.py (certificate requests);
+tests/test_vectors.py, tests/test_approval_vectors.py, tests/test_trust_vectors.py and tests/test_csr_vectors.py
+import them too. They are deterministic, so running this
 twice gives the same file. Regenerate them only when the format or the reference implementation changed on purpose,
 and say so in the commit: other implementations test against this file. With --check nothing is written; the script
 exits 1 when a committed file differs from what it would write.
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests import (  # noqa: PLC0415 - needs the path set above
         vectorgen,
         vectorgen_approvals,
+        vectorgen_csr,
         vectorgen_formats,
         vectorgen_rosters,
         vectorgen_steps,
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         VECTORS / "rosters_v1.json": vectorgen_rosters.render(vectorgen_rosters.build_vectors()).encode(),
         VECTORS / "approvals_v1.json": vectorgen_approvals.render(vectorgen_approvals.build_vectors()).encode(),
         VECTORS / "trust_sync_v1.json": vectorgen_trust.render(vectorgen_trust.build_vectors()).encode(),
+        VECTORS / "certificate_requests_v1.json": vectorgen_csr.render(vectorgen_csr.build_vectors()).encode(),
     }
     if args.check:
         stale = [path for path, data in outputs.items() if not path.exists() or path.read_bytes() != data]

@@ -60,6 +60,12 @@ class MemoryRoster:
     def members(self) -> list[trust_pb2.RosterMember]:
         return list(self.versions[-1][1].values())
 
+    def in_force(self, at_ms: int) -> object | None:
+        """The version in force at ``at_ms`` (its members), None before the first one."""
+        starts = [v[0] for v in self.versions]
+        index = bisect.bisect_right(starts, at_ms) - 1
+        return None if index < 0 else self.versions[index][1]
+
     def member_at(self, staff_id: str, at_ms: int) -> tuple[RosterMember | None, str | None]:
         starts = [v[0] for v in self.versions]
         index = bisect.bisect_right(starts, at_ms) - 1

@@ -150,7 +150,8 @@ class World:
     ) -> exchange_pb2.QueryBatch:
         batch = exchange_pb2.QueryBatch(
             batch_id=batch_id,
-            commission_ref="WT-2026-0001",
+            # One commission per batch: a unit refuses subjects of a commission it received in another batch.
+            commission_ref=f"WT-{batch_id}"[:64],
             purpose=exchange_pb2.PROGRAMME_MINIMUM_LIVING_ALLOWANCE,
             categories=[records_pb2.DATA_CATEGORY_TAX],
             income_from=records_pb2.YearMonth(year=2025, month=9),

@@ -314,7 +314,7 @@ def test_a_certificate_ending_within_30_days_is_a_warning(site: Site, capsys: py
     assert code == 0, err
     assert "config OK" in out and "(1 warning)" in out
     assert f"hedui-connector: warning: [server] server certificate {site.root}/tax.crt expires in 10.0 days" in err
-    assert "ca renew" in err and "picks them up" in err
+    assert "tls renewal-status" in err and "ca renew" in err and "picks it up" in err
 
     site.install("gw", GATEWAY, server=False, valid_days=29)
     assert gateway_main(["migrate", "--config", str(site.gateway_config)]) == 0

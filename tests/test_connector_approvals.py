@@ -19,12 +19,14 @@ from prometheus_client import CollectorRegistry
 from common.rpc import MAX_SIGNED_REFUSAL_BYTES, REFUSAL_REASON_KEY, REFUSAL_SIGNED_KEY
 from connectors.approvals import REASONS, ApprovalCheck, NoRosters
 from connectors.metrics import ConnectorMetrics
+from connectors.store import ConnectorStore
 from gateway.exchange.approvals import TreeUnit
-from keys.clock import DAY_MS, MINUTE_MS
+from gateway.exchange.transport import is_transient
+from keys.clock import DAY_MS, HOUR_MS, MINUTE_MS
 from keys.envelope import message_id_of
 from keys.identity import PartyKeys
 from keys.statements import approval_message
-from tests.approval_kit import EXCHANGE, MemoryRosters, prove
+from tests.approval_kit import EXCHANGE, MemoryRoster, MemoryRosters, prove
 from tests.exchange_world import GATEWAY, NEIGHBOUR, STAFF, UNIT, World, beijing_ms, exchange_world
 
 MONDAY = beijing_ms(2026, 3, 2)
@@ -326,6 +328,18 @@ def test_the_migration_rule_checks_staff_ids_only_where_allowed(world: World) ->
     expect(world, forged, "approval_signature_invalid", "S-0001")
 
 
+def test_a_batch_stripped_of_its_proof_is_refused_once_the_gateways_roster_is_held(world: World) -> None:
+    """Security review 4: with the migration flag on and the gateway's roster held, a batch without an approval
+    proof must not fall back to the unsigned [[staff]] rule."""
+    world.connector.approvals = ApprovalCheck(
+        world.staff.rosters(), legacy_staff={GATEWAY: frozenset(STAFF)}, allow_unverified=True
+    )
+    assert world.connector.approvals.rosters.history(GATEWAY) is not None
+    stripped = world.batch("B-STRIPPED", world.subjects(2))
+    stripped.ClearField("approval")
+    expect(world, stripped, "approval_missing")
+
+
 # -- signed refusals of other requests, metrics --------------------------------------------------------------------
 
 
@@ -363,3 +377,100 @@ def test_approvals_given_long_before_the_batch_are_judged_by_their_time(world: W
     world.approve(batch, at_ms=MONDAY - DAY_MS // 2)
     world.staff.enrol("S-0001", valid_until_ms=MONDAY - DAY_MS // 4)  # left since
     assert world.submit(batch).batch_id == "B-OLD"
+
+
+# -- security review 6: approvals too old, approved subjects queried again ----------------------------------------
+
+
+def test_an_approval_older_than_the_maximum_age_is_refused(world: World) -> None:
+    """A member revoked an hour ago: approvals dated days before the revocation (signed with the revoked, possibly
+    leaked key) pass only within ``[exchange] approval_max_age_days`` of the envelope's time."""
+    world.staff.enrol(STAFF[0], valid_from_ms=MONDAY - 90 * DAY_MS, revoked_at_ms=MONDAY - 60 * MINUTE_MS)
+    world.staff.enrol(STAFF[1], valid_from_ms=MONDAY - 90 * DAY_MS)
+    world.connector.approvals = dataclasses.replace(world.connector.approvals, rosters=world.staff.rosters())
+    assert world.connector.approvals.max_age_ms == 45 * DAY_MS  # the default
+    old = world.batch("B-OLD-46", world.subjects(2))
+    world.approve(old, at_ms=MONDAY - 46 * DAY_MS)
+    expect(world, old, "approval_time_invalid", STAFF[0])
+    within = world.batch("B-OLD-44", world.subjects(2))
+    world.approve(within, at_ms=MONDAY - 44 * DAY_MS)
+    assert world.submit(within).batch_id == "B-OLD-44"
+    # The review's attack: ten days back, refused where the unit allows a week.
+    world.connector.approvals = dataclasses.replace(world.connector.approvals, max_age_ms=7 * DAY_MS)
+    backdated = world.batch("B-BACKDATED", world.subjects(2))
+    world.approve(backdated, at_ms=MONDAY - 10 * DAY_MS)
+    expect(world, backdated, "approval_time_invalid", STAFF[0])
+
+
+def test_approved_subjects_are_not_queried_again_under_another_batch_id(world: World) -> None:
+    """Clause 16: the subjects of a commission are received once. The same approved batch under new batch ids, or a
+    batch whose share indices overlap one received before, is refused; other subjects of the same commission and
+    the same batch sent again under its own id are not."""
+    subjects = world.subjects(8)
+    template = world.batch("B-T", subjects)
+    proved = prove(GATEWAY, template.commission_ref, subjects, [TreeUnit(UNIT, tuple(template.categories)), NEIGHBOUR])
+    approvals = world.staff.approvals(proved.root, STAFF, MONDAY)
+    first = proved.batch("B-ONCE", UNIT, [0, 1, 2, 3], approvals)
+    assert world.submit(first).batch_id == "B-ONCE"
+    assert world.submit(first).batch_id == "B-ONCE"  # the same batch again: its stored receipt
+    for batch_id in ("B-AGAIN-1", "B-AGAIN-2"):
+        again = exchange_pb2.QueryBatch()
+        again.CopyFrom(first)
+        again.batch_id = batch_id
+        expect(world, again, "subject_already_queried")
+    expect(world, proved.batch("B-OVERLAP", UNIT, [3, 4], approvals), "subject_already_queried")
+    expect(world, proved.batch("B-INSIDE", UNIT, [2], approvals), "subject_already_queried")
+    assert world.submit(proved.batch("B-REST", UNIT, [4, 5, 7], approvals)).batch_id == "B-REST"
+    expect(world, proved.batch("B-GAP", UNIT, [6], approvals), "subject_already_queried")  # inside 4..7
+    # Another commission of the same people is a new query.
+    assert world.submit(world.batch("B-OTHER", subjects[:4])).batch_id == "B-OTHER"
+
+
+def test_the_unit_remembers_queried_subjects_after_purging_and_restarting(world: World) -> None:
+    """The record outlives the batch's content (purged after retention) and a restart of the store."""
+    first = world.batch("B-PURGED", world.subjects(2))
+    assert world.submit(first).batch_id == "B-PURGED"
+    store = world.connector.store
+    with store.engine.begin() as conn:  # answered and acknowledged long ago
+        conn.exec_driver_sql(
+            "UPDATE batches SET state = 'acknowledged', acknowledged_at_ms = 1 WHERE batch_id = 'B-PURGED'"
+        )
+    assert store.purge(MONDAY, MONDAY) == 1
+    world.connector.store = ConnectorStore(store.engine)
+    again = exchange_pb2.QueryBatch()
+    again.CopyFrom(first)
+    again.batch_id = "B-LATER"
+    expect(world, again, "subject_already_queried")
+
+
+def test_the_gateway_takes_a_repeat_refusal_as_final() -> None:
+    """``subject_already_queried`` fails the batch for good: sending it again changes nothing."""
+    assert not is_transient(REASONS["subject_already_queried"], "subject_already_queried")
+    assert not is_transient(grpc.StatusCode.UNAVAILABLE, "subject_already_queried")
+
+
+def test_during_migration_approvals_given_before_the_roster_was_in_force_are_judged_by_the_toml_ids(
+    world: World,
+) -> None:
+    """On-call review H3: the gateway's first roster version is held but waits out its notice. With the migration flag
+    on, approvals given before it was in force are judged by [[staff]] (nothing could verify them), also when the
+    batch is sent after the roster took effect; without the flag, or for someone not in [[staff]], refused."""
+    now = world.clock.now_ms()
+    rosters = MemoryRosters({GATEWAY: MemoryRoster(world.staff.roster.members, effective_at_ms=now + HOUR_MS)})
+
+    def approved_now(batch_id: str) -> exchange_pb2.QueryBatch:
+        batch = world.batch(batch_id, world.subjects(2), approval=exchange_pb2.ApprovalProof())
+        world.approve(batch, at_ms=now)
+        return batch
+
+    world.connector.approvals = ApprovalCheck(rosters, legacy_staff={GATEWAY: frozenset(STAFF)}, allow_unverified=True)
+    assert world.submit(approved_now("B-MIGRATING")).batch_id == "B-MIGRATING"
+    late = approved_now("B-MIGRATING-2")
+    world.clock.advance(2 * HOUR_MS)  # the roster is in force now; the approvals were given before
+    assert world.submit(late).batch_id == "B-MIGRATING-2"
+    world.connector.approvals = ApprovalCheck(
+        rosters, legacy_staff={GATEWAY: frozenset({"S-0001"})}, allow_unverified=True
+    )
+    expect(world, approved_now("B-NOT-LISTED"), "staff_not_registered", "S-0002")
+    world.connector.approvals = ApprovalCheck(rosters, legacy_staff={GATEWAY: frozenset(STAFF)})
+    expect(world, approved_now("B-NO-FLAG"), "approver_unknown", "S-0001")

@@ -73,6 +73,36 @@ def test_the_unit_roster_grows_by_signed_versions_published_to_every_gateway(tmp
     assert history is not None and history.member_at("U-02", later + HOUR_MS) == (None, "approver_revoked")
 
 
+def test_a_gateway_behind_on_the_unit_roster_is_sent_the_versions_it_lacks(tmp_path: Path) -> None:
+    """TrustSync.peer_roster_version: a gateway that says it holds version 1 is offered 2 and 3 (in order, as ROSTER
+    items), whatever it was sent before; one that holds the latest is offered nothing new (common/rosterstore.py,
+    the catch-up both sides use)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'unit.db'}")
+    ConnectorStore(engine)
+    party = PartyKeys.create(UNIT, now_ms=MONDAY - DAY_MS)
+    keys = {s: SigningKey.generate() for s in ("U-01", "U-02", "U-03")}
+    own = UnitRoster(engine, party, notice=NOTICE, gateways=[GATEWAY])
+    own.init_admin("U-01", keys["U-01"], name="单位管理员", now_ms=MONDAY)
+    for day, staff_id in ((2, "U-02"), (3, "U-03")):
+        own.add(
+            "U-01", keys["U-01"], staff_id, name="交换员", roles="exchange", public_key=keys[staff_id].public.raw,
+            now_ms=MONDAY + day * DAY_MS,
+        )  # fmt: skip
+    history = own.history()
+    assert history is not None
+    versions = [v.data for v in history.versions]
+    late = "agency.220000"  # a gateway the versions were never published for
+    items = TrustItems(engine)
+    catch_up = PeerRosters(engine).catch_up(items, UNIT, lambda: MONDAY + 4 * DAY_MS)
+    catch_up(late, 3)
+    assert items.pending(late) == []
+    catch_up(late, 1)
+    assert [p.payload for p in items.pending(late)] == versions[1:]
+    catch_up(late, 0)
+    assert sorted(p.payload for p in items.pending(late)) == sorted(versions)
+    assert [p.payload for p in items.pending(GATEWAY)] == versions  # the gateway it was published for: unchanged
+
+
 def test_a_refused_unit_roster_change_changes_nothing(tmp_path: Path) -> None:
     own, keys = _unit(tmp_path)
     own.init_admin("U-01", keys["U-01"], name="单位管理员", now_ms=MONDAY)
@@ -135,6 +165,36 @@ def test_a_gateway_roster_decides_once_in_force_and_the_toml_ids_before(tmp_path
     assert reason is None and member is not None and not member.has_role("exchange")
     assert peers.missing_from_roster(legacy) == {GATEWAY: ["S-0009"]}
     assert peers.held_version(GATEWAY) == 1 and peers.pending(MONDAY) == {GATEWAY: 1}
+
+
+def test_a_backdated_gateway_version_is_judged_by_its_receipt_and_parsed_once(tmp_path: Path) -> None:
+    """Security review findings 2 and 7 at the unit: an addition stated as of Monday but received on Friday counts
+    from the notice after Friday; an unchanged version is refused; the history is parsed once per version held."""
+    engine = ConnectorStore(make_engine(f"sqlite:///{tmp_path / 'unit.db'}")).engine
+    gateway = RosterParty.create(GATEWAY, MONDAY)
+    ring = gateway.keyring()
+    peers = PeerRosters(engine, notice=lambda: NOTICE)
+    handler = peers.handler(trust=lambda: _trust(GATEWAY, ring), notice=lambda: NOTICE, own_party_id=UNIT)
+    v1 = gateway.version([gateway.member("S-0001", ("admin", "exchange"), MONDAY)], issued_at_ms=MONDAY)
+    assert handler(GATEWAY, gateway.sign(v1), MONDAY) is None
+    first = peers.history(GATEWAY)
+    assert first is not None and peers.history(GATEWAY) is first
+    friday = beijing_ms(2026, 3, 6, 15)
+    same = gateway.version(list(v1.members), issued_at_ms=friday, effective_at_ms=friday)
+    assert handler(GATEWAY, gateway.sign(same), friday) == "roster_unchanged"
+    gateway.versions.pop()
+    v2 = gateway.version(
+        [*v1.members, gateway.member("S-0002", ("exchange",), v1.effective_at_ms)],
+        issued_at_ms=MONDAY,
+        effective_at_ms=v1.effective_at_ms,
+    )
+    assert handler(GATEWAY, gateway.sign(v2), friday) is None
+    history = peers.history(GATEWAY)
+    assert history is not None and history is not first and history.held_version == 2
+    begins = notice_ends_at(friday - HOUR_MS, 1, CALENDAR)
+    assert history.member_at("S-0002", MONDAY + 2 * DAY_MS) == (None, "approver_not_yet_effective")
+    assert history.member_at("S-0002", friday) == (None, "approver_not_yet_effective")
+    assert history.member_at("S-0002", begins)[1] is None
 
 
 def _trust(party: str, ring: Keyring) -> TrustStore:
@@ -344,6 +404,12 @@ def test_cli_unit_roster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
            str(people["U-02"].bundle), "--fingerprint", fingerprint]  # fmt: skip
     code, _, err = run("add", "--admin", "U-02", *signed("U-02"), *add)
     assert code == 1 and "not an admin" in err
+    # Review finding 9: no bundle without the fingerprint of the member's key letter, and only a matching one.
+    with pytest.raises(SystemExit):
+        run("add", "--admin", "U-01", *signed(), *add[:-2])
+    wrong = bundle_fingerprint(capsys, people["U-01"].bundle)
+    code, _, err = run("add", "--admin", "U-01", *signed(), *add[:-2], "--fingerprint", wrong)
+    assert code == 1 and "fingerprint" in err
     code, out, err = run("add", "--admin", "U-01", *signed(), *add)
     assert code == 0, err
     assert "roster version 2" in out
@@ -377,7 +443,8 @@ def test_the_start_log_says_what_the_toml_ids_still_do(tmp_path: Path, caplog: p
         ]
         connector.approvals = dataclasses.replace(connector.approvals, allow_unverified=True)
         assert legacy_staff_warnings(connector) == [
-            f"[[staff]] ids of {GATEWAY} decide until its signed roster arrives (deprecated)"
+            f"[[staff]] ids of {GATEWAY} decide only while no roster of it is held (deprecated); "
+            "once one arrives every batch is verified against it"
         ]
         staff = SigningKey.generate()
         member = RosterMember("S-0001", "员工", ("admin", "exchange"), staff.public, MONDAY)
@@ -393,3 +460,23 @@ def test_the_start_log_says_what_the_toml_ids_still_do(tmp_path: Path, caplog: p
         caplog.clear()
         assert legacy_staff_warnings(connector) == [f"the roster of {GATEWAY} lacks [[staff]] ids S-0002"]
         assert "员工" not in caplog.text
+
+
+def test_the_unit_cannot_end_or_revoke_its_last_admin(tmp_path: Path) -> None:
+    """On-call review H1: ending the only admin with a date (however soon) would leave a roster nobody can change."""
+    with exchange_world(tmp_path, now_ms=MONDAY) as world:
+        engine = world.connector.store.engine
+        keys = {s: SigningKey.generate() for s in ("U-01", "U-02")}
+        own = UnitRoster(engine, world.connector.courier.me, notice=NOTICE, gateways=[GATEWAY])
+        own.init_admin("U-01", keys["U-01"], name="管理员", now_ms=MONDAY, roles="admin,exchange")
+        own.add("U-01", keys["U-01"], "U-02", name="交换员", roles="exchange",
+                public_key=keys["U-02"].public.raw, now_ms=MONDAY + MINUTE_MS)  # fmt: skip
+        history = own.history()
+        assert history is not None
+        held = history.held_version
+        with pytest.raises(RosterChangeRefused, match="no admin"):
+            own.end("U-01", keys["U-01"], "U-01", now_ms=MONDAY + 2 * MINUTE_MS)
+        with pytest.raises(RosterChangeRefused, match="no admin"):
+            own.revoke("U-01", keys["U-01"], "U-01", now_ms=MONDAY + 2 * MINUTE_MS, urgent=True)
+        after = own.history()
+        assert after is not None and after.held_version == held

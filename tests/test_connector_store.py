@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hedui.v1 import exchange_pb2
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -281,3 +282,52 @@ def test_upgrade_keeps_rows_already_moved(tmp_path: Path) -> None:
         assert {r.batch_id: r.content for r in conn.execute(select(cstore.batch_contents))} == {"B-1": b"side content"}
         assert conn.execute(select(_old_batches.c.content, _old_batches.c.answer)).all() == [(None, None)]
     assert store.answers_for(GATEWAY, ["B-1"])["B-1"][1] == b"inline answer"
+
+
+# -- the record of subjects received (security review 6) ------------------------------------------------------------
+
+
+def _query(ref: str, indices: list[int], *, proof: bool = True) -> bytes:
+    batch = exchange_pb2.QueryBatch(commission_ref=ref)
+    for i in indices:
+        batch.subjects.add(subject_ref=f"P{i}", share_index=i)
+    if proof:
+        batch.approval.subject_count = 100
+    return batch.SerializeToString()
+
+
+def test_overlapping_shares_of_a_commission_are_refused_and_nothing_is_stored(tmp_path: Path) -> None:
+    engine = _engine(tmp_path)
+    store = ConnectorStore(engine)
+    store.insert(_batch("B-1"), CONTENT, cstore.Shares("WT-1", 10, 19))
+    with pytest.raises(cstore.SharesQueried) as excinfo:
+        store.insert(_batch("B-2"), CONTENT, cstore.Shares("WT-1", 19, 25))
+    assert excinfo.value.batch_id == "B-1"
+    assert store.batch_count() == 1 and _count(engine, cstore.batch_contents) == 1
+    store.insert(_batch("B-3"), CONTENT, cstore.Shares("WT-1", 20, 25))  # the next range
+    store.insert(_batch("B-4"), CONTENT, cstore.Shares("WT-2", 10, 19))  # another commission
+    store.insert(_batch("B-5"), CONTENT, None)  # no proof: nothing to compare
+    assert _count(engine, cstore.batch_shares) == 3
+
+
+def test_upgrade_records_the_shares_of_batches_still_held(tmp_path: Path) -> None:
+    """A database made before the record: the shares of every batch whose content is held are recorded once (the
+    table is new); batches without an approval proof have none; the data stays."""
+    engine = _engine(tmp_path)
+    store = ConnectorStore(engine)
+    store.insert(_batch("B-1"), _query("WT-1", [0, 1, 2]))
+    store.insert(_batch("B-2"), _query("WT-1", [3, 4]))
+    store.insert(_batch("B-3"), _query("WT-2", [0], proof=False))
+    store.insert(_batch("B-4"), b"\xff not a message")
+    cstore.batch_shares.drop(engine)  # as before the upgrade
+    ConnectorStore(engine)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(cstore.batch_shares.c.batch_id, cstore.batch_shares.c.first_index, cstore.batch_shares.c.last_index)
+        ).all()
+    assert sorted(tuple(r) for r in rows) == [("B-1", 0, 2), ("B-2", 3, 4)]
+    assert store.batch_count() == 4 and _count(engine, cstore.batch_contents) == 4
+    with pytest.raises(cstore.SharesQueried):
+        ConnectorStore(engine).insert(_batch("B-9"), CONTENT, cstore.Shares("WT-1", 4, 4))
+    ConnectorStore(engine)  # a later start changes nothing
+    assert _count(engine, cstore.batch_shares) == 2

@@ -81,6 +81,8 @@ GATEWAY_METRICS = frozenset(
         "hedui_trust_items_received_total",
         "hedui_trust_unacknowledged",
         "hedui_trust_unacknowledged_oldest_seconds",
+        "hedui_certificate_request_age_seconds",
+        "hedui_certificate_requests_refused_total",
     }
 )
 CONNECTOR_METRICS = frozenset(
@@ -113,6 +115,9 @@ CONNECTOR_METRICS = frozenset(
         "hedui_trust_items_received_total",
         "hedui_trust_unacknowledged",
         "hedui_trust_unacknowledged_oldest_seconds",
+        "hedui_connector_certificate_request_pending",
+        "hedui_connector_certificate_request_age_seconds",
+        "hedui_connector_certificates_refused_total",
     }
 )
 HISTOGRAMS = ("hedui_batch_round_trip_seconds", "hedui_answer_latency_seconds")

@@ -118,7 +118,7 @@ def test_crash_between_storing_and_acknowledging(tmp_path: Path, database_url: s
         drain(world)
         engine = world.engine
         for unit in world.store.units.all():
-            engine._poll(unit.unit_id, engine.clients[unit.unit_id])
+            engine.answers.poll(unit.unit_id, engine.clients[unit.unit_id])
         assert {b.state for b in batch_rows(world)} == {"answered"}
         assert world.store.batches.answer_count() == world.store.outbox.item_count()
         for unit_id in UNITS:

@@ -63,10 +63,12 @@ def open_fresh(data: bytes, side: Side, now_ms: int) -> Opened:
 
 
 def refused_with(error: type[E], attempt: Callable[[], object]) -> E:
-    """Run ``attempt``; it must raise exactly ``error``, whose public message is the uniform one."""
+    """Run ``attempt``; it must raise ``error`` with that error's code (a subclass that only adds the "refresh keys"
+    hint, such as UnknownRecipientKey of WrongRecipient, is the same refusal), whose public message is the uniform
+    one."""
     with pytest.raises(error) as caught:
         attempt()
-    assert type(caught.value) is error, f"expected {error.__name__}, got {type(caught.value).__name__}"
+    assert caught.value.code == error.code, f"expected {error.__name__}, got {type(caught.value).__name__}"
     assert caught.value.public_message == "invalid envelope"
     return caught.value
 
@@ -554,6 +556,46 @@ def test_envelope_signed_by_senders_old_key_opens_in_overlap_and_old_key_is_refu
     assert unit.courier.open(fresh).header.sender_key_id == new_signer.key_id
     agency.keys.advance(clock.now_ms())
     assert agency.keys.secret(old_signer.key_id) is None
+
+
+def test_a_retired_key_cannot_backdate_an_online_envelope_weeks_after_retirement(pair: Pair) -> None:
+    """Security review 5: a signing key retired (its secret erased, possibly leaked) signs an envelope dated just
+    before its retirement with a 31-day lifetime. A sealed file (no age limit) still opens 18 days later; an online
+    service (Policy.online: its envelope lifetime is the oldest created-at it takes, step 7c) refuses it as
+    expired, and takes an envelope within that age."""
+    agency, unit, clock = pair.agency, pair.unit, pair.clock
+    old_signer = agency.keys.signing_key(clock.now_ms())
+    rotated_at = clock.now_ms()
+    unit.trust.apply_announcement(
+        agency.keys.rotate(Algorithm.ED25519, now_ms=rotated_at, overlap_ms=DAY_MS), now_ms=rotated_at
+    )
+    retired_at = rotated_at + DAY_MS
+    now = retired_at + 18 * DAY_MS
+    clock.set(now)
+    unit.trust.advance(now)
+
+    def backdated(name: str) -> bytes:
+        return seal_with(
+            media_pb2.SealedFile(file_name=name),
+            sender=agency.party_id,
+            signing_key=old_signer,
+            recipient=UNIT_ID,
+            recipient_key=agency.trust.agreement_key_for(UNIT_ID, now),
+            created_at_ms=retired_at - 1,
+            ttl_ms=MAX_TTL_MS,
+        )
+
+    assert open_fresh(backdated("file"), unit, now).header.sender_key_id == old_signer.key_id
+    online = Policy.online(60 * MINUTE_MS)
+    assert online.max_age_ms == 60 * MINUTE_MS and Policy().max_age_ms is None
+    service = Courier(unit.keys, unit.trust, replay=MemoryReplayCache(), clock=clock, policy=online)
+    refused_with(ExpiredEnvelope, lambda: service.open(backdated("online")))
+    # The bound is the service's lifetime plus the skew, counted from created-at.
+    created = now - 60 * MINUTE_MS - SKEW_MS
+    long_lived = seal_at(pair.agency, pair.unit, created, ttl_ms=DAY_MS)
+    refused_with(ExpiredEnvelope, lambda: service.open(long_lived))
+    within = seal_at(pair.agency, pair.unit, created + 1, ttl_ms=DAY_MS)
+    assert service.open(within).header.created_at_ms == created + 1
 
 
 def test_sender_rotation_not_yet_applied_by_recipient_is_unknown_key(pair: Pair) -> None:

@@ -203,6 +203,92 @@ def test_a_unit_roster_is_applied_once_and_a_bad_one_changes_nothing(engine: Eng
     assert peers.pending(MONDAY) == {UNITS[0]: 1} and peers.pending(v1.effective_at_ms) == {}
 
 
+def test_a_backdated_unit_version_is_judged_by_its_receipt_and_histories_are_parsed_once(engine: Engine) -> None:
+    """Security review findings 2 and 7: the receipt time is kept (stored_at_ms) and judges what a unit's version
+    changes; an unchanged version is refused; the parsed history is reused until a version is added."""
+    unit = RosterParty.create(UNITS[0], MONDAY)
+    trust = TrustStore()
+    trust.set_keyring(UNITS[0], unit.keyring())
+    peers = PeerRosters(engine, notice=lambda: NOTICE)
+    handler = peers.handler(trust=lambda: trust, notice=lambda: NOTICE, own_party_id=GATEWAY)
+    v1 = unit.version(
+        [unit.member("U-01", ("admin", "exchange"), MONDAY), unit.member("U-02", ("exchange",), MONDAY)],
+        issued_at_ms=MONDAY,
+        admin="U-01",
+    )
+    assert handler(UNITS[0], unit.sign(v1), MONDAY) is None
+    first = peers.history(UNITS[0])
+    assert first is not None and peers.history(UNITS[0]) is first  # parsed once
+    friday = beijing_ms(2026, 3, 6, 15)
+    unchanged = unit.version(list(v1.members), issued_at_ms=friday, effective_at_ms=friday, admin="U-01")
+    assert handler(UNITS[0], unit.sign(unchanged), friday) == "roster_unchanged"
+    unit.versions.pop()
+    # Made on Friday, stating Monday: revokes U-02 from Monday (which would disown U-02's answers of the week).
+    backdated = unit.version(
+        unit.changed(v1, "U-02", revoked_at_ms=MONDAY), issued_at_ms=MONDAY, effective_at_ms=MONDAY, admin="U-01"
+    )
+    assert handler(UNITS[0], unit.sign(backdated), friday) is None  # late versions are still taken
+    history = peers.history(UNITS[0])
+    assert history is not None and history is not first and history.held_version == 2
+    wednesday = MONDAY + 2 * DAY_MS
+    assert history.member_at("U-02", wednesday)[1] is None
+    assert history.member_at("U-02", friday) == (None, "approver_revoked")
+    # A fresh reader (another process) judges alike from what is stored.
+    assert PeerRosters(engine).history(UNITS[0]).member_at("U-02", wednesday)[1] is None  # type: ignore[union-attr]
+
+
+def test_rows_slipped_into_the_staff_table_never_ride_on_the_next_admin_change(
+    agency: Agency, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Security review finding 1: a database writer adds staff rows directly; the next legitimate change must not
+    sign them. The change is refused naming them, nothing changes; publish shows them before signing."""
+    agency.own.publish("A-0001", agency.keys["A-0001"], now_ms=MONDAY)
+    evil = {sid: SigningKey.generate() for sid in ("X-0001", "X-0002")}
+    with agency.register.engine.begin() as conn:
+        for sid, key in evil.items():
+            conn.execute(
+                s.staff.insert().values(
+                    staff_id=sid, name="某某", roles="exchange", public_key=key.public.raw, valid_from_ms=MONDAY,
+                    valid_until_ms=None, registered_by="A-0001", registered_at_ms=MONDAY, revoked_at_ms=None,
+                )
+            )  # fmt: skip
+    before = _counts(agency.register.engine)
+    tuesday = MONDAY + DAY_MS + HOUR_MS
+    with pytest.raises(RosterChangeRefused, match=r"X-0001 \(added\), X-0002 \(added\)") as caught:
+        agency.own.add(
+            "A-0001", agency.keys["A-0001"], "S-0002", name="新同事", roles="exchange",
+            public_key=agency.keys["S-0002"].public.raw, now_ms=tuesday,
+        )  # fmt: skip
+    assert "某某" not in str(caught.value)
+    with pytest.raises(RosterChangeRefused, match="X-0001"):
+        agency.own.end("A-0001", agency.keys["A-0001"], "S-0001", now_ms=tuesday)
+    assert _counts(agency.register.engine) == before
+    assert _unit_view(agency, tuesday).held_version == 1  # nothing signed, nothing published
+    assert agency.own.unsigned_changes() == [("X-0001", "added"), ("X-0002", "added")]
+    # A changed row (another key for a listed member) is named too.
+    with agency.register.engine.begin() as conn:
+        conn.execute(s.staff.delete().where(s.staff.c.staff_id.in_(list(evil))))
+        conn.execute(
+            s.staff.update().where(s.staff.c.staff_id == "S-0001").values(public_key=evil["X-0001"].public.raw)
+        )
+    assert agency.own.unsigned_changes() == [("S-0001", "changed")]
+    with pytest.raises(RosterChangeRefused, match=r"S-0001 \(changed\)"):
+        agency.own.revoke("A-0001", agency.keys["A-0001"], "A-0001", now_ms=tuesday, reason="key-lost", urgent=True)
+
+
+def test_the_next_version_is_the_signed_one_plus_exactly_the_change(agency: Agency) -> None:
+    agency.own.publish("A-0001", agency.keys["A-0001"], now_ms=MONDAY)
+    tuesday = MONDAY + DAY_MS + HOUR_MS
+    roster = agency.own.add(
+        "A-0001", agency.keys["A-0001"], "S-0002", name="新同事", roles="exchange",
+        public_key=agency.keys["S-0002"].public.raw, now_ms=tuesday,
+    )  # fmt: skip
+    assert roster is not None and [m.staff_id for m in roster.members] == ["A-0001", "S-0001", "S-0002"]
+    history = agency.own.history()
+    assert history is not None and history.versions[0].roster.members == roster.members[:2]
+    assert agency.own.unsigned_changes() == []
+
+
 def test_staff_add_and_revoke_refer_to_the_roster_once_there_is_one(agency: Agency, tmp_path: Path) -> None:
     from gateway.cli import _no_roster_yet  # noqa: PLC0415
 
@@ -238,7 +324,7 @@ def test_migration_0012_keeps_existing_staff_and_batches(tmp_path: Path) -> None
 
 def test_cli_roster_add_end_revoke_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from gateway.cli import main as gateway_main  # noqa: PLC0415
-    from tests.test_staff import Keystore  # noqa: PLC0415
+    from tests.test_staff import Keystore, bundle_fingerprint  # noqa: PLC0415
 
     people = {s: Keystore(tmp_path, f"staff.220100.{s.lower()}") for s in ("A-0001", "S-0001", "S-0002")}
     agency = Keystore(tmp_path, GATEWAY)
@@ -271,11 +357,20 @@ def test_cli_roster_add_end_revoke_and_show(tmp_path: Path, capsys: pytest.Captu
     code, out, err = gateway("roster", "publish", *signed())
     assert code == 0, err
     assert "roster version 1" in out and "published to 2 units" in out
+    assert "differs in:\n  A-0001: added\n" in out  # publish shows what it signs
     code, _, err = gateway("roster", "publish", *signed(keystore="S-0001"))
     assert code == 1 and "not A-0001's" in err
     add = ["--staff-id", "S-0001", "--name", "李交换", "--roles", "exchange", "--public-key-file",
            str(people["S-0001"].bundle)]  # fmt: skip
-    code, out, err = gateway("roster", "add", *signed(), *add)
+    # Review finding 9: the bundle is taken only with the fingerprint of the member's key letter, and only if it
+    # matches (a bundle file swapped on its way to the admin is refused).
+    with pytest.raises(SystemExit):
+        gateway("roster", "add", *signed(), *add)
+    wrong = bundle_fingerprint(capsys, people["S-0002"].bundle)
+    code, _, err = gateway("roster", "add", *signed(), *add, "--fingerprint", wrong)
+    assert code == 1 and "fingerprint" in err
+    right = bundle_fingerprint(capsys, people["S-0001"].bundle)
+    code, out, err = gateway("roster", "add", *signed(), *add, "--fingerprint", right)
     assert code == 0, err
     assert "roster version 2" in out
     code, _, err = gateway("staff", "add", *add, "--admin", "A-0001")

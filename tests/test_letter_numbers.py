@@ -19,7 +19,7 @@ from common.db import make_engine
 from gateway.db import schema
 from gateway.db.database import upgrade
 from gateway.procedure.intake import MAX_NUMBER_CHARS, SPACES, letter_key, number_problem, trim
-from gateway.procedure.workflow import package_digest
+from gateway.procedure.submission import package_digest
 from tests.agency_world import agency_world
 from tests.test_agency import COMMISSIONER, OTHER_COMMISSIONER, Agency
 

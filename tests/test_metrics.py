@@ -39,7 +39,7 @@ from gateway.exchange.outbox import CommissionInput, SubjectInput
 from gateway.exchange.schedule import GatewayScheduler, JobIntervals, SchedulePolicy
 from gateway.exchange.store import GatewayStore
 from gateway.exchange.transport import KNOWN_REASONS
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import CSR_REFUSALS, GatewayMetrics
 from gateway.procedure.routing import route
 from gateway.server import build
 from gateway.trust import GatewayKeys, TrustItems
@@ -225,17 +225,18 @@ def test_refused_envelopes_are_counted_by_reason(world: GatewayWorld, metrics: M
     assert metrics.value("hedui_envelope_rejections_total", reason="bad_signature") == 1
     assert metrics.value("hedui_envelope_rejections_total", reason="expired") == 0
 
-    # At the unit: a forged batch is refused and counted; the same valid batch sent twice (a retry after a lost
-    # receipt) is answered with its stored receipt and is no rejection.
+    # At the unit: a forged batch is refused and counted as an envelope rejection; the approved subjects of a stored
+    # batch sent under another batch id are refused as a replay of the approvals (a refusal, not a rejection).
     of_tax = select(schema.batch_contents.c.content).join(schema.batches).where(schema.batches.c.unit_id == TAX)
     (content,) = rows(world, of_tax.limit(1))
     batch = exchange_pb2.QueryBatch.FromString(content.content)
     batch.batch_id = "B-metrics-1"
     stub = exchange_pb2_grpc.ExchangeServiceStub(world.pki.channel(GATEWAY, world.connectors[TAX].port))
     sealed = courier.seal(batch, TAX)
-    first = stub.SubmitBatch(exchange_pb2.SealedMessage(envelope=sealed))
-    assert stub.SubmitBatch(exchange_pb2.SealedMessage(envelope=sealed)).envelope
-    assert first.envelope
+    # The same approved subjects under another batch id: a replay of the approvals, refused and counted.
+    with pytest.raises(grpc.RpcError) as replayed:
+        stub.SubmitBatch(exchange_pb2.SealedMessage(envelope=sealed))
+    assert replayed.value.code() == grpc.StatusCode.PERMISSION_DENIED
     bad = courier.seal(batch, TAX)
     with pytest.raises(grpc.RpcError) as excinfo:
         stub.SubmitBatch(exchange_pb2.SealedMessage(envelope=bad[:-1] + bytes([bad[-1] ^ 1])))
@@ -247,8 +248,10 @@ def test_refused_envelopes_are_counted_by_reason(world: GatewayWorld, metrics: M
     submit = {"service": "hedui.v1.ExchangeService", "method": "SubmitBatch"}
     assert unit.get_sample_value("hedui_grpc_server_requests_total", {**submit, "code": "UNAUTHENTICATED"}) == 1
     _, batches = _per_unit(world)
-    assert unit.get_sample_value("hedui_grpc_server_requests_total", {**submit, "code": "OK"}) == batches[TAX] + 2
-    assert unit.get_sample_value("hedui_connector_batches_received_total") == batches[TAX] + 1
+    assert unit.get_sample_value("hedui_grpc_server_requests_total", {**submit, "code": "OK"}) == batches[TAX]
+    assert unit.get_sample_value("hedui_grpc_server_requests_total", {**submit, "code": "PERMISSION_DENIED"}) == 1
+    assert unit.get_sample_value("hedui_connector_refusals_total", {"reason": "subject_already_queried"}) == 1
+    assert unit.get_sample_value("hedui_connector_batches_received_total") == batches[TAX]
 
 
 def test_scheduler_jobs_count_runs_failures_and_skips(world: GatewayWorld, metrics: Metrics) -> None:
@@ -415,7 +418,7 @@ def test_the_endpoint_serves_every_metric_with_fixed_label_values(tmp_path: Path
     allowed = {
         "unit": set(UNITS),
         # Envelope failures; the units' refusal codes (a fixed list, anything else is "other").
-        "reason": {e.code for e in ENVELOPE_ERRORS} | KNOWN_REASONS | {"other", "unspecified"},
+        "reason": {e.code for e in ENVELOPE_ERRORS} | KNOWN_REASONS | {"other", "unspecified"} | set(CSR_REFUSALS),
         "accepted": {"true", "false"},
         "decision": {"approved", "refused", "withdrawn"},
     }

@@ -7,6 +7,7 @@ judged by the roster in force when it was made.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 from hedui.v1 import trust_pb2
@@ -14,11 +15,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from keys import _canonical
-from keys.clock import DAY_MS, HOUR_MS, MAX_TIME_MS, MINUTE_MS
+from keys.clock import DAY_MS, HOUR_MS, MAX_TIME_MS, MINUTE_MS, SystemClock
 from keys.fingerprint import Algorithm
 from keys.handles import SigningKey
 from keys.roster import (
     MAX_SIGNED_ROSTER_BYTES,
+    RECEIPT_GRACE_MS,
     Notice,
     Roster,
     RosterError,
@@ -468,3 +470,101 @@ def test_a_damaged_roster_raises_only_roster_error_and_changes_nothing(data: byt
     only(RosterError, lambda: history.accept(data, keyring=_FUZZ_PARTY.keyring(), now_ms=MONDAY, notice=NOTICE))
     if data != _FUZZ_DATA:
         assert history.held_version == 0 or history.versions[0].roster == _FUZZ_V1
+
+
+# -- security review of issue 11: backdated versions (finding 2), versions that change nothing (finding 7) -----------
+
+FRIDAY = beijing_ms(2026, 3, 6, 15)
+
+
+def _backdated(party: RosterParty) -> tuple[RosterHistory, list[bytes]]:
+    """Version 1 received on Monday; versions 2 (adds S-0003) and 3 (revokes S-0002 from Monday) both made and
+    received on Friday 15:00 but stating Monday as their issue time (and their effect as of Monday/Tuesday)."""
+    v1 = party.version(
+        [party.member("S-0001", ("admin", "exchange"), MONDAY), party.member("S-0002", ("exchange",), MONDAY)],
+        issued_at_ms=MONDAY,
+    )
+    history = RosterHistory(party.party_id)
+    data = [party.sign(v1)]
+    assert history.accept(data[0], keyring=party.keyring(), now_ms=MONDAY, notice=NOTICE)
+    v2 = party.version(
+        [*v1.members, party.member("S-0003", ("exchange",), v1.effective_at_ms)],
+        issued_at_ms=MONDAY,
+        effective_at_ms=v1.effective_at_ms,
+    )
+    v3 = party.version(party.changed(v2, "S-0002", revoked_at_ms=MONDAY), issued_at_ms=MONDAY, effective_at_ms=MONDAY)
+    for version in (v2, v3):
+        data.append(party.sign(version))
+        # Taken although it arrives days late: a refused version would block every later one as a gap.
+        assert history.accept(data[-1], keyring=party.keyring(), now_ms=FRIDAY, notice=NOTICE)
+    return history, data
+
+
+def test_a_backdated_addition_counts_from_the_notice_after_its_receipt(party: RosterParty) -> None:
+    history, _ = _backdated(party)
+    wednesday = MONDAY + 2 * DAY_MS
+    begins = notice_ends_at(FRIDAY - RECEIPT_GRACE_MS, 1, CALENDAR)
+    assert history.member_at("S-0003", wednesday) == (None, "approver_not_yet_effective")  # before it existed
+    assert history.member_at("S-0003", FRIDAY) == (None, "approver_not_yet_effective")  # notice not dodged
+    assert history.member_at("S-0003", begins - 1) == (None, "approver_not_yet_effective")
+    assert history.member_at("S-0003", begins)[1] is None
+    assert history.listed_since("S-0003") == begins and history.status("S-0003", FRIDAY) == "pending"
+
+
+def test_a_backdated_revocation_cannot_disown_earlier_signatures(party: RosterParty) -> None:
+    history, _ = _backdated(party)
+    wednesday = MONDAY + 2 * DAY_MS
+    floor = FRIDAY - RECEIPT_GRACE_MS
+    assert history.member_at("S-0002", wednesday)[1] is None  # what S-0002 signed on Wednesday still stands
+    assert history.member_at("S-0002", floor - 1)[1] is None
+    assert history.member_at("S-0002", floor) == (None, "approver_revoked")
+    assert history.status("S-0002", FRIDAY) == "revoked"
+
+
+def test_the_judgement_survives_a_reload_with_the_receipt_times(party: RosterParty) -> None:
+    history, data = _backdated(party)
+    again = RosterHistory.from_stored(PARTY, [(data[0], MONDAY), (data[1], FRIDAY), (data[2], FRIDAY)], notice=NOTICE)
+    for staff_id in ("S-0001", "S-0002", "S-0003"):
+        for at in (MONDAY + 2 * DAY_MS, FRIDAY - RECEIPT_GRACE_MS, FRIDAY, FRIDAY + 4 * DAY_MS):
+            assert again.member_at(staff_id, at) == history.member_at(staff_id, at)
+    # Without receipt times (one's own roster) a version counts from its issue: the times as stated.
+    own = RosterHistory.from_stored(PARTY, data)
+    assert own.member_at("S-0002", MONDAY + 2 * DAY_MS) == (None, "approver_revoked")
+
+
+def test_an_honest_late_version_is_taken_and_its_members_count_later(party: RosterParty) -> None:
+    history, _, v2 = _first_two(party)
+    late = v2.issued_at_ms + 6 * HOUR_MS  # the unit was unreachable for six hours
+    assert history.accept(party.sign(v2), keyring=party.keyring(), now_ms=late, notice=NOTICE)
+    begins = notice_ends_at(late - RECEIPT_GRACE_MS, 1, CALENDAR)
+    assert begins > v2.effective_at_ms
+    assert history.member_at("S-0003", v2.effective_at_ms)[1] == "approver_not_yet_effective"
+    assert history.member_at("S-0003", begins)[1] is None
+    # Delivered within the grace: judged exactly as stated.
+    other = RosterParty.create(PARTY, MONDAY)
+    timely, _, v2b = _first_two(other)
+    soon = v2b.issued_at_ms + RECEIPT_GRACE_MS
+    assert timely.accept(other.sign(v2b), keyring=other.keyring(), now_ms=soon, notice=NOTICE)
+    assert timely.member_at("S-0003", v2b.effective_at_ms)[1] is None
+
+
+def test_a_version_that_changes_nothing_is_refused(party: RosterParty) -> None:
+    history, v1, _ = _first_two(party)
+    party.versions.pop()
+    same = party.version(list(v1.members), issued_at_ms=TUESDAY, effective_at_ms=TUESDAY)
+    with pytest.raises(RosterError) as caught:
+        history.accept(party.sign(same), keyring=party.keyring(), now_ms=TUESDAY, notice=NOTICE)
+    assert caught.value.code == "roster_unchanged" and history.held_version == 1
+
+
+def test_a_staff_bundle_is_read_only_with_its_key_letter_fingerprint(tmp_path: Path) -> None:
+    """Review finding 9: keys/staffkeys.read_staff_bundle requires the fingerprint (both CLIs' ``roster add``)."""
+    from keys.errors import TrustError  # noqa: PLC0415
+    from keys.staffkeys import read_staff_bundle  # noqa: PLC0415
+    from tests.test_staff import Keystore  # noqa: PLC0415
+
+    person = Keystore(tmp_path, "staff.220100.s-0009")
+    now = SystemClock().now_ms()
+    for missing in (None, "", "  "):
+        with pytest.raises(TrustError, match="--fingerprint"):
+            read_staff_bundle(person.bundle, fingerprint=missing, now_ms=now)

@@ -2,7 +2,7 @@
 services on loopback: a connector started by ``serve`` and a gateway started by ``build`` from their config files,
 certificates renewed and revoked with the real ``hedui-keys ca`` commands while calls flow.
 
-The serial a client sees is read with a TLS handshake of its own (gateway/exchange/transport.py
+The serial a client sees is read with a TLS handshake of its own (gateway/exchange/tls.py
 ``fetch_server_certificate``); the certificate a gateway presents is told by revoking the old one: calls that pass a
 connector enforcing that list are made with the new one.
 """
@@ -31,7 +31,8 @@ from gateway.config import GatewayConfig
 from gateway.exchange.transport import ClientTls, TransportFailure, UnitClient, fetch_server_certificate
 from gateway.server import RunningGateway, build
 from keys.cli import main as keys_main
-from keys.crl import CaRevocations, build_crl
+from keys.clock import MINUTE_MS
+from keys.crl import CaRevocations, CrlError, build_crl
 from keys.tls import TlsFiles, create_ca, issue_certificate, load_certificate
 from tests.conftest import write_passphrase
 from tests.exchange_world import GATEWAY, UNIT
@@ -88,6 +89,11 @@ class Net:
 
 @pytest.fixture
 def net(tmp_path: Path) -> Net:
+    return make_net(tmp_path)
+
+
+def make_net(tmp_path: Path) -> Net:
+    """The site of the ``net`` fixture (tests/test_certificate_requests.py builds its own from it)."""
     site = _site(tmp_path)
     for name, party, server in (("api", API, True), ("gw", GATEWAY, False), ("tax", UNIT, True)):
         site.install(party, party, server=server)
@@ -371,6 +377,21 @@ def test_the_engine_records_the_unit_unreachable_for_a_revoked_certificate(net: 
             assert running.metrics.registry.get_sample_value("hedui_tls_revoked_peers_total", {"side": "server"}) == 1
 
 
+def test_both_services_cap_the_age_of_envelopes_at_their_lifetime(net: Net) -> None:
+    """Security review 5, through the services' own wiring: their couriers take no envelope created longer ago than
+    ``envelope_ttl_minutes`` plus the skew, whatever lifetime it claims (a retired key's backdated envelope; the
+    refusal itself: test_envelope.py, test_a_retired_key_cannot_backdate_an_online_envelope_weeks_after_retirement).
+    """
+    with connector(net) as unit:
+        net.site.edit(net.site.gateway_config, 'endpoint = "127.0.0.1:', f'endpoint = "127.0.0.1:{unit.port}" #')
+        with gateway(net) as running:
+            for courier, ttl in (
+                (unit.connector.courier, ConnectorConfig.load(net.site.connector_config).exchange.envelope_ttl_minutes),
+                (running.engine.courier, GatewayConfig.load(net.site.gateway_config).exchange.envelope_ttl_minutes),
+            ):
+                assert courier.policy.max_age_ms == ttl * MINUTE_MS
+
+
 def _list(net: Net, *, number: int, revoked: CaRevocations | None = None, days_ago: int = 0, days: int = 7) -> bytes:
     return build_crl(
         net.site.ca_cert,
@@ -468,3 +489,75 @@ def test_ca_revoke_and_crl_commands(net: Net, capsys: pytest.CaptureFixture[str]
     assert all(x is not None and x.serials == {net.serial(UNIT)} for x in lists)
     assert keys_main(["ca", "show", str(second)]) == 0
     assert f"revoked {net.serial(UNIT):x}" in capsys.readouterr().out
+
+
+# -- security review 8: one list per CA, numbers remembered, fail closed ---------------------------------------------
+
+
+@dataclass
+class TwoCas:
+    ca1: bytes
+    key1: bytes
+    ca2: bytes
+    key2: bytes
+    cert: bytes  # issued by CA 1
+    serial: int
+
+
+@pytest.fixture
+def two_cas() -> TwoCas:
+    now = dt.datetime.now(dt.UTC)
+    ca1, key1 = create_ca("Hedui CA 2026", now=now - dt.timedelta(days=1))
+    ca2, key2 = create_ca("Hedui CA 2027", now=now - dt.timedelta(days=1))
+    cert, _ = issue_certificate(ca1, key1, GATEWAY, client=True, server=False, now=now - dt.timedelta(hours=1))
+    return TwoCas(ca1, key1, ca2, key2, cert, x509.load_pem_x509_certificate(cert).serial_number)
+
+
+def _ca_list(ca: bytes, key: bytes, number: int, revoked: CaRevocations | None = None, days_ago: int = 0) -> bytes:
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(days=days_ago)
+    return build_crl(ca, key, revoked or CaRevocations(), number=number, now=now)
+
+
+def test_each_ca_keeps_its_own_list(tmp_path: Path, two_cas: TwoCas) -> None:
+    """With two CAs in the bundle (a CA renewal), CA 2's list does not displace CA 1's, and CA 1's older list is
+    still a rollback."""
+    c = two_cas
+    path = tmp_path / "crl.der"
+    source = RevocationSource(path, lambda: c.ca1 + c.ca2, interval=0)
+    revoked = CaRevocations().revoke(c.serial, "key_compromise", dt.datetime.now(dt.UTC))
+    assert source.install(_ca_list(c.ca1, c.key1, 2, revoked)) is None
+    assert source.revokes_pem(c.cert)
+    assert source.install(_ca_list(c.ca2, c.key2, 1)) is None
+    assert source.revokes_pem(c.cert) and len(source.lists) == 2
+    assert source.install(_ca_list(c.ca1, c.key1, 1, days_ago=3)) == "crl_rollback"
+    assert source.revokes_pem(c.cert)
+    # The file holds both lists; a restart enforces both.
+    again = RevocationSource(path, lambda: c.ca1 + c.ca2, interval=0)
+    assert again.revokes_pem(c.cert) and sorted(crl.number for crl in again.lists) == [1, 2]
+
+
+def test_a_restart_neither_rolls_back_nor_forgets_the_list(tmp_path: Path, two_cas: TwoCas) -> None:
+    """The highest number of each CA is remembered beside the file: an older list put in the file while the service
+    was down is refused at start, and so is a missing file once a list was held (fail closed)."""
+    c = two_cas
+    path = tmp_path / "crl.der"
+    revoked = CaRevocations().revoke(c.serial, "key_compromise", dt.datetime.now(dt.UTC))
+    source = RevocationSource(path, lambda: c.ca1, interval=0)
+    assert source.install(_ca_list(c.ca1, c.key1, 2, revoked)) is None
+    newer = path.read_bytes()
+    path.write_bytes(_ca_list(c.ca1, c.key1, 1, days_ago=3))
+    with pytest.raises(CrlError) as excinfo:
+        RevocationSource(path, lambda: c.ca1, interval=0)
+    assert excinfo.value.code == "crl_rollback"
+    path.unlink()
+    with pytest.raises(CrlError) as excinfo:
+        RevocationSource(path, lambda: c.ca1, interval=0)
+    assert excinfo.value.code == "crl_missing"
+    # A running service whose file disappears keeps enforcing the list it holds, and says so.
+    path.write_bytes(newer)
+    running = RevocationSource(path, lambda: c.ca1, interval=0)
+    refused: list[str] = []
+    running.on_refused = refused.append
+    path.unlink()
+    running.refresh(force=True)
+    assert running.revokes_pem(c.cert) and refused == ["crl_missing"]

@@ -217,6 +217,8 @@ def _refusals(v1: Roster, v2: Roster) -> list[Json]:
          ["v1"], _signed(v2_like(members=[v1.members[0], new_key, s3])), "roster_member_changed"),
         ("member-roles-changed", "Version 2 making S-0002 an admin in place.", wednesday, ["v1"],
          _signed(v2_like(members=[v1.members[0], new_roles, s3])), "roster_member_changed"),
+        ("unchanged", "Version 2 listing version 1's members exactly as they were (a version changes something).",
+         wednesday, ["v1"], _signed(v2_like(members=v1.members)), "roster_unchanged"),
         ("issued-in-the-future", "Version 2 issued one hour after the receiver's now (more than the skew).",
          wednesday - HOUR_MS, ["v1"], _signed(v2), "roster_time_invalid"),
         ("effective-before-issue", "Version 2 taking effect a minute before its issue.", wednesday, ["v1"],

@@ -27,12 +27,13 @@ from pathlib import Path
 from common.config import ConfigError
 from common.dates import beijing_moment_ms, beijing_text
 from common.db import make_engine
+from common.rosterstore import ROSTER_ITEM
 from common.workdays import WorkdayCalendar
 from connectors.config import ConnectorConfig
 from connectors.store import ConnectorStore
 from connectors.trust.duty import OnDuty
 from connectors.trust.items import TrustItems
-from connectors.trust.rosters import ROSTER_ITEM, PeerRosters, UnitRoster, record_event
+from connectors.trust.rosters import PeerRosters, UnitRoster, record_event
 from keys import keystore
 from keys.clock import SystemClock
 from keys.handles import SigningKey
@@ -108,9 +109,7 @@ def _init_admin(args: argparse.Namespace) -> None:
 def _add(args: argparse.Namespace) -> None:
     now = SystemClock().now_ms()
     bundle, record = read_staff_bundle(Path(args.public_key_file), fingerprint=args.fingerprint, now_ms=now)
-    print(f"key of {bundle.party_id}: bundle fingerprint {bundle.fingerprint}")
-    if not args.fingerprint:
-        print("  compare it with the staff member's key letter ('hedui-keys letter')")
+    print(f"key of {bundle.party_id}: bundle fingerprint {bundle.fingerprint} (matches the key letter)")
     with _context(args) as ctx:
         own = ctx.own()
         roster = own.add(
@@ -277,7 +276,11 @@ def add_roster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     add.add_argument("--name", required=True, help="the member's name (shown to the gateways' operators)")
     add.add_argument("--roles", required=True, help="exchange, admin or both (comma-separated)")
     add.add_argument("--public-key-file", required=True, help="the member's public bundle from 'hedui-keys export'")
-    add.add_argument("--fingerprint", help="the bundle fingerprint from the member's key letter (checked)")
+    add.add_argument(
+        "--fingerprint",
+        required=True,
+        help="the bundle fingerprint from the member's key letter (required: a bundle is taken only when it matches)",
+    )
     add.add_argument("--valid-from", help="YYYY-MM-DD[THH:MM], Beijing time (default and earliest: the notice's end)")
     add.add_argument("--valid-until", help="YYYY-MM-DD, last day of validity (default: open)")
     add.set_defaults(func=_add)

@@ -17,23 +17,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from hedui.v1 import trust_pb2
-from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    Column,
-    Connection,
-    Engine,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    func,
-    select,
-)
+from sqlalchemy import BigInteger, Column, Connection, Engine, MetaData, String, Table
 
 from common.db import reading
 from common.errors import HeduiError
+from common.rosterstore import ROSTER_ITEM, HeldRosters, load_history, roster_table, store_version
 from connectors import store as cstore
 from connectors.trust.items import TrustItems
 from keys.handles import SigningKey
@@ -56,20 +44,9 @@ log = logging.getLogger("hedui.connector.rosters")
 
 metadata = MetaData()
 
-#: Every version of the unit's own roster (``own``) and of each gateway's, as the SignedRoster bytes accepted.
-rosters = Table(
-    "rosters",
-    metadata,
-    Column("party_id", String(64), primary_key=True),
-    Column("version", BigInteger, primary_key=True, autoincrement=False),
-    Column("own", Boolean, nullable=False),
-    Column("signed", LargeBinary, nullable=False),
-    Column("sha256", LargeBinary(32), nullable=False),
-    Column("issued_at_ms", BigInteger, nullable=False),
-    Column("effective_at_ms", BigInteger, nullable=False),
-    Column("admin_staff_id", String(32), nullable=False),
-    Column("stored_at_ms", BigInteger, nullable=False),
-)
+#: Every version of the unit's own roster (``own``) and of each gateway's, as the SignedRoster bytes accepted
+#: (common/rosterstore.py).
+rosters = roster_table(metadata)
 
 #: The unit's exchange staff on duty: the answer worker names them as responsible for each answer set.
 on_duty = Table(
@@ -79,7 +56,6 @@ on_duty = Table(
     Column("since_ms", BigInteger, nullable=False),
 )
 
-ROSTER_ITEM = trust_pb2.TRUST_ITEM_KIND_ROSTER
 #: Roles on a unit's roster: its exchange staff, and the admins who maintain the roster.
 UNIT_ROLES = ("admin", "exchange")
 
@@ -95,24 +71,17 @@ def create_tables(engine: Engine) -> None:
     metadata.create_all(engine)
 
 
-def _load(conn: Connection, party_id: str) -> RosterHistory | None:
-    rows = conn.execute(select(rosters.c.signed).where(rosters.c.party_id == party_id).order_by(rosters.c.version))
-    data = [r.signed for r in rows]
-    return RosterHistory.from_stored(party_id, data) if data else None
+def _load(conn: Connection, party_id: str, *, notice: Notice | None = None) -> RosterHistory | None:
+    """Every version of ``party_id``'s roster held; a gateway's versions judged by when they were stored
+    (received), the unit's own by their issue time."""
+    return load_history(conn, rosters, party_id, notice=notice)
 
 
 def _store(conn: Connection, signed_roster: bytes, history: RosterHistory, *, own: bool, now_ms: int) -> Roster:
     signed = history.versions[-1]
     assert signed.data == signed_roster
-    roster = signed.roster
-    conn.execute(
-        rosters.insert().values(
-            party_id=roster.party_id, version=roster.version, own=own, signed=signed.data, sha256=signed.item_sha256,
-            issued_at_ms=roster.issued_at_ms, effective_at_ms=roster.effective_at_ms,
-            admin_staff_id=roster.admin_staff_id, stored_at_ms=now_ms,
-        )
-    )  # fmt: skip
-    return roster
+    store_version(conn, rosters, signed, own=own, now_ms=now_ms)
+    return signed.roster
 
 
 def record_event(conn: Connection, at_ms: int, event: str, party: str | None, reason: str) -> None:
@@ -298,10 +267,9 @@ def _replaced(roster: Roster, staff_id: str, at_ms: int, *, revoke: bool) -> lis
 
 
 def _keep_an_admin(members: list[RosterMember], admin_id: str, now_ms: int) -> None:
-    """A roster nobody can change any more would need a new enrolment: keep one admin who can act after the
-    change (the change's own admin, or another)."""
-    far = now_ms + 1
-    if not any(m.has_role("admin") and m.state_at(max(far, m.valid_from_ms)) is None for m in members):
+    """A roster nobody can change any more would need a new enrolment: keep one admin who stays, with no end and not
+    revoked (the change's own admin, or another); an admin whose end is set, however far, does not count."""
+    if not any(m.has_role("admin") and m.valid_until_ms is None and m.revoked_at_ms is None for m in members):
         raise RosterChangeRefused(f"that would leave no admin on the roster; add another admin before ({admin_id})")
 
 
@@ -319,11 +287,10 @@ class RosterHandler:
         if sender == self.own_party_id:
             return "roster_wrong_party"
         with self.engine.begin() as conn:
-            history = _load(conn, sender) or RosterHistory(sender)
+            notice = self.notice()
+            history = _load(conn, sender, notice=notice) or RosterHistory(sender, notice=notice)
             try:
-                appended = history.accept(
-                    payload, keyring=self.trust().keyring(sender), now_ms=now_ms, notice=self.notice()
-                )
+                appended = history.accept(payload, keyring=self.trust().keyring(sender), now_ms=now_ms, notice=notice)
             except RosterError as exc:
                 log.warning("roster refused", extra={"gateway": sender, "reason": exc.code})
                 return exc.code
@@ -335,49 +302,17 @@ class RosterHandler:
         return None
 
 
-class PeerRosters:
-    """The rosters the unit holds: each gateway's history (and its own)."""
+class PeerRosters(HeldRosters):
+    """The rosters the unit holds: each gateway's history (and its own); ``history``, ``held_version``,
+    ``signed_versions``, ``parties``, ``pending`` and ``catch_up`` as in common/rosterstore.py.
 
-    def __init__(self, engine: Engine) -> None:
+    ``notice``: the unit's notice rule, by which the members a gateway's version adds count from the notice after
+    its receipt at the earliest (keys/roster.py, RECEIPT_GRACE_MS); without it, from the receipt.
+    """
+
+    def __init__(self, engine: Engine, *, notice: Callable[[], Notice] | None = None) -> None:
         create_tables(engine)
-        self.engine = engine
-
-    def history(self, gateway: str) -> RosterHistory | None:
-        """Every version of ``gateway``'s roster held, or None when none is held."""
-        with reading(self.engine) as conn:
-            return _load(conn, gateway)
-
-    def held_version(self, gateway: str) -> int:
-        """The highest version of ``gateway``'s roster held; 0 for none (TrustSync.peer_roster_version)."""
-        with reading(self.engine) as conn:
-            value = conn.execute(select(func.max(rosters.c.version)).where(rosters.c.party_id == gateway)).scalar()
-        return int(value or 0)
-
-    def signed_versions(self, party_id: str, after: int = 0) -> list[bytes]:
-        """SignedRoster bytes of ``party_id``'s versions after version ``after``, in order: what a gateway holding
-        ``after`` of the unit's roster (TrustSync.peer_roster_version) still needs."""
-        with reading(self.engine) as conn:
-            rows = conn.execute(
-                select(rosters.c.signed)
-                .where(rosters.c.party_id == party_id, rosters.c.version > after)
-                .order_by(rosters.c.version)
-            ).all()
-        return [r.signed for r in rows]
-
-    def parties(self) -> list[str]:
-        """Every party whose roster is held (the unit's own included once it has one)."""
-        with reading(self.engine) as conn:
-            return [r[0] for r in conn.execute(select(rosters.c.party_id).distinct().order_by(rosters.c.party_id))]
-
-    def pending(self, now_ms: int) -> dict[str, int]:
-        """Per party, roster versions held that are not yet in force at ``now_ms``."""
-        with reading(self.engine) as conn:
-            rows = conn.execute(
-                select(rosters.c.party_id, func.count())
-                .where(rosters.c.effective_at_ms > now_ms)
-                .group_by(rosters.c.party_id)
-            ).all()
-        return {str(r[0]): int(r[1]) for r in rows}
+        super().__init__(engine, rosters, notice=notice)
 
     def handler(
         self, *, trust: Callable[[], TrustStore], notice: Callable[[], Notice], own_party_id: str

@@ -77,6 +77,6 @@ def install_crl(config: GatewayConfig, data: bytes) -> tuple[RevocationList, boo
     new = source.put(data)
     if new is not None:
         return new, True
-    held = source.held
+    held = source.holding(data)
     assert held is not None  # put() found the same list held
     return held, False

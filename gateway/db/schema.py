@@ -24,6 +24,7 @@ from sqlalchemy import (
 )
 
 from common.replaystore import replay_table
+from common.rosterstore import roster_table
 from common.trustitems import trust_tables
 
 metadata = MetaData(
@@ -352,23 +353,10 @@ replicas = Table(
 #: acknowledgement of each (migration 0011; common/trustitems.py, docs/exchange.md "Trust synchronisation").
 trust_items, trust_deliveries = trust_tables(metadata)
 
-#: Signed staff rosters (Procedure V.(三), keys/roster.py), migration 0012: the versions of our own roster (``own``)
-#: and those of the units, each as the SignedRoster bytes accepted, with its history. A version is never changed or
-#: deleted: an old message is judged by the roster of its day.
-rosters = Table(
-    "rosters",
-    metadata,
-    Column("party_id", String(64), primary_key=True),
-    Column("version", BigInteger, primary_key=True, autoincrement=False),
-    Column("own", Boolean, nullable=False),
-    Column("signed", LargeBinary, nullable=False),
-    # SHA-256 of ``signed``: the trust item's digest its receipt names.
-    Column("sha256", LargeBinary(32), nullable=False),
-    Column("issued_at_ms", BigInteger, nullable=False),
-    Column("effective_at_ms", BigInteger, nullable=False),
-    Column("admin_staff_id", String(32), nullable=False),
-    Column("stored_at_ms", BigInteger, nullable=False),
-)
+#: Signed staff rosters (Procedure V.(三), keys/roster.py; the table in common/rosterstore.py), migration 0012: the
+#: versions of our own roster (``own``) and those of the units, each as the SignedRoster bytes accepted, with its
+#: history. A version is never changed or deleted: an old message is judged by the roster of its day.
+rosters = roster_table(metadata)
 
 #: The unit's staff an answer set names as responsible (BatchAnswer.responsible_staff, Procedure V.(二)), migration
 #: 0012: comma-separated staff ids, and the version of the unit's roster in force at the answer's time that they
@@ -380,4 +368,31 @@ answer_staff = Table(
     Column("staff_ids", String(300), nullable=False),
     Column("roster_version", BigInteger, nullable=True),
     Column("answered_at_ms", BigInteger, nullable=False),
+)
+
+#: The units' requests for a renewed TLS server certificate (CERTIFICATE_REQUEST trust items, keys/csr.py), migration
+#: 0015: ``pending`` until the agency's operator signs it with the network CA, then ``issued`` with the certificate
+#: (sent back as a CERTIFICATE trust item); ``superseded`` by a newer request of the same unit, or ``dropped`` by the
+#: operator. Public material only: never a private key.
+certificate_requests = Table(
+    "certificate_requests",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("party_id", String(64), nullable=False),
+    # SHA-256 of the DER request: the trust item's digest.
+    Column("sha256", LargeBinary(32), nullable=False, unique=True),
+    # SHA-256 of the requested public key's SubjectPublicKeyInfo (keys.csr.key_sha256).
+    Column("key_sha256", LargeBinary(32), nullable=False),
+    Column("csr", LargeBinary, nullable=False),
+    # The DNS names and IP addresses asked for, comma-separated; the usages (clientAuth, serverAuth) likewise.
+    Column("names", String(1100), nullable=False),
+    Column("usages", String(24), nullable=False),
+    Column("received_at_ms", BigInteger, nullable=False),
+    Column("state", String(12), nullable=False),
+    Column("decided_at_ms", BigInteger, nullable=True),
+    Column("decided_by", String(64), nullable=True),
+    Column("serial", String(40), nullable=True),
+    # The DER certificate issued for the request.
+    Column("certificate", LargeBinary, nullable=True),
+    Index("ix_certificate_requests_party_id_state", "party_id", "state"),
 )

@@ -37,7 +37,7 @@ from keys.approvals import (
 #: Hashes per ``approval_nodes`` row (8 KiB): a batch's proof reads at most two rows per level.
 NODE_CHUNK = 256
 #: The digest of a package (keys of the one-letter-one-commission rule, and what the approval root binds of the
-#: package): SHA-256 over this domain, the commission id, 0x00 and the package (gateway/procedure/workflow.py).
+#: package): SHA-256 over this domain, the commission id, 0x00 and the package (gateway/procedure/submission.py).
 PACKAGE_DOMAIN = b"hedui.v1.exchange-digest\x00"
 
 

@@ -8,14 +8,19 @@ in the same transaction, taken under the audit chain's lock before the batch row
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import date
 
 from sqlalchemy import Engine, func, select, update
 
 from common.db import reading
+from common.workdays import WorkdayCalendar
 from gateway.archive.audit import AuditLog, lock
 from gateway.db import schema as s
+from keys.clock import Clock, from_ms
+
+log = logging.getLogger("hedui.gateway.exchange.engine")
 
 
 @dataclass(frozen=True)
@@ -92,3 +97,30 @@ class ProvisionalDueDates:
                     fields=(("unit", batch.unit_id), ("batch", batch.batch_id), ("due", due.isoformat())),
                 )
         return bool(done)
+
+    def settle(self, calendar: WorkdayCalendar, *, actor: str, clock: Clock) -> int:
+        """Recompute each provisional due date from its receipt time with ``calendar`` and make final those it can
+        now count exactly, each with an audit entry by ``actor`` at ``clock``'s time. Returns how many became
+        final."""
+        pending = self.provisional()
+        if not pending:
+            return 0
+        audit = AuditLog(self.engine)
+        fixed = 0
+        for batch in pending:
+            settled = calendar.settle(from_ms(batch.received_at_ms), batch.due, delayed=batch.delay_reason is not None)
+            if settled is None:
+                continue
+            original, due = settled
+            if self.settle_due(batch, original, due, audit=audit, actor=actor, now_ms=clock.now_ms()):
+                fixed += 1
+                log.info(
+                    "provisional due date is final",
+                    extra={
+                        "unit": batch.unit_id,
+                        "batch_id": batch.batch_id,
+                        "provisional": batch.original_due.isoformat(),
+                        "final": original.isoformat(),
+                    },
+                )
+        return fixed

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from gateway.exchange.transport import TransportFailure
+from gateway.exchange.failures import TransportFailure
 from keys.errors import EnvelopeError, RevokedKey
 from keys.trustsync import REFRESH_KEYS
 

@@ -23,7 +23,7 @@ from gateway.archive.events import ExchangeEvents
 from gateway.archive.messages import Envelope
 from gateway.db import schema as s
 from gateway.exchange.batches import BatchWork
-from gateway.exchange.transport import UnitRefusal
+from gateway.exchange.failures import UnitRefusal
 from keys.envelope import Courier, message_id_of
 from keys.errors import EnvelopeError
 
@@ -128,7 +128,7 @@ class RefusedBatches:
         now_ms: int,
         signed: Envelope | None = None,
     ) -> None:
-        """The unit refused the batch for now (transport.DEFERRED_REASONS): it stays ready and is sent again at
+        """The unit refused the batch for now (failures.DEFERRED_REASONS): it stays ready and is sent again at
         ``retry_at_ms``; ``reason`` is kept in ``last_error``. The first refusal for a reason is a ``batch.deferred``
         chain entry (with the signed refusal, kept and named by the batch); the same refusal again writes none."""
         b = s.batches.c

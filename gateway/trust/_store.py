@@ -1,21 +1,20 @@
-"""The ``rosters`` table (migration 0012): every version of the gateway's own roster and of each unit's, as the
-SignedRoster bytes accepted. Shared by the staff register (which must agree with the gateway's own roster) and by
-gateway/trust/rosters.py (which writes it)."""
+"""The ``rosters`` table (migration 0012; defined and read as in common/rosterstore.py): every version of the
+gateway's own roster and of each unit's, as the SignedRoster bytes accepted. Shared by the staff register (which must
+agree with the gateway's own roster) and by gateway/trust/rosters.py (which writes it)."""
 
 from __future__ import annotations
 
 from sqlalchemy import Connection, select
 
+from common import rosterstore
 from gateway.db import schema as s
-from keys.roster import RosterHistory, SignedRoster
+from keys.roster import Notice, RosterHistory, SignedRoster
 
 
-def load_history(conn: Connection, party_id: str) -> RosterHistory | None:
-    """Every version of ``party_id``'s roster held, as a history; None when none is held."""
-    rows = conn.execute(
-        select(s.rosters.c.signed).where(s.rosters.c.party_id == party_id).order_by(s.rosters.c.version)
-    ).all()
-    return RosterHistory.from_stored(party_id, (r.signed for r in rows)) if rows else None
+def load_history(conn: Connection, party_id: str, *, notice: Notice | None = None) -> RosterHistory | None:
+    """Every version of ``party_id``'s roster held, as a history; None when none is held. A peer's versions are
+    judged by when they were stored (received); the gateway's own by their issue time."""
+    return rosterstore.load_history(conn, s.rosters, party_id, notice=notice)
 
 
 def own_party(conn: Connection) -> str | None:
@@ -32,17 +31,4 @@ def own_history(conn: Connection) -> RosterHistory | None:
 
 def store_version(conn: Connection, signed: SignedRoster, *, own: bool, now_ms: int) -> None:
     """Add an accepted version (the caller checked it against the history in the same transaction)."""
-    roster = signed.roster
-    conn.execute(
-        s.rosters.insert().values(
-            party_id=roster.party_id,
-            version=roster.version,
-            own=own,
-            signed=signed.data,
-            sha256=signed.item_sha256,
-            issued_at_ms=roster.issued_at_ms,
-            effective_at_ms=roster.effective_at_ms,
-            admin_staff_id=roster.admin_staff_id,
-            stored_at_ms=now_ms,
-        )
-    )
+    rosterstore.store_version(conn, s.rosters, signed, own=own, now_ms=now_ms)

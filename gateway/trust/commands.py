@@ -63,7 +63,8 @@ class _Context:
         if party.party_id != self.config.agency.party_id:
             raise RosterCommandError(f"keystore belongs to {party.party_id}, config says {self.config.agency.party_id}")
         register = StaffRegister(self.engine, AuditLog(self.engine))
-        units = [u.party_id for u in self.config.units]
+        # Enabled units reached online: a media-only or disabled unit never synchronises, and would never acknowledge.
+        units = [u.party_id for u in self.config.units if u.enabled and u.exchange_mode != "media"]
         return OwnRoster(register, party, notice=self.notice(), units=units)
 
 
@@ -114,8 +115,7 @@ def _add(args: argparse.Namespace) -> None:
     print(f"key of {bundle.party_id}")
     print(f"  bundle fingerprint:      {bundle.fingerprint}")
     print(f"  signing key fingerprint: {record.public.fingerprint}")
-    if not args.fingerprint:
-        print("  compare the bundle fingerprint with the staff member's key letter ('hedui-keys letter')")
+    print("  the bundle fingerprint matches the staff member's key letter")
     with _context(args) as ctx:
         own = ctx.own()
         roster = own.add(
@@ -151,6 +151,12 @@ def _publish(args: argparse.Namespace) -> None:
     now = SystemClock().now_ms()
     with _context(args) as ctx:
         own = ctx.own()
+        changes = own.unsigned_changes()
+        print("the next version signs the register as it is; against the latest signed version it differs in:")
+        for staff_id, what in changes:
+            print(f"  {staff_id}: {what}")
+        if not changes:
+            print("  nothing")
         _made(own.publish(args.admin, _admin_key(args, now), now_ms=now), len(own.units), "roster signed")
 
 
@@ -275,7 +281,11 @@ def add_roster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     add.add_argument("--name", required=True, help="the member's name (shown to the units' operators, never logged)")
     add.add_argument("--roles", required=True, help="comma-separated: intake, review, exchange, report, admin")
     add.add_argument("--public-key-file", required=True, help="the member's public bundle from 'hedui-keys export'")
-    add.add_argument("--fingerprint", help="the bundle fingerprint from the member's key letter (checked)")
+    add.add_argument(
+        "--fingerprint",
+        required=True,
+        help="the bundle fingerprint from the member's key letter (required: a bundle is taken only when it matches)",
+    )
     add.add_argument("--valid-from", help="YYYY-MM-DD[THH:MM], Beijing time (default and earliest: the notice's end)")
     add.add_argument("--valid-until", help="YYYY-MM-DD, last day of validity (default: open)")
     add.set_defaults(func=_add)

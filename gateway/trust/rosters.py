@@ -18,11 +18,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hedui.v1 import trust_pb2
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine
 
 from common.db import reading
 from common.errors import HeduiError
+from common.rosterstore import ROSTER_ITEM, HeldRosters
 from gateway.archive.audit import AuditLog
 from gateway.archive.audit import lock as audit_lock
 from gateway.db import schema as s
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from gateway.procedure.staff import StaffMember, StaffRegister
 
 __all__ = [
+    "ROSTER_ITEM",
     "ROSTER_ROLES",
     "AnswerStaffVerdict",
     "OwnRoster",
@@ -51,7 +52,6 @@ log = logging.getLogger("hedui.gateway.rosters")
 
 #: Register members holding one of these roles are on the roster the units hold.
 ROSTER_ROLES = frozenset({"exchange", "admin"})
-ROSTER_ITEM = trust_pb2.TRUST_ITEM_KIND_ROSTER
 _STAFF_ID_RE = re.compile(r"[A-Za-z0-9-]{1,32}")
 
 
@@ -132,7 +132,7 @@ class OwnRoster:
             )  # fmt: skip
             return effective
 
-        return self._change(admin_id, admin_key, now_ms, change, what=f"add={staff_id}")
+        return self._change(admin_id, admin_key, now_ms, change, what=f"add={staff_id}", staff_id=staff_id)
 
     def end(
         self, admin_id: str, admin_key: SigningKey, staff_id: str, *, now_ms: int, at_ms: int | None = None
@@ -144,7 +144,7 @@ class OwnRoster:
             self.register.end(admin_id, staff_id, valid_until_ms=until, now_ms=now_ms, conn=conn)
             return now_ms
 
-        return self._change(admin_id, admin_key, now_ms, change, what=f"end={staff_id}")
+        return self._change(admin_id, admin_key, now_ms, change, what=f"end={staff_id}", staff_id=staff_id)
 
     def revoke(
         self, admin_id: str, admin_key: SigningKey, staff_id: str, *, now_ms: int, reason: str, urgent: bool
@@ -157,24 +157,50 @@ class OwnRoster:
             self.register.revoke(admin_id, staff_id, now_ms=now_ms, reason=reason, at_ms=at, conn=conn)
             return now_ms
 
-        return self._change(admin_id, admin_key, now_ms, change, what=f"revoke={staff_id}")
+        return self._change(admin_id, admin_key, now_ms, change, what=f"revoke={staff_id}", staff_id=staff_id)
 
     def publish(self, admin_id: str, admin_key: SigningKey, *, now_ms: int) -> Roster | None:
         """Make a version of the register as it is (the first version of a gateway that had staff before rosters,
-        or after the register was changed by other means); it takes effect after the notice."""
+        or after the register was changed by other means); it takes effect after the notice. It signs whatever the
+        register holds: show the operator :meth:`unsigned_changes` first."""
         effective = self.earliest_effective(now_ms)
 
         def change(conn: Connection) -> int:
             return effective
 
-        return self._change(admin_id, admin_key, now_ms, change, what="publish")
+        return self._change(admin_id, admin_key, now_ms, change, what="publish", staff_id=None)
+
+    def _table(self, conn: Connection) -> list[RosterMember]:
+        """The register's members the roster lists (exchange staff and admins), sorted by staff id."""
+        return [_roster_member(m) for m in self.register.members(conn=conn) if m.roles & ROSTER_ROLES]
+
+    def unsigned_changes(self) -> list[tuple[str, str]]:
+        """``(staff_id, what)`` for each roster member the register holds otherwise than the latest signed version
+        lists (``added``, ``changed``, ``missing``): what ``publish`` would sign (every member for a first version)."""
+        with reading(self.engine) as conn:
+            history = self._history(conn)
+            table = self._table(conn)
+        signed = history.latest.roster.members if history is not None and history.latest is not None else ()
+        return _differences(signed, table)
 
     def _change(
-        self, admin_id: str, admin_key: SigningKey, now_ms: int, change: Callable[[Connection], int], *, what: str
+        self,
+        admin_id: str,
+        admin_key: SigningKey,
+        now_ms: int,
+        change: Callable[[Connection], int],
+        *,
+        what: str,
+        staff_id: str | None,
     ) -> Roster | None:
         """Run ``change`` on the register and make, check, store and publish the next version, all in one
         transaction: a refusal anywhere leaves register, roster and trust items as they were. None when the change
-        leaves the roster as it was (a member who is not on it); ``publish`` of an unchanged roster is refused."""
+        leaves the roster as it was (a member who is not on it); ``publish`` of an unchanged roster is refused.
+
+        Version N+1 is version N as signed plus exactly the change to ``staff_id`` (None: ``publish``, the register
+        as it is). When the register's roster members differ from version N other than by this change (rows written
+        into the staff table by other means), the change is refused naming them: an admin's signature must never
+        carry members the admin did not add (security review, finding 1)."""
         with self.engine.begin() as conn:
             audit_lock(conn)
             history = self._history(conn) or RosterHistory(self.party.party_id)
@@ -184,9 +210,17 @@ class OwnRoster:
                     f"the staff keystore given is not {admin_id[:32]}'s: its signing key is not the key registered "
                     "for that admin"
                 )
-            effective = change(conn)
             previous = history.latest.roster if history.latest is not None else None
-            members = [_roster_member(m) for m in self.register.members(conn=conn) if m.roles & ROSTER_ROLES]
+            if previous is not None and staff_id is not None:
+                _require_signed(previous, self._table(conn))
+            effective = change(conn)
+            members = self._table(conn)
+            if previous is not None and staff_id is not None:
+                # Version N as signed, with the one member changed (or added) as the register now holds them.
+                changed = [m for m in members if m.staff_id == staff_id]
+                members = sorted(
+                    [m for m in previous.members if m.staff_id != staff_id] + changed, key=lambda m: m.staff_id
+                )
             if previous is not None and tuple(members) == previous.members:
                 if what == "publish":
                     raise RosterChangeRefused(f"version {previous.version} lists the register as it is already")
@@ -226,6 +260,31 @@ class OwnRoster:
         return PeerRosters(self.engine).signed_versions(self.party.party_id, after)
 
 
+def _differences(signed: Sequence[RosterMember], table: Sequence[RosterMember]) -> list[tuple[str, str]]:
+    held = {m.staff_id: m for m in signed}
+    now = {m.staff_id: m for m in table}
+    out: list[tuple[str, str]] = []
+    for staff_id in sorted(held.keys() | now.keys()):
+        before, after = held.get(staff_id), now.get(staff_id)
+        if before != after:
+            out.append((staff_id, "added" if before is None else "missing" if after is None else "changed"))
+    return out
+
+
+def _require_signed(previous: Roster, table: Sequence[RosterMember]) -> None:
+    """RosterChangeRefused naming the staff ids whose register rows differ from the signed version ``previous``."""
+    differences = _differences(previous.members, table)
+    if differences:
+        named = ", ".join(f"{staff_id} ({what})" for staff_id, what in differences[:10])
+        more = f" and {len(differences) - 10} more" if len(differences) > 10 else ""
+        raise RosterChangeRefused(
+            f"the staff register differs from the signed roster version {previous.version}: {named}{more}. It was "
+            "changed other than by 'hedui-gateway roster'; an operator must look at these rows before any admin "
+            "signs the next version ('hedui-gateway roster publish' shows and signs the register as it is); nothing "
+            "was changed"
+        )
+
+
 class RosterHandler:
     """The ROSTER trust item handler: ``handler(sender, payload, now_ms) -> None | reason``.
 
@@ -248,11 +307,10 @@ class RosterHandler:
             return "roster_wrong_party"
         with self.engine.begin() as conn:
             audit_lock(conn)  # two replicas applying the same peer's versions take turns
-            history = load_history(conn, sender) or RosterHistory(sender)
+            notice = self.notice()
+            history = load_history(conn, sender, notice=notice) or RosterHistory(sender, notice=notice)
             try:
-                signed = history.check(
-                    payload, keyring=self.trust().keyring(sender), now_ms=now_ms, notice=self.notice()
-                )
+                signed = history.check(payload, keyring=self.trust().keyring(sender), now_ms=now_ms, notice=notice)
             except RosterError as exc:
                 log.warning(
                     "roster refused",
@@ -278,50 +336,16 @@ class RosterHandler:
         return None
 
 
-class PeerRosters:
-    """The rosters the gateway holds: each unit's history (and its own, for metrics)."""
+class PeerRosters(HeldRosters):
+    """The rosters the gateway holds: each unit's history (and its own, for metrics); ``history``, ``held_version``,
+    ``signed_versions``, ``parties``, ``pending`` and ``catch_up`` as in common/rosterstore.py.
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    ``notice``: the agency's notice rule, by which the members a unit's version adds count from the notice after
+    its receipt at the earliest (keys/roster.py, RECEIPT_GRACE_MS); without it, from the receipt.
+    """
 
-    def history(self, party_id: str) -> RosterHistory | None:
-        """Every version of ``party_id``'s roster held, or None when none is held."""
-        with reading(self.engine) as conn:
-            return load_history(conn, party_id)
-
-    def held_version(self, party_id: str) -> int:
-        """The highest version of ``party_id``'s roster held; 0 for none (TrustSync.peer_roster_version)."""
-        with reading(self.engine) as conn:
-            value = conn.execute(
-                select(func.max(s.rosters.c.version)).where(s.rosters.c.party_id == party_id)
-            ).scalar_one()
-        return int(value or 0)
-
-    def signed_versions(self, party_id: str, after: int = 0) -> list[bytes]:
-        """SignedRoster bytes of ``party_id``'s versions after version ``after``, in order: what a peer holding
-        ``after`` of our roster (TrustSync.peer_roster_version) still needs."""
-        with reading(self.engine) as conn:
-            rows = conn.execute(
-                select(s.rosters.c.signed)
-                .where(s.rosters.c.party_id == party_id, s.rosters.c.version > after)
-                .order_by(s.rosters.c.version)
-            ).all()
-        return [r.signed for r in rows]
-
-    def parties(self) -> list[str]:
-        """Every party whose roster is held (the gateway's own included once it has one)."""
-        with reading(self.engine) as conn:
-            return [r[0] for r in conn.execute(select(s.rosters.c.party_id).distinct().order_by(s.rosters.c.party_id))]
-
-    def pending(self, now_ms: int) -> dict[str, int]:
-        """Per party, roster versions held that are not yet in force at ``now_ms``."""
-        with reading(self.engine) as conn:
-            rows = conn.execute(
-                select(s.rosters.c.party_id, func.count())
-                .where(s.rosters.c.effective_at_ms > now_ms)
-                .group_by(s.rosters.c.party_id)
-            ).all()
-        return {str(r[0]): int(r[1]) for r in rows}
+    def __init__(self, engine: Engine, *, notice: Callable[[], Notice] | None = None) -> None:
+        super().__init__(engine, s.rosters, notice=notice)
 
     def metrics(self, now_ms: int) -> tuple[dict[str, int], dict[str, float]]:
         """For gateway.metrics (RosterReader): versions not yet in force per party, and per unit the seconds since

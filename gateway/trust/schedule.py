@@ -20,7 +20,7 @@ from sqlalchemy import select
 from common.db import reading
 from common.logs import LogThrottle, database_error
 from gateway.db import schema as s
-from gateway.exchange.transport import TransportFailure, UnitRefusal
+from gateway.exchange.failures import TransportFailure, UnitRefusal
 from gateway.trust.sync import JOB_PREFIX, SyncBusy, SyncRefused, SyncReport, TrustSyncer, job_name
 
 log = logging.getLogger("hedui.gateway.trust.schedule")

@@ -72,6 +72,21 @@ class Network:
     #: --log-format of the processes started: text, or json (one JSON object per line).
     log_format: str = "text"
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    #: The loopback CA (certificate PEM, key PEM), kept so that tests can renew certificates while the network runs.
+    ca: tuple[bytes, bytes] | None = None
+
+    def renew_certificate(self, party: str, *, server: bool) -> None:
+        """Issue ``party`` a new certificate and key (server: a connector's, else a client's) and put them in place
+        of the old pair, each by rename, key first: a running service reloads the pair without a restart."""
+        assert self.ca is not None
+        cert, key = issue_certificate(
+            *self.ca, party, server_names=["localhost", "127.0.0.1"], client=not server, server=server
+        )
+        suffix = "server" if server else "client"
+        for data, name, mode in ((key, f"{party}.{suffix}.key", 0o600), (cert, f"{party}.{suffix}.crt", 0o644)):
+            staged = self.root / "tls" / f".{name}.new"
+            _write(staged, data.decode(), mode)
+            staged.replace(self.root / "tls" / name)
 
     def _spawn(
         self, args: Sequence[str], log_name: str, env: Mapping[str, str] | None = None
@@ -385,4 +400,5 @@ listen = "127.0.0.1:{gateway_metrics_port}"
         gateway_port,
         gateway_metrics_port=gateway_metrics_port,
         connector_metrics_ports=metrics_ports,
+        ca=(ca_cert, ca_key),
     )

@@ -1,7 +1,8 @@
 """Keys over the wire between real processes (issue 11): a gateway and three connectors exchange continuously while
 both sides rotate both their keys on a schedule of seconds, and an operator rotates a running connector's key with
-``hedui-keys`` without a restart. Nothing is lost or failed, every batch is answered exactly once, and the old keys
-are refused once retired."""
+``hedui-keys`` without a restart, and the CA renews a connector's server certificate and the gateway's client
+certificate, which the running services reload. Nothing is lost or failed, every batch is answered exactly once, and
+the old keys are refused once retired."""
 
 from __future__ import annotations
 
@@ -95,14 +96,25 @@ def test_both_sides_rotate_both_keys_under_traffic_and_nothing_is_lost(tmp_path:
                     return
                 time.sleep(0.5)
 
+        def renewals() -> None:
+            """The CA renews the tax bureau's server certificate and the gateway's client certificate while
+            batches flow; both services take the new pair without a restart."""
+            time.sleep(8)
+            net.renew_certificate(tax, server=True)
+            time.sleep(6)
+            net.renew_certificate(GATEWAY, server=False)
+
         thread = threading.Thread(target=operator)
         thread.start()
+        renewing = threading.Thread(target=renewals)
+        renewing.start()
         n = 0
         while time.monotonic() - started < TRAFFIC_S:
             enqueued += enqueue(store, f"WT-K-{n}", 20, seed=20261127 + n)
             n += 1
             time.sleep(1.0)
         thread.join()
+        renewing.join()
         assert cli_rotated.is_set(), "hedui-keys could not rotate the running connector's keystore"
         assert wait_until(lambda: store.batches.answer_count() == enqueued, 90), (
             store.batches.answer_count(),
@@ -119,6 +131,9 @@ def test_both_sides_rotate_both_keys_under_traffic_and_nothing_is_lost(tmp_path:
                 assert count >= 4, (party, algorithm, count)
         # The running connector reloaded the keystore hedui-keys changed, and the gateway holds the new key.
         assert "keystore reloaded" in (root / "logs" / f"{land}.log").read_text()
+        # Both renewed certificates were taken while serving (the batches above all went through).
+        assert "TLS certificate reloaded" in (root / "logs" / f"{tax}.log").read_text()
+        assert "TLS certificate reloaded" in (root / "logs" / "gateway.log").read_text()
 
         # Nothing failed, nothing was lost, every batch was answered exactly once.
         with store.engine.connect() as conn:

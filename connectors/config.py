@@ -9,7 +9,7 @@ from typing import ClassVar
 from common.categories import UNIT_DATA, data_category_by_name, unit_category_by_name
 from common.config import ConfigError, DatabaseUrl, doc, load_file
 from common.metrics import METRICS_LISTEN_DOC, MetricsSection
-from keys.live import RotationPolicy
+from keys.live import RotationSettings
 from keys.party import check_party_id
 from keys.tls import TlsFiles
 
@@ -96,7 +96,7 @@ class TlsSection:
 
 
 @dataclass(frozen=True)
-class KeysSection:
+class KeysSection(RotationSettings):
     keystore: Path = doc("Keystore file made by 'hedui-keys init' (holds our keys and trusted gateways).")
     passphrase_file: Path = doc(
         "File holding the keystore passphrase on one line; refused unless mode 0600 (owner only)."
@@ -124,20 +124,6 @@ class KeysSection:
         "'revoke', 'import') and keys are retired or rotated when due; changes are loaded without a restart.",
         default=5.0,
     )
-
-    def __post_init__(self) -> None:
-        self.rotation_policy()
-        if not 0 < self.watch_interval_seconds <= 3600:
-            raise ValueError("keys.watch_interval_seconds must be more than 0 and at most 3600")
-
-    def rotation_policy(self) -> RotationPolicy | None:
-        """Automatic rotation as configured (None: off)."""
-        return RotationPolicy.from_config(
-            agreement_days=self.rotate_agreement_days,
-            signing_days=self.rotate_signing_days,
-            lead_hours=self.rotation_lead_hours,
-            overlap_days=self.rotation_overlap_days,
-        )
 
 
 @dataclass(frozen=True)

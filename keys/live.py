@@ -132,6 +132,31 @@ class RotationPolicy:
         return made
 
 
+class RotationSettings:
+    """What the [keys] sections of the gateway's and the connector's configs share: the checks of their rotation
+    and watch settings, and the policy they describe. Each section declares the fields, with its own wording."""
+
+    rotate_agreement_days: float
+    rotate_signing_days: float
+    rotation_lead_hours: float
+    rotation_overlap_days: float
+    watch_interval_seconds: float
+
+    def __post_init__(self) -> None:
+        self.rotation_policy()
+        if not 0 < self.watch_interval_seconds <= 3600:
+            raise ValueError("keys.watch_interval_seconds must be more than 0 and at most 3600")
+
+    def rotation_policy(self) -> RotationPolicy | None:
+        """Automatic rotation as configured (None: off)."""
+        return RotationPolicy.from_config(
+            agreement_days=self.rotate_agreement_days,
+            signing_days=self.rotate_signing_days,
+            lead_hours=self.rotation_lead_hours,
+            overlap_days=self.rotation_overlap_days,
+        )
+
+
 @dataclass(frozen=True)
 class _FileMark:
     """What the keystore file looked like when this process last read or wrote it."""

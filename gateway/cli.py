@@ -42,7 +42,7 @@ from common.errors import HeduiError
 from common.workdays import CalendarError, WorkdayCalendar
 from gateway.archive.audit import AuditHead, AuditLog
 from gateway.archive.commands import add_audit_commands
-from gateway.certificates import install_crl, publish_crl, revocation_source, units_to_tell
+from gateway.certificates import install_crl, publish_crl, revocation_source
 from gateway.certificates.commands import add_certificate_commands
 from gateway.config import GatewayConfig
 from gateway.db import schema
@@ -142,7 +142,7 @@ def _install_crl(args: argparse.Namespace) -> None:
     else:
         print(f"{args.file} is the list in place already ({config.tls.crl_file})")
     der = installed.der
-    units = units_to_tell(config)
+    units = config.synchronised_units()
     engine = open_database(config.database.url)
     try:
         publish_crl(engine, der, SystemClock().now_ms(), units)

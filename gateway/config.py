@@ -314,6 +314,11 @@ class GatewayConfig:
             # A rotation must reach every unit before the new key takes over: at least two synchronisations.
             raise ValueError("keys.rotation_lead_hours must be more than twice trust.sync_interval_seconds")
 
+    def synchronised_units(self) -> list[str]:
+        """The units trust items go to: every enabled unit that exchanges online (a media-only or disabled unit
+        never synchronises, so it would never acknowledge)."""
+        return [u.party_id for u in self.units if u.enabled and u.exchange_mode != "media"]
+
     def tls_files(self) -> list[TlsFiles]:
         """The TLS identities ``serve`` uses, to check (keys/tls.py ``check_tls``): the agency API's server
         certificate and the client certificate towards connectors, each unless its insecure_plaintext is set."""

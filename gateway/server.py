@@ -28,7 +28,7 @@ from gateway.api.agency import SERVICE as AGENCY_SERVICE
 from gateway.api.agency import AgencyServicer, AuthInterceptor
 from gateway.archive.audit import AuditLog
 from gateway.archive.checkpoints import Checkpointer
-from gateway.certificates import publish_crl, revocation_source, units_to_tell
+from gateway.certificates import publish_crl, revocation_source
 from gateway.certificates.requests import CERTIFICATE_REQUEST_ITEM, CertificateRequests, unit_policies
 from gateway.config import GatewayConfig
 from gateway.db.database import open_database
@@ -198,7 +198,7 @@ def _start(
     courier = Courier(party, live.trust, replay=store.replay, clock=clock, policy=policy)
     courier.on_reject = metrics.service.counting_rejections(courier.on_reject)
     metrics.watch_store(engine)
-    tls.watch(metrics, engine, units_to_tell(config))
+    tls.watch(metrics, engine, config.synchronised_units())
     ex = config.exchange
     clients = {
         u.party_id: UnitClient(

@@ -4,7 +4,7 @@ certificate back (requests.py; the ``hedui-gateway tls`` commands in commands.py
 is common/tlsreload.py, shared with the connector."""
 
 from gateway.certificates.requests import CertificateRequests, NamePolicy, unit_policies
-from gateway.certificates.revocation import install_crl, publish_crl, revocation_source, units_to_tell
+from gateway.certificates.revocation import install_crl, publish_crl, revocation_source
 
 __all__ = [
     "CertificateRequests",
@@ -13,5 +13,4 @@ __all__ = [
     "publish_crl",
     "revocation_source",
     "unit_policies",
-    "units_to_tell",
 ]

@@ -29,11 +29,6 @@ log = logging.getLogger("hedui.gateway.certificates")
 #: SYNC's outgoing trust items (gateway/trust/items.py), imported by name: the list is queued there for delivery.
 
 
-def units_to_tell(config: GatewayConfig) -> list[str]:
-    """The units a new list goes to: every enabled unit that exchanges online (a media-only unit has no SyncTrust)."""
-    return [u.party_id for u in config.units if u.enabled and u.exchange_mode != "media"]
-
-
 def publish_crl(engine: Engine, der: bytes, now_ms: int, peers: Sequence[str]) -> bool:
     """Queue the list for ``peers`` as a REVOCATION_LIST trust item, delivered by the next SyncTrust with each and
     re-sent until acknowledged. True when the item is new, False when queued already."""

@@ -63,9 +63,7 @@ class _Context:
         if party.party_id != self.config.agency.party_id:
             raise RosterCommandError(f"keystore belongs to {party.party_id}, config says {self.config.agency.party_id}")
         register = StaffRegister(self.engine, AuditLog(self.engine))
-        # Enabled units reached online: a media-only or disabled unit never synchronises, and would never acknowledge.
-        units = [u.party_id for u in self.config.units if u.enabled and u.exchange_mode != "media"]
-        return OwnRoster(register, party, notice=self.notice(), units=units)
+        return OwnRoster(register, party, notice=self.notice(), units=self.config.synchronised_units())
 
 
 @contextmanager
